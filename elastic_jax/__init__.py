@@ -1,0 +1,21 @@
+"""elastic_jax: Star Elastic (nested elastic submodels of hybrid Mamba2/attention/MoE LLMs) in JAX.
+
+    import elastic_jax as ej
+    cfg = ej.NemotronHConfig(hidden_size=64, hybrid_override_pattern="MEM*-E")
+    params = ej.init_params(cfg, jax.random.PRNGKey(0))
+    logits = ej.forward(params, tokens, cfg, ej.Widths(hidden=48, mamba_heads=4))
+"""
+from . import kernels
+from .config import NemotronHConfig
+from .elastic import param_count, slice_params, sliced_config
+from .model import (Cache, Generation, check_params, count_params, decode_step, forward, generate,
+                    hidden_states, init_cache, init_params, param_axes, param_shapes, prefill,
+                    sample_logits)
+from .widths import SoftWidths, Widths
+
+__version__ = "0.1.0"
+
+__all__ = ["kernels", "NemotronHConfig", "Widths", "SoftWidths", "init_params", "forward", "prefill",
+           "decode_step", "init_cache", "Cache", "generate", "Generation", "sample_logits",
+           "hidden_states", "param_axes", "param_shapes", "check_params", "count_params",
+           "slice_params", "sliced_config", "param_count"]

@@ -1,0 +1,273 @@
+"""The four Nemotron-H mixers as pure functions, with elastic masks (spec §4.2-4.3, ANCHORS §5.2).
+
+Each mixer takes the normed block input `x_BLD`, its parameter dict, an `ElasticLayer` (masks for
+this layer, or None for the full model), a `Context` (segments / validity / decode cache) and
+returns (output, new cache entry). Shapes: B batch, L new tokens, D hidden, H heads, P head dim,
+G groups, N state size, K conv kernel, S cache length, E experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .. import kernels
+from ..config import NemotronHConfig
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclass(frozen=True)
+class ElasticLayer:
+    """Masks of one layer, built from SoftWidths inside the jitted forward (all arrays)."""
+
+    head_mask: Any = None         # M: [H] (group-aware) / *: [nH] (per KV group)
+    norm_eps: Any = None          # M: gated-norm eps factor ρ
+    norm_scale: Any = None        # M: gated-norm output scale √ρ
+    active_heads: Any = None      # M: active heads per group (kernel skipping)
+    ffn_mask: Any = None          # -: [I];  E: [Ie]
+    active_ffn: Any = None        # E: union of active expert widths (kernel skipping)
+    expert_counts: Any = None     # E: [n_opts]
+    expert_probs: Any = None      # E: [n_opts]
+
+
+jax.tree_util.register_dataclass(
+    ElasticLayer, data_fields=["head_mask", "norm_eps", "norm_scale", "active_heads", "ffn_mask",
+                               "active_ffn", "expert_counts", "expert_probs"], meta_fields=[])
+
+
+@dataclass
+class Context:
+    """Per-call data shared by all layers."""
+
+    segment_ids: Any = None   # [B, L] int, 0 = padding (full-sequence mode)
+    valid: Any = None         # [B, L] bool, False = padding
+    positions: Any = None     # [L] absolute positions of the new tokens (cache mode)
+    decoding: bool = False    # cache mode: read/write the layer caches
+
+
+def dense(x, w):
+    """x [..., in] @ w [in, out] in the parameter dtype with f32 accumulation."""
+    return jnp.einsum("...i,io->...o", x.astype(w.dtype), w, precision=HIGHEST,
+                      preferred_element_type=jnp.float32).astype(w.dtype)
+
+
+def rms_norm(x, weight, eps, eps_factor=None, out_scale=None):
+    """HF RMSNorm in f32. With an elastic hidden mask: eps·ρ and ×√ρ make the full-width norm of a
+    masked vector equal the norm over the active channels (spec §4.3)."""
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+    e = eps if eps_factor is None else eps * eps_factor
+    y = x32 * jax.lax.rsqrt(var + e)
+    if out_scale is not None:
+        y = y * out_scale
+    return weight * y.astype(weight.dtype)
+
+
+def relu2(x):
+    return jnp.square(jax.nn.relu(x))
+
+
+# --------------------------------------------------------------------------- Mamba2
+def _causal_conv(xBC_BLC, w_KC, b_C, ctx_BKC, seg_BL):
+    """Depthwise causal conv over [left context (K-1 rows) | new rows]: out[t] = Σ_k w[k]·in[t-K+1+k] + b.
+    Taps that cross a document boundary (different segment id) read zero."""
+    K = w_KC.shape[0]
+    L = xBC_BLC.shape[1]
+    full = jnp.concatenate([ctx_BKC.astype(xBC_BLC.dtype), xBC_BLC], axis=1)      # [B, K-1+L, C]
+    out = jnp.zeros(xBC_BLC.shape, jnp.float32)
+    for k in range(K):
+        tap = full[:, k:k + L].astype(jnp.float32)
+        if seg_BL is not None and k < K - 1:
+            shift = K - 1 - k
+            seg_src = jnp.concatenate([jnp.full((seg_BL.shape[0], shift), -1, seg_BL.dtype), seg_BL[:, :-shift]], 1)
+            tap = tap * (seg_src == seg_BL)[..., None]
+        out = out + tap * w_KC[k].astype(jnp.float32)
+    return (out + b_C.astype(jnp.float32)).astype(xBC_BLC.dtype)
+
+
+def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Context, cache):
+    B, L, _ = x_BLD.shape
+    H = p["A_log"].shape[0]
+    P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+    z = dense(x_BLD, p["z_proj"])
+    xBC = jnp.concatenate([dense(x_BLD, p["x_proj"]), dense(x_BLD, p["B_proj"]), dense(x_BLD, p["C_proj"])], -1)
+    dt = dense(x_BLD, p["dt_proj"])
+    if ctx.valid is not None:
+        xBC = xBC * ctx.valid[..., None].astype(xBC.dtype)
+    w = jnp.concatenate([p["conv_x"], p["conv_B"], p["conv_C"]], axis=1)
+    b = jnp.concatenate([p["conv_x_bias"], p["conv_B_bias"], p["conv_C_bias"]], axis=0)
+    conv_ctx = cache["conv"] if ctx.decoding else jnp.zeros((B, K - 1, xBC.shape[-1]), xBC.dtype)
+    seg = None if ctx.decoding else ctx.segment_ids
+    conv_out = jax.nn.silu(_causal_conv(xBC, w, b, conv_ctx, seg).astype(jnp.float32)).astype(xBC.dtype)
+    xs, Bv, Cv = jnp.split(conv_out, [H * P, H * P + G * N], axis=-1)
+    if ctx.valid is not None:  # padding leaves the state untouched: x = 0 and dt = 0 there
+        xs = xs * ctx.valid[..., None].astype(xs.dtype)
+    if el is not None:
+        hm = jnp.repeat(el.head_mask, P).astype(xs.dtype)
+        xs = xs * hm
+        z = z * hm
+    dt = jax.nn.softplus(dt.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32))
+    lo, hi = cfg.time_step_limit
+    dt = jnp.clip(dt, lo, hi)
+    if ctx.valid is not None:
+        dt = dt * ctx.valid[..., None].astype(jnp.float32)
+    A = -jnp.exp(p["A_log"].astype(jnp.float32))
+    x_BLHP = xs.reshape(B, L, H, P)
+    B_BLGN = Bv.reshape(B, L, G, N)
+    C_BLGN = Cv.reshape(B, L, G, N)
+    state0 = cache["ssm"] if ctx.decoding else None
+    active = None if el is None else el.active_heads
+    if ctx.decoding and L == 1:
+        # one recurrence step: S = exp(dt A) S + dt x B^T ; y = S C + D x
+        Bh = jnp.repeat(B_BLGN[:, 0].astype(jnp.float32), H // G, axis=1)     # [B,H,N]
+        Ch = jnp.repeat(C_BLGN[:, 0].astype(jnp.float32), H // G, axis=1)
+        d0 = dt[:, 0]                                                           # [B,H]
+        xf = x_BLHP[:, 0].astype(jnp.float32)                                   # [B,H,P]
+        state = jnp.exp(d0 * A)[..., None, None] * state0 + d0[..., None, None] * xf[..., None] * Bh[:, :, None, :]
+        y = jnp.einsum("bhpn,bhn->bhp", state, Ch, precision=HIGHEST) + p["D"].astype(jnp.float32)[:, None] * xf
+        y_BLHP = y[:, None].astype(xs.dtype)
+    else:
+        y_BLHP, state = kernels.ssd(x_BLHP, dt, A, B_BLGN, C_BLGN, p["D"].astype(jnp.float32),
+                                    chunk_size=cfg.chunk_size, initial_state=state0,
+                                    seq_idx=None if ctx.decoding else ctx.segment_ids,
+                                    active_heads=active, impl=cfg.kernel_impl)
+    y = y_BLHP.reshape(B, L, H * P)
+    # gated group RMSNorm: norm(y · silu(z)) per group of d_inner / G channels (HF norm_before_gate=False)
+    g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
+    g = g.reshape(B, L, G, H * P // G)
+    var = jnp.mean(g * g, axis=-1, keepdims=True)
+    eps = cfg.layer_norm_epsilon if el is None else cfg.layer_norm_epsilon * el.norm_eps
+    g = g * jax.lax.rsqrt(var + eps)
+    if el is not None:
+        g = g * el.norm_scale
+    g = p["norm"] * g.reshape(B, L, H * P).astype(p["norm"].dtype)
+    out = dense(g, p["out_proj"])
+    new_cache = None
+    if ctx.decoding:
+        K1 = K - 1
+        hist = jnp.concatenate([cache["conv"].astype(xBC.dtype), xBC], axis=1)
+        new_cache = {"conv": hist[:, -K1:].astype(cache["conv"].dtype) if K1 else cache["conv"],
+                     "ssm": state.astype(cache["ssm"].dtype)}
+    return out, new_cache
+
+
+# ------------------------------------------------------------------------ attention
+def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Context, cache):
+    """GQA causal attention, no positional embedding (NoPE), scale 1/sqrt(head_dim)."""
+    B, L, _ = x_BLD.shape
+    hd, nKV = cfg.head_dim, cfg.num_key_value_heads
+    nH = p["q_proj"].shape[1] // hd
+    rep = nH // nKV
+    q = dense(x_BLD, p["q_proj"]).reshape(B, L, nKV, rep, hd)
+    k = dense(x_BLD, p["k_proj"]).reshape(B, L, nKV, hd)
+    v = dense(x_BLD, p["v_proj"]).reshape(B, L, nKV, hd)
+    new_cache = None
+    if ctx.decoding:
+        start = ctx.positions[0]
+        kc = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+        vc = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+        valid_new = jnp.ones((B, L), bool) if ctx.valid is None else ctx.valid
+        kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid_new, (0, start))
+        new_cache = {"k": kc, "v": vc, "valid": kv_valid}
+        keys, vals = kc.astype(q.dtype), vc.astype(q.dtype)
+        key_pos = jnp.arange(kc.shape[1])
+        allowed = (key_pos[None, :] <= ctx.positions[:, None])[None] & kv_valid[:, None, :]   # [B, L, S]
+    else:
+        keys, vals = k, v
+        causal = jnp.tril(jnp.ones((L, L), bool))[None]
+        if ctx.segment_ids is not None:
+            same = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]
+            allowed = causal & same
+        else:
+            allowed = jnp.broadcast_to(causal, (B, L, L))
+    scores = jnp.einsum("blkrd,bskd->bkrls", q.astype(jnp.float32), keys.astype(jnp.float32),
+                        precision=HIGHEST) * (hd ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(allowed[:, None, None], probs, 0.0)   # rows with no allowed key -> 0, not NaN
+    o = jnp.einsum("bkrls,bskd->blkrd", probs, vals.astype(jnp.float32), precision=HIGHEST)
+    if el is not None:
+        o = o * el.head_mask.reshape(nKV, rep)[None, None, :, :, None]
+    o = o.reshape(B, L, nH * hd).astype(x_BLD.dtype)
+    return dense(o, p["o_proj"]), new_cache
+
+
+# ------------------------------------------------------------------------------ MLP
+def mlp_mixer(p, x_BLD, cfg, el: ElasticLayer | None, ctx, cache):
+    h = relu2(dense(x_BLD, p["up_proj"]))
+    if el is not None:
+        h = h * el.ffn_mask.astype(h.dtype)
+    return dense(h, p["down_proj"]), None
+
+
+# ------------------------------------------------------------------------------ MoE
+def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
+    """Sigmoid router with correction bias, group-limited top-k (DeepSeek-V3 / HF NemotronH).
+
+    Elastic expert count (spec §4.3, soft form): option i keeps the first counts_i / n_group experts
+    of every group with weight π_i; an expert's routing score is Σ_i w_i (σ(l) + bias) and its gate
+    Σ_i w_i σ(l); experts outside every option get -inf and are never chosen.
+    Returns (topk_idx [T, k] int32, topk_weight [T, k] f32).
+    """
+    E = p["gate"].shape[1]
+    logits = jnp.einsum("td,de->te", x_TD.astype(jnp.float32), p["gate"].astype(jnp.float32), precision=HIGHEST)
+    scores = jax.nn.sigmoid(logits)
+    bias = p["e_score_correction_bias"].astype(jnp.float32)
+    per_group = E // cfg.n_group
+    if el is None:
+        choice = scores + bias
+        gate_scores = scores
+        active = None
+    else:
+        within = jnp.arange(E) % per_group
+        keep = within[None, :] < (el.expert_counts[:, None] // cfg.n_group)          # [n_opts, E]
+        weight = jnp.sum(el.expert_probs[:, None] * keep, axis=0)                     # [E]
+        active = jnp.any(keep & (el.expert_probs[:, None] > 0), axis=0)
+        gate_scores = scores * weight
+        choice = jnp.where(active, (scores + bias) * weight, -jnp.inf)
+    T = x_TD.shape[0]
+    if cfg.n_group > 1:
+        grouped = choice.reshape(T, cfg.n_group, per_group)
+        group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)                 # [T, n_group]
+        _, gidx = jax.lax.top_k(group_scores, cfg.topk_group)
+        gmask = jnp.zeros((T, cfg.n_group), bool).at[jnp.arange(T)[:, None], gidx].set(True)
+        choice = jnp.where(jnp.repeat(gmask, per_group, axis=1), choice, 0.0)
+        if active is not None:
+            choice = jnp.where(active, choice, -jnp.inf)
+    _, idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    w = jnp.take_along_axis(gate_scores, idx, axis=1)
+    if cfg.norm_topk_prob:
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
+    return idx.astype(jnp.int32), w * cfg.routed_scaling_factor
+
+
+def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cache):
+    """Routed relu² experts dispatched by sort + grouped matmul, plus the shared expert."""
+    B, L, D = x_BLD.shape
+    x_TD = x_BLD.reshape(B * L, D)
+    idx_TK, w_TK = route(p, x_TD, cfg, el)
+    T, Kk = idx_TK.shape
+    E = p["gate"].shape[1]
+    flat = idx_TK.reshape(-1)
+    order = jnp.argsort(flat)
+    rows = x_TD[order // Kk]                                                      # [T·k, D] sorted by expert
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    active_n = None if el is None else el.active_ffn
+    h = kernels.gmm(rows, p["up_proj"], group_sizes, active_n=active_n, impl=cfg.kernel_impl,
+                    preferred_element_type=jnp.float32)
+    h = relu2(h)
+    if el is not None:
+        h = h * el.ffn_mask
+    o = kernels.gmm(h.astype(p["down_proj"].dtype), p["down_proj"], group_sizes, active_k=active_n,
+                    impl=cfg.kernel_impl, preferred_element_type=jnp.float32)
+    unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, D)
+    y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
+    if "shared_up" in p:
+        y = y + dense(relu2(dense(x_TD, p["shared_up"])), p["shared_down"]).astype(jnp.float32)
+    return y.reshape(B, L, D).astype(x_BLD.dtype), None
+
+
+MIXERS = {"M": mamba_mixer, "*": attention_mixer, "-": mlp_mixer, "E": moe_mixer}

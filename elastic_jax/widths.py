@@ -1,0 +1,271 @@
+"""Nested submodels: `Widths` (hard sizes) and `SoftWidths` (probability mixes of prefix masks).
+
+Spec §4. Every elastic axis keeps a *prefix* of importance-sorted components:
+  hidden       first d channels of the residual stream (RMSNorm corrected with eps·ρ and √ρ);
+  mamba_heads  first k/g heads of every Mamba group (B and C never masked);
+  attn_heads   first k/kv query heads of every KV group;
+  ffn          first n neurons of each dense MLP;
+  moe_experts  first e/n_group experts of every routing group (router logits -inf beyond);
+  moe_ffn      first w intermediate channels of every routed expert;
+  layers       per-layer gates (a dropped layer is the identity).
+
+`SoftWidths` holds, per axis, option counts and their probabilities (`[..., n_opts]`); the mask
+is Σ_i π_i · prefix(count_i). A `Widths` is the one-option, probability-1 case, so the hard and
+soft forms run the same code and one compiled program serves every budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import NemotronHConfig
+
+# axis name -> (pattern character, per-layer full size getter name, divisor rule)
+PER_LAYER_AXES = {
+    "mamba_heads": "M",
+    "attn_heads": "*",
+    "ffn": "-",
+    "moe_experts": "E",
+    "moe_ffn": "E",
+}
+WIDTH_AXES = ("hidden",) + tuple(PER_LAYER_AXES)
+
+
+def full_size(cfg: NemotronHConfig, axis: str, i: int = 0) -> int:
+    """The parent size along `axis` for the i-th layer of that kind."""
+    if axis == "hidden":
+        return cfg.hidden_size
+    return {
+        "mamba_heads": cfg.mamba_heads_at, "attn_heads": cfg.attn_heads_at, "ffn": cfg.ffn_at,
+        "moe_experts": cfg.moe_experts_at, "moe_ffn": cfg.moe_ffn_at,
+    }[axis](i)
+
+
+def divisor(cfg: NemotronHConfig, axis: str) -> tuple[int, str | None]:
+    """Group divisibility each axis must respect (value, name of the rule's field)."""
+    return {
+        "hidden": (1, None), "mamba_heads": (cfg.n_groups, "n_groups"),
+        "attn_heads": (cfg.num_key_value_heads, "num_key_value_heads"), "ffn": (1, None),
+        "moe_experts": (cfg.n_group, "n_group"), "moe_ffn": (1, None),
+    }[axis]
+
+
+def _is_concrete(v) -> bool:
+    try:
+        np.asarray(v)
+        return not isinstance(v, jax.core.Tracer)
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Active sizes of one nested submodel. `None` = full along that axis. See module docstring."""
+
+    hidden: Any = None
+    mamba_heads: Any = None
+    attn_heads: Any = None
+    ffn: Any = None
+    moe_experts: Any = None
+    moe_ffn: Any = None
+    layers: Any = None
+
+    @classmethod
+    def full(cls, cfg: NemotronHConfig) -> "Widths":
+        """The full model, every field filled (as arrays)."""
+        return cls().resolve(cfg)
+
+    def per_layer(self, cfg: NemotronHConfig, axis: str) -> tuple[int, ...]:
+        """Concrete per-layer values of one axis (validated)."""
+        self.validate(cfg)
+        char = PER_LAYER_AXES[axis]
+        n = cfg.count(char)
+        v = getattr(self, axis)
+        if v is None:
+            return tuple(full_size(cfg, axis, i) for i in range(n))
+        arr = np.asarray(v).reshape(-1)
+        if arr.size == 1:
+            return (int(arr[0]),) * n
+        return tuple(int(x) for x in arr)
+
+    def layer_mask(self, cfg: NemotronHConfig) -> tuple[bool, ...]:
+        if self.layers is None:
+            return (True,) * cfg.num_hidden_layers
+        return tuple(bool(x) for x in np.asarray(self.layers).reshape(-1))
+
+    def hidden_size(self, cfg: NemotronHConfig) -> int:
+        return cfg.hidden_size if self.hidden is None else int(np.asarray(self.hidden))
+
+    # ------------------------------------------------------------- validation
+    def validate(self, cfg: NemotronHConfig) -> "Widths":
+        """Raise ValueError naming the axis, the value and the rule. Traced values are skipped."""
+        for axis in WIDTH_AXES:
+            v = getattr(self, axis)
+            if v is None or not _is_concrete(v):
+                continue
+            arr = np.asarray(v)
+            if not np.issubdtype(arr.dtype, np.integer):
+                if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
+                    arr = arr.astype(np.int64)
+                else:
+                    raise ValueError(f"Widths.{axis}={v!r}: must be integers")
+            if axis == "hidden":
+                if arr.ndim != 0:
+                    raise ValueError(f"Widths.hidden={v!r}: must be a single int (the embedding axis is global)")
+                values = [(int(arr), cfg.hidden_size)]
+            else:
+                n = cfg.count(PER_LAYER_AXES[axis])
+                if n == 0:
+                    raise ValueError(f"Widths.{axis}={v!r}: the pattern {cfg.pattern!r} has no "
+                                     f"'{PER_LAYER_AXES[axis]}' layer")
+                flat = arr.reshape(-1)
+                if arr.ndim > 1 or (arr.ndim == 1 and flat.size != n):
+                    raise ValueError(f"Widths.{axis}={v!r}: a tuple needs one value per "
+                                     f"'{PER_LAYER_AXES[axis]}' layer ({n}), got {flat.size}")
+                vals = [int(flat[0])] * n if arr.ndim == 0 else [int(x) for x in flat]
+                values = [(x, full_size(cfg, axis, i)) for i, x in enumerate(vals)]
+            div, div_name = divisor(cfg, axis)
+            for x, full in values:
+                if x <= 0:
+                    raise ValueError(f"Widths.{axis}={v!r}: must be > 0 (got {x})")
+                if x > full:
+                    raise ValueError(f"Widths.{axis}={v!r}: {x} exceeds the parent size {full}")
+                if x % div:
+                    raise ValueError(f"Widths.{axis}={v!r}: {x} must be divisible by {div_name}={div}")
+                if axis == "moe_experts":
+                    if x < cfg.num_experts_per_tok:
+                        raise ValueError(f"Widths.moe_experts={v!r}: {x} must be >= num_experts_per_tok="
+                                         f"{cfg.num_experts_per_tok}")
+                    per_group = x // cfg.n_group
+                    if cfg.n_group > 1 and per_group < 2:
+                        raise ValueError(f"Widths.moe_experts={v!r}: group-limited routing needs >= 2 "
+                                         f"experts per group (n_group={cfg.n_group})")
+                    if per_group * cfg.topk_group < cfg.num_experts_per_tok:
+                        raise ValueError(f"Widths.moe_experts={v!r}: {per_group} experts per group x "
+                                         f"topk_group={cfg.topk_group} < num_experts_per_tok="
+                                         f"{cfg.num_experts_per_tok}")
+        if self.layers is not None and _is_concrete(self.layers):
+            arr = np.asarray(self.layers).reshape(-1)
+            if arr.size != cfg.num_hidden_layers:
+                raise ValueError(f"Widths.layers has {arr.size} entries; the pattern has "
+                                 f"{cfg.num_hidden_layers} layers")
+            if not np.all((arr == 0) | (arr == 1)):
+                raise ValueError(f"Widths.layers={self.layers!r}: entries must be booleans")
+        return self
+
+    # ---------------------------------------------------------------- arrays
+    def resolve(self, cfg: NemotronHConfig) -> "Widths":
+        """Validated, every field an array: hidden [], per-kind [n_kind] int32, layers [n_layers] bool.
+
+        Pass resolved widths to a jitted forward: every budget then has the same pytree structure
+        and dtypes, so a new width never recompiles.
+        """
+        self.validate(cfg)
+        out = {}
+        for axis in WIDTH_AXES:
+            v = getattr(self, axis)
+            if axis == "hidden":
+                out[axis] = jnp.asarray(cfg.hidden_size if v is None else v, jnp.int32).reshape(())
+                continue
+            n = cfg.count(PER_LAYER_AXES[axis])
+            if v is None:
+                out[axis] = jnp.asarray([full_size(cfg, axis, i) for i in range(n)], jnp.int32).reshape(n)
+            else:
+                out[axis] = jnp.broadcast_to(jnp.asarray(v, jnp.int32), (n,))
+        out["layers"] = (jnp.ones((cfg.num_hidden_layers,), bool) if self.layers is None
+                         else jnp.asarray(self.layers, bool).reshape(cfg.num_hidden_layers))
+        return Widths(**out)
+
+    def to_soft(self, cfg: NemotronHConfig) -> "SoftWidths":
+        r = self.resolve(cfg)
+        one = lambda c: (c[..., None], jnp.ones(c.shape + (1,), jnp.float32))
+        return SoftWidths(**{a: one(getattr(r, a)) for a in WIDTH_AXES},
+                          layers=r.layers.astype(jnp.float32))
+
+
+@dataclass(frozen=True)
+class SoftWidths:
+    """Per axis a pair (counts int32 [..., n_opts], probs float [..., n_opts]); hidden has no layer
+    axis, per-layer axes are [n_kind, n_opts]; `layers` is a float gate per layer [n_layers].
+
+    The mask of an axis is Σ_i probs_i · prefix(counts_i) (group-aware where the axis has groups).
+    Probabilities need not sum to 1 (hard Gumbel samples scale the one-hot mask by max π).
+    """
+
+    hidden: Any
+    mamba_heads: Any
+    attn_heads: Any
+    ffn: Any
+    moe_experts: Any
+    moe_ffn: Any
+    layers: Any
+
+    @classmethod
+    def from_options(cls, cfg: NemotronHConfig, options: dict, probs: dict, layers=None) -> "SoftWidths":
+        """Build from option lists (`options[axis]`: counts [n_opts] or [n_kind, n_opts]) and router
+        probabilities (`probs[axis]`: [n_opts] homogeneous or [n_kind, n_opts] per layer).
+        Axes missing from `options` are full."""
+        out = {}
+        for axis in WIDTH_AXES:
+            n = None if axis == "hidden" else cfg.count(PER_LAYER_AXES[axis])
+            if axis in options and options[axis] is not None:
+                c = jnp.asarray(options[axis], jnp.int32)
+                p = jnp.asarray(probs[axis], jnp.float32)
+                if n is not None:
+                    c = jnp.broadcast_to(c, (n, c.shape[-1]))
+                    p = jnp.broadcast_to(p, (n, p.shape[-1]))
+                out[axis] = (c, p)
+            else:
+                if axis == "hidden":
+                    out[axis] = (jnp.asarray([cfg.hidden_size], jnp.int32), jnp.ones((1,), jnp.float32))
+                else:
+                    full = [full_size(cfg, axis, i) for i in range(n)]
+                    out[axis] = (jnp.asarray(full, jnp.int32).reshape(n, 1), jnp.ones((n, 1), jnp.float32))
+        gates = jnp.ones((cfg.num_hidden_layers,), jnp.float32) if layers is None else jnp.asarray(layers, jnp.float32)
+        return cls(**out, layers=gates)
+
+
+for _cls in (Widths, SoftWidths):
+    jax.tree_util.register_dataclass(_cls, data_fields=[f.name for f in dataclasses.fields(_cls)],
+                                     meta_fields=[])
+
+
+def as_soft(cfg: NemotronHConfig, widths) -> SoftWidths | None:
+    """None -> None (full model, no masking work); Widths -> one-option SoftWidths; SoftWidths as is."""
+    if widths is None:
+        return None
+    if isinstance(widths, SoftWidths):
+        return widths
+    if isinstance(widths, Widths):
+        return widths.to_soft(cfg)
+    raise TypeError(f"widths must be None, ej.Widths or ej.SoftWidths, got {type(widths).__name__}")
+
+
+# ----------------------------------------------------------------- mask algebra
+def prefix_mask(dim: int, counts, probs, groups: int = 1) -> jax.Array:
+    """Σ_i probs_i · [index within its group < counts_i / groups]  -> [dim] f32.
+
+    Components are laid out group-major (group j owns [j·dim/g, (j+1)·dim/g)).
+    """
+    per_group = dim // groups
+    within = jnp.arange(dim) % per_group
+    keep = within[None, :] < (counts[:, None] // groups)
+    return jnp.sum(probs[:, None] * keep.astype(jnp.float32), axis=0)
+
+
+def norm_correction(dim: int, counts, probs):
+    """(eps factor, output scale) of the masked RMSNorm, spec §4.3: eps·ρ and √ρ, ρ = count/dim,
+    mixed by probability (normalized so a hard mask scaled by max π keeps the exact norm)."""
+    rho = counts.astype(jnp.float32) / dim
+    total = jnp.maximum(jnp.sum(probs), 1e-20)
+    return jnp.sum(probs * rho) / total, jnp.sum(probs * jnp.sqrt(rho)) / total
+
+
+def max_count(counts, probs):
+    """Largest count with nonzero probability (the union of all active prefixes)."""
+    return jnp.max(jnp.where(probs > 0, counts, 0))

@@ -1,0 +1,53 @@
+"""elastic_jax.kernels: the Mamba2 SSD scan and the MoE grouped matmul, with one dispatch.
+
+`impl="xla"` is the pure-JAX reference (`reference.py`); `impl="pallas"` is the Pallas kernel
+(interpret mode on CPU, compiled on GPU / TPU). `impl=None` picks the platform default.
+"""
+from __future__ import annotations
+
+import jax
+
+from .reference import active_head_mask, gmm_reference, ssd_chunked, ssd_scan
+
+IMPLS = ("xla", "pallas")
+
+
+def default_impl() -> str:
+    """The platform default: the XLA reference on CPU, Pallas kernels on GPU / TPU."""
+    return "xla" if jax.default_backend() == "cpu" else "pallas"
+
+
+def _resolve(impl):
+    impl = default_impl() if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"kernel impl must be one of {IMPLS} or None, got {impl!r}")
+    return impl
+
+
+def ssd(x, dt, A, B, C, D=None, *, chunk_size=128, initial_state=None, seq_idx=None,
+        active_heads=None, impl=None):
+    """Mamba2 SSD chunked scan -> (y [b,l,h,p], final_state [b,h,p,n] f32). See reference.py."""
+    impl = _resolve(impl)
+    if impl == "pallas":
+        from .ssd_pallas import ssd_pallas
+        return ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
+                          seq_idx=seq_idx, active_heads=active_heads)
+    return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
+                       seq_idx=seq_idx, active_heads=active_heads)
+
+
+def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None, impl=None,
+        preferred_element_type=None):
+    """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n]."""
+    impl = _resolve(impl)
+    out_dtype = preferred_element_type or jax.numpy.promote_types(lhs.dtype, rhs.dtype)
+    if impl == "pallas":
+        from .gmm_pallas import gmm_pallas
+        return gmm_pallas(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
+                          active_n=active_n, preferred_element_type=out_dtype)
+    return gmm_reference(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
+                         active_n=active_n, preferred_element_type=out_dtype)
+
+
+__all__ = ["ssd", "gmm", "ssd_chunked", "ssd_scan", "gmm_reference", "active_head_mask",
+           "default_impl", "IMPLS"]
