@@ -7,10 +7,12 @@
 """
 from . import kernels
 from .config import NemotronHConfig
-from .elastic import param_count, slice_params, sliced_config
+from .elastic import (ElasticConfig, Importance, estimate_importance, param_count, permute_params, slice_params,
+                      sliced_config)
 from .model import (Cache, Generation, check_params, count_params, decode_step, forward, generate,
                     hidden_states, init_cache, init_params, param_axes, param_shapes, prefill,
                     sample_logits)
+from .hf import load_hf, save_hf
 from .widths import SoftWidths, Widths
 
 __version__ = "0.1.0"
@@ -18,4 +20,5 @@ __version__ = "0.1.0"
 __all__ = ["kernels", "NemotronHConfig", "Widths", "SoftWidths", "init_params", "forward", "prefill",
            "decode_step", "init_cache", "Cache", "generate", "Generation", "sample_logits",
            "hidden_states", "param_axes", "param_shapes", "check_params", "count_params",
-           "slice_params", "sliced_config", "param_count"]
+           "slice_params", "sliced_config", "param_count", "ElasticConfig", "Importance",
+           "estimate_importance", "permute_params", "load_hf", "save_hf"]

@@ -260,7 +260,8 @@ class NemotronHConfig:
                 raise FileNotFoundError(f"no HF config at {path}")
             with open(path) as f:
                 try:
-                    d = json.load(f)
+                    # transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}
+                    d = json.load(f, object_hook=lambda o: float(o["__float__"]) if set(o) == {"__float__"} else o)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} is not valid JSON: {e}") from None
         elif isinstance(src, dict):

@@ -2,8 +2,15 @@
 
 `impl="xla"` is the pure-JAX reference (`reference.py`); `impl="pallas"` is the Pallas kernel
 (interpret mode on CPU, compiled on GPU / TPU). `impl=None` picks the platform default.
+
+Pallas kernels: `ssd_pallas.py` (SSD chunked scan, custom_vjp), `gmm_pallas.py` (megablox-style
+grouped matmul + tgmm, custom_vjp); `_common.py` picks the lowering: the "gpu" (Triton) variant
+on GPU, the "tpu" (Mosaic) variant on TPU, interpret mode on CPU. Environment overrides:
+ELASTIC_JAX_PALLAS_VARIANT=gpu|tpu, ELASTIC_JAX_PALLAS_INTERPRET=1. `bench.py` times both impls.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 
@@ -12,9 +19,19 @@ from .reference import active_head_mask, gmm_reference, ssd_chunked, ssd_scan
 IMPLS = ("xla", "pallas")
 
 
+# Platforms where the compiled Pallas kernels have been built, checked against the references and
+# timed by kernels/bench.py (BUILD_NOTES.md). Elsewhere the default stays on the XLA reference
+# until a device run validates them; `impl="pallas"` / `cfg.kernel_impl="pallas"` opts in.
+VALIDATED_PALLAS_PLATFORMS: tuple[str, ...] = ()
+
+
 def default_impl() -> str:
-    """The platform default: the XLA reference on CPU, Pallas kernels on GPU / TPU."""
-    return "xla" if jax.default_backend() == "cpu" else "pallas"
+    """The platform default: Pallas where validated (VALIDATED_PALLAS_PLATFORMS), else XLA.
+    `ELASTIC_JAX_KERNEL_IMPL=xla|pallas` overrides it."""
+    env = os.environ.get("ELASTIC_JAX_KERNEL_IMPL")
+    if env:
+        return env
+    return "pallas" if jax.default_backend() in VALIDATED_PALLAS_PLATFORMS else "xla"
 
 
 def _resolve(impl):

@@ -49,7 +49,7 @@ def check_tokens(tokens, cfg: NemotronHConfig):
             raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}); got range [{lo}, {hi}]")
 
 
-def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False):
+def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False, head=True):
     check_tokens(tokens, cfg)
     sw = as_soft(cfg, widths)
     h = jnp.take(params["embed"], tokens, axis=0)
@@ -87,6 +87,8 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
     x = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, h_eps, h_scale)
     if hmask is not None:
         x = x * hmask
+    if not head:                      # final normed (masked) hidden states, no lm_head (train/losses.py)
+        return x, new_cache
     logits = jnp.einsum("bld,dv->blv", x.astype(params["lm_head"].dtype), params["lm_head"],
                         precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     if return_hidden:
@@ -159,6 +161,15 @@ def prefill(params, tokens, cfg: NemotronHConfig, widths=None, *, max_len: int, 
 def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None):
     """Append tokens [B, T] (usually T = 1) to the cache. Returns (logits [B, T, V], cache)."""
     return _cached(params, tokens, cfg, widths, cache, None)
+
+
+def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
+                 segment_ids=None):
+    """Final normed (and hidden-masked) states [B, L, D] in the parameter dtype: `forward` without
+    the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train)."""
+    valid = None if segment_ids is None else segment_ids > 0
+    x, _ = _run(params, tokens, cfg, widths, Context(segment_ids=segment_ids, valid=valid), None, head=False)
+    return x
 
 
 def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None):

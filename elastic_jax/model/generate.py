@@ -24,23 +24,24 @@ class Generation:
     stopped: jax.Array
 
 
-def sample_logits(logits_BV, key, temperature: float, top_p: float):
-    """Greedy when temperature == 0; else softmax(logits / T) restricted to the top-p nucleus."""
-    if temperature == 0.0:
+def sample_logits(logits_BV, key, temperature, top_p):
+    """Greedy when `temperature` is the Python number 0; else softmax(logits / T) restricted to the
+    top-p nucleus (the smallest set of most likely tokens whose mass reaches top_p). `temperature`
+    and `top_p` may be traced."""
+    if isinstance(temperature, (int, float)) and temperature == 0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits = logits_BV.astype(jnp.float32) / temperature
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # smallest set whose mass reaches top_p: keep a token if the mass before it is < top_p
-        n_keep = jnp.sum((cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logits, jnp.maximum(n_keep - 1, 0), axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    p_sorted = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
+    n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
+    cutoff = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "max_len", "temperature", "top_p", "stop_tokens"))
-def _generate(params, prompt, valid, widths, key, *, cfg, max_new_tokens, max_len, temperature, top_p,
+@partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "max_len", "greedy", "stop_tokens"))
+def _generate(params, prompt, valid, widths, key, temperature, top_p, *, cfg, max_new_tokens, max_len, greedy,
               stop_tokens):
     B = prompt.shape[0]
     logits, cache = prefill(params, prompt, cfg, widths, max_len=max_len, valid=valid)
@@ -53,7 +54,7 @@ def _generate(params, prompt, valid, widths, key, *, cfg, max_new_tokens, max_le
 
     def body(state):
         i, last_logits, cache, done, out, lengths = state
-        tok = sample_logits(last_logits, jax.random.fold_in(key, i), temperature, top_p)
+        tok = sample_logits(last_logits, jax.random.fold_in(key, i), 0 if greedy else temperature, top_p)
         tok = jnp.where(done, cfg.pad_token_id, tok)
         out = out.at[:, i].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
@@ -92,7 +93,8 @@ def generate(params, prompt, cfg: NemotronHConfig, widths=None, *, max_new_token
         widths = widths.resolve(cfg)
     valid = jnp.ones(prompt.shape, bool) if prompt_valid is None else jnp.asarray(prompt_valid, bool)
     key = jax.random.PRNGKey(0) if key is None else key
-    toks, lengths, stopped = _generate(params, prompt, valid, widths, key, cfg=cfg, max_new_tokens=int(max_new_tokens),
-                                       max_len=int(max_len), temperature=float(temperature), top_p=float(top_p),
+    toks, lengths, stopped = _generate(params, prompt, valid, widths, key, jnp.float32(temperature),
+                                       jnp.float32(top_p), cfg=cfg, max_new_tokens=int(max_new_tokens),
+                                       max_len=int(max_len), greedy=float(temperature) == 0.0,
                                        stop_tokens=tuple(int(t) for t in stop_tokens))
     return Generation(tokens=toks, lengths=lengths, stopped=stopped)

@@ -234,7 +234,8 @@ def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
         group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)                 # [T, n_group]
         _, gidx = jax.lax.top_k(group_scores, cfg.topk_group)
         gmask = jnp.zeros((T, cfg.n_group), bool).at[jnp.arange(T)[:, None], gidx].set(True)
-        choice = jnp.where(jnp.repeat(gmask, per_group, axis=1), choice, 0.0)
+        # experts of unselected groups can never be picked (HF: masked_fill(-inf))
+        choice = jnp.where(jnp.repeat(gmask, per_group, axis=1), choice, -jnp.inf)
         if active is not None:
             choice = jnp.where(active, choice, -jnp.inf)
     _, idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)

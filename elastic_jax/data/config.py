@@ -1,0 +1,95 @@
+"""`DataConfig`: where training documents come from and how they become packed batches."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+KINDS = ("synthetic", "task", "jsonl", "parquet", "arrays")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data (spec §7; ANCHORS §7.13).
+
+    kind:
+      "synthetic" — `num_documents` deterministic arithmetic-progression documents (learnable
+                    structure, no files; ids in [3, synthetic_vocab)); for tests and smoke runs;
+      "task"      — the embedded synthetic reasoning task (`elastic_jax.tasks.dataset.make_documents`,
+                    `num_documents` problems of `task_split`, seeded by `seed`);
+      "jsonl"     — one JSON object per line, text in `text_field`, tokenized with the local
+                    `tokenizer_path` (a `tokenizers` tokenizer.json);
+      "parquet"   — a string column `text_field`, tokenized the same way;
+      "arrays"    — in-memory token-id documents passed as `make_dataset(..., documents=[...])`.
+    `path` is a file or a tuple of files (jsonl / parquet). Malformed lines or rows (bad JSON, a
+    missing or non-string text field, empty text) are skipped and counted (`on_bad_line="skip"`)
+    or raise a ValueError naming file and line (`"error"`).
+    `packing=True` packs documents into rows with first-fit (segment ids 1, 2, ... per row, 0 =
+    padding); `False` gives one document (piece) per row, padded. Documents longer than the row
+    are split into row-sized pieces in both modes (no token is dropped).
+    `eos_id`: appended to every tokenized text document when set (jsonl / parquet).
+    """
+
+    kind: str = "synthetic"
+    path: str | tuple[str, ...] | None = None
+    tokenizer_path: str | None = None
+    text_field: str = "text"
+    packing: bool = True
+    packing_bins: int | None = None          # first-fit bins held open (None: the batch size)
+    on_bad_line: str = "skip"
+    shuffle: bool = True
+    seed: int = 0
+    eos_id: int | None = None
+    num_documents: int = 512                  # synthetic / task
+    task_split: str = "train"
+    synthetic_vocab: int = 256
+    synthetic_len: tuple[int, int] = (8, 48)  # min, max document length (synthetic)
+
+    def __post_init__(self):
+        def bad(name, rule):
+            raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: {rule}")
+        if self.kind not in KINDS:
+            bad("kind", f"must be one of {KINDS}")
+        if isinstance(self.path, list):
+            object.__setattr__(self, "path", tuple(self.path))
+        if isinstance(self.synthetic_len, list):
+            object.__setattr__(self, "synthetic_len", tuple(self.synthetic_len))
+        if self.kind in ("jsonl", "parquet"):
+            if not self.path:
+                bad("path", f"kind={self.kind!r} needs a file path (or a tuple of paths)")
+            if not self.tokenizer_path:
+                bad("tokenizer_path", f"kind={self.kind!r} needs a local tokenizer.json")
+        if self.on_bad_line not in ("skip", "error"):
+            bad("on_bad_line", "must be 'skip' or 'error'")
+        if self.num_documents <= 0:
+            bad("num_documents", "must be > 0")
+        if self.packing_bins is not None and self.packing_bins <= 0:
+            bad("packing_bins", "must be > 0 or None")
+        lo, hi = self.synthetic_len
+        if not (1 <= lo <= hi):
+            bad("synthetic_len", "must be (min, max) with 1 <= min <= max")
+        if self.synthetic_vocab < 8:
+            bad("synthetic_vocab", "must be >= 8")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        if self.path is None:
+            return ()
+        return (self.path,) if isinstance(self.path, str) else tuple(self.path)
+
+    def replace(self, **kw) -> "DataConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["synthetic_len"] = list(self.synthetic_len)
+        if isinstance(self.path, tuple):
+            d["path"] = list(self.path)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"DataConfig.from_dict: unknown fields {unknown}")
+        return cls(**d)

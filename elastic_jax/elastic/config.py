@@ -1,0 +1,291 @@
+"""`ElasticConfig`: budgets, option lists, router and budget-loss settings (spec §4.1, §5, §6.2).
+
+One frozen dataclass, grouped like Megatron's `FlextronConfig` (ANCHORS §4.1):
+
+* **budgets** — fractions of the parent cost (``budget_target``: active params, total params or
+  deployment memory), kept sorted descending; 1.0 (the full model) must be one of them.
+* **option lists** per elastic axis (``None`` = the axis is not elastic). Each is descending and
+  starts with the full size. Entries are either fractions in (0, 1] (floored to the axis' step:
+  the group size, and the NVFP4/FP8 block of 16 along reduction dimensions when quantizing) or
+  absolute integers (validated, never rounded).
+* **router** — hidden width, Gumbel temperature and logit-scale schedules, homogeneous vs
+  per-layer (heterogeneous) routing, hard-sample probability.
+* **budget loss** — target kind, λ, the 5% dead zone and the full-budget anchor weight.
+* **memory** — context, batch and bytes per element of the deployment-memory cost.
+
+`options(cfg)` turns the lists into absolute counts per axis (named as in `ej.Widths`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import NemotronHConfig
+from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
+
+# ElasticConfig field -> ej.Widths axis
+OPTION_FIELDS = {
+    "hidden_options": "hidden",
+    "mamba_options": "mamba_heads",
+    "attn_options": "attn_heads",
+    "ffn_options": "ffn",
+    "moe_expert_options": "moe_experts",
+    "moe_ffn_options": "moe_ffn",
+}
+AXIS_FIELDS = {v: k for k, v in OPTION_FIELDS.items()}
+# axes whose width is a reduction dimension of some matmul, and the channels per unit
+# (hidden: in-projections; heads: out_proj / o_proj rows; ffn: down_proj rows). Expert count is not.
+QUANT_BLOCK = 16
+BUDGET_TARGETS = ("active", "total", "memory")
+QUANT_FORMATS = ("fp8", "nvfp4")
+# bytes per weight element of a quantized deployment (NVFP4: 4 bits + one E4M3 scale per 16)
+QUANT_BYTES = {None: 2.0, "fp8": 1.0, "nvfp4": 0.5625}
+
+
+def _quant_unit(cfg: NemotronHConfig, axis: str) -> int:
+    """Smallest count step along `axis` whose channel width is a multiple of QUANT_BLOCK."""
+    per_unit = {"hidden": 1, "mamba_heads": cfg.mamba_head_dim, "attn_heads": cfg.head_dim,
+                "ffn": 1, "moe_ffn": 1}.get(axis)
+    if per_unit is None:          # expert count: not a reduction dimension
+        return 1
+    return QUANT_BLOCK // math.gcd(QUANT_BLOCK, per_unit)
+
+
+def axis_step(cfg: NemotronHConfig, axis: str, quantization: str | None) -> tuple[int, str]:
+    """(step every option count must be a multiple of, human-readable rule)."""
+    div, div_name = divisor(cfg, axis)
+    step, rules = div, ([f"divisible by {div_name}={div}"] if div_name and div > 1 else [])
+    if quantization is not None:
+        q = _quant_unit(cfg, axis)
+        if q > 1:
+            step = step * q // math.gcd(step, q)
+            rules.append(f"a multiple of {q} so the channel width is a multiple of the {quantization} "
+                         f"block {QUANT_BLOCK}")
+    return step, " and ".join(rules) if rules else "a positive integer"
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """Elastic training settings. See the module docstring; spec §4-§6."""
+
+    # ---- budgets: fractions of the parent cost, descending; 1.0 = the full model
+    budgets: tuple[float, ...] = (1.0, 0.75, 0.5)
+    # ---- option lists per axis (fractions in (0, 1] or absolute ints; None = not elastic)
+    hidden_options: tuple | None = (1.0, 0.875, 0.75)
+    mamba_options: tuple | None = (1.0, 0.75, 0.5)
+    attn_options: tuple | None = None          # Star Elastic routes no attention heads (spec §4.1)
+    ffn_options: tuple | None = (1.0, 0.75, 0.5)
+    moe_expert_options: tuple | None = (1.0, 0.75, 0.5)
+    moe_ffn_options: tuple | None = (1.0, 0.75, 0.5)
+    heterogeneous: bool = False                # per-layer choices (embedding stays global)
+    # ---- router (spec §5)
+    router_dim: int = 256
+    router_std: float = 0.1
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    scale_start: float = 1.0
+    scale_end: float = 10.0
+    normalize_logits: bool = False             # z <- s·z/std(z) (Megatron --normalize-router-logits)
+    hard_sample_prob: float = 0.0              # probability of a hard (one-hot · max π) sample per step
+    # ---- budget loss (spec §6.2)
+    budget_target: str = "active"
+    budget_weight: float = 1.0
+    dead_zone: float = 0.05
+    anchor_weight: float = 10.0
+    # ---- deployment memory (budget_target="memory"), bytes per element
+    mem_context: int = 131072
+    mem_batch: int = 1
+    mem_bytes_param: float | None = None       # None: from `quantization` (bf16 2, fp8 1, nvfp4 0.5625)
+    mem_bytes_kv: float = 2.0
+    mem_bytes_ssm: float = 4.0                 # Nemotron-H keeps the SSM cache in fp32
+    mem_bytes_conv: float | None = None        # None: same as the weights
+    # ---- quantized nested checkpoints (spec §10)
+    quantization: str | None = None
+
+    def __post_init__(self):
+        def bad(name, rule, value):
+            raise ValueError(f"ElasticConfig.{name}={value!r}: {rule}")
+
+        b = self.budgets
+        if isinstance(b, (int, float)):
+            b = (b,)
+        try:
+            b = tuple(float(x) for x in b)
+        except (TypeError, ValueError):
+            bad("budgets", "must be a sequence of numbers in (0, 1]", self.budgets)
+        if not b:
+            bad("budgets", "needs at least one budget", self.budgets)
+        for x in b:
+            if not (0.0 < x <= 1.0) or not math.isfinite(x):
+                bad("budgets", f"every budget must be in (0, 1] (a fraction of the parent cost); got {x}",
+                    self.budgets)
+        if len(set(b)) != len(b):
+            bad("budgets", "budgets must be distinct", self.budgets)
+        if 1.0 not in b:
+            bad("budgets", "must include 1.0 (the full model; its router is anchored to the largest "
+                "options, spec §6.2)", self.budgets)
+        object.__setattr__(self, "budgets", tuple(sorted(b, reverse=True)))
+
+        for name in OPTION_FIELDS:
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if isinstance(v, (int, float, np.integer, np.floating)):
+                v = (v,)
+            v = tuple(v.tolist() if isinstance(v, np.ndarray) else v)
+            if not v:
+                bad(name, "must be None (axis not elastic) or a non-empty tuple", getattr(self, name))
+            kinds = {isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v}
+            if len(kinds) != 1:
+                bad(name, "mix fractions (floats in (0, 1]) and absolute sizes (ints); use one kind", v)
+            if kinds == {True}:
+                v = tuple(int(x) for x in v)
+                if any(x <= 0 for x in v):
+                    bad(name, "absolute sizes must be positive integers", v)
+            else:
+                if not all(isinstance(x, (float, np.floating)) for x in v):
+                    bad(name, "entries must be floats in (0, 1] or positive ints", v)
+                v = tuple(float(x) for x in v)
+                if any(not (0.0 < x <= 1.0) for x in v):
+                    bad(name, "fractions must be in (0, 1]", v)
+                if v[0] != 1.0:
+                    bad(name, "index 0 must be the full size (1.0)", v)
+            if any(v[i] <= v[i + 1] for i in range(len(v) - 1)):
+                bad(name, "options must be strictly descending (index 0 = the full size)", v)
+            object.__setattr__(self, name, v)
+
+        if not isinstance(self.router_dim, int) or self.router_dim <= 0:
+            bad("router_dim", "must be a positive integer", self.router_dim)
+        if not self.router_std > 0:
+            bad("router_std", "must be > 0", self.router_std)
+        for name in ("tau_start", "tau_end", "scale_start", "scale_end"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be > 0", getattr(self, name))
+        if not 0.0 <= self.hard_sample_prob <= 1.0:
+            bad("hard_sample_prob", "must be in [0, 1]", self.hard_sample_prob)
+        if self.budget_target not in BUDGET_TARGETS:
+            bad("budget_target", f"must be one of {BUDGET_TARGETS}", self.budget_target)
+        if self.budget_weight < 0:
+            bad("budget_weight", "must be >= 0", self.budget_weight)
+        if not 0.0 <= self.dead_zone < 1.0:
+            bad("dead_zone", "must be in [0, 1)", self.dead_zone)
+        if self.anchor_weight < 0:
+            bad("anchor_weight", "must be >= 0", self.anchor_weight)
+        for name in ("mem_context", "mem_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, "must be a positive integer", v)
+        for name in ("mem_bytes_param", "mem_bytes_kv", "mem_bytes_ssm", "mem_bytes_conv"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                bad(name, "must be > 0 bytes per element", v)
+        if self.quantization not in (None,) + QUANT_FORMATS:
+            bad("quantization", f"must be None or one of {QUANT_FORMATS}", self.quantization)
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def n_budgets(self) -> int:
+        return len(self.budgets)
+
+    @property
+    def bytes_per_param(self) -> float:
+        return QUANT_BYTES[self.quantization] if self.mem_bytes_param is None else float(self.mem_bytes_param)
+
+    @property
+    def bytes_conv(self) -> float:
+        return self.bytes_per_param if self.mem_bytes_conv is None else float(self.mem_bytes_conv)
+
+    def budget_index(self, budget: float) -> int:
+        """Index of a trained budget; ValueError if `budget` is not one of `budgets`."""
+        for i, b in enumerate(self.budgets):
+            if abs(float(budget) - b) < 1e-9:
+                return i
+        raise ValueError(f"budget {budget!r} is not a trained budget; ElasticConfig.budgets={self.budgets}")
+
+    def elastic_axes(self, cfg: NemotronHConfig) -> tuple[str, ...]:
+        """Axes (ej.Widths names) that are elastic for this model: an option list is set and the
+        pattern has layers of that kind."""
+        return tuple(self.options(cfg))
+
+    def options(self, cfg: NemotronHConfig) -> dict[str, np.ndarray]:
+        """Absolute integer counts per elastic axis: `hidden` -> [n_opts]; a per-layer axis ->
+        [n_opts], or [n_kind, n_opts] when the parent itself has per-layer sizes on that axis.
+
+        Fractions are floored to the axis step (group size; quantization block). Axes whose layer
+        kind is absent from the pattern are skipped. Raises ValueError naming the field and rule.
+        """
+        out: dict[str, np.ndarray] = {}
+        for name, axis in OPTION_FIELDS.items():
+            opts = getattr(self, name)
+            if opts is None:
+                continue
+            if axis != "hidden" and cfg.count(PER_LAYER_AXES[axis]) == 0:
+                continue
+            n = 1 if axis == "hidden" else cfg.count(PER_LAYER_AXES[axis])
+            fulls = [full_size(cfg, axis, i) for i in range(n)]
+            step, rule = axis_step(cfg, axis, self.quantization)
+            rows = []
+            for full in fulls:
+                if isinstance(opts[0], float):
+                    row = [int(math.floor(f * full + 1e-9) // step * step) for f in opts]
+                    row[0] = full
+                    for f, c in zip(opts, row):
+                        if c <= 0:
+                            raise ValueError(f"ElasticConfig.{name}={opts!r}: fraction {f} of {full} floors "
+                                             f"to {c}; counts must be positive and {rule}")
+                    if len(set(row)) != len(row):
+                        raise ValueError(f"ElasticConfig.{name}={opts!r}: fractions of {full} floored to "
+                                         f"multiples of {step} give duplicate counts {row}")
+                else:
+                    row = list(opts)
+                    if row[0] != full:
+                        raise ValueError(f"ElasticConfig.{name}={opts!r}: index 0 must be the full size "
+                                         f"{full} of axis {axis!r}")
+                for c in row:
+                    if c > full:
+                        raise ValueError(f"ElasticConfig.{name}={opts!r}: {c} exceeds the parent size {full}")
+                    if c % step and c != full:
+                        raise ValueError(f"ElasticConfig.{name}={opts!r}: {c} must be {rule}")
+                    try:
+                        Widths(**{axis: c}).validate(cfg if axis == "hidden" else _homog(cfg, axis, full))
+                    except ValueError as e:
+                        raise ValueError(f"ElasticConfig.{name}={opts!r}: option {c} is invalid: {e}") from None
+                rows.append(row)
+            arr = np.asarray(rows, np.int64)
+            uniform = all(r == rows[0] for r in rows)
+            out[axis] = arr[0] if uniform else arr
+        return out
+
+    # ---------------------------------------------------------------- (de)serialize
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ElasticConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ElasticConfig.from_dict: unknown fields {unknown}")
+        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kw)
+
+    def replace(self, **kw) -> "ElasticConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _homog(cfg: NemotronHConfig, axis: str, full: int) -> NemotronHConfig:
+    """cfg with one layer's full size on `axis` everywhere (to validate a per-layer option)."""
+    if not cfg.is_heterogeneous:
+        return cfg
+    field = {"mamba_heads": "mamba_num_heads", "attn_heads": "num_attention_heads", "ffn": "intermediate_size",
+             "moe_experts": "n_routed_experts", "moe_ffn": "moe_intermediate_size"}[axis]
+    return cfg.replace(**{field: full, "mamba_heads_per_layer": None, "attn_heads_per_layer": None,
+                          "ffn_per_layer": None, "moe_experts_per_layer": None, "moe_ffn_per_layer": None})

@@ -1,0 +1,141 @@
+"""Differentiable cost model and budget loss (spec §6.2, §6.4, §14.6).
+
+Costs are analytic functions of the (expected, real-valued) width along every axis, so the budget
+loss differentiates through d̄ = π · options into the router. At integer widths `param_cost` equals
+`ej.param_count` (the size of `ej.slice_params` output) exactly; unlike the official counter
+(§6.4) it counts the MoE shared expert as h·shared per matrix (not ffn·shared) and uses the model's
+real n_groups instead of a hard-coded 8.
+
+`expected` maps ej.Widths axis names to arrays: "hidden" a scalar, per-layer axes a scalar
+(every layer of that kind) or [n_kind]; "layers" optionally [n_layers] gates (a dropped layer
+costs nothing). Missing axes are at the parent size.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..config import NemotronHConfig
+from ..widths import PER_LAYER_AXES, full_size
+from .config import ElasticConfig
+
+
+def _per_layer(cfg: NemotronHConfig, expected: dict, axis: str) -> jax.Array:
+    n = cfg.count(PER_LAYER_AXES[axis])
+    v = expected.get(axis)
+    if v is None:
+        return jnp.asarray([full_size(cfg, axis, i) for i in range(n)], jnp.float32)
+    return jnp.broadcast_to(jnp.asarray(v, jnp.float32), (n,))
+
+
+def _hidden(cfg: NemotronHConfig, expected: dict) -> jax.Array:
+    v = expected.get("hidden")
+    return jnp.asarray(cfg.hidden_size if v is None else v, jnp.float32).reshape(())
+
+
+def _gates(cfg: NemotronHConfig, expected: dict, char: str) -> jax.Array:
+    """Layer gates of the layers of one kind ([n_kind], ones when no depth gates given)."""
+    g = expected.get("layers")
+    idx = cfg.layer_indices(char)
+    if g is None:
+        return jnp.ones((len(idx),), jnp.float32)
+    return jnp.asarray(g, jnp.float32).reshape(cfg.num_hidden_layers)[jnp.asarray(idx, jnp.int32)] if idx else \
+        jnp.zeros((0,), jnp.float32)
+
+
+def param_cost(cfg: NemotronHConfig, expected: dict, active: bool = False) -> jax.Array:
+    """Analytic parameter count (f32 scalar) at the given widths (spec §6.4, corrected).
+
+    Per layer (JAX layout of elastic_jax/model/params.py), with D = hidden:
+      every layer: norm D;
+      M: (z, x) 2·D·H·P + (B, C) 2·D·G·N + dt D·H + conv (K+1)·(H·P + 2·G·N) + (A_log, D, dt_bias)
+         3·H + gated norm H·P + out_proj H·P·D;
+      *: q and o 2·D·nH·hd + k, v 2·D·nKV·hd;
+      -: 2·D·I;
+      E: gate D·E + bias E + experts 2·E'·D·Ie (E' = E, or num_experts_per_tok when `active`)
+         + shared 2·D·Is;
+    plus embed V·D, lm_head D·V and norm_f D.
+    """
+    D = _hidden(cfg, expected)
+    V = float(cfg.vocab_size)
+    total = 2.0 * V * D + D
+    P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+    if cfg.count("M"):
+        H = _per_layer(cfg, expected, "mamba_heads")
+        per = (D + 2 * D * H * P + 2 * D * G * N + D * H + (K + 1) * (H * P + 2 * G * N) + 3 * H + H * P
+               + H * P * D)
+        total = total + jnp.sum(_gates(cfg, expected, "M") * per)
+    if cfg.count("*"):
+        nH = _per_layer(cfg, expected, "attn_heads")
+        hd, nKV = cfg.head_dim, cfg.num_key_value_heads
+        per = D + 2 * D * nH * hd + 2 * D * nKV * hd
+        total = total + jnp.sum(_gates(cfg, expected, "*") * per)
+    if cfg.count("-"):
+        I = _per_layer(cfg, expected, "ffn")
+        total = total + jnp.sum(_gates(cfg, expected, "-") * (D + 2 * D * I))
+    if cfg.count("E"):
+        E = _per_layer(cfg, expected, "moe_experts")
+        Ie = _per_layer(cfg, expected, "moe_ffn")
+        Is = cfg.moe_shared_expert_intermediate_size
+        n_exp = jnp.full_like(E, cfg.num_experts_per_tok) if active else E
+        per = D + D * E + E + 2 * n_exp * D * Ie + 2 * D * Is
+        total = total + jnp.sum(_gates(cfg, expected, "E") * per)
+    return total
+
+
+def memory_cost(cfg: NemotronHConfig, expected: dict, *, context: int, batch: int, bytes_per_param: float,
+                bytes_kv: float, bytes_ssm: float, bytes_conv: float | None = None) -> jax.Array:
+    """Deployment memory in bytes (f32 scalar): weights (all parameters; every expert is resident)
+    + attention KV cache 2·B·ctx·nKV·hd per attention layer + Mamba SSM state B·H·P·N and conv window
+    B·(K-1)·(H·P + 2·G·N) per Mamba layer. `bytes_conv` defaults to `bytes_per_param` (the conv
+    window is kept in the weight dtype, as `ej.init_cache` does). Activation buffers are not counted.
+    """
+    bytes_conv = bytes_per_param if bytes_conv is None else bytes_conv
+    mem = bytes_per_param * param_cost(cfg, expected, active=False)
+    if cfg.count("*"):
+        kv = 2.0 * batch * context * cfg.num_key_value_heads * cfg.head_dim
+        mem = mem + bytes_kv * kv * jnp.sum(_gates(cfg, expected, "*"))
+    if cfg.count("M"):
+        H = _per_layer(cfg, expected, "mamba_heads")
+        P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+        g = _gates(cfg, expected, "M")
+        mem = mem + bytes_ssm * batch * jnp.sum(g * H * P * N)
+        mem = mem + bytes_conv * batch * (K - 1) * jnp.sum(g * (H * P + 2 * G * N))
+    return mem
+
+
+def cost(cfg: NemotronHConfig, ecfg: ElasticConfig, expected: dict) -> jax.Array:
+    """The cost the budgets are fractions of (`ecfg.budget_target`)."""
+    if ecfg.budget_target == "memory":
+        return memory_cost(cfg, expected, context=ecfg.mem_context, batch=ecfg.mem_batch,
+                           bytes_per_param=ecfg.bytes_per_param, bytes_kv=ecfg.mem_bytes_kv,
+                           bytes_ssm=ecfg.mem_bytes_ssm, bytes_conv=ecfg.bytes_conv)
+    return param_cost(cfg, expected, active=ecfg.budget_target == "active")
+
+
+def expected_widths(router_out, ecfg: ElasticConfig, cfg: NemotronHConfig) -> dict:
+    """d̄ = π · options per axis (spec §6.2 step 1): "hidden" a scalar, per-layer axes [n_kind]
+    (heterogeneous) or a scalar (homogeneous). Non-elastic axes are absent (= parent size)."""
+    opts = ecfg.options(cfg)
+    return {axis: jnp.sum(router_out.probs[axis] * jnp.asarray(o, jnp.float32), axis=-1)
+            for axis, o in opts.items()}
+
+
+def budget_loss(cfg: NemotronHConfig, ecfg: ElasticConfig, router_out, budget, is_full) -> jax.Array:
+    """Router loss (spec §6.2), f32 scalar; `budget` and `is_full` may be traced.
+
+        diff = |cost(d̄) / (b · cost_full) − 1|, zeroed when not full and diff < dead_zone;
+        + anchor_weight · Σ_axes Σ_layers mean_i (π_i − one_hot(0)_i)²   when the budget is full.
+
+    The caller multiplies by λ (`ecfg.budget_weight`)."""
+    full = cost(cfg, ecfg, {})
+    c = cost(cfg, ecfg, expected_widths(router_out, ecfg, cfg))
+    b = jnp.asarray(budget, jnp.float32)
+    is_full = jnp.asarray(is_full, bool)
+    diff = jnp.abs(c / (b * full) - 1.0)
+    diff = jnp.where(jnp.logical_or(is_full, diff >= ecfg.dead_zone), diff, 0.0)
+    anchor = jnp.zeros((), jnp.float32)
+    for axis, pi in router_out.probs.items():
+        target = jax.nn.one_hot(0, pi.shape[-1], dtype=pi.dtype)
+        anchor = anchor + jnp.sum(jnp.mean(jnp.square(pi - target), axis=-1))
+    return diff + jnp.where(is_full, ecfg.anchor_weight * anchor, 0.0)

@@ -1,0 +1,487 @@
+"""Importance estimation and depth ranking (spec §3.1-§3.3, ANCHORS §4.2, §7.6).
+
+Everything is computed from forward passes over calibration batches. The walk below re-runs the
+decoder layer by layer with the model's own building blocks (`rms_norm`, the mixers, `route`,
+`kernels.gmm`) and returns activation statistics next to the residual stream; no hooks, no global
+state, so it runs under `jit` with sharded parameters.
+
+Aggregation (Minitron "batch = L2, sequence = mean", spec §3.2): per channel
+``a_b = mean over the (valid) tokens of sequence b of |act|``, score ``= sqrt(Σ_b a_b²)`` over all
+calibration sequences.
+
+* hidden channels: Σ over layers of that score on every pre-norm output LN_l(X);
+* FFN neurons: the score on the fc2 input relu²(X W₁) (Model-Optimizer's choice; [NE] Eq. 2 uses
+  the pre-activation, which ranks neurons whose relu² is zero just as high);
+* Mamba: s = LN(X) W_x (x projection, [heads, head_dim]); channel score = L2 over heads of the
+  per-(head, channel) score (channel consistency: one channel order for every head); head score
+  = L2 over the top `mamba_channel_frac` channels; heads ranked within each group;
+* attention: the per-head output (o_proj input), head score = L2 over head_dim, ranked within
+  each KV group;
+* MoE experts: REAP saliency S_j = mean over tokens routed to j of g_j(x)·‖f_j(x)‖₂ (g_j the top-k
+  renormalized gate, f_j the expert output), ranked within each routing group; expert width: the
+  score on the routed experts' fc2 input over all routed tokens, one ranking shared by all experts;
+* depth (`rank_layers`): normalized MSE of the logits with a layer bypassed, iterative removal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import kernels
+from ..config import NemotronHConfig
+from ..model.layers import MIXERS, Context, dense, relu2, rms_norm, route
+from ..widths import Widths
+
+RANK_AXES = ("hidden", "mamba_heads", "mamba_channels", "attn_heads", "ffn", "moe_experts", "moe_ffn")
+_RUNTIME_FIELDS = ("kernel_impl", "remat")
+
+
+def config_fingerprint(cfg: NemotronHConfig) -> str:
+    """Stable hash of every field that determines parameter shapes and the function (runtime
+    switches such as `kernel_impl` and `remat` excluded)."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def rank_within_groups(scores, groups: int = 1) -> np.ndarray:
+    """Permutation sorting `scores` descending inside each of `groups` contiguous blocks
+    (group-major layout is kept: block g of the output holds block g's components). Ties keep
+    their original order."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    n = s.size
+    if n % groups:
+        raise ValueError(f"{n} components cannot be split into {groups} equal groups")
+    per = n // groups
+    blocks = s.reshape(groups, per)
+    order = np.argsort(-blocks, axis=1, kind="stable")
+    return (order + np.arange(groups)[:, None] * per).reshape(-1).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- Importance
+@dataclass(frozen=True)
+class Importance:
+    """Per-axis scores and rankings of one parent.
+
+    `scores[axis]` / `rankings[axis]`: "hidden" one array [D]; the per-layer axes a list with one
+    array per layer of that kind, in pattern order ("mamba_heads" [H], "mamba_channels" [P],
+    "attn_heads" [nH], "ffn" [I], "moe_experts" [E], "moe_ffn" [Ie]). A ranking lists component
+    indices from most to least important (within groups where the axis has groups): after
+    `permute_params`, new index i holds old component ranking[i]. `layers`: optional depth ranking
+    (most important first). `fingerprint`: `config_fingerprint` of the parent config.
+    """
+
+    scores: dict
+    rankings: dict
+    fingerprint: str
+    layers: tuple[int, ...] | None = None
+
+    def check(self, cfg: NemotronHConfig) -> None:
+        """ValueError unless these rankings were computed for `cfg`."""
+        fp = config_fingerprint(cfg)
+        if self.fingerprint != fp:
+            raise ValueError(f"Importance.fingerprint={self.fingerprint!r} does not match the config "
+                             f"({fp!r}): this ranking was computed for a different model config")
+        want = {"hidden": 1, "mamba_heads": cfg.count("M"), "mamba_channels": cfg.count("M"),
+                "attn_heads": cfg.count("*"), "ffn": cfg.count("-"), "moe_experts": cfg.count("E"),
+                "moe_ffn": cfg.count("E")}
+        for axis, n in want.items():
+            r = self.rankings.get(axis)
+            got = 1 if axis == "hidden" and r is not None else (0 if r is None else len(r))
+            if got != n:
+                raise ValueError(f"Importance.rankings[{axis!r}] has {got} entries; the config needs {n}")
+        if self.layers is not None and sorted(self.layers) != list(range(cfg.num_hidden_layers)):
+            raise ValueError(f"Importance.layers={self.layers!r}: must be a permutation of the "
+                             f"{cfg.num_hidden_layers} layers")
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (lists of ints / floats)."""
+        def conv(v):
+            if isinstance(v, list):
+                return [np.asarray(x).tolist() for x in v]
+            return np.asarray(v).tolist()
+        return {"fingerprint": self.fingerprint,
+                "scores": {k: conv(v) for k, v in self.scores.items()},
+                "rankings": {k: conv(v) for k, v in self.rankings.items()},
+                "layers": None if self.layers is None else list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Importance":
+        missing = {"fingerprint", "scores", "rankings"} - set(d)
+        if missing:
+            raise ValueError(f"Importance.from_dict: missing fields {sorted(missing)}")
+        def conv(k, v, dtype):
+            if k == "hidden":
+                return np.asarray(v, dtype)
+            return [np.asarray(x, dtype) for x in v]
+        return cls(scores={k: conv(k, v, np.float64) for k, v in d["scores"].items()},
+                   rankings={k: conv(k, v, np.int64) for k, v in d["rankings"].items()},
+                   fingerprint=d["fingerprint"],
+                   layers=None if d.get("layers") is None else tuple(int(x) for x in d["layers"]))
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Importance":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+# ------------------------------------------------------------------- statistics walk
+def _seq_mean_abs(act, valid):
+    """[B, L, ...] -> [B, ...]: mean over the valid tokens of |act|."""
+    a = jnp.abs(act.astype(jnp.float32))
+    if valid is None:
+        return jnp.mean(a, axis=1)
+    w = valid.astype(jnp.float32).reshape(valid.shape + (1,) * (a.ndim - 2))
+    return jnp.sum(a * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
+def _sumsq(act, valid):
+    """Σ_b (mean_s |act|)² -> [...]  (accumulated over batches, sqrt at the end)."""
+    return jnp.sum(jnp.square(_seq_mean_abs(act, valid)), axis=0)
+
+
+def _moe_stats(p, x_BLD, cfg: NemotronHConfig, valid):
+    """REAP sums (Σ g·‖f‖ and routed-token counts per expert) and the expert-width statistic."""
+    B, L, D = x_BLD.shape
+    x_TD = x_BLD.reshape(B * L, D)
+    idx, w = route(p, x_TD, cfg, None)                                        # [T, k]
+    T, k = idx.shape
+    E = p["gate"].shape[1]
+    flat = idx.reshape(-1)
+    tok_valid = jnp.ones((T,), jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
+    order = jnp.argsort(flat)
+    rows = x_TD[order // k]
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    h = relu2(kernels.gmm(rows, p["up_proj"], group_sizes, impl=cfg.kernel_impl,
+                          preferred_element_type=jnp.float32))                   # [T·k, Ie]
+    o = kernels.gmm(h.astype(p["down_proj"].dtype), p["down_proj"], group_sizes,
+                    impl=cfg.kernel_impl, preferred_element_type=jnp.float32)    # [T·k, D]
+    gate = (w / cfg.routed_scaling_factor).reshape(-1)[order]                    # top-k renormalized g_j
+    rv = tok_valid[order // k]
+    expert = flat[order]
+    sal = jax.ops.segment_sum(gate * jnp.linalg.norm(o, axis=-1) * rv, expert, num_segments=E)
+    cnt = jax.ops.segment_sum(rv, expert, num_segments=E)
+    # expert width: per sequence, mean over its routed (token, expert) rows of |h|; L2 over sequences
+    seq = (order // k) // L
+    hsum = jax.ops.segment_sum(jnp.abs(h) * rv[:, None], seq, num_segments=B)
+    hcnt = jax.ops.segment_sum(rv, seq, num_segments=B)
+    width = jnp.sum(jnp.square(hsum / jnp.maximum(hcnt, 1.0)[:, None]), axis=0)
+    return sal, cnt, width
+
+
+@partial(jax.jit, static_argnums=(2,))
+def collect_stats(params, tokens, cfg: NemotronHConfig, segment_ids=None) -> dict:
+    """One calibration batch -> additive statistics (sums of squared per-sequence means, REAP sums).
+
+    Pure and jittable; returns {"hidden": [n_layers, D], "mamba_x": [n_M] of [H, P],
+    "attn": [n_*] of [nH, hd], "ffn": [n_-] of [I], "moe_sal"/"moe_cnt": [n_E] of [E],
+    "moe_ffn": [n_E] of [Ie]}.
+    """
+    valid = None if segment_ids is None else segment_ids > 0
+    ctx = Context(segment_ids=segment_ids, valid=valid)
+    h = jnp.take(params["embed"], tokens, axis=0)
+    out = {"hidden": [], "mamba_x": [], "attn": [], "ffn": [], "moe_sal": [], "moe_cnt": [], "moe_ffn": []}
+    B, L = tokens.shape
+    for i, char in enumerate(cfg.pattern):
+        lp = params["layers"][i]
+        p = lp["mixer"]
+        x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon)
+        out["hidden"].append(_sumsq(x, valid))
+        if char == "M":
+            H = p["A_log"].shape[0]
+            xs = dense(x, p["x_proj"]).reshape(B, L, H, cfg.mamba_head_dim)
+            out["mamba_x"].append(_sumsq(xs, valid))
+            y, _ = MIXERS["M"](p, x, cfg, None, ctx, None)
+        elif char == "*":
+            hd = cfg.head_dim
+            nH = p["q_proj"].shape[1] // hd
+            # the mixer's own per-head output: run it with an identity output projection
+            o, _ = MIXERS["*"](dict(p, o_proj=jnp.eye(nH * hd, dtype=p["o_proj"].dtype)), x, cfg, None, ctx, None)
+            out["attn"].append(_sumsq(o.reshape(B, L, nH, hd), valid))
+            y = dense(o, p["o_proj"])
+        elif char == "-":
+            a = relu2(dense(x, p["up_proj"]))
+            out["ffn"].append(_sumsq(a, valid))
+            y = dense(a, p["down_proj"])
+        else:
+            sal, cnt, width = _moe_stats(p, x, cfg, valid)
+            out["moe_sal"].append(sal)
+            out["moe_cnt"].append(cnt)
+            out["moe_ffn"].append(width)
+            y, _ = MIXERS["E"](p, x, cfg, None, ctx, None)
+        h = h + y
+    out["hidden"] = jnp.stack(out["hidden"])
+    return out
+
+
+def _as_batch(b):
+    if isinstance(b, dict):
+        if "tokens" not in b:
+            raise ValueError("a calibration batch dict needs a 'tokens' entry")
+        return jnp.asarray(b["tokens"]), (None if b.get("segment_ids") is None else jnp.asarray(b["segment_ids"]))
+    return jnp.asarray(b), None
+
+
+def _check_tokens(tokens, cfg):
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"calibration batches must be int [batch, length]; got {tokens.dtype} {tokens.shape}")
+    if int(jnp.min(tokens)) < 0 or int(jnp.max(tokens)) >= cfg.vocab_size:
+        raise ValueError(f"calibration token ids must be in [0, vocab_size={cfg.vocab_size})")
+
+
+def estimate_importance(params, cfg: NemotronHConfig, batches: Iterable, *, mamba_channel_frac: float = 1.0,
+                        depth: bool = False) -> Importance:
+    """Rankings for every width axis from forward passes over `batches` (spec §3.2).
+
+    `batches`: iterable of int32 [B, L] token arrays (or dicts with "tokens" and optional
+    "segment_ids", 0 = padding, excluded from the statistics). `mamba_channel_frac`: fraction of
+    head channels (the top-ranked ones) used to score Mamba heads ([NE] D_top). `depth`: also rank
+    layers with `rank_layers` (extra O(n_layers²) forward passes).
+    """
+    if not 0.0 < mamba_channel_frac <= 1.0:
+        raise ValueError(f"mamba_channel_frac={mamba_channel_frac!r}: must be in (0, 1]")
+    total = None
+    n = 0
+    cached = [] if depth else None
+    for b in batches:
+        tokens, seg = _as_batch(b)
+        _check_tokens(tokens, cfg)
+        s = collect_stats(params, tokens, cfg, seg)
+        total = s if total is None else jax.tree.map(jnp.add, total, s)
+        n += 1
+        if cached is not None:
+            cached.append(b)
+    if total is None:
+        raise ValueError("estimate_importance: `batches` is empty; need at least one calibration batch")
+    st = jax.device_get(total)
+    scores, rankings = {}, {}
+    hid = np.sqrt(np.asarray(st["hidden"], np.float64)).sum(0)
+    scores["hidden"], rankings["hidden"] = hid, rank_within_groups(hid)
+    scores["mamba_heads"], scores["mamba_channels"] = [], []
+    rankings["mamba_heads"], rankings["mamba_channels"] = [], []
+    for a in st["mamba_x"]:
+        hp = np.sqrt(np.asarray(a, np.float64))                                   # [H, P]
+        ch = np.sqrt(np.sum(hp ** 2, axis=0))                                     # [P]
+        ch_rank = rank_within_groups(ch)
+        top = ch_rank[:max(1, int(np.floor(mamba_channel_frac * ch.size + 1e-9)))]
+        head = np.sqrt(np.sum(hp[:, top] ** 2, axis=1))                           # [H]
+        scores["mamba_channels"].append(ch)
+        rankings["mamba_channels"].append(ch_rank)
+        scores["mamba_heads"].append(head)
+        rankings["mamba_heads"].append(rank_within_groups(head, cfg.n_groups))
+    scores["attn_heads"], rankings["attn_heads"] = [], []
+    for a in st["attn"]:
+        head = np.sqrt(np.sum(np.asarray(a, np.float64), axis=1))                 # L2 over head_dim
+        scores["attn_heads"].append(head)
+        rankings["attn_heads"].append(rank_within_groups(head, cfg.num_key_value_heads))
+    scores["ffn"] = [np.sqrt(np.asarray(a, np.float64)) for a in st["ffn"]]
+    rankings["ffn"] = [rank_within_groups(s) for s in scores["ffn"]]
+    scores["moe_experts"] = [np.asarray(s, np.float64) / np.maximum(np.asarray(c, np.float64), 1.0)
+                             for s, c in zip(st["moe_sal"], st["moe_cnt"])]
+    rankings["moe_experts"] = [rank_within_groups(s, cfg.n_group) for s in scores["moe_experts"]]
+    scores["moe_ffn"] = [np.sqrt(np.asarray(a, np.float64)) for a in st["moe_ffn"]]
+    rankings["moe_ffn"] = [rank_within_groups(s) for s in scores["moe_ffn"]]
+    layers = tuple(rank_layers(params, cfg, cached)) if depth else None
+    return Importance(scores=scores, rankings=rankings, fingerprint=config_fingerprint(cfg), layers=layers)
+
+
+# ------------------------------------------------------------------------------ depth
+@partial(jax.jit, static_argnums=(2,))
+def _masked_logits(params, tokens, cfg, layers, segment_ids):
+    from ..model.decoder import forward
+    return forward(params, tokens, cfg, Widths(layers=layers).resolve(cfg), segment_ids=segment_ids)
+
+
+def _nmse_parts(full_logits, logits, segment_ids):
+    """(Σ (M_full − M)², Σ M_full²) over the valid tokens."""
+    err = jnp.square(full_logits - logits)
+    ref = jnp.square(full_logits)
+    if segment_ids is not None:
+        w = (segment_ids > 0).astype(jnp.float32)[..., None]
+        err, ref = err * w, ref * w
+    return float(jnp.sum(err)), float(jnp.sum(ref))
+
+
+def rank_layers(params, cfg: NemotronHConfig, batches: Iterable) -> list[int]:
+    """Depth ranking by normalized MSE of logits with iterative removal (spec §3.3).
+
+    s_j = Σ (M_full − M_{−j})² / Σ M_full² over all calibration tokens, M_{−j} = logits with the
+    already-removed layers and layer j bypassed (identity through the residual). The layer with
+    the smallest s_j is removed, and the scores are recomputed over the remaining layers against
+    the full model's logits. Returns the layers from most to least important (the reverse of the
+    removal order); keeping the first n of the list is the depth-n submodel.
+    """
+    data = [_as_batch(b) for b in batches]
+    if not data:
+        raise ValueError("rank_layers: `batches` is empty; need at least one calibration batch")
+    n = cfg.num_hidden_layers
+    full_mask = jnp.ones((n,), bool)
+    fulls = [_masked_logits(params, t, cfg, full_mask, s) for t, s in data]
+    keep = np.ones(n, bool)
+    removed: list[int] = []
+    while keep.sum() > 1:
+        best, best_s = None, np.inf
+        for j in np.flatnonzero(keep):
+            m = keep.copy()
+            m[j] = False
+            num = den = 0.0
+            for (t, s), f in zip(data, fulls):
+                e, r = _nmse_parts(f, _masked_logits(params, t, cfg, jnp.asarray(m), s), s)
+                num += e
+                den += r
+            score = num / max(den, 1e-30)
+            if score < best_s:
+                best, best_s = int(j), score
+        keep[best] = False
+        removed.append(best)
+    removed.append(int(np.flatnonzero(keep)[0]))
+    return removed[::-1]
+
+
+# ------------------------------------------------------------------------ permutation
+def _expand(heads: np.ndarray, width: int, inner: np.ndarray | None = None) -> np.ndarray:
+    """Head permutation (and an optional per-head channel permutation) -> channel permutation."""
+    inner = np.arange(width) if inner is None else inner
+    return (heads[:, None] * width + inner[None, :]).reshape(-1)
+
+
+def _is_perm(r, n) -> bool:
+    r = np.asarray(r)
+    return r.shape == (n,) and np.array_equal(np.sort(r), np.arange(n))
+
+
+def permute_params(params, cfg: NemotronHConfig, importance: Importance) -> dict:
+    """The same function with every elastic axis reordered by importance (spec §3.4), so every
+    nested model is a prefix:
+
+    * hidden: every parameter dimension named "embed" (embedding columns, every residual-stream
+      reader and writer, every RMSNorm, the LM head rows);
+    * Mamba: heads within groups and head channels (same order in every head): z/x columns,
+      dt columns, conv_x and its bias, A_log, D, dt_bias, the gated-norm weight, out_proj rows
+      (B/C untouched);
+    * attention: query heads within KV groups (q_proj columns, o_proj rows);
+    * MLP: up_proj columns, down_proj rows;
+    * MoE: experts within routing groups (gate columns, correction bias, expert stacks) and the
+      routed-expert width (one order for all experts of the layer). The shared expert is not
+      elastic and stays as is.
+
+    Raises ValueError when `importance` belongs to a different config.
+    """
+    importance.check(cfg)
+    from ..model.params import param_axes
+    rk = importance.rankings
+    D = cfg.hidden_size
+    sig_d = np.asarray(rk["hidden"])
+    if not _is_perm(sig_d, D):
+        raise ValueError(f"Importance.rankings['hidden'] is not a permutation of {D} channels")
+    sig_d = jnp.asarray(sig_d)
+    axes = param_axes(cfg)
+
+    def perm_embed(x, names):
+        for dim, name in enumerate(names):
+            if name == "embed":
+                x = jnp.take(x, sig_d, axis=dim)
+        return x
+
+    out = {"embed": perm_embed(params["embed"], axes["embed"]),
+           "norm_f": perm_embed(params["norm_f"], axes["norm_f"]),
+           "lm_head": perm_embed(params["lm_head"], axes["lm_head"]), "layers": []}
+    kinds = cfg.kind_index()
+    for i, char in enumerate(cfg.pattern):
+        lp = params["layers"][i]
+        k = kinds[i]
+        m = {name: perm_embed(v, axes["layers"][i]["mixer"][name]) for name, v in lp["mixer"].items()}
+        if char == "M":
+            H, P = m["A_log"].shape[0], cfg.mamba_head_dim
+            heads, chans = np.asarray(rk["mamba_heads"][k]), np.asarray(rk["mamba_channels"][k])
+            if not _is_perm(heads, H) or not _is_perm(chans, P):
+                raise ValueError(f"Importance rankings of Mamba layer {i} do not match its {H} heads x {P} channels")
+            if not np.array_equal(heads // (H // cfg.n_groups), np.arange(H) // (H // cfg.n_groups)):
+                raise ValueError(f"Importance.rankings['mamba_heads'][{k}] moves heads across Mamba groups")
+            ch, hd = jnp.asarray(_expand(heads, P, chans)), jnp.asarray(heads)
+            for name in ("z_proj", "x_proj", "conv_x"):
+                m[name] = jnp.take(m[name], ch, axis=1)
+            for name in ("conv_x_bias", "norm"):
+                m[name] = jnp.take(m[name], ch, axis=0)
+            m["out_proj"] = jnp.take(m["out_proj"], ch, axis=0)
+            m["dt_proj"] = jnp.take(m["dt_proj"], hd, axis=1)
+            for name in ("A_log", "D", "dt_bias"):
+                m[name] = jnp.take(m[name], hd, axis=0)
+        elif char == "*":
+            hdim = cfg.head_dim
+            nH = m["q_proj"].shape[1] // hdim
+            heads = np.asarray(rk["attn_heads"][k])
+            rep = nH // cfg.num_key_value_heads
+            if not _is_perm(heads, nH) or not np.array_equal(heads // rep, np.arange(nH) // rep):
+                raise ValueError(f"Importance.rankings['attn_heads'][{k}] is not a permutation of the {nH} "
+                                 "query heads within their KV groups")
+            ch = jnp.asarray(_expand(heads, hdim))
+            m["q_proj"] = jnp.take(m["q_proj"], ch, axis=1)
+            m["o_proj"] = jnp.take(m["o_proj"], ch, axis=0)
+        elif char == "-":
+            I = m["up_proj"].shape[1]
+            r = np.asarray(rk["ffn"][k])
+            if not _is_perm(r, I):
+                raise ValueError(f"Importance.rankings['ffn'][{k}] is not a permutation of {I} neurons")
+            r = jnp.asarray(r)
+            m["up_proj"] = jnp.take(m["up_proj"], r, axis=1)
+            m["down_proj"] = jnp.take(m["down_proj"], r, axis=0)
+        else:
+            E, Ie = m["gate"].shape[1], m["up_proj"].shape[2]
+            ex, wd = np.asarray(rk["moe_experts"][k]), np.asarray(rk["moe_ffn"][k])
+            per = E // cfg.n_group
+            if not _is_perm(ex, E) or not np.array_equal(ex // per, np.arange(E) // per):
+                raise ValueError(f"Importance.rankings['moe_experts'][{k}] is not a permutation of the {E} "
+                                 "experts within their routing groups")
+            if not _is_perm(wd, Ie):
+                raise ValueError(f"Importance.rankings['moe_ffn'][{k}] is not a permutation of {Ie} channels")
+            ex, wd = jnp.asarray(ex), jnp.asarray(wd)
+            m["gate"] = jnp.take(m["gate"], ex, axis=1)
+            m["e_score_correction_bias"] = jnp.take(m["e_score_correction_bias"], ex, axis=0)
+            m["up_proj"] = jnp.take(jnp.take(m["up_proj"], ex, axis=0), wd, axis=2)
+            m["down_proj"] = jnp.take(jnp.take(m["down_proj"], ex, axis=0), wd, axis=1)
+        out["layers"].append({"norm": perm_embed(lp["norm"], axes["layers"][i]["norm"]), "mixer": m})
+    return out
+
+
+def identity_importance(cfg: NemotronHConfig) -> Importance:
+    """Rankings that leave every axis in place (scores = descending ramps); handy for tests and for
+    models that are already permuted."""
+    def ramp(n):
+        return np.arange(n, 0, -1, dtype=np.float64)
+    from ..model.params import layer_shapes
+    sc: dict[str, Any] = {a: [] for a in RANK_AXES}
+    sc["hidden"] = ramp(cfg.hidden_size)
+    for i, c in enumerate(cfg.pattern):
+        sh = layer_shapes(cfg, i)
+        if c == "M":
+            sc["mamba_heads"].append(ramp(sh["A_log"][0]))
+            sc["mamba_channels"].append(ramp(cfg.mamba_head_dim))
+        elif c == "*":
+            sc["attn_heads"].append(ramp(sh["q_proj"][1] // cfg.head_dim))
+        elif c == "-":
+            sc["ffn"].append(ramp(sh["up_proj"][1]))
+        else:
+            sc["moe_experts"].append(ramp(sh["gate"][1]))
+            sc["moe_ffn"].append(ramp(sh["up_proj"][2]))
+    rk = {a: (np.arange(v.size) if a == "hidden" else [np.arange(x.size) for x in v]) for a, v in sc.items()}
+    return Importance(scores=sc, rankings=rk, fingerprint=config_fingerprint(cfg))
+
+
+def elastify(params, cfg: NemotronHConfig, batches: Iterable, **kw) -> tuple[dict, Importance]:
+    """Model preparation in one call (spec §3): `estimate_importance` then `permute_params`.
+    Returns (permuted params, importance); save the importance with the checkpoint."""
+    imp = estimate_importance(params, cfg, batches, **kw)
+    return permute_params(params, cfg, imp), imp

@@ -1,0 +1,197 @@
+"""Evaluation of nested submodels on the embedded task and the budget-control grid (spec §9).
+
+* `accuracy` — exact-match accuracy of one (think, answer) configuration at one thinking budget;
+* `evaluate_grid` — every (thinking model, answering model) pair x thinking budgets; pairs with
+  think == answer are the truncation baseline ("standard budget control"), the others are the
+  Star Elastic scheme; optional cache-transplant points are a separate scheme;
+* `pareto_front` / `dominance` — the accuracy-latency frontier of each scheme and which points of
+  one scheme dominate the other's frontier.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Sequence
+
+import numpy as np
+
+from ..infer.budget import BudgetOutput, ElasticModel, Specials, budget_generate
+from ..tasks.dataset import EvalSet
+from ..tasks.reasoning import check_answer
+from ..tasks.tokenizer import TaskTokenizer
+
+SCHEMES = ("budget_control", "truncation", "transplant")
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+    """One configuration measured on the whole eval set."""
+
+    scheme: str
+    think_model: str
+    answer_model: str
+    thinking_budget: int
+    accuracy: float
+    latency_s: float
+    think_latency_s: float
+    answer_latency_s: float
+    think_tokens: int            # generated in the thinking phase (incl. </think>), whole batch
+    answer_tokens: int
+    prefill_tokens: int          # prompt + re-prefill positions
+    flops: float
+    think_flops: float
+    answer_flops: float
+    forced_frac: float           # rows whose </think> was forced by the budget
+    mean_thinking_tokens: float  # per row, without </think>
+
+    @property
+    def label(self) -> str:
+        return f"{self.think_model}->{self.answer_model}@{self.thinking_budget}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["label"] = self.label
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GridPoint":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def score(out: BudgetOutput, eval_set: EvalSet, tokenizer: TaskTokenizer) -> np.ndarray:
+    """Per-row exact match: the answer phase's text must parse to the reference answer."""
+    if len(out.answer_tokens) != len(eval_set):
+        raise ValueError(f"{len(out.answer_tokens)} outputs for an eval set of {len(eval_set)} problems")
+    return np.asarray([check_answer(p, tokenizer.decode(a)) for p, a in zip(eval_set.problems, out.answer_tokens)])
+
+
+def run_point(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokenizer, *, think_model: str,
+              answer_model: str, thinking_budget: int, max_thinking: int, max_answer_tokens: int = 6,
+              transplant: bool = False, batch_size: int | None = None, repeats: int = 1,
+              warmup: bool = True) -> GridPoint:
+    """Measure one configuration. The first call per compiled shape is a warmup (not timed) when
+    `warmup`; latency is the median over `repeats` timed runs, summed over batches."""
+    specials = Specials.from_tokenizer(tokenizer)
+    bs = batch_size or len(eval_set)
+    idx = list(range(0, len(eval_set), bs))
+    kw = dict(think_model=think_model, answer_model=answer_model, thinking_budget=int(thinking_budget),
+              specials=specials, max_answer_tokens=max_answer_tokens, max_thinking=max_thinking,
+              prompt_length=eval_set.max_prompt_len, transplant=transplant)
+    correct, outs = [], []
+    lat_think, lat_answer = 0.0, 0.0
+    for s in idx:
+        prompts = eval_set.prompts[s:s + bs]
+        if len(prompts) < bs:                    # keep one compiled batch shape: pad with copies
+            prompts = tuple(prompts) + (prompts[-1],) * (bs - len(prompts))
+        if warmup:
+            budget_generate(model, prompts, **kw)
+            warmup = False
+        runs = [budget_generate(model, prompts, **kw) for _ in range(max(1, repeats))]
+        n = min(bs, len(eval_set) - s)
+        lat_think += float(np.median([r.think.latency_s for r in runs]))
+        lat_answer += float(np.median([r.answer.latency_s for r in runs]))
+        out = runs[0]
+        sub = dataclasses.replace(eval_set, problems=eval_set.problems[s:s + n], prompts=eval_set.prompts[s:s + n],
+                                  trace_lengths=eval_set.trace_lengths[s:s + n])
+        trimmed = dataclasses.replace(out, think_tokens=out.think_tokens[:n], answer_tokens=out.answer_tokens[:n],
+                                      forced=out.forced[:n])
+        correct.append(score(trimmed, sub, tokenizer))
+        outs.append((out, n, bs))
+    correct = np.concatenate(correct)
+    frac = lambda o, n, b: n / b   # share of a padded batch that is real rows (stats scale with it)
+    think_tok = sum(o.think.tokens * frac(o, n, b) for o, n, b in outs)
+    ans_tok = sum(o.answer.tokens * frac(o, n, b) for o, n, b in outs)
+    pre_tok = sum((o.think.prefill_tokens + o.answer.prefill_tokens) * frac(o, n, b) for o, n, b in outs)
+    tf = sum(o.think.flops * frac(o, n, b) for o, n, b in outs)
+    af = sum(o.answer.flops * frac(o, n, b) for o, n, b in outs)
+    forced = np.concatenate([o.forced[:n] for o, n, _ in outs])
+    mean_think = float(np.mean([len(t) for o, n, _ in outs for t in o.think_tokens[:n]]))
+    scheme = "transplant" if transplant else ("truncation" if think_model == answer_model else "budget_control")
+    return GridPoint(scheme=scheme, think_model=think_model, answer_model=answer_model,
+                     thinking_budget=int(thinking_budget), accuracy=float(correct.mean()),
+                     latency_s=lat_think + lat_answer, think_latency_s=lat_think, answer_latency_s=lat_answer,
+                     think_tokens=int(round(think_tok)), answer_tokens=int(round(ans_tok)),
+                     prefill_tokens=int(round(pre_tok)), flops=float(tf + af), think_flops=float(tf),
+                     answer_flops=float(af), forced_frac=float(forced.mean()), mean_thinking_tokens=mean_think)
+
+
+def evaluate_grid(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokenizer, thinking_budgets: Sequence[int],
+                  *, submodels: Sequence[str] | None = None, transplant_pairs: Sequence[tuple[str, str]] = (),
+                  max_answer_tokens: int = 6, batch_size: int | None = None, repeats: int = 1,
+                  max_thinking: int | None = None, progress=None) -> list[GridPoint]:
+    """Every (think, answer) pair of `submodels` (default: all trained budgets) x every thinking
+    budget; then the transplant experiment for `transplant_pairs`. `max_thinking`: the decode
+    capacity (default: the largest budget); one value for every call keeps one compiled program."""
+    budgets = sorted({int(b) for b in thinking_budgets})
+    if not budgets or budgets[0] <= 0:
+        raise ValueError(f"thinking_budgets must be positive ints, got {list(thinking_budgets)}")
+    names = list(submodels or model.names())
+    for n in names:
+        model.check_name(n)
+    cap = budgets[-1] if max_thinking is None else int(max_thinking)
+    if cap < budgets[-1]:
+        raise ValueError(f"max_thinking={cap} must be >= the largest thinking budget {budgets[-1]}")
+    jobs = [(a, b, t, False) for a, b in itertools.product(names, names) for t in budgets]
+    jobs += [(a, b, t, True) for a, b in transplant_pairs for t in budgets]
+    points, warmed = [], set()
+    for a, b, t, tr in jobs:
+        key = (a, b, tr)
+        p = run_point(model, eval_set, tokenizer, think_model=a, answer_model=b, thinking_budget=t, max_thinking=cap,
+                      max_answer_tokens=max_answer_tokens, transplant=tr, batch_size=batch_size, repeats=repeats,
+                      warmup=key not in warmed)
+        warmed.add(key)
+        points.append(p)
+        if progress is not None:
+            progress(p)
+    return points
+
+
+# ------------------------------------------------------------------------------ Pareto analysis
+def pareto_front(points: Sequence, x: str = "latency_s", y: str = "accuracy") -> list[int]:
+    """Indices of the non-dominated points (lower `x` and higher `y` are better), sorted by `x`.
+    A point is dominated when another is no worse on both and strictly better on one."""
+    xs = np.asarray([_get(p, x) for p in points], float)
+    ys = np.asarray([_get(p, y) for p in points], float)
+    keep = []
+    for i in range(len(points)):
+        dom = (xs <= xs[i]) & (ys >= ys[i]) & ((xs < xs[i]) | (ys > ys[i]))
+        if not dom.any():
+            keep.append(i)
+    return sorted(keep, key=lambda i: (xs[i], -ys[i]))
+
+
+def _get(p, k):
+    return p[k] if isinstance(p, dict) else getattr(p, k)
+
+
+def dominance(challengers: Sequence, baseline: Sequence, x: str = "latency_s", y: str = "accuracy") -> dict:
+    """Compare two frontiers. Returns the challenger frontier points that dominate at least one
+    baseline frontier point (with the points they dominate), the baseline frontier points no
+    challenger dominates, and the share of the baseline frontier that is dominated."""
+    cf = [challengers[i] for i in pareto_front(challengers, x, y)]
+    bf = [baseline[i] for i in pareto_front(baseline, x, y)]
+    wins = []
+    dominated = set()
+    for c in cf:
+        beaten = [_label(b) for b in bf if _get(c, x) <= _get(b, x) and _get(c, y) >= _get(b, y)
+                  and (_get(c, x) < _get(b, x) or _get(c, y) > _get(b, y))]
+        if beaten:
+            wins.append({"point": _label(c), "dominates": beaten})
+            dominated.update(beaten)
+    undominated = [_label(b) for b in bf if _label(b) not in dominated]
+    return {"challenger_frontier": [_label(c) for c in cf], "baseline_frontier": [_label(b) for b in bf],
+            "dominating": wins, "baseline_undominated": undominated,
+            "baseline_dominated_frac": (len(dominated) / len(bf)) if bf else 0.0}
+
+
+def _label(p) -> str:
+    if isinstance(p, dict):
+        return p.get("label") or f"{p['think_model']}->{p['answer_model']}@{p['thinking_budget']}"
+    return p.label
+
+
+def best_at_latency(points: Sequence, max_latency: float, y: str = "accuracy"):
+    """The most accurate point whose latency is <= max_latency (None if none)."""
+    ok = [p for p in points if _get(p, "latency_s") <= max_latency]
+    return max(ok, key=lambda p: _get(p, y)) if ok else None

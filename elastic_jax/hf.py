@@ -1,0 +1,888 @@
+"""HF NemotronH checkpoints in and out (ANCHORS §5): `load_hf`, `save_hf`, the CLI `export` / `slice`.
+
+On-disk format (what `transformers.NemotronHForCausalLM.save_pretrained` writes and the Hub holds):
+`config.json` plus `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` listed in
+`model.safetensors.index.json`. Keys carry a `backbone.` prefix (Hub, `save_pretrained`) or a
+`model.` prefix (the in-library module tree); `lm_head.weight` has none. Routed experts are stored
+per expert (`mixer.experts.{j}.up_proj.weight`, Hub) or stacked 3-D (`mixer.experts.up_proj`,
+in-library). `mtp.*` (multi-token-prediction) tensors are skipped.
+
+The conversion is one declarative table, `RULES`: each `Rule` names an HF key pattern, the
+params leaves it fills and the pair of transforms between the two layouts (HF `[out, in]`
+matrices, fused `in_proj` / `conv1d`; ours `[in, out]` with the fused tensors split, see
+`elastic_jax/model/params.py`). Loading, validation and saving all walk that one table.
+
+Semantics that transformers fixes and the config does not say (checked against transformers 5.x,
+`modeling_nemotron_h.py`):
+  * the Mamba2 mixer clamps dt to `(time_step_min, inf)` and ignores `time_step_limit`, so
+    `load_hf` returns `time_step_limit=(time_step_min, inf)` and `save_hf` writes
+    `time_step_min = time_step_limit[0]` (the smallest positive f32 when that is 0: HF's init
+    takes log(time_step_min), and a clamp at 1e-38 changes no f32 logit);
+  * the MoE block always has a shared expert; a model without one is written with a zero shared
+    expert (relu²(0) = 0, so the output is unchanged);
+  * the router weight and `e_score_correction_bias` are kept in float32 (HF
+    `_keep_in_fp32_modules_strict`), whatever the dtype of the rest.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import NemotronHConfig
+from .model.params import check_params, param_axes
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+_PREFIXES = ("backbone.", "model.")
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+_KIND_NAMES = {"M": "Mamba2", "*": "attention", "-": "MLP", "E": "MoE"}
+
+
+class HFCheckpointError(ValueError):
+    """Everything wrong with a checkpoint (or an export), one problem per line in `problems`."""
+
+    def __init__(self, what: str, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(f"{what}: {len(self.problems)} problem(s)\n  " + "\n  ".join(self.problems))
+
+
+# ------------------------------------------------------------------------------------ table
+@dataclass(frozen=True)
+class Dims:
+    """Sizes of one layer (per-layer widths honoured) in the names of ANCHORS §5.3."""
+
+    D: int
+    V: int
+    H: int = 0      # Mamba heads
+    P: int = 0      # Mamba head dim
+    G: int = 0      # Mamba groups
+    N: int = 0      # SSM state size
+    K: int = 0      # conv kernel
+    nH: int = 0     # attention query heads
+    nKV: int = 0    # attention KV heads
+    hd: int = 0     # attention head dim
+    I: int = 0      # dense MLP width
+    E: int = 0      # routed experts
+    Ie: int = 0     # routed-expert width
+    Is: int = 0     # shared-expert width
+
+    @property
+    def HP(self):
+        return self.H * self.P
+
+    @property
+    def GN(self):
+        return self.G * self.N
+
+
+def layer_dims(cfg: NemotronHConfig, layer: int | None) -> Dims:
+    base = dict(D=cfg.hidden_size, V=cfg.vocab_size)
+    if layer is None:
+        return Dims(**base)
+    c, k = cfg.pattern[layer], cfg.kind_index()[layer]
+    if c == "M":
+        return Dims(**base, H=cfg.mamba_heads_at(k), P=cfg.mamba_head_dim, G=cfg.n_groups,
+                    N=cfg.ssm_state_size, K=cfg.conv_kernel)
+    if c == "*":
+        return Dims(**base, nH=cfg.attn_heads_at(k), nKV=cfg.num_key_value_heads, hd=cfg.head_dim)
+    if c == "-":
+        return Dims(**base, I=cfg.ffn_at(k))
+    return Dims(**base, E=cfg.moe_experts_at(k), Ie=cfg.moe_ffn_at(k), Is=cfg.moe_shared_expert_intermediate_size)
+
+
+def _same(w, d):
+    return (w,)
+
+
+def _same_inv(ws, d):
+    return ws[0]
+
+
+def _t(w, d):
+    return (np.ascontiguousarray(np.swapaxes(w, -1, -2)),)
+
+
+def _t_inv(ws, d):
+    return np.ascontiguousarray(np.swapaxes(ws[0], -1, -2))
+
+
+def _split_rows_t(sizes: Callable[[Dims], Sequence[int]]):
+    """HF fused [sum(out), in] -> our [in, out_i] pieces (and back): `in_proj`."""
+    def load(w, d):
+        cuts = np.cumsum(sizes(d))[:-1]
+        return tuple(np.ascontiguousarray(p.T) for p in np.split(w, cuts, axis=0))
+
+    def save(ws, d):
+        return np.ascontiguousarray(np.concatenate([w.T for w in ws], axis=0))
+    return load, save
+
+
+def _conv_split(w, d):
+    """HF depthwise conv1d [C, 1, K] -> our [K, x | B | C] pieces."""
+    wk = w[:, 0, :].T
+    return tuple(np.ascontiguousarray(p) for p in np.split(wk, [d.HP, d.HP + d.GN], axis=1))
+
+
+def _conv_join(ws, d):
+    return np.ascontiguousarray(np.concatenate(ws, axis=1).T[:, None, :])
+
+
+def _bias_split(b, d):
+    return tuple(np.ascontiguousarray(p) for p in np.split(b, [d.HP, d.HP + d.GN]))
+
+
+def _bias_join(ws, d):
+    return np.concatenate(ws)
+
+
+_IN_PROJ = _split_rows_t(lambda d: (d.HP, d.HP, d.GN, d.GN, d.H))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One HF tensor pattern <-> params leaves.
+
+    hf:      the key after the `backbone.` / `model.` prefix; layer rules are relative to
+             `layers.{i}.`, `{j}` is a routed expert.
+    kind:    "top" (backbone-level), "head" (no prefix: lm_head), "layer" (every layer) or the
+             pattern character of the layers that hold it.
+    params:  leaves it fills: top-level keys, "norm" (the layer's pre-norm) or mixer keys.
+    shape:   the expected HF shape, from the layer's Dims.
+    load / save: HF tensor -> tuple of param arrays, and back (per expert when `experts` is
+             "per_expert"; the engine stacks experts on axis 0).
+    experts: "none", "per_expert" or "stacked" (two spellings of the same leaves).
+    f32:     always kept in float32 (HF `_keep_in_fp32_modules_strict`).
+    optional: the key may be absent (filled with zeros); a callable of the config.
+    when:    the rule applies to this config/layer (e.g. shared expert only if Is > 0).
+    """
+
+    hf: str
+    kind: str
+    params: tuple[str, ...]
+    shape: Callable[[Dims], tuple[int, ...]]
+    load: Callable = _same
+    save: Callable = _same_inv
+    experts: str = "none"
+    f32: bool = False
+    optional: Callable[[NemotronHConfig], bool] = lambda cfg: False
+    when: Callable[[Dims], bool] = lambda d: True
+
+    @property
+    def regex(self) -> re.Pattern:
+        pat = re.escape(self.hf).replace(r"\{j\}", r"(?P<j>\d+)")
+        if self.kind in ("top", "head"):
+            return re.compile(pat + "$")
+        return re.compile(r"layers\.(?P<i>\d+)\." + pat + "$")
+
+    def key(self, layer: int | None, expert: int | None = None, prefix: str = "backbone.") -> str:
+        k = self.hf.replace("{j}", str(expert)) if expert is not None else self.hf
+        if self.kind == "head":
+            return k
+        if self.kind == "top":
+            return prefix + k
+        return f"{prefix}layers.{layer}.{k}"
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("embeddings.weight", "top", ("embed",), lambda d: (d.V, d.D)),
+    Rule("norm_f.weight", "top", ("norm_f",), lambda d: (d.D,)),
+    Rule("lm_head.weight", "head", ("lm_head",), lambda d: (d.V, d.D), _t, _t_inv),
+    Rule("norm.weight", "layer", ("norm",), lambda d: (d.D,)),
+    # Mamba2: in_proj = [z | x | B | C | dt], conv1d over [x | B | C]
+    Rule("mixer.in_proj.weight", "M", ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"),
+         lambda d: (2 * d.HP + 2 * d.GN + d.H, d.D), *_IN_PROJ),
+    Rule("mixer.conv1d.weight", "M", ("conv_x", "conv_B", "conv_C"), lambda d: (d.HP + 2 * d.GN, 1, d.K),
+         _conv_split, _conv_join),
+    Rule("mixer.conv1d.bias", "M", ("conv_x_bias", "conv_B_bias", "conv_C_bias"), lambda d: (d.HP + 2 * d.GN,),
+         _bias_split, _bias_join, optional=lambda cfg: not cfg.use_conv_bias),
+    Rule("mixer.A_log", "M", ("A_log",), lambda d: (d.H,)),
+    Rule("mixer.D", "M", ("D",), lambda d: (d.H,)),
+    Rule("mixer.dt_bias", "M", ("dt_bias",), lambda d: (d.H,)),
+    Rule("mixer.norm.weight", "M", ("norm",), lambda d: (d.HP,)),
+    Rule("mixer.out_proj.weight", "M", ("out_proj",), lambda d: (d.D, d.HP), _t, _t_inv),
+    # attention (GQA, no bias, NoPE)
+    Rule("mixer.q_proj.weight", "*", ("q_proj",), lambda d: (d.nH * d.hd, d.D), _t, _t_inv),
+    Rule("mixer.k_proj.weight", "*", ("k_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
+    Rule("mixer.v_proj.weight", "*", ("v_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
+    Rule("mixer.o_proj.weight", "*", ("o_proj",), lambda d: (d.D, d.nH * d.hd), _t, _t_inv),
+    # dense relu² MLP
+    Rule("mixer.up_proj.weight", "-", ("up_proj",), lambda d: (d.I, d.D), _t, _t_inv),
+    Rule("mixer.down_proj.weight", "-", ("down_proj",), lambda d: (d.D, d.I), _t, _t_inv),
+    # MoE: sigmoid router (f32) + per-expert or stacked relu² experts + shared expert
+    Rule("mixer.gate.weight", "E", ("gate",), lambda d: (d.E, d.D), _t, _t_inv, f32=True),
+    Rule("mixer.gate.e_score_correction_bias", "E", ("e_score_correction_bias",), lambda d: (d.E,), f32=True),
+    Rule("mixer.experts.{j}.up_proj.weight", "E", ("up_proj",), lambda d: (d.Ie, d.D), _t, _t_inv,
+         experts="per_expert"),
+    Rule("mixer.experts.{j}.down_proj.weight", "E", ("down_proj",), lambda d: (d.D, d.Ie), _t, _t_inv,
+         experts="per_expert"),
+    Rule("mixer.experts.up_proj", "E", ("up_proj",), lambda d: (d.E, d.Ie, d.D), _t, _t_inv, experts="stacked"),
+    Rule("mixer.experts.down_proj", "E", ("down_proj",), lambda d: (d.E, d.D, d.Ie), _t, _t_inv,
+         experts="stacked"),
+    Rule("mixer.shared_experts.up_proj.weight", "E", ("shared_up",), lambda d: (d.Is, d.D), _t, _t_inv,
+         when=lambda d: d.Is > 0),
+    Rule("mixer.shared_experts.down_proj.weight", "E", ("shared_down",), lambda d: (d.D, d.Is), _t, _t_inv,
+         when=lambda d: d.Is > 0),
+)
+_REGEXES = tuple(r.regex for r in RULES)
+
+
+def _rules_for(kind: str) -> list[Rule]:
+    return [r for r in RULES if r.kind in (kind, "layer")]
+
+
+# ----------------------------------------------------------------------------------- config
+def _decode_floats(obj):
+    """transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"}:
+            return float(obj["__float__"])
+        return {k: _decode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_floats(v) for v in obj]
+    return obj
+
+
+def _encode_float(x: float):
+    return x if math.isfinite(x) else {"__float__": "Infinity" if x > 0 else ("-Infinity" if x < 0 else "NaN")}
+
+
+# HF options this implementation cannot represent: field -> (is it unsupported?, explanation)
+_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tie_word_embeddings": (bool, "tied embeddings (NemotronH unties lm_head)"),
+    "use_bias": (bool, "biases on in_proj/out_proj"),
+    "mamba_proj_bias": (bool, "biases on the Mamba projections"),
+    "attention_bias": (bool, "attention projection biases"),
+    "mlp_bias": (bool, "MLP / expert biases"),
+    "moe_latent_size": (lambda v: v is not None, "latent MoE (fc1/fc2_latent_proj, Nemotron Super)"),
+    "n_shared_experts": (lambda v: v not in (None, 0, 1), "more than one shared expert"),
+    "mlp_hidden_act": (lambda v: v not in (None, "relu2"), "MLP activation other than relu2"),
+    "mamba_hidden_act": (lambda v: v not in (None, "silu"), "Mamba activation other than silu"),
+    "sliding_window": (lambda v: v is not None, "sliding-window attention"),
+}
+
+
+def read_hf_config(directory: str | os.PathLike) -> tuple[NemotronHConfig, dict]:
+    """(cfg, raw config dict) from an HF directory's `config.json`, with transformers' semantics
+    (dt clamped to [time_step_min, inf)). Unsupported options are all listed in one error."""
+    path = os.path.join(os.fspath(directory), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no config.json (not an HF checkpoint directory)")
+    with open(path) as f:
+        try:
+            raw = _decode_floats(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    problems = []
+    mt = raw.get("model_type")
+    if mt not in (None, "nemotron_h"):
+        problems.append(f"model_type={mt!r}: only 'nemotron_h' checkpoints are supported")
+    for name, (bad, what) in _UNSUPPORTED.items():
+        if name in raw and bad(raw[name]):
+            problems.append(f"{name}={raw[name]!r}: {what} is not supported")
+    if raw.get("layers_block_type") is None and raw.get("layer_types") is None and not raw.get("hybrid_override_pattern"):
+        problems.append("no layer layout: config.json needs layers_block_type (or hybrid_override_pattern)")
+    if problems:
+        raise HFCheckpointError(f"unsupported HF config {path}", problems)
+    d = dict(raw)
+    if d.get("layers_block_type") is None and d.get("layer_types") is not None:
+        d["layers_block_type"] = d["layer_types"]
+    tmin = float(d.get("time_step_min", d.get("mamba_dt_min", 0.001)))
+    try:
+        cfg = NemotronHConfig.from_hf(d, time_step_limit=(tmin, float("inf")))
+    except (ValueError, TypeError) as e:
+        raise HFCheckpointError(f"invalid HF config {path}", [str(e)]) from None
+    return cfg, raw
+
+
+def hf_config_dict(cfg: NemotronHConfig, dtype: str = "float32") -> dict:
+    """The `config.json` `save_hf` writes (transformers NemotronHConfig fields, both the current
+    `layers_block_type` and the legacy `hybrid_override_pattern` that other stacks read)."""
+    problems = []
+    if cfg.is_heterogeneous:
+        per = [n for n in ("mamba_heads_per_layer", "attn_heads_per_layer", "ffn_per_layer",
+                           "moe_experts_per_layer", "moe_ffn_per_layer") if getattr(cfg, n) is not None]
+        problems.append(f"heterogeneous config ({', '.join(per)} set): the layers differ in width, and an HF "
+                        "NemotronHConfig has one size per layer kind, so it cannot be written as a plain NemotronH "
+                        "config; export a homogeneous submodel (one int per axis in Widths) instead")
+    lo, hi = cfg.time_step_limit
+    if math.isfinite(hi):
+        problems.append(f"time_step_limit={cfg.time_step_limit}: transformers NemotronH never clamps dt from above, "
+                        "so a finite upper limit cannot be exported")
+    if problems:
+        raise HFCheckpointError("cannot write this model as an HF NemotronH checkpoint", problems)
+    d = cfg.to_hf()
+    d["layers_block_type"] = [_HF_LAYER_TYPES[c] for c in cfg.pattern]
+    d["hybrid_override_pattern"] = cfg.pattern
+    d["num_hidden_layers"] = cfg.num_hidden_layers
+    tmin = lo if lo > 0 else _F32_TINY
+    d["time_step_min"] = tmin
+    d["time_step_max"] = max(cfg.time_step_max, tmin)
+    d["time_step_floor"] = min(cfg.time_step_floor, d["time_step_max"])
+    d["time_step_limit"] = [tmin, _encode_float(float("inf"))]
+    if not cfg.moe_shared_expert_intermediate_size and "E" in cfg.pattern:
+        # HF always builds a shared expert; we write a zero one of width 1 (contributes exactly 0)
+        d["moe_shared_expert_intermediate_size"] = 1
+        d["n_shared_experts"] = 1
+    d["dtype"] = dtype
+    d["use_cache"] = True
+    d["num_nextn_predict_layers"] = 0
+    return d
+
+
+# ------------------------------------------------------------------------------- checkpoint
+class _Files:
+    """The safetensors files of a checkpoint (headers read, tensors memory-mapped and read one at a
+    time) and which file holds each key. Unreadable files are collected in `problems`."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[str, Any] = {}
+        self.key_file: dict[str, str] = {}
+        self.problems: list[str] = []
+        index = os.path.join(directory, SAFE_INDEX)
+        single = os.path.join(directory, SAFE_SINGLE)
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    wmap = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise HFCheckpointError(f"corrupt index {index}", [f"{type(e).__name__}: {e}"]) from None
+            files = sorted(set(wmap.values()))
+            listed: dict[str, set] = {}
+            for fname in files:
+                keys = self._keys(fname)
+                if keys is not None:
+                    listed[fname] = keys
+            for k, fname in wmap.items():
+                if fname not in listed:
+                    continue
+                if k not in listed[fname]:
+                    self.problems.append(f"{k}: the index puts it in {fname}, which does not contain it")
+                else:
+                    self.key_file[k] = fname
+        elif os.path.isfile(single):
+            keys = self._keys(SAFE_SINGLE)
+            if keys is not None:
+                self.key_file = {k: SAFE_SINGLE for k in keys}
+        else:
+            others = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+            if len(others) == 1:
+                keys = self._keys(others[0])
+                if keys is not None:
+                    self.key_file = {k: others[0] for k in keys}
+            elif others:
+                raise HFCheckpointError(f"no {SAFE_INDEX} in {directory}",
+                                        [f"{len(others)} safetensors files ({', '.join(others[:4])}, ...) but no "
+                                         "index saying which holds which tensor"])
+            else:
+                raise FileNotFoundError(f"{directory}: no {SAFE_SINGLE} and no {SAFE_INDEX}")
+
+    def _keys(self, fname: str) -> set | None:
+        from safetensors import SafetensorError, safe_open
+        path = os.path.join(self.directory, fname)
+        if not os.path.isfile(path):
+            self.problems.append(f"{fname}: listed in the index but missing from {self.directory}")
+            return None
+        try:
+            h = self._stack.enter_context(safe_open(path, framework="np"))
+        except (SafetensorError, OSError) as e:
+            self.problems.append(f"{fname}: truncated or corrupt safetensors file ({os.path.getsize(path)} bytes): {e}")
+            return None
+        self._handles[fname] = h
+        return set(h.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.key_file[key]].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return self._handles[self.key_file[key]].get_slice(key).get_dtype()
+
+    def read(self, key: str) -> np.ndarray:
+        from safetensors import SafetensorError
+        fname = self.key_file[key]
+        try:
+            return self._handles[fname].get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise HFCheckpointError(f"cannot read {key}", [f"{fname}: {e}"]) from None
+
+    def close(self):
+        self._stack.close()
+
+
+_ST_DTYPES = {"F32": jnp.float32, "BF16": jnp.bfloat16, "F16": jnp.float16, "F64": jnp.float64}
+
+
+@dataclass
+class _Plan:
+    """Where every params leaf comes from: (layer or None, leaf group) -> (rule, keys)."""
+
+    sources: dict = dataclasses.field(default_factory=dict)   # (layer, rule index) -> key or {j: key}
+    skipped: list = dataclasses.field(default_factory=list)
+
+
+def _match(rel: str) -> tuple[int, re.Match] | None:
+    for n, rx in enumerate(_REGEXES):
+        m = rx.match(rel)
+        if m is not None:
+            return n, m
+    return None
+
+
+def _plan(cfg: NemotronHConfig, files: _Files) -> _Plan:
+    """Match every key against RULES; collect missing / unexpected / mis-shaped keys together."""
+    if files.problems:   # unreadable files first: every key in them would otherwise read as missing
+        raise HFCheckpointError(f"checkpoint {files.directory} has unreadable files", files.problems)
+    problems: list[str] = []
+    plan = _Plan()
+    n_layers = cfg.num_hidden_layers
+    for key in sorted(files.key_file):
+        prefix = next((p for p in _PREFIXES if key.startswith(p)), "")
+        rel = key[len(prefix):]
+        if rel.startswith("mtp.") or key.startswith("mtp."):
+            plan.skipped.append(key)
+            continue
+        hit = _match(rel)
+        if hit is None or (RULES[hit[0]].kind == "head" and prefix):
+            problems.append(f"{key}: unexpected (no NemotronH tensor has this name)")
+            continue
+        n, m = hit
+        rule = RULES[n]
+        layer = None
+        if rule.kind not in ("top", "head"):
+            layer = int(m.group("i"))
+            if layer >= n_layers:
+                problems.append(f"{key}: unexpected (layer {layer}, but the config has {n_layers} layers)")
+                continue
+            c = cfg.pattern[layer]
+            if rule.kind != "layer" and rule.kind != c:
+                problems.append(f"{key}: unexpected (a {_KIND_NAMES[rule.kind]} tensor, but layer {layer} is "
+                                f"{_KIND_NAMES[c]} in the pattern {cfg.pattern!r})")
+                continue
+        d = layer_dims(cfg, layer)
+        if not rule.when(d):
+            problems.append(f"{key}: unexpected for this config (e.g. a shared expert while "
+                            "moe_shared_expert_intermediate_size is 0)")
+            continue
+        want = rule.shape(d)
+        got = files.shape(key)
+        slot = (layer, n)
+        if got != want:   # present but wrong: reported here, not again as missing
+            problems.append(f"{key}: shape {got} != expected {want} (from config.json)")
+            if rule.experts == "per_expert":
+                plan.sources.setdefault(slot, {})[int(m.group("j"))] = key
+            else:
+                plan.sources[slot] = key
+            continue
+        if files.dtype(key) not in _ST_DTYPES:
+            problems.append(f"{key}: dtype {files.dtype(key)} is not a float type this loader reads")
+            continue
+        if rule.experts == "per_expert":
+            j = int(m.group("j"))
+            if j >= d.E:
+                problems.append(f"{key}: unexpected (expert {j}, but the config has {d.E} routed experts)")
+                continue
+            plan.sources.setdefault(slot, {})[j] = key
+        else:
+            plan.sources[slot] = key
+    # coverage: every leaf of every layer filled exactly once
+    for layer in [None] + list(range(n_layers)):
+        kinds = ("top", "head") if layer is None else ("layer", cfg.pattern[layer])
+        d = layer_dims(cfg, layer)
+        for n, rule in enumerate(RULES):
+            if rule.kind not in kinds or not rule.when(d) or rule.experts == "stacked":
+                continue
+            if rule.experts == "per_expert":
+                alt = next(i for i, r in enumerate(RULES) if r.experts == "stacked" and r.params == rule.params)
+                per = plan.sources.get((layer, n), {})
+                stacked = plan.sources.get((layer, alt))
+                if stacked is not None and per:
+                    problems.append(f"{RULES[alt].key(layer)}: given both stacked and per-expert "
+                                    f"({len(per)} tensors); keep one form")
+                elif stacked is None:
+                    if not per:
+                        problems.append(f"{rule.key(layer, None).replace('{j}', '*')} (or stacked "
+                                        f"{RULES[alt].key(layer)}): missing")
+                    else:
+                        for j in range(d.E):
+                            if j not in per:
+                                problems.append(f"{rule.key(layer, j)}: missing")
+                continue
+            if (layer, n) not in plan.sources and not rule.optional(cfg):
+                problems.append(f"{rule.key(layer)}: missing")
+    if problems:
+        raise HFCheckpointError(f"checkpoint {files.directory} does not match its config.json", problems)
+    return plan
+
+
+def _target_dtype(raw: dict, files: _Files, dtype) -> Any:
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    if isinstance(name, str) and name in ("float32", "bfloat16", "float16"):
+        return jnp.dtype(name)
+    emb = next((k for k in files.key_file if k.endswith("embeddings.weight")), None)
+    return jnp.dtype(_ST_DTYPES[files.dtype(emb)]) if emb else jnp.dtype(jnp.float32)
+
+
+def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
+            progress: bool = False) -> tuple[NemotronHConfig, dict]:
+    """Read an HF NemotronH checkpoint directory into (cfg, params).
+
+    `directory` holds `config.json` (current or legacy field names) and `model.safetensors` or
+    shards listed in `model.safetensors.index.json`. Tensors are streamed one at a time
+    (per-expert tensors into one stacked buffer per layer) and converted by `RULES`.
+    `dtype`: parameter dtype (None: the checkpoint's `dtype` / `torch_dtype`, else that of the
+    embedding on disk); the router weight and correction bias stay float32.
+    `mesh`: place each parameter on `NamedSharding(mesh, spec)` as soon as it is read, with the
+    spec from its logical axes (`ej.param_axes`) and `rules` (default: the training rules table,
+    `elastic_jax.train.sharding.DEFAULT_RULES`). Raises `HFCheckpointError` listing every missing,
+    unexpected or mis-shaped tensor and every unsupported config option at once."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: not a directory")
+    cfg, raw = read_hf_config(directory)
+    files = _Files(directory)
+    try:
+        plan = _plan(cfg, files)
+        target = _target_dtype(raw, files, dtype)
+        place = _placer(cfg, mesh, rules)
+        params: dict = {"layers": [{"mixer": {}} for _ in range(cfg.num_hidden_layers)]}
+        n_tensors = sum(len(v) if isinstance(v, dict) else 1 for v in plan.sources.values())
+        bar = _bar(progress, n_tensors, "load_hf", "tensor")
+        for layer in [None] + list(range(cfg.num_hidden_layers)):
+            d = layer_dims(cfg, layer)
+            kinds = ("top", "head") if layer is None else ("layer", cfg.pattern[layer])
+            for n, rule in enumerate(RULES):
+                if rule.kind not in kinds or not rule.when(d):
+                    continue
+                src = plan.sources.get((layer, n))
+                if src is None:
+                    if rule.optional(cfg) and rule.experts == "none":  # absent optional tensor: zeros
+                        zeros = rule.load(np.zeros(rule.shape(d), np.float32), d)
+                        _put(params, layer, rule, zeros, target, place)
+                    continue
+                if isinstance(src, dict):   # per expert: stack into one buffer
+                    bufs = None
+                    for j in range(d.E):
+                        parts = rule.load(files.read(src[j]), d)
+                        if bufs is None:
+                            bufs = [np.empty((d.E,) + p.shape, p.dtype) for p in parts]
+                        for b, p in zip(bufs, parts):
+                            b[j] = p
+                        bar.update(1)
+                    _put(params, layer, rule, tuple(bufs), target, place)
+                else:
+                    _put(params, layer, rule, rule.load(files.read(src), d), target, place)
+                    bar.update(1)
+        bar.close()
+    finally:
+        files.close()
+    check_params(params, cfg)
+    return cfg, params
+
+
+def _put(params, layer, rule: Rule, arrays, target, place):
+    for name, arr in zip(rule.params, arrays):
+        dt = jnp.float32 if rule.f32 else target
+        arr = np.asarray(arr).astype(dt, copy=False)
+        if layer is None:
+            params[name] = place(arr, (name,))
+        elif name == "norm" and rule.kind == "layer":
+            params["layers"][layer]["norm"] = place(arr, ("layers", layer, "norm"))
+        else:
+            params["layers"][layer]["mixer"][name] = place(arr, ("layers", layer, "mixer", name))
+
+
+def _placer(cfg: NemotronHConfig, mesh, rules):
+    """arr, path -> device array (sharded by the logical-axis rules when a mesh is given)."""
+    if mesh is None:
+        return lambda arr, path: jnp.asarray(arr)
+    from jax.sharding import NamedSharding
+    from .train.sharding import DEFAULT_RULES, logical_to_spec
+    axes = param_axes(cfg)
+    rules = DEFAULT_RULES if rules is None else rules
+
+    def place(arr, path):
+        a = axes
+        for p in path:
+            a = a[p]
+        return jax.device_put(arr, NamedSharding(mesh, logical_to_spec(a, arr.shape, mesh, rules)))
+    return place
+
+
+def _bar(enabled: bool, total: int, desc: str, unit: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
+
+
+# --------------------------------------------------------------------------------------- save
+def _hf_tensors(cfg: NemotronHConfig, params: dict, dtype) -> Iterable[tuple[str, tuple, Callable[[], np.ndarray]]]:
+    """(key, shape, thunk) for every HF tensor, in file order; thunks convert lazily."""
+    hd = dtype
+
+    def host(x, f32):
+        return np.asarray(jax.device_get(x)).astype(np.float32 if f32 else hd, copy=False)
+
+    for layer in [None] + list(range(cfg.num_hidden_layers)):
+        d = layer_dims(cfg, layer)
+        kinds = ("top", "head") if layer is None else ("layer", cfg.pattern[layer])
+        for rule in RULES:
+            if rule.kind not in kinds or rule.experts == "stacked":
+                continue
+            if layer is None:
+                src = params
+            elif rule.params == ("norm",) and rule.kind == "layer":
+                src = params["layers"][layer]
+            else:
+                src = params["layers"][layer]["mixer"]
+            if not rule.when(d):
+                if rule.params in (("shared_up",), ("shared_down",)) and d.E:   # zero shared expert
+                    shp = (1, d.D) if rule.params == ("shared_up",) else (d.D, 1)
+                    yield rule.key(layer), shp, (lambda shp=shp, f=rule.f32: np.zeros(shp, np.float32 if f else hd))
+                continue
+            if rule.optional(cfg):   # e.g. conv bias with use_conv_bias=False: written only if nonzero
+                vals = [np.asarray(src[p]) for p in rule.params]
+                if all(not v.any() for v in vals):
+                    continue
+                raise HFCheckpointError("cannot write this model", [
+                    f"{rule.key(layer)}: nonzero values but the config says it is absent ({rule.params})"])
+            if rule.experts == "per_expert":
+                # one host copy of the stacked [E, ...] leaf, sliced per expert, dropped after the last
+                held: dict = {}
+
+                def expert(j, r=rule, s=src, d=d, held=held):
+                    if not held:
+                        held.update({p: np.asarray(jax.device_get(s[p])) for p in r.params})
+                    out = host(r.save(tuple(held[p][j] for p in r.params), d), r.f32)
+                    if j == d.E - 1:
+                        held.clear()
+                    return out
+
+                for j in range(d.E):
+                    yield rule.key(layer, j), rule.shape(d), (lambda j=j, f=expert: f(j))
+            else:
+                yield (rule.key(layer), rule.shape(d),
+                       lambda r=rule, s=src, d=d: host(r.save(tuple(s[p] for p in r.params), d), r.f32))
+
+
+def _parse_size(s) -> int:
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*", str(s), re.I)
+    if not m:
+        raise ValueError(f"max_shard_size={s!r}: expected bytes (int) or a size like '5GB' / '500MB'")
+    mult = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    return int(float(m.group(1)) * mult[(m.group(2) or "").upper()])
+
+
+def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *, dtype=None,
+            max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False) -> str:
+    """Write (cfg, params) as an HF NemotronH checkpoint that
+    `transformers.NemotronHForCausalLM.from_pretrained(directory)` loads with the same logits.
+
+    Keys are written as on the Hub (`backbone.` prefix, per-expert tensors), `config.json` with
+    `layers_block_type` and the legacy `hybrid_override_pattern`, shards of at most
+    `max_shard_size` with `model.safetensors.index.json` when there is more than one.
+    `dtype`: on-disk dtype (None: the embedding's); router weight and bias are float32.
+    Everything is written to a temporary directory beside `directory` and renamed into place only
+    when complete, so a failed export leaves nothing behind. A heterogeneous (per-layer width)
+    config cannot be expressed as an HF NemotronH config and raises `HFCheckpointError`."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else params["embed"].dtype))
+    if out_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
+        raise ValueError(f"save_hf dtype={out_dtype}: expected float32, bfloat16 or float16")
+    config = hf_config_dict(cfg, dtype=str(out_dtype))
+    check_params(params, cfg)
+    tensors = list(_hf_tensors(cfg, params, out_dtype))
+    limit = _parse_size(max_shard_size)
+    shards: list[list] = [[]]
+    size = 0
+    for key, shape, thunk in tensors:
+        nbytes = int(np.prod(shape)) * (4 if "gate." in key else out_dtype.itemsize)
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, shape, thunk))
+        size += nbytes
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        from safetensors.numpy import save_file
+        names = ([SAFE_SINGLE] if len(shards) == 1 else
+                 [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+        weight_map, total = {}, 0
+        bar = _bar(progress, len(tensors), "save_hf", "tensor")
+        for name, shard in zip(names, shards):
+            arrays = {}
+            for key, shape, thunk in shard:
+                a = thunk()
+                if tuple(a.shape) != tuple(shape):
+                    raise HFCheckpointError("internal shape error", [f"{key}: {a.shape} != {shape}"])
+                arrays[key] = a
+                weight_map[key] = name
+                total += a.nbytes
+                bar.update(1)
+            save_file(arrays, os.path.join(tmp, name), metadata={"format": "pt"})
+            del arrays
+        bar.close()
+        if len(shards) > 1:
+            with open(os.path.join(tmp, SAFE_INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
+                       "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}, f, indent=2)
+        if os.path.exists(directory):
+            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+            os.rename(directory, os.path.join(trash, "old"))
+            os.rename(tmp, directory)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def parse_widths(text: str, cfg: NemotronHConfig):
+    """`--widths` JSON ('{"hidden": 48, "mamba_heads": 4}', lists for per-layer) -> validated Widths."""
+    from .widths import Widths
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--widths is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"--widths must be a JSON object of axis -> size, got {text!r}")
+    fields = {f.name for f in dataclasses.fields(Widths)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"--widths: unknown axes {unknown}; known: {sorted(fields)}")
+    w = Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    w.validate(cfg)
+    return w
+
+
+def load_run(run_dir: str | os.PathLike, step: int | None = None):
+    """(cfg, params, router_params or None, ElasticConfig or None) from an elastic training run
+    (`<run_dir>/checkpoints`, orbax, written by `elastic_jax.train`): the model params of `step`
+    (default: the latest complete one), restored on the host; the params are the permuted ones
+    training used, so every nested model is a prefix (spec §8)."""
+    run_dir = os.path.abspath(os.fspath(run_dir))
+    ckpt_dir = run_dir if os.path.basename(run_dir) == "checkpoints" else os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{run_dir}: neither an HF directory (config.json) nor an elastic run "
+                                f"(no {ckpt_dir})")
+    import orbax.checkpoint as ocp
+    from .elastic.config import ElasticConfig
+    from .train.checkpoint import Checkpointer
+    ck = Checkpointer(ckpt_dir, async_save=False)
+    try:
+        if step is None:
+            step = ck.latest_step()
+        if step is None or step not in ck.all_steps():
+            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint"
+                                    + ("" if step is None else f" at step {step} (have {ck.all_steps()})"))
+        meta = ck.read_meta(step)
+        configs = meta.get("configs", {})
+        if not isinstance(configs.get("model"), dict):
+            raise ValueError(f"{ckpt_dir} step {step}: the checkpoint metadata has no model config")
+        cfg = NemotronHConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in configs["model"].items()})
+        ecfg = ElasticConfig.from_dict(configs["elastic"]) if configs.get("elastic") else None
+        restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        ck.close()
+    state = restored.get("state", restored)
+    if "params" not in state:
+        raise ValueError(f"{ckpt_dir} step {step}: no 'params' in the saved state (keys {sorted(state)})")
+    params = jax.tree_util.tree_map(jnp.asarray, state["params"])
+    if isinstance(params.get("layers"), dict):   # orbax restores lists as {"0": .., "1": ..}
+        params["layers"] = [params["layers"][str(i)] for i in range(len(params["layers"]))]
+    check_params(params, cfg)
+    router = state.get("router") or None
+    return cfg, params, router, ecfg
+
+
+def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
+    """HF directory or elastic-training (orbax) run -> (cfg, params, widths from --budget or None)."""
+    if os.path.isfile(os.path.join(src, "config.json")):
+        if getattr(args, "budget", None) is not None:
+            raise ValueError("--budget needs an elastic training run (orbax checkpoint with a router); "
+                             f"{src} is an HF directory: pass --widths instead")
+        cfg, params = load_hf(src, progress=not args.quiet)
+        return cfg, params, None
+    cfg, params, router, ecfg = load_run(src, args.step)
+    widths = None
+    if getattr(args, "budget", None) is not None:
+        if router is None or ecfg is None:
+            raise ValueError(f"--budget: the run {src} has no trained router (not an elastic run); pass --widths")
+        from .elastic.router import budget_widths
+        widths = budget_widths(router, cfg, ecfg, args.budget)
+        if not args.quiet:
+            print(f"budget {args.budget}: {widths}")
+    return cfg, params, widths
+
+
+def _cmd_export(args) -> int:
+    from .elastic.slicing import param_count, slice_params
+    cfg, params, widths = _load_source(args.src, args)
+    if args.widths is not None:
+        if widths is not None:
+            raise ValueError("give --widths or --budget, not both")
+        widths = parse_widths(args.widths, cfg)
+    if args.command == "slice" and widths is None:
+        raise ValueError("slice needs --widths JSON or --budget B (with an elastic run)")
+    n_full = param_count(cfg)
+    if widths is not None:
+        cfg, params = slice_params(params, cfg, widths)
+    save_hf(args.out, cfg, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite, progress=not args.quiet)
+    if not args.quiet:
+        n = param_count(cfg)
+        print(f"wrote {args.out}: {n:,} parameters ({100 * n / n_full:.1f}% of {n_full:,}), pattern {cfg.pattern}, "
+              f"hidden {cfg.hidden_size}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register `export` and `slice` on an argparse subparsers object (handler in `func`)."""
+    helps = {
+        "export": "convert a checkpoint (HF dir or elastic run) to an HF NemotronH directory, "
+                  "optionally sliced (--widths / --budget)",
+        "slice": "extract a nested submodel at --widths (or a trained --budget) as an HF NemotronH directory",
+    }
+    for name, text in helps.items():
+        p = subparsers.add_parser(name, help=text, description=text)
+        p.add_argument("src", help="HF checkpoint directory (config.json + safetensors) or an elastic training run")
+        p.add_argument("out", help="output HF directory (written atomically)")
+        p.add_argument("--widths", default=None,
+                       help='JSON sizes per axis, e.g. \'{"hidden": 48, "mamba_heads": 4, "ffn": [64, 96]}\'')
+        p.add_argument("--budget", type=float, default=None,
+                       help="parameter budget (fraction of the parent, e.g. 0.5) answered by the run's router")
+        p.add_argument("--step", type=int, default=None, help="checkpoint step of an elastic run (default: latest)")
+        p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="on-disk dtype (default: the source's)")
+        p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+        p.set_defaults(func=_cmd_export, command=name)

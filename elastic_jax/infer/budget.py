@@ -1,0 +1,367 @@
+"""Elastic budget control (spec §9): submodel A thinks, submodel B answers.
+
+Phase 1 (think): A decodes after the prompt (which ends with `<think>`) until it emits `</think>`
+or has produced `thinking_budget` thinking tokens; in the latter case `</think>` is forced.
+Phase 2 (answer):
+  * B != A (the Star Elastic scheme): B re-prefills prompt + trace + `</think>` (left-padded
+    batch) and decodes the answer. The re-prefill is counted in the answer phase's latency and
+    FLOPs, as in the paper's measurements (vLLM cannot reuse the other model's cache).
+  * B == A (the baseline, "standard budget control" by thinking-token truncation): the same model
+    simply continues from its own cache after the forced `</think>`; no re-prefill.
+  * `transplant=True` (experiment, §9 "cache reuse"): B continues from A's caches instead of
+    re-prefilling. The caches only mean the same thing approximately (different residual streams;
+    A's Mamba state covers only A's heads), so results are reported separately.
+
+The submodels are nested views of ONE parameter set: `ElasticModel` holds the full params and one
+`Widths` per trained budget, and runs the masked forward (`mode="masked"`, no copies at all). For
+wall-clock speed, `mode="sliced"` builds standalone prefix copies once, at construction
+(`ej.slice_params`), so a 50% model actually runs ~50% of the matmuls; the generated tokens are the
+same (masked == sliced, up to float rounding). Transplant needs one cache layout, so it always uses
+the masked views.
+
+Batch rows finish at different times: a finished row keeps its cache frozen (per-row select) while
+the other rows continue, and emits padding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import NemotronHConfig
+from ..elastic.slicing import param_count, slice_params
+from ..model.decoder import decode_step, prefill
+from ..model.generate import sample_logits
+from ..widths import Widths
+
+MODES = ("masked", "sliced")
+
+
+# ------------------------------------------------------------------------------ the model family
+@dataclasses.dataclass(frozen=True)
+class ElasticModel:
+    """One parameter set and its named nested submodels (trained budgets -> Widths)."""
+
+    cfg: NemotronHConfig
+    params: dict
+    budgets: Mapping[str, Widths]
+    mode: str = "masked"
+    _views: Mapping = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.budgets:
+            raise ValueError("budgets must name at least one trained submodel")
+        views = {}
+        for name, w in self.budgets.items():
+            if not isinstance(w, Widths):
+                raise ValueError(f"budgets[{name!r}] must be an ej.Widths, got {type(w).__name__}")
+            if self.mode == "sliced":
+                sub_cfg, sub_params = slice_params(self.params, self.cfg, w)
+                views[name] = (sub_cfg, sub_params, None)
+            else:
+                views[name] = (self.cfg, self.params, w.resolve(self.cfg))
+        object.__setattr__(self, "_views", views)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.budgets)
+
+    def check_name(self, name: str) -> str:
+        if name not in self.budgets:
+            raise ValueError(f"submodel {name!r} is not a trained budget; trained budgets: {list(self.budgets)}")
+        return name
+
+    def view(self, name: str):
+        """(cfg, params, widths-or-None) that run submodel `name`."""
+        return self._views[self.check_name(name)]
+
+    def masked_view(self, name: str):
+        return self.cfg, self.params, self.budgets[self.check_name(name)].resolve(self.cfg)
+
+    def active_params(self, name: str) -> int:
+        return param_count(self.cfg, self.budgets[self.check_name(name)], active=True)
+
+    def flops_per_token(self, name: str, context: np.ndarray | int) -> np.ndarray:
+        """Analytic forward FLOPs of one token at `context` attended positions: 2 x (active
+        parameters excluding the embedding lookup) + 4 x (active query heads x head_dim) x context
+        per attention layer (QK^T and AV). Mamba's scan and the norms are ignored (O(d) per token)."""
+        w = self.budgets[self.check_name(name)]
+        sub_hidden = w.hidden_size(self.cfg)
+        dense = self.active_params(name) - self.cfg.vocab_size * sub_hidden
+        attn = sum(w.per_layer(self.cfg, "attn_heads")) * self.cfg.head_dim if "*" in self.cfg.pattern else 0
+        return 2.0 * dense + 4.0 * attn * np.asarray(context, np.float64)
+
+
+# ------------------------------------------------------------------------------ jitted pieces
+def _freeze(done, new, old):
+    """Per-row select: rows with done=True keep `old` (their cache stops changing)."""
+    def sel(n, o):
+        if n.ndim == 0:
+            return n
+        d = done.reshape((-1,) + (1,) * (n.ndim - 1))
+        return jnp.where(d, o, n)
+    return jax.tree_util.tree_map(sel, new, old)
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_len"))
+def _prefill(params, tokens, valid, widths, *, cfg, max_len):
+    logits, cache = prefill(params, tokens, cfg, widths, max_len=max_len, valid=valid)
+    return logits[:, -1], cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "capacity", "stop_token", "pad_token", "temperature", "top_p"))
+def _decode_loop(params, widths, cache, last_logits, done0, limit, key, *, cfg, capacity, stop_token, pad_token,
+                 temperature, top_p):
+    """Decode up to `limit` (traced, <= capacity) tokens per row; a row stops after `stop_token`.
+    Returns (tokens [B, capacity], lengths [B], stopped [B], cache, last_logits)."""
+    B = last_logits.shape[0]
+    out = jnp.full((B, capacity), pad_token, jnp.int32)
+
+    def cond(s):
+        i, _, _, done, _, _, _ = s
+        return (i < limit) & ~jnp.all(done)
+
+    def body(s):
+        i, logits, cache, done, out, lengths, stopped = s
+        tok = sample_logits(logits, jax.random.fold_in(key, i), temperature, top_p)
+        tok = jnp.where(done, pad_token, tok)
+        out = out.at[:, i].set(tok)
+        lengths = lengths + (~done).astype(jnp.int32)
+        hit = (tok == stop_token) & ~done
+        new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths)
+        cache = _freeze(done, new_cache, cache)
+        logits = jnp.where(done[:, None], logits, new_logits[:, -1])
+        return i + 1, logits, cache, done | hit, out, lengths, stopped | hit
+
+    init = (jnp.zeros((), jnp.int32), last_logits, cache, done0, out, jnp.zeros((B,), jnp.int32),
+            jnp.zeros((B,), bool))
+    _, logits, cache, _, out, lengths, stopped = jax.lax.while_loop(cond, body, init)
+    return out, lengths, stopped, cache, logits
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _force(params, widths, cache, last_logits, tok, need, *, cfg):
+    """Feed `tok` [B] to rows with need=True (others frozen)."""
+    new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths)
+    cache = _freeze(~need, new_cache, cache)
+    return jnp.where(need[:, None], new_logits[:, -1], last_logits), cache
+
+
+def _block(x):
+    return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def left_pad(seqs, length: int, pad: int):
+    """Left-pad int sequences to `length`: (tokens [B, length] int32, valid [B, length] bool)."""
+    toks = np.full((len(seqs), length), pad, np.int32)
+    valid = np.zeros((len(seqs), length), bool)
+    for i, s in enumerate(seqs):
+        s = list(s)
+        if len(s) > length:
+            raise ValueError(f"sequence {i} has {len(s)} tokens > the padded length {length}")
+        if s:
+            toks[i, length - len(s):] = s
+            valid[i, length - len(s):] = True
+    return toks, valid
+
+
+# ------------------------------------------------------------------------------ results
+@dataclasses.dataclass(frozen=True)
+class PhaseStats:
+    """One phase over the whole batch: wall-clock seconds, tokens (generated; `prefill_tokens`
+    counts prompt positions run through the model), analytic FLOPs."""
+
+    latency_s: float
+    tokens: int
+    prefill_tokens: int
+    flops: float
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetOutput:
+    """Per row: thinking tokens (without `</think>`), whether `</think>` was forced, the answer
+    tokens (from the first answer token, `<eos>` included when emitted); per phase: `PhaseStats`."""
+
+    think_model: str
+    answer_model: str
+    thinking_budget: int
+    think_tokens: list[list[int]]
+    forced: np.ndarray
+    answer_tokens: list[list[int]]
+    think: PhaseStats
+    answer: PhaseStats
+    transplant: bool = False
+
+    @property
+    def latency_s(self) -> float:
+        return self.think.latency_s + self.answer.latency_s
+
+    @property
+    def flops(self) -> float:
+        return self.think.flops + self.answer.flops
+
+
+@dataclasses.dataclass(frozen=True)
+class Specials:
+    """The token ids budget control needs."""
+
+    end_think: int
+    eos: int
+    pad: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "Specials":
+        return cls(end_think=tok.end_think_id, eos=tok.eos_id, pad=tok.pad_id)
+
+
+# ------------------------------------------------------------------------------ budget control
+def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_model: str, thinking_budget: int,
+                    specials: Specials, max_answer_tokens: int = 8, max_thinking: int | None = None,
+                    context: int | None = None, transplant: bool = False, temperature: float = 0.0,
+                    top_p: float = 1.0, key=None, prompt_length: int | None = None) -> BudgetOutput:
+    """Think with `think_model`, answer with `answer_model` (trained budget names of `model`).
+
+    prompts: list of token-id sequences (different lengths allowed; each ends where thinking
+    starts, e.g. with `<think>`). thinking_budget: the most thinking tokens per row (> 0); a row
+    that reaches it gets `</think>` forced. max_thinking: the static decode capacity (>=
+    thinking_budget; pass the largest budget of a sweep so one compiled program serves every
+    budget). prompt_length: pad prompts to this length (a fixed shape for a sweep).
+    context: the context length (cache capacity); a prompt that cannot fit with its budgets
+    raises. Latency is measured with `block_until_ready` around each phase; call once first to
+    exclude compilation.
+    """
+    if not isinstance(thinking_budget, (int, np.integer)) or thinking_budget <= 0:
+        raise ValueError(f"thinking_budget must be a positive int, got {thinking_budget!r}")
+    if max_answer_tokens <= 0:
+        raise ValueError(f"max_answer_tokens must be > 0, got {max_answer_tokens}")
+    model.check_name(think_model)
+    model.check_name(answer_model)
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    max_thinking = int(thinking_budget if max_thinking is None else max_thinking)
+    if max_thinking < thinking_budget:
+        raise ValueError(f"max_thinking={max_thinking} must be >= thinking_budget={thinking_budget}")
+    P = max(len(p) for p in prompts) if prompt_length is None else int(prompt_length)
+    if P < max(len(p) for p in prompts):
+        raise ValueError(f"prompt_length={P} is shorter than the longest prompt ({max(len(p) for p in prompts)})")
+    need = P + max_thinking + 1 + max_answer_tokens
+    context = int(context or model.cfg.max_position_embeddings)
+    if need > context:
+        raise ValueError(f"prompt length {P} + max_thinking {max_thinking} + 1 + max_answer_tokens "
+                         f"{max_answer_tokens} = {need} exceeds the context ({context} tokens)")
+    key = jax.random.PRNGKey(0) if key is None else key
+    k_think, k_answer = jax.random.split(key)
+    same = think_model == answer_model
+    B = len(prompts)
+    sampling = dict(temperature=float(temperature), top_p=float(top_p))
+
+    # ---------------- phase 1: think
+    a_cfg, a_params, a_w = model.masked_view(think_model) if transplant else model.view(think_model)
+    toks, valid = left_pad(prompts, P, specials.pad)
+    t0 = time.perf_counter()
+    logits, cache = _prefill(a_params, jnp.asarray(toks), jnp.asarray(valid), a_w, cfg=a_cfg, max_len=need)
+    out, lengths, stopped, cache, logits = _decode_loop(
+        a_params, a_w, cache, logits, jnp.zeros((B,), bool), jnp.asarray(thinking_budget, jnp.int32), k_think,
+        cfg=a_cfg, capacity=max_thinking, stop_token=specials.end_think, pad_token=specials.pad, **sampling)
+    forced = ~stopped
+    if same or transplant:   # continue from this cache: feed the forced </think> to the truncated rows
+        logits, cache = _force(a_params, a_w, cache, logits, jnp.full((B,), specials.end_think, jnp.int32), forced,
+                               cfg=a_cfg)
+    out, lengths, forced = _block((out, lengths, forced))
+    t_think = time.perf_counter() - t0
+    out, lengths, forced = np.asarray(out), np.asarray(lengths), np.asarray(forced)
+    think_tokens = [list(out[i, :lengths[i] - (0 if forced[i] else 1)]) for i in range(B)]
+
+    # ---------------- phase 2: answer
+    b_cfg, b_params, b_w = model.masked_view(answer_model) if transplant else model.view(answer_model)
+    t0 = time.perf_counter()
+    prefill_tokens = 0
+    if not (same or transplant):
+        full = [p + t + [specials.end_think] for p, t in zip(prompts, think_tokens)]
+        L2 = P + max_thinking + 1
+        toks2, valid2 = left_pad(full, L2, specials.pad)
+        logits, cache = _prefill(b_params, jnp.asarray(toks2), jnp.asarray(valid2), b_w, cfg=b_cfg, max_len=need)
+        prefill_tokens = sum(len(f) for f in full)
+    ans, alen, _, _, _ = _decode_loop(
+        b_params, b_w, cache, logits, jnp.zeros((B,), bool), jnp.asarray(max_answer_tokens, jnp.int32), k_answer,
+        cfg=b_cfg, capacity=max_answer_tokens, stop_token=specials.eos, pad_token=specials.pad, **sampling)
+    ans, alen = _block((ans, alen))
+    t_answer = time.perf_counter() - t0
+    ans, alen = np.asarray(ans), np.asarray(alen)
+    answer_tokens = [list(ans[i, :alen[i]]) for i in range(B)]
+
+    # ---------------- accounting
+    plen = np.asarray([len(p) for p in prompts])
+    n_think = np.asarray([len(t) for t in think_tokens])
+    think_decoded = n_think + 1                      # the thinking tokens and </think> (emitted or forced)
+    think_flops = float(sum(_span_flops(model, think_model, 0, plen[i]) +
+                            _span_flops(model, think_model, plen[i], plen[i] + think_decoded[i]) for i in range(B)))
+    start = plen + think_decoded
+    ans_flops = float(sum(_span_flops(model, answer_model, start[i], start[i] + alen[i]) for i in range(B)))
+    if prefill_tokens:
+        ans_flops += float(sum(_span_flops(model, answer_model, 0, start[i]) for i in range(B)))
+    think = PhaseStats(latency_s=t_think, tokens=int(think_decoded.sum()), prefill_tokens=int(plen.sum()),
+                       flops=think_flops)
+    answer = PhaseStats(latency_s=t_answer, tokens=int(alen.sum()), prefill_tokens=int(prefill_tokens),
+                        flops=ans_flops)
+    return BudgetOutput(think_model=think_model, answer_model=answer_model, thinking_budget=int(thinking_budget),
+                        think_tokens=think_tokens, forced=forced, answer_tokens=answer_tokens, think=think,
+                        answer=answer, transplant=bool(transplant))
+
+
+def _span_flops(model: ElasticModel, name: str, start: int, stop: int) -> float:
+    """FLOPs of running positions [start, stop) (position t attends to t + 1 positions)."""
+    if stop <= start:
+        return 0.0
+    ctx = np.arange(start, stop) + 1
+    return float(np.sum(model.flops_per_token(name, ctx)))
+
+
+def truncation_generate(model: ElasticModel, prompts, *, submodel: str, thinking_budget: int, specials: Specials,
+                        **kw) -> BudgetOutput:
+    """The baseline: one submodel thinks, is cut at the budget (forced `</think>`) and answers."""
+    return budget_generate(model, prompts, think_model=submodel, answer_model=submodel,
+                           thinking_budget=thinking_budget, specials=specials, **kw)
+
+
+def answer_generate(model: ElasticModel, prompts, *, submodel: str, specials: Specials, max_answer_tokens: int = 8,
+                    prompt_length: int | None = None) -> tuple[list[list[int]], PhaseStats]:
+    """Answer directly after `prompts` (e.g. prompt + `</think>`: the no-thinking control, or a
+    given trace). Greedy. Returns (answer tokens per row, PhaseStats)."""
+    model.check_name(submodel)
+    if max_answer_tokens <= 0:
+        raise ValueError(f"max_answer_tokens must be > 0, got {max_answer_tokens}")
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token sequences")
+    P = max(len(p) for p in prompts) if prompt_length is None else int(prompt_length)
+    need = P + max_answer_tokens
+    if need > model.cfg.max_position_embeddings:
+        raise ValueError(f"prompt length {P} + max_answer_tokens {max_answer_tokens} exceeds the context "
+                         f"({model.cfg.max_position_embeddings} tokens)")
+    cfg, params, w = model.view(submodel)
+    toks, valid = left_pad(prompts, P, specials.pad)
+    B = len(prompts)
+    t0 = time.perf_counter()
+    logits, cache = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), w, cfg=cfg, max_len=need)
+    ans, alen, _, _, _ = _decode_loop(params, w, cache, logits, jnp.zeros((B,), bool),
+                                      jnp.asarray(max_answer_tokens, jnp.int32), jax.random.PRNGKey(0), cfg=cfg,
+                                      capacity=max_answer_tokens, stop_token=specials.eos, pad_token=specials.pad,
+                                      temperature=0.0, top_p=1.0)
+    ans, alen = _block((ans, alen))
+    dt = time.perf_counter() - t0
+    ans, alen = np.asarray(ans), np.asarray(alen)
+    plen = [len(p) for p in prompts]
+    flops = float(sum(_span_flops(model, submodel, 0, plen[i] + int(alen[i])) for i in range(B)))
+    return ([list(ans[i, :alen[i]]) for i in range(B)],
+            PhaseStats(latency_s=dt, tokens=int(alen.sum()), prefill_tokens=int(sum(plen)), flops=flops))

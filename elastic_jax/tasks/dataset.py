@@ -1,0 +1,43 @@
+"""Token-level views of the task: training documents (lists of ids, for the trainer's in-memory
+source) and evaluation sets (prompts + reference answers)."""
+from __future__ import annotations
+
+import dataclasses
+
+from .reasoning import Problem, answer_text, document_text, make_problems, prompt_text, trace_text
+from .tokenizer import TaskTokenizer
+
+
+def make_documents(seed: int, n: int, split: str = "train", difficulty=None,
+                   tokenizer: TaskTokenizer | None = None) -> list[list[int]]:
+    """`n` full documents (prompt, trace, answer, eos) as token-id lists, deterministic in the seed."""
+    tok = tokenizer or TaskTokenizer.default()
+    return [tok.encode(document_text(p)) for p in make_problems(seed, n, split, difficulty)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """Problems with their tokenized prompts (ending in `<think>`) and reference traces."""
+
+    problems: tuple[Problem, ...]
+    prompts: tuple[tuple[int, ...], ...]
+    trace_lengths: tuple[int, ...]      # tokens of the reference trace (without think tags)
+
+    def __len__(self):
+        return len(self.problems)
+
+    @property
+    def max_prompt_len(self) -> int:
+        return max(len(p) for p in self.prompts)
+
+
+def make_eval_set(seed: int, n: int, split: str = "test", difficulty=None,
+                  tokenizer: TaskTokenizer | None = None) -> EvalSet:
+    tok = tokenizer or TaskTokenizer.default()
+    probs = make_problems(seed, n, split, difficulty)
+    return EvalSet(problems=tuple(probs), prompts=tuple(tuple(tok.encode(prompt_text(p))) for p in probs),
+                   trace_lengths=tuple(len(tok.encode(trace_text(p))) for p in probs))
+
+
+def reference_answer_ids(p: Problem, tokenizer: TaskTokenizer) -> list[int]:
+    return tokenizer.encode(answer_text(p))

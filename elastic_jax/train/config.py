@@ -1,0 +1,218 @@
+"""Training configs (frozen dataclasses): mesh, optimizer, curriculum stages, the run.
+
+    TrainConfig(
+        mesh=MeshConfig(data=2, fsdp=2, tensor=2),
+        optim=OptimConfig(lr=1e-4, router_lr=1e-2, warmup_steps=60),
+        stages=(Stage("short", seq_len=8192, batch_size=1536, tokens=100e9, budget_probs=None),     # uniform
+                Stage("long", seq_len=49152, batch_size=512, tokens=60e9, budget_probs=(0.5, 0.3, 0.2))),
+        kd_temperature=1.0, vocab_chunk=8192, microbatches=4)
+
+Spec §7 (curriculum) and §14.7-8 (optimizer groups, one budget per micro-batch). A stage gives
+either `steps` or `tokens` (converted to ceil(tokens / (batch_size · seq_len)) steps).
+`budget_probs` is indexed like `ElasticConfig.budgets` (descending, 1.0 first); None = uniform.
+The Gumbel temperature and router logit scale follow `ElasticConfig` schedules over the whole run
+(all stages), not per stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from ..data.config import DataConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _bad(cls, name, value, rule):
+    raise ValueError(f"{cls}.{name}={value!r}: {rule}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh shape over the axes (data, fsdp, tensor, expert); the product must equal the
+    number of devices (all processes). data/fsdp/expert split the batch; fsdp also shards
+    parameters and optimizer state along `embed`; tensor splits heads / mlp / vocab; expert splits
+    the routed experts (sharding.py holds the rules table)."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        for a in MESH_AXES:
+            v = getattr(self, a)
+            if not isinstance(v, int) or v < 1:
+                _bad("MeshConfig", a, v, "must be an int >= 1")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.data, self.fsdp, self.tensor, self.expert)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with two parameter groups (spec §6.3, §7.1): model (`lr`) and router (`router_lr`),
+    each with `warmup_steps` linear warmup then `schedule` ("constant" | "cosine" | "linear" decay
+    to `final_lr_ratio` · peak at the last step), global-norm clipping `clip_norm` (0 = off),
+    decoupled weight decay on matrices only. `freeze_router` / `freeze_model` zero that group's
+    updates (Megatron --freeze-router / --freeze-model)."""
+
+    lr: float = 1e-4
+    router_lr: float = 1e-2
+    warmup_steps: int = 60
+    schedule: str = "cosine"
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    freeze_router: bool = False
+    freeze_model: bool = False
+
+    def __post_init__(self):
+        for name in ("lr", "router_lr"):
+            if not (getattr(self, name) >= 0):
+                _bad("OptimConfig", name, getattr(self, name), "must be >= 0")
+        if self.warmup_steps < 0:
+            _bad("OptimConfig", "warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.schedule not in SCHEDULES:
+            _bad("OptimConfig", "schedule", self.schedule, f"must be one of {SCHEDULES}")
+        for name in ("b1", "b2"):
+            if not (0.0 <= getattr(self, name) < 1.0):
+                _bad("OptimConfig", name, getattr(self, name), "must be in [0, 1)")
+        if self.clip_norm < 0 or self.weight_decay < 0:
+            _bad("OptimConfig", "clip_norm/weight_decay", (self.clip_norm, self.weight_decay), "must be >= 0")
+        if not (0.0 <= self.final_lr_ratio <= 1.0):
+            _bad("OptimConfig", "final_lr_ratio", self.final_lr_ratio, "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One curriculum stage: `batch_size` sequences (global, all hosts) of `seq_len` tokens per
+    optimizer step, for `steps` steps or `tokens` tokens; `budget_probs` over the budgets."""
+
+    name: str = "stage"
+    seq_len: int = 256
+    batch_size: int = 8
+    steps: int | None = None
+    tokens: float | None = None
+    budget_probs: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.budget_probs, list):
+            object.__setattr__(self, "budget_probs", tuple(float(p) for p in self.budget_probs))
+        if self.seq_len < 1 or self.batch_size < 1:
+            _bad("Stage", "seq_len/batch_size", (self.seq_len, self.batch_size), "must be >= 1")
+        if (self.steps is None) == (self.tokens is None):
+            _bad("Stage", "steps/tokens", (self.steps, self.tokens), "give exactly one of steps or tokens")
+        if self.steps is not None and self.steps < 1:
+            _bad("Stage", "steps", self.steps, "must be >= 1")
+        if self.tokens is not None and self.tokens <= 0:
+            _bad("Stage", "tokens", self.tokens, "must be > 0")
+        if self.budget_probs is not None:
+            p = self.budget_probs
+            if any(x < 0 for x in p) or not sum(p) > 0:
+                _bad("Stage", "budget_probs", p, "must be non-negative with a positive sum")
+
+    @property
+    def num_steps(self) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        return max(1, math.ceil(self.tokens / (self.batch_size * self.seq_len)))
+
+    def probs(self, n_budgets: int) -> tuple[float, ...]:
+        """Normalized budget probabilities (uniform when None); length checked against the budgets."""
+        if self.budget_probs is None:
+            return (1.0 / n_budgets,) * n_budgets
+        if len(self.budget_probs) != n_budgets:
+            raise ValueError(f"Stage({self.name!r}).budget_probs={self.budget_probs!r}: needs one probability "
+                             f"per budget ({n_budgets}, in ElasticConfig.budgets order)")
+        s = sum(self.budget_probs)
+        return tuple(p / s for p in self.budget_probs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run. `microbatches` splits each stage batch for gradient accumulation; each
+    micro-batch draws one budget (shared by every data shard, spec §7.2). `vocab_chunk`: columns of
+    the lm_head per chunk of the KD / CE loss (None = the whole vocabulary in one chunk).
+    Checkpoints every `checkpoint_every` steps (and at the end of each stage), `keep_checkpoints`
+    kept; metrics every `log_every` steps."""
+
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    stages: tuple[Stage, ...] = (Stage(steps=100),)
+    kd_temperature: float = 1.0
+    vocab_chunk: int | None = 8192
+    microbatches: int = 1
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    async_checkpointing: bool = True
+    log_every: int = 1
+    tensorboard: bool = True
+    plot: bool = True
+    activation_sharding: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stages, list):
+            object.__setattr__(self, "stages", tuple(self.stages))
+        if isinstance(self.stages, Stage):
+            object.__setattr__(self, "stages", (self.stages,))
+        if not self.stages:
+            _bad("TrainConfig", "stages", self.stages, "needs at least one Stage")
+        if not self.kd_temperature > 0:
+            _bad("TrainConfig", "kd_temperature", self.kd_temperature, "must be > 0")
+        if self.vocab_chunk is not None and self.vocab_chunk < 1:
+            _bad("TrainConfig", "vocab_chunk", self.vocab_chunk, "must be >= 1 or None")
+        if self.microbatches < 1:
+            _bad("TrainConfig", "microbatches", self.microbatches, "must be >= 1")
+        for s in self.stages:
+            if s.batch_size % self.microbatches:
+                _bad("TrainConfig", "microbatches", self.microbatches,
+                     f"must divide the batch size of stage {s.name!r} ({s.batch_size})")
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                _bad("TrainConfig", name, getattr(self, name), "must be >= 1")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.num_steps for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, int]:
+        """(stage index, first step of that stage) for a global step."""
+        start = 0
+        for i, s in enumerate(self.stages):
+            if step < start + s.num_steps:
+                return i, start
+            start += s.num_steps
+        return len(self.stages) - 1, start - self.stages[-1].num_steps
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["mesh"] = MeshConfig(**d.get("mesh", {}))
+        d["optim"] = OptimConfig(**d.get("optim", {}))
+        d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
+        return cls(**d)
+
+
+# The fields that may change between a run and its resumption (they do not change the math).
+RESUMABLE_FIELDS = ("mesh", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
+                    "tensorboard", "plot", "activation_sharding")
+
+__all__ = ["MeshConfig", "OptimConfig", "Stage", "TrainConfig", "DataConfig", "RESUMABLE_FIELDS"]

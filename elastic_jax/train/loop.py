@@ -1,0 +1,318 @@
+"""The training loop shared by elastic distillation, plain KD and LM training (spec §6-7).
+
+    res = train_elastic(cfg, ecfg, train_cfg, teacher_params, student_params, data, out_dir)
+    res.params, res.router_params, res.history, res.tokens_seen
+
+    train_lm(cfg, train_cfg, params, data, out_dir)                 # next-token CE (tiny parents)
+    train_kd(cfg, train_cfg, teacher_cfg, teacher_params, student_params, data, out_dir)
+                                                                    # one fixed student, KD only
+
+`data`: a `TokenDataset` (`elastic_jax.data.make_dataset(DataConfig(...), vocab_size,
+documents=...)`) or a `DataConfig` (loaded here with the model's vocabulary).
+
+Every run writes `<out_dir>/checkpoints` (orbax), `metrics.jsonl`, `batches.jsonl`, `tb/` and
+`curves.png`. If `<out_dir>/checkpoints` already holds a complete checkpoint of the same configs,
+the run resumes from it — params, router, optimizer state, data iterator, stage, step and RNG —
+and continues exactly as if it had never stopped (a checkpoint of another config raises
+`CheckpointMismatch`). The initial params passed in are then ignored. A non-finite loss raises
+`TrainingDiverged` naming the step and budget; nothing is saved after it, so the last checkpoint
+is the last good state.
+
+Sharding: the run uses the mesh of `train_cfg.mesh` over all devices (sharding.py); call
+`elastic_jax.train.init_distributed(...)` first on multi-host jobs. Each host feeds its own rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..config import NemotronHConfig
+from ..data import DataConfig, TokenDataset, make_dataset
+from ..model.params import check_params, param_axes
+from . import sharding as shd
+from .checkpoint import Checkpointer, abstract_like
+from .config import TrainConfig
+from .metrics import RunLogger, Throughput, batch_digest, plot_curves
+from .optim import lr_schedule, make_optimizer
+from .step import StepSpec, make_step
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss; the message names the step, stage and budget(s)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    params: Any
+    router_params: Any
+    history: list
+    tokens_seen: int
+    steps: int
+    out_dir: str
+    resumed_from: int | None = None
+
+
+def train_elastic(model_cfg: NemotronHConfig, elastic_cfg, train_cfg: TrainConfig, teacher_params, student_params,
+                  data, out_dir, *, router_params=None, extra_meta: dict | None = None, progress: bool = True
+                  ) -> TrainResult:
+    """Elastic distillation of every nested budget at once from the frozen `teacher_params`
+    (usually the permuted parent; `student_params` starts as a copy of it). `router_params`
+    default: `init_router(model_cfg, elastic_cfg, fold_in(seed, 1))`. `extra_meta`: JSON blob stored
+    in every checkpoint (e.g. the importance ranking / permutation)."""
+    from ..elastic.router import init_router
+    if router_params is None:
+        router_params = init_router(model_cfg, elastic_cfg, jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 1))
+    spec = StepSpec("elastic", model_cfg, model_cfg, elastic_cfg, train_cfg.kd_temperature, train_cfg.vocab_chunk,
+                    train_cfg.microbatches, train_cfg.optim.freeze_model, train_cfg.optim.freeze_router)
+    return _train(spec, train_cfg, teacher_params, student_params, router_params, data, out_dir,
+                  extra_meta=extra_meta, progress=progress)
+
+
+def train_lm(model_cfg: NemotronHConfig, train_cfg: TrainConfig, params, data, out_dir, *,
+             extra_meta: dict | None = None, progress: bool = True) -> TrainResult:
+    """Plain next-token cross-entropy training of `params` (e.g. the tiny parent)."""
+    spec = StepSpec("lm", model_cfg, None, None, 1.0, train_cfg.vocab_chunk, train_cfg.microbatches,
+                    train_cfg.optim.freeze_model, True)
+    return _train(spec, train_cfg, None, params, {}, data, out_dir, extra_meta=extra_meta, progress=progress)
+
+
+def train_kd(model_cfg: NemotronHConfig, train_cfg: TrainConfig, teacher_cfg: NemotronHConfig, teacher_params,
+             student_params, data, out_dir, *, extra_meta: dict | None = None, progress: bool = True) -> TrainResult:
+    """KD of one fixed-size student (`model_cfg`) from a teacher of `teacher_cfg` (same vocabulary)."""
+    if teacher_cfg.vocab_size != model_cfg.vocab_size:
+        raise ValueError(f"teacher vocab_size={teacher_cfg.vocab_size} != student vocab_size={model_cfg.vocab_size}")
+    spec = StepSpec("kd", model_cfg, teacher_cfg, None, train_cfg.kd_temperature, train_cfg.vocab_chunk,
+                    train_cfg.microbatches, train_cfg.optim.freeze_model, True)
+    return _train(spec, train_cfg, teacher_params, student_params, {}, data, out_dir, extra_meta=extra_meta,
+                  progress=progress)
+
+
+# --------------------------------------------------------------------------- internals
+def _configs(spec: StepSpec, train_cfg: TrainConfig, data: TokenDataset) -> dict:
+    return {
+        "mode": spec.mode,
+        "model": spec.model_cfg.to_dict(),
+        "teacher": None if spec.teacher_cfg is None else spec.teacher_cfg.to_dict(),
+        "elastic": None if spec.elastic_cfg is None else spec.elastic_cfg.to_dict(),
+        "train": json.loads(json.dumps(train_cfg.to_dict())),
+        "data": json.loads(json.dumps(data.config.to_dict())),
+    }
+
+
+def _gather_json(obj) -> list:
+    """Every process's JSON-able `obj` (in process order)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    raw = json.dumps(obj).encode()
+    n = np.asarray(multihost_utils.process_allgather(np.asarray([len(raw)], np.int32))).reshape(-1)
+    buf = np.zeros((int(n.max()),), np.uint8)
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    allb = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
+    return [json.loads(bytes(allb[i, :n[i]]).decode()) for i in range(jax.process_count())]
+
+
+def step_shardings(spec: StepSpec, mesh, state_like, teacher_like, rules=shd.DEFAULT_RULES):
+    """(state shardings, teacher shardings) for `state_like` {"params", "router", "opt_state"}."""
+    p_sh = shd.tree_shardings(param_axes(spec.model_cfg), state_like["params"], mesh, rules)
+    rep = NamedSharding(mesh, P())
+    r_sh = jax.tree.map(lambda _: rep, state_like["router"])
+    trainable = {"params": state_like["params"], "router": state_like["router"]}
+    o_sh = shd.follow_shardings(state_like["opt_state"], trainable, {"params": p_sh, "router": r_sh}, mesh)
+    t_sh = None if teacher_like is None else shd.tree_shardings(param_axes(spec.teacher_cfg), teacher_like, mesh, rules)
+    return {"params": p_sh, "router": r_sh, "opt_state": o_sh}, t_sh
+
+
+def place_state(params, router_params, state_sh):
+    """Fresh sharded copies of the trainable trees (the step donates its state; the caller's arrays
+    must survive), plus the optimizer state initialized in place."""
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t),
+                   out_shardings={"params": state_sh["params"], "router": state_sh["router"]})
+    state = dict(copy({"params": params, "router": router_params}))
+    return state
+
+
+def compile_step(spec: StepSpec, tx, mesh, state_sh, teacher_sh, micro_batch: int, *, activation_sharding=True):
+    """jit of the step for one stage shape: batch [M, micro_batch, L] split over the batch rule."""
+    rep = NamedSharding(mesh, P())
+    bspec = shd.batch_spec(mesh, micro_batch, leading=1)
+    b_sh = NamedSharding(mesh, bspec)
+    act = NamedSharding(mesh, P(bspec[1], None, None)) if activation_sharding else None
+    fn = make_step(spec, tx, act_sharding=act)
+    jitted = jax.jit(fn, in_shardings=(state_sh, teacher_sh, {"tokens": b_sh, "segment_ids": b_sh},
+                                       rep, rep, rep, rep, rep),
+                     out_shardings=(state_sh, rep), donate_argnums=(0,))
+    return jitted, bspec
+
+
+def _record(spec, stage, step, m, tau, scale, lrs, tok_s, tokens_seen) -> dict:
+    rec = {"step": step, "stage": stage.name, "loss": float(m["loss"]), "task": float(m["task"]),
+           "budget_loss": float(m["budget_loss"]), "grad_norm": float(m["grad_norm"]),
+           "tokens": int(m["tokens"]), "tokens_seen": int(tokens_seen), "tokens_per_s": float(tok_s),
+           "lr": lrs[0], "router_lr": lrs[1]}
+    if spec.mode == "elastic":
+        ecfg = spec.elastic_cfg
+        rec["tau"], rec["scale"] = float(tau), float(scale)
+        rec["budgets_sampled"] = [float(ecfg.budgets[i]) for i in np.asarray(m["budget_idx"]).reshape(-1)]
+        cnt = np.asarray(m["count_by_budget"])
+        for i, b in enumerate(ecfg.budgets):
+            if cnt[i] > 0:
+                rec[f"task_budget_{b:g}"] = float(np.asarray(m["task_by_budget"])[i] / cnt[i])
+                rec[f"budget_loss_budget_{b:g}"] = float(np.asarray(m["budget_loss_by_budget"])[i] / cnt[i])
+        opts = ecfg.options(spec.model_cfg)
+        for axis, exp in m.get("expected", {}).items():
+            exp = np.asarray(exp)
+            ch = np.asarray(m["choice"][axis])
+            o = np.asarray(opts[axis])
+            for j, bi in enumerate(np.asarray(m["budget_idx"]).reshape(-1)):
+                b = ecfg.budgets[int(bi)]
+                rec[f"width_{axis}_budget_{b:g}"] = float(np.mean(exp[j]))
+                rec[f"choice_{axis}_budget_{b:g}"] = (o[ch[j]].tolist() if o.ndim == 1
+                                                      else [int(o[k, c]) for k, c in enumerate(np.atleast_1d(ch[j]))])
+    return rec
+
+
+def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_params, router_params, data, out_dir, *,
+           extra_meta=None, progress=True) -> TrainResult:
+    cfg = spec.model_cfg
+    if isinstance(data, DataConfig):
+        data = make_dataset(data, cfg.vocab_size)
+    if not isinstance(data, TokenDataset):
+        raise TypeError(f"data must be an elastic_jax.data.TokenDataset or DataConfig, got {type(data).__name__}")
+    if data.vocab_size != cfg.vocab_size:
+        raise ValueError(f"the dataset was checked against vocab_size={data.vocab_size} but the model has "
+                         f"vocab_size={cfg.vocab_size}")
+    check_params(student_params, cfg)
+    if teacher_params is not None:
+        check_params(teacher_params, spec.teacher_cfg)
+    nb = spec.n_budgets
+    for st in train_cfg.stages:
+        if spec.mode == "elastic":
+            st.probs(nb)                     # raises if budget_probs does not match the budgets
+        if st.batch_size % (train_cfg.microbatches * jax.process_count()):
+            raise ValueError(f"Stage({st.name!r}).batch_size={st.batch_size} must be divisible by microbatches "
+                             f"({train_cfg.microbatches}) x processes ({jax.process_count()})")
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    mesh = shd.make_mesh(train_cfg.mesh)
+    total = train_cfg.total_steps
+    tx = make_optimizer(train_cfg.optim, total)
+    configs = _configs(spec, train_cfg, data)
+
+    trainable0 = {"params": student_params, "router": router_params}
+    state_like = {"params": student_params, "router": router_params,
+                  "opt_state": jax.eval_shape(tx.init, trainable0)}
+    state_sh, teacher_sh = step_shardings(spec, mesh, state_like, teacher_params)
+
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
+                        async_save=train_cfg.async_checkpointing)
+    start = ckpt.latest_step()
+    base_key = jax.random.PRNGKey(train_cfg.seed)
+    data_states, tokens_seen = None, 0
+    if start is not None:
+        meta = ckpt.check_compatible(start, configs)
+        abstract = {"state": abstract_like(state_like, state_sh),
+                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))}
+        restored = ckpt.restore_state(start, abstract)
+        state = restored["state"]
+        base_key = jnp.asarray(jax.device_get(restored["rng"]), jnp.uint32)
+        data_states, tokens_seen = meta["data_states"], int(meta["tokens_seen"])
+    else:
+        state = place_state(student_params, router_params, state_sh)
+        state["opt_state"] = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(
+            {"params": state["params"], "router": state["router"]})
+        start = 0
+    teacher = None if teacher_params is None else jax.device_put(teacher_params, teacher_sh)
+
+    primary = jax.process_index() == 0
+    logger = RunLogger(out_dir, start_step=start, tensorboard=train_cfg.tensorboard, enabled=primary)
+    lr_fns = (lr_schedule(train_cfg.optim.lr, train_cfg.optim, total),
+              lr_schedule(train_cfg.optim.router_lr, train_cfg.optim, total))
+    history: list[dict] = []
+    bar = None
+    if progress and primary:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=start, desc=spec.mode, unit="step", dynamic_ncols=True)
+    rep = NamedSharding(mesh, P())
+    M = train_cfg.microbatches
+    step = start
+    try:
+        while step < total:
+            si, s0 = train_cfg.stage_at(step)
+            stage = train_cfg.stages[si]
+            stream = data.batches(stage.seq_len, stage.batch_size, epoch_seed=si)
+            if data_states is not None and data_states.get("stage") == si:
+                stream.set_state(data_states["hosts"][jax.process_index()])
+            data_states = None
+            mb = stage.batch_size // M
+            jitted, bspec = compile_step(spec, tx, mesh, state_sh, teacher_sh, mb,
+                                         activation_sharding=train_cfg.activation_sharding)
+            probs = np.asarray(stage.probs(nb) if spec.mode == "elastic" else (1.0,), np.float32)
+            probs_dev = jax.device_put(probs, rep)
+            thr = Throughput()
+            stage_end = s0 + stage.num_steps
+            while step < stage_end:
+                local = next(stream)
+                logger.batch(step, stage.name, batch_digest(local))
+                P_ = jax.process_count()
+                glob = {}
+                for k in ("tokens", "segment_ids"):
+                    arr = local[k].reshape(M, mb // P_, stage.seq_len)
+                    glob[k] = shd.host_local_to_global(arr, mesh, bspec, (M, mb, stage.seq_len))
+                if spec.mode == "elastic":
+                    from ..elastic.router import schedules
+                    tau, scale = (float(v) for v in schedules(spec.elastic_cfg, step, total))
+                else:
+                    tau, scale = 1.0, 1.0
+                state, m = jitted(state, teacher, glob, jnp.asarray(step, jnp.int32), jnp.float32(tau),
+                                  jnp.float32(scale), probs_dev, base_key)
+                m = jax.device_get(m)
+                if not bool(m["finite"]):
+                    bad = [float(spec.elastic_cfg.budgets[int(b)]) if spec.mode == "elastic" else 1.0
+                           for b, l in zip(np.asarray(m["budget_idx"]), np.asarray(m["mb_loss"]))
+                           if not np.isfinite(l)]
+                    last = ckpt.latest_step()
+                    raise TrainingDiverged(
+                        f"non-finite loss {float(m['loss'])} at step {step} (stage {stage.name!r}, budget(s) "
+                        f"{bad}); the update was not applied and the run stopped. Last good checkpoint: "
+                        f"{'none' if last is None else f'step {last}'} in {ckpt.directory}")
+                tokens_seen += int(m["tokens"])
+                tok_s = thr.update(int(m["tokens"]))
+                if step % train_cfg.log_every == 0 or step == total - 1:
+                    rec = _record(spec, stage, step, m, tau, scale,
+                                  (float(lr_fns[0](step)), float(lr_fns[1](step))), tok_s, tokens_seen)
+                    history.append(rec)
+                    logger.log(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tok_s:,.0f}", stage=stage.name)
+                step += 1
+                if step % train_cfg.checkpoint_every == 0 or step == stage_end:
+                    # the iterator state of every host; at a stage end the next stage starts afresh
+                    hosts = _gather_json(stream.get_state()) if step < stage_end else None
+                    meta = {"configs": configs, "step": step, "stage": si, "tokens_seen": tokens_seen,
+                            "data_states": {"stage": si if step < stage_end else si + 1, "hosts": hosts},
+                            "data_stats": data.stats.to_dict(), "extra": extra_meta,
+                            "process_count": jax.process_count()}
+                    ckpt.save(step, {"state": state, "rng": jax.device_put(base_key, rep)}, meta)
+        ckpt.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        ckpt.close()
+    if primary and train_cfg.plot:
+        plot_curves(logger.metrics_path, os.path.join(out_dir, "curves.png"))
+    return TrainResult(params=state["params"], router_params=state["router"], history=history,
+                       tokens_seen=tokens_seen, steps=step, out_dir=out_dir,
+                       resumed_from=None if start == 0 else start)

@@ -1,0 +1,150 @@
+"""Run telemetry: JSONL metrics, TensorBoard event files (tensorboardX), the batch log, a progress
+bar with tokens/s and ETA (tqdm), and a PNG of the curves at the end (matplotlib, Agg).
+
+Files under the run folder:
+  metrics.jsonl   one record per logged step: loss, KD (task) loss per budget, budget loss,
+                  router choices / expected widths, temperature, logit scale, learning rates,
+                  tokens/s, tokens seen;
+  batches.jsonl   one record per step: step, stage, sha1 of this host's batch (the data audit
+                  trail used by the resume test);
+  tb/             TensorBoard event files;
+  curves.png      loss curves.
+On resume, records at or after the restored step are dropped first, so the files read like one
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+
+def batch_digest(batch: dict) -> str:
+    h = hashlib.sha1()
+    for k in sorted(batch):
+        a = np.ascontiguousarray(batch[k])
+        h.update(k.encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _truncate_jsonl(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:          # a line cut by a crash
+                continue
+            if rec.get("step", -1) < step:
+                keep.append(json.dumps(rec))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+class RunLogger:
+    def __init__(self, out_dir: str, *, start_step: int, tensorboard: bool = True, enabled: bool = True):
+        self.out_dir, self.enabled = out_dir, enabled
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.batches_path = os.path.join(out_dir, "batches.jsonl")
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        _truncate_jsonl(self.metrics_path, start_step)
+        _truncate_jsonl(self.batches_path, start_step)
+        self._metrics = open(self.metrics_path, "a")
+        self._batches = open(self.batches_path, "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step)
+
+    def batch(self, step: int, stage: str, digest: str) -> None:
+        if self.enabled:
+            self._batches.write(json.dumps({"step": step, "stage": stage, "sha1": digest}) + "\n")
+            self._batches.flush()
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(k.replace(".", "/"), v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._metrics.close()
+            self._batches.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def plot_curves(metrics_path: str, out_png: str) -> str | None:
+    """Loss, per-budget KD loss, budget loss and τ against the step; returns the PNG path."""
+    if not os.path.exists(metrics_path):
+        return None
+    recs = read_jsonl(metrics_path)
+    if not recs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in recs]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(steps, [r["loss"] for r in recs], label="total")
+    axes[0].plot(steps, [r["task"] for r in recs], label="KD / CE")
+    axes[0].set_title("loss")
+    keys = sorted({k for r in recs for k in r if k.startswith("task_budget_")})
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in recs if k in r]
+        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], ".-", label=k[len("task_budget_"):])
+    axes[1].set_title("KD loss per budget")
+    axes[2].plot(steps, [r.get("budget_loss", 0.0) for r in recs], label="budget loss")
+    if "tau" in recs[0]:
+        axes[2].plot(steps, [r["tau"] for r in recs], label="tau")
+    axes[2].set_title("router")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+class Throughput:
+    """Tokens/s over the steps since the last compile (the first step of a stage is excluded)."""
+
+    def __init__(self):
+        self.t0, self.tokens = None, 0
+
+    def reset(self):
+        self.t0, self.tokens = None, 0
+
+    def update(self, tokens: int) -> float:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+            return 0.0
+        self.tokens += tokens
+        return self.tokens / max(now - self.t0, 1e-9)

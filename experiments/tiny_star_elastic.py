@@ -1,0 +1,54 @@
+"""The main job: Star Elastic end to end on the embedded reasoning task, on a laptop-class CPU.
+
+    elastic-jax run experiments/tiny_star_elastic.py            # default: <= 20 min on 2 CPU cores
+    elastic-jax run experiments/tiny_star_elastic.py --quick    # smoke run: <= 3 min
+
+A hybrid Mamba2 + attention + MoE + MLP parent (pattern M*EM-E) is trained on the task, elastified
+into 100% / 75% / 50% active-parameter budgets with the two-stage curriculum (uniform budgets at
+short context, then skewed 0.5/0.3/0.2 toward the full model at longer packed context), compared
+with independently distilled baselines of the same sizes (each pruned from the parent by importance
+and distilled alone on half the elastic run's tokens: equal total training tokens), and served with
+elastic budget control.
+Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax/pipeline.py.
+"""
+from elastic_jax import NemotronHConfig
+from elastic_jax.data import DataConfig
+from elastic_jax.elastic import ElasticConfig
+from elastic_jax.pipeline import EvalConfig, StarElasticExperiment
+from elastic_jax.train import OptimConfig, Stage, TrainConfig
+
+
+def config(quick: bool = False) -> StarElasticExperiment:
+    model = NemotronHConfig(
+        vocab_size=32, hidden_size=128, hybrid_override_pattern="M*EM-E",
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
+        mamba_num_heads=8, mamba_head_dim=32, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=64,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, moe_shared_expert_intermediate_size=128,
+        max_position_embeddings=256)
+    elastic = ElasticConfig(
+        budgets=(1.0, 0.75, 0.5), router_dim=32, hidden_options=(1.0, 0.75, 0.5), mamba_options=(1.0, 0.75, 0.5),
+        ffn_options=(1.0, 0.75, 0.5), moe_expert_options=(1.0, 0.75, 0.5), moe_ffn_options=(1.0, 0.75, 0.5),
+        budget_target="active")
+    parent_steps, s1, s2, n_eval = (40, 10, 10, 48) if quick else (250, 100, 60, 200)
+    common = dict(checkpoint_every=10_000, keep_checkpoints=1, tensorboard=False, plot=False, log_every=5,
+                  vocab_chunk=None, async_checkpointing=False)
+    parent_train = TrainConfig(
+        optim=OptimConfig(lr=3e-3, warmup_steps=min(50, parent_steps // 4), schedule="cosine", final_lr_ratio=0.1),
+        stages=(Stage("lm", seq_len=64, batch_size=32, steps=parent_steps),), seed=0, **common)
+    elastic_train = TrainConfig(
+        optim=OptimConfig(lr=1e-3, router_lr=1e-2, warmup_steps=min(20, s1 // 4), schedule="cosine"),
+        stages=(Stage("short", seq_len=64, batch_size=32, steps=s1),
+                Stage("long", seq_len=128, batch_size=16, steps=s2, budget_probs=(0.5, 0.3, 0.2))),
+        microbatches=2, seed=1, **common)
+    # each independent baseline: half the elastic run's tokens (one stage), so the two baselines together
+    # cost as many training tokens as the one elastic run that yields all three nested models
+    baseline_train = TrainConfig(
+        optim=OptimConfig(lr=1e-3, warmup_steps=min(20, s1 // 4), schedule="cosine"),
+        stages=(Stage("kd", seq_len=64, batch_size=32, steps=max(1, (s1 + s2) // 2)),), seed=2, **common)
+    return StarElasticExperiment(
+        model=model, elastic=elastic, parent_train=parent_train, elastic_train=elastic_train,
+        baseline_train=baseline_train,
+        data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0),
+        eval=EvalConfig(n_problems=n_eval, thinking_budgets=(8, 16, 24, 32), full_thinking=40,
+                        transplant_pairs=((0.5, 1.0), (0.75, 1.0))),
+        title="Star Elastic on the embedded reasoning task" + (" (--quick smoke run)" if quick else ""))

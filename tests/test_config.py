@@ -1,0 +1,67 @@
+"""NemotronHConfig: HF names and legacy aliases, validation errors."""
+import json
+
+import pytest
+
+import elastic_jax as ej
+
+NANO_V3_LIKE = {
+    "model_type": "nemotron_h", "vocab_size": 131072, "hidden_size": 2688,
+    "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+    "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "mamba_num_heads": 64,
+    "mamba_head_dim": 64, "mamba_n_groups": 8, "ssm_state_size": 128, "mamba_d_conv": 4, "chunk_size": 128,
+    "num_local_experts": 128, "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
+    "moe_shared_expert_intermediate_size": 3712, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5, "layer_norm_epsilon": 1e-5, "time_step_limit": [0.0, float("inf")],
+    "rope_theta": 10000, "mtp_hybrid_override_pattern": "*E", "num_nextn_predict_layers": 1,
+}
+
+
+def test_from_hf_legacy_aliases(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(NANO_V3_LIKE))
+    cfg = ej.NemotronHConfig.from_hf(tmp_path)
+    assert cfg.n_groups == 8 and cfg.n_routed_experts == 128 and cfg.conv_kernel == 4
+    assert cfg.count("M") == 23 and cfg.count("E") == 23 and cfg.count("*") == 6
+    assert cfg.d_inner == 4096 and cfg.conv_dim == 4096 + 2 * 8 * 128
+    assert cfg.pattern == NANO_V3_LIKE["hybrid_override_pattern"]
+
+
+def test_layers_block_type_and_round_trip():
+    cfg = ej.NemotronHConfig()
+    d = cfg.to_hf()
+    assert d["layers_block_type"] == ["mamba", "moe", "mamba", "attention", "mlp", "moe"]
+    back = ej.NemotronHConfig.from_hf(d)
+    assert back == cfg
+    new_names = dict(d, layers_block_type=["linear_attention", "moe", "mamba", "full_attention", "mlp", "moe"])
+    assert ej.NemotronHConfig.from_hf(new_names).pattern == cfg.pattern
+    assert ej.NemotronHConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(hybrid_override_pattern="MX*"), "hybrid_override_pattern"),
+    (dict(num_attention_heads=5, num_key_value_heads=2), "num_attention_heads"),
+    (dict(mamba_num_heads=6, n_groups=4), "mamba_num_heads"),
+    (dict(n_routed_experts=6, n_group=4), "n_routed_experts"),
+    (dict(hidden_size=0), "hidden_size"),
+    (dict(num_experts_per_tok=9, n_routed_experts=8), "num_experts_per_tok"),
+    (dict(mlp_hidden_act="gelu"), "mlp_hidden_act"),
+    (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+    (dict(ffn_per_layer=(10, 20)), "ffn_per_layer"),
+    (dict(kernel_impl="cuda"), "kernel_impl"),
+])
+def test_malformed_config_names_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        ej.NemotronHConfig(**kw)
+
+
+def test_from_hf_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ej.NemotronHConfig.from_hf(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ej.NemotronHConfig.from_hf(tmp_path)
+    with pytest.raises(ValueError, match="layers_block_type"):
+        ej.NemotronHConfig.from_hf({"layers_block_type": ["mamba", "conv"]})
+    het = ej.NemotronHConfig(ffn_per_layer=(64,))
+    with pytest.raises(ValueError, match="heterogeneous"):
+        het.to_hf()

@@ -1,0 +1,162 @@
+"""Budget-controlled generation (spec §9): equals running the two submodels by hand; truncation
+emits exactly the budgeted number of thinking tokens; bad inputs raise clear errors."""
+import jax
+import numpy as np
+import pytest
+
+import elastic_jax as ej
+from elastic_jax.infer import (ElasticModel, Specials, answer_generate, budget_generate, left_pad,
+                              truncation_generate)
+from elastic_jax.infer.checkpoint import flatten, load_nested, save_nested, unflatten
+from elastic_jax.tasks import TaskTokenizer, make_eval_set
+
+TOK = TaskTokenizer.default()
+SP = Specials.from_tokenizer(TOK)
+CFG = ej.NemotronHConfig(vocab_size=32, hidden_size=32, hybrid_override_pattern="M*E-", num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8,
+                         n_groups=2, ssm_state_size=8, chunk_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+                         max_position_embeddings=128)
+BUDGETS = {"100%": ej.Widths(), "50%": ej.Widths(hidden=16, mamba_heads=2, ffn=32, moe_experts=2, moe_ffn=8)}
+
+
+def _bias_end_think(params, strength):
+    """Scale up the `</think>` column: this random model then emits it on some rows, at varying times."""
+    p = jax.tree_util.tree_map(lambda x: x, params)
+    p["lm_head"] = p["lm_head"].at[:, SP.end_think].add(strength)
+    return p
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = ej.init_params(CFG, jax.random.PRNGKey(3))
+    params = _bias_end_think(params, 0.35)
+    return ElasticModel(CFG, params, BUDGETS, mode="masked")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    ev = make_eval_set(0, 6, "test", (1, 2, 4), tokenizer=TOK)     # different prompt lengths
+    assert len({len(p) for p in ev.prompts}) > 1
+    return [list(p) for p in ev.prompts]
+
+
+def _by_hand(model, prompts, a, b, budget, max_answer):
+    """Row by row with ej.generate (fixed left-padded shapes: one compile): A until </think> or the
+    budget, force </think>, then B answers after prompt + trace + </think>."""
+    ca, pa, wa = model.masked_view(a)
+    cb, pb, wb = model.masked_view(b)
+    P = max(len(p) for p in prompts)
+    out_think, out_ans = [], []
+    for p in prompts:
+        t, v = left_pad([p], P, SP.pad)
+        g = ej.generate(pa, t, ca, wa, max_new_tokens=budget, stop_tokens=(SP.end_think,), prompt_valid=v,
+                        max_len=P + 40)
+        n = int(g.lengths[0])
+        toks = [int(x) for x in np.asarray(g.tokens[0, :n])]
+        think = toks[:-1] if (g.stopped[0] and toks[-1] == SP.end_think) else toks
+        t2, v2 = left_pad([p + think + [SP.end_think]], P + 20, SP.pad)
+        g2 = ej.generate(pb, t2, cb, wb, max_new_tokens=max_answer, stop_tokens=(SP.eos,), prompt_valid=v2,
+                         max_len=P + 40)
+        out_think.append(think)
+        out_ans.append([int(x) for x in np.asarray(g2.tokens[0, :int(g2.lengths[0])])])
+    return out_think, out_ans
+
+
+@pytest.mark.parametrize("a,b", [("50%", "100%"), ("100%", "50%"), ("50%", "50%")])
+def test_budget_control_equals_two_submodels_by_hand(model, prompts, a, b):
+    out = budget_generate(model, prompts, think_model=a, answer_model=b, thinking_budget=10, specials=SP,
+                          max_answer_tokens=5, max_thinking=16)
+    think, ans = _by_hand(model, prompts, a, b, 10, 5)
+    assert out.think_tokens == think
+    assert out.answer_tokens == ans
+    if a == "50%":   # this seed gives a mix of rows that stop by themselves and rows cut at the budget
+        assert 0 < out.forced.sum() < len(prompts), out.forced
+
+
+def test_truncation_emits_exactly_the_budget():
+    params = ej.init_params(CFG, jax.random.PRNGKey(5))
+    params["lm_head"] = params["lm_head"].at[:, SP.end_think].set(0.0)    # logit 0: never the argmax here
+    m = ElasticModel(CFG, params, BUDGETS)
+    ev = make_eval_set(1, 4, "test", tokenizer=TOK)
+    for budget in (1, 7, 13):
+        out = truncation_generate(m, ev.prompts, submodel="100%", thinking_budget=budget, specials=SP,
+                                  max_answer_tokens=3, max_thinking=13)
+        assert all(len(t) == budget for t in out.think_tokens)
+        assert all(SP.end_think not in t for t in out.think_tokens)
+        assert out.forced.all()
+        assert out.think.tokens == len(ev) * (budget + 1)        # thinking tokens + the forced </think>
+
+
+def test_truncation_continuation_matches_reprefill(model, prompts):
+    """The baseline continues from its own cache; that equals re-prefilling prompt + trace."""
+    out = truncation_generate(model, prompts, submodel="100%", thinking_budget=6, specials=SP, max_answer_tokens=4)
+    think, ans = _by_hand(model, prompts, "100%", "100%", 6, 4)
+    assert out.think_tokens == think and out.answer_tokens == ans
+    assert out.answer.prefill_tokens == 0
+
+
+def test_sliced_mode_matches_masked(model, prompts):
+    sliced = ElasticModel(model.cfg, model.params, BUDGETS, mode="sliced")
+    kw = dict(think_model="50%", answer_model="100%", thinking_budget=8, specials=SP, max_answer_tokens=4)
+    a, b = budget_generate(model, prompts, **kw), budget_generate(sliced, prompts, **kw)
+    assert a.think_tokens == b.think_tokens and a.answer_tokens == b.answer_tokens
+
+
+def test_transplant_runs_and_skips_reprefill(model, prompts):
+    out = budget_generate(model, prompts, think_model="50%", answer_model="100%", thinking_budget=8, specials=SP,
+                          max_answer_tokens=4, transplant=True)
+    ref = budget_generate(model, prompts, think_model="50%", answer_model="100%", thinking_budget=8, specials=SP,
+                          max_answer_tokens=4)
+    assert out.transplant and out.answer.prefill_tokens == 0 and ref.answer.prefill_tokens > 0
+    assert out.think_tokens == ref.think_tokens             # phase 1 is the same computation
+
+
+def test_phase_accounting(model, prompts):
+    out = budget_generate(model, prompts, think_model="50%", answer_model="100%", thinking_budget=8, specials=SP,
+                          max_answer_tokens=4)
+    assert out.think.latency_s > 0 and out.answer.latency_s > 0
+    assert out.think.tokens == sum(len(t) + 1 for t in out.think_tokens)
+    assert out.answer.tokens == sum(len(a) for a in out.answer_tokens)
+    # the small model's tokens cost fewer FLOPs than the big model's, at the same context
+    assert model.flops_per_token("50%", 10) < model.flops_per_token("100%", 10)
+    assert out.think.flops > 0 and out.answer.flops > 0
+    assert ej.param_count(CFG, BUDGETS["50%"], active=True) < ej.param_count(CFG, active=True)
+
+
+def test_answer_generate_no_thinking(model, prompts):
+    ans, st = answer_generate(model, [p + [SP.end_think] for p in prompts], submodel="100%", specials=SP,
+                              max_answer_tokens=4)
+    assert len(ans) == len(prompts) and st.tokens == sum(len(a) for a in ans)
+
+
+def test_bad_inputs(model, prompts):
+    kw = dict(specials=SP, max_answer_tokens=4)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="thinking_budget must be a positive int"):
+            budget_generate(model, prompts, think_model="50%", answer_model="100%", thinking_budget=bad, **kw)
+    with pytest.raises(ValueError, match="'30%' is not a trained budget"):
+        budget_generate(model, prompts, think_model="30%", answer_model="100%", thinking_budget=4, **kw)
+    with pytest.raises(ValueError, match="'big' is not a trained budget"):
+        truncation_generate(model, prompts, submodel="big", thinking_budget=4, **kw)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        budget_generate(model, [list(range(3, 20)) * 8], think_model="50%", answer_model="50%", thinking_budget=4,
+                        **kw)
+    with pytest.raises(ValueError, match="max_thinking"):
+        budget_generate(model, prompts, think_model="50%", answer_model="50%", thinking_budget=8, max_thinking=4, **kw)
+    with pytest.raises(ValueError, match="mode must be"):
+        ElasticModel(CFG, model.params, BUDGETS, mode="copy")
+
+
+def test_nested_checkpoint_roundtrip(tmp_path, model):
+    flat = flatten(model.params)
+    back = unflatten(flat)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(
+        jax.tree_util.tree_map(np.asarray, model.params))
+    save_nested(str(tmp_path), CFG, model.params, BUDGETS, fractions={"100%": 1.0, "50%": 0.5}, tokenizer=TOK)
+    cfg, params, budgets, fr = load_nested(str(tmp_path))
+    assert cfg == CFG and fr == {"100%": 1.0, "50%": 0.5}
+    assert budgets["50%"].per_layer(CFG, "mamba_heads") == BUDGETS["50%"].per_layer(CFG, "mamba_heads")
+    t = np.asarray([prompts_ for prompts_ in [[1, 17, 3, 18, 4, 3]]])
+    np.testing.assert_allclose(ej.forward(params, t, cfg, budgets["50%"].resolve(cfg)),
+                               ej.forward(model.params, t, CFG, BUDGETS["50%"].resolve(CFG)), atol=1e-6)

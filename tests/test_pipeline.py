@@ -1,0 +1,140 @@
+"""The main job end to end (`experiments/tiny_star_elastic.py --quick`), the report / eval CLI on
+its outputs, the Pareto helpers, and the Colab notebook executed headless."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from elastic_jax.eval import dominance, pareto_front
+from elastic_jax.eval.report import PLOTS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = os.path.join(ROOT, "experiments", "tiny_star_elastic.py")
+NOTEBOOK = os.path.join(ROOT, "experiments", "star_elastic_colab.ipynb")
+
+
+def test_pareto_front_and_dominance():
+    pts = [{"label": "a", "latency_s": 1.0, "accuracy": 0.5}, {"label": "b", "latency_s": 2.0, "accuracy": 0.4},
+           {"label": "c", "latency_s": 2.0, "accuracy": 0.9}, {"label": "d", "latency_s": 3.0, "accuracy": 0.9},
+           {"label": "e", "latency_s": 0.5, "accuracy": 0.1}]
+    assert [pts[i]["label"] for i in pareto_front(pts)] == ["e", "a", "c"]
+    base = [{"label": "t1", "latency_s": 1.5, "accuracy": 0.45}, {"label": "t2", "latency_s": 0.4, "accuracy": 0.3}]
+    d = dominance(pts, base)
+    assert d["dominating"] == [{"point": "a", "dominates": ["t1"]}]
+    assert d["baseline_undominated"] == ["t2"] and d["baseline_dominated_frac"] == 0.5
+
+
+def _point(scheme, a, b, t, acc, lat):
+    return {"scheme": scheme, "think_model": a, "answer_model": b, "thinking_budget": t, "accuracy": acc,
+            "latency_s": lat, "think_latency_s": lat * 0.8, "answer_latency_s": lat * 0.2, "think_tokens": 10,
+            "answer_tokens": 4, "prefill_tokens": 20, "flops": 1e6, "think_flops": 8e5, "answer_flops": 2e5,
+            "forced_frac": 0.5, "mean_thinking_tokens": t * 0.9, "label": f"{a}->{b}@{t}"}
+
+
+def test_write_report_from_results(tmp_path):
+    from elastic_jax.eval import write_report
+    results = {
+        "title": "unit", "parent": {"name": "parent", "params": 100, "active_params": 80, "accuracy": 0.9,
+                                    "accuracy_no_thinking": 0.1},
+        "nested": [{"name": "100%", "params": 100, "active_params": 80, "accuracy": 0.9},
+                   {"name": "50%", "params": 50, "active_params": 40, "accuracy": 0.7}],
+        "baselines": [{"name": "50%", "params": 50, "active_params": 40, "accuracy": 0.6, "train_tokens": 1000}],
+        "training": {"parent_tokens": 5000, "elastic_tokens": 1000, "baseline_tokens": {"50%": 1000},
+                     "histories": {"parent": [{"step": 0, "loss": 3.0, "tokens_seen": 10},
+                                              {"step": 1, "loss": 1.0, "tokens_seen": 20}]}},
+        "memory": {"nested_checkpoint_bytes": 100, "separate_checkpoint_bytes": 150},
+        "grid": [_point("truncation", "100%", "100%", 8, 0.3, 1.0), _point("truncation", "100%", "100%", 16, 0.8, 2.0),
+                 _point("budget_control", "50%", "100%", 16, 0.85, 1.5)],
+        "grid_budgets": [8, 16]}
+    paths = write_report(results, str(tmp_path))
+    for f in ("report.md", "results.json") + PLOTS:
+        assert os.path.getsize(paths[f]) > 0
+    r = json.load(open(paths["results.json"]))
+    d = r["analysis"]["budget_control_vs_truncation"]
+    assert d["dominating"] == [{"point": "50%->100%@16", "dominates": ["100%->100%@16"]}]
+    assert r["analysis"]["tokens"]["ratio_baselines_over_elastic"] == 1.0
+    md = open(paths["report.md"]).read()
+    assert "50%->100%@16 dominates 100%->100%@16" in md and "+0.100" in md
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("star_quick")
+    proc = subprocess.run([sys.executable, "-m", "elastic_jax.experiment", "run", EXPERIMENT, "--quick", "--out",
+                           str(out)], capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return str(out)
+
+
+@pytest.mark.slow
+def test_quick_main_job_writes_every_report_file(quick_run):
+    for f in ("report.md", "results.json", "tokenizer.json") + PLOTS:
+        assert os.path.getsize(os.path.join(quick_run, f)) > 0, f
+    nested = os.path.join(quick_run, "checkpoints", "nested")
+    for f in ("config.json", "model.safetensors", "budgets.json", "router.safetensors", "tokenizer.json"):
+        assert os.path.isfile(os.path.join(nested, f)), f
+    with open(os.path.join(quick_run, "results.json")) as f:
+        r = json.load(f)
+    assert [n["name"] for n in r["nested"]] == ["100%", "75%", "50%"]
+    assert [b["name"] for b in r["baselines"]] == ["75%", "50%"]
+    assert all(b["train_tokens"] > 0 for b in r["baselines"]) and r["training"]["elastic_tokens"] > 0
+    # nested models never grow with a smaller budget (the quick run's router has had only a few steps to
+    # learn, so equal sizes are possible); one nested checkpoint is smaller than the separate ones
+    act = [n["active_params"] for n in r["nested"]]
+    assert act[0] >= act[1] >= act[2]
+    assert r["memory"]["nested_checkpoint_bytes"] < r["memory"]["separate_checkpoint_bytes"]
+    schemes = {p["scheme"] for p in r["grid"]}
+    assert schemes == {"truncation", "budget_control", "transplant"}
+    assert len([p for p in r["grid"] if p["scheme"] != "transplant"]) == 9 * len(r["grid_budgets"])
+    for p in r["grid"]:
+        assert 0.0 <= p["accuracy"] <= 1.0 and p["latency_s"] > 0 and p["flops"] > 0
+        assert p["mean_thinking_tokens"] <= p["thinking_budget"]
+    report = open(os.path.join(quick_run, "report.md")).read()
+    for needle in ("independent baseline", "Training tokens", "Checkpoint memory", "Pareto frontier of",
+                   "dominate"):
+        assert needle in report, needle
+
+
+@pytest.mark.slow
+def test_report_cli_redraws(quick_run, tmp_path):
+    from elastic_jax.eval.cli import add_cli
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["report", quick_run, "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    for f in ("report.md", "results.json") + PLOTS:
+        assert os.path.getsize(tmp_path / f) > 0
+    bad = parser.parse_args(["report", str(tmp_path / "nowhere")])
+    assert bad.func(bad) == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", quick_run, "--budgets", "0,8"])
+
+
+@pytest.mark.slow
+def test_eval_cli_on_saved_checkpoint(quick_run, tmp_path):
+    from elastic_jax.eval.cli import run_eval
+    r = run_eval(quick_run, str(tmp_path), thinking_budgets=(4, 40), n_problems=16)
+    assert os.path.isfile(tmp_path / "report.md") and len(r["grid"]) == 9 * 2
+    with pytest.raises(ValueError, match="not a trained budget"):
+        run_eval(quick_run, str(tmp_path), thinking_budgets=(4,), n_problems=4, transplant=[("30%", "100%")])
+    with pytest.raises(ValueError, match="holds no nested checkpoint"):
+        run_eval(str(tmp_path), None)
+
+
+@pytest.mark.slow
+def test_colab_notebook_runs_headless(quick_run):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    os.environ["STAR_ELASTIC_OUT"] = quick_run          # resumes the finished quick run: training is skipped
+    try:
+        nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
+                                resources={"metadata": {"path": ROOT}}).execute()
+    finally:
+        os.environ.pop("STAR_ELASTIC_OUT", None)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+    assert any("nested" in o.get("text", "") for o in outputs)
