@@ -45,7 +45,8 @@ class EvalConfig:
     seed: int = 1234
     levels: tuple[int, ...] = (1, 2, 3, 4)
     thinking_budgets: tuple[int, ...] = (8, 16, 24, 32)
-    full_thinking: int = 40                    # "no truncation": above the longest trace (30 + </think>)
+    full_thinking: int = 32                    # "no truncation": >= the longest trace (30 tokens); also the
+                                               # grid's decode capacity, so both share compiled programs
     max_answer_tokens: int = 6
     transplant_pairs: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.75, 1.0))
     batch_size: int | None = None              # None: the whole eval set in one batch
@@ -107,7 +108,9 @@ def _accuracy(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg
                          max_answer_tokens=ecfg.max_answer_tokens, batch_size=ecfg.batch_size, warmup=False).accuracy
     sp = Specials.from_tokenizer(tok)
     prompts = [list(p) + [tok.end_think_id] for p in eval_set.prompts]
-    ans, _ = answer_generate(model, prompts, submodel=name, specials=sp, max_answer_tokens=ecfg.max_answer_tokens)
+    cache_len = eval_set.max_prompt_len + ecfg.full_thinking + 1 + ecfg.max_answer_tokens   # = budget_generate's
+    ans, _ = answer_generate(model, prompts, submodel=name, specials=sp, max_answer_tokens=ecfg.max_answer_tokens,
+                             cache_len=cache_len)
     return float(np.mean([check_answer(p, tok.decode(a)) for p, a in zip(eval_set.problems, ans)]))
 
 
@@ -126,7 +129,7 @@ def _say(msg: str, progress: bool):
 def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     """Run the whole pipeline into `out_dir`; returns the results dict (also in results.json)."""
     from .eval.evaluate import evaluate_grid
-    from .eval.report import write_report
+    from .eval.report import analyze, write_report
 
     t_start = time.perf_counter()
     phases: dict[str, float] = {}
@@ -253,11 +256,16 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                   f"importance: {type(importance).__name__} on {xp.calibration_batches} calibration batches; "
                   f"the teacher of every distillation is the permuted parent",
                   "nested accuracy is measured on the zero-shot sliced copies (masked == sliced)",
+                  (f"'full thinking' = a thinking budget of {ev.full_thinking} tokens, >= the longest reference "
+                   f"trace ({max(eval_set.trace_lengths)} tokens)" if ev.full_thinking >= max(eval_set.trace_lengths)
+                   else f"WARNING: full_thinking={ev.full_thinking} is below the longest reference trace "
+                        f"({max(eval_set.trace_lengths)} tokens), so 'full thinking' accuracy is truncated too"),
                   "latency is wall-clock on this machine's CPU(s); compile time excluded (one warmup per "
                   "compiled shape)"],
     }
     phases["report"] = 0.0
     results["timing"] = {"total_s": time.perf_counter() - t_start, "phases": phases}
+    results["analysis"] = analyze(results)
     write_report(results, out_dir)
     say(f"done in {results['timing']['total_s']:.1f} s: {os.path.join(out_dir, 'report.md')}")
     return results

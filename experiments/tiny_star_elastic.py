@@ -49,6 +49,6 @@ def config(quick: bool = False) -> StarElasticExperiment:
         model=model, elastic=elastic, parent_train=parent_train, elastic_train=elastic_train,
         baseline_train=baseline_train,
         data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0),
-        eval=EvalConfig(n_problems=n_eval, thinking_budgets=(8, 16, 24, 32), full_thinking=40,
+        eval=EvalConfig(n_problems=n_eval, thinking_budgets=(8, 16, 24, 32), full_thinking=32,
                         transplant_pairs=((0.5, 1.0), (0.75, 1.0))),
         title="Star Elastic on the embedded reasoning task" + (" (--quick smoke run)" if quick else ""))

@@ -203,6 +203,9 @@ def test_rank_layers_planted(params):
     assert sorted(order) == list(range(CFG.num_hidden_layers))
     assert order[-1] == 2
     assert order.index(4) < order.index(2)
+    imp = ej.estimate_importance(p, CFG, iter([_tokens(6)]), depth=True)      # a one-shot iterator
+    assert imp.layers == tuple(order)
+    assert I.Importance.from_dict(imp.to_dict()).layers == tuple(order)
 
 
 # ------------------------------------------------------------- trained small model

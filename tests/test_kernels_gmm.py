@@ -6,17 +6,16 @@ elastic arguments are traced, so several draws run per compile. Both variants ru
 """
 from __future__ import annotations
 
-import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _kernel_import import kernels
+from elastic_jax import kernels
 
-reference = importlib.import_module(kernels.__name__ + ".reference")
-gmm_mod = importlib.import_module(kernels.__name__ + ".gmm_pallas")
+from elastic_jax.kernels import reference
+from elastic_jax.kernels import gmm_pallas as gmm_mod
 gmm_pallas = gmm_mod.gmm_pallas
 
 F32, BF16 = jnp.float32, jnp.bfloat16

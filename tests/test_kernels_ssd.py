@@ -6,17 +6,16 @@ Both kernel variants run: "gpu" (Triton-style body, the CPU default) and "tpu" (
 """
 from __future__ import annotations
 
-import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _kernel_import import kernels
+from elastic_jax import kernels
 
-reference = importlib.import_module(kernels.__name__ + ".reference")
-ssd_pallas = importlib.import_module(kernels.__name__ + ".ssd_pallas").ssd_pallas
+from elastic_jax.kernels import reference
+from elastic_jax.kernels.ssd_pallas import ssd_pallas
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 2e-5, BF16: 1.5e-2}  # max |a - b| relative to max(|ref|, 1)

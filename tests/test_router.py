@@ -156,6 +156,12 @@ def test_route_noise_hard_and_widths():
     d = R.route(rp, CFG, e, code, None, 1.0, 1.0)
     z = R.router_logits(rp, CFG, e, code)
     np.testing.assert_allclose(d.probs["ffn"], jax.nn.softmax(z["ffn"], -1), rtol=1e-5)
+    # std-normalized logits: π = softmax(s · z / std(z) / τ), per layer row
+    en = e.replace(normalize_logits=True)
+    dn = R.route(rp, CFG, en, code, None, 0.5, 3.0)
+    zm = z["mamba_heads"]
+    want = jax.nn.softmax(3.0 * zm / (jnp.std(zm, -1, keepdims=True) + 1e-6) / 0.5, -1)
+    np.testing.assert_allclose(dn.probs["mamba_heads"], want, rtol=1e-5)
     # budget_widths: argmax at the final τ / scale -> concrete, valid widths
     w = R.budget_widths(rp, CFG, e, 0.5)
     w.validate(CFG)

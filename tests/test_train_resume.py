@@ -28,11 +28,11 @@ def _cmd(out):
 
 def _final_state(run_dir):
     import jax
-    import orbax.checkpoint as ocp
-    mngr = ocp.CheckpointManager(os.path.join(run_dir, "elastic", "checkpoints"))
-    step = mngr.latest_step()
-    tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    mngr.close()
+    from elastic_jax.train import Checkpointer
+    ck = Checkpointer(os.path.join(run_dir, "elastic", "checkpoints"))
+    step = ck.latest_step()
+    tree = ck.restore_local(step)           # whatever mesh wrote it
+    ck.close()
     return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

@@ -152,9 +152,10 @@ def route(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig, code, 
     logits = router_logits(router_params, cfg, ecfg, code)
     probs, choice, mix = {}, {}, {}
     for i, axis in enumerate(sorted(opts)):
-        z = logits[axis] * scale
-        if ecfg.normalize_logits and z.shape[-1] > 1:
+        z = logits[axis]
+        if ecfg.normalize_logits and z.shape[-1] > 1:     # z <- s·z/std(z), per row (spec §5.2)
             z = z / (jnp.std(z, axis=-1, keepdims=True) + 1e-6)
+        z = z * scale
         if key is not None:
             z = z + jax.random.gumbel(jax.random.fold_in(key, i), z.shape, jnp.float32)
         pi = jax.nn.softmax(z / tau, axis=-1)

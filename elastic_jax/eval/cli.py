@@ -44,7 +44,7 @@ def run_eval(path: str, out: str | None = None, thinking_budgets=(8, 16, 24, 32)
     from ..pipeline import EvalConfig, _accuracy
     from ..tasks import TaskTokenizer, make_eval_set
     from .evaluate import evaluate_grid
-    from .report import write_report
+    from .report import analyze, write_report
 
     d = _nested_dir(path)
     cfg, params, budgets, fractions = load_nested(d)
@@ -55,7 +55,7 @@ def run_eval(path: str, out: str | None = None, thinking_budgets=(8, 16, 24, 32)
         model.check_name(a)
         model.check_name(b)
     ev = EvalConfig(n_problems=n_problems, split=split, seed=seed, thinking_budgets=tuple(thinking_budgets),
-                    full_thinking=max(40, max(thinking_budgets)))
+                    full_thinking=max(32, max(thinking_budgets)))
     eval_set = make_eval_set(ev.seed, ev.n_problems, ev.split, ev.levels, tokenizer=tok)
     nested = [{"name": n, "fraction": fractions.get(n), "widths": widths_to_dict(w), "params": param_count(cfg, w),
                "active_params": param_count(cfg, w, True),
@@ -69,6 +69,7 @@ def run_eval(path: str, out: str | None = None, thinking_budgets=(8, 16, 24, 32)
                         "max_trace_tokens": int(max(eval_set.trace_lengths)),
                         "mean_trace_tokens": float(np.mean(eval_set.trace_lengths))}}
     out = out or os.path.join(os.path.dirname(os.path.abspath(d)), "eval")
+    results["analysis"] = analyze(results)
     write_report(results, out)
     return results
 

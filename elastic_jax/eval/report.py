@@ -117,12 +117,14 @@ def plot_training(results: dict, path: str):
             for k in keys:
                 pts = [(r.get("tokens_seen", r["step"]), r[k]) for r in h if k in r]
                 ax.plot(*zip(*pts), lw=0.8, ls=":", label=f"elastic {k.replace('task_budget_', 'KD @ budget ')}")
-    ax.set_yscale("log")
+    if ax.get_legend_handles_labels()[0]:
+        ax.set_yscale("log")
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("loss (CE for the parent, KD otherwise)")
-    ax.set_title("training curves")
+    ax.set_title("training curves" if hist else "training curves (none recorded)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     if not _inline():

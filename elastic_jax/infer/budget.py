@@ -335,9 +335,12 @@ def truncation_generate(model: ElasticModel, prompts, *, submodel: str, thinking
 
 
 def answer_generate(model: ElasticModel, prompts, *, submodel: str, specials: Specials, max_answer_tokens: int = 8,
-                    prompt_length: int | None = None) -> tuple[list[list[int]], PhaseStats]:
+                    prompt_length: int | None = None, cache_len: int | None = None
+                    ) -> tuple[list[list[int]], PhaseStats]:
     """Answer directly after `prompts` (e.g. prompt + `</think>`: the no-thinking control, or a
-    given trace). Greedy. Returns (answer tokens per row, PhaseStats)."""
+    given trace). Greedy. `cache_len`: the cache capacity (default: just enough; pass the one a
+    `budget_generate` sweep uses to share its compiled decode loop). Returns (answer tokens per
+    row, PhaseStats)."""
     model.check_name(submodel)
     if max_answer_tokens <= 0:
         raise ValueError(f"max_answer_tokens must be > 0, got {max_answer_tokens}")
@@ -346,6 +349,10 @@ def answer_generate(model: ElasticModel, prompts, *, submodel: str, specials: Sp
         raise ValueError("prompts must be a non-empty list of non-empty token sequences")
     P = max(len(p) for p in prompts) if prompt_length is None else int(prompt_length)
     need = P + max_answer_tokens
+    if cache_len is not None:
+        if cache_len < need:
+            raise ValueError(f"cache_len={cache_len} < prompt length {P} + max_answer_tokens {max_answer_tokens}")
+        need = int(cache_len)
     if need > model.cfg.max_position_embeddings:
         raise ValueError(f"prompt length {P} + max_answer_tokens {max_answer_tokens} exceeds the context "
                          f"({model.cfg.max_position_embeddings} tokens)")

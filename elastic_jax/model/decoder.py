@@ -9,6 +9,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import NemotronHConfig
 from ..widths import SoftWidths, Widths, as_soft, max_count, norm_correction, prefix_mask
@@ -43,8 +44,9 @@ def check_tokens(tokens, cfg: NemotronHConfig):
         raise ValueError(f"tokens must be int [batch, length], got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
-    if not isinstance(tokens, jax.core.Tracer):
-        lo, hi = int(jnp.min(tokens)) if tokens.size else 0, int(jnp.max(tokens)) if tokens.size else 0
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        t = np.asarray(tokens)  # concrete (also when closed over inside a jit): range-check on host
+        lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}); got range [{lo}, {hi}]")
 

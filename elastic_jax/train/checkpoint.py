@@ -53,7 +53,8 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -84,6 +85,17 @@ class Checkpointer:
         """The "state" item restored onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
         return self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
+
+    def restore_local(self, step: int | None = None, device=None) -> Any:
+        """The "state" item of `step` (default: latest) on one local device, whatever mesh wrote it
+        (for inspection and export)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"{self.directory}: no complete checkpoint")
+        md = self.manager.item_metadata(step)["state"]
+        sh = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh), md)
+        return self.restore_state(step, abstract)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
