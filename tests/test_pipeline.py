@@ -62,9 +62,6 @@ def test_write_report_from_results(tmp_path):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    reuse = os.environ.get("ELASTIC_JAX_QUICK_RUN")      # a finished quick run to check instead (local dev)
-    if reuse and os.path.isfile(os.path.join(reuse, "results.json")):
-        return reuse
     out = tmp_path_factory.mktemp("star_quick")
     proc = subprocess.run([sys.executable, "-m", "elastic_jax.experiment", "run", EXPERIMENT, "--quick", "--out",
                            str(out)], capture_output=True, text=True, timeout=1500, cwd=ROOT)
