@@ -56,6 +56,13 @@ _IGNORED_HF = {
 }
 
 
+def check_known_fields(cls, d: dict) -> None:
+    """`from_dict` guard shared by the config dataclasses: unknown keys are an error, not ignored."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}")
+
+
 @dataclass(frozen=True)
 class NemotronHConfig:
     """Frozen model config. HF field names; `d_inner = mamba_num_heads * mamba_head_dim`."""
@@ -371,8 +378,5 @@ class NemotronHConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NemotronHConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"NemotronHConfig.from_dict: unknown fields {unknown}")
+        check_known_fields(cls, d)
         return cls(**d)

@@ -35,6 +35,8 @@ def test_layers_block_type_and_round_trip():
     new_names = dict(d, layers_block_type=["linear_attention", "moe", "mamba", "full_attention", "mlp", "moe"])
     assert ej.NemotronHConfig.from_hf(new_names).pattern == cfg.pattern
     assert ej.NemotronHConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="NemotronHConfig.from_dict: unknown fields"):
+        ej.NemotronHConfig.from_dict(dict(cfg.to_dict(), hiden_size=3))
 
 
 @pytest.mark.parametrize("kw,field", [

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..config import check_known_fields
+
 KINDS = ("synthetic", "task", "jsonl", "parquet", "arrays")
 
 
@@ -88,8 +90,5 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"DataConfig.from_dict: unknown fields {unknown}")
+        check_known_fields(cls, d)
         return cls(**d)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import NemotronHConfig
+from ..config import NemotronHConfig, check_known_fields
 from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
 
 # ElasticConfig field -> ej.Widths axis
@@ -270,10 +270,7 @@ class ElasticConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ElasticConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ElasticConfig.from_dict: unknown fields {unknown}")
+        check_known_fields(cls, d)
         kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         return cls(**kw)
 
