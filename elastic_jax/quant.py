@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 NVFP4_BLOCK = 16
 FORMATS = ("fp8", "nvfp4")
-_E2M1_GRID = jnp.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], jnp.float32)
+# numpy, not jnp: importing the package must not initialise the XLA backend (jax.distributed)
+_E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 
 
 def _to_e4m3(x):
@@ -28,8 +30,9 @@ def _to_e4m3(x):
 def _round_e2m1(x):
     """Round |x| <= 6 to the nearest E2M1 value (ties to the even grid point)."""
     mag = jnp.abs(x)
-    idx = jnp.argmin(jnp.abs(mag[..., None] - _E2M1_GRID), axis=-1)
-    return jnp.sign(x) * _E2M1_GRID[idx]
+    grid = jnp.asarray(_E2M1_GRID)
+    idx = jnp.argmin(jnp.abs(mag[..., None] - grid), axis=-1)
+    return jnp.sign(x) * grid[idx]
 
 
 def _fp8_qdq(x32):
