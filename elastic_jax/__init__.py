@@ -13,11 +13,12 @@ from .model import (Cache, Generation, check_params, count_params, decode_step, 
                     hidden_states, init_cache, init_params, param_axes, param_shapes, prefill,
                     sample_logits)
 from .hf import load_hf, save_hf
+from .model.policy import ComputePolicy
 from .widths import SoftWidths, Widths
 
 __version__ = "0.1.0"
 
-__all__ = ["kernels", "quant", "NemotronHConfig", "Widths", "SoftWidths", "init_params", "forward", "prefill",
+__all__ = ["kernels", "quant", "NemotronHConfig", "ComputePolicy", "Widths", "SoftWidths", "init_params", "forward", "prefill",
            "decode_step", "init_cache", "Cache", "generate", "Generation", "sample_logits",
            "hidden_states", "param_axes", "param_shapes", "check_params", "count_params",
            "slice_params", "sliced_config", "param_count", "ElasticConfig", "Importance",

@@ -38,6 +38,7 @@ import numpy as np
 from .. import kernels
 from ..config import NemotronHConfig
 from ..model.layers import MIXERS, Context, dense, relu2, rms_norm, route
+from ..model.policy import resolve_policy
 from ..widths import Widths
 
 RANK_AXES = ("hidden", "mamba_heads", "mamba_channels", "attn_heads", "ffn", "moe_experts", "moe_ffn")
@@ -164,10 +165,10 @@ def _moe_stats(p, x_BLD, cfg: NemotronHConfig, valid):
     order = jnp.argsort(flat)
     rows = x_TD[order // k]
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    h = relu2(kernels.gmm(rows, p["up_proj"], group_sizes, impl=cfg.kernel_impl,
+    h = relu2(kernels.gmm(rows, p["up_proj"], group_sizes, impl=resolve_policy(cfg, None).kernel_impl,
                           preferred_element_type=jnp.float32))                   # [T·k, Ie]
     o = kernels.gmm(h.astype(p["down_proj"].dtype), p["down_proj"], group_sizes,
-                    impl=cfg.kernel_impl, preferred_element_type=jnp.float32)    # [T·k, D]
+                    impl=resolve_policy(cfg, None).kernel_impl, preferred_element_type=jnp.float32)    # [T·k, D]
     gate = (w / cfg.routed_scaling_factor).reshape(-1)[order]                    # top-k renormalized g_j
     rv = tok_valid[order // k]
     expert = flat[order]
@@ -190,7 +191,7 @@ def collect_stats(params, tokens, cfg: NemotronHConfig, segment_ids=None) -> dic
     "moe_ffn": [n_E] of [Ie]}.
     """
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid)
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, None))
     h = jnp.take(params["embed"], tokens, axis=0)
     out = {"hidden": [], "mamba_x": [], "attn": [], "ffn": [], "moe_sal": [], "moe_cnt": [], "moe_ffn": []}
     B, L = tokens.shape

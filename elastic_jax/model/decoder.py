@@ -14,6 +14,7 @@ import numpy as np
 from ..config import NemotronHConfig
 from ..widths import SoftWidths, Widths, as_soft, max_count, norm_correction, prefix_mask
 from .layers import MIXERS, Context, ElasticLayer, rms_norm
+from .policy import ComputePolicy, resolve_policy
 
 
 def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, layer: int, mixer_params) -> ElasticLayer:
@@ -78,7 +79,7 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
                 out = out * hmask
             return out, c
 
-        if cfg.remat and cache is None:
+        if ctx.policy.remat != "none" and cache is None:
             block = jax.checkpoint(block)
         out, c = block(h, lp, el, None if cache is None else cache[i])
         gate = None if sw is None else sw.layers[i].astype(out.dtype)
@@ -99,11 +100,11 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
 
 
 def forward(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-            segment_ids=None):
+            segment_ids=None, policy: ComputePolicy | None = None):
     """Logits f32 [B, L, vocab] of the (masked) model. `segment_ids` [B, L]: packed documents
     (attention, conv and SSM state do not cross boundaries); id 0 marks padding."""
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid)
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy))
     logits, _ = _run(params, tokens, cfg, widths, ctx, None)
     return logits
 
@@ -141,40 +142,44 @@ def init_cache(cfg: NemotronHConfig, batch: int, max_len: int, params=None, dtyp
     return Cache(layers=layers, pos=jnp.zeros((), jnp.int32), max_len=max_len)
 
 
-def _cached(params, tokens, cfg, widths, cache: "Cache", valid):
+def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None):
     L = tokens.shape[1]
     if not isinstance(cache.pos, jax.core.Tracer) and int(cache.pos) + L > cache.max_len:
         raise ValueError(f"cache overflow: position {int(cache.pos)} + {L} new tokens > max_len={cache.max_len}")
-    ctx = Context(valid=valid, positions=cache.pos + jnp.arange(L), decoding=True)
+    ctx = Context(valid=valid, positions=cache.pos + jnp.arange(L), decoding=True,
+                  policy=resolve_policy(cfg, policy))
     logits, layers = _run(params, tokens, cfg, widths, ctx, cache.layers)
     return logits, Cache(layers=layers, pos=cache.pos + L, max_len=cache.max_len)
 
 
-def prefill(params, tokens, cfg: NemotronHConfig, widths=None, *, max_len: int, valid=None, cache=None):
+def prefill(params, tokens, cfg: NemotronHConfig, widths=None, *, max_len: int, valid=None, cache=None,
+            policy: ComputePolicy | None = None):
     """Run the prompt [B, L] (left-padded rows marked by `valid` False) into a fresh cache of
     `max_len` positions. Returns (logits [B, L, V], cache)."""
     if tokens.shape[1] > max_len:
         raise ValueError(f"prompt length {tokens.shape[1]} exceeds the context max_len={max_len}")
     if cache is None:
         cache = init_cache(cfg, tokens.shape[0], max_len, params, dtype=params["embed"].dtype)
-    return _cached(params, tokens, cfg, widths, cache, valid)
+    return _cached(params, tokens, cfg, widths, cache, valid, policy)
 
 
-def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None):
+def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None):
     """Append tokens [B, T] (usually T = 1) to the cache. Returns (logits [B, T, V], cache)."""
-    return _cached(params, tokens, cfg, widths, cache, None)
+    return _cached(params, tokens, cfg, widths, cache, None, policy)
 
 
 def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-                 segment_ids=None):
+                 segment_ids=None, policy: ComputePolicy | None = None):
     """Final normed (and hidden-masked) states [B, L, D] in the parameter dtype: `forward` without
     the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train)."""
     valid = None if segment_ids is None else segment_ids > 0
-    x, _ = _run(params, tokens, cfg, widths, Context(segment_ids=segment_ids, valid=valid), None, head=False)
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy))
+    x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False)
     return x
 
 
-def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None):
+def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None):
     """Residual stream after every layer (list of [B, L, D]) and the logits."""
-    logits, hiddens = _run(params, tokens, cfg, widths, Context(), None, return_hidden=True)
+    ctx = Context(policy=resolve_policy(cfg, policy))
+    logits, hiddens = _run(params, tokens, cfg, widths, ctx, None, return_hidden=True)
     return logits, hiddens

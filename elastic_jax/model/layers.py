@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from .. import kernels
 from ..config import NemotronHConfig
+from .policy import ComputePolicy
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -46,6 +47,7 @@ class Context:
     valid: Any = None         # [B, L] bool, False = padding
     positions: Any = None     # [L] absolute positions of the new tokens (cache mode)
     decoding: bool = False    # cache mode: read/write the layer caches
+    policy: ComputePolicy = ComputePolicy()   # runtime knobs (dtypes, kernels, remat)
 
 
 def dense(x, w):
@@ -133,7 +135,7 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
         y_BLHP, state = kernels.ssd(x_BLHP, dt, A, B_BLGN, C_BLGN, p["D"].astype(jnp.float32),
                                     chunk_size=cfg.chunk_size, initial_state=state0,
                                     seq_idx=None if ctx.decoding else ctx.segment_ids,
-                                    active_heads=active, impl=cfg.kernel_impl)
+                                    active_heads=active, impl=ctx.policy.kernel_impl)
     y = y_BLHP.reshape(B, L, H * P)
     # gated group RMSNorm: norm(y · silu(z)) per group of d_inner / G channels (HF norm_before_gate=False)
     g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
@@ -257,13 +259,13 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
     rows = x_TD[order // Kk]                                                      # [T·k, D] sorted by expert
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     active_n = None if el is None else el.active_ffn
-    h = kernels.gmm(rows, p["up_proj"], group_sizes, active_n=active_n, impl=cfg.kernel_impl,
+    h = kernels.gmm(rows, p["up_proj"], group_sizes, active_n=active_n, impl=ctx.policy.kernel_impl,
                     preferred_element_type=jnp.float32)
     h = relu2(h)
     if el is not None:
         h = h * el.ffn_mask
     o = kernels.gmm(h.astype(p["down_proj"].dtype), p["down_proj"], group_sizes, active_k=active_n,
-                    impl=cfg.kernel_impl, preferred_element_type=jnp.float32)
+                    impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32)
     unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, D)
     y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
     if "shared_up" in p:

@@ -1,0 +1,59 @@
+"""Compute policy: the runtime knobs of a forward pass (dtypes, precision, kernels, remat, scan).
+
+These are not part of the architecture (`NemotronHConfig`): changing them never changes what a
+checkpoint means, so they never block a resume. `ej.forward(..., policy=ComputePolicy(...))`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import NemotronHConfig
+
+_KERNEL_IMPLS = (None, "xla", "pallas")
+_ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
+_PRECISIONS = ("auto", "default", "high", "highest")
+_REMAT = ("none", "full", "save_dots", "minimal")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputePolicy:
+    """How to compute (never what).
+
+    compute_dtype: dtype of matmul operands and activations (None: the parameter dtype); softmax,
+      norms, SSM state and the MoE router stay f32, matmuls accumulate in f32.
+    precision: matmul precision ("auto": "highest" for f32 compute, "default" otherwise).
+    kernel_impl: SSD / grouped-matmul implementation ("xla" | "pallas" | None = platform default).
+    attention_impl: "auto" picks a memory-efficient kernel for the platform.
+    remat: rematerialization policy of each block in the backward pass.
+    scan_layers: run the layers under `lax.scan` (constant compile time in depth).
+    """
+
+    compute_dtype: str | None = None
+    precision: str = "auto"
+    kernel_impl: str | None = None
+    attention_impl: str = "auto"
+    remat: str = "none"
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        def check(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"ComputePolicy.{name}: must be one of {allowed}, got {value!r}")
+        check("kernel_impl", _KERNEL_IMPLS)
+        check("attention_impl", _ATTENTION_IMPLS)
+        check("precision", _PRECISIONS)
+        check("remat", _REMAT)
+        if self.compute_dtype is not None and self.compute_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"ComputePolicy.compute_dtype: must be None, 'float32', 'bfloat16' or 'float16', "
+                             f"got {self.compute_dtype!r}")
+
+
+def resolve_policy(cfg: NemotronHConfig, policy: ComputePolicy | None) -> ComputePolicy:
+    """The policy in force: the given one, else one built from the config's legacy runtime fields
+    (`kernel_impl`, `remat`)."""
+    if policy is not None:
+        if not isinstance(policy, ComputePolicy):
+            raise TypeError(f"policy must be an elastic_jax.ComputePolicy, got {type(policy).__name__}")
+        return policy
+    return ComputePolicy(kernel_impl=cfg.kernel_impl, remat="full" if cfg.remat else "none")
