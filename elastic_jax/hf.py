@@ -612,7 +612,7 @@ def _placer(cfg: NemotronHConfig, mesh, rules):
     if mesh is None:
         return lambda arr, path: jnp.asarray(arr)
     from jax.sharding import NamedSharding
-    from .train.sharding import DEFAULT_RULES, logical_to_spec
+    from .sharding import DEFAULT_RULES, logical_to_spec
     axes = param_axes(cfg)
     rules = DEFAULT_RULES if rules is None else rules
 

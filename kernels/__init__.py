@@ -42,9 +42,22 @@ def _resolve(impl):
 
 
 def ssd(x, dt, A, B, C, D=None, *, chunk_size=128, initial_state=None, seq_idx=None,
-        active_heads=None, impl=None):
-    """Mamba2 SSD chunked scan -> (y [b,l,h,p], final_state [b,h,p,n] f32). See reference.py."""
+        active_heads=None, impl=None, partition=None):
+    """Mamba2 SSD chunked scan -> (y [b,l,h,p], final_state [b,h,p,n] f32). See reference.py.
+
+    `partition=(batch_axes, head_axes)` (tuples of mesh axis names; needs a mesh in context,
+    `jax.set_mesh`): run the kernel per shard inside `shard_map`, batch split over `batch_axes`,
+    heads and groups over `head_axes` (whole groups per shard), instead of gathering the inputs."""
     impl = _resolve(impl)
+    if partition is not None and _mesh() is not None:
+        from .sharded import ssd_sharded
+        return ssd_sharded(_ssd_local, partition, x, dt, A, B, C, D, chunk_size=chunk_size,
+                           initial_state=initial_state, seq_idx=seq_idx, active_heads=active_heads, impl=impl)
+    return _ssd_local(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state, seq_idx=seq_idx,
+                      active_heads=active_heads, impl=impl)
+
+
+def _ssd_local(x, dt, A, B, C, D, *, chunk_size, initial_state, seq_idx, active_heads, impl):
     if impl == "pallas":
         from .ssd_pallas import ssd_pallas
         return ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
@@ -54,16 +67,35 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size=128, initial_state=None, seq_idx=N
 
 
 def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None, impl=None,
-        preferred_element_type=None):
-    """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n]."""
+        preferred_element_type=None, partition=None):
+    """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n].
+
+    `partition=(row_axes, n_axes)` (tuples of mesh axis names; needs a mesh in context): run per
+    shard inside `shard_map`, the rows of lhs split over `row_axes` (each shard derives its local
+    group sizes from the global ones), the output columns (rhs's n) over `n_axes`."""
     impl = _resolve(impl)
     out_dtype = preferred_element_type or jax.numpy.promote_types(lhs.dtype, rhs.dtype)
+    if partition is not None and _mesh() is not None:
+        from .sharded import gmm_sharded
+        return gmm_sharded(_gmm_local, partition, lhs, rhs, group_sizes, active_groups=active_groups,
+                           active_k=active_k, active_n=active_n, impl=impl, preferred_element_type=out_dtype)
+    return _gmm_local(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k, active_n=active_n,
+                      impl=impl, preferred_element_type=out_dtype)
+
+
+def _gmm_local(lhs, rhs, group_sizes, *, active_groups, active_k, active_n, impl, preferred_element_type):
     if impl == "pallas":
         from .gmm_pallas import gmm_pallas
         return gmm_pallas(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
-                          active_n=active_n, preferred_element_type=out_dtype)
+                          active_n=active_n, preferred_element_type=preferred_element_type)
     return gmm_reference(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
-                         active_n=active_n, preferred_element_type=out_dtype)
+                         active_n=active_n, preferred_element_type=preferred_element_type)
+
+
+def _mesh():
+    """The context mesh (`jax.set_mesh`) when it has more than one device, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty or mesh.size <= 1 else mesh
 
 
 __all__ = ["ssd", "gmm", "ssd_chunked", "ssd_scan", "gmm_reference", "active_head_mask",

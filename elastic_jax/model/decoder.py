@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import NemotronHConfig
+from ..sharding import constrain
 from ..widths import SoftWidths, Widths, as_soft, max_count, norm_correction, prefix_mask
 from .layers import MIXERS, Context, ElasticLayer, rms_norm
 from .policy import ComputePolicy, resolve_policy
@@ -39,6 +40,11 @@ def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, layer: int, mixer_params)
                         expert_counts=sw.moe_experts[0][k], expert_probs=sw.moe_experts[1][k])
 
 
+def constrain_hidden(h_BLD):
+    """The residual stream's sharding at a block boundary (a no-op without a mesh in context)."""
+    return constrain(h_BLD, ("batch", "length", "act_embed"))
+
+
 def check_tokens(tokens, cfg: NemotronHConfig):
     """Shape / dtype checks, and a range check when the tokens are concrete."""
     if tokens.ndim != 2:
@@ -55,7 +61,7 @@ def check_tokens(tokens, cfg: NemotronHConfig):
 def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False, head=True):
     check_tokens(tokens, cfg)
     sw = as_soft(cfg, widths)
-    h = jnp.take(params["embed"], tokens, axis=0)
+    h = constrain_hidden(jnp.take(params["embed"], tokens, axis=0))
     if sw is not None:
         D = params["embed"].shape[1]
         hc, hp = sw.hidden
@@ -83,7 +89,7 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
             block = jax.checkpoint(block)
         out, c = block(h, lp, el, None if cache is None else cache[i])
         gate = None if sw is None else sw.layers[i].astype(out.dtype)
-        h = h + (out if gate is None else gate * out)
+        h = constrain_hidden(h + (out if gate is None else gate * out))
         if new_cache is not None:
             new_cache.append(c)
         hiddens.append(h)
@@ -94,6 +100,7 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
         return x, new_cache
     logits = jnp.einsum("bld,dv->blv", x.astype(params["lm_head"].dtype), params["lm_head"],
                         precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "length", "act_vocab"))
     if return_hidden:
         return logits, hiddens
     return logits, new_cache

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from .. import kernels
 from ..config import NemotronHConfig
+from ..sharding import constrain, context_mesh, mesh_axes_for
 from .policy import ComputePolicy
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -73,6 +74,15 @@ def relu2(x):
 
 
 # --------------------------------------------------------------------------- Mamba2
+def ssd_partition(batch: int, groups: int):
+    """Mesh axes of the SSD kernel's (batch, heads) blocks under the context mesh (None: no mesh):
+    batch by the `batch` rule, whole groups of heads by `act_ssm_groups`."""
+    if context_mesh() is None:
+        return None
+    b = mesh_axes_for("batch", batch)
+    return b, tuple(a for a in mesh_axes_for("act_ssm_groups", groups) if a not in b)
+
+
 def _causal_conv(xBC_BLC, w_KC, b_C, ctx_BKC, seg_BL):
     """Depthwise causal conv over [left context (K-1 rows) | new rows]: out[t] = Σ_k w[k]·in[t-K+1+k] + b.
     Taps that cross a document boundary (different segment id) read zero."""
@@ -117,7 +127,7 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     if ctx.valid is not None:
         dt = dt * ctx.valid[..., None].astype(jnp.float32)
     A = -jnp.exp(p["A_log"].astype(jnp.float32))
-    x_BLHP = xs.reshape(B, L, H, P)
+    x_BLHP = constrain(xs.reshape(B, L, H, P), ("batch", "length", "act_ssm_heads", None))
     B_BLGN = Bv.reshape(B, L, G, N)
     C_BLGN = Cv.reshape(B, L, G, N)
     state0 = cache["ssm"] if ctx.decoding else None
@@ -135,7 +145,8 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
         y_BLHP, state = kernels.ssd(x_BLHP, dt, A, B_BLGN, C_BLGN, p["D"].astype(jnp.float32),
                                     chunk_size=cfg.chunk_size, initial_state=state0,
                                     seq_idx=None if ctx.decoding else ctx.segment_ids,
-                                    active_heads=active, impl=ctx.policy.kernel_impl)
+                                    active_heads=active, impl=ctx.policy.kernel_impl,
+                                    partition=ssd_partition(B, G))
     y = y_BLHP.reshape(B, L, H * P)
     # gated group RMSNorm: norm(y · silu(z)) per group of d_inner / G channels (HF norm_before_gate=False)
     g = y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))
@@ -163,9 +174,9 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx
     hd, nKV = cfg.head_dim, cfg.num_key_value_heads
     nH = p["q_proj"].shape[1] // hd
     rep = nH // nKV
-    q = dense(x_BLD, p["q_proj"]).reshape(B, L, nKV, rep, hd)
-    k = dense(x_BLD, p["k_proj"]).reshape(B, L, nKV, hd)
-    v = dense(x_BLD, p["v_proj"]).reshape(B, L, nKV, hd)
+    q = constrain(dense(x_BLD, p["q_proj"]).reshape(B, L, nKV, rep, hd), ("batch", "length", "act_kv_heads", None, None))
+    k = constrain(dense(x_BLD, p["k_proj"]).reshape(B, L, nKV, hd), ("batch", "length", "act_kv_heads", None))
+    v = constrain(dense(x_BLD, p["v_proj"]).reshape(B, L, nKV, hd), ("batch", "length", "act_kv_heads", None))
     new_cache = None
     if ctx.decoding:
         start = ctx.positions[0]
@@ -199,7 +210,7 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx
 
 # ------------------------------------------------------------------------------ MLP
 def mlp_mixer(p, x_BLD, cfg, el: ElasticLayer | None, ctx, cache):
-    h = relu2(dense(x_BLD, p["up_proj"]))
+    h = constrain(relu2(dense(x_BLD, p["up_proj"])), ("batch", "length", "act_mlp"))
     if el is not None:
         h = h * el.ffn_mask.astype(h.dtype)
     return dense(h, p["down_proj"]), None
@@ -248,9 +259,15 @@ def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
 
 
 def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cache):
-    """Routed relu² experts dispatched by sort + grouped matmul, plus the shared expert."""
+    """Routed relu² experts dispatched by sort + grouped matmul, plus the shared expert. Under a
+    mesh in context the routed experts run per shard (expert_parallel.py)."""
     B, L, D = x_BLD.shape
     x_TD = x_BLD.reshape(B * L, D)
+    mesh = context_mesh()
+    if mesh is not None:
+        from .expert_parallel import routed_experts_sharded
+        y = routed_experts_sharded(p, x_TD, cfg, el, ctx.policy.kernel_impl, mesh)
+        return _add_shared_expert(p, x_TD, y).reshape(B, L, D).astype(x_BLD.dtype), None
     idx_TK, w_TK = route(p, x_TD, cfg, el)
     T, Kk = idx_TK.shape
     E = p["gate"].shape[1]
@@ -268,9 +285,13 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
                     impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32)
     unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, D)
     y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
+    return _add_shared_expert(p, x_TD, y).reshape(B, L, D).astype(x_BLD.dtype), None
+
+
+def _add_shared_expert(p, x_TD, y_TD):
     if "shared_up" in p:
-        y = y + dense(relu2(dense(x_TD, p["shared_up"])), p["shared_down"]).astype(jnp.float32)
-    return y.reshape(B, L, D).astype(x_BLD.dtype), None
+        y_TD = y_TD + dense(relu2(dense(x_TD, p["shared_up"])), p["shared_down"]).astype(jnp.float32)
+    return y_TD
 
 
 MIXERS = {"M": mamba_mixer, "*": attention_mixer, "-": mlp_mixer, "E": moe_mixer}

@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass
 
 from ..data.config import DataConfig
+from ..sharding import MESH_AXES, rules_dict
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -145,7 +145,10 @@ class TrainConfig:
     micro-batch draws one budget (shared by every data shard, spec §7.2). `vocab_chunk`: columns of
     the lm_head per chunk of the KD / CE loss (None = the whole vocabulary in one chunk).
     Checkpoints every `checkpoint_every` steps (and at the end of each stage), `keep_checkpoints`
-    kept; metrics every `log_every` steps."""
+    kept; metrics every `log_every` steps. `sharding_rules`: (logical axis, mesh axes) pairs that
+    override entries of `elastic_jax.sharding.DEFAULT_RULES` for parameters and activations;
+    `sharding_tolerance`: the fraction of parameter elements allowed to lose a split the rules ask
+    for (a dimension that does not divide its mesh axes) before the run stops with an error."""
 
     mesh: MeshConfig = MeshConfig()
     optim: OptimConfig = OptimConfig()
@@ -161,8 +164,17 @@ class TrainConfig:
     tensorboard: bool = True
     plot: bool = True
     activation_sharding: bool = True
+    sharding_rules: tuple = ()
+    sharding_tolerance: float = 0.02
 
     def __post_init__(self):
+        try:
+            rules = tuple(rules_dict(self.sharding_rules).items())
+        except (TypeError, ValueError) as e:
+            _bad("TrainConfig", "sharding_rules", self.sharding_rules, str(e))
+        object.__setattr__(self, "sharding_rules", rules)
+        if not 0.0 <= self.sharding_tolerance <= 1.0:
+            _bad("TrainConfig", "sharding_tolerance", self.sharding_tolerance, "must be in [0, 1]")
         if isinstance(self.stages, list):
             object.__setattr__(self, "stages", tuple(self.stages))
         if isinstance(self.stages, Stage):
@@ -213,6 +225,6 @@ class TrainConfig:
 
 # The fields that may change between a run and its resumption (they do not change the math).
 RESUMABLE_FIELDS = ("mesh", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
-                    "tensorboard", "plot", "activation_sharding")
+                    "tensorboard", "plot", "activation_sharding", "sharding_rules", "sharding_tolerance")
 
 __all__ = ["MeshConfig", "OptimConfig", "Stage", "TrainConfig", "DataConfig", "RESUMABLE_FIELDS"]

@@ -121,8 +121,17 @@ def _gather_json(obj) -> list:
     return [json.loads(bytes(allb[i, :n[i]]).decode()) for i in range(jax.process_count())]
 
 
-def step_shardings(spec: StepSpec, mesh, state_like, teacher_like, rules=shd.DEFAULT_RULES):
-    """(state shardings, teacher shardings) for `state_like` {"params", "router", "opt_state"}."""
+def step_shardings(spec: StepSpec, mesh, state_like, teacher_like, rules=shd.DEFAULT_RULES,
+                   tolerance: float | None = None):
+    """(state shardings, teacher shardings) for `state_like` {"params", "router", "opt_state"}.
+    `tolerance`: check that student and teacher are sharded as the rules ask
+    (`assert_params_sufficiently_sharded`; None = no check)."""
+    if tolerance is not None:
+        shd.assert_params_sufficiently_sharded(param_axes(spec.model_cfg), state_like["params"], mesh, rules,
+                                               tolerance)
+        if teacher_like is not None:
+            shd.assert_params_sufficiently_sharded(param_axes(spec.teacher_cfg), teacher_like, mesh, rules,
+                                                   tolerance)
     p_sh = shd.tree_shardings(param_axes(spec.model_cfg), state_like["params"], mesh, rules)
     rep = NamedSharding(mesh, P())
     r_sh = jax.tree.map(lambda _: rep, state_like["router"])
@@ -141,17 +150,38 @@ def place_state(params, router_params, state_sh):
     return state
 
 
-def compile_step(spec: StepSpec, tx, mesh, state_sh, teacher_sh, micro_batch: int, *, activation_sharding=True):
-    """jit of the step for one stage shape: batch [M, micro_batch, L] split over the batch rule."""
+def compile_step(spec: StepSpec, tx, mesh, state_sh, teacher_sh, micro_batch: int, *, activation_sharding=True,
+                 rules=shd.DEFAULT_RULES):
+    """jit of the step for one stage shape: batch [M, micro_batch, L] split over the batch rule.
+    With `activation_sharding` the step is traced under `jax.set_mesh(mesh)` and `use_rules(rules)`:
+    the model then constrains its activations by the rules and runs the MoE expert-parallel
+    (elastic_jax/sharding.py); without it, GSPMD alone propagates the parameter shardings."""
     rep = NamedSharding(mesh, P())
-    bspec = shd.batch_spec(mesh, micro_batch, leading=1)
+    bspec = shd.batch_spec(mesh, micro_batch, rules, leading=1)
     b_sh = NamedSharding(mesh, bspec)
     act = NamedSharding(mesh, P(bspec[1], None, None)) if activation_sharding else None
     fn = make_step(spec, tx, act_sharding=act)
     jitted = jax.jit(fn, in_shardings=(state_sh, teacher_sh, {"tokens": b_sh, "segment_ids": b_sh},
                                        rep, rep, rep, rep, rep),
                      out_shardings=(state_sh, rep), donate_argnums=(0,))
-    return jitted, bspec
+    if not activation_sharding:
+        return jitted, bspec
+    return _InMesh(jitted, mesh, rules), bspec
+
+
+class _InMesh:
+    """A jitted function traced, lowered and called with `mesh` and `rules` in context."""
+
+    def __init__(self, jitted, mesh, rules):
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, *args, **kw):
+        with jax.set_mesh(self.mesh), shd.use_rules(self.rules):
+            return self.jitted(*args, **kw)
+
+    def lower(self, *args, **kw):
+        with jax.set_mesh(self.mesh), shd.use_rules(self.rules):
+            return self.jitted.lower(*args, **kw)
 
 
 def _record(spec, stage, step, m, tau, scale, lrs, tok_s, tokens_seen) -> dict:
@@ -212,7 +242,9 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
     trainable0 = {"params": student_params, "router": router_params}
     state_like = {"params": student_params, "router": router_params,
                   "opt_state": jax.eval_shape(tx.init, trainable0)}
-    state_sh, teacher_sh = step_shardings(spec, mesh, state_like, teacher_params)
+    rules = shd.merge_rules(train_cfg.sharding_rules)
+    state_sh, teacher_sh = step_shardings(spec, mesh, state_like, teacher_params, rules,
+                                          tolerance=train_cfg.sharding_tolerance)
 
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
                         async_save=train_cfg.async_checkpointing)
@@ -256,7 +288,7 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
             data_states = None
             mb = stage.batch_size // M
             jitted, bspec = compile_step(spec, tx, mesh, state_sh, teacher_sh, mb,
-                                         activation_sharding=train_cfg.activation_sharding)
+                                         activation_sharding=train_cfg.activation_sharding, rules=rules)
             probs = np.asarray(stage.probs(nb) if spec.mode == "elastic" else (1.0,), np.float32)
             probs_dev = jax.device_put(probs, rep)
             thr = Throughput()

@@ -1,0 +1,156 @@
+"""Helper for tests/test_mesh_model.py (own process: 8 fake CPU devices fixed at jax import).
+
+The model under `jax.set_mesh` (expert-parallel MoE, activation constraints, per-shard kernels)
+against the same model without a mesh (one device): logits and parameter gradients, full and
+masked widths, several mesh shapes and rules; the SSD / gmm kernels per shard against the
+unsharded call, with the compiled HLO checked for an all-gather of the full operand.
+Writes a JSON of max errors and HLO facts to argv[1].
+"""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import elastic_jax as ej  # noqa: E402
+from elastic_jax import kernels, sharding as shd  # noqa: E402
+from elastic_jax.train.config import MeshConfig  # noqa: E402
+from elastic_jax.train.sharding import make_mesh  # noqa: E402
+
+CFG = ej.NemotronHConfig(vocab_size=64, hidden_size=32, hybrid_override_pattern="ME*E", num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, intermediate_size=32, mamba_num_heads=4,
+                         mamba_head_dim=8, n_groups=2, ssm_state_size=8, chunk_size=8, n_routed_experts=8,
+                         n_group=2, topk_group=1, num_experts_per_tok=2, moe_intermediate_size=16,
+                         moe_shared_expert_intermediate_size=16, routed_scaling_factor=2.5)
+B, L = 8, 8
+
+
+def params_and_data():
+    params = ej.init_params(CFG, jax.random.PRNGKey(0))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) if x.ndim == 1 else x for x, k in zip(leaves, keys)]
+    params = jax.tree_util.tree_unflatten(tree, leaves)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (B, L), 0, CFG.vocab_size)
+    seg = jnp.ones((B, L), jnp.int32).at[:, L // 2:].set(2).at[0, -2:].set(0)
+    probe = jax.random.normal(jax.random.PRNGKey(3), (B, L, CFG.vocab_size))
+    return params, tokens, seg, probe
+
+
+def loss_fn(params, tokens, seg, probe, widths, impl):
+    logits = ej.forward(params, tokens, CFG, widths, segment_ids=seg, policy=ej.ComputePolicy(kernel_impl=impl))
+    return jnp.sum(logits * probe), logits
+
+
+def run(params, tokens, seg, probe, widths, impl, mesh=None, rules=shd.DEFAULT_RULES):
+    f = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=(5,))
+    if mesh is None:
+        (_, logits), g = f(params, tokens, seg, probe, widths, impl)
+        return logits, g
+    psh = shd.tree_shardings(ej.param_axes(CFG), params, mesh, rules)
+    bsh = NamedSharding(mesh, shd.batch_spec(mesh, B, rules))
+    args = (jax.device_put(params, psh), jax.device_put(tokens, bsh), jax.device_put(seg, bsh),
+            jax.device_put(probe, NamedSharding(mesh, P())), widths)
+    with jax.set_mesh(mesh), shd.use_rules(rules):
+        (_, logits), g = f(*args, impl)
+        hlo = f.lower(*args, impl).compile().as_text()
+    return logits, g, hlo
+
+
+def max_err(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def model_checks(out):
+    params, tokens, seg, probe = params_and_data()
+    masked = ej.Widths(hidden=24, mamba_heads=2, attn_heads=2, moe_experts=4, moe_ffn=8).resolve(CFG)
+    meshes = [("expert=8", (1, 1, 1, 8), shd.DEFAULT_RULES, "xla"),
+              ("data=2,expert=4", (2, 1, 1, 4), shd.DEFAULT_RULES, "xla"),
+              ("fsdp=2,tensor=2,expert=2", (1, 2, 2, 2), shd.DEFAULT_RULES, "xla"),
+              ("data=4,tensor=2 (no expert axis)", (4, 1, 2, 1), shd.DEFAULT_RULES, "xla"),
+              # tokens not split over the expert axis: local experts + psum
+              ("data=2,expert=4, batch->data", (2, 1, 1, 4), shd.merge_rules([("batch", "data")]), "xla"),
+              ("data=2,expert=2,tensor=2 pallas", (2, 1, 2, 2), shd.DEFAULT_RULES, "pallas")]
+    ref = {}
+    for name, shape, rules, impl in meshes:
+        mesh = make_mesh(MeshConfig(*shape))
+        for wname, widths in (("full", None), ("masked", masked)):
+            if (wname, impl) not in ref:
+                ref[(wname, impl)] = run(params, tokens, seg, probe, widths, impl)
+            logits, g, hlo = run(params, tokens, seg, probe, widths, impl, mesh, rules)
+            r_logits, r_g = ref[(wname, impl)]
+            out["model"].append({"mesh": name, "widths": wname, "impl": impl,
+                                 "logits_err": max_err(logits, r_logits), "grad_err": max_err(g, r_g),
+                                 "grad_scale": max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(r_g)),
+                                 "all_to_all": hlo.count("all-to-all")})
+            print(out["model"][-1], flush=True)
+
+
+def kernel_checks(out):
+    """kernels.ssd / kernels.gmm with `partition=` under a mesh == the unsharded call."""
+    mesh = make_mesh(MeshConfig(2, 1, 2, 2))
+    k = jax.random.split(jax.random.PRNGKey(5), 8)
+    b, l, h, pd, g, n = 4, 16, 4, 8, 2, 8
+    x = jax.random.normal(k[0], (b, l, h, pd))
+    dt = jax.nn.softplus(jax.random.normal(k[1], (b, l, h)))
+    A = -jnp.exp(jax.random.normal(k[2], (h,)))
+    Bm = jax.random.normal(k[3], (b, l, g, n))
+    Cm = jax.random.normal(k[4], (b, l, g, n))
+    Dv = jax.random.normal(k[5], (h,))
+    for impl in ("xla", "pallas"):
+        def ssd_loss(x, dt, Bm, Cm, part):
+            y, s = kernels.ssd(x, dt, A, Bm, Cm, Dv, chunk_size=8, impl=impl, partition=part)
+            return jnp.sum(y ** 2) + jnp.sum(s), (y, s)
+        f = jax.jit(jax.value_and_grad(ssd_loss, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=(4,))
+        (_, ref), gref = f(x, dt, Bm, Cm, None)
+        part = (("data", "expert"), ("tensor",))
+        sh = lambda *s: NamedSharding(mesh, P(*s))
+        args = (jax.device_put(x, sh(("data", "expert"), None, "tensor", None)),
+                jax.device_put(dt, sh(("data", "expert"), None, "tensor")),
+                jax.device_put(Bm, sh(("data", "expert"), None, "tensor", None)),
+                jax.device_put(Cm, sh(("data", "expert"), None, "tensor", None)))
+        with jax.set_mesh(mesh):
+            (_, got), ggot = f(*args, part)
+            hlo = f.lower(*args, part).compile().as_text()
+        out["kernels"].append({"kernel": "ssd", "impl": impl, "err": max_err(got, ref), "grad_err": max_err(ggot, gref),
+                               "all_gather": hlo.count("all-gather")})
+        print(out["kernels"][-1], flush=True)
+
+        # gmm: rows split over (data, expert), the output columns over tensor
+        m, kd, nd, G = 64, 16, 32, 4
+        lhs = jax.random.normal(k[6], (m, kd))
+        rhs = jax.random.normal(k[7], (G, kd, nd))
+        gs = jnp.array([10, 0, 30, 20], jnp.int32)       # sum 60 < m: tail rows are zero
+
+        def gmm_loss(lhs, rhs, part):
+            o = kernels.gmm(lhs, rhs, gs, active_n=24, impl=impl, preferred_element_type=jnp.float32,
+                            partition=part)
+            return jnp.sum(o ** 2), o
+        f = jax.jit(jax.value_and_grad(gmm_loss, argnums=(0, 1), has_aux=True), static_argnums=(2,))
+        (_, ref), gref = f(lhs, rhs, None)
+        part = (("data", "expert"), ("tensor",))
+        args = (jax.device_put(lhs, sh(("data", "expert"), None)), jax.device_put(rhs, sh(None, None, "tensor")))
+        with jax.set_mesh(mesh):
+            (_, got), ggot = f(*args, part)
+            hlo = f.lower(*args, part).compile().as_text()
+        out["kernels"].append({"kernel": "gmm", "impl": impl, "err": max_err(got, ref), "grad_err": max_err(ggot, gref),
+                               "all_gather": hlo.count("all-gather")})
+        print(out["kernels"][-1], flush=True)
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    result = {"model": [], "kernels": []}
+    which = sys.argv[2:] or ["model", "kernels"]
+    if "kernels" in which:
+        kernel_checks(result)
+    if "model" in which:
+        model_checks(result)
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f, indent=1)
