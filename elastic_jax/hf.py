@@ -548,8 +548,8 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     `dtype`: parameter dtype (None: the checkpoint's `dtype` / `torch_dtype`, else that of the
     embedding on disk); the router weight and correction bias stay float32.
     `mesh`: place each parameter on `NamedSharding(mesh, spec)` as soon as it is read, with the
-    spec from its logical axes (`ej.param_axes`) and `rules` (default: the training rules table,
-    `elastic_jax.train.sharding.DEFAULT_RULES`). Raises `HFCheckpointError` listing every missing,
+    spec from its logical axes (`ej.param_axes`) and `rules` (default: the logical-axis rules table,
+    `elastic_jax.sharding.DEFAULT_RULES`). Raises `HFCheckpointError` listing every missing,
     unexpected or mis-shaped tensor and every unsupported config option at once."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):

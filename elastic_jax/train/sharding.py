@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ..sharding import (DEFAULT_RULES, MESH_AXES, assert_params_sufficiently_sharded, batch_axes,  # noqa: F401
-                        batch_spec, logical_to_spec, merge_rules, tree_shardings)
+                        batch_spec, logical_to_spec, merge_rules, tree_shardings, use_rules)
 from .config import MeshConfig
 
 
