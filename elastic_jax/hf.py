@@ -539,7 +539,7 @@ def _target_dtype(raw: dict, files: _Files, dtype) -> Any:
 
 
 def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
-            progress: bool = False) -> tuple[NemotronHConfig, dict]:
+            progress: bool = False, with_quant: bool = False) -> tuple[NemotronHConfig, dict]:
     """Read an HF NemotronH checkpoint directory into (cfg, params).
 
     `directory` holds `config.json` (current or legacy field names) and `model.safetensors` or
@@ -550,12 +550,20 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     `mesh`: place each parameter on `NamedSharding(mesh, spec)` as soon as it is read, with the
     spec from its logical axes (`ej.param_axes`) and `rules` (default: the training rules table,
     `elastic_jax.train.sharding.DEFAULT_RULES`). Raises `HFCheckpointError` listing every missing,
-    unexpected or mis-shaped tensor and every unsupported config option at once."""
+    unexpected or mis-shaped tensor and every unsupported config option at once.
+    A ModelOpt FP8 / NVFP4 checkpoint (`quantization_config` in config.json) is read dequantized;
+    `with_quant=True` returns (cfg, params, QuantState or None) for the simulated-quantization
+    forward (`forward(..., quant=state)`)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: not a directory")
     cfg, raw = read_hf_config(directory)
     files = _Files(directory)
+    from .quant import export as qexport
+    qspec = qexport.spec_from_config(raw)
+    if qspec is not None:
+        files = qexport.DequantizedFiles(files, qspec)
+    qstate = None
     try:
         plan = _plan(cfg, files)
         target = _target_dtype(raw, files, dtype)
@@ -589,10 +597,12 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
                     _put(params, layer, rule, rule.load(files.read(src), d), target, place)
                     bar.update(1)
         bar.close()
+        if qspec is not None:
+            qstate = files.quant_state(cfg)
     finally:
         files.close()
     check_params(params, cfg)
-    return cfg, params
+    return (cfg, params, qstate) if with_quant else (cfg, params)
 
 
 def _put(params, layer, rule: Rule, arrays, target, place):
@@ -690,7 +700,8 @@ def _parse_size(s) -> int:
 
 
 def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *, dtype=None,
-            max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False) -> str:
+            max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
+            quantization: str | None = None, quant_state=None) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
     `transformers.NemotronHForCausalLM.from_pretrained(directory)` loads with the same logits.
 
@@ -700,7 +711,10 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     `dtype`: on-disk dtype (None: the embedding's); router weight and bias are float32.
     Everything is written to a temporary directory beside `directory` and renamed into place only
     when complete, so a failed export leaves nothing behind. A heterogeneous (per-layer width)
-    config cannot be expressed as an HF NemotronH config and raises `HFCheckpointError`."""
+    config cannot be expressed as an HF NemotronH config and raises `HFCheckpointError`.
+    `quantization` "fp8" | "nvfp4" (or a `quant_state`, `elastic_jax.quant.QuantState`): the
+    projections are written packed with their scales in the ModelOpt layout
+    (`elastic_jax.quant.export`); without a state the weight scales come from these params."""
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -710,6 +724,13 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     config = hf_config_dict(cfg, dtype=str(out_dtype))
     check_params(params, cfg)
     tensors = list(_hf_tensors(cfg, params, out_dtype))
+    qconfig, writer = None, None
+    if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (spec §10)
+        from .quant import export as qexport
+        fmt = quantization if quantization is not None else quant_state.spec.fmt
+        tensors, qconfig = qexport.quantize_tensors(cfg, params, tensors, fmt, quant_state)
+        config["quantization_config"] = qconfig
+        writer = qexport.write_safetensors
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
@@ -725,6 +746,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
         from safetensors.numpy import save_file
+        save_file = writer or save_file
         names = ([SAFE_SINGLE] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
         weight_map, total = {}, 0
@@ -747,6 +769,8 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+        if qconfig is not None:
+            qexport.write_quant_config(tmp, qconfig)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
                        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}, f, indent=2)
