@@ -806,11 +806,12 @@ def parse_widths(text: str, cfg: NemotronHConfig):
     return w
 
 
-def load_run(run_dir: str | os.PathLike, step: int | None = None):
+def load_run(run_dir: str | os.PathLike, step: int | None = None, *, with_quant: bool = False):
     """(cfg, params, router_params or None, ElasticConfig or None) from an elastic training run
     (`<run_dir>/checkpoints`, orbax, written by `elastic_jax.train`): the model params of `step`
     (default: the latest complete one), restored on the host; the params are the permuted ones
-    training used, so every nested model is a prefix (spec §8)."""
+    training used, so every nested model is a prefix (spec §8). `with_quant=True` appends the
+    QAD quantization state (`TrainConfig.qad` runs) or None."""
     run_dir = os.path.abspath(os.fspath(run_dir))
     ckpt_dir = run_dir if os.path.basename(run_dir) == "checkpoints" else os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
@@ -844,6 +845,13 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None):
         params["layers"] = [params["layers"][str(i)] for i in range(len(params["layers"]))]
     check_params(params, cfg)
     router = state.get("router") or None
+    if with_quant:
+        qad = (configs.get("train") or {}).get("qad")
+        qstate = None
+        if qad and state.get("quant") is not None:
+            from .quant.state import QuantSpec, tree_to_state
+            qstate = tree_to_state(QuantSpec(qad), jax.tree_util.tree_map(jnp.asarray, state["quant"]))
+        return cfg, params, router, ecfg, qstate
     return cfg, params, router, ecfg
 
 
@@ -867,6 +875,26 @@ def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
     return cfg, params, widths
 
 
+def _export_quant_state(args, cfg, params, widths):
+    """--quantize: the run's own QAD scales when it has them, else weight scales from the parent
+    (before slicing) and activation scales calibrated on --calib-batches random-token batches of
+    the full and the nested model (PTQ)."""
+    from . import quant
+    if not os.path.isfile(os.path.join(args.src, "config.json")):
+        qs = load_run(args.src, args.step, with_quant=True)[4]
+        if qs is not None and qs.spec.fmt == args.quantize:
+            if not args.quiet:
+                print(f"--quantize {args.quantize}: using the run's QAD quantization state")
+            return qs
+    qs = quant.init_quant_state(params, cfg, args.quantize)
+    key = jax.random.PRNGKey(0)
+    batches = [jax.random.randint(jax.random.fold_in(key, b), (2, 64), 0, cfg.vocab_size)
+               for b in range(args.calib_batches)]
+    if not args.quiet:
+        print(f"--quantize {args.quantize}: PTQ, activation scales from {args.calib_batches} random-token batches")
+    return quant.calibrate(params, cfg, qs, batches, widths=(None,) if widths is None else (None, widths))
+
+
 def _cmd_export(args) -> int:
     from .elastic.slicing import param_count, slice_params
     cfg, params, widths = _load_source(args.src, args)
@@ -877,14 +905,22 @@ def _cmd_export(args) -> int:
     if args.command == "slice" and widths is None:
         raise ValueError("slice needs --widths JSON or --budget B (with an elastic run)")
     n_full = param_count(cfg)
+    qstate = None
+    if args.quantize is not None:
+        qstate = _export_quant_state(args, cfg, params, widths)
     if widths is not None:
+        if qstate is not None:
+            from .quant import slice_quant_state
+            qstate = slice_quant_state(qstate, params, cfg, widths)
         cfg, params = slice_params(params, cfg, widths)
     save_hf(args.out, cfg, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite, progress=not args.quiet)
+            overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate)
     if not args.quiet:
         n = param_count(cfg)
+        from .quant.export import checkpoint_bytes
         print(f"wrote {args.out}: {n:,} parameters ({100 * n / n_full:.1f}% of {n_full:,}), pattern {cfg.pattern}, "
-              f"hidden {cfg.hidden_size}")
+              f"hidden {cfg.hidden_size}, {checkpoint_bytes(args.out):,} bytes of safetensors"
+              + (f" ({args.quantize})" if args.quantize else ""))
     return 0
 
 
@@ -907,6 +943,10 @@ def add_cli(subparsers) -> None:
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="on-disk dtype (default: the source's)")
         p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+        p.add_argument("--quantize", default=None, choices=["fp8", "nvfp4"],
+                       help="write the ModelOpt FP8 / NVFP4 layout (scales from the parent; a QAD run's own)")
+        p.add_argument("--calib-batches", type=int, default=4,
+                       help="--quantize without QAD scales: random-token calibration batches (default 4)")
         p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
         p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
         p.set_defaults(func=_cmd_export, command=name)

@@ -38,7 +38,8 @@ ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4"}
 
 
 # ------------------------------------------------------------------------------ safetensors I/O
-def write_safetensors(path: str, arrays: dict, metadata: dict | None = None) -> None:
+def write_safetensors(arrays: dict, path: str, metadata: dict | None = None) -> None:
+    """`safetensors.numpy.save_file` with float8 support (same argument order)."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
     offset = 0
     for k, a in arrays.items():
