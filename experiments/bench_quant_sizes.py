@@ -1,6 +1,6 @@
 """Bytes on disk of one nested checkpoint in BF16, FP8 and NVFP4 (ModelOpt layout), spec §10.
 
-    python benchmarks/quant_checkpoint_sizes.py [--out quant_sizes.json]
+    python experiments/bench_quant_sizes.py [--out quant_sizes.json]
 
 Prints a table (bytes, ratio to BF16, and the ratio over the quantized projections alone) and
 writes JSON. No timing: sizes only. Weight scales from the parent; activation scales calibrated on
