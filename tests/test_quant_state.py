@@ -188,6 +188,12 @@ def test_nvfp4_qad_beats_ptq_at_every_budget(model, tmp_path):
     res = train_elastic(CFG, ecfg, tc, params, params, ds, tmp_path / "qad", router_params=router,
                         quant_state=qs, progress=False)
     assert res.steps == 12 and all(np.isfinite(h["loss"]) for h in res.history)
+    # the scales are non-trainable state saved in the checkpoint, unchanged by training
+    from elastic_jax.hf import load_run
+    _, _, _, _, saved = load_run(tmp_path / "qad", with_quant=True)
+    assert saved.spec.fmt == "nvfp4"
+    for a, b in zip(jax.tree.leaves(saved.layers), jax.tree.leaves(qs.layers)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     held_out = jax.random.randint(jax.random.PRNGKey(9), (4, 16), 0, 64)
 
     def kl(student, w):
