@@ -50,6 +50,11 @@ def test_kernels_per_shard_equal_unsharded(mesh_results):
         assert r["all_gather"] == 0, r          # per shard: no operand is gathered
 
 
+def test_quantized_experts_under_mesh(mesh_results):
+    q = mesh_results["quant"]
+    assert q["amax_err"] < 1e-6 and q["err"] < 1e-5, q
+
+
 # ------------------------------------------------------------------ rules table (no devices needed)
 MESH = AbstractMesh((2, 2, 2, 1), shd.MESH_AXES)
 SMALL = ej.NemotronHConfig(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*-E", num_attention_heads=4,

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .. import kernels
+from ..quant.formats import fp8_with_scale
+from ..quant.qweight import QWeight
 from ..sharding import current_rules, mesh_axes_for
 from .layers import ElasticLayer, relu2, route
 
@@ -43,8 +45,9 @@ def _spec(axes):
     return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, impl):
-    """relu² FFN of each row with its local expert (id E_local = padding row -> zero output)."""
+def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, impl, down_scale=None):
+    """relu² FFN of each row with its local expert (id E_local = padding row -> zero output);
+    `down_scale`: the FP8 input scale of a fake-quantized down projection (elastic_jax.quant)."""
     E = up_EDI.shape[0]
     order = jnp.argsort(local_e_R)
     group_sizes = jnp.bincount(local_e_R, length=E + 1)[:E].astype(jnp.int32)
@@ -53,9 +56,11 @@ def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, imp
     h = relu2(h)
     if ffn_mask is not None:
         h = h * ffn_mask
-    o = kernels.gmm(h.astype(down_EID.dtype), down_EID, group_sizes, active_k=active_n, impl=impl,
-                    preferred_element_type=jnp.float32)
-    return jnp.zeros_like(o).at[order].set(o)
+    h = h.astype(down_EID.dtype)
+    if down_scale is not None:
+        h = fp8_with_scale(h, down_scale)
+    o = kernels.gmm(h, down_EID, group_sizes, active_k=active_n, impl=impl, preferred_element_type=jnp.float32)
+    return jnp.zeros_like(o).at[order].set(o), jnp.max(jnp.abs(h.astype(jnp.float32)))
 
 
 def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
@@ -63,6 +68,17 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
     rules = current_rules()
     T, D = x_TD.shape
     E, _, I = p["up_proj"].shape
+    # fake-quantized experts (QWeight): the per-tensor FP8 input scale of the up projection is
+    # elementwise, so it applies to the tokens before dispatch; the down one inside, per shard
+    up_q, down_q = (w if isinstance(w, QWeight) else None for w in (p["up_proj"], p["down_proj"]))
+    w_up = p["up_proj"] if up_q is None else up_q.w
+    w_down = p["down_proj"] if down_q is None else down_q.w
+    # as QWeight.quantize_input: calibration (observe) measures the inputs and quantizes nothing;
+    # routing always sees the unquantized tokens
+    if up_q is not None and up_q.observe is not None:
+        up_q.observe(x_TD)              # every token is dispatched k times: same amax as the rows
+    up_scale = None if up_q is None or up_q.observe is not None else up_q.input_scale
+    down_scale = None if down_q is None or down_q.observe is not None else down_q.input_scale
     tok_axes = mesh_axes_for("batch", T, mesh, rules)
     ex_axes = tuple(a for a in mesh_axes_for("experts", E, mesh, rules))
     mlp_axes = tuple(a for a in mesh_axes_for("expert_mlp", I, mesh, rules) if a not in tok_axes + ex_axes)
@@ -77,13 +93,15 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
     E_loc, I_loc = E // n_ex, I // n_mlp
     Kk = cfg.num_experts_per_tok
 
-    def body(x, gate, bias, up, down, el_loc):
+    def body(x, gate, bias, up, down, el_loc, up_scale, down_scale):
         T_loc = x.shape[0]
         idx_TK, w_TK = route({"gate": gate, "e_score_correction_bias": bias}, x, cfg, el_loc)
         flat = idx_TK.reshape(-1)
         order = jnp.argsort(flat)
         sorted_e = flat[order]
         rows = x[order // Kk]                                               # [C, D], C = T_loc·k
+        if up_scale is not None:
+            rows = fp8_with_scale(rows, up_scale)
         C = rows.shape[0]
         ffn_mask = active_n = None
         if el_loc is not None:
@@ -100,23 +118,29 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
             name = _spec(a2a_axes)
             recv = jax.lax.all_to_all(send, name, 0, 0)
             recv_e = jax.lax.all_to_all(send_e, name, 0, 0)
-            out = _local_experts(recv.reshape(n_ex * C, D), recv_e.reshape(-1), up, down, ffn_mask, active_n, impl)
+            out, h_amax = _local_experts(recv.reshape(n_ex * C, D), recv_e.reshape(-1), up, down, ffn_mask,
+                                         active_n, impl, down_scale)
             back = jax.lax.all_to_all(out.reshape(n_ex, C, D), name, 0, 0)
             out_sorted = back[dest, pos]
         else:
             e0 = _linear_index(sum_axes, mesh) * E_loc
             local = sorted_e - e0
             local = jnp.where((local >= 0) & (local < E_loc), local, E_loc)
-            out_sorted = _local_experts(rows, local, up, down, ffn_mask, active_n, impl)
+            out_sorted, h_amax = _local_experts(rows, local, up, down, ffn_mask, active_n, impl, down_scale)
         unsorted = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(T_loc, Kk, D)
         y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
         red = sum_axes + mlp_axes
-        return jax.lax.psum(y, red) if red else y
+        return (jax.lax.psum(y, red) if red else y), jax.lax.pmax(h_amax, tuple(mesh.axis_names))
 
     el_spec = None
     if el is not None:
         el_spec = ElasticLayer(ffn_mask=P(_spec(mlp_axes)), active_ffn=P(), expert_counts=P(), expert_probs=P())
     in_specs = (P(_spec(tok_axes), None), P(), P(),
                 P(_spec(ex_axes), None, _spec(mlp_axes)), P(_spec(ex_axes), _spec(mlp_axes), None), el_spec)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(_spec(tok_axes), None), check_vma=False)
-    return fn(x_TD, p["gate"], p["e_score_correction_bias"], p["up_proj"], p["down_proj"], el)
+    in_specs = in_specs + tuple(None if v is None else P() for v in (up_scale, down_scale))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(P(_spec(tok_axes), None), P()),
+                       check_vma=False)
+    y, h_amax = fn(x_TD, p["gate"], p["e_score_correction_bias"], w_up, w_down, el, up_scale, down_scale)
+    if down_q is not None and down_q.observe is not None:     # calibration: amax of the down inputs
+        down_q.observe(h_amax)
+    return y

@@ -166,8 +166,13 @@ class TrainConfig:
     activation_sharding: bool = True
     sharding_rules: tuple = ()
     sharding_tolerance: float = 0.02
+    # quantization-aware distillation (spec §10): "fp8" | "nvfp4" trains the fake-quantized student
+    # (fixed scales from the parent, straight-through gradients) against the frozen teacher
+    qad: str | None = None
 
     def __post_init__(self):
+        if self.qad not in (None, "fp8", "nvfp4"):
+            _bad("TrainConfig", "qad", self.qad, "must be None, 'fp8' or 'nvfp4'")
         try:
             rules = tuple(rules_dict(self.sharding_rules).items())
         except (TypeError, ValueError) as e:

@@ -150,10 +150,38 @@ def kernel_checks(out):
         print(out["kernels"][-1], flush=True)
 
 
+def quant_checks(out):
+    """Fake-quantized experts (QWeight, elastic_jax.quant) through the expert-parallel MoE: output
+    within FP8 rounding flips of one device, calibration amaxes equal."""
+    from elastic_jax.model.layers import Context, moe_mixer
+    from elastic_jax.quant.qweight import QWeight
+    p = ej.init_params(CFG, jax.random.PRNGKey(0))["layers"][3]["mixer"]
+    x = jax.random.normal(jax.random.PRNGKey(1), (B, L, CFG.hidden_size))
+
+    def quantized(observe=None):
+        return dict(p, up_proj=QWeight(p["up_proj"], jnp.float32(0.01), observe),
+                    down_proj=QWeight(p["down_proj"], jnp.float32(0.002), observe))
+
+    def amaxes(x):
+        seen = []
+        moe_mixer(quantized(lambda v: seen.append(jnp.max(jnp.abs(v.astype(jnp.float32))))), x, CFG, None,
+                  Context(), None)
+        return jnp.stack(seen)
+    fwd = jax.jit(lambda q, x: moe_mixer(q, x, CFG, None, Context(), None)[0])
+    ref, ref_amax = fwd(quantized(), x), jax.jit(amaxes)(x)
+    with jax.set_mesh(make_mesh(MeshConfig(1, 2, 2, 2))):
+        got, got_amax = fwd(quantized(), x), jax.jit(amaxes)(x)
+    out["quant"] = {"err": float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref))),
+                    "amax_err": max_err(got_amax, ref_amax)}
+    print(out["quant"], flush=True)
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     result = {"model": [], "kernels": []}
-    which = sys.argv[2:] or ["model", "kernels"]
+    which = sys.argv[2:] or ["model", "kernels", "quant"]
+    if "quant" in which:
+        quant_checks(result)
     if "kernels" in which:
         kernel_checks(result)
     if "model" in which:
