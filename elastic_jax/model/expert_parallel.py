@@ -73,6 +73,7 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
     up_q, down_q = (w if isinstance(w, QWeight) else None for w in (p["up_proj"], p["down_proj"]))
     w_up = p["up_proj"] if up_q is None else up_q.w
     w_down = p["down_proj"] if down_q is None else down_q.w
+    observing = down_q is not None and down_q.observe is not None
     # as QWeight.quantize_input: calibration (observe) measures the inputs and quantizes nothing;
     # routing always sees the unquantized tokens
     if up_q is not None and up_q.observe is not None:
@@ -130,7 +131,10 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
         unsorted = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(T_loc, Kk, D)
         y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
         red = sum_axes + mlp_axes
-        return (jax.lax.psum(y, red) if red else y), jax.lax.pmax(h_amax, tuple(mesh.axis_names))
+        y = jax.lax.psum(y, red) if red else y
+        if not observing:
+            return y, jnp.zeros((), jnp.float32)
+        return y, jax.lax.pmax(jax.lax.stop_gradient(h_amax), tuple(mesh.axis_names))   # calibration only
 
     el_spec = None
     if el is not None:
@@ -141,6 +145,6 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
     fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(P(_spec(tok_axes), None), P()),
                        check_vma=False)
     y, h_amax = fn(x_TD, p["gate"], p["e_score_correction_bias"], w_up, w_down, el, up_scale, down_scale)
-    if down_q is not None and down_q.observe is not None:     # calibration: amax of the down inputs
+    if observing:                     # calibration: amax of the down inputs
         down_q.observe(h_amax)
     return y
