@@ -30,6 +30,7 @@ import optax
 
 from ..config import NemotronHConfig
 from ..model.decoder import final_hidden
+from ..model.policy import ComputePolicy
 from .losses import chunked_ce, chunked_kl, masked_mean, next_token_targets
 
 MODES = ("elastic", "kd", "lm")
@@ -48,6 +49,7 @@ class StepSpec:
     microbatches: int = 1
     freeze_model: bool = False
     freeze_router: bool = False
+    policy: ComputePolicy | None = None     # runtime knobs of student and teacher (None: from the config)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -89,7 +91,8 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         aux["expected"] = ecost.expected_widths(rout, ecfg, cfg)
     else:
         widths, bl = None, jnp.zeros((), jnp.float32)
-    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids), act_sharding)
+    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, policy=spec.policy),
+                     act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)
         task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk), mask)
@@ -122,7 +125,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
                 x_t = w_t = None
             else:
                 x_t = jax.lax.stop_gradient(_constrain(
-                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg), act_sharding))
+                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg,
+                                 policy=spec.policy), act_sharding))
                 w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             (loss, aux), g = jax.value_and_grad(micro_loss, argnums=1, has_aux=True)(
                 spec, trainable, x_t, w_t, tokens, seg, k_route, bidx, tau, scale, act_sharding)
