@@ -146,7 +146,7 @@ def test_train_step_with_scan_equals_without(setup):
         return jax.jit(make_step(spec, tx))(state, params, batch, jnp.int32(0), jnp.float32(1.0),
                                             jnp.float32(1.0), jnp.asarray([0.5, 0.5]), jax.random.PRNGKey(0))
 
-    (sa, ma), (sb, mb) = run(None), run(ej.ComputePolicy(scan_layers=True, remat="minimal"))
+    (sa, ma), (sb, mb) = run(None), run(SCAN)
     np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-5)
     np.testing.assert_allclose(mb["grad_norm"], ma["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])):
