@@ -124,27 +124,22 @@ def test_remat_policy_names():
 
 
 def test_train_step_with_scan_equals_without(setup):
-    from elastic_jax.elastic.config import ElasticConfig
-    from elastic_jax.elastic.router import init_router
+    """The jitted training step (LM mode: masked scans are covered by the gradient test above)."""
     from elastic_jax.train.config import OptimConfig
     from elastic_jax.train.optim import make_optimizer
     from elastic_jax.train.step import StepSpec, make_step
     params, tokens, _ = setup
-    half = (1.0, 0.5)
-    ecfg = ElasticConfig(budgets=half, router_dim=8, hidden_options=half, mamba_options=half, ffn_options=half,
-                         moe_expert_options=half, moe_ffn_options=half)
     # eps = 1: Adam's first update is ~ lr·g (linear in the gradient, not lr·sign(g)), so the new
     # parameters compare the gradients themselves
     tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, eps=1.0), 10)
-    router = init_router(CFG, ecfg, jax.random.PRNGKey(3))
     batch = {"tokens": tokens[None], "segment_ids": jnp.ones((1,) + tokens.shape, jnp.int32)}
 
     def run(policy):
-        spec = StepSpec("elastic", CFG, CFG, ecfg, microbatches=1, vocab_chunk=None, policy=policy)
-        state = {"params": params, "router": router}
+        spec = StepSpec("lm", CFG, microbatches=1, vocab_chunk=None, freeze_router=True, policy=policy)
+        state = {"params": params, "router": {}}
         state["opt_state"] = tx.init(state)
-        return jax.jit(make_step(spec, tx))(state, params, batch, jnp.int32(0), jnp.float32(1.0),
-                                            jnp.float32(1.0), jnp.asarray([0.5, 0.5]), jax.random.PRNGKey(0))
+        return jax.jit(make_step(spec, tx))(state, None, batch, jnp.int32(0), jnp.float32(1.0),
+                                            jnp.float32(1.0), jnp.asarray([1.0]), jax.random.PRNGKey(0))
 
     (sa, ma), (sb, mb) = run(None), run(SCAN)
     np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-5)
