@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import NemotronHConfig
 from ..widths import SoftWidths, Widths, as_soft, max_count, norm_correction, prefix_mask
+from ..quant.state import apply_layer
 from .layers import MIXERS, Context, ElasticLayer, rms_norm
 from .policy import ComputePolicy, remat_policy, resolve_policy
 from .scan import scan_blocks, stack_layers, unstack_layers, unstackable_reason
@@ -59,7 +60,10 @@ def _scan_fallback(params, cfg: NemotronHConfig, ctx: Context, cache) -> str | N
         return "ComputePolicy.scan_layers is False"
     if cache is not None:
         return "decoding with a cache runs the unrolled loop"
-    reason = unstackable_reason(params["layers"], cfg)
+    if ctx.quant is not None:
+        reason = "fake quantization (QAD) indexes its scales per layer"
+    else:
+        reason = unstackable_reason(params["layers"], cfg)
     if reason is not None:
         warnings.warn(f"scan_layers: running the layers unrolled: {reason}", stacklevel=4)
     return reason
@@ -98,8 +102,9 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
             return f
         # a per-layer list is stacked here, inside the traced function: one copy of the layer
         # parameters per call (its gradient: one slice per layer); pass stacked params to avoid it
-        h, hs = scan_blocks(h, stack_layers(params, cfg)["layers"], cfg, None if sw is None else sw.layers, {c: apply(c) for c in set(cfg.pattern)},
-                            remat_policy=policy, remat=remat, return_hidden=return_hidden)
+        h, hs = scan_blocks(h, stack_layers(params, cfg)["layers"], cfg, None if sw is None else sw.layers,
+                            {c: apply(c) for c in set(cfg.pattern)}, remat_policy=policy, remat=remat,
+                            return_hidden=return_hidden)
         hiddens = [hs[i] for i in range(cfg.num_hidden_layers)] if return_hidden else []
         new_cache = None
     else:
@@ -110,6 +115,8 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
         for i, char in enumerate(cfg.pattern):
             lp = layers[i]
             el = None if sw is None else _layer_masks(cfg, sw, char, kinds[i], lp["mixer"])
+            if ctx.quant is not None:   # fixed-scale fake quantization of the projections (spec §10)
+                lp = {"norm": lp["norm"], "mixer": apply_layer(lp["mixer"], ctx.quant, i)}
             run = jax.checkpoint(block, policy=policy, static_argnums=(4,)) if remat else block
             out, c = run(h, lp, el, None if cache is None else cache[i], char)
             gate = None if sw is None else sw.layers[i].astype(out.dtype)
@@ -130,11 +137,12 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
 
 
 def forward(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-            segment_ids=None, policy: ComputePolicy | None = None):
+            segment_ids=None, policy: ComputePolicy | None = None, quant=None):
     """Logits f32 [B, L, vocab] of the (masked) model. `segment_ids` [B, L]: packed documents
-    (attention, conv and SSM state do not cross boundaries); id 0 marks padding."""
+    (attention, conv and SSM state do not cross boundaries); id 0 marks padding. `quant`: an
+    `elastic_jax.quant.QuantState` (FP8 / NVFP4 simulated with its fixed scales)."""
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy))
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
     logits, _ = _run(params, tokens, cfg, widths, ctx, None)
     return logits
 
@@ -172,44 +180,46 @@ def init_cache(cfg: NemotronHConfig, batch: int, max_len: int, params=None, dtyp
     return Cache(layers=layers, pos=jnp.zeros((), jnp.int32), max_len=max_len)
 
 
-def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None):
+def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, quant=None):
     L = tokens.shape[1]
     if not isinstance(cache.pos, jax.core.Tracer) and int(cache.pos) + L > cache.max_len:
         raise ValueError(f"cache overflow: position {int(cache.pos)} + {L} new tokens > max_len={cache.max_len}")
     ctx = Context(valid=valid, positions=cache.pos + jnp.arange(L), decoding=True,
-                  policy=resolve_policy(cfg, policy))
+                  policy=resolve_policy(cfg, policy), quant=quant)
     logits, layers = _run(params, tokens, cfg, widths, ctx, cache.layers)
     return logits, Cache(layers=layers, pos=cache.pos + L, max_len=cache.max_len)
 
 
 def prefill(params, tokens, cfg: NemotronHConfig, widths=None, *, max_len: int, valid=None, cache=None,
-            policy: ComputePolicy | None = None):
+            policy: ComputePolicy | None = None, quant=None):
     """Run the prompt [B, L] (left-padded rows marked by `valid` False) into a fresh cache of
     `max_len` positions. Returns (logits [B, L, V], cache)."""
     if tokens.shape[1] > max_len:
         raise ValueError(f"prompt length {tokens.shape[1]} exceeds the context max_len={max_len}")
     if cache is None:
         cache = init_cache(cfg, tokens.shape[0], max_len, params, dtype=params["embed"].dtype)
-    return _cached(params, tokens, cfg, widths, cache, valid, policy)
+    return _cached(params, tokens, cfg, widths, cache, valid, policy, quant)
 
 
-def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None):
+def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,
+                quant=None):
     """Append tokens [B, T] (usually T = 1) to the cache. Returns (logits [B, T, V], cache)."""
-    return _cached(params, tokens, cfg, widths, cache, None, policy)
+    return _cached(params, tokens, cfg, widths, cache, None, policy, quant)
 
 
 def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-                 segment_ids=None, policy: ComputePolicy | None = None):
+                 segment_ids=None, policy: ComputePolicy | None = None, quant=None):
     """Final normed (and hidden-masked) states [B, L, D] in the parameter dtype: `forward` without
     the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train)."""
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy))
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
     x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False)
     return x
 
 
-def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None):
+def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,
+                  quant=None):
     """Residual stream after every layer (list of [B, L, D]) and the logits."""
-    ctx = Context(policy=resolve_policy(cfg, policy))
+    ctx = Context(policy=resolve_policy(cfg, policy), quant=quant)
     logits, hiddens = _run(params, tokens, cfg, widths, ctx, None, return_hidden=True)
     return logits, hiddens
