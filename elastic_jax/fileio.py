@@ -86,6 +86,34 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a)
 
 
+def save_safetensors(arrays: dict, path: str, metadata: dict | None = None) -> None:
+    """`safetensors.numpy.save_file`, with its I/O failures (a full or read-only disk) raised as
+    the OSError they are (safetensors reports them as SafetensorError "... (os error 28)")."""
+    import safetensors.numpy as stn
+    from safetensors import SafetensorError
+    try:
+        stn.save_file(arrays, path, metadata=metadata)
+    except SafetensorError as e:
+        m = re.search(r"os error (\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), path) from None
+
+
+def _normal_permissions(folder: str) -> None:
+    """What `mkdir` / `open` give under the umask (mkdtemp and some writers use 0700 / 0600)."""
+    m = _umask()
+    os.chmod(folder, 0o777 & ~m)
+    for dirpath, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~m)
+        for f in files:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~m)
+
+
 def clean_stale(directory: str) -> list[str]:
     """Remove (and report) leftovers of interrupted writes of `directory` by dead processes; put a
     previous folder that a crash left aside back in place when `directory` is missing."""
@@ -148,11 +176,12 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
     target = check_target(directory, owned=owned, overwrite=overwrite, protect=protect, what=what)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
-    clean_stale(target)
+    if clean_stale(target):     # a previous folder may be back in place: check the target again
+        check_target(target, owned=owned, overwrite=overwrite, protect=protect, what=what)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        _normal_permissions(tmp)
         # re-check: the target may have changed while we wrote
         check_target(target, owned=owned, overwrite=overwrite, protect=protect, what=what)
         if not os.path.lexists(target):

@@ -765,7 +765,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
 def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, n_tensors: int,
                     progress: bool) -> None:
     """The files of an HF checkpoint into the (empty, temporary) folder `tmp`."""
-    from safetensors.numpy import save_file
+    from .fileio import save_safetensors
     names = ([SAFE_SINGLE] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     weight_map, total = {}, 0
@@ -780,7 +780,7 @@ def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, 
             weight_map[key] = name
             total += a.nbytes
             bar.update(1)
-        save_file(arrays, os.path.join(tmp, name), metadata={"format": "pt"})
+        save_safetensors(arrays, os.path.join(tmp, name), metadata={"format": "pt"})
         del arrays
     bar.close()
     if len(shards) > 1:

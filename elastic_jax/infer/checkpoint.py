@@ -14,11 +14,11 @@ import os
 
 import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from ..config import NemotronHConfig
 from ..errors import HFCheckpointError, JSONFileError, json_field, read_json
-from ..fileio import atomic_folder, owned_names
+from ..fileio import atomic_folder, owned_names, save_safetensors
 from ..widths import WIDTH_AXES, Widths
 
 AXES = tuple(WIDTH_AXES) + ("layers",)
@@ -87,14 +87,14 @@ def save_nested(directory: str, cfg: NemotronHConfig, params, budgets: dict[str,
     with atomic_folder(directory, owned=NESTED_FILES, overwrite=True, what="save_nested") as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
-        save_file(flatten(params), os.path.join(tmp, "model.safetensors"))
+        save_safetensors(flatten(params), os.path.join(tmp, "model.safetensors"))
         meta = {"budgets": [{"name": n, "fraction": None if fractions is None else fractions.get(n),
                              "widths": widths_to_dict(w)} for n, w in budgets.items()],
                 "elastic": None if elastic_cfg is None else elastic_cfg.to_dict()}
         with open(os.path.join(tmp, "budgets.json"), "w") as f:
             json.dump(meta, f, indent=1)
         if router_params:
-            save_file(flatten(router_params), os.path.join(tmp, "router.safetensors"))
+            save_safetensors(flatten(router_params), os.path.join(tmp, "router.safetensors"))
         if tokenizer is not None:
             tokenizer.save(os.path.join(tmp, "tokenizer.json"))
     return {f: os.path.getsize(os.path.join(directory, f)) for f in sorted(os.listdir(directory))}
@@ -106,7 +106,7 @@ def save_standalone(directory: str, cfg: NemotronHConfig, params) -> int:
     with atomic_folder(directory, owned=NESTED_FILES, overwrite=True, what="save_standalone") as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=1)
-        save_file(flatten(params), os.path.join(tmp, "model.safetensors"))
+        save_safetensors(flatten(params), os.path.join(tmp, "model.safetensors"))
     return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
 
 

@@ -55,6 +55,9 @@ def _leaf_digest(x):
     return jnp.stack([jnp.sum(bits * w, dtype=jnp.uint32), jnp.sum(bits ^ w, dtype=jnp.uint32)])
 
 
+_digests = jax.jit(lambda leaves: [_leaf_digest(x) for x in leaves])
+
+
 def params_fingerprint(tree) -> str | None:
     """A short hex digest of a parameter tree (structure, shapes, dtypes and every value's bits),
     computed on device (no host copy of the weights): the teacher's identity in what resume
@@ -62,7 +65,7 @@ def params_fingerprint(tree) -> str | None:
     if tree is None:
         return None
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    sums = np.asarray(jax.device_get(jax.jit(lambda ls: [_leaf_digest(x) for x in ls])(leaves)))
+    sums = np.asarray(jax.device_get(_digests(leaves)))
     h = hashlib.sha256(str(treedef).encode())
     for x, s in zip(leaves, sums):
         h.update(f"{tuple(x.shape)}{jnp.dtype(x.dtype).name}".encode())
