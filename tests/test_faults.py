@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -432,13 +431,16 @@ def compile_cache(tmp_path_factory):
     same step program again, which then costs a cache read instead of an XLA compile."""
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
             "jax_persistent_cache_min_entry_size_bytes")
+    from jax.experimental.compilation_cache import compilation_cache as cc
     old = {k: getattr(jax.config, k) for k in keys}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()                    # the cache is set up once per process: re-read the config
     yield
     for k, v in old.items():
         jax.config.update(k, v)
+    cc.reset_cache()
 
 
 def _lm_setup(lr, steps=2, seed=0):
