@@ -54,8 +54,9 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size=128, initial_state=None, seq_idx=N
 
 
 def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None, impl=None,
-        preferred_element_type=None):
-    """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n]."""
+        preferred_element_type=None, precision=None):
+    """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n]. `precision`: of the
+    XLA path (`ragged_dot`; None = HIGHEST); the Pallas kernel always accumulates in f32."""
     impl = _resolve(impl)
     out_dtype = preferred_element_type or jax.numpy.promote_types(lhs.dtype, rhs.dtype)
     if impl == "pallas":
@@ -63,7 +64,7 @@ def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=No
         return gmm_pallas(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
                           active_n=active_n, preferred_element_type=out_dtype)
     return gmm_reference(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
-                         active_n=active_n, preferred_element_type=out_dtype)
+                         active_n=active_n, preferred_element_type=out_dtype, precision=precision)
 
 
 __all__ = ["ssd", "gmm", "ssd_chunked", "ssd_scan", "gmm_reference", "active_head_mask",

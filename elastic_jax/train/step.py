@@ -48,6 +48,7 @@ class StepSpec:
     microbatches: int = 1
     freeze_model: bool = False
     freeze_router: bool = False
+    policy: Any = None               # ComputePolicy of teacher and student (None: from the configs)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -89,13 +90,15 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         aux["expected"] = ecost.expected_widths(rout, ecfg, cfg)
     else:
         widths, bl = None, jnp.zeros((), jnp.float32)
-    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids), act_sharding)
+    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, policy=spec.policy),
+                     act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)
-        task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk), mask)
+        task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk, policy=spec.policy),
+                           mask)
     else:
         kl = chunked_kl(x_teacher, w_teacher, x_s, params["lm_head"], temperature=spec.temperature,
-                        chunk=spec.vocab_chunk)
+                        chunk=spec.vocab_chunk, policy=spec.policy)
         task = masked_mean(kl, valid)
     lam = spec.elastic_cfg.budget_weight if spec.mode == "elastic" else 0.0
     loss = task + lam * bl
@@ -122,7 +125,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
                 x_t = w_t = None
             else:
                 x_t = jax.lax.stop_gradient(_constrain(
-                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg), act_sharding))
+                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg, policy=spec.policy),
+                    act_sharding))
                 w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             (loss, aux), g = jax.value_and_grad(micro_loss, argnums=1, has_aux=True)(
                 spec, trainable, x_t, w_t, tokens, seg, k_route, bidx, tau, scale, act_sharding)
