@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from ._common import compile_target, target_platform
 from .reference import active_head_mask, gmm_reference, ssd_chunked, ssd_scan
 
 IMPLS = ("xla", "pallas")
@@ -31,7 +32,7 @@ def default_impl() -> str:
     env = os.environ.get("ELASTIC_JAX_KERNEL_IMPL")
     if env:
         return env
-    return "pallas" if jax.default_backend() in VALIDATED_PALLAS_PLATFORMS else "xla"
+    return "pallas" if target_platform() in VALIDATED_PALLAS_PLATFORMS else "xla"
 
 
 def _resolve(impl):
@@ -68,4 +69,4 @@ def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=No
 
 
 __all__ = ["ssd", "gmm", "ssd_chunked", "ssd_scan", "gmm_reference", "active_head_mask",
-           "default_impl", "IMPLS"]
+           "default_impl", "IMPLS", "compile_target", "target_platform"]

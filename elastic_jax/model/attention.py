@@ -24,7 +24,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from ..kernels import target_platform
 
 IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
 AUTO_DIRECT_MAX = 1024 * 1024      # L·S below which "auto" on CPU keeps the one-einsum reference
@@ -157,10 +158,38 @@ def _splash_block(L: int) -> int | None:
     return None
 
 
+def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
+    """Mesh axes (in mesh order) whose product divides the batch: the data-parallel split."""
+    axes, n = [], 1
+    for name, size in mesh.shape.items():
+        if size > 1 and batch % (n * size) == 0:
+            axes.append(name)
+            n *= size
+    return tuple(axes)
+
+
 def splash_attention(q, k, v, seg=None, *, scale, interpret: bool | None = None):
     """Causal self-attention (q_pos = k_pos = arange(L)) through the Pallas TPU splash kernel:
     one MQA kernel per kv group (GQA), vmapped over batch and kv heads. L must be a multiple of 128.
-    `interpret` defaults to True off TPU."""
+    `interpret` defaults to True off TPU. Under a context mesh (`jax.set_mesh`) of several devices
+    the kernel runs per shard inside `shard_map` (a Mosaic call cannot be partitioned by GSPMD),
+    the batch split over the mesh axes that divide it, heads and sequence whole on every shard."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.size > 1:
+        from jax.sharding import PartitionSpec as P
+        axes = _batch_axes(mesh, q.shape[0])
+        b = None if not axes else axes[0] if len(axes) == 1 else axes
+        local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+        seg_spec = None if seg is None else P(b, None)
+        fn = jax.shard_map(lambda q, k, v, s: local(q, k, v, s), mesh=mesh,
+                           in_specs=(P(b, None, None, None, None), P(b, None, None, None), P(b, None, None, None),
+                                     seg_spec),
+                           out_specs=P(b, None, None, None, None), check_vma=False)
+        return fn(q, k, v, seg)
+    return _splash_local(q, k, v, seg, scale=scale, interpret=interpret)
+
+
+def _splash_local(q, k, v, seg, *, scale, interpret):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     B, L, K, R, D = q.shape
@@ -168,7 +197,7 @@ def splash_attention(q, k, v, seg=None, *, scale, interpret: bool | None = None)
     if blk is None or k.shape[1] != L:
         raise ValueError(f"splash attention needs self-attention with L a multiple of 128, got L={L}, S={k.shape[1]}")
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = target_platform() != "tpu"
     sizes = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                           block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
     mask = sa.MultiHeadMask([sa.CausalMask((L, L))] * R)
@@ -203,7 +232,7 @@ def pick_impl(impl: str, *, L: int, S: int, self_attention: bool, segments: bool
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend == "tpu" and self_attention and _splash_block(L) is not None:
         return "splash"
     if (backend in ("gpu", "cuda") and self_attention and not segments
