@@ -124,9 +124,11 @@ class CompileReport:
     lower_seconds: float = 0.0
     compile_seconds: float = 0.0
     error: str | None = None
+    compiled: Any = dataclasses.field(default=None, repr=False, compare=False)   # the executable (HLO: .as_text())
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The numbers (JSON-able), without the executable."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "compiled"}
 
     def gib(self, field: str) -> float | None:
         v = getattr(self, field)
@@ -188,7 +190,8 @@ def compile_report(fn: Callable, *args, available_bytes: int | None = None, plat
         fits=available_bytes is None or total <= available_bytes, argument_bytes=arg, output_bytes=out,
         temp_bytes=tmp, alias_bytes=alias, code_bytes=int(mem.generated_code_size_in_bytes), total_bytes=total,
         required_bytes=total, available_bytes=available_bytes, flops=cost.get("flops"),
-        bytes_accessed=cost.get("bytes accessed"), lower_seconds=t1 - t0, compile_seconds=t2 - t1)
+        bytes_accessed=cost.get("bytes accessed"), lower_seconds=t1 - t0, compile_seconds=t2 - t1,
+        compiled=compiled)
 
 
 __all__ = ["CompileReport", "compile_report", "compile_target", "tpu_mesh", "tpu_devices", "abstract", "abstract_tree", "hbm_bytes",
