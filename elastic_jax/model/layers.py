@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import kernels
+from ..quant.qweight import unwrap
 from ..config import NemotronHConfig
 from .attention import attend
 from .policy import ComputePolicy
@@ -50,11 +51,15 @@ class Context:
     positions: Any = None     # [L] absolute positions of the new tokens (cache mode)
     decoding: bool = False    # cache mode: read/write the layer caches
     policy: ComputePolicy = ComputePolicy()   # runtime knobs (dtypes, kernels, remat)
+    quant: Any = None         # elastic_jax.quant.QuantState: fake-quantized projections (spec §10)
 
 
 def dense(x, w, policy: ComputePolicy | None = None):
     """x [..., in] @ w [in, out] with f32 accumulation, operands and result in the policy's compute
-    dtype (default: the parameter dtype) at its matmul precision (ComputePolicy.lax_precision)."""
+    dtype (default: the parameter dtype) at its matmul precision (ComputePolicy.lax_precision). A
+    quantized weight (`QWeight`) fake-quantizes x with its static input scale first, as an FP8
+    kernel would."""
+    x, w = unwrap(x, w)
     pol = _DEFAULT_POLICY if policy is None else policy
     dt = pol.dtype_for(w.dtype)
     return jnp.einsum("...i,io->...o", x.astype(dt), w.astype(dt), precision=pol.lax_precision(dt),
@@ -256,14 +261,16 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
     rows = x_TD[order // Kk]                                                      # [T·k, D] sorted by expert
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     active_n = None if el is None else el.active_ffn
-    cdt = ctx.policy.dtype_for(p["up_proj"].dtype)        # expert matmuls: compute dtype, f32 accumulation
+    rows, w_up = unwrap(rows, p["up_proj"])
+    cdt = ctx.policy.dtype_for(w_up.dtype)                # expert matmuls: compute dtype, f32 accumulation
     prec = ctx.policy.lax_precision(cdt)
-    h = kernels.gmm(rows.astype(cdt), p["up_proj"].astype(cdt), group_sizes, active_n=active_n,
+    h = kernels.gmm(rows.astype(cdt), w_up.astype(cdt), group_sizes, active_n=active_n,
                     impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
     h = relu2(h)
     if el is not None:
         h = h * el.ffn_mask
-    o = kernels.gmm(h.astype(cdt), p["down_proj"].astype(cdt), group_sizes, active_k=active_n,
+    h, w_down = unwrap(h.astype(cdt), p["down_proj"])
+    o = kernels.gmm(h.astype(cdt), w_down.astype(cdt), group_sizes, active_k=active_n,
                     impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
     unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, D)
     y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
