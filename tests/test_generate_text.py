@@ -213,3 +213,18 @@ def test_cli_streams_and_writes_json(folders, tmp_path, capsys):
     assert set(recs[0]["phases"]) == {"think", "answer"} and recs[0]["phases"]["answer"]["tokens_per_s"] > 0
     rc = main(["generate", d, "--prompt", "hello", "--think", "30%"])
     assert rc == 2 and "not in this checkpoint's budget table" in capsys.readouterr().err
+
+
+def test_task_checkpoint_chat_template(tmp_path):
+    """The pipeline's nested checkpoint carries the task tokenizer and a chat template whose
+    rendering of the digits is exactly the task prompt."""
+    from elastic_jax.infer.chat import ChatTokenizer
+    from elastic_jax.tasks import TaskTokenizer, make_problems, prompt_text
+    task = TaskTokenizer.default()
+    task.save(str(tmp_path))
+    task.save_config(str(tmp_path))
+    tok = ChatTokenizer.load(tmp_path)
+    p = make_problems(0, 1, "test")[0]
+    digits = prompt_text(p).split(" ", 1)[1].rsplit(" ", 1)[0]          # "a 3 b 7 ..."
+    assert tok.encode_chat([{"role": "user", "content": digits}]) == task.encode(prompt_text(p))
+    assert tok.end_think_id == task.end_think_id and tok.special["eos_token"] == "<eos>"

@@ -5,7 +5,7 @@ Folder layout (what `elastic-jax eval` reads):
   model.safetensors    the permuted, elastically distilled parameters (flattened "layers.3.mixer.x_proj")
   budgets.json         {"budgets": [{"name", "fraction", "widths": {axis: value}}], "elastic": ElasticConfig dict}
   router.safetensors   the budget router (optional; a few KiB, the spec's epsilon_router)
-  tokenizer.json       the task tokenizer (optional)
+  tokenizer.json       the task tokenizer (optional), with tokenizer_config.json (its chat template)
 """
 from __future__ import annotations
 
@@ -91,6 +91,8 @@ def save_nested(directory: str, cfg: NemotronHConfig, params, budgets: dict[str,
         save_file(flatten(router_params), os.path.join(directory, "router.safetensors"))
     if tokenizer is not None:
         tokenizer.save(os.path.join(directory, "tokenizer.json"))
+        if hasattr(tokenizer, "save_config"):     # the chat template, for `elastic-jax generate`
+            tokenizer.save_config(directory)
     return {f: os.path.getsize(os.path.join(directory, f)) for f in sorted(os.listdir(directory))}
 
 
