@@ -212,8 +212,8 @@ class TextGenerator:
         row's new text after every token (per-token loop) instead of the compiled loop.
         latency_model(elastic_model, submodel, phase: TextPhase) -> seconds: fills
         `modeled_latency_s` (the reproduction's latency model plugs in here)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (dict, int, np.integer))):
+            prompts = [prompts]        # one prompt: text, one chat, or token ids
         if not prompts:
             raise ValueError("no prompts")
         if max_new_tokens <= 0:
