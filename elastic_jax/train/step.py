@@ -12,8 +12,10 @@ jittable function (spec §6.3, §7.2, §14.6-8; ANCHORS §7.8).
     x_s = student final hidden (masked), x_t = stop_gradient(teacher final hidden)
     loss_m = mean_tokens KL_T(teacher ‖ student) + λ · budget_loss(π, budgets[i])
 Gradients are averaged over the M micro-batches (lax.scan), clipped, and applied by the two-group
-optimizer (optim.py). A non-finite loss leaves the state unchanged and is reported in
-`metrics["finite"]`; the loop stops the run there (the last checkpoint stays intact).
+optimizer (optim.py). The NaN guard (`finite_checks`): a non-finite loss, gradient norm, update
+or new parameter leaves the whole state unchanged and is reported in `metrics["finite"]` (which
+check failed in `metrics["finite_checks"]`); the loop stops the run there, so the last
+checkpoint stays the last good, finite state.
 
 Modes: "elastic" (above), "kd" (fixed student, possibly a different config than the teacher: no
 router, no budget loss), "lm" (next-token cross-entropy, no teacher).
@@ -35,6 +37,7 @@ import optax
 
 from ..config import NemotronHConfig
 from ..model.decoder import final_hidden
+from ..model.policy import ComputePolicy
 from .losses import chunked_ce, chunked_kl, masked_mean, next_token_targets
 
 MODES = ("elastic", "kd", "lm")
@@ -54,6 +57,7 @@ class StepSpec:
     freeze_model: bool = False
     freeze_router: bool = False
     quant: Any = None             # elastic_jax.quant.QuantSpec: QAD (state["quant"] holds the scales)
+    policy: ComputePolicy | None = None     # runtime knobs of student and teacher (None: from the config)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -102,8 +106,10 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         if x_teacher is None and spec.mode != "lm":   # QAD teacher: the frozen model at the same widths
             tw = None if widths is None else jax.lax.stop_gradient(widths)
             x_teacher = jax.lax.stop_gradient(_constrain(final_hidden(
-                teacher_params, tokens, spec.teacher_cfg, tw, segment_ids=segment_ids), act_sharding))
-    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs), act_sharding)
+                teacher_params, tokens, spec.teacher_cfg, tw, segment_ids=segment_ids, policy=spec.policy),
+                act_sharding))
+    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy),
+                     act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)
         task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk), mask)
@@ -115,6 +121,20 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
     loss = task + lam * bl
     aux.update(task=task, budget_loss=bl, tokens=jnp.sum(valid.astype(jnp.float32)))
     return loss, aux
+
+
+FINITE_CHECKS = ("loss", "grad_norm", "update", "params")
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def finite_checks(loss, grad_norm, updates, new_trainable) -> jax.Array:
+    """bool [4] in the order of FINITE_CHECKS: is each of loss, gradient norm, update and new
+    trainable state finite? The step is applied only when all are."""
+    return jnp.stack([jnp.isfinite(loss), jnp.isfinite(grad_norm), _all_finite(updates), _all_finite(new_trainable)])
 
 
 def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=None):
@@ -139,7 +159,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
                 w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             else:
                 x_t = jax.lax.stop_gradient(_constrain(
-                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg), act_sharding))
+                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg,
+                                 policy=spec.policy), act_sharding))
                 w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             (loss, aux), g = jax.value_and_grad(micro_loss, argnums=1, has_aux=True)(
                 spec, trainable, x_t, w_t, tokens, seg, k_route, bidx, tau, scale, act_sharding,
@@ -161,9 +182,11 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
         if spec.freeze_router:
             grads["router"] = jax.tree.map(jnp.zeros_like, grads["router"])
         loss = jnp.mean(per_mb["loss"])
-        finite = jnp.isfinite(loss)
+        grad_norm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], trainable)
         new_trainable = optax.apply_updates(trainable, updates)
+        checks = finite_checks(loss, grad_norm, updates, new_trainable)
+        finite = jnp.all(checks)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {"params": keep(new_trainable["params"], state["params"]),
                      "router": keep(new_trainable["router"], state["router"]),
@@ -172,9 +195,9 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
             new_state["quant"] = state["quant"]
         onehot = jax.nn.one_hot(per_mb["budget_idx"], nb, dtype=jnp.float32)          # [M, nb]
         metrics = {
-            "loss": loss, "finite": finite, "task": jnp.mean(per_mb["task"]),
+            "loss": loss, "finite": finite, "finite_checks": checks, "task": jnp.mean(per_mb["task"]),
             "budget_loss": jnp.mean(per_mb["budget_loss"]), "tokens": jnp.sum(per_mb["tokens"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "budget_idx": per_mb["budget_idx"], "mb_loss": per_mb["loss"],
             "task_by_budget": onehot.T @ per_mb["task"], "count_by_budget": jnp.sum(onehot, 0),
             "budget_loss_by_budget": onehot.T @ per_mb["budget_loss"],
