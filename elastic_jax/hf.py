@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -54,7 +55,8 @@ _KIND_NAMES = {"M": "Mamba2", "*": "attention", "-": "MLP", "E": "MoE"}
 # The top-level names `save_hf` writes: `overwrite` replaces a folder only if it holds nothing else.
 HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"model\.safetensors",
                               r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors",
-                              r"hf_quant_config\.json")
+                              r"hf_quant_config\.json", r"elastic_budgets\.json", r"tokenizer\.json",
+                              r"tokenizer_config\.json", r"special_tokens_map\.json", r"chat_template\.jinja")
 
 
 # ------------------------------------------------------------------------------------ table
@@ -732,7 +734,8 @@ def _parse_size(s) -> int:
 def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *, dtype=None,
             max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
             quantization: str | None = None, quant_state=None,
-            protect: Sequence[str | os.PathLike] = ()) -> str:
+            protect: Sequence[str | os.PathLike] = (), budgets=None,
+            tokenizer_dir: str | os.PathLike | None = None) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
     `transformers.NemotronHForCausalLM.from_pretrained(directory)` loads with the same logits.
 
@@ -749,8 +752,13 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     NemotronH config and raises `HFCheckpointError`.
     `quantization` "fp8" | "nvfp4" (or a `quant_state`, `elastic_jax.quant.QuantState`): the
     projections are written packed with their scales in the ModelOpt layout
-    (`elastic_jax.quant.export`); without a state the weight scales come from these params."""
+    (`elastic_jax.quant.export`); without a state the weight scales come from these params.
+    `budgets` ({name: Widths}, nested submodels of this model) is written as `elastic_budgets.json`
+    (see `budget_table`); `tokenizer_dir`: a folder whose tokenizer files (`TOKENIZER_FILES`) are
+    copied in, so `elastic-jax generate` works on the export."""
     from .fileio import check_target
+    table = None if not budgets else budget_table(cfg, budgets)
+    tok_files = _tokenizer_files(tokenizer_dir)
     check_target(directory, owned=HF_EXPORT_FILES, overwrite=overwrite, protect=protect, what="save_hf")
     try:
         out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else params["embed"].dtype))
@@ -783,6 +791,11 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
         _write_hf_files(tmp, cfg, config, shards, len(tensors), progress, writer)
         if qconfig is not None:
             qexport.write_quant_config(tmp, qconfig)
+        if table is not None:
+            with open(os.path.join(tmp, BUDGETS_FILE), "w") as f:
+                json.dump(table, f, indent=1)
+        for src in tok_files:
+            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
     return os.path.abspath(os.fspath(directory))
 
 
@@ -816,6 +829,66 @@ def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, 
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump({"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
                    "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}, f, indent=2)
+
+
+# ------------------------------------------------------------------------ nested budget table
+BUDGETS_FILE = "elastic_budgets.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _tokenizer_files(tokenizer_dir) -> list[str]:
+    if tokenizer_dir is None:
+        return []
+    tokenizer_dir = os.fspath(tokenizer_dir)
+    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} has no tokenizer.json")
+    return [os.path.join(tokenizer_dir, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, f))]
+
+
+def _widths_json(w) -> dict:
+    out = {}
+    for f in dataclasses.fields(w):
+        v = getattr(w, f.name)
+        if v is not None:
+            a = np.asarray(v)
+            out[f.name] = a.tolist() if a.ndim else a.item()
+    return out
+
+
+def budget_table(cfg: NemotronHConfig, budgets) -> dict:
+    """The nested family of one checkpoint as JSON: {"format": 1, "budgets": [{"name", "widths"
+    (axis -> size or per-layer list; a missing axis is full), "params", "active_params"}]}."""
+    from .elastic.slicing import param_count
+    from .widths import Widths
+    rows = []
+    for name, w in budgets.items():
+        if not isinstance(w, Widths):
+            raise ValueError(f"budgets[{name!r}] must be a Widths, got {type(w).__name__}")
+        w.validate(cfg)
+        rows.append({"name": str(name), "widths": _widths_json(w), "params": int(param_count(cfg, w)),
+                     "active_params": int(param_count(cfg, w, active=True))})
+    return {"format": 1, "budgets": rows}
+
+
+def read_budget_table(directory: str | os.PathLike, cfg: NemotronHConfig) -> dict:
+    """{name: {"widths": Widths, "params", "active_params"}} from `elastic_budgets.json` ({} when the
+    folder has none: a plain HF checkpoint), each validated against `cfg`."""
+    from .widths import Widths
+    path = os.path.join(os.fspath(directory), BUDGETS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        rows = table["budgets"]
+        out = {}
+        for r in rows:
+            w = Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["widths"].items()})
+            w.validate(cfg)
+            out[str(r["name"])] = {"widths": w, "params": r.get("params"), "active_params": r.get("active_params")}
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid budget table ({type(e).__name__}: {e})") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -910,8 +983,12 @@ def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
             raise ValueError("--budget needs an elastic training run (orbax checkpoint with a router); "
                              f"{src} is an HF directory: pass --widths instead")
         cfg, params = load_hf(src, progress=not args.quiet)
+        args.family = {n: e["widths"] for n, e in read_budget_table(src, cfg).items()}
         return cfg, params, None
     cfg, params, router, ecfg = load_run(src, args.step)
+    if router is not None and ecfg is not None:   # the run's nested family: every trained budget
+        from .elastic.router import budget_widths
+        args.family = {f"{round(100 * b):d}%": budget_widths(router, cfg, ecfg, b) for b in ecfg.budgets}
     widths = None
     if getattr(args, "budget", None) is not None:
         if router is None or ecfg is None:
@@ -956,6 +1033,10 @@ def _cmd_export(args) -> int:
     if args.command == "slice" and widths is None:
         raise ValueError("slice needs --widths JSON or --budget B (with an elastic run)")
     n_full = param_count(cfg)
+    family = getattr(args, "family", None) or None
+    tokenizer = args.tokenizer
+    if tokenizer is None and os.path.isfile(os.path.join(args.src, "tokenizer.json")):
+        tokenizer = args.src
     qstate = None
     if args.quantize is not None:
         qstate = _export_quant_state(args, cfg, params, widths)
@@ -964,8 +1045,10 @@ def _cmd_export(args) -> int:
             from .quant import slice_quant_state
             qstate = slice_quant_state(qstate, params, cfg, widths)
         cfg, params = slice_params(params, cfg, widths)
+        family = None   # the budgets are nested in the parent, not in this slice
     save_hf(args.out, cfg, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate, protect=[args.src])
+            overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate, protect=[args.src],
+            budgets=family, tokenizer_dir=tokenizer)
     if not args.quiet:
         n = param_count(cfg)
         from .quant.export import checkpoint_bytes
@@ -1000,5 +1083,8 @@ def add_cli(subparsers) -> None:
                        help="--quantize without QAD scales: random-token calibration batches (default 4)")
         p.add_argument("--overwrite", action="store_true",
                        help="replace OUT if it holds nothing but a previous export (never a run folder or other files)")
+        p.add_argument("--tokenizer", default=None,
+                       help="folder whose tokenizer.json / tokenizer_config.json (chat template) are copied into OUT "
+                            "(default: SRC's, when it has them)")
         p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
         p.set_defaults(func=_cmd_export, command=name)

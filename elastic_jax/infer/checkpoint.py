@@ -5,7 +5,7 @@ Folder layout (what `elastic-jax eval` reads):
   model.safetensors    the permuted, elastically distilled parameters (flattened "layers.3.mixer.x_proj")
   budgets.json         {"budgets": [{"name", "fraction", "widths": {axis: value}}], "elastic": ElasticConfig dict}
   router.safetensors   the budget router (optional; a few KiB, the spec's epsilon_router)
-  tokenizer.json       the task tokenizer (optional)
+  tokenizer.json       the task tokenizer (optional), with tokenizer_config.json (its chat template)
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ..widths import WIDTH_AXES, Widths
 AXES = tuple(WIDTH_AXES) + ("layers",)
 # what save_nested / save_standalone write: re-saving replaces a folder only if it holds nothing else
 NESTED_FILES = owned_names(r"config\.json", r"model\.safetensors", r"budgets\.json", r"router\.safetensors",
-                           r"tokenizer\.json")
+                           r"tokenizer\.json", r"tokenizer_config\.json")
 
 
 def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
@@ -97,6 +97,8 @@ def save_nested(directory: str, cfg: NemotronHConfig, params, budgets: dict[str,
             save_safetensors(flatten(router_params), os.path.join(tmp, "router.safetensors"))
         if tokenizer is not None:
             tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+            if hasattr(tokenizer, "save_config"):     # the chat template, for `elastic-jax generate`
+                tokenizer.save_config(tmp)
     return {f: os.path.getsize(os.path.join(directory, f)) for f in sorted(os.listdir(directory))}
 
 
