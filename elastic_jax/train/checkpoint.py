@@ -78,6 +78,8 @@ def _diff(a, b, path="") -> list[str]:
         out = []
         for k in sorted(set(a) | set(b)):
             p = f"{path}.{k}" if path else str(k)
+            if (k not in a and b[k] is None) or (k not in b and a[k] is None):
+                continue      # a field added later with a None default: an older run did not set it
             if k not in a or k not in b:
                 out.append(f"{p}: {'<absent>' if k not in a else a[k]!r} != {'<absent>' if k not in b else b[k]!r}")
             else:
