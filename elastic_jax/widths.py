@@ -194,7 +194,7 @@ class SoftWidths:
     axis, per-layer axes are [n_kind, n_opts]; `layers` is a float gate per layer [n_layers].
 
     The mask of an axis is Σ_i probs_i · prefix(counts_i) (group-aware where the axis has groups).
-    Probabilities need not sum to 1 (hard Gumbel samples scale the one-hot mask by max π).
+    Probabilities need not sum to 1 (a user mix may be partial).
     """
 
     hidden: Any

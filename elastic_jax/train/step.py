@@ -84,7 +84,7 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         rout = erouter.route(trainable["router"], cfg, ecfg, code, k_gumbel, tau, scale, hard=hard)
         widths = rout.soft_widths
         budget = jnp.asarray(ecfg.budgets, jnp.float32)[budget_idx]
-        bl = ecost.budget_loss(cfg, ecfg, rout, budget, budget_idx == 0)
+        bl = ecost.budget_loss(cfg, ecfg, rout, budget, budget_idx == 0, budget_idx=budget_idx)
         aux["choice"] = rout.choice
         aux["expected"] = ecost.expected_widths(rout, ecfg, cfg)
     else:
