@@ -31,6 +31,7 @@ from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
 OPTION_FIELDS = {
     "hidden_options": "hidden",
     "mamba_options": "mamba_heads",
+    "mamba_channel_options": "mamba_channels",
     "attn_options": "attn_heads",
     "ffn_options": "ffn",
     "moe_expert_options": "moe_experts",
@@ -109,6 +110,7 @@ class ElasticConfig:
     # ---- option lists per axis (fractions in (0, 1] or absolute ints; None = not elastic)
     hidden_options: tuple | None = (1.0, 0.875, 0.75)
     mamba_options: tuple | None = (1.0, 0.75, 0.5)
+    mamba_channel_options: tuple | None = None  # channels per Mamba head (the exported mamba_head_dim)
     attn_options: tuple | None = None          # Star Elastic routes no attention heads (spec §4.1)
     ffn_options: tuple | None = (1.0, 0.75, 0.5)
     moe_expert_options: tuple | None = (1.0, 0.75, 0.5)
@@ -399,7 +401,7 @@ def _homog(cfg: NemotronHConfig, axis: str, full: int) -> NemotronHConfig:
     """cfg with one layer's full size on `axis` everywhere (to validate a per-layer option)."""
     if not cfg.is_heterogeneous:
         return cfg
-    field = {"mamba_heads": "mamba_num_heads", "attn_heads": "num_attention_heads", "ffn": "intermediate_size",
+    field = {"mamba_heads": "mamba_num_heads", "mamba_channels": "mamba_head_dim", "attn_heads": "num_attention_heads", "ffn": "intermediate_size",
              "moe_experts": "n_routed_experts", "moe_ffn": "moe_intermediate_size"}[axis]
     return cfg.replace(**{field: full, "mamba_heads_per_layer": None, "attn_heads_per_layer": None,
                           "ffn_per_layer": None, "moe_experts_per_layer": None, "moe_ffn_per_layer": None})

@@ -48,7 +48,7 @@ def param_cost(cfg: NemotronHConfig, expected: dict, active: bool = False) -> ja
 
     Per layer (JAX layout of elastic_jax/model/params.py), with D = hidden:
       every layer: norm D;
-      M: (z, x) 2·D·H·P + (B, C) 2·D·G·N + dt D·H + conv (K+1)·(H·P + 2·G·N) + (A_log, D, dt_bias)
+      M: (P = channels per head) (z, x) 2·D·H·P + (B, C) 2·D·G·N + dt D·H + conv (K+1)·(H·P + 2·G·N) + (A_log, D, dt_bias)
          3·H + gated norm H·P + out_proj H·P·D;
       *: q and o 2·D·nH·hd + k, v 2·D·nKV·hd;
       -: 2·D·I;
@@ -62,6 +62,7 @@ def param_cost(cfg: NemotronHConfig, expected: dict, active: bool = False) -> ja
     P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
     if cfg.count("M"):
         H = _per_layer(cfg, expected, "mamba_heads")
+        P = _per_layer(cfg, expected, "mamba_channels")              # head dim (channels per head)
         per = (D + 2 * D * H * P + 2 * D * G * N + D * H + (K + 1) * (H * P + 2 * G * N) + 3 * H + H * P
                + H * P * D)
         total = total + jnp.sum(_gates(cfg, expected, "M") * per)
@@ -97,7 +98,8 @@ def memory_cost(cfg: NemotronHConfig, expected: dict, *, context: int, batch: in
         mem = mem + bytes_kv * kv * jnp.sum(_gates(cfg, expected, "*"))
     if cfg.count("M"):
         H = _per_layer(cfg, expected, "mamba_heads")
-        P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+        P = _per_layer(cfg, expected, "mamba_channels")
+        G, N, K = cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
         g = _gates(cfg, expected, "M")
         mem = mem + bytes_ssm * batch * jnp.sum(g * H * P * N)
         mem = mem + bytes_conv * batch * (K - 1) * jnp.sum(g * (H * P + 2 * G * N))

@@ -15,6 +15,9 @@ Gradients are averaged over the M micro-batches (lax.scan), clipped, and applied
 optimizer (optim.py). A non-finite loss leaves the state unchanged and is reported in
 `metrics["finite"]`; the loop stops the run there (the last checkpoint stays intact).
 
+MoE layers of the student are balanced without an auxiliary loss (`expert_bias_rate` > 0,
+balance.py): the correction bias moves by the step's routing counts after the optimizer update.
+
 Modes: "elastic" (above), "kd" (fixed student, possibly a different config than the teacher: no
 router, no budget loss), "lm" (next-token cross-entropy, no teacher).
 """
@@ -30,6 +33,7 @@ import optax
 
 from ..config import NemotronHConfig
 from ..model.decoder import final_hidden
+from .balance import routing_entropy, update_expert_bias
 from .losses import chunked_ce, chunked_kl, masked_mean, next_token_targets
 
 MODES = ("elastic", "kd", "lm")
@@ -48,6 +52,7 @@ class StepSpec:
     microbatches: int = 1
     freeze_model: bool = False
     freeze_router: bool = False
+    expert_bias_rate: float = 0.0      # aux-loss-free MoE balancing rate u (0 = off; balance.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -56,6 +61,10 @@ class StepSpec:
             raise ValueError("mode='elastic' needs an ElasticConfig")
         if self.mode in ("elastic", "kd") and self.teacher_cfg is None:
             raise ValueError(f"mode={self.mode!r} needs the teacher config")
+
+    @property
+    def balances_experts(self) -> bool:
+        return self.expert_bias_rate > 0 and not self.freeze_model and self.model_cfg.count("E") > 0
 
     @property
     def n_budgets(self) -> int:
@@ -89,7 +98,12 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         aux["expected"] = ecost.expected_widths(rout, ecfg, cfg)
     else:
         widths, bl = None, jnp.zeros((), jnp.float32)
-    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids), act_sharding)
+    if spec.balances_experts:
+        x_s, loads = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, return_expert_load=True)
+        aux["expert_load"] = jnp.stack(loads)                                   # [n_moe, E]
+    else:
+        x_s = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids)
+    x_s = _constrain(x_s, act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)
         task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk), mask)
@@ -129,6 +143,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
             gsum = jax.tree.map(jnp.add, gsum, g)
             out = {"loss": loss, "task": aux["task"], "budget_loss": aux["budget_loss"], "budget_idx": bidx,
                    "tokens": aux["tokens"]}
+            if "expert_load" in aux:
+                out["expert_load"] = aux["expert_load"]
             if "choice" in aux:
                 out["choice"] = aux["choice"]
                 out["expected"] = aux["expected"]
@@ -147,7 +163,11 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
         updates, new_opt = tx.update(grads, state["opt_state"], trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"params": keep(new_trainable["params"], state["params"]),
+        new_params = new_trainable["params"]
+        if spec.balances_experts:      # outside the optimizer: the bias has no gradient (balance.py)
+            new_params = update_expert_bias(new_params, spec.model_cfg, jnp.sum(per_mb["expert_load"], 0),
+                                            spec.expert_bias_rate)
+        new_state = {"params": keep(new_params, state["params"]),
                      "router": keep(new_trainable["router"], state["router"]),
                      "opt_state": keep(new_opt, state["opt_state"])}
         onehot = jax.nn.one_hot(per_mb["budget_idx"], nb, dtype=jnp.float32)          # [M, nb]
@@ -159,6 +179,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
             "task_by_budget": onehot.T @ per_mb["task"], "count_by_budget": jnp.sum(onehot, 0),
             "budget_loss_by_budget": onehot.T @ per_mb["budget_loss"],
         }
+        if "expert_load" in per_mb:
+            metrics["routing_entropy"] = routing_entropy(jnp.sum(per_mb["expert_load"], 0))
         if "choice" in per_mb:
             metrics["choice"] = per_mb["choice"]
             metrics["expected"] = per_mb["expected"]
