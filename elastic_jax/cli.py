@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import EXPECTED_ERRORS
+
 
 def _bench(args):
     import runpy
@@ -20,6 +22,15 @@ def _bench(args):
     sys.argv = [str(path)] + list(args.rest)
     runpy.run_path(str(path), run_name="__main__")
     return 0
+
+
+def _describe(e: BaseException) -> str:
+    """The message of an expected error (an OSError without one gets its errno text and path)."""
+    if isinstance(e, OSError) and e.strerror and not str(e).startswith("[Errno"):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +54,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"elastic-jax {args.command}: error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        if getattr(e, "__elastic_jax_user_code__", False):
+            raise                          # the user's own experiment code: keep its traceback
+        print(f"elastic-jax {args.command}: error: {_describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"elastic-jax {args.command}: interrupted", file=sys.stderr)

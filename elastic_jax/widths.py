@@ -112,7 +112,14 @@ class Widths:
             v = getattr(self, axis)
             if v is None or not _is_concrete(v):
                 continue
-            arr = np.asarray(v)
+            try:
+                arr = np.asarray(v)
+            except (ValueError, TypeError):
+                raise ValueError(f"Widths.{axis}={v!r}: must be an int or a sequence of ints") from None
+            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+                raise ValueError(f"Widths.{axis}={v!r}: must be finite integers (a size, not inf / nan)")
+            if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+                raise ValueError(f"Widths.{axis}={v!r}: must be integers")
             if not np.issubdtype(arr.dtype, np.integer):
                 if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
                     arr = arr.astype(np.int64)
@@ -160,6 +167,8 @@ class Widths:
                                  f"{cfg.num_hidden_layers} layers")
             if not np.all((arr == 0) | (arr == 1)):
                 raise ValueError(f"Widths.layers={self.layers!r}: entries must be booleans")
+            if not np.any(arr):
+                raise ValueError(f"Widths.layers={self.layers!r}: drops every layer; keep at least one")
         return self
 
     # ---------------------------------------------------------------- arrays
@@ -214,7 +223,9 @@ class SoftWidths:
     def from_options(cls, cfg: NemotronHConfig, options: dict, probs: dict, layers=None) -> "SoftWidths":
         """Build from option lists (`options[axis]`: counts [n_opts] or [n_kind, n_opts]) and router
         probabilities (`probs[axis]`: [n_opts] homogeneous or [n_kind, n_opts] per layer).
-        Axes missing from `options` are full."""
+        Axes missing from `options` are full. Concrete inputs are validated like `Widths`
+        (`check_options`); traced ones (inside jit) are not."""
+        check_options(cfg, options, probs, layers)
         out = {}
         for axis in WIDTH_AXES:
             n = None if axis == "hidden" else cfg.count(PER_LAYER_AXES[axis])
@@ -235,6 +246,51 @@ class SoftWidths:
                     out[axis] = (jnp.asarray(full, jnp.int32).reshape(n, 1), jnp.ones((n, 1), jnp.float32))
         gates = jnp.ones((cfg.num_hidden_layers,), jnp.float32) if layers is None else jnp.asarray(layers, jnp.float32)
         return cls(**out, layers=gates)
+
+
+def check_options(cfg: NemotronHConfig, options: dict, probs: dict, layers=None) -> None:
+    """ValueError naming the axis for concrete `SoftWidths.from_options` inputs that are wrong:
+    unknown axes, counts out of range or not divisible (as `Widths.validate`), probabilities
+    missing, non-finite or negative, shapes of counts and probabilities that differ."""
+    if not isinstance(options, dict) or not isinstance(probs, dict):
+        raise TypeError("SoftWidths.from_options: options and probs must be dicts of axis -> array")
+    unknown = sorted(set(options) - set(WIDTH_AXES))
+    if unknown:
+        raise ValueError(f"SoftWidths.from_options: unknown axes {unknown}; known: {list(WIDTH_AXES)}")
+    for axis, c in options.items():
+        if c is None:
+            continue
+        if axis not in probs or probs[axis] is None:
+            raise ValueError(f"SoftWidths.from_options: options[{axis!r}] given but no probs[{axis!r}]")
+        p = probs[axis]
+        if not (_is_concrete(c) and _is_concrete(p)):
+            continue
+        ca, pa = np.asarray(c), np.asarray(p, np.float64)
+        n = None if axis == "hidden" else cfg.count(PER_LAYER_AXES[axis])
+        if ca.ndim == 0 or ca.ndim > (1 if n is None else 2) or (ca.ndim == 2 and ca.shape[0] != n):
+            raise ValueError(f"SoftWidths.from_options: options[{axis!r}] has shape {ca.shape}; expected [n_opts]"
+                             + ("" if n is None else f" or [{n}, n_opts]"))
+        if pa.shape[-1:] != ca.shape[-1:] or pa.ndim > (1 if n is None else 2) or (pa.ndim == 2 and pa.shape[0] != n):
+            raise ValueError(f"SoftWidths.from_options: probs[{axis!r}] has shape {pa.shape}, options[{axis!r}] "
+                             f"{ca.shape}; one probability per option")
+        if not np.all(np.isfinite(pa)) or np.any(pa < 0):
+            raise ValueError(f"SoftWidths.from_options: probs[{axis!r}] must be finite and >= 0, got {pa.tolist()}")
+        if axis == "hidden":
+            for x in ca.reshape(-1):
+                Widths(hidden=x).validate(cfg)
+        else:
+            rows = ca if ca.ndim == 2 else np.broadcast_to(ca, (n, ca.shape[-1]))
+            for j in range(rows.shape[1]):
+                Widths(**{axis: tuple(rows[:, j].tolist())}).validate(cfg)
+    if layers is not None and _is_concrete(layers):
+        g = np.asarray(layers, np.float64).reshape(-1)
+        if g.size != cfg.num_hidden_layers:
+            raise ValueError(f"SoftWidths.from_options: layers has {g.size} gates; the pattern has "
+                             f"{cfg.num_hidden_layers} layers")
+        if not np.all(np.isfinite(g)) or np.any(g < 0):
+            raise ValueError(f"SoftWidths.from_options: layer gates must be finite and >= 0, got {g.tolist()}")
+        if not np.any(g > 0):
+            raise ValueError("SoftWidths.from_options: every layer gate is 0 (every layer dropped); keep at least one")
 
 
 for _cls in (Widths, SoftWidths):

@@ -2,6 +2,12 @@
 
 `forward` is a pure function of (params, tokens, cfg, widths); `prefill` / `decode_step` run the
 same blocks over a cache (attention KV, Mamba conv window and SSM state).
+
+Checked path: concrete inputs are range-checked on the host. Under `jit` the tokens and the
+cache position are traced, and an out-of-range token id (clamped by the gather) or a decode step
+past the cache capacity (a dropped KV write) would give silently wrong numbers; pass
+`checked=True` to insert `jax.experimental.checkify` checks for both, and run the function under
+`checkify.checkify(fn, errors=checkify.user_checks)` then `err.throw()` (`generate` does).
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from ..config import NemotronHConfig
 from ..widths import SoftWidths, Widths, as_soft, max_count, norm_correction, prefix_mask
@@ -46,8 +53,9 @@ def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, layer: int, mixer_params)
                         expert_counts=sw.moe_experts[0][k], expert_probs=sw.moe_experts[1][k])
 
 
-def check_tokens(tokens, cfg: NemotronHConfig):
-    """Shape / dtype checks, and a range check when the tokens are concrete."""
+def check_tokens(tokens, cfg: NemotronHConfig, checked: bool = False):
+    """Shape / dtype checks, and a range check when the tokens are concrete (a checkify check when
+    they are traced and `checked`)."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int [batch, length], got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -57,11 +65,30 @@ def check_tokens(tokens, cfg: NemotronHConfig):
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}); got range [{lo}, {hi}]")
+    elif checked and tokens.size:
+        checkify.check(jnp.all((tokens >= 0) & (tokens < cfg.vocab_size)),
+                       f"token ids must be in [0, vocab_size={cfg.vocab_size}); got range [{{lo}}, {{hi}}]",
+                       lo=jnp.min(tokens), hi=jnp.max(tokens))
+
+
+def check_segment_ids(segment_ids, tokens) -> None:
+    if segment_ids is not None and tuple(jnp.shape(segment_ids)) != tuple(tokens.shape):
+        raise ValueError(f"segment_ids must have the shape of tokens {tuple(tokens.shape)}, got "
+                         f"{tuple(jnp.shape(segment_ids))}")
+
+
+def _check_layer_gates(widths, cfg: NemotronHConfig) -> None:
+    """Every layer dropped (concrete SoftWidths gates all 0) is refused, as slicing refuses it."""
+    if isinstance(widths, SoftWidths) and not isinstance(widths.layers, jax.core.Tracer):
+        g = np.asarray(widths.layers).reshape(-1)
+        if g.size == cfg.num_hidden_layers and not np.any(g != 0):
+            raise ValueError("widths drop every layer (all layer gates are 0); keep at least one")
 
 
 def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False, head=True,
-         loads=None):
-    check_tokens(tokens, cfg)
+         checked=False, loads=None):
+    check_tokens(tokens, cfg, checked)
+    _check_layer_gates(widths, cfg)
     sw = as_soft(cfg, widths)
     h = jnp.take(params["embed"], tokens, axis=0)
     if sw is not None:
@@ -112,13 +139,15 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
 
 
 def forward(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-            segment_ids=None, policy: ComputePolicy | None = None, quant=None):
+            segment_ids=None, policy: ComputePolicy | None = None, quant=None, checked: bool = False):
     """Logits f32 [B, L, vocab] of the (masked) model. `segment_ids` [B, L]: packed documents
     (attention, conv and SSM state do not cross boundaries); id 0 marks padding. `quant`: an
-    `elastic_jax.quant.QuantState` (FP8 / NVFP4 simulated with its fixed scales)."""
+    `elastic_jax.quant.QuantState` (FP8 / NVFP4 simulated with its fixed scales). `checked`: see
+    the module docstring."""
+    check_segment_ids(segment_ids, tokens)
     valid = None if segment_ids is None else segment_ids > 0
     ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
-    logits, _ = _run(params, tokens, cfg, widths, ctx, None)
+    logits, _ = _run(params, tokens, cfg, widths, ctx, None, checked=checked)
     return logits
 
 
@@ -155,31 +184,36 @@ def init_cache(cfg: NemotronHConfig, batch: int, max_len: int, params=None, dtyp
     return Cache(layers=layers, pos=jnp.zeros((), jnp.int32), max_len=max_len)
 
 
-def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, quant=None):
+def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, quant=None, checked=False):
     L = tokens.shape[1]
-    if not isinstance(cache.pos, jax.core.Tracer) and int(cache.pos) + L > cache.max_len:
-        raise ValueError(f"cache overflow: position {int(cache.pos)} + {L} new tokens > max_len={cache.max_len}")
+    if not isinstance(cache.pos, jax.core.Tracer):
+        if int(cache.pos) + L > cache.max_len:
+            raise ValueError(f"cache overflow: position {int(cache.pos)} + {L} new tokens > max_len={cache.max_len}")
+    elif checked:
+        checkify.check(cache.pos + L <= cache.max_len,
+                       f"cache overflow: position {{pos}} + {L} new tokens > max_len={cache.max_len}", pos=cache.pos)
     ctx = Context(valid=valid, positions=cache.pos + jnp.arange(L), decoding=True,
                   policy=resolve_policy(cfg, policy), quant=quant)
-    logits, layers = _run(params, tokens, cfg, widths, ctx, cache.layers)
+    logits, layers = _run(params, tokens, cfg, widths, ctx, cache.layers, checked=checked)
     return logits, Cache(layers=layers, pos=cache.pos + L, max_len=cache.max_len)
 
 
 def prefill(params, tokens, cfg: NemotronHConfig, widths=None, *, max_len: int, valid=None, cache=None,
-            policy: ComputePolicy | None = None, quant=None):
+            policy: ComputePolicy | None = None, quant=None, checked: bool = False):
     """Run the prompt [B, L] (left-padded rows marked by `valid` False) into a fresh cache of
     `max_len` positions. Returns (logits [B, L, V], cache)."""
     if tokens.shape[1] > max_len:
         raise ValueError(f"prompt length {tokens.shape[1]} exceeds the context max_len={max_len}")
     if cache is None:
         cache = init_cache(cfg, tokens.shape[0], max_len, params, dtype=params["embed"].dtype)
-    return _cached(params, tokens, cfg, widths, cache, valid, policy, quant)
+    return _cached(params, tokens, cfg, widths, cache, valid, policy, quant, checked)
 
 
 def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,
-                quant=None):
-    """Append tokens [B, T] (usually T = 1) to the cache. Returns (logits [B, T, V], cache)."""
-    return _cached(params, tokens, cfg, widths, cache, None, policy, quant)
+                quant=None, checked: bool = False):
+    """Append tokens [B, T] (usually T = 1) to the cache. Returns (logits [B, T, V], cache).
+    `checked`: see the module docstring (a step past the capacity is otherwise silent under jit)."""
+    return _cached(params, tokens, cfg, widths, cache, None, policy, quant, checked)
 
 
 def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
@@ -189,6 +223,7 @@ def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidt
     the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train).
     `return_expert_load`: also the per-MoE-layer routing counts (list of [E] f32, in MoE-layer
     order) of the (masked) routing, for aux-loss-free load balancing."""
+    check_segment_ids(segment_ids, tokens)
     valid = None if segment_ids is None else segment_ids > 0
     ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
     loads = [] if return_expert_load else None

@@ -14,9 +14,12 @@ Every run writes `<out_dir>/checkpoints` (orbax), `metrics.jsonl`, `batches.json
 `curves.png`. If `<out_dir>/checkpoints` already holds a complete checkpoint of the same configs,
 the run resumes from it — params, router, optimizer state, data iterator, stage, step and RNG —
 and continues exactly as if it had never stopped (a checkpoint of another config raises
-`CheckpointMismatch`). The initial params passed in are then ignored. A non-finite loss raises
-`TrainingDiverged` naming the step and budget; nothing is saved after it, so the last checkpoint
-is the last good state.
+`CheckpointMismatch`; the teacher's `params_fingerprint` is part of what is compared). The
+initial params passed in are then ignored. A damaged newest step is skipped with a warning (the
+newest step that restores is used; none: `CheckpointCorrupt`). A non-finite loss, gradient norm,
+update or parameter (step.py's NaN guard) raises `TrainingDiverged` naming the step, stage and
+budget; the update is not applied and nothing is saved after it, so the last checkpoint is the
+last good, finite state.
 
 Sharding: the run uses the mesh of `train_cfg.mesh` over all devices (sharding.py); call
 `elastic_jax.train.init_distributed(...)` first on multi-host jobs. Each host feeds its own rows.
@@ -39,15 +42,12 @@ from ..config import NemotronHConfig
 from ..data import DataConfig, TokenDataset, make_dataset
 from ..model.params import check_params, param_axes
 from . import sharding as shd
-from .checkpoint import Checkpointer, abstract_like
+from ..errors import TrainingDiverged
+from .checkpoint import Checkpointer, abstract_like, params_fingerprint
 from .config import TrainConfig
 from .metrics import RunLogger, Throughput, batch_digest, plot_curves
 from .optim import lr_schedule, make_optimizer
 from .step import StepSpec, make_step
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss; the message names the step, stage and budget(s)."""
 
 
 @dataclasses.dataclass
@@ -114,8 +114,9 @@ def train_kd(model_cfg: NemotronHConfig, train_cfg: TrainConfig, teacher_cfg: Ne
 
 
 # --------------------------------------------------------------------------- internals
-def _configs(spec: StepSpec, train_cfg: TrainConfig, data: TokenDataset) -> dict:
+def _configs(spec: StepSpec, train_cfg: TrainConfig, data: TokenDataset, teacher_params=None) -> dict:
     return {
+        "teacher_fingerprint": params_fingerprint(teacher_params),
         "mode": spec.mode,
         "model": spec.model_cfg.to_dict(),
         "teacher": None if spec.teacher_cfg is None else spec.teacher_cfg.to_dict(),
@@ -202,6 +203,21 @@ def _record(spec, stage, step, m, tau, scale, lrs, tok_s, tokens_seen) -> dict:
     return rec
 
 
+def _diverged_message(spec: StepSpec, stage, step: int, m: dict, ckpt: Checkpointer) -> str:
+    """What the NaN guard rejected (step.py FINITE_CHECKS), where, and the last good checkpoint."""
+    from .step import FINITE_CHECKS
+    checks = np.asarray(m["finite_checks"])
+    what = [n for n, ok in zip(FINITE_CHECKS, checks) if not ok]
+    idx = np.asarray(m["budget_idx"]).reshape(-1)
+    losses = np.asarray(m["mb_loss"]).reshape(-1)
+    name = lambda b: float(spec.elastic_cfg.budgets[int(b)]) if spec.mode == "elastic" else 1.0
+    bad = [name(b) for b, l in zip(idx, losses) if not np.isfinite(l)] or sorted({name(b) for b in idx})
+    last = ckpt.latest_step()
+    return (f"non-finite {' / '.join(what)} (loss {float(m['loss'])}, grad_norm {float(m['grad_norm'])}) at step "
+            f"{step} (stage {stage.name!r}, budget(s) {bad}); the update was not applied and the run stopped. "
+            f"Last good checkpoint: {'none' if last is None else f'step {last}'} in {ckpt.directory}")
+
+
 def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_params, router_params, data, out_dir, *,
            extra_meta=None, progress=True, quant_layers=None) -> TrainResult:
     cfg = spec.model_cfg
@@ -230,7 +246,7 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
     mesh = shd.make_mesh(train_cfg.mesh)
     total = train_cfg.total_steps
     tx = make_optimizer(train_cfg.optim, total)
-    configs = _configs(spec, train_cfg, data)
+    configs = _configs(spec, train_cfg, data, teacher_params)
 
     trainable0 = {"params": student_params, "router": router_params}
     state_like = {"params": student_params, "router": router_params,
@@ -242,14 +258,16 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
 
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
                         async_save=train_cfg.async_checkpointing)
-    start = ckpt.latest_step()
     base_key = jax.random.PRNGKey(train_cfg.seed)
     data_states, tokens_seen = None, 0
-    if start is not None:
-        meta = ckpt.check_compatible(start, configs)
-        abstract = {"state": abstract_like(state_like, state_sh),
-                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))}
-        restored = ckpt.restore_state(start, abstract)
+    abstract = {"state": abstract_like(state_like, state_sh),
+                "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))}
+    found = ckpt.restore_newest(lambda s: (ckpt.check_compatible(s, configs), ckpt.restore_state(s, abstract)))
+    start = None if found is None else found[0]
+    if found is not None:
+        if jax.process_index() == 0:
+            ckpt.set_aside_after(start)      # damaged newer steps: kept aside, rewritten by this run
+        meta, restored = found[1]
         state = restored["state"]
         base_key = jnp.asarray(jax.device_get(restored["rng"]), jnp.uint32)
         data_states, tokens_seen = meta["data_states"], int(meta["tokens_seen"])
@@ -307,14 +325,8 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
                                   jnp.float32(scale), probs_dev, base_key)
                 m = jax.device_get(m)
                 if not bool(m["finite"]):
-                    bad = [float(spec.elastic_cfg.budgets[int(b)]) if spec.mode == "elastic" else 1.0
-                           for b, l in zip(np.asarray(m["budget_idx"]), np.asarray(m["mb_loss"]))
-                           if not np.isfinite(l)]
-                    last = ckpt.latest_step()
-                    raise TrainingDiverged(
-                        f"non-finite loss {float(m['loss'])} at step {step} (stage {stage.name!r}, budget(s) "
-                        f"{bad}); the update was not applied and the run stopped. Last good checkpoint: "
-                        f"{'none' if last is None else f'step {last}'} in {ckpt.directory}")
+                    ckpt.wait()
+                    raise TrainingDiverged(_diverged_message(spec, stage, step, m, ckpt))
                 tokens_seen += int(m["tokens"])
                 tok_s = thr.update(int(m["tokens"]))
                 if step % train_cfg.log_every == 0 or step == total - 1:

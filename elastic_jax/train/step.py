@@ -12,8 +12,10 @@ jittable function (spec §6.3, §7.2, §14.6-8; ANCHORS §7.8).
     x_s = student final hidden (masked), x_t = stop_gradient(teacher final hidden)
     loss_m = mean_tokens KL_T(teacher ‖ student) + λ · budget_loss(π, budgets[i])
 Gradients are averaged over the M micro-batches (lax.scan), clipped, and applied by the two-group
-optimizer (optim.py). A non-finite loss leaves the state unchanged and is reported in
-`metrics["finite"]`; the loop stops the run there (the last checkpoint stays intact).
+optimizer (optim.py). The NaN guard (`finite_checks`): a non-finite loss, gradient norm, update
+or new parameter leaves the whole state unchanged and is reported in `metrics["finite"]` (which
+check failed in `metrics["finite_checks"]`); the loop stops the run there, so the last
+checkpoint stays the last good, finite state.
 
 MoE layers of the student are balanced without an auxiliary loss (`expert_bias_rate` > 0,
 balance.py): the correction bias moves by the step's routing counts after the optimizer update.
@@ -132,6 +134,20 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
     return loss, aux
 
 
+FINITE_CHECKS = ("loss", "grad_norm", "update", "params")
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def finite_checks(loss, grad_norm, updates, new_trainable) -> jax.Array:
+    """bool [4] in the order of FINITE_CHECKS: is each of loss, gradient norm, update and new
+    trainable state finite? The step is applied only when all are."""
+    return jnp.stack([jnp.isfinite(loss), jnp.isfinite(grad_norm), _all_finite(updates), _all_finite(new_trainable)])
+
+
 def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=None):
     """The step function (not yet jitted; loop.py jits it with shardings)."""
     nb = spec.n_budgets
@@ -178,9 +194,11 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
         if spec.freeze_router:
             grads["router"] = jax.tree.map(jnp.zeros_like, grads["router"])
         loss = jnp.mean(per_mb["loss"])
-        finite = jnp.isfinite(loss)
+        grad_norm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], trainable)
         new_trainable = optax.apply_updates(trainable, updates)
+        checks = finite_checks(loss, grad_norm, updates, new_trainable)
+        finite = jnp.all(checks)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_params = new_trainable["params"]
         if spec.balances_experts:      # outside the optimizer: the bias has no gradient (balance.py)
@@ -193,9 +211,9 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
             new_state["quant"] = state["quant"]
         onehot = jax.nn.one_hot(per_mb["budget_idx"], nb, dtype=jnp.float32)          # [M, nb]
         metrics = {
-            "loss": loss, "finite": finite, "task": jnp.mean(per_mb["task"]),
+            "loss": loss, "finite": finite, "finite_checks": checks, "task": jnp.mean(per_mb["task"]),
             "budget_loss": jnp.mean(per_mb["budget_loss"]), "tokens": jnp.sum(per_mb["tokens"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "budget_idx": per_mb["budget_idx"], "mb_loss": per_mb["loss"],
             "task_by_budget": onehot.T @ per_mb["task"], "count_by_budget": jnp.sum(onehot, 0),
             "budget_loss_by_budget": onehot.T @ per_mb["budget_loss"],
