@@ -185,7 +185,8 @@ def route(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig, code, 
     gates = None
     if "layers" in mix:
         gates = depth_gates(ecfg, cfg, mix["layers"])
-    sw = SoftWidths.from_options(cfg, opts, mix, layers=gates)
+    widths_opts = {a: o for a, o in opts.items() if a != "layers"}      # depth enters as the gates
+    sw = SoftWidths.from_options(cfg, widths_opts, {a: mix[a] for a in widths_opts}, layers=gates)
     return RouterOutput(probs=probs, choice=choice, soft_widths=sw)
 
 
