@@ -12,6 +12,7 @@ past the cache capacity (a dropped KV write) would give silently wrong numbers; 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +23,12 @@ from ..config import NemotronHConfig
 from ..widths import SoftWidths, Widths, as_soft, max_count, norm_correction, prefix_mask
 from ..quant.state import apply_layer
 from .layers import MIXERS, Context, ElasticLayer, rms_norm
-from .policy import ComputePolicy, resolve_policy
+from .policy import ComputePolicy, remat_policy, resolve_policy
+from .scan import scan_blocks, stack_layers, unstack_layers, unstackable_reason
 
 
-def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, layer: int, mixer_params) -> ElasticLayer:
-    char = cfg.pattern[layer]
-    k = cfg.kind_index()[layer]
+def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, char: str, k, mixer_params) -> ElasticLayer:
+    """Masks of the k-th layer of kind `char` (k may be traced: the scanned loop)."""
     if char == "M":
         c, p = sw.mamba_heads[0][k], sw.mamba_heads[1][k]
         H = mixer_params["A_log"].shape[0]
@@ -71,6 +72,21 @@ def check_tokens(tokens, cfg: NemotronHConfig, checked: bool = False):
                        lo=jnp.min(tokens), hi=jnp.max(tokens))
 
 
+def _scan_fallback(params, cfg: NemotronHConfig, ctx: Context, cache) -> str | None:
+    """None when the layers run under `lax.scan`, else why they run unrolled."""
+    if not ctx.policy.scan_layers:
+        return "ComputePolicy.scan_layers is False"
+    if cache is not None:
+        return "decoding with a cache runs the unrolled loop"
+    if ctx.quant is not None:
+        reason = "fake quantization (QAD) indexes its scales per layer"
+    else:
+        reason = unstackable_reason(params["layers"], cfg)
+    if reason is not None:
+        warnings.warn(f"scan_layers: running the layers unrolled: {reason}", stacklevel=4)
+    return reason
+
+
 def check_segment_ids(segment_ids, tokens) -> None:
     if segment_ids is not None and tuple(jnp.shape(segment_ids)) != tuple(tokens.shape):
         raise ValueError(f"segment_ids must have the shape of tokens {tuple(tokens.shape)}, got "
@@ -99,33 +115,52 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
         h = h * hmask
     else:
         hmask = h_eps = h_scale = None
-    new_cache = [] if cache is not None else None
-    hiddens = []
-    for i, char in enumerate(cfg.pattern):
-        lp = params["layers"][i]
-        el = None if sw is None else _layer_masks(cfg, sw, i, lp["mixer"])
-        if ctx.quant is not None:   # fixed-scale fake quantization of the projections (spec §10)
-            lp = {"norm": lp["norm"], "mixer": apply_layer(lp["mixer"], ctx.quant, i)}
 
-        def block(h, lp, el, layer_cache, char=char):
-            x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon, h_eps, h_scale)
-            if hmask is not None:
-                x = x * hmask
-            out, c = MIXERS[char](lp["mixer"], x, cfg, el, ctx, layer_cache)
-            if hmask is not None:
-                out = out * hmask
-            return out, c
+    def block(h, lp, el, layer_cache, char):
+        x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon, h_eps, h_scale)
+        if hmask is not None:
+            x = x * hmask
+        out, c = MIXERS[char](lp["mixer"], x, cfg, el, ctx, layer_cache)
+        if hmask is not None:
+            out = out * hmask
+        return out, c
 
-        if ctx.policy.remat != "none" and cache is None:
-            block = jax.checkpoint(block)
-        out, c = block(h, lp, el, None if cache is None else cache[i])
-        gate = None if sw is None else sw.layers[i].astype(out.dtype)
-        h = h + (out if gate is None else gate * out)
-        if new_cache is not None:
-            new_cache.append(c)
-        elif loads is not None and char == "E":      # per-expert routing counts of this MoE layer
-            loads.append(c["expert_load"])
-        hiddens.append(h)
+    remat = ctx.policy.remat != "none" and cache is None
+    policy = remat_policy(ctx.policy.remat)
+    # the per-expert routing counts (aux-loss-free balancing) are collected by the unrolled loop
+    scan_reason = "expert loads requested" if loads is not None else _scan_fallback(params, cfg, ctx, cache)
+    if scan_reason is None:
+        def apply(char):
+            def f(h, lp, k):
+                el = None if sw is None else _layer_masks(cfg, sw, char, k, lp["mixer"])
+                return block(h, lp, el, None, char)[0]
+            return f
+        # a per-layer list is stacked here, inside the traced function: one copy of the layer
+        # parameters per call (its gradient: one slice per layer); pass stacked params to avoid it
+        h, hs = scan_blocks(h, stack_layers(params, cfg)["layers"], cfg, None if sw is None else sw.layers,
+                            {c: apply(c) for c in set(cfg.pattern)}, remat_policy=policy, remat=remat,
+                            return_hidden=return_hidden)
+        hiddens = [hs[i] for i in range(cfg.num_hidden_layers)] if return_hidden else []
+        new_cache = None
+    else:
+        layers = unstack_layers(params, cfg)["layers"]
+        kinds = cfg.kind_index()
+        new_cache = [] if cache is not None else None
+        hiddens = []
+        for i, char in enumerate(cfg.pattern):
+            lp = layers[i]
+            el = None if sw is None else _layer_masks(cfg, sw, char, kinds[i], lp["mixer"])
+            if ctx.quant is not None:   # fixed-scale fake quantization of the projections (spec §10)
+                lp = {"norm": lp["norm"], "mixer": apply_layer(lp["mixer"], ctx.quant, i)}
+            run = jax.checkpoint(block, policy=policy, static_argnums=(4,)) if remat else block
+            out, c = run(h, lp, el, None if cache is None else cache[i], char)
+            gate = None if sw is None else sw.layers[i].astype(out.dtype)
+            h = h + (out if gate is None else gate * out)
+            if new_cache is not None:
+                new_cache.append(c)
+            elif loads is not None and char == "E":      # per-expert routing counts of this MoE layer
+                loads.append(c["expert_load"])
+            hiddens.append(h)
     x = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, h_eps, h_scale)
     if hmask is not None:
         x = x * hmask

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from ..config import NemotronHConfig
 
 _KERNEL_IMPLS = (None, "xla", "pallas")
@@ -24,7 +26,7 @@ class ComputePolicy:
     precision: matmul precision ("auto": "highest" for f32 compute, "default" otherwise).
     kernel_impl: SSD / grouped-matmul implementation ("xla" | "pallas" | None = platform default).
     attention_impl: "auto" picks a memory-efficient kernel for the platform.
-    remat: rematerialization policy of each block in the backward pass.
+    remat: rematerialization policy of each block in the backward pass (`REMAT_POLICIES`).
     scan_layers: run the layers under `lax.scan` (constant compile time in depth).
     """
 
@@ -47,6 +49,26 @@ class ComputePolicy:
         if self.compute_dtype is not None and self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"ComputePolicy.compute_dtype: must be None, 'float32', 'bfloat16' or 'float16', "
                              f"got {self.compute_dtype!r}")
+
+
+# remat name -> what the backward pass keeps of each block (the rest is recomputed from its input)
+REMAT_POLICIES = {
+    "none": "everything (no jax.checkpoint)",
+    "full": "only the block input (jax.checkpoint_policies.nothing_saveable)",
+    "save_dots": "every matmul output, attention scores and SSD contractions included "
+                 "(jax.checkpoint_policies.checkpoint_dots)",
+    "minimal": "the weight matmul outputs (projections, experts), not the batched attention / SSD "
+               "contractions nor elementwise work (jax.checkpoint_policies.dots_with_no_batch_dims_saveable)",
+}
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a remat name (None for "none": no checkpoint at all)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat: must be one of {tuple(REMAT_POLICIES)}, got {name!r}")
+    return {"save_dots": jax.checkpoint_policies.checkpoint_dots,
+            "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            "full": jax.checkpoint_policies.nothing_saveable}.get(name)
 
 
 def resolve_policy(cfg: NemotronHConfig, policy: ComputePolicy | None) -> ComputePolicy:

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from ..data.config import DataConfig
+from ..model.policy import ComputePolicy
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -157,7 +158,9 @@ class TrainConfig:
     micro-batch draws one budget (shared by every data shard, spec §7.2). `vocab_chunk`: columns of
     the lm_head per chunk of the KD / CE loss (None = the whole vocabulary in one chunk).
     Checkpoints every `checkpoint_every` steps (and at the end of each stage), `keep_checkpoints`
-    kept; metrics every `log_every` steps."""
+    kept; metrics every `log_every` steps. `policy`: the runtime knobs of the forward passes
+    (scanned layers, remat, kernels; `ComputePolicy`, None = from the model config); they do not
+    change the math, so a run may resume under another policy."""
 
     mesh: MeshConfig = MeshConfig()
     optim: OptimConfig = OptimConfig()
@@ -177,6 +180,7 @@ class TrainConfig:
     # quantization-aware distillation (spec §10): "fp8" | "nvfp4" trains the fake-quantized student
     # (fixed scales from the parent, straight-through gradients) against the frozen teacher
     qad: str | None = None
+    policy: ComputePolicy | None = None
 
     def __post_init__(self):
         if self.qad not in (None, "fp8", "nvfp4"):
@@ -185,6 +189,10 @@ class TrainConfig:
             object.__setattr__(self, "stages", tuple(self.stages))
         if isinstance(self.stages, Stage):
             object.__setattr__(self, "stages", (self.stages,))
+        if isinstance(self.policy, dict):
+            object.__setattr__(self, "policy", ComputePolicy(**self.policy))
+        if self.policy is not None and not isinstance(self.policy, ComputePolicy):
+            _bad("TrainConfig", "policy", self.policy, "must be an elastic_jax.ComputePolicy or None")
         if not self.stages:
             _bad("TrainConfig", "stages", self.stages, "needs at least one Stage")
         if not self.kd_temperature > 0:
@@ -233,6 +241,6 @@ class TrainConfig:
 
 # The fields that may change between a run and its resumption (they do not change the math).
 RESUMABLE_FIELDS = ("mesh", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
-                    "tensorboard", "plot", "activation_sharding")
+                    "tensorboard", "plot", "activation_sharding", "policy")
 
 __all__ = ["MeshConfig", "OptimConfig", "Stage", "TrainConfig", "DataConfig", "RESUMABLE_FIELDS"]

@@ -76,7 +76,7 @@ def train_elastic(model_cfg: NemotronHConfig, elastic_cfg, train_cfg: TrainConfi
         router_params = init_router(model_cfg, elastic_cfg, jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 1))
     spec = StepSpec("elastic", model_cfg, model_cfg, elastic_cfg, train_cfg.kd_temperature, train_cfg.vocab_chunk,
                     train_cfg.microbatches, train_cfg.optim.freeze_model, train_cfg.optim.freeze_router,
-                    expert_bias_rate=train_cfg.expert_bias_rate)
+                    policy=train_cfg.policy, expert_bias_rate=train_cfg.expert_bias_rate)
     quant_layers = None
     if train_cfg.qad is not None:
         from .. import quant
@@ -97,7 +97,8 @@ def train_lm(model_cfg: NemotronHConfig, train_cfg: TrainConfig, params, data, o
              extra_meta: dict | None = None, progress: bool = True) -> TrainResult:
     """Plain next-token cross-entropy training of `params` (e.g. the tiny parent)."""
     spec = StepSpec("lm", model_cfg, None, None, 1.0, train_cfg.vocab_chunk, train_cfg.microbatches,
-                    train_cfg.optim.freeze_model, True, expert_bias_rate=train_cfg.expert_bias_rate)
+                    train_cfg.optim.freeze_model, True, policy=train_cfg.policy,
+                    expert_bias_rate=train_cfg.expert_bias_rate)
     return _train(spec, train_cfg, None, params, {}, data, out_dir, extra_meta=extra_meta, progress=progress)
 
 
@@ -107,7 +108,7 @@ def train_kd(model_cfg: NemotronHConfig, train_cfg: TrainConfig, teacher_cfg: Ne
     if teacher_cfg.vocab_size != model_cfg.vocab_size:
         raise ValueError(f"teacher vocab_size={teacher_cfg.vocab_size} != student vocab_size={model_cfg.vocab_size}")
     spec = StepSpec("kd", model_cfg, teacher_cfg, None, train_cfg.kd_temperature, train_cfg.vocab_chunk,
-                    train_cfg.microbatches, train_cfg.optim.freeze_model, True,
+                    train_cfg.microbatches, train_cfg.optim.freeze_model, True, policy=train_cfg.policy,
                     expert_bias_rate=train_cfg.expert_bias_rate)
     return _train(spec, train_cfg, teacher_params, student_params, {}, data, out_dir, extra_meta=extra_meta,
                   progress=progress)
@@ -170,6 +171,26 @@ def compile_step(spec: StepSpec, tx, mesh, state_sh, teacher_sh, micro_batch: in
                                        rep, rep, rep, rep, rep),
                      out_shardings=(state_sh, rep), donate_argnums=(0,))
     return jitted, bspec
+
+
+def _schedule_fn(spec: StepSpec, lr_fns, total: int, rep):
+    """jit: step (device int32) -> {"tau", "scale", "lr", "router_lr"}, all on device (spec §5.2
+    schedules, optimizer LR of each group), so the loop never waits on the host for them."""
+    def sched(step):
+        if spec.mode == "elastic":
+            from ..elastic.router import schedules
+            tau, scale = schedules(spec.elastic_cfg, step, total)
+        else:
+            tau, scale = jnp.float32(1.0), jnp.float32(1.0)
+        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        return {"tau": f32(tau), "scale": f32(scale), "lr": f32(lr_fns[0](step)), "router_lr": f32(lr_fns[1](step))}
+    return jax.jit(sched, out_shardings=rep)
+
+
+def _read_metrics(tree):
+    """The training loop's one device->host transfer per step: the metrics of the step before
+    the one just dispatched (so the device never idles waiting for the host)."""
+    return jax.device_get(tree)
 
 
 def _record(spec, stage, step, m, tau, scale, lrs, tok_s, tokens_seen) -> dict:
@@ -291,6 +312,29 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
         bar = tqdm(total=total, initial=start, desc=spec.mode, unit="step", dynamic_ncols=True)
     rep = NamedSharding(mesh, P())
     M = train_cfg.microbatches
+    sched_fn = _schedule_fn(spec, lr_fns, total, rep)
+
+    def _consume(pending, tokens_seen) -> int:
+        """Read one finished step's metrics (the loop's only device->host transfer per step), stop
+        on a non-finite loss, log; returns the updated token count."""
+        at = pending[0]
+        m, sched = _read_metrics((pending[1], pending[2]))
+        stage = train_cfg.stages[train_cfg.stage_at(at)[0]]
+        if not bool(m["finite"]):
+            ckpt.wait()
+            raise TrainingDiverged(_diverged_message(spec, stage, at, m, ckpt))
+        tokens_seen += int(m["tokens"])
+        tok_s = thr.update(int(m["tokens"]))
+        if at % train_cfg.log_every == 0 or at == total - 1:
+            rec = _record(spec, stage, at, m, sched["tau"], sched["scale"],
+                          (float(sched["lr"]), float(sched["router_lr"])), tok_s, tokens_seen)
+            history.append(rec)
+            logger.log(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tok_s:,.0f}", stage=stage.name)
+        return tokens_seen
+
     step = start
     try:
         while step < total:
@@ -308,6 +352,7 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
             probs_dev = jax.device_put(probs, rep)
             thr = Throughput()
             stage_end = s0 + stage.num_steps
+            pending = None    # the last dispatched step, its metrics read one step late
             while step < stage_end:
                 local = next(stream)
                 logger.batch(step, stage.name, batch_digest(local))
@@ -316,29 +361,17 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
                 for k in ("tokens", "segment_ids"):
                     arr = local[k].reshape(M, mb // P_, stage.seq_len)
                     glob[k] = shd.host_local_to_global(arr, mesh, bspec, (M, mb, stage.seq_len))
-                if spec.mode == "elastic":
-                    from ..elastic.router import schedules
-                    tau, scale = (float(v) for v in schedules(spec.elastic_cfg, step, total))
-                else:
-                    tau, scale = 1.0, 1.0
-                state, m = jitted(state, teacher, glob, jnp.asarray(step, jnp.int32), jnp.float32(tau),
-                                  jnp.float32(scale), probs_dev, base_key)
-                m = jax.device_get(m)
-                if not bool(m["finite"]):
-                    ckpt.wait()
-                    raise TrainingDiverged(_diverged_message(spec, stage, step, m, ckpt))
-                tokens_seen += int(m["tokens"])
-                tok_s = thr.update(int(m["tokens"]))
-                if step % train_cfg.log_every == 0 or step == total - 1:
-                    rec = _record(spec, stage, step, m, tau, scale,
-                                  (float(lr_fns[0](step)), float(lr_fns[1](step))), tok_s, tokens_seen)
-                    history.append(rec)
-                    logger.log(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tok_s:,.0f}", stage=stage.name)
+                step_dev = jax.device_put(np.int32(step), rep)
+                sched = sched_fn(step_dev)        # τ, logit scale, learning rates: on device, no sync
+                state, m = jitted(state, teacher, glob, step_dev, sched["tau"], sched["scale"], probs_dev, base_key)
+                if pending is not None:           # the previous step's metrics (it has finished by now)
+                    tokens_seen = _consume(pending, tokens_seen)
+                pending = (step, m, sched)
                 step += 1
                 if step % train_cfg.checkpoint_every == 0 or step == stage_end:
+                    # every step up to here checked finite before anything is saved
+                    tokens_seen = _consume(pending, tokens_seen)
+                    pending = None
                     # the iterator state of every host; at a stage end the next stage starts afresh
                     hosts = _gather_json(stream.get_state()) if step < stage_end else None
                     meta = {"configs": configs, "step": step, "stage": si, "tokens_seen": tokens_seen,

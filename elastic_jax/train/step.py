@@ -40,6 +40,7 @@ import optax
 
 from ..config import NemotronHConfig
 from ..model.decoder import final_hidden
+from ..model.policy import ComputePolicy
 from .balance import routing_entropy, update_expert_bias
 from .losses import chunked_ce, chunked_kl, masked_mean, next_token_targets
 
@@ -60,6 +61,7 @@ class StepSpec:
     freeze_model: bool = False
     freeze_router: bool = False
     quant: Any = None             # elastic_jax.quant.QuantSpec: QAD (state["quant"] holds the scales)
+    policy: ComputePolicy | None = None     # runtime knobs of student and teacher (None: from the config)
     expert_bias_rate: float = 0.0      # aux-loss-free MoE balancing rate u (0 = off; balance.py)
 
     def __post_init__(self):
@@ -113,13 +115,14 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         if x_teacher is None and spec.mode != "lm":   # QAD teacher: the frozen model at the same widths
             tw = None if widths is None else jax.lax.stop_gradient(widths)
             x_teacher = jax.lax.stop_gradient(_constrain(final_hidden(
-                teacher_params, tokens, spec.teacher_cfg, tw, segment_ids=segment_ids), act_sharding))
+                teacher_params, tokens, spec.teacher_cfg, tw, segment_ids=segment_ids, policy=spec.policy),
+                act_sharding))
     if spec.balances_experts:
-        x_s, loads = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs,
+        x_s, loads = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy,
                                   return_expert_load=True)
         aux["expert_load"] = jnp.stack(loads)                                   # [n_moe, E]
     else:
-        x_s = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs)
+        x_s = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy)
     x_s = _constrain(x_s, act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)
@@ -170,7 +173,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
                 w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             else:
                 x_t = jax.lax.stop_gradient(_constrain(
-                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg), act_sharding))
+                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg,
+                                 policy=spec.policy), act_sharding))
                 w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             (loss, aux), g = jax.value_and_grad(micro_loss, argnums=1, has_aux=True)(
                 spec, trainable, x_t, w_t, tokens, seg, k_route, bidx, tau, scale, act_sharding,
