@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from ._common import compile_target, target_platform
 from .reference import active_head_mask, gmm_reference, ssd_chunked, ssd_scan
 
 IMPLS = ("xla", "pallas")
@@ -31,7 +32,7 @@ def default_impl() -> str:
     env = os.environ.get("ELASTIC_JAX_KERNEL_IMPL")
     if env:
         return env
-    return "pallas" if jax.default_backend() in VALIDATED_PALLAS_PLATFORMS else "xla"
+    return "pallas" if target_platform() in VALIDATED_PALLAS_PLATFORMS else "xla"
 
 
 def _resolve(impl):
@@ -54,8 +55,9 @@ def ssd(x, dt, A, B, C, D=None, *, chunk_size=128, initial_state=None, seq_idx=N
 
 
 def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None, impl=None,
-        preferred_element_type=None):
-    """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n]."""
+        preferred_element_type=None, precision=None):
+    """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n]. `precision`: of the
+    XLA path (`ragged_dot`; None = HIGHEST); the Pallas kernel always accumulates in f32."""
     impl = _resolve(impl)
     out_dtype = preferred_element_type or jax.numpy.promote_types(lhs.dtype, rhs.dtype)
     if impl == "pallas":
@@ -63,8 +65,8 @@ def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=No
         return gmm_pallas(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
                           active_n=active_n, preferred_element_type=out_dtype)
     return gmm_reference(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
-                         active_n=active_n, preferred_element_type=out_dtype)
+                         active_n=active_n, preferred_element_type=out_dtype, precision=precision)
 
 
 __all__ = ["ssd", "gmm", "ssd_chunked", "ssd_scan", "gmm_reference", "active_head_mask",
-           "default_impl", "IMPLS"]
+           "default_impl", "IMPLS", "compile_target", "target_platform"]

@@ -106,7 +106,8 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
     check_tokens(tokens, cfg, checked)
     _check_layer_gates(widths, cfg)
     sw = as_soft(cfg, widths)
-    h = jnp.take(params["embed"], tokens, axis=0)
+    cdt = ctx.policy.dtype_for(params["embed"].dtype)          # residual stream in the compute dtype
+    h = jnp.take(params["embed"], tokens, axis=0).astype(cdt)
     if sw is not None:
         D = params["embed"].shape[1]
         hc, hp = sw.hidden
@@ -117,7 +118,7 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
         hmask = h_eps = h_scale = None
 
     def block(h, lp, el, layer_cache, char):
-        x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon, h_eps, h_scale)
+        x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon, h_eps, h_scale).astype(cdt)
         if hmask is not None:
             x = x * hmask
         out, c = MIXERS[char](lp["mixer"], x, cfg, el, ctx, layer_cache)
@@ -155,19 +156,20 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
             run = jax.checkpoint(block, policy=policy, static_argnums=(4,)) if remat else block
             out, c = run(h, lp, el, None if cache is None else cache[i], char)
             gate = None if sw is None else sw.layers[i].astype(out.dtype)
-            h = h + (out if gate is None else gate * out)
+            h = h + (out if gate is None else gate * out).astype(cdt)
             if new_cache is not None:
                 new_cache.append(c)
             elif loads is not None and char == "E":      # per-expert routing counts of this MoE layer
                 loads.append(c["expert_load"])
             hiddens.append(h)
-    x = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, h_eps, h_scale)
+    x = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, h_eps, h_scale).astype(cdt)
     if hmask is not None:
         x = x * hmask
     if not head:                      # final normed (masked) hidden states, no lm_head (train/losses.py)
         return x, new_cache
-    logits = jnp.einsum("bld,dv->blv", x.astype(params["lm_head"].dtype), params["lm_head"],
-                        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    hdt = ctx.policy.dtype_for(params["lm_head"].dtype)
+    logits = jnp.einsum("bld,dv->blv", x.astype(hdt), params["lm_head"].astype(hdt),
+                        precision=ctx.policy.lax_precision(hdt), preferred_element_type=jnp.float32)
     if return_hidden:
         return logits, hiddens
     return logits, new_cache
@@ -254,7 +256,7 @@ def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, pol
 def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
                  segment_ids=None, policy: ComputePolicy | None = None, quant=None,
                  return_expert_load: bool = False):
-    """Final normed (and hidden-masked) states [B, L, D] in the parameter dtype: `forward` without
+    """Final normed (and hidden-masked) states [B, L, D] in the compute dtype: `forward` without
     the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train).
     `return_expert_load`: also the per-MoE-layer routing counts (list of [E] f32, in MoE-layer
     order) of the (masked) routing, for aux-loss-free load balancing."""

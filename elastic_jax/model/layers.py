@@ -16,9 +16,11 @@ import jax.numpy as jnp
 from .. import kernels
 from ..quant.qweight import unwrap
 from ..config import NemotronHConfig
+from .attention import attend
 from .policy import ComputePolicy
 
 HIGHEST = jax.lax.Precision.HIGHEST
+_DEFAULT_POLICY = ComputePolicy()
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,16 @@ class Context:
     quant: Any = None         # elastic_jax.quant.QuantState: fake-quantized projections (spec §10)
 
 
-def dense(x, w):
-    """x [..., in] @ w [in, out] in the parameter dtype with f32 accumulation. A quantized weight
-    (`QWeight`) fake-quantizes x with its static input scale first, as an FP8 kernel would."""
+def dense(x, w, policy: ComputePolicy | None = None):
+    """x [..., in] @ w [in, out] with f32 accumulation, operands and result in the policy's compute
+    dtype (default: the parameter dtype) at its matmul precision (ComputePolicy.lax_precision). A
+    quantized weight (`QWeight`) fake-quantizes x with its static input scale first, as an FP8
+    kernel would."""
     x, w = unwrap(x, w)
-    return jnp.einsum("...i,io->...o", x.astype(w.dtype), w, precision=HIGHEST,
-                      preferred_element_type=jnp.float32).astype(w.dtype)
+    pol = _DEFAULT_POLICY if policy is None else policy
+    dt = pol.dtype_for(w.dtype)
+    return jnp.einsum("...i,io->...o", x.astype(dt), w.astype(dt), precision=pol.lax_precision(dt),
+                      preferred_element_type=jnp.float32).astype(dt)
 
 
 def rms_norm(x, weight, eps, eps_factor=None, out_scale=None):
@@ -99,9 +105,9 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     B, L, _ = x_BLD.shape
     H = p["A_log"].shape[0]
     P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
-    z = dense(x_BLD, p["z_proj"])
-    xBC = jnp.concatenate([dense(x_BLD, p["x_proj"]), dense(x_BLD, p["B_proj"]), dense(x_BLD, p["C_proj"])], -1)
-    dt = dense(x_BLD, p["dt_proj"])
+    z = dense(x_BLD, p["z_proj"], ctx.policy)
+    xBC = jnp.concatenate([dense(x_BLD, p[n], ctx.policy) for n in ("x_proj", "B_proj", "C_proj")], -1)
+    dt = dense(x_BLD, p["dt_proj"], ctx.policy)
     if ctx.valid is not None:
         xBC = xBC * ctx.valid[..., None].astype(xBC.dtype)
     w = jnp.concatenate([p["conv_x"], p["conv_B"], p["conv_C"]], axis=1)
@@ -152,7 +158,7 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     if el is not None:
         g = g * el.norm_scale
     g = p["norm"] * g.reshape(B, L, H * P).astype(p["norm"].dtype)
-    out = dense(g, p["out_proj"])
+    out = dense(g, p["out_proj"], ctx.policy)
     new_cache = None
     if ctx.decoding:
         K1 = K - 1
@@ -169,10 +175,11 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx
     hd, nKV = cfg.head_dim, cfg.num_key_value_heads
     nH = p["q_proj"].shape[1] // hd
     rep = nH // nKV
-    q = dense(x_BLD, p["q_proj"]).reshape(B, L, nKV, rep, hd)
-    k = dense(x_BLD, p["k_proj"]).reshape(B, L, nKV, hd)
-    v = dense(x_BLD, p["v_proj"]).reshape(B, L, nKV, hd)
+    q = dense(x_BLD, p["q_proj"], ctx.policy).reshape(B, L, nKV, rep, hd)
+    k = dense(x_BLD, p["k_proj"], ctx.policy).reshape(B, L, nKV, hd)
+    v = dense(x_BLD, p["v_proj"], ctx.policy).reshape(B, L, nKV, hd)
     new_cache = None
+    pol = ctx.policy
     if ctx.decoding:
         start = ctx.positions[0]
         kc = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
@@ -180,35 +187,26 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx
         valid_new = jnp.ones((B, L), bool) if ctx.valid is None else ctx.valid
         kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid_new, (0, start))
         new_cache = {"k": kc, "v": vc, "valid": kv_valid}
-        keys, vals = kc.astype(q.dtype), vc.astype(q.dtype)
-        key_pos = jnp.arange(kc.shape[1])
-        allowed = (key_pos[None, :] <= ctx.positions[:, None])[None] & kv_valid[:, None, :]   # [B, L, S]
+        # one new token: the direct path ([1, S] scores); a long prefill: the policy's kernel
+        o = attend(q, kc.astype(q.dtype), vc.astype(q.dtype), q_pos=ctx.positions, k_pos=jnp.arange(kc.shape[1]),
+                   k_valid=kv_valid, impl="xla" if L == 1 else pol.attention_impl,
+                   precision=pol.lax_precision(q.dtype))
     else:
-        keys, vals = k, v
-        causal = jnp.tril(jnp.ones((L, L), bool))[None]
-        if ctx.segment_ids is not None:
-            same = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]
-            allowed = causal & same
-        else:
-            allowed = jnp.broadcast_to(causal, (B, L, L))
-    scores = jnp.einsum("blkrd,bskd->bkrls", q.astype(jnp.float32), keys.astype(jnp.float32),
-                        precision=HIGHEST) * (hd ** -0.5)
-    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(allowed[:, None, None], probs, 0.0)   # rows with no allowed key -> 0, not NaN
-    o = jnp.einsum("bkrls,bskd->blkrd", probs, vals.astype(jnp.float32), precision=HIGHEST)
+        pos = jnp.arange(L)
+        o = attend(q, k, v, q_pos=pos, k_pos=pos, seg_q=ctx.segment_ids, seg_k=ctx.segment_ids,
+                   impl=pol.attention_impl, precision=pol.lax_precision(q.dtype))
     if el is not None:
         o = o * el.head_mask.reshape(nKV, rep)[None, None, :, :, None]
-    o = o.reshape(B, L, nH * hd).astype(x_BLD.dtype)
-    return dense(o, p["o_proj"]), new_cache
+    o = o.reshape(B, L, nH * hd).astype(q.dtype)
+    return dense(o, p["o_proj"], ctx.policy), new_cache
 
 
 # ------------------------------------------------------------------------------ MLP
 def mlp_mixer(p, x_BLD, cfg, el: ElasticLayer | None, ctx, cache):
-    h = relu2(dense(x_BLD, p["up_proj"]))
+    h = relu2(dense(x_BLD, p["up_proj"], ctx.policy))
     if el is not None:
         h = h * el.ffn_mask.astype(h.dtype)
-    return dense(h, p["down_proj"]), None
+    return dense(h, p["down_proj"], ctx.policy), None
 
 
 # ------------------------------------------------------------------------------ MoE
@@ -273,18 +271,20 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     active_n = None if el is None else el.active_ffn
     rows, w_up = unwrap(rows, p["up_proj"])
-    h = kernels.gmm(rows, w_up, group_sizes, active_n=active_n, impl=ctx.policy.kernel_impl,
-                    preferred_element_type=jnp.float32)
+    cdt = ctx.policy.dtype_for(w_up.dtype)                # expert matmuls: compute dtype, f32 accumulation
+    prec = ctx.policy.lax_precision(cdt)
+    h = kernels.gmm(rows.astype(cdt), w_up.astype(cdt), group_sizes, active_n=active_n,
+                    impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
     h = relu2(h)
     if el is not None:
         h = h * el.ffn_mask
-    h, w_down = unwrap(h.astype(p["down_proj"].dtype), p["down_proj"])
-    o = kernels.gmm(h, w_down, group_sizes, active_k=active_n,
-                    impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32)
+    h, w_down = unwrap(h.astype(cdt), p["down_proj"])
+    o = kernels.gmm(h.astype(cdt), w_down.astype(cdt), group_sizes, active_k=active_n,
+                    impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
     unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, D)
     y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
     if "shared_up" in p:
-        y = y + dense(relu2(dense(x_TD, p["shared_up"])), p["shared_down"]).astype(jnp.float32)
+        y = y + dense(relu2(dense(x_TD, p["shared_up"], ctx.policy)), p["shared_down"], ctx.policy).astype(jnp.float32)
     aux = None
     if not ctx.decoding:
         tok_w = jnp.ones((T,), jnp.float32) if ctx.valid is None else ctx.valid.reshape(T).astype(jnp.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from ..config import NemotronHConfig
 
@@ -49,6 +50,26 @@ class ComputePolicy:
         if self.compute_dtype is not None and self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"ComputePolicy.compute_dtype: must be None, 'float32', 'bfloat16' or 'float16', "
                              f"got {self.compute_dtype!r}")
+
+    def dtype_for(self, param_dtype) -> jnp.dtype:
+        """Dtype of matmul operands / activations for parameters of `param_dtype` (MaxText's
+        `dtype` vs `weight_dtype`): `compute_dtype` when set, else the parameter dtype."""
+        return jnp.dtype(self.compute_dtype if self.compute_dtype is not None else param_dtype)
+
+    def lax_precision(self, compute_dtype) -> jax.lax.Precision:
+        """Matmul precision for operands of `compute_dtype`. "auto": HIGHEST for f32 operands (the
+        exactness tests), DEFAULT otherwise (a bf16 x bf16 product with f32 accumulation is exact on
+        the MXU; HIGHEST on bf16 operands only asks for f32 passes it cannot use, and the TPU
+        `ragged_dot` kernel rejects it)."""
+        if self.precision == "auto":
+            return _PRECISION["highest"] if jnp.dtype(compute_dtype) == jnp.float32 else _PRECISION["default"]
+        return _PRECISION[self.precision]
+
+
+_PRECISION = {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
+              "highest": jax.lax.Precision.HIGHEST}
+BF16 = ComputePolicy(compute_dtype="bfloat16")
+F32 = ComputePolicy(compute_dtype="float32")
 
 
 # remat name -> what the backward pass keeps of each block (the rest is recomputed from its input)

@@ -97,7 +97,7 @@ def scan_blocks(h, stacks: dict, cfg: NemotronHConfig, gates, apply: dict[str, C
     def step(h, xs):
         kid, k, gate = xs
         out = branches[0](h, k) if len(branches) == 1 else jax.lax.switch(kid, branches, h, k)
-        h = h + (out if gate is None else gate.astype(out.dtype) * out)
+        h = h + (out if gate is None else gate.astype(out.dtype) * out).astype(h.dtype)
         return h, (h if return_hidden else None)
 
     if remat:

@@ -126,10 +126,11 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
     x_s = _constrain(x_s, act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)
-        task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk), mask)
+        task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk, policy=spec.policy),
+                           mask)
     else:
         kl = chunked_kl(x_teacher, w_teacher, x_s, params["lm_head"], temperature=spec.temperature,
-                        chunk=spec.vocab_chunk)
+                        chunk=spec.vocab_chunk, policy=spec.policy)
         task = masked_mean(kl, valid)
     lam = spec.elastic_cfg.budget_weight if spec.mode == "elastic" else 0.0
     loss = task + lam * bl
