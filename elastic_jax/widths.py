@@ -3,6 +3,7 @@
 Spec §4. Every elastic axis keeps a *prefix* of importance-sorted components:
   hidden       first d channels of the residual stream (RMSNorm corrected with eps·ρ and √ρ);
   mamba_heads  first k/g heads of every Mamba group (B and C never masked);
+  mamba_channels first p channels of every Mamba head (the head dim; exported as mamba_head_dim);
   attn_heads   first k/kv query heads of every KV group;
   ffn          first n neurons of each dense MLP;
   moe_experts  first e/n_group experts of every routing group (router logits -inf beyond);
@@ -28,6 +29,7 @@ from .config import NemotronHConfig
 # axis name -> (pattern character, per-layer full size getter name, divisor rule)
 PER_LAYER_AXES = {
     "mamba_heads": "M",
+    "mamba_channels": "M",
     "attn_heads": "*",
     "ffn": "-",
     "moe_experts": "E",
@@ -41,7 +43,8 @@ def full_size(cfg: NemotronHConfig, axis: str, i: int = 0) -> int:
     if axis == "hidden":
         return cfg.hidden_size
     return {
-        "mamba_heads": cfg.mamba_heads_at, "attn_heads": cfg.attn_heads_at, "ffn": cfg.ffn_at,
+        "mamba_heads": cfg.mamba_heads_at, "mamba_channels": lambda i: cfg.mamba_head_dim,
+        "attn_heads": cfg.attn_heads_at, "ffn": cfg.ffn_at,
         "moe_experts": cfg.moe_experts_at, "moe_ffn": cfg.moe_ffn_at,
     }[axis](i)
 
@@ -49,7 +52,7 @@ def full_size(cfg: NemotronHConfig, axis: str, i: int = 0) -> int:
 def divisor(cfg: NemotronHConfig, axis: str) -> tuple[int, str | None]:
     """Group divisibility each axis must respect (value, name of the rule's field)."""
     return {
-        "hidden": (1, None), "mamba_heads": (cfg.n_groups, "n_groups"),
+        "hidden": (1, None), "mamba_heads": (cfg.n_groups, "n_groups"), "mamba_channels": (1, None),
         "attn_heads": (cfg.num_key_value_heads, "num_key_value_heads"), "ffn": (1, None),
         "moe_experts": (cfg.n_group, "n_group"), "moe_ffn": (1, None),
     }[axis]
@@ -74,6 +77,7 @@ class Widths:
     moe_experts: Any = None
     moe_ffn: Any = None
     layers: Any = None
+    mamba_channels: Any = None
 
     @classmethod
     def full(cls, cfg: NemotronHConfig) -> "Widths":
@@ -203,7 +207,7 @@ class SoftWidths:
     axis, per-layer axes are [n_kind, n_opts]; `layers` is a float gate per layer [n_layers].
 
     The mask of an axis is Σ_i probs_i · prefix(counts_i) (group-aware where the axis has groups).
-    Probabilities need not sum to 1 (hard Gumbel samples scale the one-hot mask by max π).
+    Probabilities need not sum to 1 (a user mix may be partial).
     """
 
     hidden: Any
@@ -213,6 +217,7 @@ class SoftWidths:
     moe_experts: Any
     moe_ffn: Any
     layers: Any
+    mamba_channels: Any = None     # None: full head dim (no channel masking work)
 
     @classmethod
     def from_options(cls, cfg: NemotronHConfig, options: dict, probs: dict, layers=None) -> "SoftWidths":
@@ -231,6 +236,8 @@ class SoftWidths:
                     c = jnp.broadcast_to(c, (n, c.shape[-1]))
                     p = jnp.broadcast_to(p, (n, p.shape[-1]))
                 out[axis] = (c, p)
+            elif axis == "mamba_channels":
+                out[axis] = None                  # full head dim: no channel masking work
             else:
                 if axis == "hidden":
                     out[axis] = (jnp.asarray([cfg.hidden_size], jnp.int32), jnp.ones((1,), jnp.float32))

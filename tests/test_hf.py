@@ -203,8 +203,9 @@ def test_sharded_save_pretrained_loads(tmp_path):
 @pytest.mark.parametrize("widths", [
     dict(hidden=24, mamba_heads=2, attn_heads=2, ffn=32, moe_experts=4, moe_ffn=8),
     dict(hidden=32, moe_experts=6, layers=(True, True, True, False, True, True)),
+    dict(hidden=24, mamba_heads=2, mamba_channels=4, layers=(True, True, False, True, True, True)),
     None,
-], ids=["all_axes", "experts_and_depth", "full"])
+], ids=["all_axes", "experts_and_depth", "mamba_channels_and_depth", "full"])
 def test_save_hf_sliced_submodel_matches_masked_parent_in_transformers(widths, tmp_path):
     torch = _torch()
     from transformers import NemotronHForCausalLM

@@ -33,8 +33,14 @@ def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, char: str, k, mixer_param
         c, p = sw.mamba_heads[0][k], sw.mamba_heads[1][k]
         H = mixer_params["A_log"].shape[0]
         eps_f, scale = norm_correction(H, c, p)
+        chan = None
+        if sw.mamba_channels is not None:     # head channels: ρ = (heads/H)·(channels/P)
+            cc, cp = sw.mamba_channels[0][k], sw.mamba_channels[1][k]
+            chan = prefix_mask(cfg.mamba_head_dim, cc, cp)
+            eps_c, scale_c = norm_correction(cfg.mamba_head_dim, cc, cp)
+            eps_f, scale = eps_f * eps_c, scale * scale_c
         return ElasticLayer(head_mask=prefix_mask(H, c, p, cfg.n_groups), norm_eps=eps_f, norm_scale=scale,
-                            active_heads=max_count(c, p) // cfg.n_groups)
+                            active_heads=max_count(c, p) // cfg.n_groups, channel_mask=chan)
     if char == "*":
         c, p = sw.attn_heads[0][k], sw.attn_heads[1][k]
         nH = mixer_params["q_proj"].shape[1] // cfg.head_dim
@@ -96,7 +102,7 @@ def _check_layer_gates(widths, cfg: NemotronHConfig) -> None:
 
 
 def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False, head=True,
-         checked=False):
+         checked=False, loads=None):
     check_tokens(tokens, cfg, checked)
     _check_layer_gates(widths, cfg)
     sw = as_soft(cfg, widths)
@@ -122,7 +128,8 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
 
     remat = ctx.policy.remat != "none" and cache is None
     policy = remat_policy(ctx.policy.remat)
-    scan_reason = _scan_fallback(params, cfg, ctx, cache)
+    # the per-expert routing counts (aux-loss-free balancing) are collected by the unrolled loop
+    scan_reason = "expert loads requested" if loads is not None else _scan_fallback(params, cfg, ctx, cache)
     if scan_reason is None:
         def apply(char):
             def f(h, lp, k):
@@ -152,6 +159,8 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
             h = h + (out if gate is None else gate * out).astype(cdt)
             if new_cache is not None:
                 new_cache.append(c)
+            elif loads is not None and char == "E":      # per-expert routing counts of this MoE layer
+                loads.append(c["expert_load"])
             hiddens.append(h)
     x = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, h_eps, h_scale).astype(cdt)
     if hmask is not None:
@@ -245,14 +254,18 @@ def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, pol
 
 
 def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-                 segment_ids=None, policy: ComputePolicy | None = None, quant=None):
+                 segment_ids=None, policy: ComputePolicy | None = None, quant=None,
+                 return_expert_load: bool = False):
     """Final normed (and hidden-masked) states [B, L, D] in the compute dtype: `forward` without
-    the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train)."""
+    the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train).
+    `return_expert_load`: also the per-MoE-layer routing counts (list of [E] f32, in MoE-layer
+    order) of the (masked) routing, for aux-loss-free load balancing."""
     check_segment_ids(segment_ids, tokens)
     valid = None if segment_ids is None else segment_ids > 0
     ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
-    x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False)
-    return x
+    loads = [] if return_expert_load else None
+    x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False, loads=loads)
+    return (x, loads) if return_expert_load else x
 
 
 def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,

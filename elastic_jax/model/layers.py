@@ -35,11 +35,12 @@ class ElasticLayer:
     active_ffn: Any = None        # E: union of active expert widths (kernel skipping)
     expert_counts: Any = None     # E: [n_opts]
     expert_probs: Any = None      # E: [n_opts]
+    channel_mask: Any = None      # M: [P] channels kept in every head (None = all)
 
 
 jax.tree_util.register_dataclass(
     ElasticLayer, data_fields=["head_mask", "norm_eps", "norm_scale", "active_heads", "ffn_mask",
-                               "active_ffn", "expert_counts", "expert_probs"], meta_fields=[])
+                               "active_ffn", "expert_counts", "expert_probs", "channel_mask"], meta_fields=[])
 
 
 @dataclass
@@ -118,7 +119,8 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     if ctx.valid is not None:  # padding leaves the state untouched: x = 0 and dt = 0 there
         xs = xs * ctx.valid[..., None].astype(xs.dtype)
     if el is not None:
-        hm = jnp.repeat(el.head_mask, P).astype(xs.dtype)
+        hm = (jnp.repeat(el.head_mask, P) if el.channel_mask is None else
+              (el.head_mask[:, None] * el.channel_mask[None, :]).reshape(H * P)).astype(xs.dtype)
         xs = xs * hm
         z = z * hm
     dt = jax.nn.softplus(dt.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32))
@@ -230,6 +232,11 @@ def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
         keep = within[None, :] < (el.expert_counts[:, None] // cfg.n_group)          # [n_opts, E]
         weight = jnp.sum(el.expert_probs[:, None] * keep, axis=0)                     # [E]
         active = jnp.any(keep & (el.expert_probs[:, None] > 0), axis=0)
+        # the official hard mode scales the logits by the option probability before the sigmoid, so
+        # the expert-count head gets a gradient the top-k renormalization cannot cancel; w/sg(w) is
+        # that scale with value exactly 1 (the forward is unchanged in every mode)
+        safe_w = jnp.where(weight > 0, weight, 1.0)
+        scores = jax.nn.sigmoid(logits * (safe_w / jax.lax.stop_gradient(safe_w)))
         gate_scores = scores * weight
         choice = jnp.where(active, (scores + bias) * weight, -jnp.inf)
     T = x_TD.shape[0]
@@ -250,7 +257,9 @@ def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
 
 
 def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cache):
-    """Routed relu² experts dispatched by sort + grouped matmul, plus the shared expert."""
+    """Routed relu² experts dispatched by sort + grouped matmul, plus the shared expert.
+    Second output: None when decoding, else {"expert_load": [E] f32 tokens routed to each expert
+    (padding excluded)} for the aux-loss-free balancing update (train/balance.py)."""
     B, L, D = x_BLD.shape
     x_TD = x_BLD.reshape(B * L, D)
     idx_TK, w_TK = route(p, x_TD, cfg, el)
@@ -276,7 +285,12 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
     y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
     if "shared_up" in p:
         y = y + dense(relu2(dense(x_TD, p["shared_up"], ctx.policy)), p["shared_down"], ctx.policy).astype(jnp.float32)
-    return y.reshape(B, L, D).astype(x_BLD.dtype), None
+    aux = None
+    if not ctx.decoding:
+        tok_w = jnp.ones((T,), jnp.float32) if ctx.valid is None else ctx.valid.reshape(T).astype(jnp.float32)
+        aux = {"expert_load": jax.lax.stop_gradient(
+            jnp.zeros((E,), jnp.float32).at[flat].add(jnp.repeat(tok_w, Kk)))}
+    return y.reshape(B, L, D).astype(x_BLD.dtype), aux
 
 
 MIXERS = {"M": mamba_mixer, "*": attention_mixer, "-": mlp_mixer, "E": moe_mixer}

@@ -98,7 +98,11 @@ class OptimConfig:
 @dataclass(frozen=True)
 class Stage:
     """One curriculum stage: `batch_size` sequences (global, all hosts) of `seq_len` tokens per
-    optimizer step, for `steps` steps or `tokens` tokens; `budget_probs` over the budgets."""
+    optimizer step, for `steps` steps or `tokens` tokens; `budget_probs` over the budgets.
+
+    Long-context stages (spec §7: stage 2 trains on long documents, not on more short ones packed
+    into a longer row): `data` gives this stage its own source (None = the run's dataset) and
+    `min_doc_len` keeps only documents of at least that many tokens (e.g. stage 1's seq_len + 1)."""
 
     name: str = "stage"
     seq_len: int = 256
@@ -106,8 +110,16 @@ class Stage:
     steps: int | None = None
     tokens: float | None = None
     budget_probs: tuple[float, ...] | None = None
+    data: DataConfig | None = None
+    min_doc_len: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", DataConfig.from_dict(self.data))
+        if self.data is not None and not isinstance(self.data, DataConfig):
+            _bad("Stage", "data", self.data, "must be a DataConfig (or its dict) or None")
+        if self.min_doc_len is not None and (not isinstance(self.min_doc_len, int) or self.min_doc_len < 1):
+            _bad("Stage", "min_doc_len", self.min_doc_len, "must be a positive int or None")
         if isinstance(self.budget_probs, list):
             object.__setattr__(self, "budget_probs", tuple(float(p) for p in self.budget_probs))
         if self.seq_len < 1 or self.batch_size < 1:
@@ -164,6 +176,7 @@ class TrainConfig:
     tensorboard: bool = True
     plot: bool = True
     activation_sharding: bool = True
+    expert_bias_rate: float = 1e-3      # aux-loss-free MoE balancing u (0 = off; train/balance.py)
     # quantization-aware distillation (spec §10): "fp8" | "nvfp4" trains the fake-quantized student
     # (fixed scales from the parent, straight-through gradients) against the frozen teacher
     qad: str | None = None
@@ -186,6 +199,8 @@ class TrainConfig:
             _bad("TrainConfig", "kd_temperature", self.kd_temperature, "must be > 0")
         if self.vocab_chunk is not None and self.vocab_chunk < 1:
             _bad("TrainConfig", "vocab_chunk", self.vocab_chunk, "must be >= 1 or None")
+        if not (self.expert_bias_rate >= 0 and math.isfinite(self.expert_bias_rate)):
+            _bad("TrainConfig", "expert_bias_rate", self.expert_bias_rate, "must be >= 0 (0 = no balancing)")
         if self.microbatches < 1:
             _bad("TrainConfig", "microbatches", self.microbatches, "must be >= 1")
         for s in self.stages:

@@ -76,7 +76,7 @@ def train_elastic(model_cfg: NemotronHConfig, elastic_cfg, train_cfg: TrainConfi
         router_params = init_router(model_cfg, elastic_cfg, jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 1))
     spec = StepSpec("elastic", model_cfg, model_cfg, elastic_cfg, train_cfg.kd_temperature, train_cfg.vocab_chunk,
                     train_cfg.microbatches, train_cfg.optim.freeze_model, train_cfg.optim.freeze_router,
-                    policy=train_cfg.policy)
+                    policy=train_cfg.policy, expert_bias_rate=train_cfg.expert_bias_rate)
     quant_layers = None
     if train_cfg.qad is not None:
         from .. import quant
@@ -97,7 +97,8 @@ def train_lm(model_cfg: NemotronHConfig, train_cfg: TrainConfig, params, data, o
              extra_meta: dict | None = None, progress: bool = True) -> TrainResult:
     """Plain next-token cross-entropy training of `params` (e.g. the tiny parent)."""
     spec = StepSpec("lm", model_cfg, None, None, 1.0, train_cfg.vocab_chunk, train_cfg.microbatches,
-                    train_cfg.optim.freeze_model, True, policy=train_cfg.policy)
+                    train_cfg.optim.freeze_model, True, policy=train_cfg.policy,
+                    expert_bias_rate=train_cfg.expert_bias_rate)
     return _train(spec, train_cfg, None, params, {}, data, out_dir, extra_meta=extra_meta, progress=progress)
 
 
@@ -107,7 +108,8 @@ def train_kd(model_cfg: NemotronHConfig, train_cfg: TrainConfig, teacher_cfg: Ne
     if teacher_cfg.vocab_size != model_cfg.vocab_size:
         raise ValueError(f"teacher vocab_size={teacher_cfg.vocab_size} != student vocab_size={model_cfg.vocab_size}")
     spec = StepSpec("kd", model_cfg, teacher_cfg, None, train_cfg.kd_temperature, train_cfg.vocab_chunk,
-                    train_cfg.microbatches, train_cfg.optim.freeze_model, True, policy=train_cfg.policy)
+                    train_cfg.microbatches, train_cfg.optim.freeze_model, True, policy=train_cfg.policy,
+                    expert_bias_rate=train_cfg.expert_bias_rate)
     return _train(spec, train_cfg, teacher_params, student_params, {}, data, out_dir, extra_meta=extra_meta,
                   progress=progress)
 
@@ -196,6 +198,8 @@ def _record(spec, stage, step, m, tau, scale, lrs, tok_s, tokens_seen) -> dict:
            "budget_loss": float(m["budget_loss"]), "grad_norm": float(m["grad_norm"]),
            "tokens": int(m["tokens"]), "tokens_seen": int(tokens_seen), "tokens_per_s": float(tok_s),
            "lr": lrs[0], "router_lr": lrs[1]}
+    if "routing_entropy" in m:
+        rec["routing_entropy"] = float(np.mean(np.asarray(m["routing_entropy"])))
     if spec.mode == "elastic":
         ecfg = spec.elastic_cfg
         rec["tau"], rec["scale"] = float(tau), float(scale)
@@ -205,14 +209,16 @@ def _record(spec, stage, step, m, tau, scale, lrs, tok_s, tokens_seen) -> dict:
             if cnt[i] > 0:
                 rec[f"task_budget_{b:g}"] = float(np.asarray(m["task_by_budget"])[i] / cnt[i])
                 rec[f"budget_loss_budget_{b:g}"] = float(np.asarray(m["budget_loss_by_budget"])[i] / cnt[i])
-        opts = ecfg.options(spec.model_cfg)
+        from ..elastic.router import head_options
+        opts = head_options(spec.model_cfg, ecfg)
         for axis, exp in m.get("expected", {}).items():
             exp = np.asarray(exp)
             ch = np.asarray(m["choice"][axis])
             o = np.asarray(opts[axis])
             for j, bi in enumerate(np.asarray(m["budget_idx"]).reshape(-1)):
                 b = ecfg.budgets[int(bi)]
-                rec[f"width_{axis}_budget_{b:g}"] = float(np.mean(exp[j]))
+                # depth: the expected number of kept layers (Σ gates); widths: the mean over layers
+                rec[f"width_{axis}_budget_{b:g}"] = float(np.sum(exp[j]) if axis == "layers" else np.mean(exp[j]))
                 rec[f"choice_{axis}_budget_{b:g}"] = (o[ch[j]].tolist() if o.ndim == 1
                                                       else [int(o[k, c]) for k, c in enumerate(np.atleast_1d(ch[j]))])
     return rec
@@ -246,6 +252,8 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
     check_params(student_params, cfg)
     if teacher_params is not None:
         check_params(teacher_params, spec.teacher_cfg)
+    stage_data = {i: make_dataset(st.data, cfg.vocab_size) for i, st in enumerate(train_cfg.stages)
+                  if st.data is not None}
     nb = spec.n_budgets
     for st in train_cfg.stages:
         if spec.mode == "elastic":
@@ -332,7 +340,8 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
         while step < total:
             si, s0 = train_cfg.stage_at(step)
             stage = train_cfg.stages[si]
-            stream = data.batches(stage.seq_len, stage.batch_size, epoch_seed=si)
+            stream = stage_data.get(si, data).batches(stage.seq_len, stage.batch_size, epoch_seed=si,
+                                                      min_doc_len=stage.min_doc_len)
             if data_states is not None and data_states.get("stage") == si:
                 stream.set_state(data_states["hosts"][jax.process_index()])
             data_states = None

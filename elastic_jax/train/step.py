@@ -17,6 +17,9 @@ or new parameter leaves the whole state unchanged and is reported in `metrics["f
 check failed in `metrics["finite_checks"]`); the loop stops the run there, so the last
 checkpoint stays the last good, finite state.
 
+MoE layers of the student are balanced without an auxiliary loss (`expert_bias_rate` > 0,
+balance.py): the correction bias moves by the step's routing counts after the optimizer update.
+
 Modes: "elastic" (above), "kd" (fixed student, possibly a different config than the teacher: no
 router, no budget loss), "lm" (next-token cross-entropy, no teacher).
 
@@ -38,6 +41,7 @@ import optax
 from ..config import NemotronHConfig
 from ..model.decoder import final_hidden
 from ..model.policy import ComputePolicy
+from .balance import routing_entropy, update_expert_bias
 from .losses import chunked_ce, chunked_kl, masked_mean, next_token_targets
 
 MODES = ("elastic", "kd", "lm")
@@ -58,6 +62,7 @@ class StepSpec:
     freeze_router: bool = False
     quant: Any = None             # elastic_jax.quant.QuantSpec: QAD (state["quant"] holds the scales)
     policy: ComputePolicy | None = None     # runtime knobs of student and teacher (None: from the config)
+    expert_bias_rate: float = 0.0      # aux-loss-free MoE balancing rate u (0 = off; balance.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -66,6 +71,10 @@ class StepSpec:
             raise ValueError("mode='elastic' needs an ElasticConfig")
         if self.mode in ("elastic", "kd") and self.teacher_cfg is None:
             raise ValueError(f"mode={self.mode!r} needs the teacher config")
+
+    @property
+    def balances_experts(self) -> bool:
+        return self.expert_bias_rate > 0 and not self.freeze_model and self.model_cfg.count("E") > 0
 
     @property
     def n_budgets(self) -> int:
@@ -94,7 +103,7 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         rout = erouter.route(trainable["router"], cfg, ecfg, code, k_gumbel, tau, scale, hard=hard)
         widths = rout.soft_widths
         budget = jnp.asarray(ecfg.budgets, jnp.float32)[budget_idx]
-        bl = ecost.budget_loss(cfg, ecfg, rout, budget, budget_idx == 0)
+        bl = ecost.budget_loss(cfg, ecfg, rout, budget, budget_idx == 0, budget_idx=budget_idx)
         aux["choice"] = rout.choice
         aux["expected"] = ecost.expected_widths(rout, ecfg, cfg)
     else:
@@ -108,8 +117,13 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
             x_teacher = jax.lax.stop_gradient(_constrain(final_hidden(
                 teacher_params, tokens, spec.teacher_cfg, tw, segment_ids=segment_ids, policy=spec.policy),
                 act_sharding))
-    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy),
-                     act_sharding)
+    if spec.balances_experts:
+        x_s, loads = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy,
+                                  return_expert_load=True)
+        aux["expert_load"] = jnp.stack(loads)                                   # [n_moe, E]
+    else:
+        x_s = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy)
+    x_s = _constrain(x_s, act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)
         task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk, policy=spec.policy),
@@ -169,6 +183,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
             gsum = jax.tree.map(jnp.add, gsum, g)
             out = {"loss": loss, "task": aux["task"], "budget_loss": aux["budget_loss"], "budget_idx": bidx,
                    "tokens": aux["tokens"]}
+            if "expert_load" in aux:
+                out["expert_load"] = aux["expert_load"]
             if "choice" in aux:
                 out["choice"] = aux["choice"]
                 out["expected"] = aux["expected"]
@@ -189,7 +205,11 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
         checks = finite_checks(loss, grad_norm, updates, new_trainable)
         finite = jnp.all(checks)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"params": keep(new_trainable["params"], state["params"]),
+        new_params = new_trainable["params"]
+        if spec.balances_experts:      # outside the optimizer: the bias has no gradient (balance.py)
+            new_params = update_expert_bias(new_params, spec.model_cfg, jnp.sum(per_mb["expert_load"], 0),
+                                            spec.expert_bias_rate)
+        new_state = {"params": keep(new_params, state["params"]),
                      "router": keep(new_trainable["router"], state["router"]),
                      "opt_state": keep(new_opt, state["opt_state"])}
         if "quant" in state:   # QAD scales: fixed state, carried through unchanged
@@ -203,6 +223,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
             "task_by_budget": onehot.T @ per_mb["task"], "count_by_budget": jnp.sum(onehot, 0),
             "budget_loss_by_budget": onehot.T @ per_mb["budget_loss"],
         }
+        if "expert_load" in per_mb:
+            metrics["routing_entropy"] = routing_entropy(jnp.sum(per_mb["expert_load"], 0))
         if "choice" in per_mb:
             metrics["choice"] = per_mb["choice"]
             metrics["expected"] = per_mb["expected"]
