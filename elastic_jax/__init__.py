@@ -5,7 +5,7 @@
     params = ej.init_params(cfg, jax.random.PRNGKey(0))
     logits = ej.forward(params, tokens, cfg, ej.Widths(hidden=48, mamba_heads=4))
 """
-from . import kernels, quant
+from . import errors, kernels, quant
 from .config import NemotronHConfig
 from .elastic import (ElasticConfig, Importance, estimate_importance, param_count, permute_params, slice_params,
                       sliced_config)
@@ -18,7 +18,7 @@ from .widths import SoftWidths, Widths
 
 __version__ = "0.1.0"
 
-__all__ = ["kernels", "quant", "NemotronHConfig", "ComputePolicy", "Widths", "SoftWidths", "init_params", "forward", "prefill",
+__all__ = ["errors", "kernels", "quant", "NemotronHConfig", "ComputePolicy", "Widths", "SoftWidths", "init_params", "forward", "prefill",
            "decode_step", "init_cache", "Cache", "generate", "Generation", "sample_logits",
            "hidden_states", "param_axes", "param_shapes", "check_params", "count_params",
            "slice_params", "sliced_config", "param_count", "ElasticConfig", "Importance",

@@ -1,4 +1,4 @@
-"""`elastic-jax` command line: run / export / slice / eval / report / bench.
+"""`elastic-jax` command line: run / export / slice / eval / report / generate / bench.
 
 Each area registers its own subcommands (`add_cli(subparsers)`); this module only assembles them.
 """
@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from .errors import EXPECTED_ERRORS
 
 
 def _bench(args):
@@ -22,15 +24,26 @@ def _bench(args):
     return 0
 
 
+def _describe(e: BaseException) -> str:
+    """The message of an expected error (an OSError without one gets its errno text and path)."""
+    if isinstance(e, OSError) and e.strerror and not str(e).startswith("[Errno"):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import experiment, hf
     from .eval import cli as eval_cli
+    from .infer import cli as infer_cli
 
     parser = argparse.ArgumentParser(prog="elastic-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     experiment.add_cli(sub)
     hf.add_cli(sub)
     eval_cli.add_cli(sub)
+    infer_cli.add_cli(sub)
     b = sub.add_parser("bench", help="run a benchmark script (forward | kernels | train)")
     b.add_argument("what", choices=("forward", "kernels", "train"))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")
@@ -43,8 +56,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"elastic-jax {args.command}: error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        if getattr(e, "__elastic_jax_user_code__", False):
+            raise                          # the user's own experiment code: keep its traceback
+        print(f"elastic-jax {args.command}: error: {_describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"elastic-jax {args.command}: interrupted", file=sys.stderr)

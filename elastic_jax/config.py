@@ -63,6 +63,45 @@ def check_known_fields(cls, d: dict) -> None:
         raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}")
 
 
+def _pattern_of(d: dict) -> str | None:
+    """The layer pattern an HF dict's `layers_block_type` spells (None if absent or unreadable)."""
+    types = d.get("layers_block_type")
+    if isinstance(types, str):
+        return types
+    if isinstance(types, list) and all(t in _HF_BLOCK_TYPES for t in types):
+        return "".join(_HF_BLOCK_TYPES[t] for t in types)
+    return None
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+def _check_contradictions(d: dict, overrides: dict) -> None:
+    """An HF dict that says two different things is an error, not a silent choice."""
+    problems = []
+    from_types = _pattern_of(d)
+    legacy = d.get("hybrid_override_pattern")
+    if from_types is not None and isinstance(legacy, str) and legacy and legacy != from_types:
+        problems.append(f"layers_block_type spells the pattern {from_types!r} but hybrid_override_pattern is "
+                        f"{legacy!r}")
+    pattern = from_types if from_types is not None else (legacy if isinstance(legacy, str) else None)
+    n = d.get("num_hidden_layers")
+    if pattern and n is not None and n != len(pattern):
+        problems.append(f"num_hidden_layers={n!r} but the layer pattern {pattern!r} has {len(pattern)} layers")
+    for alias, name in _ALIASES.items():
+        if alias in d and name in d and name not in overrides and d[alias] is not None and d[name] is not None \
+                and not _same_value(d[alias], d[name]):
+            problems.append(f"{alias}={d[alias]!r} and its canonical name {name}={d[name]!r} disagree")
+    if problems:
+        raise ValueError("contradictory HF config fields: " + "; ".join(problems))
+
+
 @dataclass(frozen=True)
 class NemotronHConfig:
     """Frozen model config. HF field names; `d_inner = mamba_num_heads * mamba_head_dim`."""
@@ -126,7 +165,7 @@ class NemotronHConfig:
 
     def __post_init__(self):
         if isinstance(self.time_step_limit, list):
-            object.__setattr__(self, "time_step_limit", tuple(float(v) for v in self.time_step_limit))
+            object.__setattr__(self, "time_step_limit", tuple(self.time_step_limit))
         for name in ("mamba_heads_per_layer", "attn_heads_per_layer", "ffn_per_layer",
                      "moe_experts_per_layer", "moe_ffn_per_layer"):
             v = getattr(self, name)
@@ -205,8 +244,32 @@ class NemotronHConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be a positive integer", v)
-        if self.moe_shared_expert_intermediate_size < 0:
-            bad("moe_shared_expert_intermediate_size", "must be >= 0", self.moe_shared_expert_intermediate_size)
+        for name in ("moe_shared_expert_intermediate_size", "n_shared_experts", "pad_token_id", "bos_token_id",
+                     "eos_token_id"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, "must be an integer >= 0", v)
+        if not isinstance(self.max_position_embeddings, int) or isinstance(self.max_position_embeddings, bool) \
+                or self.max_position_embeddings <= 0:
+            bad("max_position_embeddings", "must be a positive integer", self.max_position_embeddings)
+        for name in ("attention_bias", "mlp_bias", "use_conv_bias", "mamba_proj_bias", "norm_topk_prob",
+                     "tie_word_embeddings", "use_bias", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be a bool", getattr(self, name))
+        for name, positive in (("layer_norm_epsilon", True), ("routed_scaling_factor", True),
+                               ("time_step_min", True), ("time_step_max", True), ("time_step_floor", False),
+                               ("initializer_range", False)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number", v)
+            if (positive and not v > 0) or v < 0:
+                bad(name, "must be > 0" if positive else "must be >= 0", v)
+        lim = self.time_step_limit
+        if not isinstance(lim, tuple) or len(lim) != 2 or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) for x in lim):
+            bad("time_step_limit", "must be a pair of numbers (low, high)", lim)
+        if not math.isfinite(lim[0]) or lim[0] < 0 or math.isnan(lim[1]) or lim[1] < lim[0]:
+            bad("time_step_limit", "must be (low, high) with 0 <= low <= high, low finite (high may be inf)", lim)
         if not isinstance(self.hybrid_override_pattern, str) or not self.hybrid_override_pattern:
             bad("hybrid_override_pattern", "must be a non-empty string of M, *, -, E", self.hybrid_override_pattern)
         unknown = sorted(set(self.hybrid_override_pattern) - set(KINDS))
@@ -225,8 +288,6 @@ class NemotronHConfig:
         if self.num_experts_per_tok > self.n_routed_experts:
             bad("num_experts_per_tok", f"must be <= n_routed_experts={self.n_routed_experts}",
                 self.num_experts_per_tok)
-        if len(self.time_step_limit) != 2 or self.time_step_limit[0] > self.time_step_limit[1]:
-            bad("time_step_limit", "must be (low, high) with low <= high", self.time_step_limit)
         if self.mlp_hidden_act != "relu2":
             bad("mlp_hidden_act", "only 'relu2' (NemotronH) is supported", self.mlp_hidden_act)
         if self.mamba_hidden_act != "silu":
@@ -277,6 +338,7 @@ class NemotronHConfig:
             raise TypeError(f"from_hf takes a path or a dict, got {type(src).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
+        _check_contradictions(d, overrides)
         # layer pattern: `layers_block_type` (list) or legacy `hybrid_override_pattern` (string)
         if d.get("layers_block_type") is not None:
             types = d["layers_block_type"]
@@ -296,7 +358,9 @@ class NemotronHConfig:
                 continue
             if k2 in names:
                 if k2 == "time_step_limit" and v is not None:
-                    v = tuple(float(x) for x in v)
+                    if not isinstance(v, (list, tuple)):
+                        raise ValueError(f"NemotronHConfig.time_step_limit={v!r}: must be a pair (low, high)")
+                    v = tuple(float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in v)
                 if k2 == "moe_latent_size" and v is None:
                     continue
                 if v is None:

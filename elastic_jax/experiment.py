@@ -50,6 +50,21 @@ def run_experiment(config_obj: Any, out_dir: str | os.PathLike) -> Any:
                      f"{sorted(c.__name__ for c in _RUNNERS)} (use elastic_jax.experiment.register_runner)")
 
 
+class _user_code:
+    """Marks exceptions raised by the user's experiment file: the CLI shows their traceback."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if e is not None and isinstance(e, Exception):
+            try:
+                e.__elastic_jax_user_code__ = True
+            except AttributeError:
+                pass
+        return False
+
+
 def load_experiment(path: str | os.PathLike, quick: bool = False) -> Any:
     """Import an experiment file and return its `config(quick=quick)`."""
     path = os.fspath(path)
@@ -59,11 +74,13 @@ def load_experiment(path: str | os.PathLike, quick: bool = False) -> Any:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    with _user_code():
+        spec.loader.exec_module(module)
     fn = getattr(module, "config", None)
     if not callable(fn):
         raise ValueError(f"experiment file {path!r} must define `def config(quick: bool = False)`")
-    cfg = fn(quick=quick)
+    with _user_code():
+        cfg = fn(quick=quick)
     if not dataclasses.is_dataclass(cfg):
         raise ValueError(f"{path}: config() must return a dataclass instance, got {type(cfg).__name__}")
     return cfg

@@ -32,7 +32,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -41,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import NemotronHConfig
+from .errors import CheckpointCorrupt, HFCheckpointError, JSONFileError, read_json
+from .fileio import atomic_folder, owned_names
 from .model.params import check_params, param_axes
 
 SAFE_SINGLE = "model.safetensors"
@@ -51,12 +52,11 @@ _HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "
 _KIND_NAMES = {"M": "Mamba2", "*": "attention", "-": "MLP", "E": "MoE"}
 
 
-class HFCheckpointError(ValueError):
-    """Everything wrong with a checkpoint (or an export), one problem per line in `problems`."""
-
-    def __init__(self, what: str, problems: Sequence[str]):
-        self.problems = list(problems)
-        super().__init__(f"{what}: {len(self.problems)} problem(s)\n  " + "\n  ".join(self.problems))
+# The top-level names `save_hf` writes: `overwrite` replaces a folder only if it holds nothing else.
+HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"model\.safetensors",
+                              r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors",
+                              r"hf_quant_config\.json", r"elastic_budgets\.json", r"tokenizer\.json",
+                              r"tokenizer_config\.json", r"special_tokens_map\.json", r"chat_template\.jinja")
 
 
 # ------------------------------------------------------------------------------------ table
@@ -280,11 +280,7 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[NemotronHConfig, dict]
     path = os.path.join(os.fspath(directory), "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no config.json (not an HF checkpoint directory)")
-    with open(path) as f:
-        try:
-            raw = _decode_floats(json.load(f))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    raw = _decode_floats(read_json(path, what="HF config"))
     problems = []
     mt = raw.get("model_type")
     if mt not in (None, "nemotron_h"):
@@ -357,11 +353,17 @@ class _Files:
         single = os.path.join(directory, SAFE_SINGLE)
         if os.path.isfile(index):
             try:
-                with open(index) as f:
-                    wmap = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise HFCheckpointError(f"corrupt index {index}", [f"{type(e).__name__}: {e}"]) from None
+                wmap = read_json(index, what="safetensors index", required=("weight_map",))["weight_map"]
+            except JSONFileError as e:
+                raise HFCheckpointError(f"corrupt index {index}", [str(e)]) from None
+            if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in wmap.items()):
+                raise HFCheckpointError(f"corrupt index {index}",
+                                        ["field 'weight_map' must be an object of tensor name -> file name"])
             files = sorted(set(wmap.values()))
+            unsafe = [f"{f!r}: {why}" for f in files for why in [_unsafe_shard_name(directory, f)] if why]
+            if unsafe:
+                raise HFCheckpointError(f"unsafe shard names in {index} (never opened)", unsafe)
             listed: dict[str, set] = {}
             for fname in files:
                 keys = self._keys(fname)
@@ -392,6 +394,9 @@ class _Files:
                 raise FileNotFoundError(f"{directory}: no {SAFE_SINGLE} and no {SAFE_INDEX}")
 
     def _keys(self, fname: str) -> set | None:
+        why = _unsafe_shard_name(self.directory, fname)
+        if why:
+            raise HFCheckpointError(f"unsafe safetensors file in {self.directory} (never opened)", [f"{fname!r}: {why}"])
         from safetensors import SafetensorError, safe_open
         path = os.path.join(self.directory, fname)
         if not os.path.isfile(path):
@@ -421,6 +426,19 @@ class _Files:
 
     def close(self):
         self._stack.close()
+
+
+def _unsafe_shard_name(directory: str, fname: str) -> str | None:
+    """Why `fname` is not a plain file name inside `directory` (None when it is)."""
+    if not fname or fname in (".", "..") or os.path.isabs(fname) or "/" in fname or "\\" in fname \
+            or os.path.basename(fname) != fname or "\0" in fname:
+        return "a shard must be a plain file name inside the checkpoint folder (no '..', '/', absolute paths)"
+    path = os.path.join(directory, fname)
+    if os.path.islink(path):
+        real, root = os.path.realpath(path), os.path.realpath(directory)
+        if not real.startswith(root.rstrip(os.sep) + os.sep):
+            return f"a symlink that leaves the checkpoint folder (-> {real})"
+    return None
 
 
 _ST_DTYPES = {"F32": jnp.float32, "BF16": jnp.bfloat16, "F16": jnp.float16, "F64": jnp.float64}
@@ -530,7 +548,13 @@ def _plan(cfg: NemotronHConfig, files: _Files) -> _Plan:
 
 def _target_dtype(raw: dict, files: _Files, dtype) -> Any:
     if dtype is not None:
-        return jnp.dtype(dtype)
+        try:
+            dt = jnp.dtype(dtype)
+        except TypeError:
+            raise ValueError(f"load_hf dtype={dtype!r}: not a dtype; expected float32, bfloat16 or float16") from None
+        if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise ValueError(f"load_hf dtype={dtype!r}: parameters must be float32, bfloat16 or float16")
+        return dt
     name = raw.get("dtype") or raw.get("torch_dtype")
     if isinstance(name, str) and name in ("float32", "bfloat16", "float16"):
         return jnp.dtype(name)
@@ -557,6 +581,8 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: not a directory")
+    if dtype is not None:
+        _target_dtype({}, None, dtype)          # refuse a non-float dtype before reading anything
     cfg, raw = read_hf_config(directory)
     files = _Files(directory)
     from .quant import export as qexport
@@ -690,18 +716,26 @@ def _hf_tensors(cfg: NemotronHConfig, params: dict, dtype) -> Iterable[tuple[str
 
 
 def _parse_size(s) -> int:
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*", str(s), re.I)
-    if not m:
+    if isinstance(s, bool):
         raise ValueError(f"max_shard_size={s!r}: expected bytes (int) or a size like '5GB' / '500MB'")
-    mult = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    return int(float(m.group(1)) * mult[(m.group(2) or "").upper()])
+    if isinstance(s, int):
+        n = s
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*", str(s), re.I)
+        if not m:
+            raise ValueError(f"max_shard_size={s!r}: expected bytes (int) or a size like '5GB' / '500MB'")
+        mult = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+        n = int(float(m.group(1)) * mult[(m.group(2) or "").upper()])
+    if n <= 0:
+        raise ValueError(f"max_shard_size={s!r}: must be > 0 bytes")
+    return n
 
 
 def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *, dtype=None,
             max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
-            quantization: str | None = None, quant_state=None) -> str:
+            quantization: str | None = None, quant_state=None,
+            protect: Sequence[str | os.PathLike] = (), budgets=None,
+            tokenizer_dir: str | os.PathLike | None = None) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
     `transformers.NemotronHForCausalLM.from_pretrained(directory)` loads with the same logits.
 
@@ -709,18 +743,30 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     `layers_block_type` and the legacy `hybrid_override_pattern`, shards of at most
     `max_shard_size` with `model.safetensors.index.json` when there is more than one.
     `dtype`: on-disk dtype (None: the embedding's); router weight and bias are float32.
-    Everything is written to a temporary directory beside `directory` and renamed into place only
-    when complete, so a failed export leaves nothing behind. A heterogeneous (per-layer width)
-    config cannot be expressed as an HF NemotronH config and raises `HFCheckpointError`.
+    The folder is written by `elastic_jax.fileio.atomic_folder`: into a temporary folder swapped
+    in only when complete, so a failed export leaves nothing behind and the previous one intact.
+    An existing empty folder is a valid target; `overwrite` replaces a folder only when it holds
+    nothing but what save_hf writes (`HF_EXPORT_FILES`), else FileExistsError lists the rest. An
+    empty path, a target containing the current directory or a `protect`ed path (the source of
+    an export) is refused. A heterogeneous (per-layer width) config cannot be expressed as an HF
+    NemotronH config and raises `HFCheckpointError`.
     `quantization` "fp8" | "nvfp4" (or a `quant_state`, `elastic_jax.quant.QuantState`): the
     projections are written packed with their scales in the ModelOpt layout
-    (`elastic_jax.quant.export`); without a state the weight scales come from these params."""
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else params["embed"].dtype))
+    (`elastic_jax.quant.export`); without a state the weight scales come from these params.
+    `budgets` ({name: Widths}, nested submodels of this model) is written as `elastic_budgets.json`
+    (see `budget_table`); `tokenizer_dir`: a folder whose tokenizer files (`TOKENIZER_FILES`) are
+    copied in, so `elastic-jax generate` works on the export."""
+    from .fileio import check_target
+    table = None if not budgets else budget_table(cfg, budgets)
+    tok_files = _tokenizer_files(tokenizer_dir)
+    check_target(directory, owned=HF_EXPORT_FILES, overwrite=overwrite, protect=protect, what="save_hf")
+    try:
+        out_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else params["embed"].dtype))
+    except TypeError:
+        raise ValueError(f"save_hf dtype={dtype!r}: expected float32, bfloat16 or float16") from None
     if out_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
         raise ValueError(f"save_hf dtype={out_dtype}: expected float32, bfloat16 or float16")
+    limit = _parse_size(max_shard_size)
     config = hf_config_dict(cfg, dtype=str(out_dtype))
     check_params(params, cfg)
     tensors = list(_hf_tensors(cfg, params, out_dtype))
@@ -731,7 +777,6 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
         tensors, qconfig = qexport.quantize_tensors(cfg, params, tensors, fmt, quant_state)
         config["quantization_config"] = qconfig
         writer = qexport.write_safetensors
-    limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
     for key, shape, thunk in tensors:
@@ -741,50 +786,109 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
             size = 0
         shards[-1].append((key, shape, thunk))
         size += nbytes
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        from safetensors.numpy import save_file
-        save_file = writer or save_file
-        names = ([SAFE_SINGLE] if len(shards) == 1 else
-                 [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-        weight_map, total = {}, 0
-        bar = _bar(progress, len(tensors), "save_hf", "tensor")
-        for name, shard in zip(names, shards):
-            arrays = {}
-            for key, shape, thunk in shard:
-                a = thunk()
-                if tuple(a.shape) != tuple(shape):
-                    raise HFCheckpointError("internal shape error", [f"{key}: {a.shape} != {shape}"])
-                arrays[key] = a
-                weight_map[key] = name
-                total += a.nbytes
-                bar.update(1)
-            save_file(arrays, os.path.join(tmp, name), metadata={"format": "pt"})
-            del arrays
-        bar.close()
-        if len(shards) > 1:
-            with open(os.path.join(tmp, SAFE_INDEX), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+    with atomic_folder(directory, owned=HF_EXPORT_FILES, overwrite=overwrite, protect=protect,
+                       what="save_hf") as tmp:
+        _write_hf_files(tmp, cfg, config, shards, len(tensors), progress, writer)
         if qconfig is not None:
             qexport.write_quant_config(tmp, qconfig)
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump({"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
-                       "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}, f, indent=2)
-        if os.path.exists(directory):
-            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-            os.rename(directory, os.path.join(trash, "old"))
-            os.rename(tmp, directory)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+        if table is not None:
+            with open(os.path.join(tmp, BUDGETS_FILE), "w") as f:
+                json.dump(table, f, indent=1)
+        for src in tok_files:
+            shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
+    return os.path.abspath(os.fspath(directory))
+
+
+def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, n_tensors: int,
+                    progress: bool, writer=None) -> None:
+    """The files of an HF checkpoint into the (empty, temporary) folder `tmp`; `writer`: the
+    safetensors writer (quantized exports write float8 tensors with their own)."""
+    from .fileio import save_safetensors
+    names = ([SAFE_SINGLE] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    weight_map, total = {}, 0
+    bar = _bar(progress, n_tensors, "save_hf", "tensor")
+    for name, shard in zip(names, shards):
+        arrays = {}
+        for key, shape, thunk in shard:
+            a = thunk()
+            if tuple(a.shape) != tuple(shape):
+                raise HFCheckpointError("internal shape error", [f"{key}: {a.shape} != {shape}"])
+            arrays[key] = a
+            weight_map[key] = name
+            total += a.nbytes
+            bar.update(1)
+        (writer or save_safetensors)(arrays, os.path.join(tmp, name), metadata={"format": "pt"})
+        del arrays
+    bar.close()
+    if len(shards) > 1:
+        with open(os.path.join(tmp, SAFE_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump({"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
+                   "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}, f, indent=2)
+
+
+# ------------------------------------------------------------------------ nested budget table
+BUDGETS_FILE = "elastic_budgets.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _tokenizer_files(tokenizer_dir) -> list[str]:
+    if tokenizer_dir is None:
+        return []
+    tokenizer_dir = os.fspath(tokenizer_dir)
+    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} has no tokenizer.json")
+    return [os.path.join(tokenizer_dir, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, f))]
+
+
+def _widths_json(w) -> dict:
+    out = {}
+    for f in dataclasses.fields(w):
+        v = getattr(w, f.name)
+        if v is not None:
+            a = np.asarray(v)
+            out[f.name] = a.tolist() if a.ndim else a.item()
+    return out
+
+
+def budget_table(cfg: NemotronHConfig, budgets) -> dict:
+    """The nested family of one checkpoint as JSON: {"format": 1, "budgets": [{"name", "widths"
+    (axis -> size or per-layer list; a missing axis is full), "params", "active_params"}]}."""
+    from .elastic.slicing import param_count
+    from .widths import Widths
+    rows = []
+    for name, w in budgets.items():
+        if not isinstance(w, Widths):
+            raise ValueError(f"budgets[{name!r}] must be a Widths, got {type(w).__name__}")
+        w.validate(cfg)
+        rows.append({"name": str(name), "widths": _widths_json(w), "params": int(param_count(cfg, w)),
+                     "active_params": int(param_count(cfg, w, active=True))})
+    return {"format": 1, "budgets": rows}
+
+
+def read_budget_table(directory: str | os.PathLike, cfg: NemotronHConfig) -> dict:
+    """{name: {"widths": Widths, "params", "active_params"}} from `elastic_budgets.json` ({} when the
+    folder has none: a plain HF checkpoint), each validated against `cfg`."""
+    from .widths import Widths
+    path = os.path.join(os.fspath(directory), BUDGETS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        rows = table["budgets"]
+        out = {}
+        for r in rows:
+            w = Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["widths"].items()})
+            w.validate(cfg)
+            out[str(r["name"])] = {"widths": w, "params": r.get("params"), "active_params": r.get("active_params")}
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a valid budget table ({type(e).__name__}: {e})") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -820,21 +924,38 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, with_quant:
     import orbax.checkpoint as ocp
     from .elastic.config import ElasticConfig
     from .train.checkpoint import Checkpointer
-    ck = Checkpointer(ckpt_dir, async_save=False)
-    try:
-        if step is None:
-            step = ck.latest_step()
-        if step is None or step not in ck.all_steps():
-            raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint"
-                                    + ("" if step is None else f" at step {step} (have {ck.all_steps()})"))
-        meta = ck.read_meta(step)
-        configs = meta.get("configs", {})
-        if not isinstance(configs.get("model"), dict):
-            raise ValueError(f"{ckpt_dir} step {step}: the checkpoint metadata has no model config")
+
+    def restore(st):
+        meta = ck.read_meta(st)
+        configs = meta.get("configs") if isinstance(meta, dict) else None
+        if not isinstance(configs, dict) or not isinstance(configs.get("model"), dict):
+            raise JSONFileError(f"{ck.step_path(st)}/meta: field 'configs.model' (the model config) is missing")
         cfg = NemotronHConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
                                          for k, v in configs["model"].items()})
         ecfg = ElasticConfig.from_dict(configs["elastic"]) if configs.get("elastic") else None
-        restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        restored = ck.manager.restore(st, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        return cfg, ecfg, restored, configs
+
+    ck = Checkpointer(ckpt_dir, async_save=False)
+    try:
+        if step is None:
+            found = ck.restore_newest(restore)
+            if found is None:
+                raise CheckpointCorrupt(f"{ckpt_dir}: no checkpoint step in the run folder")
+            step, (cfg, ecfg, restored, configs) = found
+        else:
+            if step not in ck.manager.all_steps():
+                raise FileNotFoundError(f"{ckpt_dir}: no checkpoint at step {step} (have {ck.all_steps()})")
+            why = ck.incomplete(step)
+            if why is not None:
+                raise CheckpointCorrupt(f"{ckpt_dir}: step {step} is incomplete ({why})")
+            try:
+                cfg, ecfg, restored, configs = restore(step)
+            except (JSONFileError, CheckpointCorrupt):
+                raise
+            except Exception as e:       # orbax / tensorstore errors of a damaged step
+                raise CheckpointCorrupt(f"{ck.step_path(step)}: cannot be restored ({type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
     finally:
         ck.close()
     state = restored.get("state", restored)
@@ -862,8 +983,12 @@ def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
             raise ValueError("--budget needs an elastic training run (orbax checkpoint with a router); "
                              f"{src} is an HF directory: pass --widths instead")
         cfg, params = load_hf(src, progress=not args.quiet)
+        args.family = {n: e["widths"] for n, e in read_budget_table(src, cfg).items()}
         return cfg, params, None
     cfg, params, router, ecfg = load_run(src, args.step)
+    if router is not None and ecfg is not None:   # the run's nested family: every trained budget
+        from .elastic.router import budget_widths
+        args.family = {f"{round(100 * b):d}%": budget_widths(router, cfg, ecfg, b) for b in ecfg.budgets}
     widths = None
     if getattr(args, "budget", None) is not None:
         if router is None or ecfg is None:
@@ -897,6 +1022,9 @@ def _export_quant_state(args, cfg, params, widths):
 
 def _cmd_export(args) -> int:
     from .elastic.slicing import param_count, slice_params
+    from .fileio import check_target
+    check_target(args.out, owned=HF_EXPORT_FILES, overwrite=args.overwrite, protect=[args.src],
+                 what=args.command)                 # refuse a bad target before loading anything
     cfg, params, widths = _load_source(args.src, args)
     if args.widths is not None:
         if widths is not None:
@@ -905,6 +1033,10 @@ def _cmd_export(args) -> int:
     if args.command == "slice" and widths is None:
         raise ValueError("slice needs --widths JSON or --budget B (with an elastic run)")
     n_full = param_count(cfg)
+    family = getattr(args, "family", None) or None
+    tokenizer = args.tokenizer
+    if tokenizer is None and os.path.isfile(os.path.join(args.src, "tokenizer.json")):
+        tokenizer = args.src
     qstate = None
     if args.quantize is not None:
         qstate = _export_quant_state(args, cfg, params, widths)
@@ -913,8 +1045,10 @@ def _cmd_export(args) -> int:
             from .quant import slice_quant_state
             qstate = slice_quant_state(qstate, params, cfg, widths)
         cfg, params = slice_params(params, cfg, widths)
+        family = None   # the budgets are nested in the parent, not in this slice
     save_hf(args.out, cfg, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate)
+            overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate, protect=[args.src],
+            budgets=family, tokenizer_dir=tokenizer)
     if not args.quiet:
         n = param_count(cfg)
         from .quant.export import checkpoint_bytes
@@ -947,6 +1081,10 @@ def add_cli(subparsers) -> None:
                        help="write the ModelOpt FP8 / NVFP4 layout (scales from the parent; a QAD run's own)")
         p.add_argument("--calib-batches", type=int, default=4,
                        help="--quantize without QAD scales: random-token calibration batches (default 4)")
-        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace OUT if it holds nothing but a previous export (never a run folder or other files)")
+        p.add_argument("--tokenizer", default=None,
+                       help="folder whose tokenizer.json / tokenizer_config.json (chat template) are copied into OUT "
+                            "(default: SRC's, when it has them)")
         p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
         p.set_defaults(func=_cmd_export, command=name)

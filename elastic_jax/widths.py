@@ -3,6 +3,7 @@
 Spec §4. Every elastic axis keeps a *prefix* of importance-sorted components:
   hidden       first d channels of the residual stream (RMSNorm corrected with eps·ρ and √ρ);
   mamba_heads  first k/g heads of every Mamba group (B and C never masked);
+  mamba_channels first p channels of every Mamba head (the head dim; exported as mamba_head_dim);
   attn_heads   first k/kv query heads of every KV group;
   ffn          first n neurons of each dense MLP;
   moe_experts  first e/n_group experts of every routing group (router logits -inf beyond);
@@ -28,6 +29,7 @@ from .config import NemotronHConfig
 # axis name -> (pattern character, per-layer full size getter name, divisor rule)
 PER_LAYER_AXES = {
     "mamba_heads": "M",
+    "mamba_channels": "M",
     "attn_heads": "*",
     "ffn": "-",
     "moe_experts": "E",
@@ -41,7 +43,8 @@ def full_size(cfg: NemotronHConfig, axis: str, i: int = 0) -> int:
     if axis == "hidden":
         return cfg.hidden_size
     return {
-        "mamba_heads": cfg.mamba_heads_at, "attn_heads": cfg.attn_heads_at, "ffn": cfg.ffn_at,
+        "mamba_heads": cfg.mamba_heads_at, "mamba_channels": lambda i: cfg.mamba_head_dim,
+        "attn_heads": cfg.attn_heads_at, "ffn": cfg.ffn_at,
         "moe_experts": cfg.moe_experts_at, "moe_ffn": cfg.moe_ffn_at,
     }[axis](i)
 
@@ -49,7 +52,7 @@ def full_size(cfg: NemotronHConfig, axis: str, i: int = 0) -> int:
 def divisor(cfg: NemotronHConfig, axis: str) -> tuple[int, str | None]:
     """Group divisibility each axis must respect (value, name of the rule's field)."""
     return {
-        "hidden": (1, None), "mamba_heads": (cfg.n_groups, "n_groups"),
+        "hidden": (1, None), "mamba_heads": (cfg.n_groups, "n_groups"), "mamba_channels": (1, None),
         "attn_heads": (cfg.num_key_value_heads, "num_key_value_heads"), "ffn": (1, None),
         "moe_experts": (cfg.n_group, "n_group"), "moe_ffn": (1, None),
     }[axis]
@@ -74,6 +77,7 @@ class Widths:
     moe_experts: Any = None
     moe_ffn: Any = None
     layers: Any = None
+    mamba_channels: Any = None
 
     @classmethod
     def full(cls, cfg: NemotronHConfig) -> "Widths":
@@ -108,7 +112,14 @@ class Widths:
             v = getattr(self, axis)
             if v is None or not _is_concrete(v):
                 continue
-            arr = np.asarray(v)
+            try:
+                arr = np.asarray(v)
+            except (ValueError, TypeError):
+                raise ValueError(f"Widths.{axis}={v!r}: must be an int or a sequence of ints") from None
+            if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+                raise ValueError(f"Widths.{axis}={v!r}: must be finite integers (a size, not inf / nan)")
+            if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+                raise ValueError(f"Widths.{axis}={v!r}: must be integers")
             if not np.issubdtype(arr.dtype, np.integer):
                 if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
                     arr = arr.astype(np.int64)
@@ -156,6 +167,8 @@ class Widths:
                                  f"{cfg.num_hidden_layers} layers")
             if not np.all((arr == 0) | (arr == 1)):
                 raise ValueError(f"Widths.layers={self.layers!r}: entries must be booleans")
+            if not np.any(arr):
+                raise ValueError(f"Widths.layers={self.layers!r}: drops every layer; keep at least one")
         return self
 
     # ---------------------------------------------------------------- arrays
@@ -194,7 +207,7 @@ class SoftWidths:
     axis, per-layer axes are [n_kind, n_opts]; `layers` is a float gate per layer [n_layers].
 
     The mask of an axis is Σ_i probs_i · prefix(counts_i) (group-aware where the axis has groups).
-    Probabilities need not sum to 1 (hard Gumbel samples scale the one-hot mask by max π).
+    Probabilities need not sum to 1 (a user mix may be partial).
     """
 
     hidden: Any
@@ -204,12 +217,15 @@ class SoftWidths:
     moe_experts: Any
     moe_ffn: Any
     layers: Any
+    mamba_channels: Any = None     # None: full head dim (no channel masking work)
 
     @classmethod
     def from_options(cls, cfg: NemotronHConfig, options: dict, probs: dict, layers=None) -> "SoftWidths":
         """Build from option lists (`options[axis]`: counts [n_opts] or [n_kind, n_opts]) and router
         probabilities (`probs[axis]`: [n_opts] homogeneous or [n_kind, n_opts] per layer).
-        Axes missing from `options` are full."""
+        Axes missing from `options` are full. Concrete inputs are validated like `Widths`
+        (`check_options`); traced ones (inside jit) are not."""
+        check_options(cfg, options, probs, layers)
         out = {}
         for axis in WIDTH_AXES:
             n = None if axis == "hidden" else cfg.count(PER_LAYER_AXES[axis])
@@ -220,6 +236,8 @@ class SoftWidths:
                     c = jnp.broadcast_to(c, (n, c.shape[-1]))
                     p = jnp.broadcast_to(p, (n, p.shape[-1]))
                 out[axis] = (c, p)
+            elif axis == "mamba_channels":
+                out[axis] = None                  # full head dim: no channel masking work
             else:
                 if axis == "hidden":
                     out[axis] = (jnp.asarray([cfg.hidden_size], jnp.int32), jnp.ones((1,), jnp.float32))
@@ -228,6 +246,51 @@ class SoftWidths:
                     out[axis] = (jnp.asarray(full, jnp.int32).reshape(n, 1), jnp.ones((n, 1), jnp.float32))
         gates = jnp.ones((cfg.num_hidden_layers,), jnp.float32) if layers is None else jnp.asarray(layers, jnp.float32)
         return cls(**out, layers=gates)
+
+
+def check_options(cfg: NemotronHConfig, options: dict, probs: dict, layers=None) -> None:
+    """ValueError naming the axis for concrete `SoftWidths.from_options` inputs that are wrong:
+    unknown axes, counts out of range or not divisible (as `Widths.validate`), probabilities
+    missing, non-finite or negative, shapes of counts and probabilities that differ."""
+    if not isinstance(options, dict) or not isinstance(probs, dict):
+        raise TypeError("SoftWidths.from_options: options and probs must be dicts of axis -> array")
+    unknown = sorted(set(options) - set(WIDTH_AXES))
+    if unknown:
+        raise ValueError(f"SoftWidths.from_options: unknown axes {unknown}; known: {list(WIDTH_AXES)}")
+    for axis, c in options.items():
+        if c is None:
+            continue
+        if axis not in probs or probs[axis] is None:
+            raise ValueError(f"SoftWidths.from_options: options[{axis!r}] given but no probs[{axis!r}]")
+        p = probs[axis]
+        if not (_is_concrete(c) and _is_concrete(p)):
+            continue
+        ca, pa = np.asarray(c), np.asarray(p, np.float64)
+        n = None if axis == "hidden" else cfg.count(PER_LAYER_AXES[axis])
+        if ca.ndim == 0 or ca.ndim > (1 if n is None else 2) or (ca.ndim == 2 and ca.shape[0] != n):
+            raise ValueError(f"SoftWidths.from_options: options[{axis!r}] has shape {ca.shape}; expected [n_opts]"
+                             + ("" if n is None else f" or [{n}, n_opts]"))
+        if pa.shape[-1:] != ca.shape[-1:] or pa.ndim > (1 if n is None else 2) or (pa.ndim == 2 and pa.shape[0] != n):
+            raise ValueError(f"SoftWidths.from_options: probs[{axis!r}] has shape {pa.shape}, options[{axis!r}] "
+                             f"{ca.shape}; one probability per option")
+        if not np.all(np.isfinite(pa)) or np.any(pa < 0):
+            raise ValueError(f"SoftWidths.from_options: probs[{axis!r}] must be finite and >= 0, got {pa.tolist()}")
+        if axis == "hidden":
+            for x in ca.reshape(-1):
+                Widths(hidden=x).validate(cfg)
+        else:
+            rows = ca if ca.ndim == 2 else np.broadcast_to(ca, (n, ca.shape[-1]))
+            for j in range(rows.shape[1]):
+                Widths(**{axis: tuple(rows[:, j].tolist())}).validate(cfg)
+    if layers is not None and _is_concrete(layers):
+        g = np.asarray(layers, np.float64).reshape(-1)
+        if g.size != cfg.num_hidden_layers:
+            raise ValueError(f"SoftWidths.from_options: layers has {g.size} gates; the pattern has "
+                             f"{cfg.num_hidden_layers} layers")
+        if not np.all(np.isfinite(g)) or np.any(g < 0):
+            raise ValueError(f"SoftWidths.from_options: layer gates must be finite and >= 0, got {g.tolist()}")
+        if not np.any(g > 0):
+            raise ValueError("SoftWidths.from_options: every layer gate is 0 (every layer dropped); keep at least one")
 
 
 for _cls in (Widths, SoftWidths):

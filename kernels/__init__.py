@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from ._common import compile_target, target_platform
 from .reference import active_head_mask, gmm_reference, ssd_chunked, ssd_scan
 
 IMPLS = ("xla", "pallas")
@@ -31,7 +32,7 @@ def default_impl() -> str:
     env = os.environ.get("ELASTIC_JAX_KERNEL_IMPL")
     if env:
         return env
-    return "pallas" if jax.default_backend() in VALIDATED_PALLAS_PLATFORMS else "xla"
+    return "pallas" if target_platform() in VALIDATED_PALLAS_PLATFORMS else "xla"
 
 
 def _resolve(impl):
@@ -67,8 +68,9 @@ def _ssd_local(x, dt, A, B, C, D, *, chunk_size, initial_state, seq_idx, active_
 
 
 def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None, impl=None,
-        preferred_element_type=None, partition=None):
-    """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n].
+        preferred_element_type=None, precision=None, partition=None):
+    """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n]. `precision`: of the
+    XLA path (`ragged_dot`; None = HIGHEST); the Pallas kernel always accumulates in f32.
 
     `partition=(row_axes, n_axes)` (tuples of mesh axis names; needs a mesh in context): run per
     shard inside `shard_map`, the rows of lhs split over `row_axes` (each shard derives its local
@@ -78,18 +80,20 @@ def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=No
     if partition is not None and _mesh() is not None:
         from .sharded import gmm_sharded
         return gmm_sharded(_gmm_local, partition, lhs, rhs, group_sizes, active_groups=active_groups,
-                           active_k=active_k, active_n=active_n, impl=impl, preferred_element_type=out_dtype)
+                           active_k=active_k, active_n=active_n, impl=impl, preferred_element_type=out_dtype,
+                           precision=precision)
     return _gmm_local(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k, active_n=active_n,
-                      impl=impl, preferred_element_type=out_dtype)
+                      impl=impl, preferred_element_type=out_dtype, precision=precision)
 
 
-def _gmm_local(lhs, rhs, group_sizes, *, active_groups, active_k, active_n, impl, preferred_element_type):
+def _gmm_local(lhs, rhs, group_sizes, *, active_groups, active_k, active_n, impl, preferred_element_type,
+               precision=None):
     if impl == "pallas":
         from .gmm_pallas import gmm_pallas
         return gmm_pallas(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
                           active_n=active_n, preferred_element_type=preferred_element_type)
     return gmm_reference(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
-                         active_n=active_n, preferred_element_type=preferred_element_type)
+                         active_n=active_n, preferred_element_type=preferred_element_type, precision=precision)
 
 
 def _mesh():
@@ -99,4 +103,4 @@ def _mesh():
 
 
 __all__ = ["ssd", "gmm", "ssd_chunked", "ssd_scan", "gmm_reference", "active_head_mask",
-           "default_impl", "IMPLS"]
+           "default_impl", "IMPLS", "compile_target", "target_platform"]

@@ -18,6 +18,8 @@ the tests exercise the exact kernel bodies that the GPU / TPU compilers receive.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import jax
@@ -42,6 +44,27 @@ def next_pow2(v: int) -> int:
     return 1 if v <= 1 else 1 << (v - 1).bit_length()
 
 
+_TARGET = contextvars.ContextVar("elastic_jax_compile_target", default=None)
+
+
+def target_platform() -> str:
+    """The platform programs are being traced for: the `compile_target` in force (ahead-of-time
+    compiles for a TPU from a CPU host, elastic_jax/aot.py), else jax's default backend."""
+    return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compile_target(platform: str | None):
+    """Trace for `platform` ("tpu", "gpu", "cpu"; None: no change) inside the block: kernel
+    variants, interpret mode and "auto" implementations follow it."""
+    token = _TARGET.set(platform) if platform else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _TARGET.reset(token)
+
+
 def resolve_lowering(variant: str | None = None, interpret: bool | None = None):
     """-> (variant, interpret). Default: TPU -> "tpu" compiled; GPU -> "gpu" compiled;
     CPU (or a variant that does not match the platform) -> interpret mode.
@@ -49,7 +72,7 @@ def resolve_lowering(variant: str | None = None, interpret: bool | None = None):
     ``ELASTIC_JAX_PALLAS_INTERPRET=1`` forces interpret mode; ``ELASTIC_JAX_PALLAS_VARIANT``
     overrides the variant (e.g. to run the Mosaic-style kernels in interpret mode on CPU).
     """
-    platform = jax.default_backend()
+    platform = target_platform()
     if variant is None:
         variant = os.environ.get("ELASTIC_JAX_PALLAS_VARIANT") or ("tpu" if platform == "tpu" else "gpu")
     if variant not in VARIANTS:
@@ -129,6 +152,9 @@ def as_i32_scalar(v, default: int, upper: int):
 
 
 def dot(a, b, contract=((1,), (0,))):
-    """2-D dot_general with f32 accumulation (HIGHEST: IEEE f32 on Triton, full f32 on TPU)."""
+    """2-D dot_general with f32 accumulation. f32 operands: HIGHEST (IEEE f32 on Triton, full f32
+    on TPU); narrower operands: DEFAULT (their product is exact in f32 already, and Mosaic rejects
+    bf16 operands with an fp32 contract precision: "Bad lhs type")."""
+    both_f32 = a.dtype == f32 and b.dtype == f32
     return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=f32,
-                               precision=HIGHEST)
+                               precision=HIGHEST if both_f32 else jax.lax.Precision.DEFAULT)

@@ -185,7 +185,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=128, initial_state=None, s
 
 
 def gmm_reference(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None,
-                  preferred_element_type=jnp.float32):
+                  preferred_element_type=jnp.float32, precision=None):
     """Grouped matmul via `jax.lax.ragged_dot`: lhs [m, k] sorted by group, rhs [g, k, n].
 
     Elastic arguments: only the first `active_groups` groups, the first `active_k` reduction rows
@@ -203,5 +203,6 @@ def gmm_reference(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, a
     if active_groups is not None:
         rhs = rhs * (jnp.arange(g) < active_groups).astype(rhs.dtype)[:, None, None]
     out = jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32),
-                             preferred_element_type=preferred_element_type, precision=HIGHEST)
+                             preferred_element_type=preferred_element_type,
+                             precision=HIGHEST if precision is None else precision)
     return out

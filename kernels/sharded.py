@@ -56,7 +56,7 @@ def ssd_sharded(local_fn, partition, x, dt, A, B, C, D, *, chunk_size, initial_s
 
 
 def gmm_sharded(local_fn, partition, lhs, rhs, group_sizes, *, active_groups, active_k, active_n, impl,
-                preferred_element_type):
+                preferred_element_type, precision=None):
     mesh = jax.sharding.get_abstract_mesh()
     row_axes, n_axes = (tuple(a or ()) for a in partition)
     n_rows = _check_divides("gmm: lhs rows", lhs.shape[0], row_axes, mesh)
@@ -72,7 +72,7 @@ def gmm_sharded(local_fn, partition, lhs, rhs, group_sizes, *, active_groups, ac
         if an is not None:
             an = jnp.clip(an - _linear_index(n_axes, mesh) * n_loc, 0, n_loc)
         return local_fn(lhs, rhs, local_gs, active_groups=ag, active_k=ak, active_n=an, impl=impl,
-                        preferred_element_type=preferred_element_type)
+                        preferred_element_type=preferred_element_type, precision=precision)
 
     specs = (P(r, None), P(None, None, c), P(), *(None if v is None else P() for v in (active_groups, active_k,
                                                                                           active_n)))

@@ -47,7 +47,8 @@ def _random_widths(cfg, rng, per_layer, layers):
         for i in range(n):
             cands = [v for v in range(div, full_size(cfg, axis, i) + 1, div) if _valid(cfg, axis, v)]
             vals.append(int(rng.choice(cands)))
-        kw[axis] = tuple(vals) if per_layer else vals[0]
+        # one mamba_head_dim per sliced model: the channel count is never per layer
+        kw[axis] = tuple(vals) if per_layer and axis != "mamba_channels" else vals[0]
     if layers:
         keep = rng.random(cfg.num_hidden_layers) < 0.7
         keep[rng.integers(cfg.num_hidden_layers)] = True

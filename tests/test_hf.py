@@ -203,8 +203,9 @@ def test_sharded_save_pretrained_loads(tmp_path):
 @pytest.mark.parametrize("widths", [
     dict(hidden=24, mamba_heads=2, attn_heads=2, ffn=32, moe_experts=4, moe_ffn=8),
     dict(hidden=32, moe_experts=6, layers=(True, True, True, False, True, True)),
+    dict(hidden=24, mamba_heads=2, mamba_channels=4, layers=(True, True, False, True, True, True)),
     None,
-], ids=["all_axes", "experts_and_depth", "full"])
+], ids=["all_axes", "experts_and_depth", "mamba_channels_and_depth", "full"])
 def test_save_hf_sliced_submodel_matches_masked_parent_in_transformers(widths, tmp_path):
     torch = _torch()
     from transformers import NemotronHForCausalLM
@@ -514,6 +515,11 @@ def test_cli_from_elastic_run_at_trained_budget(tmp_path):
     args = parser.parse_args(["export", str(tmp_path / "run"), str(tmp_path / "full"), "--quiet"])
     assert args.func(args) == 0
     _tree_equal(params, ej.load_hf(tmp_path / "full")[1])
+    # the full export records the run's nested family (every trained budget -> the router's widths)
+    table = ejhf.read_budget_table(tmp_path / "full", cfg)
+    assert list(table) == ["100%", "50%"] and table["50%"]["widths"] == widths
+    assert table["50%"]["active_params"] == ej.param_count(cfg, widths, active=True)
+    assert not (tmp_path / "b05" / ejhf.BUDGETS_FILE).exists()          # a slice carries no family
 
 
 # config.json of nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 (legacy field names, no time_step_limit)

@@ -55,6 +55,19 @@ def test_quantized_experts_under_mesh(mesh_results):
     assert q["amax_err"] < 1e-6 and q["err"] < 1e-5, q
 
 
+def test_expert_parallel_loads_and_bf16(mesh_results):
+    """Issue 14's per-expert loads come out of the expert-parallel MoE equal to one device's
+    (padding excluded); bf16 parameters: bf16 grouped matmuls at DEFAULT precision per shard."""
+    rows = mesh_results["moe"]
+    assert len(rows) == 3
+    n_valid_choices = (8 * 8 - 3) * 2                 # B·L tokens, 3 padding, top-2
+    for r in rows:
+        assert r["err"] < 1e-5 and r["load_err"] == 0 and r["load_total"] == n_valid_choices, r
+        assert r["bf16_err"] < 2e-2 and r["bf16_vs_f32"] < 5e-2, r
+        assert r["ragged_dots"] and all(d == ["bfloat16", "(Precision.DEFAULT, Precision.DEFAULT)"]
+                                        for d in r["ragged_dots"]), r
+
+
 # ------------------------------------------------------------------ rules table (no devices needed)
 MESH = AbstractMesh((2, 2, 2, 1), shd.MESH_AXES)
 SMALL = ej.NemotronHConfig(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*-E", num_attention_heads=4,

@@ -271,11 +271,20 @@ class TokenDataset:
     vocab_size: int
 
     def batches(self, seq_len: int, batch_size: int, *, epoch_seed: int = 0, process_index: int | None = None,
-                process_count: int | None = None) -> BatchStream:
+                process_count: int | None = None, min_doc_len: int | None = None) -> BatchStream:
+        """`min_doc_len`: only documents of at least that many tokens (a long-context stage trains
+        on documents longer than the previous stage's rows); ValueError if none is that long."""
         if process_index is None or process_count is None:
             import jax
             process_index, process_count = jax.process_index(), jax.process_count()
-        return BatchStream(self.documents, self.config, seq_len, batch_size, epoch_seed=epoch_seed,
+        docs = self.documents
+        if min_doc_len is not None:
+            docs = [d for d in docs if d.size >= min_doc_len]
+            if not docs:
+                longest = max((d.size for d in self.documents), default=0)
+                raise ValueError(f"no document has >= {min_doc_len} tokens (min_doc_len); the longest of "
+                                 f"{len(self.documents)} has {longest}")
+        return BatchStream(docs, self.config, seq_len, batch_size, epoch_seed=epoch_seed,
                            process_index=process_index, process_count=process_count)
 
 

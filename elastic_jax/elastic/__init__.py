@@ -1,5 +1,5 @@
 """Star Elastic machinery: importance, permutation, router, cost model, slicing."""
-from .config import ElasticConfig
+from .config import BudgetTarget, ElasticConfig
 from .cost import budget_loss, expected_widths, memory_cost, param_cost
 from .importance import (Importance, config_fingerprint, elastify, estimate_importance, identity_importance,
                          permute_params, rank_layers)
@@ -7,7 +7,7 @@ from .router import (RouterOutput, budget_code, budget_code_from_index, budget_w
                      router_axes, router_key, schedules)
 from .slicing import param_count, slice_params, sliced_config
 
-__all__ = ["param_count", "slice_params", "sliced_config", "ElasticConfig", "budget_loss", "expected_widths",
+__all__ = ["param_count", "slice_params", "sliced_config", "BudgetTarget", "ElasticConfig", "budget_loss", "expected_widths",
            "memory_cost", "param_cost", "Importance", "config_fingerprint", "elastify", "estimate_importance",
            "identity_importance", "permute_params", "rank_layers", "RouterOutput", "budget_code",
            "budget_code_from_index", "budget_widths", "init_router", "route", "router_axes", "router_key",

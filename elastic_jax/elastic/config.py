@@ -31,6 +31,7 @@ from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
 OPTION_FIELDS = {
     "hidden_options": "hidden",
     "mamba_options": "mamba_heads",
+    "mamba_channel_options": "mamba_channels",
     "attn_options": "attn_heads",
     "ffn_options": "ffn",
     "moe_expert_options": "moe_experts",
@@ -41,6 +42,8 @@ AXIS_FIELDS = {v: k for k, v in OPTION_FIELDS.items()}
 # (hidden: in-projections; heads: out_proj / o_proj rows; ffn: down_proj rows). Expert count is not.
 QUANT_BLOCK = 16
 BUDGET_TARGETS = ("active", "total", "memory")
+# budget_targets entry kinds: "params" is an alias of "total" (the issue's / Megatron's name)
+TARGET_KINDS = BUDGET_TARGETS + ("params",)
 QUANT_FORMATS = ("fp8", "nvfp4")
 # bytes per weight element of a quantized deployment (NVFP4: 4 bits + one E4M3 scale per 16)
 QUANT_BYTES = {None: 2.0, "fp8": 1.0, "nvfp4": 0.5625}
@@ -69,6 +72,36 @@ def axis_step(cfg: NemotronHConfig, axis: str, quantization: str | None) -> tupl
 
 
 @dataclass(frozen=True)
+class BudgetTarget:
+    """One cost the budgets constrain: `kind` ("total"/"params", "active" or "memory"), the
+    per-budget `ratios` of the parent cost (aligned with `ElasticConfig.budgets` *as given*;
+    None = the budgets themselves) and the `weight` of its dead-zoned term in the budget loss."""
+
+    kind: str = "active"
+    ratios: tuple[float, ...] | None = None
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"BudgetTarget.kind={self.kind!r}: must be one of {TARGET_KINDS}")
+        if self.ratios is not None:
+            r = (self.ratios,) if isinstance(self.ratios, (int, float)) else self.ratios
+            try:
+                r = tuple(float(x) for x in r)
+            except (TypeError, ValueError):
+                raise ValueError(f"BudgetTarget.ratios={self.ratios!r}: must be numbers in (0, 1]") from None
+            if any(not (0.0 < x <= 1.0) or not math.isfinite(x) for x in r):
+                raise ValueError(f"BudgetTarget.ratios={self.ratios!r}: every ratio must be in (0, 1]")
+            object.__setattr__(self, "ratios", r)
+        if not (self.weight >= 0 and math.isfinite(self.weight)):
+            raise ValueError(f"BudgetTarget.weight={self.weight!r}: must be >= 0")
+
+    @property
+    def cost_kind(self) -> str:
+        return "total" if self.kind == "params" else self.kind
+
+
+@dataclass(frozen=True)
 class ElasticConfig:
     """Elastic training settings. See the module docstring; spec §4-§6."""
 
@@ -77,6 +110,7 @@ class ElasticConfig:
     # ---- option lists per axis (fractions in (0, 1] or absolute ints; None = not elastic)
     hidden_options: tuple | None = (1.0, 0.875, 0.75)
     mamba_options: tuple | None = (1.0, 0.75, 0.5)
+    mamba_channel_options: tuple | None = None  # channels per Mamba head (the exported mamba_head_dim)
     attn_options: tuple | None = None          # Star Elastic routes no attention heads (spec §4.1)
     ffn_options: tuple | None = (1.0, 0.75, 0.5)
     moe_expert_options: tuple | None = (1.0, 0.75, 0.5)
@@ -90,9 +124,16 @@ class ElasticConfig:
     scale_start: float = 1.0
     scale_end: float = 10.0
     normalize_logits: bool = False             # z <- s·z/std(z) (Megatron --normalize-router-logits)
-    hard_sample_prob: float = 0.0              # probability of a hard (one-hot · max π) sample per step
+    hard_sample_prob: float = 0.004            # probability of a straight-through hard sample per step
+                                               # (official hard_sample_th = 0.996, spec §5.2)
+    # ---- depth (Nemotron Elastic): layer-count options (fractions of / absolute layer counts) and the
+    # importance ranking of the layers (most important first, `ej.elastic.rank_layers`)
+    depth_options: tuple | None = None
+    layer_ranking: tuple[int, ...] | None = None
     # ---- budget loss (spec §6.2)
     budget_target: str = "active"
+    # several costs at once: BudgetTarget entries (or dicts); None = one `budget_target` term
+    budget_targets: tuple | None = None
     budget_weight: float = 1.0
     dead_zone: float = 0.05
     anchor_weight: float = 10.0
@@ -185,6 +226,84 @@ class ElasticConfig:
                 bad(name, "must be > 0 bytes per element", v)
         if self.quantization not in (None,) + QUANT_FORMATS:
             bad("quantization", f"must be None or one of {QUANT_FORMATS}", self.quantization)
+        self._init_targets(b, bad)
+        self._init_depth(bad)
+
+    def _init_targets(self, given_budgets, bad):
+        """Normalize `budget_targets` to BudgetTarget entries whose ratios follow the sorted budgets."""
+        if self.budget_targets is None:
+            return
+        ts = self.budget_targets
+        if isinstance(ts, (BudgetTarget, dict)):
+            ts = (ts,)
+        try:
+            ts = tuple(t if isinstance(t, BudgetTarget) else BudgetTarget(
+                **{k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(t).items()}) for t in ts)
+        except TypeError as e:
+            bad("budget_targets", f"entries must be BudgetTarget or dicts of its fields ({e})", self.budget_targets)
+        if not ts:
+            bad("budget_targets", "needs at least one target (or None)", self.budget_targets)
+        order = sorted(range(len(given_budgets)), key=lambda i: -given_budgets[i])
+        out = []
+        for t in ts:
+            if t.ratios is not None:
+                if len(t.ratios) != len(given_budgets):
+                    bad("budget_targets", f"target {t.kind!r} has {len(t.ratios)} ratios; needs one per budget "
+                        f"({len(given_budgets)})", self.budget_targets)
+                r = tuple(t.ratios[i] for i in order)
+                if r[0] != 1.0:
+                    bad("budget_targets", f"target {t.kind!r}: the full budget (1.0) must have ratio 1.0", t.ratios)
+                t = BudgetTarget(t.kind, r, t.weight)
+            out.append(t)
+        object.__setattr__(self, "budget_targets", tuple(out))
+
+    def _init_depth(self, bad):
+        v = self.depth_options
+        if v is not None:
+            v = (v,) if isinstance(v, (int, float)) else tuple(v)
+            kinds = {isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in v}
+            if not v or len(kinds) != 1:
+                bad("depth_options", "must be a non-empty tuple of fractions in (0, 1] or of layer counts", v)
+            v = tuple(int(x) for x in v) if kinds == {True} else tuple(float(x) for x in v)
+            if any(x <= 0 for x in v) or (kinds == {False} and (v[0] != 1.0 or max(v) > 1.0)):
+                bad("depth_options", "fractions must be in (0, 1] with index 0 = 1.0; counts positive", v)
+            if any(v[i] <= v[i + 1] for i in range(len(v) - 1)):
+                bad("depth_options", "options must be strictly descending (index 0 = all layers)", v)
+            object.__setattr__(self, "depth_options", v)
+            if self.layer_ranking is None:
+                bad("layer_ranking", "depth_options needs the layer ranking (most important first; "
+                    "ej.elastic.rank_layers)", None)
+        if self.layer_ranking is not None:
+            r = tuple(int(x) for x in self.layer_ranking)
+            if sorted(r) != list(range(len(r))):
+                bad("layer_ranking", "must be a permutation of range(n_layers)", self.layer_ranking)
+            object.__setattr__(self, "layer_ranking", r)
+
+    def targets(self) -> tuple[BudgetTarget, ...]:
+        """The budget-loss terms: `budget_targets`, or one `budget_target` term (ratios None = the
+        budget value itself is the ratio of that cost)."""
+        return self.budget_targets or (BudgetTarget(self.budget_target, None, 1.0),)
+
+    def depth_counts(self, cfg: NemotronHConfig) -> np.ndarray | None:
+        """Layer-count options [n_opts] (index 0 = every layer), or None when depth is not elastic."""
+        if self.depth_options is None:
+            return None
+        n = cfg.num_hidden_layers
+        if self.layer_ranking is not None and len(self.layer_ranking) != n:
+            raise ValueError(f"ElasticConfig.layer_ranking has {len(self.layer_ranking)} entries; the model has "
+                             f"{n} layers")
+        v = self.depth_options
+        c = [n] + [int(math.floor(f * n + 1e-9)) for f in v[1:]] if isinstance(v[0], float) else list(v)
+        if c[0] != n or any(x < 1 for x in c) or len(set(c)) != len(c):
+            raise ValueError(f"ElasticConfig.depth_options={v!r}: gives layer counts {c}; need distinct counts "
+                             f"in [1, {n}] starting with {n}")
+        return np.asarray(c, np.int64)
+
+    def layer_rank(self) -> np.ndarray:
+        """rank[l] = position of layer l in `layer_ranking` (0 = most important)."""
+        r = np.empty(len(self.layer_ranking), np.int64)
+        r[np.asarray(self.layer_ranking)] = np.arange(len(self.layer_ranking))
+        return r
 
     # ----------------------------------------------------------------- derived
     @property
@@ -272,7 +391,7 @@ class ElasticConfig:
     def from_dict(cls, d: dict) -> "ElasticConfig":
         check_known_fields(cls, d)
         kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-        return cls(**kw)
+        return cls(**kw)      # budget_targets: a tuple of dicts, turned into BudgetTarget entries
 
     def replace(self, **kw) -> "ElasticConfig":
         return dataclasses.replace(self, **kw)
@@ -282,7 +401,7 @@ def _homog(cfg: NemotronHConfig, axis: str, full: int) -> NemotronHConfig:
     """cfg with one layer's full size on `axis` everywhere (to validate a per-layer option)."""
     if not cfg.is_heterogeneous:
         return cfg
-    field = {"mamba_heads": "mamba_num_heads", "attn_heads": "num_attention_heads", "ffn": "intermediate_size",
+    field = {"mamba_heads": "mamba_num_heads", "mamba_channels": "mamba_head_dim", "attn_heads": "num_attention_heads", "ffn": "intermediate_size",
              "moe_experts": "n_routed_experts", "moe_ffn": "moe_intermediate_size"}[axis]
     return cfg.replace(**{field: full, "mamba_heads_per_layer": None, "attn_heads_per_layer": None,
                           "ffn_per_layer": None, "moe_experts_per_layer": None, "moe_ffn_per_layer": None})

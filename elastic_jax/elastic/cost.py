@@ -48,7 +48,7 @@ def param_cost(cfg: NemotronHConfig, expected: dict, active: bool = False) -> ja
 
     Per layer (JAX layout of elastic_jax/model/params.py), with D = hidden:
       every layer: norm D;
-      M: (z, x) 2·D·H·P + (B, C) 2·D·G·N + dt D·H + conv (K+1)·(H·P + 2·G·N) + (A_log, D, dt_bias)
+      M: (P = channels per head) (z, x) 2·D·H·P + (B, C) 2·D·G·N + dt D·H + conv (K+1)·(H·P + 2·G·N) + (A_log, D, dt_bias)
          3·H + gated norm H·P + out_proj H·P·D;
       *: q and o 2·D·nH·hd + k, v 2·D·nKV·hd;
       -: 2·D·I;
@@ -62,6 +62,7 @@ def param_cost(cfg: NemotronHConfig, expected: dict, active: bool = False) -> ja
     P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
     if cfg.count("M"):
         H = _per_layer(cfg, expected, "mamba_heads")
+        P = _per_layer(cfg, expected, "mamba_channels")              # head dim (channels per head)
         per = (D + 2 * D * H * P + 2 * D * G * N + D * H + (K + 1) * (H * P + 2 * G * N) + 3 * H + H * P
                + H * P * D)
         total = total + jnp.sum(_gates(cfg, expected, "M") * per)
@@ -97,45 +98,78 @@ def memory_cost(cfg: NemotronHConfig, expected: dict, *, context: int, batch: in
         mem = mem + bytes_kv * kv * jnp.sum(_gates(cfg, expected, "*"))
     if cfg.count("M"):
         H = _per_layer(cfg, expected, "mamba_heads")
-        P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
+        P = _per_layer(cfg, expected, "mamba_channels")
+        G, N, K = cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
         g = _gates(cfg, expected, "M")
         mem = mem + bytes_ssm * batch * jnp.sum(g * H * P * N)
         mem = mem + bytes_conv * batch * (K - 1) * jnp.sum(g * (H * P + 2 * G * N))
     return mem
 
 
-def cost(cfg: NemotronHConfig, ecfg: ElasticConfig, expected: dict) -> jax.Array:
-    """The cost the budgets are fractions of (`ecfg.budget_target`)."""
-    if ecfg.budget_target == "memory":
+def cost(cfg: NemotronHConfig, ecfg: ElasticConfig, expected: dict, kind: str | None = None) -> jax.Array:
+    """One cost of the widths: `kind` "active" / "total" (alias "params") / "memory"; default
+    `ecfg.budget_target`."""
+    kind = ecfg.budget_target if kind is None else kind
+    if kind == "memory":
         return memory_cost(cfg, expected, context=ecfg.mem_context, batch=ecfg.mem_batch,
                            bytes_per_param=ecfg.bytes_per_param, bytes_kv=ecfg.mem_bytes_kv,
                            bytes_ssm=ecfg.mem_bytes_ssm, bytes_conv=ecfg.bytes_conv)
-    return param_cost(cfg, expected, active=ecfg.budget_target == "active")
+    return param_cost(cfg, expected, active=kind == "active")
+
+
+def depth_gates(ecfg: ElasticConfig, cfg: NemotronHConfig, probs) -> jax.Array:
+    """Layer gates [n_layers] = Σ_i π_i · 1[rank(layer) < n_i] (Nemotron Elastic depth axis)."""
+    counts = jnp.asarray(ecfg.depth_counts(cfg), jnp.int32)
+    rank = jnp.asarray(ecfg.layer_rank(), jnp.int32)
+    keep = (rank[None, :] < counts[:, None]).astype(jnp.float32)             # [n_opts, n_layers]
+    return jnp.sum(jnp.asarray(probs, jnp.float32)[:, None] * keep, axis=0)
 
 
 def expected_widths(router_out, ecfg: ElasticConfig, cfg: NemotronHConfig) -> dict:
     """d̄ = π · options per axis (spec §6.2 step 1): "hidden" a scalar, per-layer axes [n_kind]
-    (heterogeneous) or a scalar (homogeneous). Non-elastic axes are absent (= parent size)."""
+    (heterogeneous) or a scalar (homogeneous); "layers" the expected depth gates [n_layers] when
+    depth is elastic. Non-elastic axes are absent (= parent size)."""
     opts = ecfg.options(cfg)
-    return {axis: jnp.sum(router_out.probs[axis] * jnp.asarray(o, jnp.float32), axis=-1)
-            for axis, o in opts.items()}
+    out = {axis: jnp.sum(router_out.probs[axis] * jnp.asarray(o, jnp.float32), axis=-1)
+           for axis, o in opts.items()}
+    if "layers" in router_out.probs:
+        out["layers"] = depth_gates(ecfg, cfg, router_out.probs["layers"])
+    return out
 
 
-def budget_loss(cfg: NemotronHConfig, ecfg: ElasticConfig, router_out, budget, is_full) -> jax.Array:
-    """Router loss (spec §6.2), f32 scalar; `budget` and `is_full` may be traced.
-
-        diff = |cost(d̄) / (b · cost_full) − 1|, zeroed when not full and diff < dead_zone;
-        + anchor_weight · Σ_axes Σ_layers mean_i (π_i − one_hot(0)_i)²   when the budget is full.
-
-    The caller multiplies by λ (`ecfg.budget_weight`)."""
-    full = cost(cfg, ecfg, {})
-    c = cost(cfg, ecfg, expected_widths(router_out, ecfg, cfg))
-    b = jnp.asarray(budget, jnp.float32)
-    is_full = jnp.asarray(is_full, bool)
-    diff = jnp.abs(c / (b * full) - 1.0)
-    diff = jnp.where(jnp.logical_or(is_full, diff >= ecfg.dead_zone), diff, 0.0)
+def anchor_term(probs: dict) -> jax.Array:
+    """Σ_axes MSE(π_axis, one_hot(0)): the official full-budget anchor; in heterogeneous mode the
+    MSE averages over layers and options alike (spec §6.2 step 5)."""
     anchor = jnp.zeros((), jnp.float32)
-    for axis, pi in router_out.probs.items():
+    for pi in probs.values():
         target = jax.nn.one_hot(0, pi.shape[-1], dtype=pi.dtype)
-        anchor = anchor + jnp.sum(jnp.mean(jnp.square(pi - target), axis=-1))
-    return diff + jnp.where(is_full, ecfg.anchor_weight * anchor, 0.0)
+        anchor = anchor + jnp.mean(jnp.square(pi - target))
+    return anchor
+
+
+def budget_loss(cfg: NemotronHConfig, ecfg: ElasticConfig, router_out, budget, is_full, *,
+                budget_idx=None) -> jax.Array:
+    """Router loss (spec §6.2), f32 scalar; `budget`, `is_full`, `budget_idx` may be traced:
+
+        Σ_targets w_t · diff_t,  diff_t = |cost_t(d̄) / (r_t · cost_t(full)) − 1|,
+                                 zeroed when not full and diff_t < dead_zone;
+        + anchor_weight · Σ_axes MSE(π_axis, one_hot(0))   when the budget is the full one.
+
+    r_t is the target's ratio for this budget (`BudgetTarget.ratios[budget_idx]`; the budget value
+    itself when the target has no ratios). `budget_idx` defaults to the trained budget nearest to
+    `budget`. One target is the official loss; `budget_targets` constrains several costs at once
+    (e.g. total and active parameters). The caller multiplies by λ (`ecfg.budget_weight`)."""
+    b = jnp.asarray(budget, jnp.float32)
+    if budget_idx is None:
+        budget_idx = jnp.argmin(jnp.abs(jnp.asarray(ecfg.budgets, jnp.float32) - b))
+    is_full = jnp.asarray(is_full, bool)
+    expected = expected_widths(router_out, ecfg, cfg)
+    total = jnp.zeros((), jnp.float32)
+    for t in ecfg.targets():
+        full = cost(cfg, ecfg, {}, t.cost_kind)
+        c = cost(cfg, ecfg, expected, t.cost_kind)
+        r = b if t.ratios is None else jnp.asarray(t.ratios, jnp.float32)[budget_idx]
+        diff = jnp.abs(c / (r * full) - 1.0)
+        diff = jnp.where(jnp.logical_or(is_full, diff >= ecfg.dead_zone), diff, 0.0)
+        total = total + t.weight * diff
+    return total + jnp.where(is_full, ecfg.anchor_weight * anchor_term(router_out.probs), 0.0)

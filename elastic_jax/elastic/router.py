@@ -6,8 +6,10 @@
 
 The router does not see tokens: one configuration per forward pass / micro-batch. Homogeneous axes
 emit [n_opts] logits; heterogeneous ones [n_layers_of_kind, n_opts] (the embedding axis is always
-global). The probabilities feed `ej.SoftWidths` — soft: mask = Σ π_i prefix(option_i); hard:
-one_hot(argmax) · max π, so the chosen mask is exact in value and still passes gradients (§4.3).
+global). The probabilities feed `ej.SoftWidths` — soft: mask = Σ π_i prefix(option_i); hard: the
+straight-through one-hot one_hot(argmax) + π − stop_gradient(π), exactly the chosen mask in value
+with the soft gradient backwards (spec §4.3, §5.2). The depth head ("layers", when
+`ElasticConfig.depth_options` is set) turns its π into layer gates Σ_i π_i·1[rank(l) < n_i].
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 from ..config import NemotronHConfig
 from ..widths import PER_LAYER_AXES, SoftWidths, Widths
 from .config import ElasticConfig
+from .cost import depth_gates
 
 LEAKY_SLOPE = 0.1
 
@@ -30,13 +33,23 @@ def _n_layers(cfg: NemotronHConfig, axis: str) -> int:
 
 
 def _hetero(ecfg: ElasticConfig, axis: str) -> bool:
-    return ecfg.heterogeneous and axis != "hidden"
+    return ecfg.heterogeneous and axis not in ("hidden", "layers")
+
+
+def head_options(cfg: NemotronHConfig, ecfg: ElasticConfig) -> dict:
+    """Option counts of every router head: the width axes of `ecfg.options` plus "layers" (layer
+    counts [n_opts]) when depth is elastic."""
+    opts = dict(ecfg.options(cfg))
+    depth = ecfg.depth_counts(cfg)
+    if depth is not None:
+        opts["layers"] = depth
+    return opts
 
 
 def router_shapes(cfg: NemotronHConfig, ecfg: ElasticConfig) -> dict:
     """{axis: {"w1": (n_budgets, router_dim), "w2": (router_dim, n_out)}} for every elastic axis."""
     out = {}
-    for axis, opts in ecfg.options(cfg).items():
+    for axis, opts in head_options(cfg, ecfg).items():
         n_out = opts.shape[-1] * (_n_layers(cfg, axis) if _hetero(ecfg, axis) else 1)
         out[axis] = {"w1": (ecfg.n_budgets, ecfg.router_dim), "w2": (ecfg.router_dim, n_out)}
     return out
@@ -92,10 +105,12 @@ def schedules(ecfg: ElasticConfig, step, total_steps) -> tuple[jax.Array, jax.Ar
     return tau, scale
 
 
-def router_key(key: jax.Array, step, microbatch=0) -> jax.Array:
-    """Deterministic Gumbel key for one (step, micro-batch): fold_in(fold_in(key, step), microbatch).
-    Fold in the data-parallel index too if shards should draw different noise (spec §5.2)."""
-    return jax.random.fold_in(jax.random.fold_in(key, step), microbatch)
+def router_key(key: jax.Array, step, microbatch=0, shard=None) -> jax.Array:
+    """Deterministic Gumbel key for one (step, micro-batch[, data shard]):
+    fold_in(fold_in(key, step), microbatch), then fold_in(·, shard) when a shard index is given, so
+    data-parallel shards draw different noise as the official code does (spec §5.2)."""
+    k = jax.random.fold_in(jax.random.fold_in(key, step), microbatch)
+    return k if shard is None else jax.random.fold_in(k, shard)
 
 
 def sample_hard(ecfg: ElasticConfig, key: jax.Array) -> jax.Array:
@@ -119,7 +134,7 @@ jax.tree_util.register_dataclass(RouterOutput, data_fields=["probs", "choice", "
 
 def router_logits(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig, code) -> dict:
     """Raw (unscaled) logits per axis: [n_opts] or [n_kind, n_opts] (heterogeneous)."""
-    opts = ecfg.options(cfg)
+    opts = head_options(cfg, ecfg)
     code = jnp.asarray(code, jnp.float32)
     if code.shape != (ecfg.n_budgets,):
         raise ValueError(f"budget code has shape {code.shape}; expected ({ecfg.n_budgets},) = len(budgets)")
@@ -146,9 +161,11 @@ def route(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig, code, 
     """Gumbel-softmax routing for one budget code (spec §5.2, §4.3).
 
     `key=None`: no Gumbel noise (deterministic, for evaluation). `hard` (Python or traced bool):
-    the SoftWidths use one_hot(argmax) · max π (straight-through-like scale) instead of π.
+    the SoftWidths use the straight-through one-hot one_hot(argmax) + (π − stop_gradient(π)) instead
+    of π: exactly the `Widths` forward of the chosen options in value, the soft gradient backwards
+    (so every head, the expert count included, receives the KD gradient).
     """
-    opts = ecfg.options(cfg)
+    opts = head_options(cfg, ecfg)
     logits = router_logits(router_params, cfg, ecfg, code)
     probs, choice, mix = {}, {}, {}
     for i, axis in enumerate(sorted(opts)):
@@ -161,17 +178,26 @@ def route(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig, code, 
         pi = jax.nn.softmax(z / tau, axis=-1)
         c = jnp.argmax(pi, axis=-1).astype(jnp.int32)
         probs[axis], choice[axis] = pi, c
-        hard_p = jax.nn.one_hot(c, pi.shape[-1], dtype=pi.dtype) * jnp.max(pi, axis=-1, keepdims=True)
+        # pi - stop_gradient(pi) is exactly 0 in value: the hard mix is exactly one-hot
+        hard_p = jax.nn.one_hot(c, pi.shape[-1], dtype=pi.dtype) + (pi - jax.lax.stop_gradient(pi))
         mix[axis] = jnp.where(jnp.asarray(hard), hard_p, pi) if not isinstance(hard, bool) else (
             hard_p if hard else pi)
-    sw = SoftWidths.from_options(cfg, opts, mix)
+    gates = None
+    if "layers" in mix:
+        gates = depth_gates(ecfg, cfg, mix["layers"])
+    widths_opts = {a: o for a, o in opts.items() if a != "layers"}      # depth enters as the gates
+    sw = SoftWidths.from_options(cfg, widths_opts, {a: mix[a] for a in widths_opts}, layers=gates)
     return RouterOutput(probs=probs, choice=choice, soft_widths=sw)
 
 
 def choices_to_widths(cfg: NemotronHConfig, ecfg: ElasticConfig, choice: dict) -> Widths:
-    """Concrete argmax choices -> `ej.Widths` (ints; per-layer tuples for heterogeneous axes)."""
+    """Concrete argmax choices -> `ej.Widths` (ints; per-layer tuples for heterogeneous axes;
+    `layers` the kept layers of the chosen depth)."""
     opts = ecfg.options(cfg)
     kw = {}
+    if "layers" in choice:
+        n_keep = int(ecfg.depth_counts(cfg)[int(np.asarray(choice["layers"]))])
+        kw["layers"] = tuple(bool(r < n_keep) for r in ecfg.layer_rank())
     for axis, o in opts.items():
         c = np.asarray(choice[axis])
         n = _n_layers(cfg, axis)

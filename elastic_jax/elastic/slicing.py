@@ -34,6 +34,15 @@ def sliced_config(cfg: NemotronHConfig, widths: Widths | None) -> NemotronHConfi
                 for a, c in (("mamba_heads", "M"), ("attn_heads", "*"), ("ffn", "-"),
                              ("moe_experts", "E"), ("moe_ffn", "E"))}
     pattern = "".join(c for c, k in zip(cfg.pattern, keep) if k)
+    kw = {"hidden_size": widths.hidden_size(cfg), "hybrid_override_pattern": pattern}
+    if cfg.count("M"):        # one head dim for the whole model (HF `mamba_head_dim`)
+        chans = {p for p, k in zip(widths.per_layer(cfg, "mamba_channels"),
+                                   [keep[i] for i in cfg.layer_indices("M")]) if k}
+        if len(chans) > 1:
+            raise ValueError(f"Widths.mamba_channels={widths.mamba_channels!r}: a sliced model has one "
+                             f"mamba_head_dim, so every kept Mamba layer needs the same channel count")
+        if chans:
+            kw["mamba_head_dim"] = chans.pop()
     kept = {a: [] for a in per_axis}
     for i, c in enumerate(cfg.pattern):
         if not keep[i]:
@@ -46,7 +55,6 @@ def sliced_config(cfg: NemotronHConfig, widths: Widths | None) -> NemotronHConfi
             "ffn": ("intermediate_size", "ffn_per_layer"),
             "moe_experts": ("n_routed_experts", "moe_experts_per_layer"),
             "moe_ffn": ("moe_intermediate_size", "moe_ffn_per_layer")}
-    kw = {"hidden_size": widths.hidden_size(cfg), "hybrid_override_pattern": pattern}
     for a, (field, per_field) in base.items():
         vals = kept[a]
         kw[per_field] = None
@@ -71,7 +79,8 @@ def slice_params(params, cfg: NemotronHConfig, widths: Widths | None):
     keep = widths.layer_mask(cfg)
     kinds = cfg.kind_index()
     per = {a: widths.per_layer(cfg, a) if cfg.count(c) else ()
-           for a, c in (("mamba_heads", "M"), ("attn_heads", "*"), ("ffn", "-"), ("moe_experts", "E"), ("moe_ffn", "E"))}
+           for a, c in (("mamba_heads", "M"), ("mamba_channels", "M"), ("attn_heads", "*"), ("ffn", "-"),
+                        ("moe_experts", "E"), ("moe_ffn", "E"))}
     out = {"embed": params["embed"][:, :d], "norm_f": params["norm_f"][:d],
            "lm_head": params["lm_head"][:d], "layers": []}
     for i, c in enumerate(cfg.pattern):
@@ -84,7 +93,8 @@ def slice_params(params, cfg: NemotronHConfig, widths: Widths | None):
             H = m["A_log"].shape[0]
             P = cfg.mamba_head_dim
             heads = group_prefix(H, cfg.n_groups, per["mamba_heads"][k])
-            ch = _expand(heads, P)
+            p = per["mamba_channels"][k]                   # the first p channels of every kept head
+            ch = (heads[:, None] * P + np.arange(p)[None, :]).reshape(-1)
             new = {"z_proj": m["z_proj"][:d, ch], "x_proj": m["x_proj"][:d, ch],
                    "B_proj": m["B_proj"][:d], "C_proj": m["C_proj"][:d], "dt_proj": m["dt_proj"][:d, heads],
                    "conv_x": m["conv_x"][:, ch], "conv_x_bias": m["conv_x_bias"][ch],

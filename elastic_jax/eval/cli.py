@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def _nested_dir(path: str) -> str:
@@ -80,22 +79,15 @@ def _eval_cmd(args) -> int:
         if ":" not in t:
             raise SystemExit(f"--transplant expects THINK:ANSWER budget names (e.g. 50%:100%), got {t!r}")
         transplant.append(tuple(t.split(":", 1)))
-    try:
-        run_eval(args.checkpoint, args.out, args.budgets, args.n, args.split, args.seed, transplant, args.mode)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"elastic-jax eval: {e}", file=sys.stderr)
-        return 2
+    # expected failures (ValueError / OSError) become one `error:` line in elastic_jax/cli.py
+    run_eval(args.checkpoint, args.out, args.budgets, args.n, args.split, args.seed, transplant, args.mode)
     print(f"elastic-jax eval: wrote {os.path.abspath(args.out) if args.out else 'the eval folder'}")
     return 0
 
 
 def _report_cmd(args) -> int:
     from .report import load_results, write_report
-    try:
-        results = load_results(args.results)
-    except FileNotFoundError as e:
-        print(f"elastic-jax report: {e}", file=sys.stderr)
-        return 2
+    results = load_results(args.results)
     src = args.results if os.path.isdir(args.results) else os.path.dirname(os.path.abspath(args.results))
     paths = write_report(results, args.out or src)
     print(f"elastic-jax report: wrote {paths['report.md']}")

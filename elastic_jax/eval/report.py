@@ -283,6 +283,8 @@ def render_markdown(results: dict, analysis: dict) -> str:
 
 def write_report(results: dict, out_dir: str) -> dict:
     """Write results.json, report.md and the PNG plots into `out_dir`. Returns {name: path}."""
+    if not isinstance(results, dict) or not results.get("nested"):
+        raise ValueError("report: the results hold no evaluated models ('nested' is empty); nothing to report")
     os.makedirs(out_dir, exist_ok=True)
     results = dict(results)
     results["analysis"] = analyze(results)
@@ -315,5 +317,13 @@ def load_results(path: str) -> dict:
         path = os.path.join(path, "results.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no results.json at {path}")
-    with open(path) as f:
-        return json.load(f)
+    from ..errors import JSONFileError, read_json
+    results = read_json(path, what="evaluation results", required=("nested",))
+    nested = results["nested"]
+    if not isinstance(nested, list) or not nested:
+        raise JSONFileError(f"{path}: field 'nested' holds no evaluated models; nothing to report "
+                            "(run `elastic-jax eval` first)")
+    for i, m in enumerate(nested):
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            raise JSONFileError(f"{path}: field 'nested[{i}]' must be an object with a 'name'")
+    return results

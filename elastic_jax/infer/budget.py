@@ -115,33 +115,62 @@ def _prefill(params, tokens, valid, widths, *, cfg, max_len):
     return logits[:, -1], cache
 
 
+def _stops(stop_token):
+    return jnp.asarray(stop_token if isinstance(stop_token, tuple) else (stop_token,), jnp.int32)
+
+
+def _decode_body(params, widths, key, s, *, cfg, stop_token, pad_token, temperature, top_p):
+    """One decode step of `_decode_loop` (shared with the per-token streaming path `_decode_one`)."""
+    i, logits, cache, done, out, lengths, stopped = s
+    tok = sample_logits(logits, jax.random.fold_in(key, i), temperature, top_p)
+    tok = jnp.where(done, pad_token, tok)
+    out = out.at[:, i].set(tok)
+    lengths = lengths + (~done).astype(jnp.int32)
+    hit = jnp.isin(tok, _stops(stop_token)) & ~done
+    new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths)
+    cache = _freeze(done, new_cache, cache)
+    logits = jnp.where(done[:, None], logits, new_logits[:, -1])
+    return i + 1, logits, cache, done | hit, out, lengths, stopped | hit
+
+
+def _decode_init(last_logits, cache, done0, capacity, pad_token):
+    B = last_logits.shape[0]
+    return (jnp.zeros((), jnp.int32), last_logits, cache, done0, jnp.full((B, capacity), pad_token, jnp.int32),
+            jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
+
+
 @partial(jax.jit, static_argnames=("cfg", "capacity", "stop_token", "pad_token", "temperature", "top_p"))
 def _decode_loop(params, widths, cache, last_logits, done0, limit, key, *, cfg, capacity, stop_token, pad_token,
                  temperature, top_p):
-    """Decode up to `limit` (traced, <= capacity) tokens per row; a row stops after `stop_token`.
-    Returns (tokens [B, capacity], lengths [B], stopped [B], cache, last_logits)."""
-    B = last_logits.shape[0]
-    out = jnp.full((B, capacity), pad_token, jnp.int32)
-
+    """Decode up to `limit` (traced, <= capacity) tokens per row; a row stops after `stop_token`
+    (an id or a tuple of ids). Returns (tokens [B, capacity], lengths [B], stopped [B], cache,
+    last_logits). One compiled `lax.while_loop`, the cache in the carry."""
     def cond(s):
-        i, _, _, done, _, _, _ = s
-        return (i < limit) & ~jnp.all(done)
+        return (s[0] < limit) & ~jnp.all(s[3])
 
-    def body(s):
-        i, logits, cache, done, out, lengths, stopped = s
-        tok = sample_logits(logits, jax.random.fold_in(key, i), temperature, top_p)
-        tok = jnp.where(done, pad_token, tok)
-        out = out.at[:, i].set(tok)
-        lengths = lengths + (~done).astype(jnp.int32)
-        hit = (tok == stop_token) & ~done
-        new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths)
-        cache = _freeze(done, new_cache, cache)
-        logits = jnp.where(done[:, None], logits, new_logits[:, -1])
-        return i + 1, logits, cache, done | hit, out, lengths, stopped | hit
-
-    init = (jnp.zeros((), jnp.int32), last_logits, cache, done0, out, jnp.zeros((B,), jnp.int32),
-            jnp.zeros((B,), bool))
+    body = partial(_decode_body, params, widths, key, cfg=cfg, stop_token=stop_token, pad_token=pad_token,
+                   temperature=temperature, top_p=top_p)
+    init = _decode_init(last_logits, cache, done0, capacity, pad_token)
     _, logits, cache, _, out, lengths, stopped = jax.lax.while_loop(cond, body, init)
+    return out, lengths, stopped, cache, logits
+
+
+_decode_one = jax.jit(_decode_body, static_argnames=("cfg", "stop_token", "pad_token", "temperature", "top_p"))
+
+
+def decode_stream(params, widths, cache, last_logits, done0, limit: int, key, *, cfg, capacity, stop_token,
+                  pad_token, temperature, top_p):
+    """The per-token fallback of `_decode_loop` (same arguments, same results): a Python loop over
+    one jitted step that yields each step's tokens [B] (numpy) as soon as they exist, for
+    streaming. The generator's return value (StopIteration.value) is `_decode_loop`'s tuple."""
+    s = _decode_init(last_logits, cache, done0, capacity, pad_token)
+    for _ in range(int(limit)):
+        if bool(np.all(np.asarray(s[3]))):
+            break
+        s = _decode_one(params, widths, key, s, cfg=cfg, stop_token=stop_token, pad_token=pad_token,
+                        temperature=temperature, top_p=top_p)
+        yield np.asarray(s[4][:, int(s[0]) - 1])
+    _, logits, cache, _, out, lengths, stopped = s
     return out, lengths, stopped, cache, logits
 
 

@@ -2,32 +2,46 @@
 
 `forward` is a pure function of (params, tokens, cfg, widths); `prefill` / `decode_step` run the
 same blocks over a cache (attention KV, Mamba conv window and SSM state).
+
+Checked path: concrete inputs are range-checked on the host. Under `jit` the tokens and the
+cache position are traced, and an out-of-range token id (clamped by the gather) or a decode step
+past the cache capacity (a dropped KV write) would give silently wrong numbers; pass
+`checked=True` to insert `jax.experimental.checkify` checks for both, and run the function under
+`checkify.checkify(fn, errors=checkify.user_checks)` then `err.throw()` (`generate` does).
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from ..config import NemotronHConfig
 from ..sharding import constrain
 from ..widths import SoftWidths, Widths, as_soft, max_count, norm_correction, prefix_mask
 from ..quant.state import apply_layer
 from .layers import MIXERS, Context, ElasticLayer, rms_norm
-from .policy import ComputePolicy, resolve_policy
+from .policy import ComputePolicy, remat_policy, resolve_policy
+from .scan import scan_blocks, stack_layers, unstack_layers, unstackable_reason
 
 
-def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, layer: int, mixer_params) -> ElasticLayer:
-    char = cfg.pattern[layer]
-    k = cfg.kind_index()[layer]
+def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, char: str, k, mixer_params) -> ElasticLayer:
+    """Masks of the k-th layer of kind `char` (k may be traced: the scanned loop)."""
     if char == "M":
         c, p = sw.mamba_heads[0][k], sw.mamba_heads[1][k]
         H = mixer_params["A_log"].shape[0]
         eps_f, scale = norm_correction(H, c, p)
+        chan = None
+        if sw.mamba_channels is not None:     # head channels: ρ = (heads/H)·(channels/P)
+            cc, cp = sw.mamba_channels[0][k], sw.mamba_channels[1][k]
+            chan = prefix_mask(cfg.mamba_head_dim, cc, cp)
+            eps_c, scale_c = norm_correction(cfg.mamba_head_dim, cc, cp)
+            eps_f, scale = eps_f * eps_c, scale * scale_c
         return ElasticLayer(head_mask=prefix_mask(H, c, p, cfg.n_groups), norm_eps=eps_f, norm_scale=scale,
-                            active_heads=max_count(c, p) // cfg.n_groups)
+                            active_heads=max_count(c, p) // cfg.n_groups, channel_mask=chan)
     if char == "*":
         c, p = sw.attn_heads[0][k], sw.attn_heads[1][k]
         nH = mixer_params["q_proj"].shape[1] // cfg.head_dim
@@ -46,8 +60,9 @@ def constrain_hidden(h_BLD):
     return constrain(h_BLD, ("batch", "length", "act_embed"))
 
 
-def check_tokens(tokens, cfg: NemotronHConfig):
-    """Shape / dtype checks, and a range check when the tokens are concrete."""
+def check_tokens(tokens, cfg: NemotronHConfig, checked: bool = False):
+    """Shape / dtype checks, and a range check when the tokens are concrete (a checkify check when
+    they are traced and `checked`)."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int [batch, length], got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
@@ -57,12 +72,48 @@ def check_tokens(tokens, cfg: NemotronHConfig):
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}); got range [{lo}, {hi}]")
+    elif checked and tokens.size:
+        checkify.check(jnp.all((tokens >= 0) & (tokens < cfg.vocab_size)),
+                       f"token ids must be in [0, vocab_size={cfg.vocab_size}); got range [{{lo}}, {{hi}}]",
+                       lo=jnp.min(tokens), hi=jnp.max(tokens))
 
 
-def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False, head=True):
-    check_tokens(tokens, cfg)
+def _scan_fallback(params, cfg: NemotronHConfig, ctx: Context, cache) -> str | None:
+    """None when the layers run under `lax.scan`, else why they run unrolled."""
+    if not ctx.policy.scan_layers:
+        return "ComputePolicy.scan_layers is False"
+    if cache is not None:
+        return "decoding with a cache runs the unrolled loop"
+    if ctx.quant is not None:
+        reason = "fake quantization (QAD) indexes its scales per layer"
+    else:
+        reason = unstackable_reason(params["layers"], cfg)
+    if reason is not None:
+        warnings.warn(f"scan_layers: running the layers unrolled: {reason}", stacklevel=4)
+    return reason
+
+
+def check_segment_ids(segment_ids, tokens) -> None:
+    if segment_ids is not None and tuple(jnp.shape(segment_ids)) != tuple(tokens.shape):
+        raise ValueError(f"segment_ids must have the shape of tokens {tuple(tokens.shape)}, got "
+                         f"{tuple(jnp.shape(segment_ids))}")
+
+
+def _check_layer_gates(widths, cfg: NemotronHConfig) -> None:
+    """Every layer dropped (concrete SoftWidths gates all 0) is refused, as slicing refuses it."""
+    if isinstance(widths, SoftWidths) and not isinstance(widths.layers, jax.core.Tracer):
+        g = np.asarray(widths.layers).reshape(-1)
+        if g.size == cfg.num_hidden_layers and not np.any(g != 0):
+            raise ValueError("widths drop every layer (all layer gates are 0); keep at least one")
+
+
+def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False, head=True,
+         checked=False, loads=None):
+    check_tokens(tokens, cfg, checked)
+    _check_layer_gates(widths, cfg)
     sw = as_soft(cfg, widths)
-    h = constrain_hidden(jnp.take(params["embed"], tokens, axis=0))
+    cdt = ctx.policy.dtype_for(params["embed"].dtype)          # residual stream in the compute dtype
+    h = constrain_hidden(jnp.take(params["embed"], tokens, axis=0).astype(cdt))
     if sw is not None:
         D = params["embed"].shape[1]
         hc, hp = sw.hidden
@@ -71,38 +122,60 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
         h = h * hmask
     else:
         hmask = h_eps = h_scale = None
-    new_cache = [] if cache is not None else None
-    hiddens = []
-    for i, char in enumerate(cfg.pattern):
-        lp = params["layers"][i]
-        el = None if sw is None else _layer_masks(cfg, sw, i, lp["mixer"])
-        if ctx.quant is not None:   # fixed-scale fake quantization of the projections (spec §10)
-            lp = {"norm": lp["norm"], "mixer": apply_layer(lp["mixer"], ctx.quant, i)}
 
-        def block(h, lp, el, layer_cache, char=char):
-            x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon, h_eps, h_scale)
-            if hmask is not None:
-                x = x * hmask
-            out, c = MIXERS[char](lp["mixer"], x, cfg, el, ctx, layer_cache)
-            if hmask is not None:
-                out = out * hmask
-            return out, c
+    def block(h, lp, el, layer_cache, char):
+        x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon, h_eps, h_scale).astype(cdt)
+        if hmask is not None:
+            x = x * hmask
+        out, c = MIXERS[char](lp["mixer"], x, cfg, el, ctx, layer_cache)
+        if hmask is not None:
+            out = out * hmask
+        return out, c
 
-        if ctx.policy.remat != "none" and cache is None:
-            block = jax.checkpoint(block)
-        out, c = block(h, lp, el, None if cache is None else cache[i])
-        gate = None if sw is None else sw.layers[i].astype(out.dtype)
-        h = constrain_hidden(h + (out if gate is None else gate * out))
-        if new_cache is not None:
-            new_cache.append(c)
-        hiddens.append(h)
-    x = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, h_eps, h_scale)
+    remat = ctx.policy.remat != "none" and cache is None
+    policy = remat_policy(ctx.policy.remat)
+    # the per-expert routing counts (aux-loss-free balancing) are collected by the unrolled loop
+    scan_reason = "expert loads requested" if loads is not None else _scan_fallback(params, cfg, ctx, cache)
+    if scan_reason is None:
+        def apply(char):
+            def f(h, lp, k):
+                el = None if sw is None else _layer_masks(cfg, sw, char, k, lp["mixer"])
+                return block(h, lp, el, None, char)[0]
+            return f
+        # a per-layer list is stacked here, inside the traced function: one copy of the layer
+        # parameters per call (its gradient: one slice per layer); pass stacked params to avoid it
+        h, hs = scan_blocks(h, stack_layers(params, cfg)["layers"], cfg, None if sw is None else sw.layers,
+                            {c: apply(c) for c in set(cfg.pattern)}, remat_policy=policy, remat=remat,
+                            return_hidden=return_hidden, boundary=constrain_hidden)
+        hiddens = [hs[i] for i in range(cfg.num_hidden_layers)] if return_hidden else []
+        new_cache = None
+    else:
+        layers = unstack_layers(params, cfg)["layers"]
+        kinds = cfg.kind_index()
+        new_cache = [] if cache is not None else None
+        hiddens = []
+        for i, char in enumerate(cfg.pattern):
+            lp = layers[i]
+            el = None if sw is None else _layer_masks(cfg, sw, char, kinds[i], lp["mixer"])
+            if ctx.quant is not None:   # fixed-scale fake quantization of the projections (spec §10)
+                lp = {"norm": lp["norm"], "mixer": apply_layer(lp["mixer"], ctx.quant, i)}
+            run = jax.checkpoint(block, policy=policy, static_argnums=(4,)) if remat else block
+            out, c = run(h, lp, el, None if cache is None else cache[i], char)
+            gate = None if sw is None else sw.layers[i].astype(out.dtype)
+            h = constrain_hidden(h + (out if gate is None else gate * out).astype(cdt))
+            if new_cache is not None:
+                new_cache.append(c)
+            elif loads is not None and char == "E":      # per-expert routing counts of this MoE layer
+                loads.append(c["expert_load"])
+            hiddens.append(h)
+    x = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, h_eps, h_scale).astype(cdt)
     if hmask is not None:
         x = x * hmask
     if not head:                      # final normed (masked) hidden states, no lm_head (train/losses.py)
         return x, new_cache
-    logits = jnp.einsum("bld,dv->blv", x.astype(params["lm_head"].dtype), params["lm_head"],
-                        precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    hdt = ctx.policy.dtype_for(params["lm_head"].dtype)
+    logits = jnp.einsum("bld,dv->blv", x.astype(hdt), params["lm_head"].astype(hdt),
+                        precision=ctx.policy.lax_precision(hdt), preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "length", "act_vocab"))
     if return_hidden:
         return logits, hiddens
@@ -110,13 +183,15 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
 
 
 def forward(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-            segment_ids=None, policy: ComputePolicy | None = None, quant=None):
+            segment_ids=None, policy: ComputePolicy | None = None, quant=None, checked: bool = False):
     """Logits f32 [B, L, vocab] of the (masked) model. `segment_ids` [B, L]: packed documents
     (attention, conv and SSM state do not cross boundaries); id 0 marks padding. `quant`: an
-    `elastic_jax.quant.QuantState` (FP8 / NVFP4 simulated with its fixed scales)."""
+    `elastic_jax.quant.QuantState` (FP8 / NVFP4 simulated with its fixed scales). `checked`: see
+    the module docstring."""
+    check_segment_ids(segment_ids, tokens)
     valid = None if segment_ids is None else segment_ids > 0
     ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
-    logits, _ = _run(params, tokens, cfg, widths, ctx, None)
+    logits, _ = _run(params, tokens, cfg, widths, ctx, None, checked=checked)
     return logits
 
 
@@ -153,41 +228,51 @@ def init_cache(cfg: NemotronHConfig, batch: int, max_len: int, params=None, dtyp
     return Cache(layers=layers, pos=jnp.zeros((), jnp.int32), max_len=max_len)
 
 
-def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, quant=None):
+def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, quant=None, checked=False):
     L = tokens.shape[1]
-    if not isinstance(cache.pos, jax.core.Tracer) and int(cache.pos) + L > cache.max_len:
-        raise ValueError(f"cache overflow: position {int(cache.pos)} + {L} new tokens > max_len={cache.max_len}")
+    if not isinstance(cache.pos, jax.core.Tracer):
+        if int(cache.pos) + L > cache.max_len:
+            raise ValueError(f"cache overflow: position {int(cache.pos)} + {L} new tokens > max_len={cache.max_len}")
+    elif checked:
+        checkify.check(cache.pos + L <= cache.max_len,
+                       f"cache overflow: position {{pos}} + {L} new tokens > max_len={cache.max_len}", pos=cache.pos)
     ctx = Context(valid=valid, positions=cache.pos + jnp.arange(L), decoding=True,
                   policy=resolve_policy(cfg, policy), quant=quant)
-    logits, layers = _run(params, tokens, cfg, widths, ctx, cache.layers)
+    logits, layers = _run(params, tokens, cfg, widths, ctx, cache.layers, checked=checked)
     return logits, Cache(layers=layers, pos=cache.pos + L, max_len=cache.max_len)
 
 
 def prefill(params, tokens, cfg: NemotronHConfig, widths=None, *, max_len: int, valid=None, cache=None,
-            policy: ComputePolicy | None = None, quant=None):
+            policy: ComputePolicy | None = None, quant=None, checked: bool = False):
     """Run the prompt [B, L] (left-padded rows marked by `valid` False) into a fresh cache of
     `max_len` positions. Returns (logits [B, L, V], cache)."""
     if tokens.shape[1] > max_len:
         raise ValueError(f"prompt length {tokens.shape[1]} exceeds the context max_len={max_len}")
     if cache is None:
         cache = init_cache(cfg, tokens.shape[0], max_len, params, dtype=params["embed"].dtype)
-    return _cached(params, tokens, cfg, widths, cache, valid, policy, quant)
+    return _cached(params, tokens, cfg, widths, cache, valid, policy, quant, checked)
 
 
 def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,
-                quant=None):
-    """Append tokens [B, T] (usually T = 1) to the cache. Returns (logits [B, T, V], cache)."""
-    return _cached(params, tokens, cfg, widths, cache, None, policy, quant)
+                quant=None, checked: bool = False):
+    """Append tokens [B, T] (usually T = 1) to the cache. Returns (logits [B, T, V], cache).
+    `checked`: see the module docstring (a step past the capacity is otherwise silent under jit)."""
+    return _cached(params, tokens, cfg, widths, cache, None, policy, quant, checked)
 
 
 def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-                 segment_ids=None, policy: ComputePolicy | None = None, quant=None):
-    """Final normed (and hidden-masked) states [B, L, D] in the parameter dtype: `forward` without
-    the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train)."""
+                 segment_ids=None, policy: ComputePolicy | None = None, quant=None,
+                 return_expert_load: bool = False):
+    """Final normed (and hidden-masked) states [B, L, D] in the compute dtype: `forward` without
+    the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train).
+    `return_expert_load`: also the per-MoE-layer routing counts (list of [E] f32, in MoE-layer
+    order) of the (masked) routing, for aux-loss-free load balancing."""
+    check_segment_ids(segment_ids, tokens)
     valid = None if segment_ids is None else segment_ids > 0
     ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
-    x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False)
-    return x
+    loads = [] if return_expert_load else None
+    x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False, loads=loads)
+    return (x, loads) if return_expert_load else x
 
 
 def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,

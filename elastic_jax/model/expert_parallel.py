@@ -28,7 +28,7 @@ from .. import kernels
 from ..quant.formats import fp8_with_scale
 from ..quant.qweight import QWeight
 from ..sharding import current_rules, mesh_axes_for
-from .layers import ElasticLayer, relu2, route
+from .layers import ElasticLayer, expert_load, relu2, route
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -45,26 +45,32 @@ def _spec(axes):
     return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, impl, down_scale=None):
-    """relu² FFN of each row with its local expert (id E_local = padding row -> zero output);
-    `down_scale`: the FP8 input scale of a fake-quantized down projection (elastic_jax.quant)."""
+def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, impl, precision, down_scale=None):
+    """relu² FFN of each row with its local expert (id E_local = padding row -> zero output), in the
+    dtype of the operands (the compute dtype) with f32 accumulation at `precision`; `down_scale`:
+    the FP8 input scale of a fake-quantized down projection (elastic_jax.quant)."""
     E = up_EDI.shape[0]
     order = jnp.argsort(local_e_R)
     group_sizes = jnp.bincount(local_e_R, length=E + 1)[:E].astype(jnp.int32)
     rows = rows_RD[order]
-    h = kernels.gmm(rows, up_EDI, group_sizes, active_n=active_n, impl=impl, preferred_element_type=jnp.float32)
+    h = kernels.gmm(rows, up_EDI, group_sizes, active_n=active_n, impl=impl, preferred_element_type=jnp.float32,
+                    precision=precision)
     h = relu2(h)
     if ffn_mask is not None:
         h = h * ffn_mask
     h = h.astype(down_EID.dtype)
     if down_scale is not None:
         h = fp8_with_scale(h, down_scale)
-    o = kernels.gmm(h, down_EID, group_sizes, active_k=active_n, impl=impl, preferred_element_type=jnp.float32)
+    o = kernels.gmm(h, down_EID, group_sizes, active_k=active_n, impl=impl, preferred_element_type=jnp.float32,
+                    precision=precision)
     return jnp.zeros_like(o).at[order].set(o), jnp.max(jnp.abs(h.astype(jnp.float32)))
 
 
-def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
-    """Σ_k w_k · expert_k(x) [T, D] f32 of the routed experts (no shared expert), per shard."""
+def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, valid_T=None):
+    """(Σ_k w_k · expert_k(x) [T, D] f32 of the routed experts (no shared expert), per shard;
+    [E] f32 tokens routed to each expert, `valid_T` False excluded, as layers.expert_load).
+    The expert matmuls run in the policy's compute dtype at its precision (ComputePolicy)."""
+    impl = policy.kernel_impl
     rules = current_rules()
     T, D = x_TD.shape
     E, _, I = p["up_proj"].shape
@@ -93,16 +99,23 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
     n_mlp = math.prod(mesh.shape[a] for a in mlp_axes)
     E_loc, I_loc = E // n_ex, I // n_mlp
     Kk = cfg.num_experts_per_tok
+    cdt = policy.dtype_for(w_up.dtype)                # expert matmuls: compute dtype, f32 accumulation
+    prec = policy.lax_precision(cdt)
 
-    def body(x, gate, bias, up, down, el_loc, up_scale, down_scale):
+    def body(x, gate, bias, up, down, el_loc, valid, up_scale, down_scale):
         T_loc = x.shape[0]
         idx_TK, w_TK = route({"gate": gate, "e_score_correction_bias": bias}, x, cfg, el_loc)
+        # routing counts before dispatch: per token shard, summed over the axes splitting the tokens
+        load = expert_load(idx_TK, E, valid)
+        load = jax.lax.psum(load, tok_axes) if tok_axes else load
+        up, down = up.astype(cdt), down.astype(cdt)
         flat = idx_TK.reshape(-1)
         order = jnp.argsort(flat)
         sorted_e = flat[order]
         rows = x[order // Kk]                                               # [C, D], C = T_loc·k
         if up_scale is not None:
             rows = fp8_with_scale(rows, up_scale)
+        rows = rows.astype(cdt)
         C = rows.shape[0]
         ffn_mask = active_n = None
         if el_loc is not None:
@@ -120,31 +133,33 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, impl, mesh):
             recv = jax.lax.all_to_all(send, name, 0, 0)
             recv_e = jax.lax.all_to_all(send_e, name, 0, 0)
             out, h_amax = _local_experts(recv.reshape(n_ex * C, D), recv_e.reshape(-1), up, down, ffn_mask,
-                                         active_n, impl, down_scale)
+                                         active_n, impl, prec, down_scale)
             back = jax.lax.all_to_all(out.reshape(n_ex, C, D), name, 0, 0)
             out_sorted = back[dest, pos]
         else:
             e0 = _linear_index(sum_axes, mesh) * E_loc
             local = sorted_e - e0
             local = jnp.where((local >= 0) & (local < E_loc), local, E_loc)
-            out_sorted, h_amax = _local_experts(rows, local, up, down, ffn_mask, active_n, impl, down_scale)
+            out_sorted, h_amax = _local_experts(rows, local, up, down, ffn_mask, active_n, impl, prec, down_scale)
         unsorted = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(T_loc, Kk, D)
         y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
         red = sum_axes + mlp_axes
         y = jax.lax.psum(y, red) if red else y
         if not observing:
-            return y, jnp.zeros((), jnp.float32)
-        return y, jax.lax.pmax(jax.lax.stop_gradient(h_amax), tuple(mesh.axis_names))   # calibration only
+            return y, load, jnp.zeros((), jnp.float32)
+        return y, load, jax.lax.pmax(jax.lax.stop_gradient(h_amax), tuple(mesh.axis_names))   # calibration only
 
     el_spec = None
     if el is not None:
         el_spec = ElasticLayer(ffn_mask=P(_spec(mlp_axes)), active_ffn=P(), expert_counts=P(), expert_probs=P())
     in_specs = (P(_spec(tok_axes), None), P(), P(),
-                P(_spec(ex_axes), None, _spec(mlp_axes)), P(_spec(ex_axes), _spec(mlp_axes), None), el_spec)
+                P(_spec(ex_axes), None, _spec(mlp_axes)), P(_spec(ex_axes), _spec(mlp_axes), None), el_spec,
+                None if valid_T is None else P(_spec(tok_axes)))
     in_specs = in_specs + tuple(None if v is None else P() for v in (up_scale, down_scale))
-    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(P(_spec(tok_axes), None), P()),
+    fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(P(_spec(tok_axes), None), P(), P()),
                        check_vma=False)
-    y, h_amax = fn(x_TD, p["gate"], p["e_score_correction_bias"], w_up, w_down, el, up_scale, down_scale)
+    y, load, h_amax = fn(x_TD, p["gate"], p["e_score_correction_bias"], w_up, w_down, el, valid_T, up_scale,
+                         down_scale)
     if observing:                     # calibration: amax of the down inputs
         down_q.observe(h_amax)
-    return y
+    return y, load

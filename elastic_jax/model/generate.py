@@ -1,5 +1,7 @@
 """Autoregressive generation over the decode cache: greedy or temperature / top-p sampling,
-stop tokens, left-padded batches. The whole decode loop is one jitted `lax.while_loop`."""
+stop tokens, left-padded batches. The whole decode loop is one jitted `lax.while_loop`, run on
+the checked path (decoder.py: `checked=True` under `checkify`), so an out-of-range token or a
+step past the cache capacity raises instead of giving silently wrong tokens."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +10,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from ..config import NemotronHConfig
 from ..widths import Widths
@@ -43,8 +46,17 @@ def sample_logits(logits_BV, key, temperature, top_p):
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "max_len", "greedy", "stop_tokens"))
 def _generate(params, prompt, valid, widths, key, temperature, top_p, *, cfg, max_new_tokens, max_len, greedy,
               stop_tokens):
+    """(checkify error, (tokens, lengths, stopped)): the decode loop with the decoder's checks."""
+    impl = partial(_generate_loop, cfg=cfg, max_new_tokens=max_new_tokens, max_len=max_len, greedy=greedy,
+                   stop_tokens=stop_tokens)
+    return checkify.checkify(impl, errors=checkify.user_checks)(params, prompt, valid, widths, key, temperature,
+                                                                 top_p)
+
+
+def _generate_loop(params, prompt, valid, widths, key, temperature, top_p, *, cfg, max_new_tokens, max_len, greedy,
+                   stop_tokens):
     B = prompt.shape[0]
-    logits, cache = prefill(params, prompt, cfg, widths, max_len=max_len, valid=valid)
+    logits, cache = prefill(params, prompt, cfg, widths, max_len=max_len, valid=valid, checked=True)
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     out = jnp.full((B, max_new_tokens), cfg.pad_token_id, jnp.int32)
 
@@ -59,7 +71,7 @@ def _generate(params, prompt, valid, widths, key, temperature, top_p, *, cfg, ma
         out = out.at[:, i].set(tok)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(tok, stops)
-        logits, cache = decode_step(params, tok[:, None], cache, cfg, widths)
+        logits, cache = decode_step(params, tok[:, None], cache, cfg, widths, checked=True)
         return i + 1, logits[:, -1], cache, done, out, lengths
 
     init = (jnp.zeros((), jnp.int32), logits[:, -1], cache, jnp.zeros((B,), bool), out, jnp.zeros((B,), jnp.int32))
@@ -93,8 +105,9 @@ def generate(params, prompt, cfg: NemotronHConfig, widths=None, *, max_new_token
         widths = widths.resolve(cfg)
     valid = jnp.ones(prompt.shape, bool) if prompt_valid is None else jnp.asarray(prompt_valid, bool)
     key = jax.random.PRNGKey(0) if key is None else key
-    toks, lengths, stopped = _generate(params, prompt, valid, widths, key, jnp.float32(temperature),
+    err, (toks, lengths, stopped) = _generate(params, prompt, valid, widths, key, jnp.float32(temperature),
                                        jnp.float32(top_p), cfg=cfg, max_new_tokens=int(max_new_tokens),
                                        max_len=int(max_len), greedy=float(temperature) == 0.0,
                                        stop_tokens=tuple(int(t) for t in stop_tokens))
+    err.throw()
     return Generation(tokens=toks, lengths=lengths, stopped=stopped)

@@ -17,9 +17,11 @@ from .. import kernels
 from ..quant.qweight import unwrap
 from ..config import NemotronHConfig
 from ..sharding import constrain, context_mesh, mesh_axes_for
+from .attention import attend
 from .policy import ComputePolicy
 
 HIGHEST = jax.lax.Precision.HIGHEST
+_DEFAULT_POLICY = ComputePolicy()
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,12 @@ class ElasticLayer:
     active_ffn: Any = None        # E: union of active expert widths (kernel skipping)
     expert_counts: Any = None     # E: [n_opts]
     expert_probs: Any = None      # E: [n_opts]
+    channel_mask: Any = None      # M: [P] channels kept in every head (None = all)
 
 
 jax.tree_util.register_dataclass(
     ElasticLayer, data_fields=["head_mask", "norm_eps", "norm_scale", "active_heads", "ffn_mask",
-                               "active_ffn", "expert_counts", "expert_probs"], meta_fields=[])
+                               "active_ffn", "expert_counts", "expert_probs", "channel_mask"], meta_fields=[])
 
 
 @dataclass
@@ -53,12 +56,16 @@ class Context:
     quant: Any = None         # elastic_jax.quant.QuantState: fake-quantized projections (spec §10)
 
 
-def dense(x, w):
-    """x [..., in] @ w [in, out] in the parameter dtype with f32 accumulation. A quantized weight
-    (`QWeight`) fake-quantizes x with its static input scale first, as an FP8 kernel would."""
+def dense(x, w, policy: ComputePolicy | None = None):
+    """x [..., in] @ w [in, out] with f32 accumulation, operands and result in the policy's compute
+    dtype (default: the parameter dtype) at its matmul precision (ComputePolicy.lax_precision). A
+    quantized weight (`QWeight`) fake-quantizes x with its static input scale first, as an FP8
+    kernel would."""
     x, w = unwrap(x, w)
-    return jnp.einsum("...i,io->...o", x.astype(w.dtype), w, precision=HIGHEST,
-                      preferred_element_type=jnp.float32).astype(w.dtype)
+    pol = _DEFAULT_POLICY if policy is None else policy
+    dt = pol.dtype_for(w.dtype)
+    return jnp.einsum("...i,io->...o", x.astype(dt), w.astype(dt), precision=pol.lax_precision(dt),
+                      preferred_element_type=jnp.float32).astype(dt)
 
 
 def rms_norm(x, weight, eps, eps_factor=None, out_scale=None):
@@ -108,9 +115,9 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     B, L, _ = x_BLD.shape
     H = p["A_log"].shape[0]
     P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
-    z = dense(x_BLD, p["z_proj"])
-    xBC = jnp.concatenate([dense(x_BLD, p["x_proj"]), dense(x_BLD, p["B_proj"]), dense(x_BLD, p["C_proj"])], -1)
-    dt = dense(x_BLD, p["dt_proj"])
+    z = dense(x_BLD, p["z_proj"], ctx.policy)
+    xBC = jnp.concatenate([dense(x_BLD, p[n], ctx.policy) for n in ("x_proj", "B_proj", "C_proj")], -1)
+    dt = dense(x_BLD, p["dt_proj"], ctx.policy)
     if ctx.valid is not None:
         xBC = xBC * ctx.valid[..., None].astype(xBC.dtype)
     w = jnp.concatenate([p["conv_x"], p["conv_B"], p["conv_C"]], axis=1)
@@ -122,7 +129,8 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     if ctx.valid is not None:  # padding leaves the state untouched: x = 0 and dt = 0 there
         xs = xs * ctx.valid[..., None].astype(xs.dtype)
     if el is not None:
-        hm = jnp.repeat(el.head_mask, P).astype(xs.dtype)
+        hm = (jnp.repeat(el.head_mask, P) if el.channel_mask is None else
+              (el.head_mask[:, None] * el.channel_mask[None, :]).reshape(H * P)).astype(xs.dtype)
         xs = xs * hm
         z = z * hm
     dt = jax.nn.softplus(dt.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32))
@@ -161,7 +169,7 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     if el is not None:
         g = g * el.norm_scale
     g = p["norm"] * g.reshape(B, L, H * P).astype(p["norm"].dtype)
-    out = dense(g, p["out_proj"])
+    out = dense(g, p["out_proj"], ctx.policy)
     new_cache = None
     if ctx.decoding:
         K1 = K - 1
@@ -178,10 +186,12 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx
     hd, nKV = cfg.head_dim, cfg.num_key_value_heads
     nH = p["q_proj"].shape[1] // hd
     rep = nH // nKV
-    q = constrain(dense(x_BLD, p["q_proj"]).reshape(B, L, nKV, rep, hd), ("batch", "length", "act_kv_heads", None, None))
-    k = constrain(dense(x_BLD, p["k_proj"]).reshape(B, L, nKV, hd), ("batch", "length", "act_kv_heads", None))
-    v = constrain(dense(x_BLD, p["v_proj"]).reshape(B, L, nKV, hd), ("batch", "length", "act_kv_heads", None))
+    q = constrain(dense(x_BLD, p["q_proj"], ctx.policy).reshape(B, L, nKV, rep, hd),
+                  ("batch", "length", "act_kv_heads", None, None))
+    k = constrain(dense(x_BLD, p["k_proj"], ctx.policy).reshape(B, L, nKV, hd), ("batch", "length", "act_kv_heads", None))
+    v = constrain(dense(x_BLD, p["v_proj"], ctx.policy).reshape(B, L, nKV, hd), ("batch", "length", "act_kv_heads", None))
     new_cache = None
+    pol = ctx.policy
     if ctx.decoding:
         start = ctx.positions[0]
         kc = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
@@ -189,35 +199,26 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx
         valid_new = jnp.ones((B, L), bool) if ctx.valid is None else ctx.valid
         kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid_new, (0, start))
         new_cache = {"k": kc, "v": vc, "valid": kv_valid}
-        keys, vals = kc.astype(q.dtype), vc.astype(q.dtype)
-        key_pos = jnp.arange(kc.shape[1])
-        allowed = (key_pos[None, :] <= ctx.positions[:, None])[None] & kv_valid[:, None, :]   # [B, L, S]
+        # one new token: the direct path ([1, S] scores); a long prefill: the policy's kernel
+        o = attend(q, kc.astype(q.dtype), vc.astype(q.dtype), q_pos=ctx.positions, k_pos=jnp.arange(kc.shape[1]),
+                   k_valid=kv_valid, impl="xla" if L == 1 else pol.attention_impl,
+                   precision=pol.lax_precision(q.dtype))
     else:
-        keys, vals = k, v
-        causal = jnp.tril(jnp.ones((L, L), bool))[None]
-        if ctx.segment_ids is not None:
-            same = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]
-            allowed = causal & same
-        else:
-            allowed = jnp.broadcast_to(causal, (B, L, L))
-    scores = jnp.einsum("blkrd,bskd->bkrls", q.astype(jnp.float32), keys.astype(jnp.float32),
-                        precision=HIGHEST) * (hd ** -0.5)
-    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(allowed[:, None, None], probs, 0.0)   # rows with no allowed key -> 0, not NaN
-    o = jnp.einsum("bkrls,bskd->blkrd", probs, vals.astype(jnp.float32), precision=HIGHEST)
+        pos = jnp.arange(L)
+        o = attend(q, k, v, q_pos=pos, k_pos=pos, seg_q=ctx.segment_ids, seg_k=ctx.segment_ids,
+                   impl=pol.attention_impl, precision=pol.lax_precision(q.dtype))
     if el is not None:
         o = o * el.head_mask.reshape(nKV, rep)[None, None, :, :, None]
-    o = o.reshape(B, L, nH * hd).astype(x_BLD.dtype)
-    return dense(o, p["o_proj"]), new_cache
+    o = o.reshape(B, L, nH * hd).astype(q.dtype)
+    return dense(o, p["o_proj"], ctx.policy), new_cache
 
 
 # ------------------------------------------------------------------------------ MLP
 def mlp_mixer(p, x_BLD, cfg, el: ElasticLayer | None, ctx, cache):
-    h = constrain(relu2(dense(x_BLD, p["up_proj"])), ("batch", "length", "act_mlp"))
+    h = constrain(relu2(dense(x_BLD, p["up_proj"], ctx.policy)), ("batch", "length", "act_mlp"))
     if el is not None:
         h = h * el.ffn_mask.astype(h.dtype)
-    return dense(h, p["down_proj"]), None
+    return dense(h, p["down_proj"], ctx.policy), None
 
 
 # ------------------------------------------------------------------------------ MoE
@@ -243,6 +244,11 @@ def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
         keep = within[None, :] < (el.expert_counts[:, None] // cfg.n_group)          # [n_opts, E]
         weight = jnp.sum(el.expert_probs[:, None] * keep, axis=0)                     # [E]
         active = jnp.any(keep & (el.expert_probs[:, None] > 0), axis=0)
+        # the official hard mode scales the logits by the option probability before the sigmoid, so
+        # the expert-count head gets a gradient the top-k renormalization cannot cancel; w/sg(w) is
+        # that scale with value exactly 1 (the forward is unchanged in every mode)
+        safe_w = jnp.where(weight > 0, weight, 1.0)
+        scores = jax.nn.sigmoid(logits * (safe_w / jax.lax.stop_gradient(safe_w)))
         gate_scores = scores * weight
         choice = jnp.where(active, (scores + bias) * weight, -jnp.inf)
     T = x_TD.shape[0]
@@ -264,14 +270,18 @@ def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
 
 def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cache):
     """Routed relu² experts dispatched by sort + grouped matmul, plus the shared expert. Under a
-    mesh in context the routed experts run per shard (expert_parallel.py)."""
+    mesh in context the routed experts run per shard (expert_parallel.py).
+    Second output: None when decoding, else {"expert_load": [E] f32 tokens routed to each expert
+    (padding excluded)} for the aux-loss-free balancing update (train/balance.py)."""
     B, L, D = x_BLD.shape
     x_TD = x_BLD.reshape(B * L, D)
+    valid_T = None if ctx.decoding or ctx.valid is None else ctx.valid.reshape(B * L)
     mesh = context_mesh()
     if mesh is not None:
         from .expert_parallel import routed_experts_sharded
-        y = routed_experts_sharded(p, x_TD, cfg, el, ctx.policy.kernel_impl, mesh)
-        return _add_shared_expert(p, x_TD, y).reshape(B, L, D).astype(x_BLD.dtype), None
+        y, load = routed_experts_sharded(p, x_TD, cfg, el, ctx.policy, mesh, valid_T)
+        aux = None if ctx.decoding else {"expert_load": load}
+        return _add_shared_expert(p, x_TD, y, ctx.policy).reshape(B, L, D).astype(x_BLD.dtype), aux
     idx_TK, w_TK = route(p, x_TD, cfg, el)
     T, Kk = idx_TK.shape
     E = p["gate"].shape[1]
@@ -281,22 +291,32 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     active_n = None if el is None else el.active_ffn
     rows, w_up = unwrap(rows, p["up_proj"])
-    h = kernels.gmm(rows, w_up, group_sizes, active_n=active_n, impl=ctx.policy.kernel_impl,
-                    preferred_element_type=jnp.float32)
+    cdt = ctx.policy.dtype_for(w_up.dtype)                # expert matmuls: compute dtype, f32 accumulation
+    prec = ctx.policy.lax_precision(cdt)
+    h = kernels.gmm(rows.astype(cdt), w_up.astype(cdt), group_sizes, active_n=active_n,
+                    impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
     h = relu2(h)
     if el is not None:
         h = h * el.ffn_mask
-    h, w_down = unwrap(h.astype(p["down_proj"].dtype), p["down_proj"])
-    o = kernels.gmm(h, w_down, group_sizes, active_k=active_n,
-                    impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32)
+    h, w_down = unwrap(h.astype(cdt), p["down_proj"])
+    o = kernels.gmm(h.astype(cdt), w_down.astype(cdt), group_sizes, active_k=active_n,
+                    impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
     unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, D)
     y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
-    return _add_shared_expert(p, x_TD, y).reshape(B, L, D).astype(x_BLD.dtype), None
+    aux = None if ctx.decoding else {"expert_load": expert_load(idx_TK, E, valid_T)}
+    return _add_shared_expert(p, x_TD, y, ctx.policy).reshape(B, L, D).astype(x_BLD.dtype), aux
 
 
-def _add_shared_expert(p, x_TD, y_TD):
+def expert_load(idx_TK, E: int, valid_T=None):
+    """[E] f32 (token, choice) pairs routed to each expert, padding tokens excluded; no gradient."""
+    T, Kk = idx_TK.shape
+    tok_w = jnp.ones((T,), jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
+    return jax.lax.stop_gradient(jnp.zeros((E,), jnp.float32).at[idx_TK.reshape(-1)].add(jnp.repeat(tok_w, Kk)))
+
+
+def _add_shared_expert(p, x_TD, y_TD, policy):
     if "shared_up" in p:
-        y_TD = y_TD + dense(relu2(dense(x_TD, p["shared_up"])), p["shared_down"]).astype(jnp.float32)
+        y_TD = y_TD + dense(relu2(dense(x_TD, p["shared_up"], policy)), p["shared_down"], policy).astype(jnp.float32)
     return y_TD
 
 

@@ -12,6 +12,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from .reasoning import ANSWER, BOS, END_THINK, EOS, PAD, TAGS, THINK
 
 UNK = "<unk>"
+# The task's chat template (tokenizer_config.json): a user message holds the tagged digits
+# ("a 3 b 7 c 2"); the generation prompt opens the thinking phase, as `prompt_text` does.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %} {{ m['content'] }}{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %} " + THINK + "{% endif %}")
 SPECIAL_TOKENS = (PAD, BOS, EOS, THINK, END_THINK, ANSWER, UNK)
 WORDS = tuple(str(d) for d in range(10)) + tuple(TAGS) + ("!",)
 
@@ -76,6 +80,16 @@ class TaskTokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         self.tokenizer.save(path)
+        return path
+
+    def save_config(self, directory: str | os.PathLike) -> str:
+        """Write `tokenizer_config.json` (the special tokens and `CHAT_TEMPLATE`, as transformers
+        reads it) into `directory`. Returns the file path."""
+        import json
+        path = os.path.join(os.fspath(directory), "tokenizer_config.json")
+        with open(path, "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+                       "pad_token": PAD, "unk_token": UNK, "chat_template": CHAT_TEMPLATE}, f, indent=1)
         return path
 
     @classmethod

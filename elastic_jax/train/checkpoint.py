@@ -8,21 +8,69 @@ One `ocp.CheckpointManager` under `<out_dir>/checkpoints` with two items per ste
            and permutation the parent was prepared with).
 Saves are asynchronous (`wait()` before reading), `keep` most recent are kept, and each save is
 atomic: orbax writes into a temporary folder and renames it when complete, so a save interrupted
-by a crash is never listed — `latest_step()` is the newest *complete* step.
+by a crash is never listed. A step counts only when complete: its commit marker and every item's
+metadata are present (`complete_steps()`, so an empty or half-copied step folder is not a step).
+`restore_newest` tries the complete steps newest first; one that fails to restore is reported
+(a warning naming step and path) and the next older one is tried; if none restores,
+`CheckpointCorrupt` lists why. `params_fingerprint` is the teacher's identity resume compares.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Any
+import time
+import warnings
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from ..errors import CheckpointCorrupt, CheckpointMismatch
 from .config import RESUMABLE_FIELDS
 
+# what a complete step folder holds: orbax's commit marker and each item's metadata file
+_STEP_MARKER = "_CHECKPOINT_METADATA"
+_ITEM_MARKERS = {"state": "_METADATA", "meta": "metadata"}
 
-class CheckpointMismatch(ValueError):
-    """The checkpoint in `out_dir` was written by a run with a different config."""
+
+def _leaf_digest(x):
+    """Two order-independent uint32 sums of the leaf's bits, weighted by a hash of each element's
+    index: exact integer arithmetic, so the same on every mesh / device count."""
+    x = jnp.asarray(x)
+    if x.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    elif x.dtype.itemsize == 4:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:
+        bits = x.astype(jnp.float32).view(jnp.uint32) if jnp.issubdtype(x.dtype, jnp.floating) \
+            else x.astype(jnp.uint32)
+    idx = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(x.ndim)):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[d]
+    w = (idx * jnp.uint32(2654435761)) | jnp.uint32(1)
+    return jnp.stack([jnp.sum(bits * w, dtype=jnp.uint32), jnp.sum(bits ^ w, dtype=jnp.uint32)])
+
+
+_digests = jax.jit(lambda leaves: [_leaf_digest(x) for x in leaves])
+
+
+def params_fingerprint(tree) -> str | None:
+    """A short hex digest of a parameter tree (structure, shapes, dtypes and every value's bits),
+    computed on device (no host copy of the weights): the teacher's identity in what resume
+    compares. None for None."""
+    if tree is None:
+        return None
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    sums = np.asarray(jax.device_get(_digests(leaves)))
+    h = hashlib.sha256(str(treedef).encode())
+    for x, s in zip(leaves, sums):
+        h.update(f"{tuple(x.shape)}{jnp.dtype(x.dtype).name}".encode())
+        h.update(np.asarray(s, np.uint32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _diff(a, b, path="") -> list[str]:
@@ -30,6 +78,8 @@ def _diff(a, b, path="") -> list[str]:
         out = []
         for k in sorted(set(a) | set(b)):
             p = f"{path}.{k}" if path else str(k)
+            if (k not in a and b[k] is None) or (k not in b and a[k] is None):
+                continue      # a field added later with a None default: an older run did not set it
             if k not in a or k not in b:
                 out.append(f"{p}: {'<absent>' if k not in a else a[k]!r} != {'<absent>' if k not in b else b[k]!r}")
             else:
@@ -56,11 +106,67 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def incomplete(self, step: int) -> str | None:
+        """Why the folder of `step` is not a complete checkpoint (None when it is)."""
+        d = self.step_path(step)
+        if not os.path.isfile(os.path.join(d, _STEP_MARKER)):
+            return f"no commit marker {_STEP_MARKER}"
+        for item, marker in _ITEM_MARKERS.items():
+            if not os.path.isfile(os.path.join(d, item, marker)):
+                return f"item {item!r} missing or incomplete (no {item}/{marker})"
+        return None
+
+    def complete_steps(self) -> list[int]:
+        """The steps whose folders are complete, ascending."""
+        return sorted(s for s in self.manager.all_steps() if self.incomplete(s) is None)
+
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest complete step (None when there is none)."""
+        steps = self.complete_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return self.complete_steps()
+
+    def restore_newest(self, restore: Callable[[int], Any]) -> tuple[int, Any] | None:
+        """(step, restore(step)) for the newest complete step that restores; None when the folder
+        holds no step at all. A step that fails is reported by a warning naming it and the next
+        older one is tried; `CheckpointMismatch` is not a damaged step and propagates. If every
+        step fails: `CheckpointCorrupt` listing each failure."""
+        listed = sorted(self.manager.all_steps(), reverse=True)
+        if not listed:
+            return None
+        failures = []
+        for step in listed:
+            why = self.incomplete(step)
+            if why is None:
+                try:
+                    return step, restore(step)
+                except CheckpointMismatch:
+                    raise
+                except Exception as e:   # orbax / tensorstore / JSON errors of a damaged step
+                    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            failures.append(f"step {step} ({self.step_path(step)}): {why}")
+            warnings.warn(f"checkpoint step {step} at {self.step_path(step)} cannot be restored ({why}); "
+                          "trying an older step", stacklevel=2)
+        raise CheckpointCorrupt(f"{self.directory}: no checkpoint step can be restored:\n  " + "\n  ".join(failures))
+
+    def set_aside_after(self, step: int) -> list[str]:
+        """Rename the step folders newer than `step` (damaged ones a resume skipped) to
+        `corrupt.<step>.<time>` so the run can write those steps again; never deletes them."""
+        moved = []
+        for s in sorted(self.manager.all_steps()):
+            if s > step:
+                dst = os.path.join(self.directory, f"corrupt.{s}.{int(time.time())}")
+                os.rename(self.step_path(s), dst)
+                moved.append(dst)
+                warnings.warn(f"moved the damaged checkpoint step {s} aside to {dst}", stacklevel=2)
+        if moved:
+            self.manager.reload()
+        return moved
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -91,7 +197,7 @@ class Checkpointer:
         (for inspection and export)."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise ValueError(f"{self.directory}: no complete checkpoint")
+            raise CheckpointCorrupt(f"{self.directory}: no complete checkpoint")
         md = self.manager.item_metadata(step)["state"]
         sh = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
         abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sh), md)

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from ..data.config import DataConfig
+from ..model.policy import ComputePolicy
 from ..sharding import MESH_AXES, rules_dict
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -97,7 +98,11 @@ class OptimConfig:
 @dataclass(frozen=True)
 class Stage:
     """One curriculum stage: `batch_size` sequences (global, all hosts) of `seq_len` tokens per
-    optimizer step, for `steps` steps or `tokens` tokens; `budget_probs` over the budgets."""
+    optimizer step, for `steps` steps or `tokens` tokens; `budget_probs` over the budgets.
+
+    Long-context stages (spec §7: stage 2 trains on long documents, not on more short ones packed
+    into a longer row): `data` gives this stage its own source (None = the run's dataset) and
+    `min_doc_len` keeps only documents of at least that many tokens (e.g. stage 1's seq_len + 1)."""
 
     name: str = "stage"
     seq_len: int = 256
@@ -105,8 +110,16 @@ class Stage:
     steps: int | None = None
     tokens: float | None = None
     budget_probs: tuple[float, ...] | None = None
+    data: DataConfig | None = None
+    min_doc_len: int | None = None
 
     def __post_init__(self):
+        if isinstance(self.data, dict):
+            object.__setattr__(self, "data", DataConfig.from_dict(self.data))
+        if self.data is not None and not isinstance(self.data, DataConfig):
+            _bad("Stage", "data", self.data, "must be a DataConfig (or its dict) or None")
+        if self.min_doc_len is not None and (not isinstance(self.min_doc_len, int) or self.min_doc_len < 1):
+            _bad("Stage", "min_doc_len", self.min_doc_len, "must be a positive int or None")
         if isinstance(self.budget_probs, list):
             object.__setattr__(self, "budget_probs", tuple(float(p) for p in self.budget_probs))
         if self.seq_len < 1 or self.batch_size < 1:
@@ -145,10 +158,13 @@ class TrainConfig:
     micro-batch draws one budget (shared by every data shard, spec §7.2). `vocab_chunk`: columns of
     the lm_head per chunk of the KD / CE loss (None = the whole vocabulary in one chunk).
     Checkpoints every `checkpoint_every` steps (and at the end of each stage), `keep_checkpoints`
-    kept; metrics every `log_every` steps. `sharding_rules`: (logical axis, mesh axes) pairs that
-    override entries of `elastic_jax.sharding.DEFAULT_RULES` for parameters and activations;
-    `sharding_tolerance`: the fraction of parameter elements allowed to lose a split the rules ask
-    for (a dimension that does not divide its mesh axes) before the run stops with an error."""
+    kept; metrics every `log_every` steps. `policy`: the runtime knobs of the forward passes
+    (scanned layers, remat, kernels; `ComputePolicy`, None = from the model config); they do not
+    change the math, so a run may resume under another policy. `sharding_rules`: (logical axis,
+    mesh axes) pairs that override entries of `elastic_jax.sharding.DEFAULT_RULES` for parameters
+    and activations; `sharding_tolerance`: the fraction of parameter elements allowed to lose a
+    split the rules ask for (a dimension that does not divide its mesh axes) before the run stops
+    with an error."""
 
     mesh: MeshConfig = MeshConfig()
     optim: OptimConfig = OptimConfig()
@@ -166,9 +182,11 @@ class TrainConfig:
     activation_sharding: bool = True
     sharding_rules: tuple = ()
     sharding_tolerance: float = 0.02
+    expert_bias_rate: float = 1e-3      # aux-loss-free MoE balancing u (0 = off; train/balance.py)
     # quantization-aware distillation (spec §10): "fp8" | "nvfp4" trains the fake-quantized student
     # (fixed scales from the parent, straight-through gradients) against the frozen teacher
     qad: str | None = None
+    policy: ComputePolicy | None = None
 
     def __post_init__(self):
         if self.qad not in (None, "fp8", "nvfp4"):
@@ -184,12 +202,18 @@ class TrainConfig:
             object.__setattr__(self, "stages", tuple(self.stages))
         if isinstance(self.stages, Stage):
             object.__setattr__(self, "stages", (self.stages,))
+        if isinstance(self.policy, dict):
+            object.__setattr__(self, "policy", ComputePolicy(**self.policy))
+        if self.policy is not None and not isinstance(self.policy, ComputePolicy):
+            _bad("TrainConfig", "policy", self.policy, "must be an elastic_jax.ComputePolicy or None")
         if not self.stages:
             _bad("TrainConfig", "stages", self.stages, "needs at least one Stage")
         if not self.kd_temperature > 0:
             _bad("TrainConfig", "kd_temperature", self.kd_temperature, "must be > 0")
         if self.vocab_chunk is not None and self.vocab_chunk < 1:
             _bad("TrainConfig", "vocab_chunk", self.vocab_chunk, "must be >= 1 or None")
+        if not (self.expert_bias_rate >= 0 and math.isfinite(self.expert_bias_rate)):
+            _bad("TrainConfig", "expert_bias_rate", self.expert_bias_rate, "must be >= 0 (0 = no balancing)")
         if self.microbatches < 1:
             _bad("TrainConfig", "microbatches", self.microbatches, "must be >= 1")
         for s in self.stages:
@@ -230,6 +254,7 @@ class TrainConfig:
 
 # The fields that may change between a run and its resumption (they do not change the math).
 RESUMABLE_FIELDS = ("mesh", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
-                    "tensorboard", "plot", "activation_sharding", "sharding_rules", "sharding_tolerance")
+                    "tensorboard", "plot", "activation_sharding", "sharding_rules", "sharding_tolerance",
+                    "policy")
 
 __all__ = ["MeshConfig", "OptimConfig", "Stage", "TrainConfig", "DataConfig", "RESUMABLE_FIELDS"]

@@ -14,9 +14,12 @@ Every run writes `<out_dir>/checkpoints` (orbax), `metrics.jsonl`, `batches.json
 `curves.png`. If `<out_dir>/checkpoints` already holds a complete checkpoint of the same configs,
 the run resumes from it — params, router, optimizer state, data iterator, stage, step and RNG —
 and continues exactly as if it had never stopped (a checkpoint of another config raises
-`CheckpointMismatch`). The initial params passed in are then ignored. A non-finite loss raises
-`TrainingDiverged` naming the step and budget; nothing is saved after it, so the last checkpoint
-is the last good state.
+`CheckpointMismatch`; the teacher's `params_fingerprint` is part of what is compared). The
+initial params passed in are then ignored. A damaged newest step is skipped with a warning (the
+newest step that restores is used; none: `CheckpointCorrupt`). A non-finite loss, gradient norm,
+update or parameter (step.py's NaN guard) raises `TrainingDiverged` naming the step, stage and
+budget; the update is not applied and nothing is saved after it, so the last checkpoint is the
+last good, finite state.
 
 Sharding: the run uses the mesh of `train_cfg.mesh` over all devices (sharding.py); call
 `elastic_jax.train.init_distributed(...)` first on multi-host jobs. Each host feeds its own rows.
@@ -39,15 +42,12 @@ from ..config import NemotronHConfig
 from ..data import DataConfig, TokenDataset, make_dataset
 from ..model.params import check_params, param_axes
 from . import sharding as shd
-from .checkpoint import Checkpointer, abstract_like
+from ..errors import TrainingDiverged
+from .checkpoint import Checkpointer, abstract_like, params_fingerprint
 from .config import TrainConfig
 from .metrics import RunLogger, Throughput, batch_digest, plot_curves
 from .optim import lr_schedule, make_optimizer
 from .step import StepSpec, make_step
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss; the message names the step, stage and budget(s)."""
 
 
 @dataclasses.dataclass
@@ -75,7 +75,8 @@ def train_elastic(model_cfg: NemotronHConfig, elastic_cfg, train_cfg: TrainConfi
     if router_params is None:
         router_params = init_router(model_cfg, elastic_cfg, jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 1))
     spec = StepSpec("elastic", model_cfg, model_cfg, elastic_cfg, train_cfg.kd_temperature, train_cfg.vocab_chunk,
-                    train_cfg.microbatches, train_cfg.optim.freeze_model, train_cfg.optim.freeze_router)
+                    train_cfg.microbatches, train_cfg.optim.freeze_model, train_cfg.optim.freeze_router,
+                    policy=train_cfg.policy, expert_bias_rate=train_cfg.expert_bias_rate)
     quant_layers = None
     if train_cfg.qad is not None:
         from .. import quant
@@ -96,7 +97,8 @@ def train_lm(model_cfg: NemotronHConfig, train_cfg: TrainConfig, params, data, o
              extra_meta: dict | None = None, progress: bool = True) -> TrainResult:
     """Plain next-token cross-entropy training of `params` (e.g. the tiny parent)."""
     spec = StepSpec("lm", model_cfg, None, None, 1.0, train_cfg.vocab_chunk, train_cfg.microbatches,
-                    train_cfg.optim.freeze_model, True)
+                    train_cfg.optim.freeze_model, True, policy=train_cfg.policy,
+                    expert_bias_rate=train_cfg.expert_bias_rate)
     return _train(spec, train_cfg, None, params, {}, data, out_dir, extra_meta=extra_meta, progress=progress)
 
 
@@ -106,14 +108,16 @@ def train_kd(model_cfg: NemotronHConfig, train_cfg: TrainConfig, teacher_cfg: Ne
     if teacher_cfg.vocab_size != model_cfg.vocab_size:
         raise ValueError(f"teacher vocab_size={teacher_cfg.vocab_size} != student vocab_size={model_cfg.vocab_size}")
     spec = StepSpec("kd", model_cfg, teacher_cfg, None, train_cfg.kd_temperature, train_cfg.vocab_chunk,
-                    train_cfg.microbatches, train_cfg.optim.freeze_model, True)
+                    train_cfg.microbatches, train_cfg.optim.freeze_model, True, policy=train_cfg.policy,
+                    expert_bias_rate=train_cfg.expert_bias_rate)
     return _train(spec, train_cfg, teacher_params, student_params, {}, data, out_dir, extra_meta=extra_meta,
                   progress=progress)
 
 
 # --------------------------------------------------------------------------- internals
-def _configs(spec: StepSpec, train_cfg: TrainConfig, data: TokenDataset) -> dict:
+def _configs(spec: StepSpec, train_cfg: TrainConfig, data: TokenDataset, teacher_params=None) -> dict:
     return {
+        "teacher_fingerprint": params_fingerprint(teacher_params),
         "mode": spec.mode,
         "model": spec.model_cfg.to_dict(),
         "teacher": None if spec.teacher_cfg is None else spec.teacher_cfg.to_dict(),
@@ -199,11 +203,33 @@ class _InMesh:
             return self.jitted.lower(*args, **kw)
 
 
+def _schedule_fn(spec: StepSpec, lr_fns, total: int, rep):
+    """jit: step (device int32) -> {"tau", "scale", "lr", "router_lr"}, all on device (spec §5.2
+    schedules, optimizer LR of each group), so the loop never waits on the host for them."""
+    def sched(step):
+        if spec.mode == "elastic":
+            from ..elastic.router import schedules
+            tau, scale = schedules(spec.elastic_cfg, step, total)
+        else:
+            tau, scale = jnp.float32(1.0), jnp.float32(1.0)
+        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        return {"tau": f32(tau), "scale": f32(scale), "lr": f32(lr_fns[0](step)), "router_lr": f32(lr_fns[1](step))}
+    return jax.jit(sched, out_shardings=rep)
+
+
+def _read_metrics(tree):
+    """The training loop's one device->host transfer per step: the metrics of the step before
+    the one just dispatched (so the device never idles waiting for the host)."""
+    return jax.device_get(tree)
+
+
 def _record(spec, stage, step, m, tau, scale, lrs, tok_s, tokens_seen) -> dict:
     rec = {"step": step, "stage": stage.name, "loss": float(m["loss"]), "task": float(m["task"]),
            "budget_loss": float(m["budget_loss"]), "grad_norm": float(m["grad_norm"]),
            "tokens": int(m["tokens"]), "tokens_seen": int(tokens_seen), "tokens_per_s": float(tok_s),
            "lr": lrs[0], "router_lr": lrs[1]}
+    if "routing_entropy" in m:
+        rec["routing_entropy"] = float(np.mean(np.asarray(m["routing_entropy"])))
     if spec.mode == "elastic":
         ecfg = spec.elastic_cfg
         rec["tau"], rec["scale"] = float(tau), float(scale)
@@ -213,17 +239,34 @@ def _record(spec, stage, step, m, tau, scale, lrs, tok_s, tokens_seen) -> dict:
             if cnt[i] > 0:
                 rec[f"task_budget_{b:g}"] = float(np.asarray(m["task_by_budget"])[i] / cnt[i])
                 rec[f"budget_loss_budget_{b:g}"] = float(np.asarray(m["budget_loss_by_budget"])[i] / cnt[i])
-        opts = ecfg.options(spec.model_cfg)
+        from ..elastic.router import head_options
+        opts = head_options(spec.model_cfg, ecfg)
         for axis, exp in m.get("expected", {}).items():
             exp = np.asarray(exp)
             ch = np.asarray(m["choice"][axis])
             o = np.asarray(opts[axis])
             for j, bi in enumerate(np.asarray(m["budget_idx"]).reshape(-1)):
                 b = ecfg.budgets[int(bi)]
-                rec[f"width_{axis}_budget_{b:g}"] = float(np.mean(exp[j]))
+                # depth: the expected number of kept layers (Σ gates); widths: the mean over layers
+                rec[f"width_{axis}_budget_{b:g}"] = float(np.sum(exp[j]) if axis == "layers" else np.mean(exp[j]))
                 rec[f"choice_{axis}_budget_{b:g}"] = (o[ch[j]].tolist() if o.ndim == 1
                                                       else [int(o[k, c]) for k, c in enumerate(np.atleast_1d(ch[j]))])
     return rec
+
+
+def _diverged_message(spec: StepSpec, stage, step: int, m: dict, ckpt: Checkpointer) -> str:
+    """What the NaN guard rejected (step.py FINITE_CHECKS), where, and the last good checkpoint."""
+    from .step import FINITE_CHECKS
+    checks = np.asarray(m["finite_checks"])
+    what = [n for n, ok in zip(FINITE_CHECKS, checks) if not ok]
+    idx = np.asarray(m["budget_idx"]).reshape(-1)
+    losses = np.asarray(m["mb_loss"]).reshape(-1)
+    name = lambda b: float(spec.elastic_cfg.budgets[int(b)]) if spec.mode == "elastic" else 1.0
+    bad = [name(b) for b, l in zip(idx, losses) if not np.isfinite(l)] or sorted({name(b) for b in idx})
+    last = ckpt.latest_step()
+    return (f"non-finite {' / '.join(what)} (loss {float(m['loss'])}, grad_norm {float(m['grad_norm'])}) at step "
+            f"{step} (stage {stage.name!r}, budget(s) {bad}); the update was not applied and the run stopped. "
+            f"Last good checkpoint: {'none' if last is None else f'step {last}'} in {ckpt.directory}")
 
 
 def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_params, router_params, data, out_dir, *,
@@ -239,6 +282,8 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
     check_params(student_params, cfg)
     if teacher_params is not None:
         check_params(teacher_params, spec.teacher_cfg)
+    stage_data = {i: make_dataset(st.data, cfg.vocab_size) for i, st in enumerate(train_cfg.stages)
+                  if st.data is not None}
     nb = spec.n_budgets
     for st in train_cfg.stages:
         if spec.mode == "elastic":
@@ -252,7 +297,7 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
     mesh = shd.make_mesh(train_cfg.mesh)
     total = train_cfg.total_steps
     tx = make_optimizer(train_cfg.optim, total)
-    configs = _configs(spec, train_cfg, data)
+    configs = _configs(spec, train_cfg, data, teacher_params)
 
     trainable0 = {"params": student_params, "router": router_params}
     state_like = {"params": student_params, "router": router_params,
@@ -266,14 +311,16 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
 
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
                         async_save=train_cfg.async_checkpointing)
-    start = ckpt.latest_step()
     base_key = jax.random.PRNGKey(train_cfg.seed)
     data_states, tokens_seen = None, 0
-    if start is not None:
-        meta = ckpt.check_compatible(start, configs)
-        abstract = {"state": abstract_like(state_like, state_sh),
-                    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))}
-        restored = ckpt.restore_state(start, abstract)
+    abstract = {"state": abstract_like(state_like, state_sh),
+                "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=NamedSharding(mesh, P()))}
+    found = ckpt.restore_newest(lambda s: (ckpt.check_compatible(s, configs), ckpt.restore_state(s, abstract)))
+    start = None if found is None else found[0]
+    if found is not None:
+        if jax.process_index() == 0:
+            ckpt.set_aside_after(start)      # damaged newer steps: kept aside, rewritten by this run
+        meta, restored = found[1]
         state = restored["state"]
         base_key = jnp.asarray(jax.device_get(restored["rng"]), jnp.uint32)
         data_states, tokens_seen = meta["data_states"], int(meta["tokens_seen"])
@@ -297,12 +344,36 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
         bar = tqdm(total=total, initial=start, desc=spec.mode, unit="step", dynamic_ncols=True)
     rep = NamedSharding(mesh, P())
     M = train_cfg.microbatches
+    sched_fn = _schedule_fn(spec, lr_fns, total, rep)
+
+    def _consume(pending, tokens_seen) -> int:
+        """Read one finished step's metrics (the loop's only device->host transfer per step), stop
+        on a non-finite loss, log; returns the updated token count."""
+        at = pending[0]
+        m, sched = _read_metrics((pending[1], pending[2]))
+        stage = train_cfg.stages[train_cfg.stage_at(at)[0]]
+        if not bool(m["finite"]):
+            ckpt.wait()
+            raise TrainingDiverged(_diverged_message(spec, stage, at, m, ckpt))
+        tokens_seen += int(m["tokens"])
+        tok_s = thr.update(int(m["tokens"]))
+        if at % train_cfg.log_every == 0 or at == total - 1:
+            rec = _record(spec, stage, at, m, sched["tau"], sched["scale"],
+                          (float(sched["lr"]), float(sched["router_lr"])), tok_s, tokens_seen)
+            history.append(rec)
+            logger.log(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tok_s:,.0f}", stage=stage.name)
+        return tokens_seen
+
     step = start
     try:
         while step < total:
             si, s0 = train_cfg.stage_at(step)
             stage = train_cfg.stages[si]
-            stream = data.batches(stage.seq_len, stage.batch_size, epoch_seed=si)
+            stream = stage_data.get(si, data).batches(stage.seq_len, stage.batch_size, epoch_seed=si,
+                                                      min_doc_len=stage.min_doc_len)
             if data_states is not None and data_states.get("stage") == si:
                 stream.set_state(data_states["hosts"][jax.process_index()])
             data_states = None
@@ -313,6 +384,7 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
             probs_dev = jax.device_put(probs, rep)
             thr = Throughput()
             stage_end = s0 + stage.num_steps
+            pending = None    # the last dispatched step, its metrics read one step late
             while step < stage_end:
                 local = next(stream)
                 logger.batch(step, stage.name, batch_digest(local))
@@ -321,35 +393,17 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
                 for k in ("tokens", "segment_ids"):
                     arr = local[k].reshape(M, mb // P_, stage.seq_len)
                     glob[k] = shd.host_local_to_global(arr, mesh, bspec, (M, mb, stage.seq_len))
-                if spec.mode == "elastic":
-                    from ..elastic.router import schedules
-                    tau, scale = (float(v) for v in schedules(spec.elastic_cfg, step, total))
-                else:
-                    tau, scale = 1.0, 1.0
-                state, m = jitted(state, teacher, glob, jnp.asarray(step, jnp.int32), jnp.float32(tau),
-                                  jnp.float32(scale), probs_dev, base_key)
-                m = jax.device_get(m)
-                if not bool(m["finite"]):
-                    bad = [float(spec.elastic_cfg.budgets[int(b)]) if spec.mode == "elastic" else 1.0
-                           for b, l in zip(np.asarray(m["budget_idx"]), np.asarray(m["mb_loss"]))
-                           if not np.isfinite(l)]
-                    last = ckpt.latest_step()
-                    raise TrainingDiverged(
-                        f"non-finite loss {float(m['loss'])} at step {step} (stage {stage.name!r}, budget(s) "
-                        f"{bad}); the update was not applied and the run stopped. Last good checkpoint: "
-                        f"{'none' if last is None else f'step {last}'} in {ckpt.directory}")
-                tokens_seen += int(m["tokens"])
-                tok_s = thr.update(int(m["tokens"]))
-                if step % train_cfg.log_every == 0 or step == total - 1:
-                    rec = _record(spec, stage, step, m, tau, scale,
-                                  (float(lr_fns[0](step)), float(lr_fns[1](step))), tok_s, tokens_seen)
-                    history.append(rec)
-                    logger.log(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tok_s:,.0f}", stage=stage.name)
+                step_dev = jax.device_put(np.int32(step), rep)
+                sched = sched_fn(step_dev)        # τ, logit scale, learning rates: on device, no sync
+                state, m = jitted(state, teacher, glob, step_dev, sched["tau"], sched["scale"], probs_dev, base_key)
+                if pending is not None:           # the previous step's metrics (it has finished by now)
+                    tokens_seen = _consume(pending, tokens_seen)
+                pending = (step, m, sched)
                 step += 1
                 if step % train_cfg.checkpoint_every == 0 or step == stage_end:
+                    # every step up to here checked finite before anything is saved
+                    tokens_seen = _consume(pending, tokens_seen)
+                    pending = None
                     # the iterator state of every host; at a stage end the next stage starts afresh
                     hosts = _gather_json(stream.get_state()) if step < stage_end else None
                     meta = {"configs": configs, "step": step, "stage": si, "tokens_seen": tokens_seen,

@@ -18,7 +18,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..model.policy import ComputePolicy
+
 HIGHEST = jax.lax.Precision.HIGHEST
+_DEFAULT_POLICY = ComputePolicy()
 
 
 def _chunks(w, chunk: int | None):
@@ -33,14 +36,19 @@ def _chunks(w, chunk: int | None):
     return w.reshape(D, n, C).transpose(1, 0, 2), valid
 
 
-def _logits(x, w):
-    return jnp.einsum("bld,dc->blc", x.astype(w.dtype), w, precision=HIGHEST, preferred_element_type=jnp.float32)
+def _logits(x, w, policy: ComputePolicy):
+    """x [B, L, D] @ w [D, C] in the policy's compute dtype / precision, f32 logits."""
+    dt = policy.dtype_for(w.dtype)
+    return jnp.einsum("bld,dc->blc", x.astype(dt), w.astype(dt), precision=policy.lax_precision(dt),
+                      preferred_element_type=jnp.float32)
 
 
 def chunked_kl(x_teacher, w_teacher, x_student, w_student, *, temperature: float = 1.0,
-               chunk: int | None = 8192) -> jax.Array:
+               chunk: int | None = 8192, policy: ComputePolicy | None = None) -> jax.Array:
     """Per-token KL(teacher ‖ student) [B, L] f32 from final hidden states [B, L, D_t] / [B, L, D_s]
-    and lm_heads [D_t, V] / [D_s, V] (teacher and student may differ in width)."""
+    and lm_heads [D_t, V] / [D_s, V] (teacher and student may differ in width). The lm_head
+    matmuls follow `policy` (compute dtype, precision); the softmax statistics are f32."""
+    pol = _DEFAULT_POLICY if policy is None else policy
     if w_teacher.shape[1] != w_student.shape[1]:
         raise ValueError(f"teacher vocabulary {w_teacher.shape[1]} != student vocabulary {w_student.shape[1]}")
     wt, valid = _chunks(w_teacher, chunk)
@@ -54,8 +62,8 @@ def chunked_kl(x_teacher, w_teacher, x_student, w_student, *, temperature: float
     def body(carry, inp):
         m_t, s_t, m_s, s_s, acc = carry
         wt_c, ws_c, ok = inp
-        t = jnp.where(ok, _logits(x_teacher, wt_c) * inv_t, -jnp.inf)
-        s = jnp.where(ok, _logits(x_student, ws_c) * inv_t, -jnp.inf)
+        t = jnp.where(ok, _logits(x_teacher, wt_c, pol) * inv_t, -jnp.inf)
+        s = jnp.where(ok, _logits(x_student, ws_c, pol) * inv_t, -jnp.inf)
         nm_t = jnp.maximum(m_t, jnp.max(t, -1))
         nm_s = jnp.maximum(m_s, jnp.max(s, -1))
         r_t = jnp.exp(m_t - nm_t)
@@ -70,8 +78,9 @@ def chunked_kl(x_teacher, w_teacher, x_student, w_student, *, temperature: float
     return acc / s_t - (m_t + jnp.log(s_t)) + (m_s + jnp.log(s_s))
 
 
-def chunked_ce(x, w, targets, *, chunk: int | None = 8192) -> jax.Array:
+def chunked_ce(x, w, targets, *, chunk: int | None = 8192, policy: ComputePolicy | None = None) -> jax.Array:
     """Per-token cross-entropy [B, L] f32 of `targets` [B, L] from hidden states and lm_head."""
+    pol = _DEFAULT_POLICY if policy is None else policy
     wc, valid = _chunks(w, chunk)
     B, L = x.shape[:2]
 
@@ -79,7 +88,7 @@ def chunked_ce(x, w, targets, *, chunk: int | None = 8192) -> jax.Array:
     def body(carry, inp):
         m, s = carry
         w_c, ok = inp
-        z = jnp.where(ok, _logits(x, w_c), -jnp.inf)
+        z = jnp.where(ok, _logits(x, w_c, pol), -jnp.inf)
         nm = jnp.maximum(m, jnp.max(z, -1))
         s = s * jnp.exp(m - nm) + jnp.sum(jnp.exp(z - nm[..., None]), -1)
         return (nm, s), None
@@ -87,7 +96,8 @@ def chunked_ce(x, w, targets, *, chunk: int | None = 8192) -> jax.Array:
     (m, s), _ = jax.lax.scan(body, (jnp.full((B, L), -jnp.inf, jnp.float32), jnp.zeros((B, L), jnp.float32)),
                              (wc, valid))
     w_tgt = jnp.take(w.T, targets, axis=0)                                  # [B, L, D]
-    z_tgt = jnp.einsum("bld,bld->bl", x.astype(w.dtype), w_tgt, precision=HIGHEST,
+    dt = pol.dtype_for(w.dtype)
+    z_tgt = jnp.einsum("bld,bld->bl", x.astype(dt), w_tgt.astype(dt), precision=pol.lax_precision(dt),
                        preferred_element_type=jnp.float32)
     return m + jnp.log(s) - z_tgt
 

@@ -12,8 +12,13 @@ jittable function (spec §6.3, §7.2, §14.6-8; ANCHORS §7.8).
     x_s = student final hidden (masked), x_t = stop_gradient(teacher final hidden)
     loss_m = mean_tokens KL_T(teacher ‖ student) + λ · budget_loss(π, budgets[i])
 Gradients are averaged over the M micro-batches (lax.scan), clipped, and applied by the two-group
-optimizer (optim.py). A non-finite loss leaves the state unchanged and is reported in
-`metrics["finite"]`; the loop stops the run there (the last checkpoint stays intact).
+optimizer (optim.py). The NaN guard (`finite_checks`): a non-finite loss, gradient norm, update
+or new parameter leaves the whole state unchanged and is reported in `metrics["finite"]` (which
+check failed in `metrics["finite_checks"]`); the loop stops the run there, so the last
+checkpoint stays the last good, finite state.
+
+MoE layers of the student are balanced without an auxiliary loss (`expert_bias_rate` > 0,
+balance.py): the correction bias moves by the step's routing counts after the optimizer update.
 
 Modes: "elastic" (above), "kd" (fixed student, possibly a different config than the teacher: no
 router, no budget loss), "lm" (next-token cross-entropy, no teacher).
@@ -35,6 +40,8 @@ import optax
 
 from ..config import NemotronHConfig
 from ..model.decoder import final_hidden
+from ..model.policy import ComputePolicy
+from .balance import routing_entropy, update_expert_bias
 from .losses import chunked_ce, chunked_kl, masked_mean, next_token_targets
 
 MODES = ("elastic", "kd", "lm")
@@ -54,6 +61,8 @@ class StepSpec:
     freeze_model: bool = False
     freeze_router: bool = False
     quant: Any = None             # elastic_jax.quant.QuantSpec: QAD (state["quant"] holds the scales)
+    policy: ComputePolicy | None = None     # runtime knobs of student and teacher (None: from the config)
+    expert_bias_rate: float = 0.0      # aux-loss-free MoE balancing rate u (0 = off; balance.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -62,6 +71,10 @@ class StepSpec:
             raise ValueError("mode='elastic' needs an ElasticConfig")
         if self.mode in ("elastic", "kd") and self.teacher_cfg is None:
             raise ValueError(f"mode={self.mode!r} needs the teacher config")
+
+    @property
+    def balances_experts(self) -> bool:
+        return self.expert_bias_rate > 0 and not self.freeze_model and self.model_cfg.count("E") > 0
 
     @property
     def n_budgets(self) -> int:
@@ -90,7 +103,7 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         rout = erouter.route(trainable["router"], cfg, ecfg, code, k_gumbel, tau, scale, hard=hard)
         widths = rout.soft_widths
         budget = jnp.asarray(ecfg.budgets, jnp.float32)[budget_idx]
-        bl = ecost.budget_loss(cfg, ecfg, rout, budget, budget_idx == 0)
+        bl = ecost.budget_loss(cfg, ecfg, rout, budget, budget_idx == 0, budget_idx=budget_idx)
         aux["choice"] = rout.choice
         aux["expected"] = ecost.expected_widths(rout, ecfg, cfg)
     else:
@@ -102,19 +115,41 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         if x_teacher is None and spec.mode != "lm":   # QAD teacher: the frozen model at the same widths
             tw = None if widths is None else jax.lax.stop_gradient(widths)
             x_teacher = jax.lax.stop_gradient(_constrain(final_hidden(
-                teacher_params, tokens, spec.teacher_cfg, tw, segment_ids=segment_ids), act_sharding))
-    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs), act_sharding)
+                teacher_params, tokens, spec.teacher_cfg, tw, segment_ids=segment_ids, policy=spec.policy),
+                act_sharding))
+    if spec.balances_experts:
+        x_s, loads = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy,
+                                  return_expert_load=True)
+        aux["expert_load"] = jnp.stack(loads)                                   # [n_moe, E]
+    else:
+        x_s = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy)
+    x_s = _constrain(x_s, act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)
-        task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk), mask)
+        task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk, policy=spec.policy),
+                           mask)
     else:
         kl = chunked_kl(x_teacher, w_teacher, x_s, params["lm_head"], temperature=spec.temperature,
-                        chunk=spec.vocab_chunk)
+                        chunk=spec.vocab_chunk, policy=spec.policy)
         task = masked_mean(kl, valid)
     lam = spec.elastic_cfg.budget_weight if spec.mode == "elastic" else 0.0
     loss = task + lam * bl
     aux.update(task=task, budget_loss=bl, tokens=jnp.sum(valid.astype(jnp.float32)))
     return loss, aux
+
+
+FINITE_CHECKS = ("loss", "grad_norm", "update", "params")
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def finite_checks(loss, grad_norm, updates, new_trainable) -> jax.Array:
+    """bool [4] in the order of FINITE_CHECKS: is each of loss, gradient norm, update and new
+    trainable state finite? The step is applied only when all are."""
+    return jnp.stack([jnp.isfinite(loss), jnp.isfinite(grad_norm), _all_finite(updates), _all_finite(new_trainable)])
 
 
 def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=None):
@@ -139,7 +174,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
                 w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             else:
                 x_t = jax.lax.stop_gradient(_constrain(
-                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg), act_sharding))
+                    final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg,
+                                 policy=spec.policy), act_sharding))
                 w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             (loss, aux), g = jax.value_and_grad(micro_loss, argnums=1, has_aux=True)(
                 spec, trainable, x_t, w_t, tokens, seg, k_route, bidx, tau, scale, act_sharding,
@@ -147,6 +183,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
             gsum = jax.tree.map(jnp.add, gsum, g)
             out = {"loss": loss, "task": aux["task"], "budget_loss": aux["budget_loss"], "budget_idx": bidx,
                    "tokens": aux["tokens"]}
+            if "expert_load" in aux:
+                out["expert_load"] = aux["expert_load"]
             if "choice" in aux:
                 out["choice"] = aux["choice"]
                 out["expected"] = aux["expected"]
@@ -161,24 +199,32 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
         if spec.freeze_router:
             grads["router"] = jax.tree.map(jnp.zeros_like, grads["router"])
         loss = jnp.mean(per_mb["loss"])
-        finite = jnp.isfinite(loss)
+        grad_norm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], trainable)
         new_trainable = optax.apply_updates(trainable, updates)
+        checks = finite_checks(loss, grad_norm, updates, new_trainable)
+        finite = jnp.all(checks)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {"params": keep(new_trainable["params"], state["params"]),
+        new_params = new_trainable["params"]
+        if spec.balances_experts:      # outside the optimizer: the bias has no gradient (balance.py)
+            new_params = update_expert_bias(new_params, spec.model_cfg, jnp.sum(per_mb["expert_load"], 0),
+                                            spec.expert_bias_rate)
+        new_state = {"params": keep(new_params, state["params"]),
                      "router": keep(new_trainable["router"], state["router"]),
                      "opt_state": keep(new_opt, state["opt_state"])}
         if "quant" in state:   # QAD scales: fixed state, carried through unchanged
             new_state["quant"] = state["quant"]
         onehot = jax.nn.one_hot(per_mb["budget_idx"], nb, dtype=jnp.float32)          # [M, nb]
         metrics = {
-            "loss": loss, "finite": finite, "task": jnp.mean(per_mb["task"]),
+            "loss": loss, "finite": finite, "finite_checks": checks, "task": jnp.mean(per_mb["task"]),
             "budget_loss": jnp.mean(per_mb["budget_loss"]), "tokens": jnp.sum(per_mb["tokens"]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "budget_idx": per_mb["budget_idx"], "mb_loss": per_mb["loss"],
             "task_by_budget": onehot.T @ per_mb["task"], "count_by_budget": jnp.sum(onehot, 0),
             "budget_loss_by_budget": onehot.T @ per_mb["budget_loss"],
         }
+        if "expert_load" in per_mb:
+            metrics["routing_entropy"] = routing_entropy(jnp.sum(per_mb["expert_load"], 0))
         if "choice" in per_mb:
             metrics["choice"] = per_mb["choice"]
             metrics["expected"] = per_mb["expected"]

@@ -14,6 +14,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import jax.extend.core as jex_core  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
@@ -176,10 +177,58 @@ def quant_checks(out):
     print(out["quant"], flush=True)
 
 
+def ragged_dots(jaxpr):
+    """(lhs dtype, precision) of every ragged_dot in a closed jaxpr, sub-jaxprs (shard_map) included."""
+    found = []
+    for eqn in jaxpr.jaxpr.eqns if hasattr(jaxpr, "jaxpr") else jaxpr.eqns:
+        if eqn.primitive.name.startswith("ragged_dot"):
+            found.append((str(eqn.invars[0].aval.dtype), str(eqn.params.get("precision"))))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
+                    found += ragged_dots(sub)
+    return found
+
+
+def moe_checks(out):
+    """moe_mixer under a mesh: the per-expert loads (issue 14's balancing input) equal one device's
+    (padding excluded), on the all-to-all and the psum layouts; bf16 parameters run the expert
+    matmuls in bf16 at DEFAULT precision (bf16 ragged_dot at HIGHEST does not compile for TPU) and
+    stay within bf16 tolerance of one device."""
+    from elastic_jax.model.layers import Context, moe_mixer
+    p = ej.init_params(CFG, jax.random.PRNGKey(0))["layers"][3]["mixer"]
+    x = jax.random.normal(jax.random.PRNGKey(1), (B, L, CFG.hidden_size))
+    valid = jnp.ones((B, L), bool).at[0, -3:].set(False)
+
+    def fwd(p, x):
+        y, aux = moe_mixer(p, x, CFG, None, Context(valid=valid), None)
+        return y.astype(jnp.float32), aux["expert_load"]
+
+    def rel(a, b):
+        return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    p16, x16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p), x.astype(jnp.bfloat16)
+    ref, ref_load = jax.jit(fwd)(p, x)
+    ref16 = jax.jit(fwd)(p16, x16)[0]
+    out["moe"] = []
+    for name, shape, rules in (("expert=8", (1, 1, 1, 8), shd.DEFAULT_RULES),
+                               ("data=2,expert=4, batch->data", (2, 1, 1, 4), shd.merge_rules([("batch", "data")])),
+                               ("fsdp=2,tensor=2,expert=2", (1, 2, 2, 2), shd.DEFAULT_RULES)):
+        with jax.set_mesh(make_mesh(MeshConfig(*shape))), shd.use_rules(rules):
+            y, load = jax.jit(fwd)(p, x)
+            y16 = jax.jit(fwd)(p16, x16)[0]
+            dots = ragged_dots(jax.make_jaxpr(fwd)(p16, x16))
+        out["moe"].append({"mesh": name, "err": rel(y, ref), "load_err": float(jnp.max(jnp.abs(load - ref_load))),
+                           "load_total": float(jnp.sum(load)), "bf16_err": rel(y16, ref16),
+                           "bf16_vs_f32": rel(y16, ref), "ragged_dots": dots})
+        print(out["moe"][-1], flush=True)
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     result = {"model": [], "kernels": []}
-    which = sys.argv[2:] or ["model", "kernels", "quant"]
+    which = sys.argv[2:] or ["model", "kernels", "quant", "moe"]
+    if "moe" in which:
+        moe_checks(result)
     if "quant" in which:
         quant_checks(result)
     if "kernels" in which:
