@@ -33,12 +33,16 @@ def mesh_results(tmp_path_factory):
 def test_model_under_mesh_equals_one_device(mesh_results):
     rows = mesh_results["model"]
     assert {r["mesh"] for r in rows} >= {"expert=8", "data=2,expert=4", "fsdp=2,tensor=2,expert=2"}
-    assert {r["widths"] for r in rows} == {"full", "masked"} and {r["impl"] for r in rows} == {"xla", "pallas"}
+    assert {r["widths"] for r in rows} == {"full", "masked"}
+    assert {r["impl"] for r in rows} == {"xla", "pallas", "xla+scan"}
     for r in rows:
         assert r["logits_err"] < 1e-5 and r["grad_err"] < 1e-5, r
     # the expert axis really dispatched tokens by all-to-all; rules without it fall back to psum
     by = {(r["mesh"], r["widths"]): r for r in rows}
     assert by[("expert=8", "full")]["all_to_all"] > 0
+    # under lax.scan (part C) too: the layer loop is a while loop with the all-to-alls inside
+    scan = by[("expert=8 scan", "masked")]
+    assert scan["all_to_all"] > 0 and scan["while"] > by[("expert=8", "masked")]["while"], scan
     assert by[("data=2,expert=4, batch->data", "masked")]["all_to_all"] == 0
 
 

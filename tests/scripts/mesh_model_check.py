@@ -45,7 +45,10 @@ def params_and_data():
 
 
 def loss_fn(params, tokens, seg, probe, widths, impl):
-    logits = ej.forward(params, tokens, CFG, widths, segment_ids=seg, policy=ej.ComputePolicy(kernel_impl=impl))
+    """impl: a kernel impl, "+scan" appended = the layers under lax.scan with full remat."""
+    policy = ej.ComputePolicy(kernel_impl=impl.split("+")[0], scan_layers=impl.endswith("+scan"),
+                              remat="full" if impl.endswith("+scan") else "none")
+    logits = ej.forward(params, tokens, CFG, widths, segment_ids=seg, policy=policy)
     return jnp.sum(logits * probe), logits
 
 
@@ -82,7 +85,9 @@ def model_checks(out):
               # tokens not split over the expert axis: local experts + psum
               ("data=2,expert=4, batch->data", (2, 1, 1, 4), shd.merge_rules([("batch", "data")]), "xla",
                ("masked",)),
-              ("data=2,expert=2,tensor=2 pallas", (2, 1, 2, 2), shd.DEFAULT_RULES, "pallas", ("masked",))]
+              ("data=2,expert=2,tensor=2 pallas", (2, 1, 2, 2), shd.DEFAULT_RULES, "pallas", ("masked",)),
+              # scanned layers (part C): the EP MoE and the block-boundary constraints inside the scan
+              ("expert=8 scan", (1, 1, 1, 8), shd.DEFAULT_RULES, "xla+scan", ("masked",))]
     ref = {}
     for name, shape, rules, impl, which in meshes:
         mesh = make_mesh(MeshConfig(*shape))
@@ -95,7 +100,7 @@ def model_checks(out):
             r_logits, r_g = ref[(wname, impl)]
             out["model"].append({"mesh": name, "widths": wname, "impl": impl,
                                  "logits_err": max_err(logits, r_logits), "grad_err": max_err(g, r_g),
-                                 "all_to_all": hlo.count("all-to-all")})
+                                 "all_to_all": hlo.count("all-to-all"), "while": hlo.count(" while(")})
             print(out["model"][-1], flush=True)
 
 
