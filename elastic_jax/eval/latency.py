@@ -275,3 +275,80 @@ def generation_latency(profile, *, think_cfg: NemotronHConfig, think_widths: Wid
             "think_flops": think.flops, "answer_flops": answer.flops, "think_bytes": think.bytes,
             "answer_bytes": answer.bytes}
 
+
+
+# ------------------------------------------------------------------------------ per-request latency of a grid point
+def _widths_key(cfg: NemotronHConfig, widths: Widths | None) -> tuple:
+    w = Widths() if widths is None else widths
+    per = tuple(w.per_layer(cfg, a) if cfg.count(c) else () for a, c in PER_LAYER_AXES.items())
+    return (w.hidden_size(cfg), per, w.layer_mask(cfg))
+
+
+_ARCH_CACHE: dict = {}
+
+
+def _arch_cached(cfg: NemotronHConfig, widths: Widths | None) -> _Arch:
+    key = (cfg, _widths_key(cfg, widths))
+    if key not in _ARCH_CACHE:
+        _ARCH_CACHE[key] = _arch(cfg, widths)
+    return _ARCH_CACHE[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyTarget:
+    """A named place to cost requests: a hardware profile, run either on the model itself
+    (`reference=None`) or on a reference architecture with the same width fractions (`scale_widths`)."""
+
+    key: str
+    profile: HardwareProfile
+    reference: NemotronHConfig | None = None
+    reference_name: str | None = None
+
+    @classmethod
+    def make(cls, profile, reference: str | None = None) -> "LatencyTarget":
+        prof = get_profile(profile)
+        if reference is not None and reference not in REFERENCE_MODELS:
+            raise ValueError(f"unknown reference architecture {reference!r}; known: {sorted(REFERENCE_MODELS)}")
+        pname = profile if isinstance(profile, str) else prof.name
+        return cls(key=pname + (f"@{reference}" if reference else ""), profile=prof,
+                   reference=REFERENCE_MODELS.get(reference), reference_name=reference)
+
+    def describe(self) -> str:
+        return self.profile.name + (f", widths mapped onto {self.reference_name}" if self.reference_name else
+                                    ", the model as trained")
+
+    def request_latency(self, cfg: NemotronHConfig, think_widths, answer_widths, *, prompt_len: int,
+                        think_steps: int, answer_steps: int, reprefill_len: int = 0) -> dict:
+        """`generation_latency` of one request (batch 1) on this target."""
+        if self.reference is not None:
+            tw, aw = (scale_widths(cfg, w, self.reference) for w in (think_widths, answer_widths))
+            cfg = self.reference
+        else:
+            tw, aw = think_widths, answer_widths
+        prof = self.profile
+        ta, aa = _arch_cached(cfg, tw), _arch_cached(cfg, aw)
+        think = _call_cost(ta, prof, 1, prompt_len, [0]) + _call_cost(
+            ta, prof, 1, 1, np.arange(prompt_len, prompt_len + think_steps))
+        if reprefill_len > 0:
+            answer = _call_cost(aa, prof, 1, reprefill_len, [0]) + (_call_cost(
+                aa, prof, 1, 1, np.arange(reprefill_len, reprefill_len + answer_steps)) if answer_steps else ZERO)
+        else:
+            start = prompt_len + think_steps
+            answer = _call_cost(aa, prof, 1, 1, np.arange(start, start + answer_steps)) if answer_steps else ZERO
+        return {"think_s": think.seconds, "answer_s": answer.seconds, "total_s": think.seconds + answer.seconds,
+                "think_flops": think.flops, "answer_flops": answer.flops}
+
+
+def mean_request_latency(target: LatencyTarget, cfg: NemotronHConfig, think_widths, answer_widths, rows) -> dict:
+    """Mean over `rows` = [(prompt_len, think_steps, answer_steps, reprefill_len)] of
+    `target.request_latency` (identical rows are costed once)."""
+    rows = [tuple(int(v) for v in r) for r in rows]
+    if not rows:
+        raise ValueError("mean_request_latency: no rows")
+    uniq = {}
+    for r in rows:
+        if r not in uniq:
+            uniq[r] = target.request_latency(cfg, think_widths, answer_widths, prompt_len=r[0], think_steps=r[1],
+                                             answer_steps=r[2], reprefill_len=r[3])
+    keys = next(iter(uniq.values())).keys()
+    return {k: float(np.mean([uniq[r][k] for r in rows])) for k in keys}
