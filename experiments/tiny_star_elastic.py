@@ -29,7 +29,7 @@ def config(quick: bool = False) -> StarElasticExperiment:
         budgets=(1.0, 0.75, 0.5), router_dim=32, hidden_options=(1.0, 0.75, 0.5), mamba_options=(1.0, 0.75, 0.5),
         ffn_options=(1.0, 0.75, 0.5), moe_expert_options=(1.0, 0.75, 0.5), moe_ffn_options=(1.0, 0.75, 0.5),
         budget_target="active")
-    parent_steps, s1, s2, n_eval = (40, 10, 10, 48) if quick else (250, 100, 60, 200)
+    parent_steps, s1, s2, n_eval = (40, 10, 10, 48) if quick else (250, 100, 60, 400)
     common = dict(checkpoint_every=10_000, keep_checkpoints=1, tensorboard=False, plot=False, log_every=5,
                   vocab_chunk=None, async_checkpointing=False)
     parent_train = TrainConfig(
@@ -48,6 +48,8 @@ def config(quick: bool = False) -> StarElasticExperiment:
     return StarElasticExperiment(
         model=model, elastic=elastic, parent_train=parent_train, elastic_train=elastic_train,
         baseline_train=baseline_train,
+        # token efficiency: baselines of each nested size on 0.5x / 1x / 2x the tokens it saw in the elastic run
+        token_multiples=() if quick else (0.5, 1.0, 2.0),
         data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0),
         eval=EvalConfig(n_problems=n_eval, thinking_budgets=(8, 16, 24, 32), full_thinking=32,
                         transplant_pairs=((0.5, 1.0), (0.75, 1.0))),

@@ -90,3 +90,44 @@ def test_generation_latency_phases_and_reprefill():
     assert switch["answer_s"] > same["answer_s"]                                  # the re-prefill costs
     assert switch["total_s"] < same["total_s"]                                     # ... but far less than it saves
     assert np.isclose(same["total_s"], same["think_s"] + same["answer_s"])
+
+
+# ------------------------------------------------------------------------------ frontier logic (synthetic grid)
+def _synthetic_grid(acc):
+    """Budget-control grid points of a ~1B-active model costed on H100: both sizes write the same
+    1000-token trace; `acc[(think, answer)]` is the accuracy of each pair."""
+    small = Widths(hidden=1024, mamba_heads=16, attn_heads=8, moe_experts=32, moe_ffn=512)
+    w = {"50%": small, "100%": None}
+    pts = []
+    for (a, b), y in acc.items():
+        reprefill = 0 if a == b else 1072
+        lat = generation_latency("h100", think_cfg=ONE_B, think_widths=w[a], answer_widths=w[b], prompt_len=64,
+                                 think_steps=1001, answer_steps=8, reprefill_len=reprefill)
+        pts.append({"scheme": "truncation" if a == b else "budget_control", "think_model": a, "answer_model": b,
+                    "thinking_budget": 1024, "label": f"{a}->{b}@1024", "accuracy": y,
+                    "latency_model_s": lat["total_s"], "latency_s": 1.0,
+                    "flops": lat["think_flops"] + lat["answer_flops"]})
+    return pts
+
+
+def test_small_thinks_large_answers_dominates_when_the_answer_gap_is_large():
+    from elastic_jax.eval.report import analyze
+    grid = _synthetic_grid({("50%", "50%"): 0.50, ("100%", "100%"): 0.90, ("50%", "100%"): 0.90,
+                            ("100%", "50%"): 0.52})
+    a = analyze({"grid": grid})
+    assert a["x_axis"] == "latency_model_s"
+    d = a["budget_control_vs_truncation"]
+    assert {"point": "50%->100%@1024", "dominates": ["100%->100%@1024"]} in d["dominating"]
+    # the FLOPs axis charges the 1072-token re-prefill like 1072 decoded tokens: no win visible there
+    assert a["flops_axis"]["dominating"] == [] and a["flops_axis"]["baseline_dominated_frac"] == 0.0
+    by = {p["label"]: p for p in grid}
+    assert by["50%->100%@1024"]["flops"] > by["100%->100%@1024"]["flops"]
+    assert by["50%->100%@1024"]["latency_model_s"] < 0.8 * by["100%->100%@1024"]["latency_model_s"]
+
+
+def test_no_win_without_an_answer_gap():
+    from elastic_jax.eval.report import analyze
+    grid = _synthetic_grid({("50%", "50%"): 0.89, ("100%", "100%"): 0.90, ("50%", "100%"): 0.89,
+                            ("100%", "50%"): 0.88})
+    d = analyze({"grid": grid})["budget_control_vs_truncation"]
+    assert d["dominating"] == [] and d["baseline_dominated_frac"] == 0.0
