@@ -5,8 +5,11 @@
       -> Star Elastic distillation into the budgets, two-stage curriculum (spec §6-7)
       -> router argmax per budget -> Widths -> one nested checkpoint + sliced copies (spec §8)
       -> independent baselines: the permuted parent pruned to each budget's widths, distilled alone
-      -> accuracy per model; budget-control grid (every think/answer pair x thinking budgets) and
-         the truncation baseline (spec §9); report.md, results.json, PNG plots.
+         (optionally on several multiples of the tokens each nested model saw: the token sweep)
+      -> accuracy per model with diagnostics (answer accuracy given the gold trace, exact-trace
+         rate); budget-control grid (every think/answer pair x thinking budgets), the truncation
+         baselines (each nested model alone, the parent alone), modeled latency per phase on
+         hardware profiles (eval/latency.py); report.md, results.json, PNG plots.
 
 `StarElasticExperiment` is the frozen config; `experiments/tiny_star_elastic.py` only builds it.
 `run_star_elastic(config, out_dir)` is registered with `elastic_jax.experiment.register_runner`.

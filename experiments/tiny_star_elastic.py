@@ -7,8 +7,10 @@ A hybrid Mamba2 + attention + MoE + MLP parent (pattern M*EM-E) is trained on th
 into 100% / 75% / 50% active-parameter budgets with the two-stage curriculum (uniform budgets at
 short context, then skewed 0.5/0.3/0.2 toward the full model at longer packed context), compared
 with independently distilled baselines of the same sizes (each pruned from the parent by importance
-and distilled alone on half the elastic run's tokens: equal total training tokens), and served with
-elastic budget control.
+and distilled alone on 0.5x / 1x / 2x the tokens that nested model saw inside the elastic run; the
+report gives the multiple a baseline needs to match), and served with elastic budget control
+against two truncation baselines (the parent alone, every nested model alone), costed by the
+roofline latency model on H100 at the paper's 30B-A3B scale (elastic_jax/eval/latency.py).
 Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax/pipeline.py.
 """
 from elastic_jax import NemotronHConfig
