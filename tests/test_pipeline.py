@@ -101,6 +101,10 @@ def test_quick_main_job_writes_every_report_file(quick_run):
         assert set(p["modeled"]) == set(r["latency"]["targets"])
         if p["scheme"] == "budget_control":
             assert 0 < p["reprefill_length"] < r["eval"]["max_trace_tokens"] + 40 and p["reprefill_length"] % 8 == 0
+    # accuracy moves with the thinking budget (not a single cliff value) in the truncation series
+    series = [{p["accuracy"] for p in r["grid"] if p["scheme"] in ("truncation", "parent_truncation")
+               and p["think_model"] == m} for m in ("parent", "100%", "75%", "50%")]
+    assert max(len(s) for s in series) >= 2
     # diagnostics: answer accuracy given the gold trace, exact-trace rate, and the verdict
     for row in [r["parent"]] + r["nested"] + r["baselines"]:
         assert 0.0 <= row["accuracy_gold_trace"] <= 1.0 and 0.0 <= row["exact_trace"] <= 1.0
