@@ -539,7 +539,7 @@ def _target_dtype(raw: dict, files: _Files, dtype) -> Any:
 
 
 def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
-            progress: bool = False) -> tuple[NemotronHConfig, dict]:
+            progress: bool = False, with_quant: bool = False) -> tuple[NemotronHConfig, dict]:
     """Read an HF NemotronH checkpoint directory into (cfg, params).
 
     `directory` holds `config.json` (current or legacy field names) and `model.safetensors` or
@@ -550,12 +550,20 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     `mesh`: place each parameter on `NamedSharding(mesh, spec)` as soon as it is read, with the
     spec from its logical axes (`ej.param_axes`) and `rules` (default: the training rules table,
     `elastic_jax.train.sharding.DEFAULT_RULES`). Raises `HFCheckpointError` listing every missing,
-    unexpected or mis-shaped tensor and every unsupported config option at once."""
+    unexpected or mis-shaped tensor and every unsupported config option at once.
+    A ModelOpt FP8 / NVFP4 checkpoint (`quantization_config` in config.json) is read dequantized;
+    `with_quant=True` returns (cfg, params, QuantState or None) for the simulated-quantization
+    forward (`forward(..., quant=state)`)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: not a directory")
     cfg, raw = read_hf_config(directory)
     files = _Files(directory)
+    from .quant import export as qexport
+    qspec = qexport.spec_from_config(raw)
+    if qspec is not None:
+        files = qexport.DequantizedFiles(files, qspec)
+    qstate = None
     try:
         plan = _plan(cfg, files)
         target = _target_dtype(raw, files, dtype)
@@ -589,10 +597,12 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
                     _put(params, layer, rule, rule.load(files.read(src), d), target, place)
                     bar.update(1)
         bar.close()
+        if qspec is not None:
+            qstate = files.quant_state(cfg)
     finally:
         files.close()
     check_params(params, cfg)
-    return cfg, params
+    return (cfg, params, qstate) if with_quant else (cfg, params)
 
 
 def _put(params, layer, rule: Rule, arrays, target, place):
@@ -690,7 +700,8 @@ def _parse_size(s) -> int:
 
 
 def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *, dtype=None,
-            max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False) -> str:
+            max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
+            quantization: str | None = None, quant_state=None) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
     `transformers.NemotronHForCausalLM.from_pretrained(directory)` loads with the same logits.
 
@@ -700,7 +711,10 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     `dtype`: on-disk dtype (None: the embedding's); router weight and bias are float32.
     Everything is written to a temporary directory beside `directory` and renamed into place only
     when complete, so a failed export leaves nothing behind. A heterogeneous (per-layer width)
-    config cannot be expressed as an HF NemotronH config and raises `HFCheckpointError`."""
+    config cannot be expressed as an HF NemotronH config and raises `HFCheckpointError`.
+    `quantization` "fp8" | "nvfp4" (or a `quant_state`, `elastic_jax.quant.QuantState`): the
+    projections are written packed with their scales in the ModelOpt layout
+    (`elastic_jax.quant.export`); without a state the weight scales come from these params."""
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -710,6 +724,13 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     config = hf_config_dict(cfg, dtype=str(out_dtype))
     check_params(params, cfg)
     tensors = list(_hf_tensors(cfg, params, out_dtype))
+    qconfig, writer = None, None
+    if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (spec §10)
+        from .quant import export as qexport
+        fmt = quantization if quantization is not None else quant_state.spec.fmt
+        tensors, qconfig = qexport.quantize_tensors(cfg, params, tensors, fmt, quant_state)
+        config["quantization_config"] = qconfig
+        writer = qexport.write_safetensors
     limit = _parse_size(max_shard_size)
     shards: list[list] = [[]]
     size = 0
@@ -725,6 +746,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
         from safetensors.numpy import save_file
+        save_file = writer or save_file
         names = ([SAFE_SINGLE] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
         weight_map, total = {}, 0
@@ -747,6 +769,8 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+        if qconfig is not None:
+            qexport.write_quant_config(tmp, qconfig)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"_from_model_config": True, "bos_token_id": cfg.bos_token_id,
                        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}, f, indent=2)
@@ -782,11 +806,12 @@ def parse_widths(text: str, cfg: NemotronHConfig):
     return w
 
 
-def load_run(run_dir: str | os.PathLike, step: int | None = None):
+def load_run(run_dir: str | os.PathLike, step: int | None = None, *, with_quant: bool = False):
     """(cfg, params, router_params or None, ElasticConfig or None) from an elastic training run
     (`<run_dir>/checkpoints`, orbax, written by `elastic_jax.train`): the model params of `step`
     (default: the latest complete one), restored on the host; the params are the permuted ones
-    training used, so every nested model is a prefix (spec §8)."""
+    training used, so every nested model is a prefix (spec §8). `with_quant=True` appends the
+    QAD quantization state (`TrainConfig.qad` runs) or None."""
     run_dir = os.path.abspath(os.fspath(run_dir))
     ckpt_dir = run_dir if os.path.basename(run_dir) == "checkpoints" else os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
@@ -820,6 +845,13 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None):
         params["layers"] = [params["layers"][str(i)] for i in range(len(params["layers"]))]
     check_params(params, cfg)
     router = state.get("router") or None
+    if with_quant:
+        qad = (configs.get("train") or {}).get("qad")
+        qstate = None
+        if qad and state.get("quant") is not None:
+            from .quant.state import QuantSpec, tree_to_state
+            qstate = tree_to_state(QuantSpec(qad), jax.tree_util.tree_map(jnp.asarray, state["quant"]))
+        return cfg, params, router, ecfg, qstate
     return cfg, params, router, ecfg
 
 
@@ -843,6 +875,26 @@ def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
     return cfg, params, widths
 
 
+def _export_quant_state(args, cfg, params, widths):
+    """--quantize: the run's own QAD scales when it has them, else weight scales from the parent
+    (before slicing) and activation scales calibrated on --calib-batches random-token batches of
+    the full and the nested model (PTQ)."""
+    from . import quant
+    if not os.path.isfile(os.path.join(args.src, "config.json")):
+        qs = load_run(args.src, args.step, with_quant=True)[4]
+        if qs is not None and qs.spec.fmt == args.quantize:
+            if not args.quiet:
+                print(f"--quantize {args.quantize}: using the run's QAD quantization state")
+            return qs
+    qs = quant.init_quant_state(params, cfg, args.quantize)
+    key = jax.random.PRNGKey(0)
+    batches = [jax.random.randint(jax.random.fold_in(key, b), (2, 64), 0, cfg.vocab_size)
+               for b in range(args.calib_batches)]
+    if not args.quiet:
+        print(f"--quantize {args.quantize}: PTQ, activation scales from {args.calib_batches} random-token batches")
+    return quant.calibrate(params, cfg, qs, batches, widths=(None,) if widths is None else (None, widths))
+
+
 def _cmd_export(args) -> int:
     from .elastic.slicing import param_count, slice_params
     cfg, params, widths = _load_source(args.src, args)
@@ -853,14 +905,22 @@ def _cmd_export(args) -> int:
     if args.command == "slice" and widths is None:
         raise ValueError("slice needs --widths JSON or --budget B (with an elastic run)")
     n_full = param_count(cfg)
+    qstate = None
+    if args.quantize is not None:
+        qstate = _export_quant_state(args, cfg, params, widths)
     if widths is not None:
+        if qstate is not None:
+            from .quant import slice_quant_state
+            qstate = slice_quant_state(qstate, params, cfg, widths)
         cfg, params = slice_params(params, cfg, widths)
     save_hf(args.out, cfg, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite, progress=not args.quiet)
+            overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate)
     if not args.quiet:
         n = param_count(cfg)
+        from .quant.export import checkpoint_bytes
         print(f"wrote {args.out}: {n:,} parameters ({100 * n / n_full:.1f}% of {n_full:,}), pattern {cfg.pattern}, "
-              f"hidden {cfg.hidden_size}")
+              f"hidden {cfg.hidden_size}, {checkpoint_bytes(args.out):,} bytes of safetensors"
+              + (f" ({args.quantize})" if args.quantize else ""))
     return 0
 
 
@@ -883,6 +943,10 @@ def add_cli(subparsers) -> None:
         p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="on-disk dtype (default: the source's)")
         p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+        p.add_argument("--quantize", default=None, choices=["fp8", "nvfp4"],
+                       help="write the ModelOpt FP8 / NVFP4 layout (scales from the parent; a QAD run's own)")
+        p.add_argument("--calib-batches", type=int, default=4,
+                       help="--quantize without QAD scales: random-token calibration batches (default 4)")
         p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
         p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
         p.set_defaults(func=_cmd_export, command=name)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import NemotronHConfig
 from ..widths import SoftWidths, Widths, as_soft, max_count, norm_correction, prefix_mask
+from ..quant.state import apply_layer
 from .layers import MIXERS, Context, ElasticLayer, rms_norm
 from .policy import ComputePolicy, resolve_policy
 
@@ -69,6 +70,8 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
     for i, char in enumerate(cfg.pattern):
         lp = params["layers"][i]
         el = None if sw is None else _layer_masks(cfg, sw, i, lp["mixer"])
+        if ctx.quant is not None:   # fixed-scale fake quantization of the projections (spec §10)
+            lp = {"norm": lp["norm"], "mixer": apply_layer(lp["mixer"], ctx.quant, i)}
 
         def block(h, lp, el, layer_cache, char=char):
             x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon, h_eps, h_scale)
@@ -100,11 +103,12 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
 
 
 def forward(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-            segment_ids=None, policy: ComputePolicy | None = None):
+            segment_ids=None, policy: ComputePolicy | None = None, quant=None):
     """Logits f32 [B, L, vocab] of the (masked) model. `segment_ids` [B, L]: packed documents
-    (attention, conv and SSM state do not cross boundaries); id 0 marks padding."""
+    (attention, conv and SSM state do not cross boundaries); id 0 marks padding. `quant`: an
+    `elastic_jax.quant.QuantState` (FP8 / NVFP4 simulated with its fixed scales)."""
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy))
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
     logits, _ = _run(params, tokens, cfg, widths, ctx, None)
     return logits
 
@@ -142,44 +146,46 @@ def init_cache(cfg: NemotronHConfig, batch: int, max_len: int, params=None, dtyp
     return Cache(layers=layers, pos=jnp.zeros((), jnp.int32), max_len=max_len)
 
 
-def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None):
+def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, quant=None):
     L = tokens.shape[1]
     if not isinstance(cache.pos, jax.core.Tracer) and int(cache.pos) + L > cache.max_len:
         raise ValueError(f"cache overflow: position {int(cache.pos)} + {L} new tokens > max_len={cache.max_len}")
     ctx = Context(valid=valid, positions=cache.pos + jnp.arange(L), decoding=True,
-                  policy=resolve_policy(cfg, policy))
+                  policy=resolve_policy(cfg, policy), quant=quant)
     logits, layers = _run(params, tokens, cfg, widths, ctx, cache.layers)
     return logits, Cache(layers=layers, pos=cache.pos + L, max_len=cache.max_len)
 
 
 def prefill(params, tokens, cfg: NemotronHConfig, widths=None, *, max_len: int, valid=None, cache=None,
-            policy: ComputePolicy | None = None):
+            policy: ComputePolicy | None = None, quant=None):
     """Run the prompt [B, L] (left-padded rows marked by `valid` False) into a fresh cache of
     `max_len` positions. Returns (logits [B, L, V], cache)."""
     if tokens.shape[1] > max_len:
         raise ValueError(f"prompt length {tokens.shape[1]} exceeds the context max_len={max_len}")
     if cache is None:
         cache = init_cache(cfg, tokens.shape[0], max_len, params, dtype=params["embed"].dtype)
-    return _cached(params, tokens, cfg, widths, cache, valid, policy)
+    return _cached(params, tokens, cfg, widths, cache, valid, policy, quant)
 
 
-def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None):
+def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,
+                quant=None):
     """Append tokens [B, T] (usually T = 1) to the cache. Returns (logits [B, T, V], cache)."""
-    return _cached(params, tokens, cfg, widths, cache, None, policy)
+    return _cached(params, tokens, cfg, widths, cache, None, policy, quant)
 
 
 def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-                 segment_ids=None, policy: ComputePolicy | None = None):
+                 segment_ids=None, policy: ComputePolicy | None = None, quant=None):
     """Final normed (and hidden-masked) states [B, L, D] in the parameter dtype: `forward` without
     the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train)."""
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy))
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
     x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False)
     return x
 
 
-def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None):
+def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,
+                  quant=None):
     """Residual stream after every layer (list of [B, L, D]) and the logits."""
-    ctx = Context(policy=resolve_policy(cfg, policy))
+    ctx = Context(policy=resolve_policy(cfg, policy), quant=quant)
     logits, hiddens = _run(params, tokens, cfg, widths, ctx, None, return_hidden=True)
     return logits, hiddens

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import kernels
+from ..quant.qweight import unwrap
 from ..config import NemotronHConfig
 from .policy import ComputePolicy
 
@@ -48,10 +49,13 @@ class Context:
     positions: Any = None     # [L] absolute positions of the new tokens (cache mode)
     decoding: bool = False    # cache mode: read/write the layer caches
     policy: ComputePolicy = ComputePolicy()   # runtime knobs (dtypes, kernels, remat)
+    quant: Any = None         # elastic_jax.quant.QuantState: fake-quantized projections (spec §10)
 
 
 def dense(x, w):
-    """x [..., in] @ w [in, out] in the parameter dtype with f32 accumulation."""
+    """x [..., in] @ w [in, out] in the parameter dtype with f32 accumulation. A quantized weight
+    (`QWeight`) fake-quantizes x with its static input scale first, as an FP8 kernel would."""
+    x, w = unwrap(x, w)
     return jnp.einsum("...i,io->...o", x.astype(w.dtype), w, precision=HIGHEST,
                       preferred_element_type=jnp.float32).astype(w.dtype)
 
@@ -259,12 +263,14 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
     rows = x_TD[order // Kk]                                                      # [T·k, D] sorted by expert
     group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
     active_n = None if el is None else el.active_ffn
-    h = kernels.gmm(rows, p["up_proj"], group_sizes, active_n=active_n, impl=ctx.policy.kernel_impl,
+    rows, w_up = unwrap(rows, p["up_proj"])
+    h = kernels.gmm(rows, w_up, group_sizes, active_n=active_n, impl=ctx.policy.kernel_impl,
                     preferred_element_type=jnp.float32)
     h = relu2(h)
     if el is not None:
         h = h * el.ffn_mask
-    o = kernels.gmm(h.astype(p["down_proj"].dtype), p["down_proj"], group_sizes, active_k=active_n,
+    h, w_down = unwrap(h.astype(p["down_proj"].dtype), p["down_proj"])
+    o = kernels.gmm(h, w_down, group_sizes, active_k=active_n,
                     impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32)
     unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, D)
     y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)

@@ -161,8 +161,13 @@ class TrainConfig:
     tensorboard: bool = True
     plot: bool = True
     activation_sharding: bool = True
+    # quantization-aware distillation (spec §10): "fp8" | "nvfp4" trains the fake-quantized student
+    # (fixed scales from the parent, straight-through gradients) against the frozen teacher
+    qad: str | None = None
 
     def __post_init__(self):
+        if self.qad not in (None, "fp8", "nvfp4"):
+            _bad("TrainConfig", "qad", self.qad, "must be None, 'fp8' or 'nvfp4'")
         if isinstance(self.stages, list):
             object.__setattr__(self, "stages", tuple(self.stages))
         if isinstance(self.stages, Stage):

@@ -62,19 +62,34 @@ class TrainResult:
 
 
 def train_elastic(model_cfg: NemotronHConfig, elastic_cfg, train_cfg: TrainConfig, teacher_params, student_params,
-                  data, out_dir, *, router_params=None, extra_meta: dict | None = None, progress: bool = True
-                  ) -> TrainResult:
+                  data, out_dir, *, router_params=None, extra_meta: dict | None = None, progress: bool = True,
+                  quant_state=None) -> TrainResult:
     """Elastic distillation of every nested budget at once from the frozen `teacher_params`
     (usually the permuted parent; `student_params` starts as a copy of it). `router_params`
     default: `init_router(model_cfg, elastic_cfg, fold_in(seed, 1))`. `extra_meta`: JSON blob stored
-    in every checkpoint (e.g. the importance ranking / permutation)."""
+    in every checkpoint (e.g. the importance ranking / permutation).
+    `train_cfg.qad` ("fp8" | "nvfp4"): quantization-aware distillation of the fake-quantized
+    student with the fixed scales `quant_state` (default: weight scales of `student_params`, the
+    parent; FP8 needs a calibrated state, `elastic_jax.quant.calibrate`), saved in every checkpoint."""
     from ..elastic.router import init_router
     if router_params is None:
         router_params = init_router(model_cfg, elastic_cfg, jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 1))
     spec = StepSpec("elastic", model_cfg, model_cfg, elastic_cfg, train_cfg.kd_temperature, train_cfg.vocab_chunk,
                     train_cfg.microbatches, train_cfg.optim.freeze_model, train_cfg.optim.freeze_router)
+    quant_layers = None
+    if train_cfg.qad is not None:
+        from .. import quant
+        if quant_state is None:
+            if train_cfg.qad == "fp8":
+                raise ValueError("TrainConfig.qad='fp8' needs quant_state= a calibrated state "
+                                 "(elastic_jax.quant.calibrate): FP8 activations use static input scales")
+            quant_state = quant.init_quant_state(student_params, model_cfg, train_cfg.qad)
+        if quant_state.spec.fmt != train_cfg.qad:
+            raise ValueError(f"TrainConfig.qad={train_cfg.qad!r} but quant_state is {quant_state.spec.fmt!r}")
+        spec = dataclasses.replace(spec, quant=quant_state.spec)
+        quant_layers = quant_state.layers
     return _train(spec, train_cfg, teacher_params, student_params, router_params, data, out_dir,
-                  extra_meta=extra_meta, progress=progress)
+                  extra_meta=extra_meta, progress=progress, quant_layers=quant_layers)
 
 
 def train_lm(model_cfg: NemotronHConfig, train_cfg: TrainConfig, params, data, out_dir, *,
@@ -182,7 +197,7 @@ def _record(spec, stage, step, m, tau, scale, lrs, tok_s, tokens_seen) -> dict:
 
 
 def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_params, router_params, data, out_dir, *,
-           extra_meta=None, progress=True) -> TrainResult:
+           extra_meta=None, progress=True, quant_layers=None) -> TrainResult:
     cfg = spec.model_cfg
     if isinstance(data, DataConfig):
         data = make_dataset(data, cfg.vocab_size)
@@ -213,6 +228,9 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
     state_like = {"params": student_params, "router": router_params,
                   "opt_state": jax.eval_shape(tx.init, trainable0)}
     state_sh, teacher_sh = step_shardings(spec, mesh, state_like, teacher_params)
+    if quant_layers is not None:   # QAD scales: small, replicated, checkpointed with the state
+        state_like["quant"] = quant_layers
+        state_sh["quant"] = jax.tree.map(lambda _: NamedSharding(mesh, P()), quant_layers)
 
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
                         async_save=train_cfg.async_checkpointing)
@@ -231,6 +249,8 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
         state = place_state(student_params, router_params, state_sh)
         state["opt_state"] = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(
             {"params": state["params"], "router": state["router"]})
+        if quant_layers is not None:
+            state["quant"] = jax.device_put(jax.tree.map(jnp.copy, quant_layers), state_sh["quant"])
         start = 0
     teacher = None if teacher_params is None else jax.device_put(teacher_params, teacher_sh)
 

@@ -17,6 +17,11 @@ optimizer (optim.py). A non-finite loss leaves the state unchanged and is report
 
 Modes: "elastic" (above), "kd" (fixed student, possibly a different config than the teacher: no
 router, no budget loss), "lm" (next-token cross-entropy, no teacher).
+
+QAD (`StepSpec.quant`, spec §10): the student runs fake-quantized with the fixed scales in
+`state["quant"]` (not trained, straight-through gradients); in elastic mode the frozen teacher runs
+at the same sampled nested widths, so every nested quantized model learns from its own
+high-precision self.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ class StepSpec:
     microbatches: int = 1
     freeze_model: bool = False
     freeze_router: bool = False
+    quant: Any = None             # elastic_jax.quant.QuantSpec: QAD (state["quant"] holds the scales)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -67,7 +73,7 @@ def _constrain(x, sharding):
 
 
 def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_ids, key, budget_idx, tau, scale,
-               act_sharding=None):
+               act_sharding=None, quant_layers=None, teacher_params=None):
     """Loss of one micro-batch and its auxiliaries (see the module docstring)."""
     from ..elastic import cost as ecost
     from ..elastic import router as erouter
@@ -89,7 +95,15 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         aux["expected"] = ecost.expected_widths(rout, ecfg, cfg)
     else:
         widths, bl = None, jnp.zeros((), jnp.float32)
-    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids), act_sharding)
+    qs = None
+    if spec.quant is not None:
+        from ..quant.state import QuantState
+        qs = QuantState(spec.quant, quant_layers)
+        if x_teacher is None and spec.mode != "lm":   # QAD teacher: the frozen model at the same widths
+            tw = None if widths is None else jax.lax.stop_gradient(widths)
+            x_teacher = jax.lax.stop_gradient(_constrain(final_hidden(
+                teacher_params, tokens, spec.teacher_cfg, tw, segment_ids=segment_ids), act_sharding))
+    x_s = _constrain(final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs), act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)
         task = masked_mean(chunked_ce(x_s, params["lm_head"], tgt, chunk=spec.vocab_chunk), mask)
@@ -120,12 +134,16 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
             bidx = jax.random.categorical(k_budget, logp) if spec.mode == "elastic" else jnp.zeros((), jnp.int32)
             if spec.mode == "lm":
                 x_t = w_t = None
+            elif spec.quant is not None:   # QAD: teacher inside micro_loss, at the student's widths
+                x_t = None
+                w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             else:
                 x_t = jax.lax.stop_gradient(_constrain(
                     final_hidden(teacher_params, tokens, spec.teacher_cfg, None, segment_ids=seg), act_sharding))
                 w_t = jax.lax.stop_gradient(teacher_params["lm_head"])
             (loss, aux), g = jax.value_and_grad(micro_loss, argnums=1, has_aux=True)(
-                spec, trainable, x_t, w_t, tokens, seg, k_route, bidx, tau, scale, act_sharding)
+                spec, trainable, x_t, w_t, tokens, seg, k_route, bidx, tau, scale, act_sharding,
+                state.get("quant"), teacher_params)
             gsum = jax.tree.map(jnp.add, gsum, g)
             out = {"loss": loss, "task": aux["task"], "budget_loss": aux["budget_loss"], "budget_idx": bidx,
                    "tokens": aux["tokens"]}
@@ -150,6 +168,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
         new_state = {"params": keep(new_trainable["params"], state["params"]),
                      "router": keep(new_trainable["router"], state["router"]),
                      "opt_state": keep(new_opt, state["opt_state"])}
+        if "quant" in state:   # QAD scales: fixed state, carried through unchanged
+            new_state["quant"] = state["quant"]
         onehot = jax.nn.one_hot(per_mb["budget_idx"], nb, dtype=jnp.float32)          # [M, nb]
         metrics = {
             "loss": loss, "finite": finite, "task": jnp.mean(per_mb["task"]),
