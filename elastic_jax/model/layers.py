@@ -188,8 +188,10 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx
     rep = nH // nKV
     q = constrain(dense(x_BLD, p["q_proj"], ctx.policy).reshape(B, L, nKV, rep, hd),
                   ("batch", "length", "act_kv_heads", None, None))
-    k = constrain(dense(x_BLD, p["k_proj"], ctx.policy).reshape(B, L, nKV, hd), ("batch", "length", "act_kv_heads", None))
-    v = constrain(dense(x_BLD, p["v_proj"], ctx.policy).reshape(B, L, nKV, hd), ("batch", "length", "act_kv_heads", None))
+    k = constrain(dense(x_BLD, p["k_proj"], ctx.policy).reshape(B, L, nKV, hd),
+                  ("batch", "length", "act_kv_heads", None))
+    v = constrain(dense(x_BLD, p["v_proj"], ctx.policy).reshape(B, L, nKV, hd),
+                  ("batch", "length", "act_kv_heads", None))
     new_cache = None
     pol = ctx.policy
     if ctx.decoding:
