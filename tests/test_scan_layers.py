@@ -2,6 +2,7 @@
 dropped layers), gradients under every remat policy, masked == sliced, the training step; the
 stack / unstack boundary; the training loop's one-step-late metrics with no other device->host read."""
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import elastic_jax as ej
+from elastic_jax.model.decoder import final_hidden
 from elastic_jax.model.policy import REMAT_POLICIES, remat_policy
 from elastic_jax.model.scan import stack_layers, unstack_layers, unstackable_reason
 
@@ -115,6 +117,44 @@ def test_masked_equals_sliced_under_scan(setup):
     np.testing.assert_allclose(got, fwd(params, tokens, CFG, hw.resolve(CFG), policy=SCAN), atol=2e-6, rtol=1e-5)
 
 
+def _scan_lengths(jaxpr):
+    """Lengths of every lax.scan in a (closed) jaxpr, nested ones included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn.params["length"]
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    yield from _scan_lengths(sub)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_scanned_expert_loads_equal_unrolled(setup, masked):
+    """The per-MoE-layer routing counts (aux-loss-free balancing) come out of the scanned loop,
+    equal to the unrolled loop's, padding excluded, with the layers still under one scan."""
+    params, tokens, _ = setup
+    w = _soft(2) if masked else None
+    seg = jnp.ones(tokens.shape, jnp.int32).at[0, -3:].set(0)
+
+    def loads(p, policy):
+        return final_hidden(p, tokens, CFG, w, segment_ids=seg, policy=policy, return_expert_load=True)
+
+    x_ref, ref = jax.jit(loads, static_argnums=1)(params, UNROLLED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)                     # no "running the layers unrolled"
+        x_got, got = jax.jit(loads, static_argnums=1)(params, SCAN)
+        assert CFG.num_hidden_layers in list(_scan_lengths(jax.make_jaxpr(loads, static_argnums=1)(params, SCAN)))
+    assert len(got) == len(ref) == CFG.count("E")
+    for a, b in zip(ref, got):
+        assert b.shape == (CFG.n_routed_experts,) and b.dtype == jnp.float32
+        np.testing.assert_array_equal(b, a)
+        assert float(b.sum()) == (tokens.size - 3) * CFG.num_experts_per_tok
+    if not masked:      # the two MoE layers route differently, so their order is checked (masked: 2 of 4 experts, top-2)
+        assert not np.array_equal(ref[0], ref[1])
+    np.testing.assert_allclose(x_got, x_ref, atol=2e-6, rtol=1e-5)
+
+
 def test_remat_policy_names():
     assert remat_policy("none") is None
     assert remat_policy("minimal") is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
@@ -124,7 +164,8 @@ def test_remat_policy_names():
 
 
 def test_train_step_with_scan_equals_without(setup):
-    """The jitted training step (LM mode: masked scans are covered by the gradient test above)."""
+    """The jitted training step (LM mode: masked scans are covered by the gradient test above) with
+    aux-loss-free expert balancing on: the loads come out of the scan, no unrolled fallback."""
     from elastic_jax.train.config import OptimConfig
     from elastic_jax.train.optim import make_optimizer
     from elastic_jax.train.step import StepSpec, make_step
@@ -135,13 +176,26 @@ def test_train_step_with_scan_equals_without(setup):
     batch = {"tokens": tokens[None], "segment_ids": jnp.ones((1,) + tokens.shape, jnp.int32)}
 
     def run(policy):
-        spec = StepSpec("lm", CFG, microbatches=1, vocab_chunk=None, freeze_router=True, policy=policy)
+        spec = StepSpec("lm", CFG, microbatches=1, vocab_chunk=None, freeze_router=True, policy=policy,
+                        expert_bias_rate=1e-2)
         state = {"params": params, "router": {}}
         state["opt_state"] = tx.init(state)
-        return jax.jit(make_step(spec, tx))(state, None, batch, jnp.int32(0), jnp.float32(1.0),
-                                            jnp.float32(1.0), jnp.asarray([1.0]), jax.random.PRNGKey(0))
+        step = jax.jit(make_step(spec, tx))
+        args = (state, None, batch, jnp.int32(0), jnp.float32(1.0), jnp.float32(1.0), jnp.asarray([1.0]),
+                jax.random.PRNGKey(0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)                 # no "running the layers unrolled"
+            lengths = list(_scan_lengths(step.trace(*args).jaxpr))
+            return step(*args), lengths
 
-    (sa, ma), (sb, mb) = run(None), run(SCAN)
+    ((sa, ma), la), ((sb, mb), lb) = run(None), run(SCAN)
+    assert CFG.num_hidden_layers in lb and CFG.num_hidden_layers not in la
+    moe = [i for i, c in enumerate(CFG.pattern) if c == "E"]
+    for i in moe:                                # the correction bias moved, equally
+        bias = lambda s: np.asarray(s["params"]["layers"][i]["mixer"]["e_score_correction_bias"])
+        assert np.abs(bias(sa) - np.asarray(params["layers"][i]["mixer"]["e_score_correction_bias"])).max() > 0
+        np.testing.assert_array_equal(bias(sb), bias(sa))
+    np.testing.assert_array_equal(mb["routing_entropy"], ma["routing_entropy"])
     np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-5)
     np.testing.assert_allclose(mb["grad_norm"], ma["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])):

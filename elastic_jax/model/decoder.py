@@ -134,20 +134,25 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
 
     remat = ctx.policy.remat != "none" and cache is None
     policy = remat_policy(ctx.policy.remat)
-    # the per-expert routing counts (aux-loss-free balancing) are collected by the unrolled loop
-    scan_reason = "expert loads requested" if loads is not None else _scan_fallback(params, cfg, ctx, cache)
-    if scan_reason is None:
+    if _scan_fallback(params, cfg, ctx, cache) is None:
         def apply(char):
             def f(h, lp, k):
                 el = None if sw is None else _layer_masks(cfg, sw, char, k, lp["mixer"])
-                return block(h, lp, el, None, char)[0]
+                out, c = block(h, lp, el, None, char)
+                return out, ({"expert_load": c["expert_load"]} if char == "E" and loads is not None else None)
             return f
         # a per-layer list is stacked here, inside the traced function: one copy of the layer
         # parameters per call (its gradient: one slice per layer); pass stacked params to avoid it
-        h, hs = scan_blocks(h, stack_layers(params, cfg)["layers"], cfg, None if sw is None else sw.layers,
-                            {c: apply(c) for c in set(cfg.pattern)}, remat_policy=policy, remat=remat,
-                            return_hidden=return_hidden, boundary=constrain_hidden)
+        stacks = stack_layers(params, cfg)["layers"]
+        # per-expert routing counts (aux-loss-free balancing): an [E] row per layer, zeros for non-MoE
+        aux_zeros = None if loads is None or "E" not in stacks else \
+            {"expert_load": jnp.zeros(stacks["E"]["mixer"]["gate"].shape[-1:], jnp.float32)}
+        h, hs, aux = scan_blocks(h, stacks, cfg, None if sw is None else sw.layers,
+                                 {c: apply(c) for c in set(cfg.pattern)}, remat_policy=policy, remat=remat,
+                                 return_hidden=return_hidden, boundary=constrain_hidden, aux_zeros=aux_zeros)
         hiddens = [hs[i] for i in range(cfg.num_hidden_layers)] if return_hidden else []
+        if aux_zeros is not None:                           # the MoE rows, in pattern order
+            loads.extend(aux["expert_load"][i] for i, c in enumerate(cfg.pattern) if c == "E")
         new_cache = None
     else:
         layers = unstack_layers(params, cfg)["layers"]

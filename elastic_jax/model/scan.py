@@ -75,14 +75,17 @@ def unstack_layers(params: dict, cfg: NemotronHConfig) -> dict:
 
 def scan_blocks(h, stacks: dict, cfg: NemotronHConfig, gates, apply: dict[str, Callable], *,
                 remat_policy=None, remat: bool = False, return_hidden: bool = False,
-                boundary: Callable | None = None):
+                boundary: Callable | None = None, aux_zeros=None):
     """h_{l+1} = h_l + gate_l · apply[kind_l](h_l, stack[kind_l][k_l], k_l) over the pattern, scanned.
 
     stacks: {kind char: stacked layer tree}; gates: [n_layers] float or None (all layers on);
-    apply[c](h, layer_params, k): the block output of the k-th layer of kind c (k is traced).
+    apply[c](h, layer_params, k) -> (block output, aux) for the k-th layer of kind c (k is traced).
+    aux_zeros: None (aux ignored), or the per-layer auxiliary output's zeros (e.g. {"expert_load":
+    [E] f32}); a kind whose aux is None returns these zeros, so every `lax.switch` branch has one
+    structure, and the scan stacks it to [n_layers, ...].
     remat: wrap the step in `jax.checkpoint(policy=remat_policy)`. boundary(h): applied to the
     residual stream after every block (the sharding constraint, as the unrolled loop does).
-    Returns (h, per-layer residual streams [n_layers, ...] or None).
+    Returns (h, per-layer residual streams [n_layers, ...] or None, stacked aux or None).
     """
     kinds = kinds_of(cfg)
     kind_id = jnp.asarray([kinds.index(c) for c in cfg.pattern], jnp.int32)
@@ -91,20 +94,25 @@ def scan_blocks(h, stacks: dict, cfg: NemotronHConfig, gates, apply: dict[str, C
     def branch(c):
         def run(h, k):
             lp = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, k, keepdims=False), stacks[c])
-            return apply[c](h, lp, k).astype(h.dtype)
+            out, aux = apply[c](h, lp, k)
+            if aux_zeros is None:
+                aux = None
+            elif aux is None:
+                aux = jax.tree.map(jnp.zeros_like, aux_zeros)
+            return out.astype(h.dtype), aux
         return run
 
     branches = [branch(c) for c in kinds]
 
     def step(h, xs):
         kid, k, gate = xs
-        out = branches[0](h, k) if len(branches) == 1 else jax.lax.switch(kid, branches, h, k)
+        out, aux = branches[0](h, k) if len(branches) == 1 else jax.lax.switch(kid, branches, h, k)
         h = h + (out if gate is None else gate.astype(out.dtype) * out).astype(h.dtype)
         if boundary is not None:
             h = boundary(h)
-        return h, (h if return_hidden else None)
+        return h, (h if return_hidden else None, aux)
 
     if remat:
         step = jax.checkpoint(step, policy=remat_policy, prevent_cse=False)
-    h, hiddens = jax.lax.scan(step, h, (kind_id, within, gates))
-    return h, hiddens
+    h, (hiddens, auxs) = jax.lax.scan(step, h, (kind_id, within, gates))
+    return h, hiddens, auxs
