@@ -1,6 +1,6 @@
 """Compile time of forward + backward against depth: the unrolled layer loop vs layers under lax.scan.
 
-    python experiments/bench_compile_depth.py [--depths 4 8 16 32 52] [--out bench_compile_depth.json]
+    python experiments/bench_compile_depth.py [--depths 4 8 16 32 52] [--expert-load] [--out bench_compile_depth.json]
 
 A small-width hybrid whose pattern cycles the Nemotron 3 Nano 30B-A3B's `MEMEM*E` block, cut to each
 depth; the loss is the mean squared logits of a masked (75% width) model with `remat="full"` (the
@@ -8,6 +8,8 @@ training setting). For each depth and loop it times tracing + lowering and the X
 separately (`jax.jit(...).lower(...)` then `.compile()`, nothing runs), the process CPU time of
 both (less sensitive to other load than wall time) and the HLO text size, then prints a table
 (scanned / unrolled ratios measured in the same run) and writes JSON after every depth.
+`--expert-load`: the forward also returns the per-MoE-layer routing counts (`final_hidden(...,
+return_expert_load=True)`, as the training step requests for aux-loss-free balancing).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import elastic_jax as ej
+from elastic_jax.model.decoder import final_hidden
 
 BLOCK = "MEMEM*E"          # the 30B-A3B's repeating unit (its full pattern is irregular around it)
 
@@ -34,7 +37,7 @@ def model_cfg(depth: int, hidden: int) -> ej.NemotronHConfig:
                               moe_intermediate_size=D, moe_shared_expert_intermediate_size=D)
 
 
-def measure(cfg: ej.NemotronHConfig, scan: bool, batch: int, seq: int) -> dict:
+def measure(cfg: ej.NemotronHConfig, scan: bool, batch: int, seq: int, expert_load: bool = False) -> dict:
     policy = ej.ComputePolicy(scan_layers=scan, remat="full")
     params = jax.eval_shape(lambda: ej.init_params(cfg, jax.random.PRNGKey(0)))
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
@@ -43,9 +46,12 @@ def measure(cfg: ej.NemotronHConfig, scan: bool, batch: int, seq: int) -> dict:
                        moe_ffn=cfg.moe_intermediate_size * 3 // 4).resolve(cfg)
 
     def loss(p, t, w):
-        return jnp.mean(ej.forward(p, t, cfg, w, policy=policy) ** 2)
+        if not expert_load:
+            return jnp.mean(ej.forward(p, t, cfg, w, policy=policy) ** 2), ()
+        x, loads = final_hidden(p, t, cfg, w, policy=policy, return_expert_load=True)
+        return jnp.mean((x @ p["lm_head"]) ** 2), loads
 
-    fn = jax.jit(jax.value_and_grad(loss))
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
     t0, c0 = time.perf_counter(), time.process_time()
     lowered = fn.lower(params, tokens, widths)
     t1 = time.perf_counter()
@@ -61,6 +67,7 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--expert-load", action="store_true", help="also return the per-MoE-layer expert loads")
     ap.add_argument("--out", default="bench_compile_depth.json")
     args = ap.parse_args(argv)
     rows = []
@@ -68,7 +75,7 @@ def main(argv=None):
         cfg = model_cfg(depth, args.hidden)
         row = {"depth": depth, "pattern": cfg.pattern}
         for name, scan in (("unrolled", False), ("scanned", True)):
-            row[name] = measure(cfg, scan, args.batch, args.seq)
+            row[name] = measure(cfg, scan, args.batch, args.seq, args.expert_load)
         row["compile_ratio"] = row["scanned"]["total_s"] / row["unrolled"]["total_s"]
         row["cpu_ratio"] = row["scanned"]["cpu_s"] / row["unrolled"]["cpu_s"]
         rows.append(row)
@@ -92,6 +99,7 @@ def main(argv=None):
 def _write(args, rows):
     meta = {"jax": jax.__version__, "backend": jax.default_backend(), "machine": platform.machine(),
             "hidden": args.hidden, "batch": args.batch, "seq": args.seq, "block": BLOCK, "remat": "full",
+            "expert_load": args.expert_load,
             "widths": "75% hidden/moe_ffn, 50% mamba heads/experts (masked)"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
