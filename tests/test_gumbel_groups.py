@@ -24,6 +24,7 @@ ECFG = ElasticConfig(budgets=(1.0, 0.6), hidden_options=(1.0, 0.5), mamba_option
                      moe_expert_options=(1.0, 0.5), moe_ffn_options=(1.0, 0.5), router_dim=16,
                      hard_sample_prob=0.0)
 B, L, TAU, SCALE, BIDX = 4, 8, 1.0, 1.0, 1
+_hidden = jax.jit(final_hidden, static_argnums=2)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def setup():
     router = R.init_router(CFG, ECFG, jax.random.PRNGKey(1))
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, CFG.vocab_size, (B, L)), jnp.int32)
     seg = jnp.ones_like(tokens)
-    x_t = final_hidden(teacher, tokens, CFG, None, segment_ids=seg)
+    x_t = _hidden(teacher, tokens, CFG, None, segment_ids=seg)
     trainable = {"params": student, "router": router}
     key = jax.random.PRNGKey(7)
     losses = {}
@@ -55,7 +56,7 @@ def _by_hand(teacher, trainable, tokens, seg, x_t, key, G):
         kg = k_gumbel if G == 1 else jax.random.fold_in(k_gumbel, g)
         rout = R.route(trainable["router"], CFG, ECFG, code, kg, TAU, SCALE)
         sl = slice(g * rows, (g + 1) * rows)
-        x_s = final_hidden(trainable["params"], tokens[sl], CFG, rout.soft_widths, segment_ids=seg[sl])
+        x_s = _hidden(trainable["params"], tokens[sl], CFG, rout.soft_widths, segment_ids=seg[sl])
         kl = jnp.mean(chunked_kl(x_t[sl], teacher["lm_head"], x_s, trainable["params"]["lm_head"], chunk=None))
         bl = C.budget_loss(CFG, ECFG, rout, jnp.asarray(ECFG.budgets[BIDX]), False, budget_idx=BIDX)
         out.append((kl + ECFG.budget_weight * bl, rout))
