@@ -5,8 +5,11 @@
       -> Star Elastic distillation into the budgets, two-stage curriculum (spec §6-7)
       -> router argmax per budget -> Widths -> one nested checkpoint + sliced copies (spec §8)
       -> independent baselines: the permuted parent pruned to each budget's widths, distilled alone
-      -> accuracy per model; budget-control grid (every think/answer pair x thinking budgets) and
-         the truncation baseline (spec §9); report.md, results.json, PNG plots.
+         (optionally on several multiples of the tokens each nested model saw: the token sweep)
+      -> accuracy per model with diagnostics (answer accuracy given the gold trace, exact-trace
+         rate); budget-control grid (every think/answer pair x thinking budgets), the truncation
+         baselines (each nested model alone, the parent alone), modeled latency per phase on
+         hardware profiles (eval/latency.py); report.md, results.json, PNG plots.
 
 `StarElasticExperiment` is the frozen config; `experiments/tiny_star_elastic.py` only builds it.
 `run_star_elastic(config, out_dir)` is registered with `elastic_jax.experiment.register_runner`.
@@ -29,7 +32,8 @@ from .experiment import register_runner
 from .infer.budget import ElasticModel, Specials, answer_generate
 from .infer.checkpoint import save_nested, save_standalone, widths_to_dict
 from .model import init_params
-from .tasks import TaskTokenizer, check_answer, make_eval_set
+from .eval.latency import LatencyTarget, measure_host_profile
+from .tasks import TaskTokenizer, check_answer, make_eval_set, trace_text
 from .train import TrainConfig, train_elastic, train_kd, train_lm
 from .train.metrics import read_jsonl
 from .widths import Widths
@@ -51,6 +55,15 @@ class EvalConfig:
     transplant_pairs: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.75, 1.0))
     batch_size: int | None = None              # None: the whole eval set in one batch
     repeats: int = 1
+    # modeled latency (elastic_jax/eval/latency.py): the report's primary axis is `latency_profile`
+    # at `latency_reference` scale (the nested width fractions mapped onto that architecture; None =
+    # the model as trained); every profile in `latency_profiles` is recorded too, and this machine
+    # measured when `measure_host`
+    latency_profile: str = "h100"
+    latency_reference: str | None = "nano3_30b_a3b"
+    latency_profiles: tuple[str, ...] = ("h100", "h200", "tpu_v5p")
+    measure_host: bool = True
+    parent_truncation: bool = True             # the paper's baseline: the parent alone, thinking cut at budgets
 
     def __post_init__(self):
         if self.n_problems <= 0:
@@ -59,7 +72,7 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.thinking_budgets={self.thinking_budgets}: must be positive token counts")
         if self.full_thinking < max(self.thinking_budgets):
             raise ValueError(f"EvalConfig.full_thinking={self.full_thinking}: must be >= the largest thinking budget")
-        for name in ("levels", "thinking_budgets", "transplant_pairs"):
+        for name in ("levels", "thinking_budgets", "transplant_pairs", "latency_profiles"):
             v = getattr(self, name)
             if isinstance(v, list):
                 object.__setattr__(self, name, tuple(tuple(x) if isinstance(x, list) else x for x in v))
@@ -82,6 +95,11 @@ class StarElasticExperiment:
     seed: int = 0
     title: str = "Star Elastic on the embedded reasoning task"
     progress: bool = True
+    # token efficiency: independent baselines of each nested size distilled on these multiples of the
+    # tokens that nested model saw inside the elastic run (expected share of the sampled budgets);
+    # () = one baseline per size trained with `baseline_train` as given
+    token_multiples: tuple[float, ...] = ()
+    comparison_seed: int = 0                   # added to the elastic run's and the baselines' seeds
 
     def __post_init__(self):
         if self.data.kind != "task":
@@ -93,25 +111,55 @@ class StarElasticExperiment:
                              f"tokenizer's {tok.vocab_size}")
         if self.calibration_batches <= 0:
             raise ValueError(f"StarElasticExperiment.calibration_batches={self.calibration_batches}: must be > 0")
+        if isinstance(self.token_multiples, list):
+            object.__setattr__(self, "token_multiples", tuple(float(m) for m in self.token_multiples))
+        if any(not m > 0 for m in self.token_multiples):
+            raise ValueError(f"StarElasticExperiment.token_multiples={self.token_multiples}: must be positive")
 
 
 def budget_name(fraction: float) -> str:
     return f"{round(100 * fraction):d}%"
 
 
-def _accuracy(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg: EvalConfig, thinking: bool):
-    """Accuracy of one submodel with full thinking (`thinking`) or none (answer right after `</think>`)."""
-    from .eval.evaluate import run_point
-    if thinking:
-        return run_point(model, eval_set, tok, think_model=name, answer_model=name,
-                         thinking_budget=ecfg.full_thinking, max_thinking=ecfg.full_thinking,
-                         max_answer_tokens=ecfg.max_answer_tokens, batch_size=ecfg.batch_size, warmup=False).accuracy
+def _answer_scores(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg: EvalConfig,
+                   traces=None) -> list[float]:
+    """Per-problem scores when `name` answers right after prompt + `traces` (a trace per problem; None
+    = no thinking at all) + `</think>`."""
     sp = Specials.from_tokenizer(tok)
-    prompts = [list(p) + [tok.end_think_id] for p in eval_set.prompts]
-    cache_len = eval_set.max_prompt_len + ecfg.full_thinking + 1 + ecfg.max_answer_tokens   # = budget_generate's
+    traces = traces or [()] * len(eval_set)
+    prompts = [list(p) + list(t) + [tok.end_think_id] for p, t in zip(eval_set.prompts, traces)]
+    length = max(eval_set.max_prompt_len + ecfg.full_thinking + 1, max(len(p) for p in prompts))
     ans, _ = answer_generate(model, prompts, submodel=name, specials=sp, max_answer_tokens=ecfg.max_answer_tokens,
-                             cache_len=cache_len)
-    return float(np.mean([check_answer(p, tok.decode(a)) for p, a in zip(eval_set.problems, ans)]))
+                             prompt_length=length, cache_len=length + ecfg.max_answer_tokens)   # one shape
+    return [float(check_answer(p, tok.decode(a))) for p, a in zip(eval_set.problems, ans)]
+
+
+def _model_row(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg: EvalConfig, gold,
+               diagnostics: bool = True) -> dict:
+    """Accuracy with full thinking (per-problem scores kept for intervals), the exact-trace rate and,
+    with `diagnostics`, accuracy without thinking and given the gold trace (answer capacity)."""
+    from .eval.evaluate import run_point
+    pt = run_point(model, eval_set, tok, think_model=name, answer_model=name, thinking_budget=ecfg.full_thinking,
+                   max_thinking=ecfg.full_thinking, max_answer_tokens=ecfg.max_answer_tokens,
+                   batch_size=ecfg.batch_size, warmup=False, gold_traces=gold)
+    row = {"accuracy": pt.accuracy, "scores": list(pt.correct), "exact_trace": pt.exact_trace}
+    if diagnostics:
+        none = _answer_scores(model, name, eval_set, tok, ecfg)
+        given = _answer_scores(model, name, eval_set, tok, ecfg, gold)
+        row.update({"accuracy_no_thinking": float(np.mean(none)), "accuracy_gold_trace": float(np.mean(given)),
+                    "scores_gold_trace": given})
+    return row
+
+
+def nested_tokens(train: TrainConfig, n_budgets: int) -> list[float]:
+    """Expected training tokens each budget saw inside the elastic run: per stage, its tokens x the
+    budget's sampling probability (uniform when the stage gives none); one budget per micro-batch."""
+    out = np.zeros(n_budgets)
+    for st in train.stages:
+        tokens = st.tokens if st.tokens is not None else st.steps * st.seq_len * st.batch_size
+        p = np.full(n_budgets, 1.0 / n_budgets) if st.budget_probs is None else np.asarray(st.budget_probs, float)
+        out += tokens * p / p.sum()
+    return [float(x) for x in out]
 
 
 def _history(run_dir: str) -> list[dict]:
@@ -161,7 +209,8 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     # ---------------------------------------------------------------- elastic distillation
     t0 = time.perf_counter()
     say(f"elastic distillation into budgets {ecfg.budgets}")
-    el = train_elastic(cfg, ecfg, xp.elastic_train, teacher, teacher, data, os.path.join(out_dir, "elastic"),
+    el_train = dataclasses.replace(xp.elastic_train, seed=xp.elastic_train.seed + xp.comparison_seed)
+    el = train_elastic(cfg, ecfg, el_train, teacher, teacher, data, os.path.join(out_dir, "elastic"),
                        progress=xp.progress)
     phases["elastic"] = time.perf_counter() - t0
     names = [budget_name(b) for b in ecfg.budgets]
@@ -182,56 +231,96 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     # ---------------------------------------------------------------- independent baselines
     t0 = time.perf_counter()
     base_train = xp.baseline_train or xp.elastic_train
-    baselines = {}
+    base_train = dataclasses.replace(base_train, seed=base_train.seed + xp.comparison_seed)
+    seen = dict(zip(names, nested_tokens(xp.elastic_train, len(names))))
+    multiples = xp.token_multiples or (None,)
+    baselines, sweep = {}, []           # baselines: the 1x (or the only) baseline per size
     for n, b in zip(names, ecfg.budgets):
         if b >= 1.0:
             continue          # the full-size "independent model" is the parent itself
         sub_cfg, sub_params = slice_params(teacher, cfg, widths[n])
-        say(f"baseline {n}: prune the parent to {param_count(sub_cfg):,} params by importance, then KD alone")
-        res = train_kd(sub_cfg, base_train, cfg, teacher, sub_params, data,
-                       os.path.join(out_dir, f"baseline_{n.rstrip('%')}"), progress=xp.progress)
-        baselines[n] = (sub_cfg, res)
-        save_standalone(os.path.join(ck, f"baseline_{n.rstrip('%')}"), sub_cfg, res.params)
+        for m in multiples:
+            tc, tag = base_train, ""
+            if m is not None:
+                st = base_train.stages[0]
+                steps = max(1, int(round(m * seen[n] / (st.seq_len * st.batch_size))))
+                tc = dataclasses.replace(base_train, stages=(dataclasses.replace(st, steps=steps, tokens=None),))
+                tag = "" if m == 1.0 else f"_x{m:g}"
+            say(f"baseline {n}{tag}: prune the parent to {param_count(sub_cfg):,} params by importance, then KD "
+                f"alone for {tc.stages[0].steps if len(tc.stages) == 1 else 'the elastic stages'} steps")
+            run = f"baseline_{n.rstrip('%')}{tag}"
+            res = train_kd(sub_cfg, tc, cfg, teacher, sub_params, data, os.path.join(out_dir, run),
+                           progress=xp.progress)
+            sweep.append({"name": n, "multiple": m, "run": run, "train_tokens": int(res.tokens_seen),
+                          "cfg": sub_cfg, "res": res})
+            if m is None or m == 1.0 or (1.0 not in multiples and m == multiples[0]):
+                baselines[n] = (sub_cfg, res)
+                save_standalone(os.path.join(ck, f"baseline_{n.rstrip('%')}"), sub_cfg, res.params)
     phases["baselines"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- evaluation
     t0 = time.perf_counter()
     ev = xp.eval
     eval_set = make_eval_set(ev.seed, ev.n_problems, ev.split, ev.levels, tokenizer=tok)
+    gold = [tok.encode(trace_text(p)) for p in eval_set.problems]
     nested_model = ElasticModel(cfg, el.params, widths, mode="sliced")
     parent_model = ElasticModel(cfg, parent, {"parent": Widths()}, mode="sliced")
-    say("evaluating the parent, nested models and baselines")
+    say(f"evaluating the parent, nested models and baselines on {len(eval_set)} problems")
     parent_row = {"name": "parent", "params": param_count(cfg), "active_params": param_count(cfg, active=True),
-                  "accuracy": _accuracy(parent_model, "parent", eval_set, tok, ev, True),
-                  "accuracy_no_thinking": _accuracy(parent_model, "parent", eval_set, tok, ev, False)}
+                  **_model_row(parent_model, "parent", eval_set, tok, ev, gold)}
     nested_rows = []
     for n in names:
         nested_rows.append({"name": n, "fraction": fractions[n], "widths": widths_to_dict(widths[n]),
                             "params": param_count(cfg, widths[n]), "active_params": param_count(cfg, widths[n], True),
-                            "accuracy": _accuracy(nested_model, n, eval_set, tok, ev, True),
-                            "accuracy_no_thinking": _accuracy(nested_model, n, eval_set, tok, ev, False)})
-    base_rows = []
-    for n, (sub_cfg, res) in baselines.items():
+                            "train_tokens_expected": seen[n],
+                            **_model_row(nested_model, n, eval_set, tok, ev, gold)})
+    base_rows, sweep_rows = [], []
+    for item in sweep:
+        n, sub_cfg, res = item["name"], item["cfg"], item["res"]
         bm = ElasticModel(sub_cfg, res.params, {n: Widths()}, mode="masked")
-        base_rows.append({"name": n, "params": param_count(sub_cfg), "active_params": param_count(sub_cfg, active=True),
-                          "accuracy": _accuracy(bm, n, eval_set, tok, ev, True),
-                          "accuracy_no_thinking": _accuracy(bm, n, eval_set, tok, ev, False),
-                          "train_tokens": int(res.tokens_seen)})
+        headline = baselines.get(n, (None, None))[1] is res
+        row = {"name": n, "params": param_count(sub_cfg), "active_params": param_count(sub_cfg, active=True),
+               "train_tokens": item["train_tokens"], "multiple": item["multiple"], "run": item["run"],
+               **_model_row(bm, n, eval_set, tok, ev, gold, diagnostics=headline)}
+        sweep_rows.append(row)
+        if headline:
+            base_rows.append(row)
     phases["eval_models"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    say(f"budget-control grid: {len(names)}x{len(names)} pairs x thinking budgets {list(ev.thinking_budgets)}")
+    targets = [LatencyTarget.make(ev.latency_profile, ev.latency_reference)]
+    for prof in ev.latency_profiles:
+        for ref in dict.fromkeys((ev.latency_reference, None)):
+            t = LatencyTarget.make(prof, ref)
+            if t.key not in {x.key for x in targets}:
+                targets.append(t)
+    host = None
+    if ev.measure_host:
+        host = measure_host_profile()
+        targets.append(LatencyTarget(key="host", profile=host))
+    primary = targets[0].key
+    say(f"budget-control grid: {len(names)}x{len(names)} pairs x thinking budgets {list(ev.thinking_budgets)}; "
+        f"modeled latency on {primary} (primary) and {[t.key for t in targets[1:]]}")
     by_frac = {b: n for n, b in fractions.items()}
     tp = [(by_frac[a], by_frac[b]) for a, b in ev.transplant_pairs if a in by_frac and b in by_frac]
-    grid = evaluate_grid(nested_model, eval_set, tok, ev.thinking_budgets, transplant_pairs=tp,
-                         max_answer_tokens=ev.max_answer_tokens, batch_size=ev.batch_size, repeats=ev.repeats,
-                         max_thinking=ev.full_thinking)
+    grid_kw = dict(max_answer_tokens=ev.max_answer_tokens, batch_size=ev.batch_size, repeats=ev.repeats,
+                   max_thinking=ev.full_thinking, latency_targets=targets, primary=primary, gold_traces=gold)
+    grid = evaluate_grid(nested_model, eval_set, tok, ev.thinking_budgets, transplant_pairs=tp, **grid_kw)
+    if ev.parent_truncation:
+        grid += evaluate_grid(parent_model, eval_set, tok, ev.thinking_budgets, family="parent", **grid_kw)
     phases["grid"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- report
     results = {
         "title": xp.title,
         "config": _config_dict(xp),
+        "latency": {"primary": primary, "targets": {t.key: {"description": t.describe(), **t.profile.to_dict()}
+                                                     for t in targets},
+                    "batch": 1, "note": "modeled per request at batch 1: prefill the prompt, decode the trace; "
+                                        "the answering model re-prefills prompt + trace (bucketed to a multiple "
+                                        "of 8) when it differs, then decodes the answer"},
+        "token_sweep": [{k: v for k, v in r.items() if k not in ("scores_gold_trace",)} for r in sweep_rows],
+        "nested_tokens": seen, "comparison_seed": xp.comparison_seed,
         "eval": {"n_problems": len(eval_set), "split": ev.split, "levels": list(ev.levels),
                  "max_trace_tokens": int(max(eval_set.trace_lengths)),
                  "mean_trace_tokens": float(np.mean(eval_set.trace_lengths))},
@@ -260,8 +349,10 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                    f"trace ({max(eval_set.trace_lengths)} tokens)" if ev.full_thinking >= max(eval_set.trace_lengths)
                    else f"WARNING: full_thinking={ev.full_thinking} is below the longest reference trace "
                         f"({max(eval_set.trace_lengths)} tokens), so 'full thinking' accuracy is truncated too"),
-                  "latency is wall-clock on this machine's CPU(s); compile time excluded (one warmup per "
-                  "compiled shape)"],
+                  "wall-clock latency is measured on this machine's CPU(s) (median of repeats; compile time "
+                  "excluded); the plots' primary axis is the modeled latency (see Latency)",
+                  "the independent baselines start from the same router-chosen widths as the nested models: "
+                  "they inherit the elastic run's width search for free"],
     }
     phases["report"] = 0.0
     results["timing"] = {"total_s": time.perf_counter() - t_start, "phases": phases}

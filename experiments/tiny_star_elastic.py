@@ -7,8 +7,10 @@ A hybrid Mamba2 + attention + MoE + MLP parent (pattern M*EM-E) is trained on th
 into 100% / 75% / 50% active-parameter budgets with the two-stage curriculum (uniform budgets at
 short context, then skewed 0.5/0.3/0.2 toward the full model at longer packed context), compared
 with independently distilled baselines of the same sizes (each pruned from the parent by importance
-and distilled alone on half the elastic run's tokens: equal total training tokens), and served with
-elastic budget control.
+and distilled alone on 0.5x / 1x / 2x the tokens that nested model saw inside the elastic run; the
+report gives the multiple a baseline needs to match), and served with elastic budget control
+against two truncation baselines (the parent alone, every nested model alone), costed by the
+roofline latency model on H100 at the paper's 30B-A3B scale (elastic_jax/eval/latency.py).
 Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax/pipeline.py.
 """
 from elastic_jax import NemotronHConfig
@@ -29,7 +31,7 @@ def config(quick: bool = False) -> StarElasticExperiment:
         budgets=(1.0, 0.75, 0.5), router_dim=32, hidden_options=(1.0, 0.75, 0.5), mamba_options=(1.0, 0.75, 0.5),
         ffn_options=(1.0, 0.75, 0.5), moe_expert_options=(1.0, 0.75, 0.5), moe_ffn_options=(1.0, 0.75, 0.5),
         budget_target="active")
-    parent_steps, s1, s2, n_eval = (40, 10, 10, 48) if quick else (250, 100, 60, 200)
+    parent_steps, s1, s2, n_eval = (40, 10, 10, 48) if quick else (250, 100, 60, 400)
     common = dict(checkpoint_every=10_000, keep_checkpoints=1, tensorboard=False, plot=False, log_every=5,
                   vocab_chunk=None, async_checkpointing=False)
     parent_train = TrainConfig(
@@ -48,6 +50,8 @@ def config(quick: bool = False) -> StarElasticExperiment:
     return StarElasticExperiment(
         model=model, elastic=elastic, parent_train=parent_train, elastic_train=elastic_train,
         baseline_train=baseline_train,
+        # token efficiency: baselines of each nested size on 0.5x / 1x / 2x the tokens it saw in the elastic run
+        token_multiples=() if quick else (0.5, 1.0, 2.0),
         data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0),
         eval=EvalConfig(n_problems=n_eval, thinking_budgets=(8, 16, 24, 32), full_thinking=32,
                         transplant_pairs=((0.5, 1.0), (0.75, 1.0))),

@@ -160,3 +160,17 @@ def test_nested_checkpoint_roundtrip(tmp_path, model):
     t = np.asarray([prompts_ for prompts_ in [[1, 17, 3, 18, 4, 3]]])
     np.testing.assert_allclose(ej.forward(params, t, cfg, budgets["50%"].resolve(cfg)),
                                ej.forward(model.params, t, CFG, BUDGETS["50%"].resolve(CFG)), atol=1e-6)
+
+
+def test_reprefill_is_bucketed_to_the_actual_length(model, prompts):
+    from elastic_jax.infer.budget import bucket_length
+    assert [bucket_length(n) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 24]
+    with pytest.raises(ValueError, match="must be > 0"):
+        bucket_length(0)
+    # a large decode capacity (max_thinking) must not inflate the re-prefill: it covers the longest
+    # prompt + trace + </think>, rounded up to a multiple of 8
+    out = budget_generate(model, prompts, think_model="50%", answer_model="100%", thinking_budget=4, specials=SP,
+                          max_answer_tokens=4, max_thinking=64, context=128)
+    longest = max(len(p) + len(t) + 1 for p, t in zip(prompts, out.think_tokens))
+    assert out.reprefill_length == bucket_length(longest) and out.reprefill_length % 8 == 0
+    assert out.reprefill_length < max(len(p) for p in prompts) + 64 + 1

@@ -87,14 +87,36 @@ def test_quick_main_job_writes_every_report_file(quick_run):
     assert act[0] >= act[1] >= act[2]
     assert r["memory"]["nested_checkpoint_bytes"] < r["memory"]["separate_checkpoint_bytes"]
     schemes = {p["scheme"] for p in r["grid"]}
-    assert schemes == {"truncation", "budget_control", "transplant"}
-    assert len([p for p in r["grid"] if p["scheme"] != "transplant"]) == 9 * len(r["grid_budgets"])
+    assert schemes == {"truncation", "budget_control", "transplant", "parent_truncation"}
+    assert len([p for p in r["grid"] if p["scheme"] in ("truncation", "budget_control")]) == 9 * len(r["grid_budgets"])
+    assert len([p for p in r["grid"] if p["scheme"] == "parent_truncation"]) == len(r["grid_budgets"])
+    primary = r["latency"]["primary"]
+    assert primary == "h100@nano3_30b_a3b" and "host" in r["latency"]["targets"]
     for p in r["grid"]:
         assert 0.0 <= p["accuracy"] <= 1.0 and p["latency_s"] > 0 and p["flops"] > 0
         assert p["mean_thinking_tokens"] <= p["thinking_budget"]
+        assert len(p["correct"]) == r["eval"]["n_problems"] and 0.0 <= p["exact_trace"] <= 1.0
+        m = p["modeled"][primary]
+        assert p["latency_model_s"] == m["total_s"] and m["think_s"] > 0 and m["answer_s"] > 0
+        assert set(p["modeled"]) == set(r["latency"]["targets"])
+        if p["scheme"] == "budget_control":
+            assert 0 < p["reprefill_length"] < r["eval"]["max_trace_tokens"] + 40 and p["reprefill_length"] % 8 == 0
+    # accuracy moves with the thinking budget (not a single cliff value) in the truncation series
+    series = [{p["accuracy"] for p in r["grid"] if p["scheme"] in ("truncation", "parent_truncation")
+               and p["think_model"] == m} for m in ("parent", "100%", "75%", "50%")]
+    assert max(len(s) for s in series) >= 2
+    # diagnostics: answer accuracy given the gold trace, exact-trace rate, and the verdict
+    for row in [r["parent"]] + r["nested"] + r["baselines"]:
+        assert 0.0 <= row["accuracy_gold_trace"] <= 1.0 and 0.0 <= row["exact_trace"] <= 1.0
+        assert len(row["scores"]) == len(row["scores_gold_trace"]) == r["eval"]["n_problems"]
+    v = r["analysis"]["verdict"]
+    assert isinstance(v["testable"], bool) and v["reason"] and len(v["answer_gap_ci"]) == 2
+    assert r["analysis"]["x_axis"] == "latency_model_s" and r["analysis"]["power"]["rows"]
+    assert set(r["analysis"]["nested_minus_baseline"]) == {"75%", "50%"}
     report = open(os.path.join(quick_run, "report.md")).read()
     for needle in ("independent baseline", "Training tokens", "Checkpoint memory", "Pareto frontier of",
-                   "dominate"):
+                   "dominate", "Verdict: the task", "Primary axis: modeled latency", "Statistical power",
+                   "Against truncation of the parent alone"):
         assert needle in report, needle
 
 

@@ -40,9 +40,10 @@ def run_eval(path: str, out: str | None = None, thinking_budgets=(8, 16, 24, 32)
     from ..elastic import param_count
     from ..infer.budget import ElasticModel
     from ..infer.checkpoint import load_nested, widths_to_dict
-    from ..pipeline import EvalConfig, _accuracy
-    from ..tasks import TaskTokenizer, make_eval_set
+    from ..pipeline import EvalConfig, _model_row
+    from ..tasks import TaskTokenizer, make_eval_set, trace_text
     from .evaluate import evaluate_grid
+    from .latency import LatencyTarget
     from .report import analyze, write_report
 
     d = _nested_dir(path)
@@ -56,13 +57,17 @@ def run_eval(path: str, out: str | None = None, thinking_budgets=(8, 16, 24, 32)
     ev = EvalConfig(n_problems=n_problems, split=split, seed=seed, thinking_budgets=tuple(thinking_budgets),
                     full_thinking=max(32, max(thinking_budgets)))
     eval_set = make_eval_set(ev.seed, ev.n_problems, ev.split, ev.levels, tokenizer=tok)
+    gold = [tok.encode(trace_text(p)) for p in eval_set.problems]
     nested = [{"name": n, "fraction": fractions.get(n), "widths": widths_to_dict(w), "params": param_count(cfg, w),
-               "active_params": param_count(cfg, w, True),
-               "accuracy": _accuracy(model, n, eval_set, tok, ev, True),
-               "accuracy_no_thinking": _accuracy(model, n, eval_set, tok, ev, False)} for n, w in budgets.items()]
+               "active_params": param_count(cfg, w, True), **_model_row(model, n, eval_set, tok, ev, gold)}
+              for n, w in budgets.items()]
+    target = LatencyTarget.make(ev.latency_profile, ev.latency_reference)
     grid = evaluate_grid(model, eval_set, tok, ev.thinking_budgets, transplant_pairs=tuple(transplant),
-                         max_answer_tokens=ev.max_answer_tokens, max_thinking=ev.full_thinking)
+                         max_answer_tokens=ev.max_answer_tokens, max_thinking=ev.full_thinking,
+                         latency_targets=[target], primary=target.key, gold_traces=gold)
     results = {"title": f"elastic-jax eval of {os.path.abspath(d)}", "nested": nested,
+               "latency": {"primary": target.key, "batch": 1,
+                           "targets": {target.key: {"description": target.describe(), **target.profile.to_dict()}}},
                "grid": [p.to_dict() for p in grid], "grid_budgets": list(ev.thinking_budgets),
                "eval": {"n_problems": len(eval_set), "split": split, "levels": list(ev.levels),
                         "max_trace_tokens": int(max(eval_set.trace_lengths)),

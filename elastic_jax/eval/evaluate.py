@@ -15,12 +15,14 @@ from typing import Sequence
 
 import numpy as np
 
-from ..infer.budget import BudgetOutput, ElasticModel, Specials, budget_generate
+from ..infer.budget import BudgetOutput, ElasticModel, Specials, bucket_length, budget_generate
 from ..tasks.dataset import EvalSet
 from ..tasks.reasoning import check_answer
+from .latency import LatencyTarget, mean_request_latency
 from ..tasks.tokenizer import TaskTokenizer
 
-SCHEMES = ("budget_control", "truncation", "transplant")
+SCHEMES = ("budget_control", "truncation", "parent_truncation", "transplant")
+TRUNCATION_SCHEMES = ("truncation", "parent_truncation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,12 @@ class GridPoint:
     answer_flops: float
     forced_frac: float           # rows whose </think> was forced by the budget
     mean_thinking_tokens: float  # per row, without </think>
+    family: str = "nested"       # "nested" (the elastic family) or "parent" (the original model alone)
+    correct: tuple = ()          # per-problem score (1/0, or partial credit), for intervals
+    exact_trace: float | None = None   # share of rows whose thinking equals the reference trace
+    reprefill_length: int = 0    # padded re-prefill length of the (last) batch, 0 when none
+    modeled: dict = dataclasses.field(default_factory=dict)   # target key -> mean per-request seconds
+    latency_model_s: float | None = None   # modeled total seconds per request on the primary target
 
     @property
     def label(self) -> str:
@@ -60,25 +68,40 @@ class GridPoint:
 
 
 def score(out: BudgetOutput, eval_set: EvalSet, tokenizer: TaskTokenizer) -> np.ndarray:
-    """Per-row exact match: the answer phase's text must parse to the reference answer."""
+    """Per-row score of the answer phase's text against the reference (`check_answer`: exact
+    match, or partial credit for answers with parts)."""
     if len(out.answer_tokens) != len(eval_set):
         raise ValueError(f"{len(out.answer_tokens)} outputs for an eval set of {len(eval_set)} problems")
-    return np.asarray([check_answer(p, tokenizer.decode(a)) for p, a in zip(eval_set.problems, out.answer_tokens)])
+    return np.asarray([float(check_answer(p, tokenizer.decode(a))) for p, a in zip(eval_set.problems,
+                                                                                     out.answer_tokens)])
+
+
+def _modeled(model: ElasticModel, think_model: str, answer_model: str, targets, rows) -> dict:
+    w_think, w_answer = model.budgets[think_model], model.budgets[answer_model]
+    return {t.key: mean_request_latency(t, model.cfg, w_think, w_answer, rows) for t in targets}
 
 
 def run_point(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokenizer, *, think_model: str,
               answer_model: str, thinking_budget: int, max_thinking: int, max_answer_tokens: int = 6,
               transplant: bool = False, batch_size: int | None = None, repeats: int = 1,
-              warmup: bool = True) -> GridPoint:
+              warmup: bool = True, latency_targets: Sequence[LatencyTarget] = (), primary: str | None = None,
+              gold_traces: Sequence[Sequence[int]] | None = None, family: str = "nested",
+              seen_shapes: set | None = None) -> GridPoint:
     """Measure one configuration. The first call per compiled shape is a warmup (not timed) when
-    `warmup`; latency is the median over `repeats` timed runs, summed over batches."""
+    `warmup`; latency is the median over `repeats` timed runs, summed over batches.
+    `latency_targets`: model each request's latency per phase (batch 1, its own prompt, trace and
+    answer lengths; the re-prefill bucketed as run) on each target; `primary`: the key whose total
+    becomes `latency_model_s`. `gold_traces`: reference thinking tokens per problem (-> exact_trace).
+    `seen_shapes`: re-prefill shapes already compiled (shared across calls); a timed run that hit a
+    new one (the bucket depends on the generated trace) is repeated, so compilation is not timed."""
     specials = Specials.from_tokenizer(tokenizer)
     bs = batch_size or len(eval_set)
     idx = list(range(0, len(eval_set), bs))
     kw = dict(think_model=think_model, answer_model=answer_model, thinking_budget=int(thinking_budget),
               specials=specials, max_answer_tokens=max_answer_tokens, max_thinking=max_thinking,
               prompt_length=eval_set.max_prompt_len, transplant=transplant)
-    correct, outs = [], []
+    correct, outs, rows, exact = [], [], [], []
+    same = think_model == answer_model
     lat_think, lat_answer = 0.0, 0.0
     for s in idx:
         prompts = eval_set.prompts[s:s + bs]
@@ -88,6 +111,10 @@ def run_point(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokenizer, 
             budget_generate(model, prompts, **kw)
             warmup = False
         runs = [budget_generate(model, prompts, **kw) for _ in range(max(1, repeats))]
+        shape = (answer_model, bs, runs[0].reprefill_length)
+        if seen_shapes is not None and runs[0].reprefill_length and shape not in seen_shapes:
+            seen_shapes.add(shape)
+            runs = [budget_generate(model, prompts, **kw) for _ in range(max(1, repeats))]
         n = min(bs, len(eval_set) - s)
         lat_think += float(np.median([r.think.latency_s for r in runs]))
         lat_answer += float(np.median([r.answer.latency_s for r in runs]))
@@ -98,6 +125,12 @@ def run_point(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokenizer, 
                                       forced=out.forced[:n])
         correct.append(score(trimmed, sub, tokenizer))
         outs.append((out, n, bs))
+        for j in range(n):
+            p, t, a = eval_set.prompts[s + j], trimmed.think_tokens[j], trimmed.answer_tokens[j]
+            re = 0 if (same or transplant) else bucket_length(len(p) + len(t) + 1)
+            rows.append((len(p), len(t) + 1, len(a), re))
+            if gold_traces is not None:
+                exact.append(list(map(int, t)) == list(map(int, gold_traces[s + j])))
     correct = np.concatenate(correct)
     frac = lambda o, n, b: n / b   # share of a padded batch that is real rows (stats scale with it)
     think_tok = sum(o.think.tokens * frac(o, n, b) for o, n, b in outs)
@@ -107,19 +140,28 @@ def run_point(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokenizer, 
     af = sum(o.answer.flops * frac(o, n, b) for o, n, b in outs)
     forced = np.concatenate([o.forced[:n] for o, n, _ in outs])
     mean_think = float(np.mean([len(t) for o, n, _ in outs for t in o.think_tokens[:n]]))
-    scheme = "transplant" if transplant else ("truncation" if think_model == answer_model else "budget_control")
+    scheme = "transplant" if transplant else (("parent_truncation" if family == "parent" else "truncation")
+                                               if same else "budget_control")
+    modeled = _modeled(model, think_model, answer_model, latency_targets, rows) if latency_targets else {}
+    if primary is not None and primary not in modeled:
+        raise ValueError(f"primary latency target {primary!r} is not among {list(modeled)}")
     return GridPoint(scheme=scheme, think_model=think_model, answer_model=answer_model,
                      thinking_budget=int(thinking_budget), accuracy=float(correct.mean()),
                      latency_s=lat_think + lat_answer, think_latency_s=lat_think, answer_latency_s=lat_answer,
                      think_tokens=int(round(think_tok)), answer_tokens=int(round(ans_tok)),
                      prefill_tokens=int(round(pre_tok)), flops=float(tf + af), think_flops=float(tf),
-                     answer_flops=float(af), forced_frac=float(forced.mean()), mean_thinking_tokens=mean_think)
+                     answer_flops=float(af), forced_frac=float(forced.mean()), mean_thinking_tokens=mean_think,
+                     family=family, correct=tuple(float(c) for c in correct),
+                     exact_trace=float(np.mean(exact)) if exact else None,
+                     reprefill_length=int(outs[-1][0].reprefill_length), modeled=modeled,
+                     latency_model_s=modeled[primary]["total_s"] if primary is not None else None)
 
 
 def evaluate_grid(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokenizer, thinking_budgets: Sequence[int],
                   *, submodels: Sequence[str] | None = None, transplant_pairs: Sequence[tuple[str, str]] = (),
                   max_answer_tokens: int = 6, batch_size: int | None = None, repeats: int = 1,
-                  max_thinking: int | None = None, progress=None) -> list[GridPoint]:
+                  max_thinking: int | None = None, progress=None, latency_targets: Sequence[LatencyTarget] = (),
+                  primary: str | None = None, gold_traces=None, family: str = "nested") -> list[GridPoint]:
     """Every (think, answer) pair of `submodels` (default: all trained budgets) x every thinking
     budget; then the transplant experiment for `transplant_pairs`. `max_thinking`: the decode
     capacity (default: the largest budget); one value for every call keeps one compiled program."""
@@ -134,12 +176,13 @@ def evaluate_grid(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokeniz
         raise ValueError(f"max_thinking={cap} must be >= the largest thinking budget {budgets[-1]}")
     jobs = [(a, b, t, False) for a, b in itertools.product(names, names) for t in budgets]
     jobs += [(a, b, t, True) for a, b in transplant_pairs for t in budgets]
-    points, warmed = [], set()
+    points, warmed, shapes = [], set(), set()
     for a, b, t, tr in jobs:
         key = (a, b, tr)
         p = run_point(model, eval_set, tokenizer, think_model=a, answer_model=b, thinking_budget=t, max_thinking=cap,
                       max_answer_tokens=max_answer_tokens, transplant=tr, batch_size=batch_size, repeats=repeats,
-                      warmup=key not in warmed)
+                      warmup=key not in warmed, latency_targets=latency_targets, primary=primary,
+                      gold_traces=gold_traces, family=family, seen_shapes=shapes)
         warmed.add(key)
         points.append(p)
         if progress is not None:

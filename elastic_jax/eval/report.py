@@ -22,34 +22,161 @@ import os
 
 import numpy as np
 
-from .evaluate import SCHEMES, dominance, pareto_front
+from .evaluate import SCHEMES, TRUNCATION_SCHEMES, dominance, pareto_front
+from .stats import bootstrap_ci, bootstrap_diff_ci, half_width, problems_needed
 
 PLOTS = ("pareto.png", "training_curves.png", "accuracy_per_budget.png")
 SCHEME_STYLE = {"truncation": ("tab:gray", "s", "truncation (one model, thinking cut at the budget)"),
                 "budget_control": ("tab:red", "o", "elastic budget control (A thinks, B answers)"),
+                "parent_truncation": ("black", "x", "truncation, the parent alone (the paper's baseline)"),
                 "transplant": ("tab:blue", "^", "budget control + cache transplant (experiment)")}
 
 
+VERDICT_MIN_ANSWER_GAP = 0.05     # gold-trace answer accuracy, full minus smallest model (lower CI bound)
+VERDICT_MAX_TRACE_GAP = 0.5       # the trace-quality gap must be below half the answer gap
+
+
+def latency_key(grid) -> str:
+    """The grid's primary x axis: modeled latency when recorded, else wall clock."""
+    return "latency_model_s" if grid and all(p.get("latency_model_s") is not None for p in grid) else "latency_s"
+
+
+def _ci(scores):
+    return list(bootstrap_ci(scores)) if scores else None
+
+
+def verdict(results: dict) -> dict:
+    """Can this task test the per-phase claim? It needs a clear answer-capacity gap between the
+    smallest nested model and the full one given the gold trace, and a smaller trace-quality gap
+    (exact-trace rate), so that a small thinker + a large answerer has something to gain."""
+    nested = [n for n in results.get("nested", []) if n.get("scores_gold_trace")]
+    if len(nested) < 2:
+        return {"testable": False, "reason": "no gold-trace diagnostics recorded"}
+    full, small = nested[0], nested[-1]
+    ans_gap = full["accuracy_gold_trace"] - small["accuracy_gold_trace"]
+    lo, hi = bootstrap_diff_ci(full["scores_gold_trace"], small["scores_gold_trace"])
+    trace_gap = (full.get("exact_trace") or 0.0) - (small.get("exact_trace") or 0.0)
+    testable = bool(lo >= VERDICT_MIN_ANSWER_GAP and trace_gap <= VERDICT_MAX_TRACE_GAP * ans_gap)
+    if testable:
+        reason = (f"the {small['name']} model answers worse than the {full['name']} model given the gold trace "
+                  f"({ans_gap:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}]) while it writes the trace about as well "
+                  f"(exact-trace gap {trace_gap:+.3f}): small-thinks / large-answers can help")
+    elif lo < VERDICT_MIN_ANSWER_GAP:
+        reason = (f"no clear answer-capacity gap: given the gold trace the {full['name']} model beats the "
+                  f"{small['name']} model by {ans_gap:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}]; needs a lower bound >= "
+                  f"{VERDICT_MIN_ANSWER_GAP}), so handing the answer to the larger model cannot gain accuracy")
+    else:
+        reason = (f"the trace-quality gap ({trace_gap:+.3f} exact-trace rate) is not small next to the answer "
+                  f"gap ({ans_gap:+.3f}): thinking with the small model loses as much as answering with the "
+                  "large one gains")
+    return {"testable": testable, "reason": reason, "answer_gap": ans_gap, "answer_gap_ci": [lo, hi],
+            "trace_gap": trace_gap, "full": full["name"], "smallest": small["name"]}
+
+
+def _matched(challengers, baseline, x):
+    """For each baseline-frontier point, the best challenger no slower on `x`, with a paired
+    bootstrap interval of the accuracy difference."""
+    out = []
+    for i in pareto_front(baseline, x):
+        t = baseline[i]
+        ok = [p for p in challengers if p[x] <= t[x]]
+        best = max(ok, key=lambda p: p["accuracy"]) if ok else None
+        row = {"baseline": t["label"], "baseline_accuracy": t["accuracy"], "x": t[x],
+               "best": None if best is None else best["label"],
+               "best_accuracy": None if best is None else best["accuracy"], "diff": None, "diff_ci": None}
+        if best is not None:
+            row["diff"] = best["accuracy"] - t["accuracy"]
+            if best.get("correct") and t.get("correct"):
+                row["diff_ci"] = list(bootstrap_diff_ci(best["correct"], t["correct"]))
+        out.append(row)
+    return out
+
+
+def tokens_to_match(nested_scores, sweep: list, multiples_key: str = "multiple", n_boot: int = 500,
+                    seed: int = 0) -> dict:
+    """The token multiple at which the baseline accuracy curve (linear in log multiple between the
+    swept points) reaches the nested model's accuracy; interval by resampling problems (paired)."""
+    pts = sorted([r for r in sweep if r.get(multiples_key) is not None and r.get("scores")],
+                 key=lambda r: r[multiples_key])
+    if len(pts) < 2 or not nested_scores:
+        return {"multiple": None, "ci": None, "note": "needs >= 2 swept baselines with per-problem scores"}
+    m = np.log(np.asarray([r[multiples_key] for r in pts], float))
+    S = np.asarray([r["scores"] for r in pts], float)          # [n_points, n_problems]
+    nest = np.asarray(nested_scores, float)
+
+    def crossing(idx):
+        acc = S[:, idx].mean(axis=1)
+        target = nest[idx].mean()
+        if acc[0] >= target:
+            return -np.inf                                      # matched already at the smallest multiple
+        best = np.maximum.accumulate(acc)                       # the baseline's best so far
+        j = int(np.argmax(best >= target)) if (best >= target).any() else -1
+        if j < 0:
+            return np.inf
+        a0, a1 = best[j - 1], best[j]
+        f = 0.0 if a1 == a0 else (target - a0) / (a1 - a0)
+        return float(m[j - 1] + f * (m[j] - m[j - 1]))
+
+    n = len(nest)
+    point = crossing(np.arange(n))
+    rng = np.random.default_rng(seed)
+    boots = np.asarray([crossing(rng.integers(0, n, n)) for _ in range(n_boot)])
+    lo, hi = np.quantile(boots, 0.025, method="lower"), np.quantile(boots, 0.975, method="higher")
+    lo_m, hi_m = float(np.exp(m[0])), float(np.exp(m[-1]))
+    fmt = lambda v: (f"<= {lo_m:g}" if v == -np.inf else f"> {hi_m:g}" if v == np.inf else float(np.exp(v)))
+    return {"multiple": fmt(point), "ci": [fmt(lo), fmt(hi)], "swept": [float(np.exp(v)) for v in m],
+            "baseline_accuracies": [float(a) for a in S.mean(axis=1)], "nested_accuracy": float(nest.mean())}
+
+
 def analyze(results: dict) -> dict:
-    """Derived numbers the report states: frontiers, dominance, token and memory ratios."""
+    """Derived numbers the report states: frontiers (primary modeled latency, wall clock, FLOPs),
+    dominance with intervals, diagnostics and verdict, statistical power, token efficiency, ratios."""
     grid = results.get("grid", [])
+    x = latency_key(grid)
     by = {s: [p for p in grid if p["scheme"] == s] for s in SCHEMES}
-    out = {"frontiers": {s: [by[s][i]["label"] for i in pareto_front(by[s])] for s in SCHEMES if by[s]}}
-    if by["budget_control"] and by["truncation"]:
-        out["budget_control_vs_truncation"] = dominance(by["budget_control"], by["truncation"])
-        out["truncation_vs_budget_control"] = dominance(by["truncation"], by["budget_control"])
-        # accuracy at matched latency: for each truncation frontier point, the best budget-control
-        # point that is no slower
-        matched = []
-        for i in pareto_front(by["truncation"]):
-            t = by["truncation"][i]
-            ok = [p for p in by["budget_control"] if p["latency_s"] <= t["latency_s"]]
-            best = max(ok, key=lambda p: p["accuracy"]) if ok else None
-            matched.append({"truncation": t["label"], "truncation_accuracy": t["accuracy"],
-                            "latency_s": t["latency_s"],
-                            "best_budget_control": None if best is None else best["label"],
-                            "best_budget_control_accuracy": None if best is None else best["accuracy"]})
-        out["matched_latency"] = matched
+    out = {"x_axis": x, "frontiers": {s: [by[s][i]["label"] for i in pareto_front(by[s], x)] for s in SCHEMES
+                                      if by[s]},
+           "point_ci": {p["label"] + ("" if p.get("family", "nested") == "nested" else " (parent)"): _ci(p["correct"])
+                        for p in grid if p.get("correct")}}
+    for base in TRUNCATION_SCHEMES:
+        if by["budget_control"] and by[base]:
+            suffix = "" if base == "truncation" else "_parent"
+            out["budget_control_vs_truncation" + suffix] = dominance(by["budget_control"], by[base], x)
+            out["truncation_vs_budget_control" + suffix] = dominance(by[base], by["budget_control"], x)
+            out["matched_latency" + suffix] = _matched(by["budget_control"], by[base], x)
+            out["flops_axis" + suffix] = dominance(by["budget_control"], by[base], "flops")
+            out["wall_axis" + suffix] = dominance(by["budget_control"], by[base], "latency_s")
+    out["verdict"] = verdict(results)
+    # statistical power: the 95% half-width at each observed accuracy, and the problems +-2 points needs
+    n = results.get("eval", {}).get("n_problems")
+    rows = ([results["parent"]] if results.get("parent") else []) + results.get("nested", []) \
+        + [dict(b, name=f"baseline {b['name']}") for b in results.get("baselines", [])]
+    if n:
+        power = []
+        for r in rows:
+            if "accuracy" not in r:
+                continue
+            power.append({"name": r["name"], "accuracy": r["accuracy"], "ci": _ci(r.get("scores")),
+                          "half_width": half_width(r["accuracy"], n), "needed_for_2pt": problems_needed(r["accuracy"])})
+        out["power"] = {"n_problems": n, "rows": power,
+                        "all_within_2pt": all(p["half_width"] <= 0.02 for p in power)}
+    base = {b["name"]: b for b in results.get("baselines", [])}
+    diffs = {}
+    for r in results.get("nested", []):
+        b = base.get(r["name"])
+        if b and r.get("scores") and b.get("scores"):
+            diffs[r["name"]] = {"diff": r["accuracy"] - b["accuracy"],
+                                "ci": list(bootstrap_diff_ci(r["scores"], b["scores"]))}
+    if diffs:
+        out["nested_minus_baseline"] = diffs
+    sweep = results.get("token_sweep", [])
+    if sweep:
+        eff = {}
+        for r in results.get("nested", []):
+            pts = [s for s in sweep if s["name"] == r["name"]]
+            if pts:
+                eff[r["name"]] = tokens_to_match(r.get("scores"), pts)
+        out["token_efficiency"] = eff
     tr = results.get("training", {})
     if tr.get("elastic_tokens") and tr.get("baseline_tokens"):
         s = sum(tr["baseline_tokens"].values())
@@ -74,29 +201,50 @@ def _inline() -> bool:
     return "inline" in matplotlib.get_backend().lower()
 
 
+def _axis_label(results: dict, x: str) -> str:
+    if x == "latency_model_s":
+        lat = results.get("latency", {})
+        desc = lat.get("targets", {}).get(lat.get("primary"), {}).get("description", lat.get("primary"))
+        return f"modeled latency per request (s): {desc}"
+    return {"latency_s": "wall-clock latency of the eval set on this machine (s)",
+            "flops": "analytic FLOPs of the eval set (re-prefill charged per token)"}[x]
+
+
 def plot_pareto(results: dict, path: str):
+    """Accuracy vs the primary (modeled) latency with 95% intervals on the frontier points, beside
+    the same grid against wall clock and FLOPs."""
     plt = _plt()
     grid = results.get("grid", [])
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for s in SCHEMES:
-        pts = [p for p in grid if p["scheme"] == s]
-        if not pts:
-            continue
-        color, marker, label = SCHEME_STYLE[s]
-        ax.scatter([p["latency_s"] for p in pts], [p["accuracy"] for p in pts], c=color, marker=marker, alpha=0.45,
-                   s=28, label=label)
-        front = [pts[i] for i in pareto_front(pts)]
-        ax.step([p["latency_s"] for p in front], [p["accuracy"] for p in front], where="post", color=color, lw=2)
-        for p in front:
-            ax.annotate(p["label"], (p["latency_s"], p["accuracy"]), fontsize=6, color=color,
-                        xytext=(3, -8), textcoords="offset points")
-    ax.set_xlabel("wall-clock latency of the eval set, think + answer (s)")
-    ax.set_ylabel("exact-match accuracy")
-    ax.set_title("accuracy vs latency: Pareto frontier per scheme (spec §9)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    x0 = latency_key(grid)
+    axes_x = [x0] + [k for k in ("latency_s", "flops") if k != x0]
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(6.5 * len(axes_x), 5), squeeze=False)
+    for ax, x in zip(axes[0], axes_x):
+        for s in SCHEMES:
+            pts = [p for p in grid if p["scheme"] == s]
+            if not pts:
+                continue
+            color, marker, label = SCHEME_STYLE[s]
+            ax.scatter([p[x] for p in pts], [p["accuracy"] for p in pts], c=color, marker=marker, alpha=0.45,
+                       s=28, label=label)
+            front = [pts[i] for i in pareto_front(pts, x)]
+            ax.step([p[x] for p in front], [p["accuracy"] for p in front], where="post", color=color, lw=2)
+            for p in front:
+                if p.get("correct"):
+                    lo, hi = bootstrap_ci(p["correct"], n_boot=500)
+                    ax.errorbar([p[x]], [p["accuracy"]], yerr=[[p["accuracy"] - lo], [hi - p["accuracy"]]],
+                                color=color, capsize=2, lw=1)
+                if x == x0:
+                    ax.annotate(p["label"], (p[x], p["accuracy"]), fontsize=6, color=color,
+                                xytext=(3, -8), textcoords="offset points")
+        ax.set_xlabel(_axis_label(results, x), fontsize=8)
+        ax.set_ylabel("accuracy")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.set_title("primary axis" if x == x0 else "for comparison", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("accuracy vs cost: Pareto frontier per scheme, 95% bootstrap intervals (spec §9)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     if not _inline():
         plt.close(fig)
     return fig
@@ -171,6 +319,92 @@ def _mb(n):
     return f"{n / 2**20:.2f} MiB"
 
 
+def _ms(mod) -> str:
+    return "n/a" if mod is None else f"{1e3 * mod['think_s']:.2f} / {1e3 * mod['answer_s']:.2f}"
+
+
+def _signed(v) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
+
+
+def _cis(ci) -> str:
+    return "" if not ci else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _acc(r: dict) -> str:
+    s = _fmt(r.get("accuracy"))
+    if r.get("scores"):
+        lo, hi = bootstrap_ci(r["scores"], n_boot=1000)
+        s += f" [{lo:.3f}, {hi:.3f}]"
+    return s
+
+
+def _diagnostics_md(results: dict, analysis: dict) -> list[str]:
+    rows = ([results["parent"]] if results.get("parent") else []) + results.get("nested", []) \
+        + [dict(b, name=f"baseline {b['name']}") for b in results.get("baselines", [])]
+    rows = [r for r in rows if r.get("accuracy_gold_trace") is not None]
+    if not rows:
+        return []
+    L = ["## Diagnostics: can this task test the per-phase claim?", "",
+         "Answer accuracy given the gold (reference) trace measures answer capacity; the exact-trace rate "
+         "(thinking, full budget, equal to the reference trace) measures thinking quality.", "",
+         "| model | answer accuracy given the gold trace | exact-trace rate | accuracy (own trace) |",
+         "|---|---|---|---|"]
+    for r in rows:
+        ci = bootstrap_ci(r["scores_gold_trace"], n_boot=1000) if r.get("scores_gold_trace") else None
+        L.append(f"| {r['name']} | {_fmt(r['accuracy_gold_trace'])}{'' if ci is None else f' [{ci[0]:.3f}, {ci[1]:.3f}]'}"
+                 f" | {_fmt(r.get('exact_trace'))} | {_fmt(r['accuracy'])} |")
+    v = analysis.get("verdict", {})
+    L += ["", f"**Verdict: the task {'CAN' if v.get('testable') else 'CANNOT'} test the per-phase claim** — "
+              f"{v.get('reason', '')}.", ""]
+    return L
+
+
+def _power_md(analysis: dict) -> list[str]:
+    pw = analysis.get("power")
+    if not pw:
+        return []
+    L = ["## Statistical power", "",
+         f"{pw['n_problems']} eval problems. 95% half-width at each observed accuracy (normal approximation) "
+         "and the problems a +-2-point interval would need:", "",
+         "| model | accuracy | bootstrap 95% CI | half-width | problems for +-0.02 |", "|---|---|---|---|---|"]
+    for r in pw["rows"]:
+        ci = r.get("ci")
+        L.append(f"| {r['name']} | {r['accuracy']:.3f} | {'n/a' if not ci else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | "
+                 f"{r['half_width']:.3f} | {r['needed_for_2pt']} |")
+    L += ["", "Every interval is within +-2 points." if pw["all_within_2pt"] else
+          "**Not every interval is within +-2 points** at this eval-set size (see the last column).", ""]
+    return L
+
+
+def _token_md(results: dict, analysis: dict) -> list[str]:
+    eff = analysis.get("token_efficiency")
+    if not eff:
+        return []
+    seen = results.get("nested_tokens", {})
+    L = ["## Token efficiency: nested models vs independently distilled baselines", "",
+         "Each baseline is the permuted parent pruned to the nested model's router-chosen widths and distilled "
+         "alone on a multiple of the tokens that nested model saw inside the elastic run (its expected share of "
+         "the sampled budgets). The baselines inherit the router's width search for free: the cost of finding "
+         "their architecture is not charged to them.", "",
+         "| size | tokens the nested model saw | baseline multiple | baseline tokens | baseline accuracy |",
+         "|---|---|---|---|---|"]
+    for r in results.get("token_sweep", []):
+        L.append(f"| {r['name']} | {seen.get(r['name'], 0):,.0f} | {_fmt(r.get('multiple'))} | "
+                 f"{r['train_tokens']:,} | {_acc(r)} |")
+    L += ["", "| size | nested accuracy | tokens-to-match multiple (95% CI) |", "|---|---|---|"]
+    for n, e in eff.items():
+        m = e.get("multiple")
+        ci = e.get("ci")
+        fm = lambda v: v if isinstance(v, str) else f"{v:.2f}x"
+        L.append(f"| {n} | {_fmt(e.get('nested_accuracy'))} | "
+                 f"{'n/a' if m is None else fm(m)}{'' if not ci else f' [{fm(ci[0])}, {fm(ci[1])}]'} |")
+    L += ["", "A multiple above 1 means a baseline needs more tokens than the nested model saw to match it "
+              "(the paper's claim, in miniature: 7x / 360x fewer tokens); '<= m' means the smallest swept "
+              "baseline already matches, '> m' that none does.", ""]
+    return L
+
+
 def render_markdown(results: dict, analysis: dict) -> str:
     L = [f"# {results.get('title', 'Star Elastic run')}", ""]
     t = results.get("timing", {})
@@ -185,21 +419,25 @@ def render_markdown(results: dict, analysis: dict) -> str:
     # ---- accuracy table
     par = results.get("parent")
     base = {b["name"]: b for b in results.get("baselines", [])}
+    nmb = analysis.get("nested_minus_baseline", {})
     L += ["## Accuracy of each nested model vs its independent baseline and the parent", "",
+          "Intervals: 95% bootstrap over the eval problems (differences: paired, the same problems).", "",
           "| model | params | active params | accuracy (full thinking) | accuracy (no thinking) | "
           "baseline accuracy | baseline no-thinking | nested - baseline |",
           "|---|---|---|---|---|---|---|---|"]
     if par:
-        L.append(f"| parent | {par['params']:,} | {par['active_params']:,} | {_fmt(par['accuracy'])} | "
+        L.append(f"| parent | {par['params']:,} | {par['active_params']:,} | {_acc(par)} | "
                  f"{_fmt(par.get('accuracy_no_thinking'))} | - | - | - |")
     for n in results.get("nested", []):
         b = base.get(n["name"])
         diff = None if b is None else n["accuracy"] - b["accuracy"]
-        L.append(f"| nested {n['name']} | {n['params']:,} | {n['active_params']:,} | {_fmt(n['accuracy'])} | "
-                 f"{_fmt(n.get('accuracy_no_thinking'))} | {_fmt(None if b is None else b['accuracy'])} | "
+        ci = nmb.get(n["name"], {}).get("ci")
+        L.append(f"| nested {n['name']} | {n['params']:,} | {n['active_params']:,} | {_acc(n)} | "
+                 f"{_fmt(n.get('accuracy_no_thinking'))} | {'n/a' if b is None else _acc(b)} | "
                  f"{_fmt(None if b is None else b.get('accuracy_no_thinking'))} | "
-                 f"{'n/a' if diff is None else f'{diff:+.3f}'} |")
+                 f"{'n/a' if diff is None else f'{diff:+.3f}'}{_cis(ci)} |")
     L.append("")
+    L += _diagnostics_md(results, analysis) + _power_md(analysis) + _token_md(results, analysis)
     wins = [n["name"] for n in results.get("nested", []) if n["name"] in base
             and n["accuracy"] >= base[n["name"]]["accuracy"]]
     loses = [n["name"] for n in results.get("nested", []) if n["name"] in base
@@ -234,41 +472,72 @@ def render_markdown(results: dict, analysis: dict) -> str:
     # ---- budget control
     grid = results.get("grid", [])
     if grid:
+        x = analysis.get("x_axis", "latency_s")
+        modeled = x == "latency_model_s"
+        lat = results.get("latency", {})
+        prim = lat.get("primary")
         L += ["## Budget control vs thinking-token truncation (spec §9)", "",
-              f"Thinking budgets: {results.get('grid_budgets')}. Latency: wall-clock seconds to run the whole eval "
-              "set as one batch, thinking phase + answering phase (the answering model re-prefills prompt + trace "
-              "when it differs from the thinking model; the truncation baseline continues from its own cache). "
-              "FLOPs: analytic (2 x active params per token + attention).", "",
-              "| scheme | think -> answer | thinking budget | accuracy | latency (s) | think / answer (s) | "
-              "mean thinking tokens | forced </think> | GFLOPs |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              f"Thinking budgets: {results.get('grid_budgets')}. Two truncation baselines: the parent alone "
+              "(`parent_truncation`, the paper's baseline) and every nested model alone (`truncation`); "
+              "budget control = A thinks, B answers after re-prefilling prompt + trace (bucketed to a multiple "
+              "of 8).", ""]
+        if modeled:
+            L += [f"**Primary axis: modeled latency per request on `{prim}`** "
+                  f"({lat.get('targets', {}).get(prim, {}).get('description', '')}; {lat.get('note', '')}). "
+                  "A decode step costs max(FLOPs / peak, bytes / bandwidth) + a per-step overhead, bytes = weights "
+                  "read (routed experts actually hit) + KV cache + SSM state (elastic_jax/eval/latency.py). "
+                  "Wall clock on this CPU and analytic FLOPs are shown for comparison.", "",
+                  "| target | peak FLOP/s | bandwidth (B/s) | overhead per step (s) |", "|---|---|---|---|"]
+            L += [f"| {k} ({t.get('description', '')}) | {t['peak_flops']:.3g} | {t['hbm_bandwidth']:.3g} | "
+                  f"{t['step_overhead_s']:.2g} |" for k, t in lat.get("targets", {}).items()]
+            L.append("")
+        pci = analysis.get("point_ci", {})
+        L += ["| scheme | think -> answer | thinking budget | accuracy [95% CI] | modeled think / answer (ms) | "
+              "wall (s) | mean thinking tokens | forced </think> | exact trace | GFLOPs |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for p in sorted(grid, key=lambda p: (p["scheme"], p["think_model"], p["answer_model"], p["thinking_budget"])):
+            ci = pci.get(p["label"] + ("" if p.get("family", "nested") == "nested" else " (parent)"))
+            mod = p.get("modeled", {}).get(prim) if modeled else None
             L.append(f"| {p['scheme']} | {p['think_model']} -> {p['answer_model']} | {p['thinking_budget']} | "
-                     f"{p['accuracy']:.3f} | {p['latency_s']:.3f} | {p['think_latency_s']:.3f} / "
-                     f"{p['answer_latency_s']:.3f} | {p['mean_thinking_tokens']:.1f} | {p['forced_frac']:.2f} | "
-                     f"{p['flops'] / 1e9:.3f} |")
+                     f"{p['accuracy']:.3f}{'' if not ci else f' [{ci[0]:.3f}, {ci[1]:.3f}]'} | "
+                     f"{_ms(mod)} | "
+                     f"{p['latency_s']:.3f} | {p['mean_thinking_tokens']:.1f} | {p['forced_frac']:.2f} | "
+                     f"{_fmt(p.get('exact_trace'), 2)} | {p['flops'] / 1e9:.3f} |")
         L.append("")
         for s, front in analysis.get("frontiers", {}).items():
-            L.append(f"- Pareto frontier of **{s}**: {', '.join(front)}")
+            L.append(f"- Pareto frontier of **{s}** ({x}): {', '.join(front)}")
         L.append("")
-        d = analysis.get("budget_control_vs_truncation")
-        if d:
-            L += [f"Budget-control frontier points that dominate truncation-frontier points "
+        v = analysis.get("verdict", {})
+        if v and not v.get("testable"):
+            L += [f"**No conclusion about the per-phase claim is drawn from this grid**: the diagnostics say the "
+                  f"task cannot test it ({v.get('reason', '')}). The comparisons below are reported, not "
+                  "interpreted.", ""]
+        for suffix, what in (("_parent", "the parent alone"), ("", "each nested model alone")):
+            d = analysis.get("budget_control_vs_truncation" + suffix)
+            if not d:
+                continue
+            L += [f"### Against truncation of {what}", "",
+                  f"Budget-control frontier points that dominate truncation-frontier points on the primary axis "
                   f"({100 * d['baseline_dominated_frac']:.0f}% of the truncation frontier is dominated):"]
             L += [f"- {w['point']} dominates {', '.join(w['dominates'])}" for w in d["dominating"]] or ["- none"]
             L += [f"Truncation-frontier points no budget-control point dominates: "
                   f"{', '.join(d['baseline_undominated']) or 'none'}."]
-            r = analysis.get("truncation_vs_budget_control")
+            r = analysis.get("truncation_vs_budget_control" + suffix)
             L += [f"Conversely, {100 * r['baseline_dominated_frac']:.0f}% of the budget-control frontier is "
-                  f"dominated by truncation points.", ""]
-        m = analysis.get("matched_latency")
-        if m:
-            L += ["Accuracy at matched latency (best budget-control point no slower than each truncation frontier "
-                  "point):", "", "| truncation point | its accuracy | latency (s) | best budget control | its accuracy |",
-                  "|---|---|---|---|---|"]
-            L += [f"| {r['truncation']} | {r['truncation_accuracy']:.3f} | {r['latency_s']:.3f} | "
-                  f"{r['best_budget_control'] or 'none'} | {_fmt(r['best_budget_control_accuracy'])} |" for r in m]
-            L.append("")
+                  f"dominated by truncation points."]
+            fl, wl = analysis.get("flops_axis" + suffix), analysis.get("wall_axis" + suffix)
+            L += [f"On the FLOPs axis {100 * fl['baseline_dominated_frac']:.0f}% and on wall clock "
+                  f"{100 * wl['baseline_dominated_frac']:.0f}% of the truncation frontier is dominated.", ""]
+            m = analysis.get("matched_latency" + suffix)
+            if m:
+                L += ["Accuracy at matched cost (best budget-control point no slower on the primary axis than each "
+                      "truncation frontier point; paired 95% CI of the difference):", "",
+                      "| truncation point | its accuracy | cost | best budget control | its accuracy | difference |",
+                      "|---|---|---|---|---|---|"]
+                L += [f"| {r['baseline']} | {r['baseline_accuracy']:.3f} | {r['x']:.4g} | {r['best'] or 'none'} | "
+                      f"{_fmt(r['best_accuracy'])} | {_signed(r['diff'])}"
+                      f"{_cis(r['diff_ci'])} |" for r in m]
+                L.append("")
         if any(p["scheme"] == "transplant" for p in grid):
             L += ["Cache transplant (B continues from A's caches, no re-prefill) is an approximation, reported "
                   "separately; its latency is measured on the masked (unsliced) views, so compare its accuracy "

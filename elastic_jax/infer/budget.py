@@ -4,7 +4,8 @@ Phase 1 (think): A decodes after the prompt (which ends with `<think>`) until it
 or has produced `thinking_budget` thinking tokens; in the latter case `</think>` is forced.
 Phase 2 (answer):
   * B != A (the Star Elastic scheme): B re-prefills prompt + trace + `</think>` (left-padded
-    batch) and decodes the answer. The re-prefill is counted in the answer phase's latency and
+    batch, padded to the longest row rounded up to a multiple of 8: `bucket_length`) and decodes
+    the answer. The re-prefill is counted in the answer phase's latency and
     FLOPs, as in the paper's measurements (vLLM cannot reuse the other model's cache).
   * B == A (the baseline, "standard budget control" by thinking-token truncation): the same model
     simply continues from its own cache after the forced `</think>`; no re-prefill.
@@ -186,6 +187,17 @@ def _block(x):
     return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 
 
+REPREFILL_BUCKET = 8
+
+
+def bucket_length(n: int, multiple: int = REPREFILL_BUCKET) -> int:
+    """`n` rounded up to a multiple of `multiple`: the padded length of a re-prefill (the batch's
+    longest prompt + trace, not the decode capacity), so few shapes compile and little is padding."""
+    if n <= 0 or multiple <= 0:
+        raise ValueError(f"bucket_length: n={n} and multiple={multiple} must be > 0")
+    return -(-int(n) // multiple) * multiple
+
+
 def left_pad(seqs, length: int, pad: int):
     """Left-pad int sequences to `length`: (tokens [B, length] int32, valid [B, length] bool)."""
     toks = np.full((len(seqs), length), pad, np.int32)
@@ -229,6 +241,7 @@ class BudgetOutput:
     think: PhaseStats
     answer: PhaseStats
     transplant: bool = False
+    reprefill_length: int = 0       # padded length of the answering model's re-prefill (0: none)
 
     @property
     def latency_s(self) -> float:
@@ -314,10 +327,11 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
     # ---------------- phase 2: answer
     b_cfg, b_params, b_w = model.masked_view(answer_model) if transplant else model.view(answer_model)
     t0 = time.perf_counter()
-    prefill_tokens = 0
+    prefill_tokens = reprefill_length = 0
     if not (same or transplant):
         full = [p + t + [specials.end_think] for p, t in zip(prompts, think_tokens)]
-        L2 = P + max_thinking + 1
+        L2 = min(bucket_length(max(len(f) for f in full), REPREFILL_BUCKET), need)   # actual length, bucketed
+        reprefill_length = L2
         toks2, valid2 = left_pad(full, L2, specials.pad)
         logits, cache = _prefill(b_params, jnp.asarray(toks2), jnp.asarray(valid2), b_w, cfg=b_cfg, max_len=need)
         prefill_tokens = sum(len(f) for f in full)
@@ -345,7 +359,7 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
                         flops=ans_flops)
     return BudgetOutput(think_model=think_model, answer_model=answer_model, thinking_budget=int(thinking_budget),
                         think_tokens=think_tokens, forced=forced, answer_tokens=answer_tokens, think=think,
-                        answer=answer, transplant=bool(transplant))
+                        answer=answer, transplant=bool(transplant), reprefill_length=int(reprefill_length))
 
 
 def _span_flops(model: ElasticModel, name: str, start: int, stop: int) -> float:

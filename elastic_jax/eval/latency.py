@@ -1,0 +1,354 @@
+"""Roofline latency model of generation (spec §9: the paper measures budget control on H100 GPUs).
+
+A forward call that runs `new` tokens per row for `batch` rows, with `context` positions already
+cached, costs
+
+    max(FLOPs / peak_flops, bytes / hbm_bandwidth) + step_overhead_s
+
+bytes = the weights it reads (dense mixers, attention, Mamba, shared experts, the LM head, the
+embedding rows it looks up, and only the routed experts actually hit: min(E, batch * new * top-k)
+per MoE layer) + the KV cache read (attention) + the SSM and conv state read and written (Mamba).
+FLOPs = 2 x active parameters per token + the attention score / value products + the SSM update.
+A decode step is one such call with new = 1 (memory-bound at small batch); a prefill is one call
+with new = the prompt length (compute-bound). Activation traffic is ignored.
+
+The model is a pure function of (config, widths, profile, phase lengths, batch): `forward_cost`,
+`decode_cost`, `prefill_cost`, `generation_latency`. `scale_widths` maps a nested model's width
+fractions onto a larger architecture (e.g. the paper's 30B-A3B parent, `NANO3_30B_A3B`), so the tiny
+reproduction can be costed at the scale where the paper's claim lives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from ..config import NemotronHConfig
+from ..elastic.slicing import sliced_config
+from ..model.params import param_shapes
+from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareProfile:
+    """Peak dense bf16 FLOP/s, HBM bandwidth (bytes/s), fixed cost of one forward call (launches,
+    scheduling), bytes per weight / KV element (bf16 = 2) and per SSM state element (fp32 = 4)."""
+
+    name: str
+    peak_flops: float
+    hbm_bandwidth: float
+    step_overhead_s: float
+    weight_bytes: float = 2.0
+    cache_bytes: float = 2.0
+    state_bytes: float = 4.0
+
+    def __post_init__(self):
+        for f in ("peak_flops", "hbm_bandwidth"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"HardwareProfile.{f}={getattr(self, f)!r}: must be > 0")
+        if self.step_overhead_s < 0:
+            raise ValueError(f"HardwareProfile.step_overhead_s={self.step_overhead_s}: must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Datasheet numbers (dense bf16 tensor-core peak, HBM bandwidth); the per-call overhead is a typical
+# CUDA-graph / XLA step cost at batch 1, an assumption rather than a measurement.
+PROFILES = {
+    "h100": HardwareProfile("H100 SXM (bf16)", 989e12, 3.35e12, 15e-6),
+    "h200": HardwareProfile("H200 SXM (bf16)", 989e12, 4.8e12, 15e-6),
+    "tpu_v5p": HardwareProfile("TPU v5p chip (bf16)", 459e12, 2.765e12, 15e-6),
+}
+
+
+def get_profile(name_or_profile) -> HardwareProfile:
+    if isinstance(name_or_profile, HardwareProfile):
+        return name_or_profile
+    if name_or_profile not in PROFILES:
+        raise ValueError(f"unknown hardware profile {name_or_profile!r}; known: {sorted(PROFILES)} "
+                         "(or pass a HardwareProfile)")
+    return PROFILES[name_or_profile]
+
+
+def measure_host_profile(size: int = 512, repeats: int = 5) -> HardwareProfile:
+    """This machine, measured with JAX on its default device: matmul FLOP/s (f32, `size`^3), memory
+    bandwidth (a reduction over a 64 MiB array) and the dispatch cost of a tiny jitted call (medians)."""
+    import jax
+    import jax.numpy as jnp
+
+    def median_time(fn, *args):
+        jax.block_until_ready(fn(*args))
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+    a = jnp.ones((size, size), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    flops = 2.0 * size ** 3 / median_time(mm, a)
+    big = jnp.ones((16 * 2 ** 20,), jnp.float32)
+    red = jax.jit(lambda x: jnp.sum(x))
+    bw = big.nbytes / median_time(red, big)
+    tiny = jnp.ones((8,), jnp.float32)
+    overhead = median_time(jax.jit(lambda x: x + 1), tiny)
+    return HardwareProfile(f"this machine ({jax.default_backend()}, measured)", flops, bw, overhead,
+                           weight_bytes=4.0, cache_bytes=4.0, state_bytes=4.0)
+
+
+# ------------------------------------------------------------------------------ reference architectures
+NANO3_30B_A3B = NemotronHConfig(
+    vocab_size=131072, hidden_size=2688,
+    hybrid_override_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+    num_attention_heads=32, num_key_value_heads=2, head_dim=128, intermediate_size=1856,
+    mamba_num_heads=64, mamba_head_dim=64, n_groups=8, ssm_state_size=128, conv_kernel=4, chunk_size=128,
+    n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
+    routed_scaling_factor=2.5, max_position_embeddings=262144)
+"""Nemotron 3 Nano 30B-A3B (spec §2.2): the Star Elastic parent, ~31.6B total / ~3.2B active."""
+
+REFERENCE_MODELS = {"nano3_30b_a3b": NANO3_30B_A3B}
+
+
+def scale_widths(cfg: NemotronHConfig, widths: Widths | None, target: NemotronHConfig) -> Widths:
+    """The same width *fractions* as `widths` of `cfg`, on `target` (rounded to `target`'s group
+    divisibility, at least one group; per-layer values averaged over the layers of each kind)."""
+    widths = Widths() if widths is None else widths
+    kw = {}
+    for axis in ("hidden",) + tuple(PER_LAYER_AXES):
+        char = PER_LAYER_AXES.get(axis)
+        if char is not None and (not cfg.count(char) or not target.count(char)):
+            continue
+        if axis == "hidden":
+            frac = widths.hidden_size(cfg) / cfg.hidden_size
+        else:
+            vals = widths.per_layer(cfg, axis)
+            frac = float(np.mean([v / full_size(cfg, axis, i) for i, v in enumerate(vals)]))
+        full = full_size(target, axis)
+        div = divisor(target, axis)[0]
+        n = max(div, int(round(frac * full / div)) * div)
+        if axis == "moe_experts":
+            n = max(n, target.num_experts_per_tok)
+        kw[axis] = min(n, full)
+    return Widths(**kw)
+
+
+# ------------------------------------------------------------------------------ costs
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """FLOPs, bytes moved and modeled seconds (summed over the calls it covers)."""
+
+    flops: float
+    bytes: float
+    seconds: float
+    calls: int
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.flops + other.flops, self.bytes + other.bytes, self.seconds + other.seconds,
+                    self.calls + other.calls)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ZERO = Cost(0.0, 0.0, 0.0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+    """Per-call constants of one sliced submodel (bytes in elements; multiplied by the profile)."""
+
+    dense_weights: float         # every non-routed weight read once per call (embedding excluded)
+    expert_weights: tuple        # per MoE layer: (n experts, elements per expert, top-k)
+    active_matmul: float         # parameters one token multiplies (2x -> FLOPs), embedding excluded
+    hidden: int
+    kv_per_position: float       # K + V elements per cached position, all attention layers
+    attn_qk: float               # query heads x head_dim summed over attention layers
+    ssm_state: float             # SSM state elements per row, all Mamba layers
+    conv_state: float            # conv state elements per row, all Mamba layers
+    ssm_flops_per_token: float
+
+
+def _arch(cfg: NemotronHConfig, widths: Widths | None) -> _Arch:
+    sub = sliced_config(cfg, widths)
+    shapes = param_shapes(sub)
+    dense = float(np.prod(shapes["lm_head"]) + np.prod(shapes["norm_f"]))
+    active = float(np.prod(shapes["lm_head"]))
+    experts, kv, qk, ssm, conv, ssm_fl = [], 0.0, 0.0, 0.0, 0.0, 0.0
+    for i, layer in enumerate(shapes["layers"]):
+        char = sub.pattern[i]
+        dense += float(np.prod(layer["norm"]))
+        for name, shp in layer["mixer"].items():
+            n = float(np.prod(shp))
+            if char == "E" and name in ("up_proj", "down_proj"):
+                continue
+            dense += n
+            if len(shp) == 2 and name not in ("conv_x", "conv_B", "conv_C"):
+                active += n
+        if char == "E":
+            E, D, Ie = layer["mixer"]["up_proj"]
+            per_expert = 2.0 * D * Ie
+            experts.append((E, per_expert, sub.num_experts_per_tok))
+            active += per_expert * sub.num_experts_per_tok
+        elif char == "*":
+            kv += 2.0 * layer["mixer"]["k_proj"][1]
+            qk += float(layer["mixer"]["q_proj"][1])
+        elif char == "M":
+            H = layer["mixer"]["A_log"][0]
+            ssm += float(H * sub.mamba_head_dim * sub.ssm_state_size)
+            conv += float((sub.conv_kernel - 1) * (layer["mixer"]["conv_x"][1] + 2 * layer["mixer"]["conv_B"][1]))
+            ssm_fl += 6.0 * H * sub.mamba_head_dim * sub.ssm_state_size
+    return _Arch(dense, tuple(experts), active, sub.hidden_size, kv, qk, ssm, conv, ssm_fl)
+
+
+def _call_cost(arch: _Arch, profile: HardwareProfile, batch: int, new: int, context) -> Cost:
+    """Cost of calls running `new` tokens per row on top of `context` cached positions (an array:
+    one call per entry)."""
+    ctx = np.asarray(context, np.float64).reshape(-1)
+    tokens = float(batch * new)
+    expert_elems = sum(min(E, tokens * k) * per for E, per, k in arch.expert_weights)
+    weights = (arch.dense_weights + expert_elems + tokens * arch.hidden) * profile.weight_bytes
+    kv_read = batch * arch.kv_per_position * ctx * profile.cache_bytes
+    kv_write = tokens * arch.kv_per_position * profile.cache_bytes
+    state = 2.0 * batch * (arch.ssm_state * profile.state_bytes + arch.conv_state * profile.cache_bytes)
+    nbytes = weights + kv_read + kv_write + state
+    # attention: QK^T and AV over context + the causal part of the new block
+    attn_positions = new * ctx + new * (new + 1) / 2.0
+    flops = (2.0 * arch.active_matmul * tokens + 4.0 * arch.attn_qk * batch * attn_positions
+             + arch.ssm_flops_per_token * tokens)
+    secs = np.maximum(flops / profile.peak_flops, nbytes / profile.hbm_bandwidth) + profile.step_overhead_s
+    return Cost(float(np.sum(flops)), float(np.sum(nbytes)), float(np.sum(secs)), int(ctx.size))
+
+
+def forward_cost(cfg: NemotronHConfig, widths: Widths | None, profile, *, batch: int, new_tokens: int,
+                 context: int = 0) -> Cost:
+    """One forward call: `new_tokens` per row for `batch` rows after `context` cached positions."""
+    if batch <= 0 or new_tokens <= 0 or context < 0:
+        raise ValueError(f"forward_cost: batch={batch}, new_tokens={new_tokens} must be > 0 and "
+                         f"context={context} >= 0")
+    return _call_cost(_arch(cfg, widths), get_profile(profile), batch, new_tokens, [context])
+
+
+def prefill_cost(cfg: NemotronHConfig, widths: Widths | None, profile, *, batch: int, length: int) -> Cost:
+    """Prefill `length` positions per row in one call (empty cache)."""
+    if length <= 0:
+        return ZERO
+    return forward_cost(cfg, widths, profile, batch=batch, new_tokens=length, context=0)
+
+
+def decode_cost(cfg: NemotronHConfig, widths: Widths | None, profile, *, batch: int, start: int,
+                steps: int) -> Cost:
+    """`steps` decode steps (one token per row each), the first with `start` cached positions."""
+    if steps <= 0:
+        return ZERO
+    if batch <= 0 or start < 0:
+        raise ValueError(f"decode_cost: batch={batch} must be > 0 and start={start} >= 0")
+    return _call_cost(_arch(cfg, widths), get_profile(profile), batch, 1, np.arange(start, start + steps))
+
+
+def generation_latency(profile, *, think_cfg: NemotronHConfig, think_widths: Widths | None,
+                       answer_cfg: NemotronHConfig | None = None, answer_widths: Widths | None = None,
+                       batch: int = 1, prompt_len: int, think_steps: int, answer_steps: int,
+                       reprefill_len: int = 0) -> dict:
+    """Modeled seconds per phase of one budget-control request (spec §9).
+
+    think: prefill the prompt, decode `think_steps` tokens (the trace and `</think>`).
+    answer: when `reprefill_len` > 0 the answering model re-prefills that many positions (prompt +
+    trace + `</think>`, bucketed as run) and decodes `answer_steps`; otherwise the thinking model
+    continues from its own cache. Returns {"think_s", "answer_s", "total_s", "think_flops",
+    "answer_flops", "think_bytes", "answer_bytes"}.
+    """
+    answer_cfg = think_cfg if answer_cfg is None else answer_cfg
+    prof = get_profile(profile)
+    think = (prefill_cost(think_cfg, think_widths, prof, batch=batch, length=prompt_len)
+             + decode_cost(think_cfg, think_widths, prof, batch=batch, start=prompt_len, steps=think_steps))
+    start = prompt_len + think_steps
+    if reprefill_len > 0:
+        answer = (prefill_cost(answer_cfg, answer_widths, prof, batch=batch, length=reprefill_len)
+                  + decode_cost(answer_cfg, answer_widths, prof, batch=batch, start=reprefill_len,
+                                steps=answer_steps))
+    else:
+        answer = decode_cost(answer_cfg, answer_widths, prof, batch=batch, start=start, steps=answer_steps)
+    return {"think_s": think.seconds, "answer_s": answer.seconds, "total_s": think.seconds + answer.seconds,
+            "think_flops": think.flops, "answer_flops": answer.flops, "think_bytes": think.bytes,
+            "answer_bytes": answer.bytes}
+
+
+
+# ------------------------------------------------------------------------------ per-request latency of a grid point
+def _widths_key(cfg: NemotronHConfig, widths: Widths | None) -> tuple:
+    w = Widths() if widths is None else widths
+    per = tuple(w.per_layer(cfg, a) if cfg.count(c) else () for a, c in PER_LAYER_AXES.items())
+    return (w.hidden_size(cfg), per, w.layer_mask(cfg))
+
+
+_ARCH_CACHE: dict = {}
+
+
+def _arch_cached(cfg: NemotronHConfig, widths: Widths | None) -> _Arch:
+    key = (cfg, _widths_key(cfg, widths))
+    if key not in _ARCH_CACHE:
+        _ARCH_CACHE[key] = _arch(cfg, widths)
+    return _ARCH_CACHE[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyTarget:
+    """A named place to cost requests: a hardware profile, run either on the model itself
+    (`reference=None`) or on a reference architecture with the same width fractions (`scale_widths`)."""
+
+    key: str
+    profile: HardwareProfile
+    reference: NemotronHConfig | None = None
+    reference_name: str | None = None
+
+    @classmethod
+    def make(cls, profile, reference: str | None = None) -> "LatencyTarget":
+        prof = get_profile(profile)
+        if reference is not None and reference not in REFERENCE_MODELS:
+            raise ValueError(f"unknown reference architecture {reference!r}; known: {sorted(REFERENCE_MODELS)}")
+        pname = profile if isinstance(profile, str) else prof.name
+        return cls(key=pname + (f"@{reference}" if reference else ""), profile=prof,
+                   reference=REFERENCE_MODELS.get(reference), reference_name=reference)
+
+    def describe(self) -> str:
+        return self.profile.name + (f", widths mapped onto {self.reference_name}" if self.reference_name else
+                                    ", the model as trained")
+
+    def request_latency(self, cfg: NemotronHConfig, think_widths, answer_widths, *, prompt_len: int,
+                        think_steps: int, answer_steps: int, reprefill_len: int = 0) -> dict:
+        """`generation_latency` of one request (batch 1) on this target."""
+        if self.reference is not None:
+            tw, aw = (scale_widths(cfg, w, self.reference) for w in (think_widths, answer_widths))
+            cfg = self.reference
+        else:
+            tw, aw = think_widths, answer_widths
+        prof = self.profile
+        ta, aa = _arch_cached(cfg, tw), _arch_cached(cfg, aw)
+        think = _call_cost(ta, prof, 1, prompt_len, [0]) + _call_cost(
+            ta, prof, 1, 1, np.arange(prompt_len, prompt_len + think_steps))
+        if reprefill_len > 0:
+            answer = _call_cost(aa, prof, 1, reprefill_len, [0]) + (_call_cost(
+                aa, prof, 1, 1, np.arange(reprefill_len, reprefill_len + answer_steps)) if answer_steps else ZERO)
+        else:
+            start = prompt_len + think_steps
+            answer = _call_cost(aa, prof, 1, 1, np.arange(start, start + answer_steps)) if answer_steps else ZERO
+        return {"think_s": think.seconds, "answer_s": answer.seconds, "total_s": think.seconds + answer.seconds,
+                "think_flops": think.flops, "answer_flops": answer.flops}
+
+
+def mean_request_latency(target: LatencyTarget, cfg: NemotronHConfig, think_widths, answer_widths, rows) -> dict:
+    """Mean over `rows` = [(prompt_len, think_steps, answer_steps, reprefill_len)] of
+    `target.request_latency` (identical rows are costed once)."""
+    rows = [tuple(int(v) for v in r) for r in rows]
+    if not rows:
+        raise ValueError("mean_request_latency: no rows")
+    uniq = {}
+    for r in rows:
+        if r not in uniq:
+            uniq[r] = target.request_latency(cfg, think_widths, answer_widths, prompt_len=r[0], think_steps=r[1],
+                                             answer_steps=r[2], reprefill_len=r[3])
+    keys = next(iter(uniq.values())).keys()
+    return {k: float(np.mean([uniq[r][k] for r in rows])) for k in keys}
