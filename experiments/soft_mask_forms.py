@@ -1,6 +1,6 @@
 """Soft-mode masking, ours vs the official code's (issue 14; spec §4.2-4.3).
 
-    python experiments/soft_mask_forms.py [--out soft_mask_forms.json] [--steps 150] [--draws 16]
+    python experiments/soft_mask_forms.py [--out soft_mask_forms.json] [--steps 150] [--draws 16] [--seed 0]
 
 Ours: the Mamba mask multiplies x after the conv + SiLU and z; the FFN mask multiplies relu²(h).
 Official (Megatron --soft-mask): the Mamba mask multiplies z, x and dt at the in_proj output and the
@@ -88,10 +88,12 @@ def main():
     ap.add_argument("--out", default="soft_mask_forms.json")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--draws", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="model init, inputs and Gumbel draws")
     args = ap.parse_args()
-    params = ej.init_params(CFG, jax.random.PRNGKey(0))
+    S = 100000 * args.seed
+    params = ej.init_params(CFG, jax.random.PRNGKey(args.seed))
     blocks = {"mamba": params["layers"][0]["mixer"], "ffn": params["layers"][1]["mixer"]}
-    x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, CFG.hidden_size))
+    x = jax.random.normal(jax.random.PRNGKey(S + 1), (4, 16, CFG.hidden_size))
     res = {}
     for name, fn in BLOCKS.items():
         p = blocks[name]
@@ -108,7 +110,7 @@ def main():
                  ("ours", "official")}
         cos, ratio, rel = [], [], []
         for d in range(args.draws):
-            k = jax.random.PRNGKey(100 + d)
+            k = jax.random.PRNGKey(S + 100 + d)
             probs = pi(z0, k, 1.0)
             yo, yf = fn(p, x, probs, "ours"), fn(p, x, probs, "official")
             rel.append(float(jnp.linalg.norm(yo - yf) / jnp.linalg.norm(yo)))
@@ -136,7 +138,7 @@ def main():
             z, s = z0, tx.init(z0)
             for t in range(args.steps):
                 tau = 1.0 * (0.05 / 1.0) ** (t / max(args.steps - 1, 1))
-                z, s, _ = step(z, s, jax.random.PRNGKey(1000 + t), tau)
+                z, s, _ = step(z, s, jax.random.PRNGKey(S + 1000 + t), tau)
             choice = int(jnp.argmax(z))
             probs = pi(z, None, 0.05)
             r[f"{form}_choice_count"] = int(COUNTS[name][choice])
@@ -148,7 +150,8 @@ def main():
     for k in keys:
         print(f"{k:48s} " + " ".join(f"{res[b][k]:12.4g}" for b in res))
     with open(args.out, "w") as f:
-        json.dump({"steps": args.steps, "draws": args.draws, "target": TARGET, "blocks": res}, f, indent=1)
+        json.dump({"steps": args.steps, "draws": args.draws, "seed": args.seed, "target": TARGET, "blocks": res}, f,
+                  indent=1)
 
 
 if __name__ == "__main__":
