@@ -9,7 +9,8 @@ are exact (= the sliced layer); they differ only for a soft mixture m = Σ_i π_
 (e.g. relu²(m·h) = m²·relu²(h) vs m·relu²(h)).
 
 Both forms run the library's own layer functions (mamba_mixer / mlp_mixer); the official form is
-expressed by masking the projection / conv parameters (and no post-mask). On one tiny Mamba block and
+expressed here by masking the projection / conv parameters (and no post-mask), which is what
+`ElasticConfig(soft_mask_form="official")` computes (tests/test_soft_mask_form.py checks that). On one tiny Mamba block and
 one tiny FFN block (random init, random inputs) it measures
   1. hard one-hot π: max |y_ours − y_official| per option (both must be exact);
   2. soft π (τ = 1, `draws` Gumbel draws): relative output difference, and the cosine / norm ratio of
