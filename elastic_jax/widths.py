@@ -218,9 +218,15 @@ class SoftWidths:
     moe_ffn: Any
     layers: Any
     mamba_channels: Any = None     # None: full head dim (no channel masking work)
+    # static: where soft masks apply (equal for hard masks). "output": after conv+SiLU (Mamba x) and
+    # after relu² (FFN), so a soft FFN is the π-mixture of the nested FFNs. "official": the Megatron
+    # --soft-mask form: Mamba z, x, dt at the projection output and the conv-x weights/bias; the FFN
+    # before relu² (relu²(m·h) = m²·relu²(h) for a soft m)
+    mask_form: str = "output"
 
     @classmethod
-    def from_options(cls, cfg: NemotronHConfig, options: dict, probs: dict, layers=None) -> "SoftWidths":
+    def from_options(cls, cfg: NemotronHConfig, options: dict, probs: dict, layers=None,
+                     mask_form: str = "output") -> "SoftWidths":
         """Build from option lists (`options[axis]`: counts [n_opts] or [n_kind, n_opts]) and router
         probabilities (`probs[axis]`: [n_opts] homogeneous or [n_kind, n_opts] per layer).
         Axes missing from `options` are full. Concrete inputs are validated like `Widths`
@@ -245,7 +251,9 @@ class SoftWidths:
                     full = [full_size(cfg, axis, i) for i in range(n)]
                     out[axis] = (jnp.asarray(full, jnp.int32).reshape(n, 1), jnp.ones((n, 1), jnp.float32))
         gates = jnp.ones((cfg.num_hidden_layers,), jnp.float32) if layers is None else jnp.asarray(layers, jnp.float32)
-        return cls(**out, layers=gates)
+        if mask_form not in MASK_FORMS:
+            raise ValueError(f"SoftWidths.from_options: mask_form={mask_form!r}; must be one of {MASK_FORMS}")
+        return cls(**out, layers=gates, mask_form=mask_form)
 
 
 def check_options(cfg: NemotronHConfig, options: dict, probs: dict, layers=None) -> None:
@@ -293,9 +301,12 @@ def check_options(cfg: NemotronHConfig, options: dict, probs: dict, layers=None)
             raise ValueError("SoftWidths.from_options: every layer gate is 0 (every layer dropped); keep at least one")
 
 
+MASK_FORMS = ("output", "official")
+
 for _cls in (Widths, SoftWidths):
-    jax.tree_util.register_dataclass(_cls, data_fields=[f.name for f in dataclasses.fields(_cls)],
-                                     meta_fields=[])
+    _meta = ["mask_form"] if _cls is SoftWidths else []
+    jax.tree_util.register_dataclass(_cls, data_fields=[f.name for f in dataclasses.fields(_cls)
+                                                        if f.name not in _meta], meta_fields=_meta)
 
 
 def as_soft(cfg: NemotronHConfig, widths) -> SoftWidths | None:

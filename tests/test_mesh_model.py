@@ -61,12 +61,14 @@ def test_quantized_experts_under_mesh(mesh_results):
 
 def test_expert_parallel_loads_and_bf16(mesh_results):
     """Issue 14's per-expert loads come out of the expert-parallel MoE equal to one device's
-    (padding excluded); bf16 parameters: bf16 grouped matmuls at DEFAULT precision per shard."""
+    (padding excluded), also for soft widths in the official soft-mask form; bf16 parameters: bf16
+    grouped matmuls at DEFAULT precision per shard."""
     rows = mesh_results["moe"]
     assert len(rows) == 3
     n_valid_choices = (8 * 8 - 3) * 2                 # B·L tokens, 3 padding, top-2
     for r in rows:
         assert r["err"] < 1e-5 and r["load_err"] == 0 and r["load_total"] == n_valid_choices, r
+        assert r["soft_premask_err"] < 1e-5, r          # soft widths, official pre-relu² mask form
         assert r["bf16_err"] < 2e-2 and r["bf16_vs_f32"] < 5e-2, r
         assert r["ragged_dots"] and all(d == ["bfloat16", "(Precision.DEFAULT, Precision.DEFAULT)"]
                                         for d in r["ragged_dots"]), r

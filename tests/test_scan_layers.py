@@ -81,7 +81,8 @@ def test_gradients_equal_under_every_remat_policy(setup):
     params, tokens, _ = setup
     w = _soft(1)
 
-    axes = [f.name for f in dataclasses.fields(w) if f.name != "layers" and getattr(w, f.name) is not None]
+    axes = [f.name for f in dataclasses.fields(w)
+            if f.name not in ("layers", "mask_form") and getattr(w, f.name) is not None]
     floats = {"probs": {a: getattr(w, a)[1] for a in axes}, "gates": w.layers}
 
     def loss(p, fl, policy):      # differentiable in the parameters, the option probabilities and the gates

@@ -125,6 +125,10 @@ class ElasticConfig:
     scale_end: float = 10.0
     normalize_logits: bool = False             # z <- s·z/std(z) (Megatron --normalize-router-logits)
     hard_sample_prob: float = 0.004            # probability of a straight-through hard sample per step
+    # where soft masks apply (SoftWidths.mask_form; identical for hard masks): "output" (after the
+    # conv+SiLU / relu²) or "official" (Megatron --soft-mask: Mamba x, dt, conv-x; FFN before relu²).
+    # None = "output" (a None default keeps older runs resumable)
+    soft_mask_form: str | None = None
                                                # (official hard_sample_th = 0.996, spec §5.2)
     # ---- depth (Nemotron Elastic): layer-count options (fractions of / absolute layer counts) and the
     # importance ranking of the layers (most important first, `ej.elastic.rank_layers`)
@@ -208,6 +212,8 @@ class ElasticConfig:
                 bad(name, "must be > 0", getattr(self, name))
         if not 0.0 <= self.hard_sample_prob <= 1.0:
             bad("hard_sample_prob", "must be in [0, 1]", self.hard_sample_prob)
+        if self.soft_mask_form not in (None, "output", "official"):
+            bad("soft_mask_form", "must be None, 'output' or 'official'", self.soft_mask_form)
         if self.budget_target not in BUDGET_TARGETS:
             bad("budget_target", f"must be one of {BUDGET_TARGETS}", self.budget_target)
         if self.budget_weight < 0:

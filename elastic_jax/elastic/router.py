@@ -186,7 +186,8 @@ def route(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig, code, 
     if "layers" in mix:
         gates = depth_gates(ecfg, cfg, mix["layers"])
     widths_opts = {a: o for a, o in opts.items() if a != "layers"}      # depth enters as the gates
-    sw = SoftWidths.from_options(cfg, widths_opts, {a: mix[a] for a in widths_opts}, layers=gates)
+    sw = SoftWidths.from_options(cfg, widths_opts, {a: mix[a] for a in widths_opts}, layers=gates,
+                                 mask_form=ecfg.soft_mask_form or "output")
     return RouterOutput(probs=probs, choice=choice, soft_widths=sw)
 
 

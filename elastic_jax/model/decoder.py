@@ -30,6 +30,7 @@ from .scan import scan_blocks, stack_layers, unstack_layers, unstackable_reason
 
 def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, char: str, k, mixer_params) -> ElasticLayer:
     """Masks of the k-th layer of kind `char` (k may be traced: the scanned loop)."""
+    pre = sw.mask_form == "official"
     if char == "M":
         c, p = sw.mamba_heads[0][k], sw.mamba_heads[1][k]
         H = mixer_params["A_log"].shape[0]
@@ -41,18 +42,18 @@ def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, char: str, k, mixer_param
             eps_c, scale_c = norm_correction(cfg.mamba_head_dim, cc, cp)
             eps_f, scale = eps_f * eps_c, scale * scale_c
         return ElasticLayer(head_mask=prefix_mask(H, c, p, cfg.n_groups), norm_eps=eps_f, norm_scale=scale,
-                            active_heads=max_count(c, p) // cfg.n_groups, channel_mask=chan)
+                            active_heads=max_count(c, p) // cfg.n_groups, channel_mask=chan, premask=pre)
     if char == "*":
         c, p = sw.attn_heads[0][k], sw.attn_heads[1][k]
         nH = mixer_params["q_proj"].shape[1] // cfg.head_dim
         return ElasticLayer(head_mask=prefix_mask(nH, c, p, cfg.num_key_value_heads))
     if char == "-":
         c, p = sw.ffn[0][k], sw.ffn[1][k]
-        return ElasticLayer(ffn_mask=prefix_mask(mixer_params["up_proj"].shape[1], c, p))
+        return ElasticLayer(ffn_mask=prefix_mask(mixer_params["up_proj"].shape[1], c, p), premask=pre)
     c, p = sw.moe_ffn[0][k], sw.moe_ffn[1][k]
     return ElasticLayer(ffn_mask=prefix_mask(mixer_params["up_proj"].shape[2], c, p),
                         active_ffn=max_count(c, p),
-                        expert_counts=sw.moe_experts[0][k], expert_probs=sw.moe_experts[1][k])
+                        expert_counts=sw.moe_experts[0][k], expert_probs=sw.moe_experts[1][k], premask=pre)
 
 
 def constrain_hidden(h_BLD):

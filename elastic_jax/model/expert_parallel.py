@@ -45,7 +45,8 @@ def _spec(axes):
     return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
-def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, impl, precision, down_scale=None):
+def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, impl, precision, down_scale=None,
+                   premask=False):
     """relu² FFN of each row with its local expert (id E_local = padding row -> zero output), in the
     dtype of the operands (the compute dtype) with f32 accumulation at `precision`; `down_scale`:
     the FP8 input scale of a fake-quantized down projection (elastic_jax.quant)."""
@@ -55,9 +56,12 @@ def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, imp
     rows = rows_RD[order]
     h = kernels.gmm(rows, up_EDI, group_sizes, active_n=active_n, impl=impl, preferred_element_type=jnp.float32,
                     precision=precision)
-    h = relu2(h)
-    if ffn_mask is not None:
-        h = h * ffn_mask
+    if ffn_mask is not None and premask:     # official soft form: mask before relu²
+        h = relu2(h * ffn_mask)
+    else:
+        h = relu2(h)
+        if ffn_mask is not None:
+            h = h * ffn_mask
     h = h.astype(down_EID.dtype)
     if down_scale is not None:
         h = fp8_with_scale(h, down_scale)
@@ -118,6 +122,7 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
         rows = rows.astype(cdt)
         C = rows.shape[0]
         ffn_mask = active_n = None
+        premask = el_loc is not None and el_loc.premask
         if el_loc is not None:
             ffn_mask = el_loc.ffn_mask
             off = _linear_index(mlp_axes, mesh) * I_loc
@@ -133,14 +138,15 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
             recv = jax.lax.all_to_all(send, name, 0, 0)
             recv_e = jax.lax.all_to_all(send_e, name, 0, 0)
             out, h_amax = _local_experts(recv.reshape(n_ex * C, D), recv_e.reshape(-1), up, down, ffn_mask,
-                                         active_n, impl, prec, down_scale)
+                                         active_n, impl, prec, down_scale, premask)
             back = jax.lax.all_to_all(out.reshape(n_ex, C, D), name, 0, 0)
             out_sorted = back[dest, pos]
         else:
             e0 = _linear_index(sum_axes, mesh) * E_loc
             local = sorted_e - e0
             local = jnp.where((local >= 0) & (local < E_loc), local, E_loc)
-            out_sorted, h_amax = _local_experts(rows, local, up, down, ffn_mask, active_n, impl, prec, down_scale)
+            out_sorted, h_amax = _local_experts(rows, local, up, down, ffn_mask, active_n, impl, prec, down_scale,
+                                                premask)
         unsorted = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(T_loc, Kk, D)
         y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
         red = sum_axes + mlp_axes
@@ -151,7 +157,8 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
 
     el_spec = None
     if el is not None:
-        el_spec = ElasticLayer(ffn_mask=P(_spec(mlp_axes)), active_ffn=P(), expert_counts=P(), expert_probs=P())
+        el_spec = ElasticLayer(ffn_mask=P(_spec(mlp_axes)), active_ffn=P(), expert_counts=P(), expert_probs=P(),
+                               premask=el.premask)
     in_specs = (P(_spec(tok_axes), None), P(), P(),
                 P(_spec(ex_axes), None, _spec(mlp_axes)), P(_spec(ex_axes), _spec(mlp_axes), None), el_spec,
                 None if valid_T is None else P(_spec(tok_axes)))

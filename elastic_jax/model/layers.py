@@ -37,11 +37,13 @@ class ElasticLayer:
     expert_counts: Any = None     # E: [n_opts]
     expert_probs: Any = None      # E: [n_opts]
     channel_mask: Any = None      # M: [P] channels kept in every head (None = all)
+    premask: bool = False         # static: the official soft-mask form (SoftWidths.mask_form)
 
 
 jax.tree_util.register_dataclass(
     ElasticLayer, data_fields=["head_mask", "norm_eps", "norm_scale", "active_heads", "ffn_mask",
-                               "active_ffn", "expert_counts", "expert_probs", "channel_mask"], meta_fields=[])
+                               "active_ffn", "expert_counts", "expert_probs", "channel_mask"],
+    meta_fields=["premask"])
 
 
 @dataclass
@@ -120,8 +122,17 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     dt = dense(x_BLD, p["dt_proj"], ctx.policy)
     if ctx.valid is not None:
         xBC = xBC * ctx.valid[..., None].astype(xBC.dtype)
+    hm = None
+    if el is not None:
+        hm = (jnp.repeat(el.head_mask, P) if el.channel_mask is None else
+              (el.head_mask[:, None] * el.channel_mask[None, :]).reshape(H * P))
     w = jnp.concatenate([p["conv_x"], p["conv_B"], p["conv_C"]], axis=1)
     b = jnp.concatenate([p["conv_x_bias"], p["conv_B_bias"], p["conv_C_bias"]], axis=0)
+    if el is not None and el.premask:   # official soft form: x, dt at the projection, conv-x weights/bias
+        keep = jnp.concatenate([hm, jnp.ones((xBC.shape[-1] - H * P,), hm.dtype)])
+        xBC = xBC * keep.astype(xBC.dtype)
+        w, b = w * keep.astype(w.dtype), b * keep.astype(b.dtype)
+        dt = dt * el.head_mask.astype(dt.dtype)
     conv_ctx = cache["conv"] if ctx.decoding else jnp.zeros((B, K - 1, xBC.shape[-1]), xBC.dtype)
     seg = None if ctx.decoding else ctx.segment_ids
     conv_out = jax.nn.silu(_causal_conv(xBC, w, b, conv_ctx, seg).astype(jnp.float32)).astype(xBC.dtype)
@@ -129,10 +140,9 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     if ctx.valid is not None:  # padding leaves the state untouched: x = 0 and dt = 0 there
         xs = xs * ctx.valid[..., None].astype(xs.dtype)
     if el is not None:
-        hm = (jnp.repeat(el.head_mask, P) if el.channel_mask is None else
-              (el.head_mask[:, None] * el.channel_mask[None, :]).reshape(H * P)).astype(xs.dtype)
-        xs = xs * hm
-        z = z * hm
+        if not el.premask:
+            xs = xs * hm.astype(xs.dtype)
+        z = z * hm.astype(z.dtype)
     dt = jax.nn.softplus(dt.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32))
     lo, hi = cfg.time_step_limit
     dt = jnp.clip(dt, lo, hi)
@@ -217,9 +227,14 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx
 
 # ------------------------------------------------------------------------------ MLP
 def mlp_mixer(p, x_BLD, cfg, el: ElasticLayer | None, ctx, cache):
-    h = constrain(relu2(dense(x_BLD, p["up_proj"], ctx.policy)), ("batch", "length", "act_mlp"))
-    if el is not None:
-        h = h * el.ffn_mask.astype(h.dtype)
+    h = dense(x_BLD, p["up_proj"], ctx.policy)
+    if el is not None and el.premask:     # official soft form: mask before relu²
+        h = relu2(h * el.ffn_mask.astype(h.dtype))
+    else:
+        h = relu2(h)
+        if el is not None:
+            h = h * el.ffn_mask.astype(h.dtype)
+    h = constrain(h, ("batch", "length", "act_mlp"))
     return dense(h, p["down_proj"], ctx.policy), None
 
 
@@ -297,9 +312,12 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
     prec = ctx.policy.lax_precision(cdt)
     h = kernels.gmm(rows.astype(cdt), w_up.astype(cdt), group_sizes, active_n=active_n,
                     impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
-    h = relu2(h)
-    if el is not None:
-        h = h * el.ffn_mask
+    if el is not None and el.premask:     # official soft form: mask before relu²
+        h = relu2(h * el.ffn_mask)
+    else:
+        h = relu2(h)
+        if el is not None:
+            h = h * el.ffn_mask
     h, w_down = unwrap(h.astype(cdt), p["down_proj"])
     o = kernels.gmm(h.astype(cdt), w_down.astype(cdt), group_sizes, active_k=active_n,
                     impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)

@@ -183,6 +183,9 @@ class TrainConfig:
     sharding_rules: tuple = ()
     sharding_tolerance: float = 0.02
     expert_bias_rate: float = 1e-3      # aux-loss-free MoE balancing u (0 = off; train/balance.py)
+    # router samples per micro-batch, each on its own group of rows (Gumbel noise per data shard as the
+    # official code; set it to the data-parallel size). None = 1: one sample for the whole micro-batch
+    gumbel_groups: int | None = None
     # quantization-aware distillation (spec §10): "fp8" | "nvfp4" trains the fake-quantized student
     # (fixed scales from the parent, straight-through gradients) against the frozen teacher
     qad: str | None = None
@@ -220,6 +223,14 @@ class TrainConfig:
             if s.batch_size % self.microbatches:
                 _bad("TrainConfig", "microbatches", self.microbatches,
                      f"must divide the batch size of stage {s.name!r} ({s.batch_size})")
+        if self.gumbel_groups is not None:
+            if not (isinstance(self.gumbel_groups, int) and self.gumbel_groups >= 1):
+                _bad("TrainConfig", "gumbel_groups", self.gumbel_groups, "must be an int >= 1 or None")
+            for s in self.stages:
+                if s.batch_size % (self.microbatches * self.gumbel_groups):
+                    _bad("TrainConfig", "gumbel_groups", self.gumbel_groups,
+                         f"microbatches x gumbel_groups must divide the batch size of stage {s.name!r} "
+                         f"({s.batch_size})")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 _bad("TrainConfig", name, getattr(self, name), "must be >= 1")

@@ -76,7 +76,8 @@ def train_elastic(model_cfg: NemotronHConfig, elastic_cfg, train_cfg: TrainConfi
         router_params = init_router(model_cfg, elastic_cfg, jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 1))
     spec = StepSpec("elastic", model_cfg, model_cfg, elastic_cfg, train_cfg.kd_temperature, train_cfg.vocab_chunk,
                     train_cfg.microbatches, train_cfg.optim.freeze_model, train_cfg.optim.freeze_router,
-                    policy=train_cfg.policy, expert_bias_rate=train_cfg.expert_bias_rate)
+                    policy=train_cfg.policy, expert_bias_rate=train_cfg.expert_bias_rate,
+                    gumbel_groups=train_cfg.gumbel_groups or 1)
     quant_layers = None
     if train_cfg.qad is not None:
         from .. import quant

@@ -11,6 +11,11 @@ jittable function (spec §6.3, §7.2, §14.6-8; ANCHORS §7.8).
     router(one_hot(i)) -> Gumbel-softmax π -> SoftWidths  (hard sample w.p. hard_sample_prob)
     x_s = student final hidden (masked), x_t = stop_gradient(teacher final hidden)
     loss_m = mean_tokens KL_T(teacher ‖ student) + λ · budget_loss(π, budgets[i])
+With `gumbel_groups` = G > 1 the micro-batch's rows split into G groups (one per data shard when G
+is the data-parallel size, as the official code draws per rank): group g routes with
+fold_in(k_gumbel, g) / fold_in(k_hard, g) at the shared budget i, the student forward is vmapped
+over (rows, widths) of the groups, the KL is the mean over all rows and the budget loss the mean
+over groups. G = 1 is the single sample above, unchanged.
 Gradients are averaged over the M micro-batches (lax.scan), clipped, and applied by the two-group
 optimizer (optim.py). The NaN guard (`finite_checks`): a non-finite loss, gradient norm, update
 or new parameter leaves the whole state unchanged and is reported in `metrics["finite"]` (which
@@ -63,6 +68,7 @@ class StepSpec:
     quant: Any = None             # elastic_jax.quant.QuantSpec: QAD (state["quant"] holds the scales)
     policy: ComputePolicy | None = None     # runtime knobs of student and teacher (None: from the config)
     expert_bias_rate: float = 0.0      # aux-loss-free MoE balancing rate u (0 = off; balance.py)
+    gumbel_groups: int = 1             # elastic: router samples per micro-batch (one per data shard)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -71,6 +77,8 @@ class StepSpec:
             raise ValueError("mode='elastic' needs an ElasticConfig")
         if self.mode in ("elastic", "kd") and self.teacher_cfg is None:
             raise ValueError(f"mode={self.mode!r} needs the teacher config")
+        if not (isinstance(self.gumbel_groups, int) and self.gumbel_groups >= 1):
+            raise ValueError(f"StepSpec.gumbel_groups={self.gumbel_groups!r}: must be an int >= 1")
 
     @property
     def balances_experts(self) -> bool:
@@ -95,34 +103,65 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
     cfg = spec.model_cfg
     valid = segment_ids > 0
     aux = {}
+    G = spec.gumbel_groups if spec.mode == "elastic" else 1
+    if G > 1 and tokens.shape[0] % G:
+        raise ValueError(f"gumbel_groups={G} must divide the micro-batch size ({tokens.shape[0]} rows)")
     if spec.mode == "elastic":
         ecfg = spec.elastic_cfg
         k_gumbel, k_hard = jax.random.split(key)
         code = erouter.budget_code_from_index(ecfg, budget_idx)
-        hard = erouter.sample_hard(ecfg, k_hard) if ecfg.hard_sample_prob > 0 else False
-        rout = erouter.route(trainable["router"], cfg, ecfg, code, k_gumbel, tau, scale, hard=hard)
-        widths = rout.soft_widths
         budget = jnp.asarray(ecfg.budgets, jnp.float32)[budget_idx]
-        bl = ecost.budget_loss(cfg, ecfg, rout, budget, budget_idx == 0, budget_idx=budget_idx)
-        aux["choice"] = rout.choice
-        aux["expected"] = ecost.expected_widths(rout, ecfg, cfg)
+
+        def sample(kg, kh):    # one router sample (and its budget loss) at the shared budget
+            hard = erouter.sample_hard(ecfg, kh) if ecfg.hard_sample_prob > 0 else False
+            rout = erouter.route(trainable["router"], cfg, ecfg, code, kg, tau, scale, hard=hard)
+            bl = ecost.budget_loss(cfg, ecfg, rout, budget, budget_idx == 0, budget_idx=budget_idx)
+            return rout.soft_widths, bl, rout.choice, ecost.expected_widths(rout, ecfg, cfg)
+
+        if G == 1:
+            widths, bl, aux["choice"], aux["expected"] = sample(k_gumbel, k_hard)
+        else:     # one sample per data-shard group g: keys fold_in(k, g), the budget shared (spec §7.2)
+            fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+            widths, bl, choice, expected = jax.vmap(sample)(fold(k_gumbel, jnp.arange(G)),
+                                                            fold(k_hard, jnp.arange(G)))
+            bl = jnp.mean(bl)
+            aux["choice"] = jax.tree.map(lambda c: c[0], choice)               # group 0's choice
+            aux["expected"] = jax.tree.map(lambda e: jnp.mean(e, 0), expected)
     else:
         widths, bl = None, jnp.zeros((), jnp.float32)
+
+    def grouped(fn, p, tok, seg, w):
+        """fn(params, tokens, segment_ids, widths) -> (hidden [b, L, H], extra) on the whole micro-batch,
+        or vmapped over the G row groups (every group at its own widths): the hidden rows put back in
+        order, `extra` summed over the groups. The params enter broadcast to [G, ...] (their gradient
+        sums over the groups) because lax.ragged_dot (MoE) batches only when all its operands do."""
+        if G == 1:
+            return fn(p, tok, seg, w)
+        split = lambda a: a.reshape((G, a.shape[0] // G) + a.shape[1:])
+        pg = jax.tree.map(lambda a: jnp.broadcast_to(a, (G,) + a.shape), p)
+        h, extra = jax.vmap(fn)(pg, split(tok), split(seg), w)
+        return h.reshape((-1,) + h.shape[2:]), jax.tree.map(lambda e: jnp.sum(e, 0), extra)
+
     qs = None
     if spec.quant is not None:
         from ..quant.state import QuantState
         qs = QuantState(spec.quant, quant_layers)
         if x_teacher is None and spec.mode != "lm":   # QAD teacher: the frozen model at the same widths
             tw = None if widths is None else jax.lax.stop_gradient(widths)
-            x_teacher = jax.lax.stop_gradient(_constrain(final_hidden(
-                teacher_params, tokens, spec.teacher_cfg, tw, segment_ids=segment_ids, policy=spec.policy),
-                act_sharding))
+            x_teacher, _ = grouped(lambda p, tok, seg, w: (final_hidden(
+                p, tok, spec.teacher_cfg, w, segment_ids=seg, policy=spec.policy), ()),
+                teacher_params, tokens, segment_ids, tw)
+            x_teacher = jax.lax.stop_gradient(_constrain(x_teacher, act_sharding))
     if spec.balances_experts:
-        x_s, loads = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy,
-                                  return_expert_load=True)
-        aux["expert_load"] = jnp.stack(loads)                                   # [n_moe, E]
+        def student(p, tok, seg, w):
+            x, loads = final_hidden(p, tok, cfg, w, segment_ids=seg, quant=qs, policy=spec.policy,
+                                    return_expert_load=True)
+            return x, jnp.stack(loads)                                          # [n_moe, E]
+        x_s, aux["expert_load"] = grouped(student, params, tokens, segment_ids, widths)
     else:
-        x_s = final_hidden(params, tokens, cfg, widths, segment_ids=segment_ids, quant=qs, policy=spec.policy)
+        x_s, _ = grouped(lambda p, tok, seg, w: (final_hidden(p, tok, cfg, w, segment_ids=seg, quant=qs,
+                                                              policy=spec.policy), ()),
+                         params, tokens, segment_ids, widths)
     x_s = _constrain(x_s, act_sharding)
     if spec.mode == "lm":
         tgt, mask = next_token_targets(tokens, segment_ids)

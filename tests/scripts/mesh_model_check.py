@@ -200,13 +200,17 @@ def moe_checks(out):
     (padding excluded), on the all-to-all and the psum layouts; bf16 parameters run the expert
     matmuls in bf16 at DEFAULT precision (bf16 ragged_dot at HIGHEST does not compile for TPU) and
     stay within bf16 tolerance of one device."""
-    from elastic_jax.model.layers import Context, moe_mixer
+    from elastic_jax.model.layers import Context, ElasticLayer, moe_mixer
     p = ej.init_params(CFG, jax.random.PRNGKey(0))["layers"][3]["mixer"]
     x = jax.random.normal(jax.random.PRNGKey(1), (B, L, CFG.hidden_size))
     valid = jnp.ones((B, L), bool).at[0, -3:].set(False)
+    Ie = CFG.moe_intermediate_size
+    # a soft mixture of expert counts and widths in the official (pre-relu²) soft-mask form
+    soft = ElasticLayer(ffn_mask=jnp.where(jnp.arange(Ie) < Ie // 2, 1.0, 0.3), active_ffn=jnp.int32(Ie),
+                        expert_counts=jnp.array([8, 4]), expert_probs=jnp.array([0.6, 0.4]), premask=True)
 
-    def fwd(p, x):
-        y, aux = moe_mixer(p, x, CFG, None, Context(valid=valid), None)
+    def fwd(p, x, el=None):
+        y, aux = moe_mixer(p, x, CFG, el, Context(valid=valid), None)
         return y.astype(jnp.float32), aux["expert_load"]
 
     def rel(a, b):
@@ -214,6 +218,7 @@ def moe_checks(out):
     p16, x16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p), x.astype(jnp.bfloat16)
     ref, ref_load = jax.jit(fwd)(p, x)
     ref16 = jax.jit(fwd)(p16, x16)[0]
+    ref_soft = jax.jit(fwd)(p, x, soft)[0]
     out["moe"] = []
     for name, shape, rules in (("expert=8", (1, 1, 1, 8), shd.DEFAULT_RULES),
                                ("data=2,expert=4, batch->data", (2, 1, 1, 4), shd.merge_rules([("batch", "data")])),
@@ -221,10 +226,11 @@ def moe_checks(out):
         with jax.set_mesh(make_mesh(MeshConfig(*shape))), shd.use_rules(rules):
             y, load = jax.jit(fwd)(p, x)
             y16 = jax.jit(fwd)(p16, x16)[0]
+            y_soft = jax.jit(fwd)(p, x, soft)[0]
             dots = ragged_dots(jax.make_jaxpr(fwd)(p16, x16))
         out["moe"].append({"mesh": name, "err": rel(y, ref), "load_err": float(jnp.max(jnp.abs(load - ref_load))),
                            "load_total": float(jnp.sum(load)), "bf16_err": rel(y16, ref16),
-                           "bf16_vs_f32": rel(y16, ref), "ragged_dots": dots})
+                           "bf16_vs_f32": rel(y16, ref), "ragged_dots": dots, "soft_premask_err": rel(y_soft, ref_soft)})
         print(out["moe"][-1], flush=True)
 
 
