@@ -186,8 +186,8 @@ def test_train_step_with_scan_equals_without(setup):
                 jax.random.PRNGKey(0))
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)                 # no "running the layers unrolled"
-            lengths = list(_scan_lengths(step.trace(*args).jaxpr))
-            return step(*args), lengths
+            traced = step.trace(*args)                                  # one trace, one compile
+            return traced.lower().compile()(*args), list(_scan_lengths(traced.jaxpr))
 
     ((sa, ma), la), ((sb, mb), lb) = run(None), run(SCAN)
     assert CFG.num_hidden_layers in lb and CFG.num_hidden_layers not in la
