@@ -17,6 +17,8 @@ ap.add_argument("meshes", nargs="+", help="data,fsdp,tensor,expert (one output p
 ap.add_argument("--procs", type=int, default=1)
 ap.add_argument("--proc-id", type=int, default=0)
 ap.add_argument("--port", type=int, default=0)
+ap.add_argument("--bf16", nargs="*", default=[], help="meshes to run again with bf16 parameters (the bf16 "
+                "compute policy); outputs under 'bf16:MESH/'")
 args = ap.parse_args()
 
 import jax  # noqa: E402
@@ -53,8 +55,12 @@ seg[0, 0, -3:] = 0              # some padding
 tx = make_optimizer(tcfg.optim, 10)
 spec = StepSpec("elastic", cfg, cfg, ecfg, tcfg.kd_temperature, tcfg.vocab_chunk, M)
 results = {}
-for mstr in args.meshes:
-    shape = tuple(int(x) for x in mstr.split(","))
+f32_student, f32_teacher = student, teacher
+for mstr in args.meshes + [f"bf16:{m}" for m in args.bf16]:
+    bf16 = mstr.startswith("bf16:")
+    cast = (lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)) if bf16 else (lambda t: t)
+    student, teacher = cast(f32_student), cast(f32_teacher)
+    shape = tuple(int(x) for x in mstr.removeprefix("bf16:").split(","))
     mc = MeshConfig(*shape)
     devices = jax.devices()[:mc.size]
     mesh = shd.make_mesh(mc, devices)
@@ -78,8 +84,8 @@ for mstr in args.meshes:
         new = multihost_utils.process_allgather(new, tiled=True)
     flat = jax.tree_util.tree_flatten_with_path({"params": new["params"], "router": new["router"]})[0]
     for path, leaf in flat:
-        results[f"{mstr}/{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
-    results[f"{mstr}/loss"] = np.asarray(m["loss"])
+        results[f"{mstr}/{jax.tree_util.keystr(path)}"] = np.asarray(leaf, np.float32)
+    results[f"{mstr}/loss"] = np.asarray(m["loss"], np.float32)
     results[f"{mstr}/budget_idx"] = np.asarray(m["budget_idx"])
     spec_names = {jax.tree_util.keystr(p): str(s.spec) for p, s in
                   jax.tree_util.tree_flatten_with_path(state_sh["params"])[0]}
