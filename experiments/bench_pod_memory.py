@@ -42,7 +42,7 @@ NANO3 = {
 
 
 def row(pattern: str, length: int, topology: str, attention: str, kernel_impl: str | None) -> dict:
-    cfg = ej.NemotronHConfig.from_hf(dict(NANO3, num_hidden_layers=len(pattern)), hybrid_override_pattern=pattern)
+    cfg = ej.NemotronHConfig.from_hf(dict(NANO3, num_hidden_layers=len(pattern), hybrid_override_pattern=pattern))
     devices = aot.tpu_devices(topology)
     mesh = make_mesh(MeshConfig(fsdp=len(devices)), devices=devices)
     policy = ej.ComputePolicy(attention_impl=attention, kernel_impl=kernel_impl)
