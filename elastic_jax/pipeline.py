@@ -33,6 +33,7 @@ from .infer.budget import ElasticModel, Specials, answer_generate
 from .infer.checkpoint import save_nested, save_standalone, widths_to_dict
 from .model import init_params
 from .eval.latency import LatencyTarget, measure_host_profile
+from .eval.quantized import QuantEvalConfig
 from .tasks import TaskTokenizer, check_answer, make_eval_set, trace_text
 from .train import TrainConfig, train_elastic, train_kd, train_lm
 from .train.metrics import read_jsonl
@@ -100,6 +101,8 @@ class StarElasticExperiment:
     # () = one baseline per size trained with `baseline_train` as given
     token_multiples: tuple[float, ...] = ()
     comparison_seed: int = 0                   # added to the elastic run's and the baselines' seeds
+    # quantized nested checkpoints (spec §10): FP8 / NVFP4 PTQ and NVFP4 QAD per budget, bytes on disk
+    quant: QuantEvalConfig = QuantEvalConfig()
 
     def __post_init__(self):
         if self.data.kind != "task":
@@ -287,6 +290,17 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
             base_rows.append(row)
     phases["eval_models"] = time.perf_counter() - t0
 
+    quant_results = None
+    if xp.quant.enabled:
+        from .eval.quantized import run_quant_stage
+        t0 = time.perf_counter()
+        quant_results = run_quant_stage(
+            xp.quant, cfg=cfg, ecfg=ecfg, el_train=el_train, teacher=el.params, router_params=el.router_params,
+            widths=widths, data_cfg=xp.data, data=data, calib_tokens=[b["tokens"] for b in calib],
+            eval_fn=lambda m: {n: _model_row(m, n, eval_set, tok, ev, gold, diagnostics=False) for n in names},
+            out_dir=out_dir, say=say, progress=xp.progress)
+        phases["quantization"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     targets = [LatencyTarget.make(ev.latency_profile, ev.latency_reference)]
     for prof in ev.latency_profiles:
@@ -338,6 +352,7 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                              "nested router.safetensors": nested_files.get("router.safetensors", 0),
                              **{f"separate {n}": v for n, v in sliced_bytes.items()}}},
         "grid": [p.to_dict() for p in grid],
+        "quantization": quant_results,
         "grid_budgets": list(ev.thinking_budgets),
         "notes": [("parent loaded from the finished run in parent/ (training skipped)"
                    if parent_res.resumed_from is not None and not parent_res.history else

@@ -10,12 +10,14 @@ with independently distilled baselines of the same sizes (each pruned from the p
 and distilled alone on 0.5x / 1x / 2x the tokens that nested model saw inside the elastic run; the
 report gives the multiple a baseline needs to match), and served with elastic budget control
 against two truncation baselines (the parent alone, every nested model alone), costed by the
-roofline latency model on H100 at the paper's 30B-A3B scale (elastic_jax/eval/latency.py).
+roofline latency model on H100 at the paper's 30B-A3B scale (elastic_jax/eval/latency.py), and
+quantized to FP8 / NVFP4 (PTQ, plus a short NVFP4 QAD) with every nested model's accuracy and KL.
 Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax/pipeline.py.
 """
 from elastic_jax import NemotronHConfig
 from elastic_jax.data import DataConfig
 from elastic_jax.elastic import ElasticConfig
+from elastic_jax.eval.quantized import QuantEvalConfig
 from elastic_jax.pipeline import EvalConfig, StarElasticExperiment
 from elastic_jax.train import OptimConfig, Stage, TrainConfig
 
@@ -55,4 +57,6 @@ def config(quick: bool = False) -> StarElasticExperiment:
         data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0),
         eval=EvalConfig(n_problems=n_eval, thinking_budgets=(8, 16, 24, 32), full_thinking=32,
                         transplant_pairs=((0.5, 1.0), (0.75, 1.0))),
+        # FP8 / NVFP4 PTQ and a short NVFP4 QAD of every nested model (off: --set quant.enabled=false)
+        quant=QuantEvalConfig(qad_steps=8 if quick else 40),
         title="Star Elastic on the embedded reasoning task" + (" (--quick smoke run)" if quick else ""))

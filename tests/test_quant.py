@@ -62,3 +62,44 @@ def test_quantized_model_stays_close_and_keeps_vectors():
         assert qp["embed"] is params["embed"]
         rel = float(jnp.linalg.norm(fwd(qp, t, cfg) - ref) / jnp.linalg.norm(ref))
         assert 0 < rel < tol, (fmt, rel)
+
+
+def test_e2m1_rounding_is_round_to_nearest_even_as_ml_dtypes():
+    # every midpoint of the grid (ties) and values around them, both signs, beyond 6 saturates
+    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    v = np.concatenate([mids, mids - 1e-3, mids + 1e-3, [0.0, 6.0, 6.5, 7.0]]).astype(np.float32)
+    v = np.concatenate([v, -v])
+    got = np.asarray(quant.formats._round_e2m1(jnp.clip(jnp.asarray(v), -6.0, 6.0)))
+    np.testing.assert_array_equal(got, v.astype(ml_dtypes.float4_e2m1fn).astype(np.float32))
+
+
+def _nvfp4_activation_reference(x, scale2):
+    """ModelOpt / cuBLAS NVFP4 activation quantization in numpy + ml_dtypes: per 16 along the last
+    axis, E4M3 block scale = e4m3(block amax / 6 / scale2) (saturating at 448), values E2M1."""
+    b = x.reshape(*x.shape[:-1], -1, 16).astype(np.float32)
+    block = np.minimum(np.abs(b).max(-1, keepdims=True) / 6.0 / scale2, 448.0)
+    block = block.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    bs = block * np.float32(scale2)
+    safe = np.where(bs > 0, bs, 1.0)
+    codes = np.clip(b / safe, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    return np.where(bs > 0, codes * bs, 0.0).reshape(x.shape)
+
+
+def test_nvfp4_activation_matches_reference_blocks():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 64)).astype(np.float32)
+    x[0, 0, :16] = 0.0                                   # a zero block
+    x[0, 1, 16:32] *= 1e-4                               # subnormal E4M3 block scales
+    x[1, 2, 32:48] *= 400.0                              # far past the calibrated range: saturates
+    x[2, 3, :16] = [6, 0.25, 0.75, 1.75, 3.5, 5, -0.75, -2.5, 1.25, 0, 2, 3, 4, 1, 0.5, -6]   # exact ties
+    scale2 = np.float32(6.0 / (6 * 448))                 # calibrated amax 6 -> the ties block has scale 1
+    got = np.asarray(quant.formats.nvfp4_activation(jnp.asarray(x), scale2))
+    ref = _nvfp4_activation_reference(x, scale2)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
+    assert np.all(got[0, 0, :16] == 0) and np.any(got[0, 1, 16:32] != 0)
+    np.testing.assert_array_equal(got[2, 3, :16], [6, 0, 1, 2, 4, 4, -1, -2, 1, 0, 2, 3, 4, 1, 0.5, -6])
+    assert np.abs(got[1, 2, 32:48]).max() <= 448 * 6 * scale2 + 1e-6     # saturated, not NaN
+    g = jax.grad(lambda v: jnp.sum(quant.formats.nvfp4_activation(v, scale2) * 3.0))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(g), 3.0)                        # straight-through
+    with pytest.raises(ValueError, match="block size"):
+        quant.formats.nvfp4_activation(jnp.ones((2, 24)), scale2)

@@ -73,6 +73,30 @@ def test_quantized_forward_is_close_but_not_equal(model, fmt):
     assert 0 < rel < (0.08 if fmt == "fp8" else 0.3), rel
 
 
+def test_nvfp4_activations_are_simulated_once_calibrated(model):
+    """A calibrated NVFP4 state also quantizes every quantized matmul's input (16-element blocks,
+    dynamic E4M3 scales, the calibrated FP32 input scale); `activations=False` or an uncalibrated
+    state simulates the weights only. A dense layer equals the matmul of the two references."""
+    import dataclasses
+    from elastic_jax.model.layers import dense
+    params, tokens, states, fwd = model
+    qs = states["nvfp4"]
+    assert qs.calibrated and float(qs.layers[1]["q_proj"]["input_scale"]) > 0
+    w4a4 = fwd(params, tokens, CFG, quant=qs)
+    w4a16 = fwd(params, tokens, CFG, quant=quant.QuantState(dataclasses.replace(qs.spec, activations=False), qs.layers))
+    bare = quant.init_quant_state(params, CFG, "nvfp4")
+    np.testing.assert_array_equal(np.asarray(fwd(params, tokens, CFG, quant=bare)), np.asarray(w4a16))
+    ref = fwd(params, tokens, CFG)
+    err = lambda q: float(jnp.linalg.norm(q - ref) / jnp.linalg.norm(ref))
+    assert err(w4a16) < err(w4a4) < 0.5, (err(w4a16), err(w4a4))
+    e = qs.layers[1]["q_proj"]
+    qw = quant.apply_layer(params["layers"][1]["mixer"], qs, 1)["q_proj"]
+    x = jax.random.normal(jax.random.PRNGKey(5), (3, CFG.hidden_size))
+    expect = quant.formats.nvfp4_activation(x, e["input_scale"]) @ quant.quantize_weight(
+        params["layers"][1]["mixer"]["q_proj"], e, "nvfp4")
+    np.testing.assert_allclose(np.asarray(dense(x, qw)), np.asarray(expect), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_quantized_masked_equals_quantized_sliced(model, fmt):
     params, tokens, states, fwd = model
@@ -88,6 +112,29 @@ def test_quantized_masked_equals_quantized_sliced(model, fmt):
         if axis == "all":
             assert any(float(jnp.max(jnp.abs(fresh.layers[i][k]["scale"] - sub_qs.layers[i][k]["scale"]))) > 0
                        for i in range(len(fresh.layers)) for k in fresh.layers[i])
+
+
+def test_elastic_model_serves_the_quantized_submodels(model):
+    """`ElasticModel(quant=)` threads the state through prefill and decode (the budget-control and
+    text paths): the masked view with the parent's state and the sliced view with the sliced state
+    give the quantized forward's logits, and one decoded token matches the forward of the longer
+    sequence."""
+    from elastic_jax.infer.budget import ElasticModel, _prefill
+    from elastic_jax.model.decoder import decode_step
+    params, tokens, states, fwd = model
+    qs, w = states["nvfp4"], WIDTHS["all"]
+    valid = jnp.ones(tokens.shape, bool)
+    ext = jnp.concatenate([tokens, tokens[:, :1]], axis=1)
+    expect = np.asarray(fwd(params, ext, CFG, w, quant=qs))
+    for mode in ("masked", "sliced"):
+        m = ElasticModel(CFG, params, {"n": w}, mode=mode, quant=qs)
+        c, p, ww = m.view("n")
+        q = m.quant_view("n")
+        assert (q is qs) == (mode == "masked")
+        logits, cache = _prefill(p, tokens, valid, ww, cfg=c, max_len=ext.shape[1], quant=q)
+        np.testing.assert_allclose(np.asarray(logits), expect[:, -2], atol=2e-5, err_msg=mode)
+        step, _ = decode_step(p, ext[:, -1:], cache, c, ww, quant=q)
+        np.testing.assert_allclose(np.asarray(step[:, -1]), expect[:, -1], atol=2e-5, err_msg=mode)
 
 
 def test_nvfp4_misaligned_slice_is_a_named_error(model):

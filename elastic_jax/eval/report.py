@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from .evaluate import SCHEMES, TRUNCATION_SCHEMES, dominance, pareto_front
+from .quantized import quant_markdown
 from .stats import bootstrap_ci, bootstrap_diff_ci, half_width, problems_needed
 
 PLOTS = ("pareto.png", "training_curves.png", "accuracy_per_budget.png")
@@ -542,6 +543,7 @@ def render_markdown(results: dict, analysis: dict) -> str:
             L += ["Cache transplant (B continues from A's caches, no re-prefill) is an approximation, reported "
                   "separately; its latency is measured on the masked (unsliced) views, so compare its accuracy "
                   "with the matching budget-control rows rather than its latency.", ""]
+    L += quant_markdown(results)
     if results.get("notes"):
         L += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     L += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS] + [""]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from functools import partial
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,7 @@ class ElasticModel:
     params: dict
     budgets: Mapping[str, Widths]
     mode: str = "masked"
+    quant: Any = None        # elastic_jax.quant.QuantState of `params`: every submodel runs fake-quantized
     _views: Mapping = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -59,16 +60,21 @@ class ElasticModel:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.budgets:
             raise ValueError("budgets must name at least one trained submodel")
-        views = {}
+        views, quants = {}, {}
         for name, w in self.budgets.items():
             if not isinstance(w, Widths):
                 raise ValueError(f"budgets[{name!r}] must be an ej.Widths, got {type(w).__name__}")
             if self.mode == "sliced":
                 sub_cfg, sub_params = slice_params(self.params, self.cfg, w)
                 views[name] = (sub_cfg, sub_params, None)
+                if self.quant is not None:
+                    from ..quant.state import slice_quant_state
+                    quants[name] = slice_quant_state(self.quant, self.params, self.cfg, w)
             else:
                 views[name] = (self.cfg, self.params, w.resolve(self.cfg))
+                quants[name] = self.quant
         object.__setattr__(self, "_views", views)
+        object.__setattr__(self, "_quants", quants)
 
     def names(self) -> tuple[str, ...]:
         return tuple(self.budgets)
@@ -84,6 +90,11 @@ class ElasticModel:
 
     def masked_view(self, name: str):
         return self.cfg, self.params, self.budgets[self.check_name(name)].resolve(self.cfg)
+
+    def quant_view(self, name: str, masked: bool = False):
+        """The quantization state (None: high precision) of `view(name)` (`masked_view` if `masked`)."""
+        self.check_name(name)
+        return self.quant if masked or self.quant is None else self._quants[name]
 
     def active_params(self, name: str) -> int:
         return param_count(self.cfg, self.budgets[self.check_name(name)], active=True)
@@ -111,8 +122,8 @@ def _freeze(done, new, old):
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_len"))
-def _prefill(params, tokens, valid, widths, *, cfg, max_len):
-    logits, cache = prefill(params, tokens, cfg, widths, max_len=max_len, valid=valid)
+def _prefill(params, tokens, valid, widths, *, cfg, max_len, quant=None):
+    logits, cache = prefill(params, tokens, cfg, widths, max_len=max_len, valid=valid, quant=quant)
     return logits[:, -1], cache
 
 
@@ -120,7 +131,7 @@ def _stops(stop_token):
     return jnp.asarray(stop_token if isinstance(stop_token, tuple) else (stop_token,), jnp.int32)
 
 
-def _decode_body(params, widths, key, s, *, cfg, stop_token, pad_token, temperature, top_p):
+def _decode_body(params, widths, key, s, *, cfg, stop_token, pad_token, temperature, top_p, quant=None):
     """One decode step of `_decode_loop` (shared with the per-token streaming path `_decode_one`)."""
     i, logits, cache, done, out, lengths, stopped = s
     tok = sample_logits(logits, jax.random.fold_in(key, i), temperature, top_p)
@@ -128,7 +139,7 @@ def _decode_body(params, widths, key, s, *, cfg, stop_token, pad_token, temperat
     out = out.at[:, i].set(tok)
     lengths = lengths + (~done).astype(jnp.int32)
     hit = jnp.isin(tok, _stops(stop_token)) & ~done
-    new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths)
+    new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths, quant=quant)
     cache = _freeze(done, new_cache, cache)
     logits = jnp.where(done[:, None], logits, new_logits[:, -1])
     return i + 1, logits, cache, done | hit, out, lengths, stopped | hit
@@ -142,7 +153,7 @@ def _decode_init(last_logits, cache, done0, capacity, pad_token):
 
 @partial(jax.jit, static_argnames=("cfg", "capacity", "stop_token", "pad_token", "temperature", "top_p"))
 def _decode_loop(params, widths, cache, last_logits, done0, limit, key, *, cfg, capacity, stop_token, pad_token,
-                 temperature, top_p):
+                 temperature, top_p, quant=None):
     """Decode up to `limit` (traced, <= capacity) tokens per row; a row stops after `stop_token`
     (an id or a tuple of ids). Returns (tokens [B, capacity], lengths [B], stopped [B], cache,
     last_logits). One compiled `lax.while_loop`, the cache in the carry."""
@@ -150,7 +161,7 @@ def _decode_loop(params, widths, cache, last_logits, done0, limit, key, *, cfg, 
         return (s[0] < limit) & ~jnp.all(s[3])
 
     body = partial(_decode_body, params, widths, key, cfg=cfg, stop_token=stop_token, pad_token=pad_token,
-                   temperature=temperature, top_p=top_p)
+                   temperature=temperature, top_p=top_p, quant=quant)
     init = _decode_init(last_logits, cache, done0, capacity, pad_token)
     _, logits, cache, _, out, lengths, stopped = jax.lax.while_loop(cond, body, init)
     return out, lengths, stopped, cache, logits
@@ -160,7 +171,7 @@ _decode_one = jax.jit(_decode_body, static_argnames=("cfg", "stop_token", "pad_t
 
 
 def decode_stream(params, widths, cache, last_logits, done0, limit: int, key, *, cfg, capacity, stop_token,
-                  pad_token, temperature, top_p):
+                  pad_token, temperature, top_p, quant=None):
     """The per-token fallback of `_decode_loop` (same arguments, same results): a Python loop over
     one jitted step that yields each step's tokens [B] (numpy) as soon as they exist, for
     streaming. The generator's return value (StopIteration.value) is `_decode_loop`'s tuple."""
@@ -169,16 +180,16 @@ def decode_stream(params, widths, cache, last_logits, done0, limit: int, key, *,
         if bool(np.all(np.asarray(s[3]))):
             break
         s = _decode_one(params, widths, key, s, cfg=cfg, stop_token=stop_token, pad_token=pad_token,
-                        temperature=temperature, top_p=top_p)
+                        temperature=temperature, top_p=top_p, quant=quant)
         yield np.asarray(s[4][:, int(s[0]) - 1])
     _, logits, cache, _, out, lengths, stopped = s
     return out, lengths, stopped, cache, logits
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def _force(params, widths, cache, last_logits, tok, need, *, cfg):
+def _force(params, widths, cache, last_logits, tok, need, *, cfg, quant=None):
     """Feed `tok` [B] to rows with need=True (others frozen)."""
-    new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths)
+    new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths, quant=quant)
     cache = _freeze(~need, new_cache, cache)
     return jnp.where(need[:, None], new_logits[:, -1], last_logits), cache
 
@@ -309,16 +320,17 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
 
     # ---------------- phase 1: think
     a_cfg, a_params, a_w = model.masked_view(think_model) if transplant else model.view(think_model)
+    a_q = model.quant_view(think_model, masked=transplant)
     toks, valid = left_pad(prompts, P, specials.pad)
     t0 = time.perf_counter()
-    logits, cache = _prefill(a_params, jnp.asarray(toks), jnp.asarray(valid), a_w, cfg=a_cfg, max_len=need)
+    logits, cache = _prefill(a_params, jnp.asarray(toks), jnp.asarray(valid), a_w, cfg=a_cfg, max_len=need, quant=a_q)
     out, lengths, stopped, cache, logits = _decode_loop(
         a_params, a_w, cache, logits, jnp.zeros((B,), bool), jnp.asarray(thinking_budget, jnp.int32), k_think,
-        cfg=a_cfg, capacity=max_thinking, stop_token=specials.end_think, pad_token=specials.pad, **sampling)
+        cfg=a_cfg, capacity=max_thinking, stop_token=specials.end_think, pad_token=specials.pad, quant=a_q, **sampling)
     forced = ~stopped
     if same or transplant:   # continue from this cache: feed the forced </think> to the truncated rows
         logits, cache = _force(a_params, a_w, cache, logits, jnp.full((B,), specials.end_think, jnp.int32), forced,
-                               cfg=a_cfg)
+                               cfg=a_cfg, quant=a_q)
     out, lengths, forced = _block((out, lengths, forced))
     t_think = time.perf_counter() - t0
     out, lengths, forced = np.asarray(out), np.asarray(lengths), np.asarray(forced)
@@ -326,6 +338,7 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
 
     # ---------------- phase 2: answer
     b_cfg, b_params, b_w = model.masked_view(answer_model) if transplant else model.view(answer_model)
+    b_q = model.quant_view(answer_model, masked=transplant)
     t0 = time.perf_counter()
     prefill_tokens = reprefill_length = 0
     if not (same or transplant):
@@ -333,11 +346,12 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
         L2 = min(bucket_length(max(len(f) for f in full), REPREFILL_BUCKET), need)   # actual length, bucketed
         reprefill_length = L2
         toks2, valid2 = left_pad(full, L2, specials.pad)
-        logits, cache = _prefill(b_params, jnp.asarray(toks2), jnp.asarray(valid2), b_w, cfg=b_cfg, max_len=need)
+        logits, cache = _prefill(b_params, jnp.asarray(toks2), jnp.asarray(valid2), b_w, cfg=b_cfg, max_len=need,
+                                 quant=b_q)
         prefill_tokens = sum(len(f) for f in full)
     ans, alen, _, _, _ = _decode_loop(
         b_params, b_w, cache, logits, jnp.zeros((B,), bool), jnp.asarray(max_answer_tokens, jnp.int32), k_answer,
-        cfg=b_cfg, capacity=max_answer_tokens, stop_token=specials.eos, pad_token=specials.pad, **sampling)
+        cfg=b_cfg, capacity=max_answer_tokens, stop_token=specials.eos, pad_token=specials.pad, quant=b_q, **sampling)
     ans, alen = _block((ans, alen))
     t_answer = time.perf_counter() - t0
     ans, alen = np.asarray(ans), np.asarray(alen)
@@ -400,14 +414,15 @@ def answer_generate(model: ElasticModel, prompts, *, submodel: str, specials: Sp
         raise ValueError(f"prompt length {P} + max_answer_tokens {max_answer_tokens} exceeds the context "
                          f"({model.cfg.max_position_embeddings} tokens)")
     cfg, params, w = model.view(submodel)
+    q = model.quant_view(submodel)
     toks, valid = left_pad(prompts, P, specials.pad)
     B = len(prompts)
     t0 = time.perf_counter()
-    logits, cache = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), w, cfg=cfg, max_len=need)
+    logits, cache = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), w, cfg=cfg, max_len=need, quant=q)
     ans, alen, _, _, _ = _decode_loop(params, w, cache, logits, jnp.zeros((B,), bool),
                                       jnp.asarray(max_answer_tokens, jnp.int32), jax.random.PRNGKey(0), cfg=cfg,
                                       capacity=max_answer_tokens, stop_token=specials.eos, pad_token=specials.pad,
-                                      temperature=0.0, top_p=1.0)
+                                      temperature=0.0, top_p=1.0, quant=q)
     ans, alen = _block((ans, alen))
     dt = time.perf_counter() - t0
     ans, alen = np.asarray(ans), np.asarray(alen)

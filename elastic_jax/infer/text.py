@@ -249,13 +249,14 @@ class TextGenerator:
         think_ids, forced, ended = [[] for _ in range(B)], np.zeros(B, bool), np.zeros(B, bool)
         if thinking:
             cfg, params, w = self.model.view(think_name)
+            q = self.model.quant_view(think_name)
             toks, valid = left_pad(ids, P, self.pad_id)
             t0 = time.perf_counter()
-            logits, cache = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), w, cfg=cfg, max_len=need)
+            logits, cache = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), w, cfg=cfg, max_len=need, quant=q)
             end_think = self.tokenizer.end_think_id
             out, lengths, stopped, cache, logits = self._decode(
                 "think", params, w, cache, logits, zeros, T, k_think, cfg=cfg, capacity=T,
-                stop_token=(end_think,) + self.eos_ids, stream=stream, stop_strings=(), **sampling)
+                stop_token=(end_think,) + self.eos_ids, stream=stream, stop_strings=(), quant=q, **sampling)
             out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
             last = out[np.arange(B), np.maximum(lengths - 1, 0)]
             ended = stopped & np.isin(last, self.eos_ids)         # the model finished while thinking
@@ -263,7 +264,7 @@ class TextGenerator:
             think_ids = [list(map(int, out[i, :lengths[i] - int(stopped[i])])) for i in range(B)]   # no stop token
             if think_name == answer_name:
                 logits, cache = _force(params, w, cache, logits, jnp.full((B,), end_think, jnp.int32),
-                                       jnp.asarray(forced), cfg=cfg)
+                                       jnp.asarray(forced), cfg=cfg, quant=q)
             jax.block_until_ready(logits)
             dt = time.perf_counter() - t0
             n_dec = np.asarray([len(t) + 1 for t in think_ids])
@@ -272,6 +273,7 @@ class TextGenerator:
 
         # ---------------- phase 2: answer (or the only phase)
         cfg, params, w = self.model.view(answer_name)
+        q = self.model.quant_view(answer_name)
         t0 = time.perf_counter()
         prefill_tokens, start = 0, plen.copy()
         if thinking:
@@ -280,11 +282,11 @@ class TextGenerator:
             seqs = ([p + t + [self.tokenizer.end_think_id] for p, t in zip(ids, think_ids)] if thinking else ids)
             L = P + (T + 1 if thinking else 0)
             toks, valid = left_pad(seqs, L, self.pad_id)
-            logits, cache = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), w, cfg=cfg, max_len=need)
+            logits, cache = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), w, cfg=cfg, max_len=need, quant=q)
             prefill_tokens = int(sum(len(s) for s in seqs))
         out, lengths, stopped, _, _ = self._decode(
             "answer", params, w, cache, logits, jnp.asarray(ended), A, k_answer, cfg=cfg, capacity=A,
-            stop_token=self.eos_ids, stream=stream, stop_strings=tuple(stop), **sampling)
+            stop_token=self.eos_ids, stream=stream, stop_strings=tuple(stop), quant=q, **sampling)
         out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
         dt = time.perf_counter() - t0
         flops = sum(_span_flops(self.model, answer_name, start[i], start[i] + lengths[i]) for i in range(B))

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from .. import kernels
-from ..quant.formats import fp8_with_scale
-from ..quant.qweight import QWeight
+from ..quant.qweight import QWeight, quantize_activation
 from ..sharding import current_rules, mesh_axes_for
 from .layers import ElasticLayer, expert_load, relu2, route
 
@@ -46,10 +45,10 @@ def _spec(axes):
 
 
 def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, impl, precision, down_scale=None,
-                   premask=False):
+                   premask=False, act_fmt="fp8"):
     """relu² FFN of each row with its local expert (id E_local = padding row -> zero output), in the
     dtype of the operands (the compute dtype) with f32 accumulation at `precision`; `down_scale`:
-    the FP8 input scale of a fake-quantized down projection (elastic_jax.quant)."""
+    the input scale of a fake-quantized down projection in `act_fmt` (elastic_jax.quant)."""
     E = up_EDI.shape[0]
     order = jnp.argsort(local_e_R)
     group_sizes = jnp.bincount(local_e_R, length=E + 1)[:E].astype(jnp.int32)
@@ -63,8 +62,7 @@ def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, imp
         if ffn_mask is not None:
             h = h * ffn_mask
     h = h.astype(down_EID.dtype)
-    if down_scale is not None:
-        h = fp8_with_scale(h, down_scale)
+    h = quantize_activation(h, down_scale, act_fmt)
     o = kernels.gmm(h, down_EID, group_sizes, active_k=active_n, impl=impl, preferred_element_type=jnp.float32,
                     precision=precision)
     return jnp.zeros_like(o).at[order].set(o), jnp.max(jnp.abs(h.astype(jnp.float32)))
@@ -90,6 +88,7 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
         up_q.observe(x_TD)              # every token is dispatched k times: same amax as the rows
     up_scale = None if up_q is None or up_q.observe is not None else up_q.input_scale
     down_scale = None if down_q is None or down_q.observe is not None else down_q.input_scale
+    act_fmt = next((q.fmt for q in (up_q, down_q) if q is not None), "fp8")
     tok_axes = mesh_axes_for("batch", T, mesh, rules)
     ex_axes = tuple(a for a in mesh_axes_for("experts", E, mesh, rules))
     mlp_axes = tuple(a for a in mesh_axes_for("expert_mlp", I, mesh, rules) if a not in tok_axes + ex_axes)
@@ -118,7 +117,7 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
         sorted_e = flat[order]
         rows = x[order // Kk]                                               # [C, D], C = T_loc·k
         if up_scale is not None:
-            rows = fp8_with_scale(rows, up_scale)
+            rows = quantize_activation(rows, up_scale, act_fmt)
         rows = rows.astype(cdt)
         C = rows.shape[0]
         ffn_mask = active_n = None
@@ -138,7 +137,7 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
             recv = jax.lax.all_to_all(send, name, 0, 0)
             recv_e = jax.lax.all_to_all(send_e, name, 0, 0)
             out, h_amax = _local_experts(recv.reshape(n_ex * C, D), recv_e.reshape(-1), up, down, ffn_mask,
-                                         active_n, impl, prec, down_scale, premask)
+                                         active_n, impl, prec, down_scale, premask, act_fmt)
             back = jax.lax.all_to_all(out.reshape(n_ex, C, D), name, 0, 0)
             out_sorted = back[dest, pos]
         else:
@@ -146,7 +145,7 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
             local = sorted_e - e0
             local = jnp.where((local >= 0) & (local < E_loc), local, E_loc)
             out_sorted, h_amax = _local_experts(rows, local, up, down, ffn_mask, active_n, impl, prec, down_scale,
-                                                premask)
+                                                premask, act_fmt)
         unsorted = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(T_loc, Kk, D)
         y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
         red = sum_axes + mlp_axes

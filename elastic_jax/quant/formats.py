@@ -31,10 +31,13 @@ def _to_e4m3(x):
 
 
 def _round_e2m1(x):
-    """Round |x| <= 6 to the nearest E2M1 value (ties to the even grid point)."""
+    """Round |x| <= 6 to the nearest E2M1 value, ties to the even code (mantissa bit 0, i.e. an even
+    grid index: 0.75 -> 1, 1.75 -> 2, 3.5 -> 4, 0.25 -> 0), as the hardware's round-to-nearest-even."""
     mag = jnp.abs(x)
     grid = jnp.asarray(_E2M1_GRID)
-    idx = jnp.argmin(jnp.abs(mag[..., None] - grid), axis=-1)
+    d = jnp.abs(mag[..., None] - grid)
+    odd = jnp.asarray(np.arange(_E2M1_GRID.size) % 2, jnp.float32)
+    idx = jnp.argmin(jnp.where(d == jnp.min(d, axis=-1, keepdims=True), odd, 2.0), axis=-1)
     return jnp.sign(x) * grid[idx]
 
 
@@ -119,6 +122,28 @@ def nvfp4_with_scales(x, block_scale, scale2, axis: int = -2):
     and second-level scale; straight-through gradient. A zero block scale gives a zero block."""
     x32 = x.astype(jnp.float32)
     codes, bs = nvfp4_codes(x32, block_scale, scale2, axis)
+    return _ste(x32, codes * bs).astype(x.dtype)
+
+
+def nvfp4_activation(x, scale2, axis: int = -1):
+    """NVFP4 fake quantization of an activation (a matmul's left operand), as NVFP4 kernels do it:
+    the E4M3 block scales are dynamic (per 16 elements along the reduction `axis`, from this
+    tensor's block amax) against the fixed per-tensor FP32 second-level scale `scale2` (the
+    calibrated ModelOpt `input_scale` = amax / (6 · 448); kernels use 1 / input_scale as the global
+    scale). A block whose amax exceeds the calibrated range saturates its E4M3 scale at 448.
+    Straight-through gradient."""
+    x32 = x.astype(jnp.float32)
+    s2 = jnp.asarray(scale2, jnp.float32)
+    n = x32.shape[axis]
+    if n % NVFP4_BLOCK:
+        raise ValueError(f"nvfp4: the activation's reduction axis has {n} elements; it must be a multiple of "
+                         f"the block size {NVFP4_BLOCK}")
+    shp = list(x32.shape)
+    ax = axis % x32.ndim
+    shp[ax:ax + 1] = [n // NVFP4_BLOCK, NVFP4_BLOCK]
+    block_amax = jnp.max(jnp.abs(x32.reshape(shp)), axis=ax + 1)
+    block = _to_e4m3(jnp.minimum(block_amax / FP4_MAX / s2, FP8_MAX))
+    codes, bs = nvfp4_codes(x32, block, s2, axis)
     return _ste(x32, codes * bs).astype(x.dtype)
 
 

@@ -1,10 +1,11 @@
 """`QWeight`: a fake-quantized projection weight as the mixers see it (spec §10).
 
 The decoder replaces each quantized weight of a layer by a `QWeight` holding the weight already
-rounded with the layer's fixed scales, plus the FP8 static input scale; `dense` / the grouped matmul
-call `quantize_input` on their left operand, which is where an FP8 kernel would quantize its
-activations (per tensor, with the calibrated scale). `observe` (calibration only) records the
-input's amax instead of quantizing it.
+rounded with the layer's fixed scales, plus the static input scale; `dense` / the grouped matmul
+call `quantize_input` on their left operand, which is where an FP8 / NVFP4 kernel quantizes its
+activations: FP8 per tensor with the calibrated scale; NVFP4 in 16-element blocks along the
+reduction (last) axis, dynamic E4M3 block scales against the calibrated FP32 second-level scale.
+`observe` (calibration only) records the input's amax instead of quantizing it.
 """
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from typing import Any, Callable
 
 import jax
 
-from .formats import fp8_with_scale
+from .formats import fp8_with_scale, nvfp4_activation
 
 
 @dataclass(frozen=True)
 class QWeight:
     w: Any                                   # the fake-quantized weight [in, out] / [E, in, out]
-    input_scale: Any = None                  # FP8 activation scale (None: activations unquantized)
+    input_scale: Any = None                  # static activation scale (None: activations unquantized)
     observe: Callable | None = None          # calibration hook: observe(x) records amax |x|
+    fmt: str = "fp8"                         # the activation format ("fp8" | "nvfp4")
 
     @property
     def shape(self):
@@ -34,12 +36,18 @@ class QWeight:
         if self.observe is not None:
             self.observe(x)
             return x
-        if self.input_scale is None:
-            return x
-        return fp8_with_scale(x, self.input_scale)
+        return quantize_activation(x, self.input_scale, self.fmt)
 
 
-jax.tree_util.register_dataclass(QWeight, data_fields=["w", "input_scale"], meta_fields=["observe"])
+jax.tree_util.register_dataclass(QWeight, data_fields=["w", "input_scale"], meta_fields=["observe", "fmt"])
+
+
+def quantize_activation(x, input_scale, fmt: str):
+    """A matmul's left operand `x` [..., in] fake-quantized with its static `input_scale` (None:
+    unchanged): FP8 per tensor; NVFP4 per 16-element block along the last (reduction) axis."""
+    if input_scale is None:
+        return x
+    return fp8_with_scale(x, input_scale) if fmt == "fp8" else nvfp4_activation(x, input_scale, axis=-1)
 
 
 def unwrap(x, w):

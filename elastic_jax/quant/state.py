@@ -8,6 +8,7 @@ quantized sliced model and a QAD student keeps the scales its export will use:
                                                            NVFP4: second-level amax / (6 · 448)
   NVFP4 only: `block_scale` [..., in/16, out], E4M3 values: per 16 rows along the reduction dim
   `input_scale` (after `calibrate`): activation amax over a few batches / 448 (NVFP4: / (6 · 448))
+                 (NVFP4: the second-level scale of the activations' dynamic 16-element blocks)
 
 Layout: `QuantState.layers[i] = {mixer key: {"scale", "block_scale"?, "input_scale"?}}` for the
 quantized projections of layer i. The Mamba in_proj pieces (z, x, B, C, dt) share one scale, as
@@ -55,8 +56,10 @@ class QuantSpec:
     kinds: layer kinds whose projections are quantized ("M" Mamba, "*" attention, "-" MLP, "E" MoE).
     exclude: fnmatch patterns of HF module names kept in high precision, e.g.
       ("backbone.layers.0.*", "*.mixer.o_proj").
-    activations: FP8 only: fake-quantize the input of every quantized matmul with its static,
-      calibrated per-tensor scale (what an FP8 kernel does). NVFP4 simulates the weights only.
+    activations: fake-quantize the input of every quantized matmul once the state is calibrated
+      (`calibrate`; an uncalibrated state simulates the weights only), as the kernels do: FP8 per
+      tensor with the static input scale; NVFP4 in 16-element blocks along the reduction axis with
+      dynamic E4M3 block scales against the static FP32 input scale (ModelOpt's `input_scale`).
     """
 
     fmt: str
@@ -158,9 +161,9 @@ def apply_layer(mixer_params: dict, qs: QuantState, layer: int) -> dict:
     out = dict(mixer_params)
     for key, entry in entries.items():
         w = quantize_weight(mixer_params[key], entry, spec.fmt)
-        inp = entry.get("input_scale") if (spec.fmt == "fp8" and spec.activations) else None
+        inp = entry.get("input_scale") if spec.activations else None
         obs = None if qs.observer is None else functools.partial(qs.observer, layer, key)
-        out[key] = QWeight(w, inp, obs)
+        out[key] = QWeight(w, inp, obs, spec.fmt)
     return out
 
 
