@@ -113,8 +113,21 @@ def test_quick_main_job_writes_every_report_file(quick_run):
     assert isinstance(v["testable"], bool) and v["reason"] and len(v["answer_gap_ci"]) == 2
     assert r["analysis"]["x_axis"] == "latency_model_s" and r["analysis"]["power"]["rows"]
     assert set(r["analysis"]["nested_minus_baseline"]) == {"75%", "50%"}
+    # quantization stage: every nested model under FP8 PTQ / NVFP4 PTQ / NVFP4 QAD, KL, bytes on disk
+    q = r["quantization"]
+    assert q["precisions"] == ["fp8_ptq", "nvfp4_ptq", "nvfp4_qad"] and q["budgets"] == ["100%", "75%", "50%"]
+    assert q["qad_steps"] > 0 and q["activations"]
+    for v in q["precisions"]:
+        for n in q["budgets"]:
+            row = q["accuracy"][v][n]
+            assert 0.0 <= row["accuracy"] <= 1.0 and len(row["scores"]) == r["eval"]["n_problems"]
+            assert 0.0 < q["kl"][v][n] < 10.0
+    sizes = q["checkpoint_bytes"]
+    assert sizes["nvfp4_ptq"] == sizes["nvfp4_qad"] < sizes["fp8_ptq"] < sizes["bf16"]
+    assert all(d < 1e-3 for d in q["export_roundtrip_max_abs_logit_diff"].values())
+    assert os.path.isfile(os.path.join(quick_run, "checkpoints", "nested_nvfp4_qad", "hf_quant_config.json"))
     report = open(os.path.join(quick_run, "report.md")).read()
-    for needle in ("independent baseline", "Training tokens", "Checkpoint memory", "Pareto frontier of",
+    for needle in ("Quantized nested checkpoints", "NVFP4 QAD - PTQ", "independent baseline", "Training tokens", "Checkpoint memory", "Pareto frontier of",
                    "dominate", "Verdict: the task", "Primary axis: modeled latency", "Statistical power",
                    "Against truncation of the parent alone"):
         assert needle in report, needle

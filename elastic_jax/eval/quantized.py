@@ -161,10 +161,8 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
     fwd = jax.jit(forward, static_argnums=2)
     for v in PRECISIONS:
         params, qs = variants[v]
-        cfg2, params2, qs2 = load_hf(paths[v], with_quant=True)
-        # the export stores the high-precision tensors in `dt`: compare with the same rounding
-        ref_params = jax.tree.map(lambda x: x.astype(dt).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                                  else x, params)
+        cfg2, params2, qs2 = load_hf(paths[v], with_quant=True, dtype=jnp.float32)
+        ref_params = _stored_precision(params, qs, dt)
         diffs = []
         for n in names:
             a = fwd(params2, tok, cfg2, resolved[n], segment_ids=seg, quant=qs2)
@@ -182,6 +180,18 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
            "kl": kl, "kl_tokens": int(sum(int(np.sum(np.asarray(b["segment_ids"]) > 0)) for b in kl_data)),
            "checkpoint_bytes": sizes, "export_dtype": qcfg.export_dtype,
            "export_roundtrip_max_abs_logit_diff": roundtrip, "timing": timing}
+    return out
+
+
+def _stored_precision(params, qs, dt):
+    """`params` as the export stores them: the tensors kept in high precision rounded to `dt` (the
+    quantized projections are exported from the unrounded weights with their fixed scales)."""
+    def rnd(x):
+        return x.astype(dt).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    out = jax.tree.map(rnd, params)
+    for i, entry in enumerate(qs.layers):
+        for k in entry:
+            out["layers"][i]["mixer"][k] = params["layers"][i]["mixer"][k]
     return out
 
 

@@ -33,12 +33,11 @@ def _to_e4m3(x):
 def _round_e2m1(x):
     """Round |x| <= 6 to the nearest E2M1 value, ties to the even code (mantissa bit 0, i.e. an even
     grid index: 0.75 -> 1, 1.75 -> 2, 3.5 -> 4, 0.25 -> 0), as the hardware's round-to-nearest-even."""
+    # the grid is uniform per binade: step 0.5 below 2, 1 in [2, 4), 2 in [4, 6]; rounding |x| / step
+    # half-to-even picks the even code (elementwise, no search over the grid)
     mag = jnp.abs(x)
-    grid = jnp.asarray(_E2M1_GRID)
-    d = jnp.abs(mag[..., None] - grid)
-    odd = jnp.asarray(np.arange(_E2M1_GRID.size) % 2, jnp.float32)
-    idx = jnp.argmin(jnp.where(d == jnp.min(d, axis=-1, keepdims=True), odd, 2.0), axis=-1)
-    return jnp.sign(x) * grid[idx]
+    step = jnp.where(mag < 2.0, 0.5, jnp.where(mag < 4.0, 1.0, 2.0))
+    return jnp.sign(x) * jnp.minimum(jnp.round(mag / step) * step, FP4_MAX)
 
 
 def _fp8_qdq(x32):
