@@ -266,6 +266,18 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     ev = xp.eval
     eval_set = make_eval_set(ev.seed, ev.n_problems, ev.split, ev.levels, tokenizer=tok)
     gold = [tok.encode(trace_text(p)) for p in eval_set.problems]
+    # quantized nested checkpoints first: resumed runs reach (and cache) this stage before the long grid
+    quant_results = None
+    if xp.quant.enabled:
+        from .eval.quantized import run_quant_stage
+        tq = time.perf_counter()
+        quant_results = run_quant_stage(
+            xp.quant, cfg=cfg, ecfg=ecfg, el_train=el_train, teacher=el.params, router_params=el.router_params,
+            widths=widths, data_cfg=xp.data, data=data, calib_tokens=[b["tokens"] for b in calib],
+            eval_fn=lambda m: {n: _model_row(m, n, eval_set, tok, ev, gold, diagnostics=False) for n in names},
+            eval_size=len(eval_set), out_dir=out_dir, say=say, progress=xp.progress)
+        phases["quantization"] = time.perf_counter() - tq
+    t0 = time.perf_counter()
     nested_model = ElasticModel(cfg, el.params, widths, mode="sliced")
     parent_model = ElasticModel(cfg, parent, {"parent": Widths()}, mode="sliced")
     say(f"evaluating the parent, nested models and baselines on {len(eval_set)} problems")
@@ -289,17 +301,6 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
         if headline:
             base_rows.append(row)
     phases["eval_models"] = time.perf_counter() - t0
-
-    quant_results = None
-    if xp.quant.enabled:
-        from .eval.quantized import run_quant_stage
-        t0 = time.perf_counter()
-        quant_results = run_quant_stage(
-            xp.quant, cfg=cfg, ecfg=ecfg, el_train=el_train, teacher=el.params, router_params=el.router_params,
-            widths=widths, data_cfg=xp.data, data=data, calib_tokens=[b["tokens"] for b in calib],
-            eval_fn=lambda m: {n: _model_row(m, n, eval_set, tok, ev, gold, diagnostics=False) for n in names},
-            out_dir=out_dir, say=say, progress=xp.progress)
-        phases["quantization"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     targets = [LatencyTarget.make(ev.latency_profile, ev.latency_reference)]

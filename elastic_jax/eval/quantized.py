@@ -17,6 +17,7 @@ A rerun resumes the QAD run from its checkpoint (skipped when finished) and rewr
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -80,16 +81,29 @@ def _kl_fn(cfg):
 
 
 def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, router_params, widths: dict,
-                    data_cfg, data, calib_tokens, eval_fn, out_dir: str, say=print, progress: bool = True) -> dict:
+                    data_cfg, data, calib_tokens, eval_fn, eval_size: int, out_dir: str, say=print,
+                    progress: bool = True) -> dict:
     """Run the stage; `widths` {budget name: Widths} of the trained budgets; `calib_tokens` int
-    [B, L] arrays; `eval_fn(model: ElasticModel) -> {name: row with accuracy and scores}`.
-    Returns the JSON-able results (`results["quantization"]`)."""
+    [B, L] arrays; `eval_fn(model: ElasticModel) -> {name: row with accuracy and scores}` on an
+    eval set of `eval_size` problems. Returns the JSON-able results (`results["quantization"]`),
+    also written to `<out_dir>/quantization.json`; a rerun with the same configuration, widths and
+    eval size returns that file's results instead of running again."""
     from ..data import make_dataset
     from ..hf import load_hf, save_hf
     from ..infer.budget import ElasticModel
     from ..model import forward
+    from ..quant.export import checkpoint_bytes
     from ..train import train_elastic
 
+    cache_path = os.path.join(out_dir, "quantization.json")
+    key = json.loads(json.dumps({"config": dataclasses.asdict(qcfg), "eval_problems": eval_size,
+                                 "widths": {n: dataclasses.asdict(w) for n, w in widths.items()}}, default=str))
+    if os.path.isfile(cache_path):           # a finished stage of this same configuration: skip it
+        with open(cache_path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key and os.path.isdir(cached.get("qad_run", "")):
+            say("quantization: results of a finished stage reused (quantization.json)")
+            return cached
     t_all = time.perf_counter()
     timing = {}
     names = list(widths)
@@ -153,7 +167,7 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
     for v, (params, qs) in exports.items():
         path = os.path.join(ck, f"nested_{v}")
         save_hf(path, cfg, params, dtype=dt, quant_state=qs, budgets=widths, overwrite=True)
-        sizes[v], paths[v] = quant.export.checkpoint_bytes(path), path
+        sizes[v], paths[v] = checkpoint_bytes(path), path
     # export -> load_hf -> the simulated-quantization forward, on one held-out batch, every budget
     b = kl_data[0]
     tok, seg = jnp.asarray(b["tokens"]), jnp.asarray(b["segment_ids"])
@@ -179,7 +193,11 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
                         for v in rows},
            "kl": kl, "kl_tokens": int(sum(int(np.sum(np.asarray(b["segment_ids"]) > 0)) for b in kl_data)),
            "checkpoint_bytes": sizes, "export_dtype": qcfg.export_dtype,
-           "export_roundtrip_max_abs_logit_diff": roundtrip, "timing": timing}
+           "export_roundtrip_max_abs_logit_diff": roundtrip, "timing": timing, "key": key}
+    tmp = cache_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f)
+    os.replace(tmp, cache_path)              # atomic: a half-written file is never taken as finished
     return out
 
 
