@@ -202,14 +202,16 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
 
 
 def _stored_precision(params, qs, dt):
-    """`params` as the export stores them: the tensors kept in high precision rounded to `dt` (the
-    quantized projections are exported from the unrounded weights with their fixed scales)."""
+    """`params` as the export stores them: the tensors kept in high precision rounded to `dt`, except
+    the MoE router weight and correction bias (float32 on disk, hf.py) and the quantized
+    projections (exported from the unrounded weights with their fixed scales)."""
     def rnd(x):
         return x.astype(dt).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
     out = jax.tree.map(rnd, params)
     for i, entry in enumerate(qs.layers):
-        for k in entry:
-            out["layers"][i]["mixer"][k] = params["layers"][i]["mixer"][k]
+        mixer = params["layers"][i]["mixer"]
+        for k in list(entry) + [k for k in ("gate", "e_score_correction_bias") if k in mixer]:
+            out["layers"][i]["mixer"][k] = mixer[k]
     return out
 
 
