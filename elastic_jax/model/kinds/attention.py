@@ -6,8 +6,62 @@ import jax.numpy as jnp
 
 from ...config import NemotronHConfig
 from ...sharding import constrain
+from ...widths import prefix_mask
 from ..attention import attend
 from ..layers import Context, ElasticLayer, dense
+from .base import Param, expand
+from .hf_rules import Rule, _t, _t_inv
+
+CHAR = "*"
+NAME = "attention"
+AXES = ("attn_heads",)
+
+
+# ----------------------------------------------------------------------- declarations
+def dims(cfg: NemotronHConfig, hidden, w: dict, active: bool = False) -> dict:
+    """`heads` = nH·hd query channels, `kv_heads` = nKV·hd key / value channels."""
+    return {"embed": hidden, "heads": w["attn_heads"] * cfg.head_dim,
+            "kv_heads": cfg.num_key_value_heads * cfg.head_dim}
+
+
+def params(cfg: NemotronHConfig) -> dict[str, Param]:
+    return {"q_proj": Param(("embed", "heads")), "k_proj": Param(("embed", "kv_heads")),
+            "v_proj": Param(("embed", "kv_heads")), "o_proj": Param(("heads", "embed"), "normal_out")}
+
+
+def select(cfg: NemotronHConfig, sizes: dict, sel: dict) -> dict:
+    """Query heads (within their KV groups) -> their q_proj columns / o_proj rows."""
+    return {"heads": expand(sel["attn_heads"], cfg.head_dim)}
+
+
+def masks(cfg: NemotronHConfig, sw, k, mixer) -> ElasticLayer:
+    c, p = sw.attn_heads[0][k], sw.attn_heads[1][k]
+    nH = mixer["q_proj"].shape[1] // cfg.head_dim
+    return ElasticLayer(head_mask=prefix_mask(nH, c, p, cfg.num_key_value_heads))
+
+
+def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtype) -> dict:
+    """KV cache [B, S, nKV, hd] and its validity [B, S]."""
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
+
+
+def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
+    return {"kv": 2.0 * batch * context * sizes["kv_heads"]}
+
+
+# -------------------------------------------------------------------------------- HF keys
+def hf_dims(cfg: NemotronHConfig, k: int) -> dict:
+    return dict(nH=cfg.attn_heads_at(k), nKV=cfg.num_key_value_heads, hd=cfg.head_dim)
+
+
+# GQA, no bias, no positional embedding
+HF_RULES = (
+    Rule("mixer.q_proj.weight", "*", ("q_proj",), lambda d: (d.nH * d.hd, d.D), _t, _t_inv),
+    Rule("mixer.k_proj.weight", "*", ("k_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
+    Rule("mixer.v_proj.weight", "*", ("v_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
+    Rule("mixer.o_proj.weight", "*", ("o_proj",), lambda d: (d.D, d.nH * d.hd), _t, _t_inv),
+)
 
 
 # ------------------------------------------------------------------------ attention

@@ -1,13 +1,130 @@
 """Mamba2 layer kind (pattern char "M")."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from ... import kernels
 from ...config import NemotronHConfig
 from ...sharding import constrain, context_mesh, mesh_axes_for
+from ...widths import max_count, norm_correction, prefix_mask
 from ..layers import HIGHEST, Context, ElasticLayer, dense
+from .base import Param, expand
+from .hf_rules import Rule, _bias_join, _bias_split, _conv_join, _conv_split, _split_rows_t, _t, _t_inv
+
+CHAR = "M"
+NAME = "Mamba2"
+AXES = ("mamba_heads", "mamba_channels")
+
+
+# ----------------------------------------------------------------------- declarations
+def dims(cfg: NemotronHConfig, hidden, w: dict, active: bool = False) -> dict:
+    """H heads of P channels (`ssm_heads` = H, `ssm_inner` = H·P), G groups of N state (`ssm_groups`
+    = G·N, the B and C columns, never elastic), K conv taps."""
+    H, P = w["mamba_heads"], w["mamba_channels"]
+    return {"embed": hidden, "ssm_heads": H, "ssm_inner": H * P,
+            "ssm_groups": cfg.n_groups * cfg.ssm_state_size, "conv": cfg.conv_kernel}
+
+
+def _conv_init(key, shape, cfg, n_layers):
+    bound = 1.0 / math.sqrt(cfg.conv_kernel)   # PyTorch Conv1d default (fan_in = K for a depthwise conv)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _a_log_init(key, shape, cfg, n_layers):
+    return jnp.log(jnp.arange(1, shape[0] + 1, dtype=jnp.float32))
+
+
+def _dt_bias_init(key, shape, cfg, n_layers):
+    lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
+    dt = jnp.maximum(jnp.exp(jax.random.uniform(key, shape, jnp.float32) * (hi - lo) + lo), cfg.time_step_floor)
+    return dt + jnp.log(-jnp.expm1(-dt))          # inverse softplus
+
+
+def params(cfg: NemotronHConfig) -> dict[str, Param]:
+    """Layout (JAX [in, out]); heads are group-major: head h belongs to group h // (H / G), as in HF."""
+    return {
+        "z_proj": Param(("embed", "ssm_inner")), "x_proj": Param(("embed", "ssm_inner")),
+        "B_proj": Param(("embed", "ssm_groups")), "C_proj": Param(("embed", "ssm_groups")),
+        "dt_proj": Param(("embed", "ssm_heads")),
+        "conv_x": Param(("conv", "ssm_inner"), _conv_init), "conv_x_bias": Param(("ssm_inner",), _conv_init),
+        "conv_B": Param(("conv", "ssm_groups"), _conv_init), "conv_B_bias": Param(("ssm_groups",), _conv_init),
+        "conv_C": Param(("conv", "ssm_groups"), _conv_init), "conv_C_bias": Param(("ssm_groups",), _conv_init),
+        "A_log": Param(("ssm_heads",), _a_log_init), "D": Param(("ssm_heads",), "ones"),
+        "dt_bias": Param(("ssm_heads",), _dt_bias_init), "norm": Param(("ssm_inner",), "ones"),
+        "out_proj": Param(("ssm_inner", "embed"), "normal_out"),
+    }
+
+
+def init_keys(key, names) -> dict:
+    """The HF NemotronH initialization's key layout (kept so seeds give the same parameters)."""
+    ks = jax.random.split(key, 8)
+    ck = jax.random.split(ks[5], 6)
+    keys = dict(zip(("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"), ks[:5]))
+    for j, name in enumerate(("conv_x", "conv_B", "conv_C")):
+        keys[name], keys[name + "_bias"] = ck[2 * j], ck[2 * j + 1]
+    keys.update(dt_bias=ks[6], out_proj=ks[7], A_log=None, D=None, norm=None)
+    return keys
+
+
+def select(cfg: NemotronHConfig, sizes: dict, sel: dict) -> dict:
+    """Heads (`sel["mamba_heads"]`) and the channels kept in every head (`sel["mamba_channels"]`)."""
+    heads = sel["mamba_heads"]
+    P = sizes["ssm_inner"] // sizes["ssm_heads"]
+    return {"ssm_heads": heads, "ssm_inner": expand(heads, P, sel["mamba_channels"])}
+
+
+def masks(cfg: NemotronHConfig, sw, k, mixer) -> ElasticLayer:
+    """Group-aware head mask and the gated-norm correction; head channels: ρ = (heads/H)·(channels/P)."""
+    c, p = sw.mamba_heads[0][k], sw.mamba_heads[1][k]
+    H = mixer["A_log"].shape[0]
+    eps_f, scale = norm_correction(H, c, p)
+    chan = None
+    if sw.mamba_channels is not None:
+        cc, cp = sw.mamba_channels[0][k], sw.mamba_channels[1][k]
+        chan = prefix_mask(cfg.mamba_head_dim, cc, cp)
+        eps_c, scale_c = norm_correction(cfg.mamba_head_dim, cc, cp)
+        eps_f, scale = eps_f * eps_c, scale * scale_c
+    return ElasticLayer(head_mask=prefix_mask(H, c, p, cfg.n_groups), norm_eps=eps_f, norm_scale=scale,
+                        active_heads=max_count(c, p) // cfg.n_groups, channel_mask=chan,
+                        premask=sw.mask_form == "official")
+
+
+def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtype) -> dict:
+    """Conv window [B, K-1, H·P + 2·G·N] and f32 SSM state [B, H, P, N]."""
+    H, HP = sizes["ssm_heads"], sizes["ssm_inner"]
+    return {"conv": jnp.zeros((batch, cfg.conv_kernel - 1, HP + 2 * sizes["ssm_groups"]), dtype),
+            "ssm": jnp.zeros((batch, H, HP // H, cfg.ssm_state_size), jnp.float32)}
+
+
+def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
+    """Decode-state elements by class (the memory cost model): SSM state and conv window."""
+    return {"ssm": batch * sizes["ssm_inner"] * cfg.ssm_state_size,
+            "conv": batch * (cfg.conv_kernel - 1) * (sizes["ssm_inner"] + 2 * sizes["ssm_groups"])}
+
+
+# -------------------------------------------------------------------------------- HF keys
+def hf_dims(cfg: NemotronHConfig, k: int) -> dict:
+    return dict(H=cfg.mamba_heads_at(k), P=cfg.mamba_head_dim, G=cfg.n_groups, N=cfg.ssm_state_size,
+                K=cfg.conv_kernel)
+
+
+# in_proj = [z | x | B | C | dt], conv1d over [x | B | C] (HF fuses them; we keep the pieces)
+HF_RULES = (
+    Rule("mixer.in_proj.weight", "M", ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"),
+         lambda d: (2 * d.HP + 2 * d.GN + d.H, d.D), *_split_rows_t(lambda d: (d.HP, d.HP, d.GN, d.GN, d.H))),
+    Rule("mixer.conv1d.weight", "M", ("conv_x", "conv_B", "conv_C"), lambda d: (d.HP + 2 * d.GN, 1, d.K),
+         _conv_split, _conv_join),
+    Rule("mixer.conv1d.bias", "M", ("conv_x_bias", "conv_B_bias", "conv_C_bias"), lambda d: (d.HP + 2 * d.GN,),
+         _bias_split, _bias_join, optional=lambda cfg: not cfg.use_conv_bias),
+    Rule("mixer.A_log", "M", ("A_log",), lambda d: (d.H,)),
+    Rule("mixer.D", "M", ("D",), lambda d: (d.H,)),
+    Rule("mixer.dt_bias", "M", ("dt_bias",), lambda d: (d.H,)),
+    Rule("mixer.norm.weight", "M", ("norm",), lambda d: (d.HP,)),
+    Rule("mixer.out_proj.weight", "M", ("out_proj",), lambda d: (d.D, d.HP), _t, _t_inv),
+)
 
 
 # --------------------------------------------------------------------------- Mamba2

@@ -1,10 +1,53 @@
 """relu² MLP layer kind (pattern char "-")."""
 from __future__ import annotations
 
-import jax.numpy as jnp
-
+from ...config import NemotronHConfig
 from ...sharding import constrain
+from ...widths import prefix_mask
 from ..layers import ElasticLayer, dense, relu2
+from .base import Param
+from .hf_rules import Rule, _t, _t_inv
+
+CHAR = "-"
+NAME = "MLP"
+AXES = ("ffn",)
+
+
+# ----------------------------------------------------------------------- declarations
+def dims(cfg: NemotronHConfig, hidden, w: dict, active: bool = False) -> dict:
+    return {"embed": hidden, "mlp": w["ffn"]}
+
+
+def params(cfg: NemotronHConfig) -> dict[str, Param]:
+    return {"up_proj": Param(("embed", "mlp")), "down_proj": Param(("mlp", "embed"), "normal_out")}
+
+
+def select(cfg: NemotronHConfig, sizes: dict, sel: dict) -> dict:
+    return {"mlp": sel["ffn"]}
+
+
+def masks(cfg: NemotronHConfig, sw, k, mixer) -> ElasticLayer:
+    c, p = sw.ffn[0][k], sw.ffn[1][k]
+    return ElasticLayer(ffn_mask=prefix_mask(mixer["up_proj"].shape[1], c, p), premask=sw.mask_form == "official")
+
+
+def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtype):
+    return None
+
+
+def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
+    return {}
+
+
+# -------------------------------------------------------------------------------- HF keys
+def hf_dims(cfg: NemotronHConfig, k: int) -> dict:
+    return dict(I=cfg.ffn_at(k))
+
+
+HF_RULES = (
+    Rule("mixer.up_proj.weight", "-", ("up_proj",), lambda d: (d.I, d.D), _t, _t_inv),
+    Rule("mixer.down_proj.weight", "-", ("down_proj",), lambda d: (d.D, d.I), _t, _t_inv),
+)
 
 
 # ------------------------------------------------------------------------------ MLP

@@ -8,7 +8,80 @@ from ... import kernels
 from ...config import NemotronHConfig
 from ...quant.qweight import unwrap
 from ...sharding import context_mesh
+from ...widths import max_count, prefix_mask
 from ..layers import HIGHEST, ElasticLayer, dense, relu2
+from .base import Param
+from .hf_rules import Rule, _t, _t_inv
+
+CHAR = "E"
+NAME = "MoE"
+AXES = ("moe_experts", "moe_ffn")
+
+
+# ----------------------------------------------------------------------- declarations
+def dims(cfg: NemotronHConfig, hidden, w: dict, active: bool = False) -> dict:
+    """`experts_router` = E (router columns), `experts` = the stacked expert axis (E, or the
+    `num_experts_per_tok` one token touches when `active`), `expert_mlp` = Ie, `shared_mlp` = Is."""
+    E = w["moe_experts"]
+    return {"embed": hidden, "experts_router": E, "experts": cfg.num_experts_per_tok if active else E,
+            "expert_mlp": w["moe_ffn"], "shared_mlp": cfg.moe_shared_expert_intermediate_size}
+
+
+def params(cfg: NemotronHConfig) -> dict[str, Param]:
+    """Sigmoid router (its correction bias f32), stacked routed experts, the shared expert when
+    moe_shared_expert_intermediate_size > 0."""
+    decls = {"gate": Param(("embed", "experts_router")),
+             "e_score_correction_bias": Param(("experts_router",), "zeros", f32=True),
+             "up_proj": Param(("experts", "embed", "expert_mlp")),
+             "down_proj": Param(("experts", "expert_mlp", "embed"), "normal_out")}
+    if cfg.moe_shared_expert_intermediate_size:
+        decls.update(shared_up=Param(("embed", "shared_mlp")), shared_down=Param(("shared_mlp", "embed"), "normal_out"))
+    return decls
+
+
+def select(cfg: NemotronHConfig, sizes: dict, sel: dict) -> dict:
+    """Experts (within routing groups) and the routed-expert width (one order for all experts);
+    the shared expert is not elastic."""
+    ex = sel["moe_experts"]
+    return {"experts_router": ex, "experts": ex, "expert_mlp": sel["moe_ffn"]}
+
+
+def masks(cfg: NemotronHConfig, sw, k, mixer) -> ElasticLayer:
+    c, p = sw.moe_ffn[0][k], sw.moe_ffn[1][k]
+    return ElasticLayer(ffn_mask=prefix_mask(mixer["up_proj"].shape[2], c, p), active_ffn=max_count(c, p),
+                        expert_counts=sw.moe_experts[0][k], expert_probs=sw.moe_experts[1][k],
+                        premask=sw.mask_form == "official")
+
+
+def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtype):
+    return None
+
+
+def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
+    return {}
+
+
+# -------------------------------------------------------------------------------- HF keys
+def hf_dims(cfg: NemotronHConfig, k: int) -> dict:
+    return dict(E=cfg.moe_experts_at(k), Ie=cfg.moe_ffn_at(k), Is=cfg.moe_shared_expert_intermediate_size)
+
+
+# sigmoid router (f32) + per-expert (Hub) or stacked relu² experts + shared expert
+HF_RULES = (
+    Rule("mixer.gate.weight", "E", ("gate",), lambda d: (d.E, d.D), _t, _t_inv, f32=True),
+    Rule("mixer.gate.e_score_correction_bias", "E", ("e_score_correction_bias",), lambda d: (d.E,), f32=True),
+    Rule("mixer.experts.{j}.up_proj.weight", "E", ("up_proj",), lambda d: (d.Ie, d.D), _t, _t_inv,
+         experts="per_expert"),
+    Rule("mixer.experts.{j}.down_proj.weight", "E", ("down_proj",), lambda d: (d.D, d.Ie), _t, _t_inv,
+         experts="per_expert"),
+    Rule("mixer.experts.up_proj", "E", ("up_proj",), lambda d: (d.E, d.Ie, d.D), _t, _t_inv, experts="stacked"),
+    Rule("mixer.experts.down_proj", "E", ("down_proj",), lambda d: (d.E, d.D, d.Ie), _t, _t_inv,
+         experts="stacked"),
+    Rule("mixer.shared_experts.up_proj.weight", "E", ("shared_up",), lambda d: (d.Is, d.D), _t, _t_inv,
+         when=lambda d: d.Is > 0),
+    Rule("mixer.shared_experts.down_proj.weight", "E", ("shared_down",), lambda d: (d.D, d.Is), _t, _t_inv,
+         when=lambda d: d.Is > 0),
+)
 
 
 # ------------------------------------------------------------------------------ MoE
