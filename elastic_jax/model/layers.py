@@ -53,6 +53,7 @@ class Context:
     decoding: bool = False    # cache mode: read/write the layer caches
     policy: ComputePolicy = ComputePolicy()   # runtime knobs (dtypes, kernels, remat)
     quant: Any = None         # elastic_jax.quant.QuantState: fake-quantized projections (spec §10)
+    collect: bool = False     # mixers return their intermediates (a dict) as second output
 
 
 def dense(x, w, policy: ComputePolicy | None = None):
@@ -83,10 +84,13 @@ def relu2(x):
     return jnp.square(jax.nn.relu(x))
 
 
-# the mixers live in their kind modules (elastic_jax/model/kinds/); re-exported for callers
-from .kinds.attention import attention_mixer  # noqa: E402,F401
-from .kinds.mamba import _causal_conv, mamba_mixer, ssd_partition  # noqa: E402,F401
-from .kinds.mlp import mlp_mixer  # noqa: E402,F401
-from .kinds.moe import _add_shared_expert, expert_load, moe_mixer, route  # noqa: E402,F401
+# The mixers live in their kind modules (elastic_jax/model/kinds/); old import paths still resolve.
+_MOVED = {"mamba_mixer": "mamba", "attention_mixer": "attention", "mlp_mixer": "mlp", "moe_mixer": "moe",
+          "route": "moe", "expert_load": "moe"}
 
-MIXERS = {"M": mamba_mixer, "*": attention_mixer, "-": mlp_mixer, "E": moe_mixer}
+
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(f".kinds.{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -97,4 +97,9 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx
     if el is not None:
         o = o * el.head_mask.reshape(nKV, rep)[None, None, :, :, None]
     o = o.reshape(B, L, nH * hd).astype(q.dtype)
+    if ctx.collect:     # intermediates: the per-head output (o_proj input) [B, L, nH, hd]
+        return dense(o, p["o_proj"], ctx.policy), {"heads": o.reshape(B, L, nH, hd)}
     return dense(o, p["o_proj"], ctx.policy), new_cache
+
+
+apply = attention_mixer

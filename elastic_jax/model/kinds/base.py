@@ -56,6 +56,12 @@ def count(decls: dict, sizes: dict):
     return total
 
 
+def layer_sizes_of(params: dict, decls: dict) -> dict:
+    """The named dimension sizes read off actual parameter arrays."""
+    return {d: n for name, x in params.items() if hasattr(x, "shape")
+            for d, n in zip(decls[name].dims, x.shape)}
+
+
 def _initialize(init: Init, key, shape, cfg, n_layers: int):
     if callable(init):
         return init(key, shape, cfg, n_layers)

@@ -159,7 +159,8 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
     H = p["A_log"].shape[0]
     P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
     z = dense(x_BLD, p["z_proj"], ctx.policy)
-    xBC = jnp.concatenate([dense(x_BLD, p[n], ctx.policy) for n in ("x_proj", "B_proj", "C_proj")], -1)
+    xp = dense(x_BLD, p["x_proj"], ctx.policy)
+    xBC = jnp.concatenate([xp] + [dense(x_BLD, p[n], ctx.policy) for n in ("B_proj", "C_proj")], -1)
     dt = dense(x_BLD, p["dt_proj"], ctx.policy)
     if ctx.valid is not None:
         xBC = xBC * ctx.valid[..., None].astype(xBC.dtype)
@@ -227,4 +228,9 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Co
         hist = jnp.concatenate([cache["conv"].astype(xBC.dtype), xBC], axis=1)
         new_cache = {"conv": hist[:, -K1:].astype(cache["conv"].dtype) if K1 else cache["conv"],
                      "ssm": state.astype(cache["ssm"].dtype)}
+    if ctx.collect:     # intermediates: the x projection per (head, channel) [B, L, H, P]
+        return out, {"x_proj": xp.reshape(B, L, H, P)}
     return out, new_cache
+
+
+apply = mamba_mixer

@@ -60,4 +60,8 @@ def mlp_mixer(p, x_BLD, cfg, el: ElasticLayer | None, ctx, cache):
         if el is not None:
             h = h * el.ffn_mask.astype(h.dtype)
     h = constrain(h, ("batch", "length", "act_mlp"))
-    return dense(h, p["down_proj"], ctx.policy), None
+    # intermediates: the down_proj input relu²(x W_up) [B, L, I]
+    return dense(h, p["down_proj"], ctx.policy), ({"neurons": h} if ctx.collect else None)
+
+
+apply = mlp_mixer

@@ -135,12 +135,15 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
     """Routed relu² experts dispatched by sort + grouped matmul, plus the shared expert. Under a
     mesh in context the routed experts run per shard (expert_parallel.py).
     Second output: None when decoding, else {"expert_load": [E] f32 tokens routed to each expert
-    (padding excluded)} for the aux-loss-free balancing update (train/balance.py)."""
+    (padding excluded)} for the aux-loss-free balancing update (train/balance.py); with
+    `ctx.collect` also the intermediates: "route_idx" / "route_weight" [T, k] (the top-k choices and
+    their gates), "expert_order" [T·k] (the (token, choice) pair of each expert-sorted row),
+    "expert_act" [T·k, Ie] (relu² of the up projection, f32) and "expert_out" [T·k, D] (f32)."""
     B, L, D = x_BLD.shape
     x_TD = x_BLD.reshape(B * L, D)
     valid_T = None if ctx.decoding or ctx.valid is None else ctx.valid.reshape(B * L)
     mesh = context_mesh()
-    if mesh is not None:
+    if mesh is not None and not ctx.collect:
         from ..expert_parallel import routed_experts_sharded
         y, load = routed_experts_sharded(p, x_TD, cfg, el, ctx.policy, mesh, valid_T)
         aux = None if ctx.decoding else {"expert_load": load}
@@ -164,12 +167,15 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
         h = relu2(h)
         if el is not None:
             h = h * el.ffn_mask
+    act = h
     h, w_down = unwrap(h.astype(cdt), p["down_proj"])
     o = kernels.gmm(h.astype(cdt), w_down.astype(cdt), group_sizes, active_k=active_n,
                     impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
     unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, D)
     y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
     aux = None if ctx.decoding else {"expert_load": expert_load(idx_TK, E, valid_T)}
+    if ctx.collect:
+        aux.update(route_idx=idx_TK, route_weight=w_TK, expert_order=order, expert_act=act, expert_out=o)
     return _add_shared_expert(p, x_TD, y, ctx.policy).reshape(B, L, D).astype(x_BLD.dtype), aux
 
 
@@ -184,3 +190,6 @@ def _add_shared_expert(p, x_TD, y_TD, policy):
     if "shared_up" in p:
         y_TD = y_TD + dense(relu2(dense(x_TD, p["shared_up"], policy)), p["shared_down"], policy).astype(jnp.float32)
     return y_TD
+
+
+apply = moe_mixer
