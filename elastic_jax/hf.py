@@ -51,8 +51,6 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _PREFIXES = ("backbone.", "model.")
 _F32_TINY = float(np.finfo(np.float32).tiny)
-_HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-_KIND_NAMES = {"M": "Mamba2", "*": "attention", "-": "MLP", "E": "MoE"}
 
 
 # The top-level names `save_hf` writes: `overwrite` replaces a folder only if it holds nothing else.
@@ -154,7 +152,7 @@ def hf_config_dict(cfg: NemotronHConfig, dtype: str = "float32") -> dict:
     if problems:
         raise HFCheckpointError("cannot write this model as an HF NemotronH checkpoint", problems)
     d = cfg.to_hf()
-    d["layers_block_type"] = [_HF_LAYER_TYPES[c] for c in cfg.pattern]
+    d["layers_block_type"] = [KINDS[c].HF_LAYER_TYPE for c in cfg.pattern]
     d["hybrid_override_pattern"] = cfg.pattern
     d["num_hidden_layers"] = cfg.num_hidden_layers
     tmin = lo if lo > 0 else _F32_TINY
@@ -321,8 +319,8 @@ def _plan(cfg: NemotronHConfig, files: _Files) -> _Plan:
                 continue
             c = cfg.pattern[layer]
             if rule.kind != "layer" and rule.kind != c:
-                problems.append(f"{key}: unexpected (a {_KIND_NAMES[rule.kind]} tensor, but layer {layer} is "
-                                f"{_KIND_NAMES[c]} in the pattern {cfg.pattern!r})")
+                problems.append(f"{key}: unexpected (a {KINDS[rule.kind].NAME} tensor, but layer {layer} is "
+                                f"{KINDS[c].NAME} in the pattern {cfg.pattern!r})")
                 continue
         d = layer_dims(cfg, layer)
         if not rule.when(d):

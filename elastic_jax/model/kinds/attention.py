@@ -14,6 +14,7 @@ from .hf_rules import Rule, _t, _t_inv
 
 CHAR = "*"
 NAME = "attention"
+HF_LAYER_TYPE = "full_attention"     # its `layers_block_type` entry in an HF config.json
 AXES = ("attn_heads",)
 
 

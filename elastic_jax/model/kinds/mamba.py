@@ -16,6 +16,7 @@ from .hf_rules import Rule, _bias_join, _bias_split, _conv_join, _conv_split, _s
 
 CHAR = "M"
 NAME = "Mamba2"
+HF_LAYER_TYPE = "linear_attention"     # its `layers_block_type` entry in an HF config.json
 AXES = ("mamba_heads", "mamba_channels")
 
 

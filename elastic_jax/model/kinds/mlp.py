@@ -10,6 +10,7 @@ from .hf_rules import Rule, _t, _t_inv
 
 CHAR = "-"
 NAME = "MLP"
+HF_LAYER_TYPE = "mlp"     # its `layers_block_type` entry in an HF config.json
 AXES = ("ffn",)
 
 

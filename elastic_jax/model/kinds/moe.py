@@ -15,6 +15,7 @@ from .hf_rules import Rule, _t, _t_inv
 
 CHAR = "E"
 NAME = "MoE"
+HF_LAYER_TYPE = "moe"     # its `layers_block_type` entry in an HF config.json
 AXES = ("moe_experts", "moe_ffn")
 
 
