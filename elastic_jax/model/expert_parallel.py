@@ -27,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 from .. import kernels
 from ..quant.qweight import QWeight, quantize_activation
 from ..sharding import current_rules, mesh_axes_for
-from .layers import ElasticLayer, expert_load, relu2, route
+from .kinds.moe import expert_load, route
+from .layers import ElasticLayer, relu2
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
