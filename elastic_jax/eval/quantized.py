@@ -255,7 +255,7 @@ def quant_markdown(results: dict) -> list[str]:
     sizes = q["checkpoint_bytes"]
     ref = sizes.get("bf16") or sizes.get("f32")
     L += ["", f"Nested checkpoint on disk per precision (high-precision tensors — embeddings, lm_head, norms, "
-              f"conv, SSM parameters, MoE router — in {q['export_dtype']}; ModelOpt layout):", "",
+              f"conv, SSM parameters — in {q['export_dtype']}, the MoE router in float32; ModelOpt layout):", "",
           "| checkpoint | bytes | vs " + ("BF16" if sizes.get("bf16") else "f32") + " | export -> load_hf max |logit diff| |",
           "|---|---|---|---|"]
     for v, nbytes in sizes.items():
