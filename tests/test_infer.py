@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import elastic_jax as ej
+from conftest import tiny_config
 from elastic_jax.infer import (ElasticModel, Specials, answer_generate, budget_generate, left_pad,
                               truncation_generate)
 from elastic_jax.infer.checkpoint import flatten, load_nested, save_nested, unflatten
@@ -12,11 +13,7 @@ from elastic_jax.tasks import TaskTokenizer, make_eval_set
 
 TOK = TaskTokenizer.default()
 SP = Specials.from_tokenizer(TOK)
-CFG = ej.NemotronHConfig(vocab_size=32, hidden_size=32, hybrid_override_pattern="M*E-", num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8,
-                         n_groups=2, ssm_state_size=8, chunk_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
-                         max_position_embeddings=128)
+CFG = tiny_config("M*E-", vocab_size=32, intermediate_size=64, chunk_size=16, max_position_embeddings=128)
 BUDGETS = {"100%": ej.Widths(), "50%": ej.Widths(hidden=16, mamba_heads=2, ffn=32, moe_experts=2, moe_ffn=8)}
 
 
