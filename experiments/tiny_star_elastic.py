@@ -16,7 +16,8 @@ Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax
 from elastic_jax import NemotronHConfig
 from elastic_jax.data import DataConfig
 from elastic_jax.elastic import ElasticConfig
-from elastic_jax.pipeline import EvalConfig, StarElasticExperiment
+from elastic_jax.eval import EvalConfig
+from elastic_jax.pipeline import StarElasticExperiment
 from elastic_jax.train import OptimConfig, Stage, TrainConfig
 
 
