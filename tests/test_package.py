@@ -95,3 +95,39 @@ def test_no_module_imports_from_a_layer_above_it():
                 upward.add(f"{os.path.relpath(path, ROOT)}:{line} {module} (layer {_layer(module)}) imports "
                               f"{target} (layer {_layer(target)})")
     assert not upward, "upward imports:\n" + "\n".join(sorted(upward))
+
+
+# ------------------------------------------------------------------------------------ dependencies
+IMPORT_NAME = {"orbax-checkpoint": "orbax", "pytest-xdist": "xdist", "jax[tpu]": "libtpu"}
+NOT_IMPORTED = {"pytest-xdist": "a pytest plugin (-n 2)", "ipykernel": "the notebook test's kernel"}
+
+
+def _imported_top_names(*folders) -> set[str]:
+    names = set()
+    for folder in folders:
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if f.endswith(".py"):
+                    for node in ast.walk(ast.parse(open(os.path.join(dirpath, f)).read())):
+                        if isinstance(node, ast.Import):
+                            names |= {a.name.split(".")[0] for a in node.names}
+                        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                            names.add(node.module.split(".")[0])
+                        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "importorskip"
+                              and node.args and isinstance(node.args[0], ast.Constant)):
+                            names.add(str(node.args[0].value).split(".")[0])
+    return names
+
+
+def test_every_declared_dependency_is_imported():
+    import re
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    used = _imported_top_names("elastic_jax", "kernels", "tests", "experiments")
+    unused = []
+    for req in project["dependencies"] + sum(project["optional-dependencies"].values(), []):
+        dist = re.split(r"[<>=!~ ]", req, maxsplit=1)[0]
+        if dist not in NOT_IMPORTED and IMPORT_NAME.get(dist, dist) not in used:
+            unused.append(req)
+    assert not unused, f"declared in pyproject.toml but imported nowhere: {unused}"
