@@ -11,8 +11,10 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .config_base import ConfigBase
 
 KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 # HF `layers_block_type` spellings (old and new) -> pattern characters.
@@ -56,13 +58,6 @@ _IGNORED_HF = {
 }
 
 
-def check_known_fields(cls, d: dict) -> None:
-    """`from_dict` guard shared by the config dataclasses: unknown keys are an error, not ignored."""
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}")
-
-
 def _pattern_of(d: dict) -> str | None:
     """The layer pattern an HF dict's `layers_block_type` spells (None if absent or unreadable)."""
     types = d.get("layers_block_type")
@@ -103,7 +98,7 @@ def _check_contradictions(d: dict, overrides: dict) -> None:
 
 
 @dataclass(frozen=True)
-class NemotronHConfig:
+class NemotronHConfig(ConfigBase):
     """Frozen model config. HF field names; `d_inner = mamba_num_heads * mamba_head_dim`."""
 
     vocab_size: int = 512
@@ -432,15 +427,3 @@ class NemotronHConfig:
         }
         return d
 
-    def replace(self, **kw) -> "NemotronHConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["time_step_limit"] = list(self.time_step_limit)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NemotronHConfig":
-        check_known_fields(cls, d)
-        return cls(**d)

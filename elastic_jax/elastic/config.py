@@ -17,14 +17,13 @@ One frozen dataclass, grouped like Megatron's `FlextronConfig` (ANCHORS §4.1):
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from ..config import NemotronHConfig, check_known_fields
+from ..config import NemotronHConfig
+from ..config_base import ConfigBase
 from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
 
 # ElasticConfig field -> ej.Widths axis
@@ -102,7 +101,7 @@ class BudgetTarget:
 
 
 @dataclass(frozen=True)
-class ElasticConfig:
+class ElasticConfig(ConfigBase):
     """Elastic training settings. See the module docstring; spec §4-§6."""
 
     # ---- budgets: fractions of the parent cost, descending; 1.0 = the full model
@@ -385,22 +384,6 @@ class ElasticConfig:
             out[axis] = arr[0] if uniform else arr
         return out
 
-    # ---------------------------------------------------------------- (de)serialize
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ElasticConfig":
-        check_known_fields(cls, d)
-        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-        return cls(**kw)      # budget_targets: a tuple of dicts, turned into BudgetTarget entries
-
-    def replace(self, **kw) -> "ElasticConfig":
-        return dataclasses.replace(self, **kw)
 
 
 def _homog(cfg: NemotronHConfig, axis: str, full: int) -> NemotronHConfig:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config_base import ConfigBase
+
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(ConfigBase):
     """Evaluation: `n_problems` held-out problems of `split`; the grid's `thinking_budgets`
     (tokens); cache-transplant pairs (think, answer) by budget fraction; `repeats` timed runs."""
 
@@ -32,11 +34,11 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.n_problems <= 0:
-            raise ValueError(f"EvalConfig.n_problems={self.n_problems}: must be > 0")
+            self.invalid("n_problems", self.n_problems, "must be > 0")
         if not self.thinking_budgets or min(self.thinking_budgets) <= 0:
-            raise ValueError(f"EvalConfig.thinking_budgets={self.thinking_budgets}: must be positive token counts")
+            self.invalid("thinking_budgets", self.thinking_budgets, "must be positive token counts")
         if self.full_thinking < max(self.thinking_budgets):
-            raise ValueError(f"EvalConfig.full_thinking={self.full_thinking}: must be >= the largest thinking budget")
+            self.invalid("full_thinking", self.full_thinking, "must be >= the largest thinking budget")
         for name in ("levels", "thinking_budgets", "transplant_pairs", "latency_profiles"):
             v = getattr(self, name)
             if isinstance(v, list):
