@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import NemotronHConfig
-from .errors import HFCheckpointError, JSONFileError, read_json
+from .errors import HFCheckpointError, JSONFileError, json_field, read_json
 from .fileio import atomic_folder, owned_names
 from .model.params import check_params, param_axes
 
@@ -55,7 +55,8 @@ _KIND_NAMES = {"M": "Mamba2", "*": "attention", "-": "MLP", "E": "MoE"}
 # The top-level names `save_hf` writes: `overwrite` replaces a folder only if it holds nothing else.
 HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"model\.safetensors",
                               r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors",
-                              r"hf_quant_config\.json", r"elastic_budgets\.json", r"tokenizer\.json",
+                              r"hf_quant_config\.json", r"elastic_budgets\.json", r"elastic_router\.safetensors",
+                              r"tokenizer\.json",
                               r"tokenizer_config\.json", r"special_tokens_map\.json", r"chat_template\.jinja")
 
 
@@ -734,8 +735,8 @@ def _parse_size(s) -> int:
 def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *, dtype=None,
             max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
             quantization: str | None = None, quant_state=None,
-            protect: Sequence[str | os.PathLike] = (), budgets=None,
-            tokenizer_dir: str | os.PathLike | None = None) -> str:
+            protect: Sequence[str | os.PathLike] = (), budgets=None, fractions: dict | None = None,
+            elastic_cfg=None, router_params=None, tokenizer_dir: str | os.PathLike | None = None) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
     `transformers.NemotronHForCausalLM.from_pretrained(directory)` loads with the same logits.
 
@@ -754,10 +755,12 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     projections are written packed with their scales in the ModelOpt layout
     (`elastic_jax.quant.export`); without a state the weight scales come from these params.
     `budgets` ({name: Widths}, nested submodels of this model) is written as `elastic_budgets.json`
-    (see `budget_table`); `tokenizer_dir`: a folder whose tokenizer files (`TOKENIZER_FILES`) are
-    copied in, so `elastic-jax generate` works on the export."""
+    (see `budget_table`, with the optional per-budget `fractions` and the `elastic_cfg`), the
+    budget router's `router_params` as `elastic_router.safetensors`: together the nested
+    checkpoint (`elastic_jax.infer.checkpoint`). `tokenizer_dir`: a folder whose tokenizer files
+    (`TOKENIZER_FILES`) are copied in, so `elastic-jax generate` works on the export."""
     from .fileio import check_target
-    table = None if not budgets else budget_table(cfg, budgets)
+    table = None if not budgets else budget_table(cfg, budgets, fractions=fractions, elastic_cfg=elastic_cfg)
     tok_files = _tokenizer_files(tokenizer_dir)
     check_target(directory, owned=HF_EXPORT_FILES, overwrite=overwrite, protect=protect, what="save_hf")
     try:
@@ -794,6 +797,9 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
         if table is not None:
             with open(os.path.join(tmp, BUDGETS_FILE), "w") as f:
                 json.dump(table, f, indent=1)
+        if router_params:
+            from .fileio import save_safetensors
+            save_safetensors(flatten_tree(router_params), os.path.join(tmp, ROUTER_FILE))
         for src in tok_files:
             shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
     return os.path.abspath(os.fspath(directory))
@@ -833,6 +839,7 @@ def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, 
 
 # ------------------------------------------------------------------------ nested budget table
 BUDGETS_FILE = "elastic_budgets.json"
+ROUTER_FILE = "elastic_router.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -855,9 +862,12 @@ def _widths_json(w) -> dict:
     return out
 
 
-def budget_table(cfg: NemotronHConfig, budgets) -> dict:
+def budget_table(cfg: NemotronHConfig, budgets, *, fractions: dict | None = None, elastic_cfg=None) -> dict:
     """The nested family of one checkpoint as JSON: {"format": 1, "budgets": [{"name", "widths"
-    (axis -> size or per-layer list; a missing axis is full), "params", "active_params"}]}."""
+    (axis -> size or per-layer list; a missing axis is full), "params", "active_params", and with
+    `fractions` the "fraction" of the parent each budget was trained for}], "config": the exact
+    elastic_jax config of the parent (config.json is the HF one, whose dt-limit fields differ, see
+    the module docstring), "elastic": the ElasticConfig dict when given}."""
     from .elastic.slicing import param_count
     from .widths import Widths
     rows = []
@@ -867,28 +877,92 @@ def budget_table(cfg: NemotronHConfig, budgets) -> dict:
         w.validate(cfg)
         rows.append({"name": str(name), "widths": _widths_json(w), "params": int(param_count(cfg, w)),
                      "active_params": int(param_count(cfg, w, active=True))})
-    return {"format": 1, "budgets": rows}
+        if fractions is not None:
+            rows[-1]["fraction"] = fractions.get(name)
+    table = {"format": 1, "budgets": rows, "config": cfg.to_dict()}
+    if elastic_cfg is not None:
+        table["elastic"] = elastic_cfg.to_dict()
+    return table
 
 
 def read_budget_table(directory: str | os.PathLike, cfg: NemotronHConfig) -> dict:
-    """{name: {"widths": Widths, "params", "active_params"}} from `elastic_budgets.json` ({} when the
-    folder has none: a plain HF checkpoint), each validated against `cfg`."""
-    from .widths import Widths
+    """{name: {"widths": Widths, "params", "active_params", "fraction"}} from `elastic_budgets.json`
+    ({} when the folder has none: a plain HF checkpoint), each validated against `cfg`; a bad
+    table raises `JSONFileError` naming the file and the field."""
+    from .widths import WIDTH_AXES, Widths
     path = os.path.join(os.fspath(directory), BUDGETS_FILE)
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path) as f:
-            table = json.load(f)
-        rows = table["budgets"]
-        out = {}
-        for r in rows:
-            w = Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["widths"].items()})
-            w.validate(cfg)
-            out[str(r["name"])] = {"widths": w, "params": r.get("params"), "active_params": r.get("active_params")}
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a valid budget table ({type(e).__name__}: {e})") from None
+    table = read_json(path, what="nested budget table", required=("budgets",))
+    rows = json_field(table, "budgets", list, path)
+    if not rows:
+        raise JSONFileError(f"{path}: field 'budgets' is empty")
+    axes = tuple(WIDTH_AXES) + ("layers",)
+    out = {}
+    for i, r in enumerate(rows):
+        where = f"budgets[{i}]"
+        if not isinstance(r, dict):
+            raise JSONFileError(f"{path}: field {where!r} must be an object")
+        name = json_field(r, "name", str, path, where=where)
+        widths = json_field(r, "widths", dict, path, where=where)
+        try:
+            unknown = sorted(set(widths) - set(axes))
+            if unknown:
+                raise ValueError(f"unknown width axes {unknown}; known: {list(axes)}")
+            w = Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in widths.items()}).validate(cfg)
+        except (ValueError, TypeError) as e:
+            raise JSONFileError(f"{path}: field '{where}.widths': {e}") from None
+        frac = r.get("fraction")
+        if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float))):
+            raise JSONFileError(f"{path}: field '{where}.fraction' must be a number or null, got {frac!r}")
+        out[name] = {"widths": w, "params": r.get("params"), "active_params": r.get("active_params"),
+                     "fraction": frac}
     return out
+
+
+def read_router(directory: str | os.PathLike):
+    """The budget router saved beside a nested checkpoint (`elastic_router.safetensors`), or None."""
+    path = os.path.join(os.fspath(directory), ROUTER_FILE)
+    if not os.path.isfile(path):
+        return None
+    from safetensors.numpy import load_file
+    try:
+        return unflatten_tree(load_file(path))
+    except Exception as e:              # safetensors raises its own SafetensorError
+        raise HFCheckpointError(f"cannot read {path}", [f"truncated or corrupt safetensors file: {e}"]) from None
+
+
+def flatten_tree(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dicts / lists of arrays -> {"a.0.b": array} (safetensors keys)."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten_tree(v, f"{prefix}{k}."))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out.update(flatten_tree(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = np.asarray(jax.device_get(tree))
+    return out
+
+
+def unflatten_tree(flat: dict[str, np.ndarray]):
+    """Inverse of `flatten_tree` (integer path parts become list indices)."""
+    root: dict = {}
+    for key, v in flat.items():
+        node = root
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+
+    def fix(n):
+        if isinstance(n, dict):
+            n = {k: fix(v) for k, v in n.items()}
+            if n and all(k.isdigit() for k in n):
+                return [n[str(i)] for i in range(len(n))]
+        return n
+    return fix(root)
 
 
 # ---------------------------------------------------------------------------------------- CLI

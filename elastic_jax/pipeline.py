@@ -264,11 +264,11 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                                    "elastic": _history(os.path.join(out_dir, "elastic")),
                                    **{f"baseline {n}": _history(os.path.join(out_dir, f"baseline_{n.rstrip('%')}"))
                                       for n in baselines}}},
-        "memory": {"nested_checkpoint_bytes": int(nested_files["model.safetensors"] + nested_files.get(
-                       "router.safetensors", 0)),
+        "memory": {"nested_checkpoint_bytes": int(sum(b for f, b in nested_files.items()     # model + router
+                                                      if f.endswith(".safetensors"))),
                    "separate_checkpoint_bytes": int(sum(sliced_bytes.values())),
                    "files": {"nested model.safetensors": nested_files["model.safetensors"],
-                             "nested router.safetensors": nested_files.get("router.safetensors", 0),
+                             "nested elastic_router.safetensors": nested_files.get("elastic_router.safetensors", 0),
                              **{f"separate {n}": v for n, v in sliced_bytes.items()}}},
         "grid": [p.to_dict() for p in grid],
         "grid_budgets": list(ev.thinking_budgets),

@@ -586,8 +586,8 @@ def test_nested_checkpoint_loads(nested):
     ({"budgets": [{"name": "a", "widths": {}, "fraction": "half"}]}, "fraction' must be a number"),
 ])
 def test_nested_budgets_json_is_validated(nested, budgets, match):
-    (nested / "budgets.json").write_text(json.dumps(budgets))
-    with pytest.raises(JSONFileError, match=rf"budgets.json.*{match}"):
+    (nested / "elastic_budgets.json").write_text(json.dumps(budgets))
+    with pytest.raises(JSONFileError, match=rf"elastic_budgets.json.*{match}"):
         load_nested(str(nested))
 
 
@@ -595,14 +595,14 @@ def test_nested_config_json_field_errors_name_the_file(nested):
     raw = json.loads((nested / "config.json").read_text())
     raw["layer_norm_epsilon"] = 0.0
     (nested / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(JSONFileError, match=r"config.json: NemotronHConfig.layer_norm_epsilon=0.0: must be > 0"):
+    with pytest.raises(HFCheckpointError, match=r"(?s)config.json.*NemotronHConfig.layer_norm_epsilon=0.0: must be > 0"):
         load_nested(str(nested))
 
 
 def test_nested_safetensors_errors_name_the_file(nested):
     p = nested / "model.safetensors"
     p.write_bytes(p.read_bytes()[:100])
-    with pytest.raises(HFCheckpointError, match=r"(?s)nested/model.safetensors.*truncated or corrupt"):
+    with pytest.raises(HFCheckpointError, match=r"(?s)nested.*model.safetensors: truncated or corrupt"):
         load_nested(str(nested))
 
 
@@ -610,8 +610,27 @@ def test_nested_params_are_checked_against_the_config(nested):
     raw = json.loads((nested / "config.json").read_text())
     raw["intermediate_size"] = 48
     (nested / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(HFCheckpointError, match=r"does not match .*config.json"):
+    with pytest.raises(HFCheckpointError, match=r"does not match its config.json"):
         load_nested(str(nested))
+
+
+def test_nested_checkpoint_of_the_previous_layout_is_refused_with_the_re_export(tmp_path, capsys):
+    """Before the HF layout: budgets.json + a flattened model.safetensors. Loading, `eval` and
+    `generate` name the layout and the command that re-exports it; nothing is changed."""
+    from elastic_jax.infer.checkpoint import LegacyNestedCheckpoint
+    from elastic_jax.infer.text import TextGenerator
+    old = tmp_path / "nested"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    (old / "model.safetensors").write_bytes(b"")
+    (old / "budgets.json").write_text(json.dumps({"budgets": [{"name": "100%", "widths": {}}]}))
+    before = _sums(old)
+    for load in (load_nested, TextGenerator.load):
+        with pytest.raises(LegacyNestedCheckpoint, match=r"(?s)previous layout.*elastic-jax export"):
+            load(str(old))
+    rc, err = _cli(["eval", str(tmp_path)], capsys)
+    assert rc != 0 and "previous layout" in err and "elastic-jax export" in err
+    assert _sums(old) == before
 
 
 @pytest.mark.parametrize("results,match", [

@@ -1,14 +1,16 @@
 """Budget-controlled generation (spec §9): equals running the two submodels by hand; truncation
 emits exactly the budgeted number of thinking tokens; bad inputs raise clear errors."""
+import json
+
 import jax
 import numpy as np
 import pytest
 
 import elastic_jax as ej
-from conftest import tiny_config
+from conftest import assert_trees_equal, tiny_config
 from elastic_jax.infer import (ElasticModel, Specials, answer_generate, budget_generate, left_pad,
                               truncation_generate)
-from elastic_jax.infer.checkpoint import flatten, load_nested, save_nested, unflatten
+from elastic_jax.infer.checkpoint import flatten, load_nested, load_router, save_nested, unflatten
 from elastic_jax.tasks import TaskTokenizer, make_eval_set
 
 TOK = TaskTokenizer.default()
@@ -150,9 +152,20 @@ def test_nested_checkpoint_roundtrip(tmp_path, model):
     back = unflatten(flat)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(
         jax.tree_util.tree_map(np.asarray, model.params))
-    save_nested(str(tmp_path), CFG, model.params, BUDGETS, fractions={"100%": 1.0, "50%": 0.5}, tokenizer=TOK)
+    router = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "layers": [{"b": np.ones(2, np.float32)}]}
+    save_nested(str(tmp_path), CFG, model.params, BUDGETS, fractions={"100%": 1.0, "50%": 0.5}, tokenizer=TOK,
+                router_params=router, elastic_cfg=ej.ElasticConfig(budgets=(1.0, 0.5)))
     cfg, params, budgets, fr = load_nested(str(tmp_path))
     assert cfg == CFG and fr == {"100%": 1.0, "50%": 0.5}
+    # an HF folder: the parent opens with the HF loader, the family and router beside it
+    hf_cfg, hf_params = ej.load_hf(tmp_path)
+    # (its config.json is the HF spelling, the dt-limit fields excepted: elastic_jax/hf.py)
+    assert hf_cfg.replace(time_step_limit=CFG.time_step_limit, time_step_min=CFG.time_step_min) == CFG
+    assert_trees_equal(hf_params, params)
+    assert json.load(open(tmp_path / "elastic_budgets.json"))["elastic"]["budgets"] == [1.0, 0.5]
+    back = load_router(str(tmp_path))
+    np.testing.assert_array_equal(back["w"], router["w"])
+    np.testing.assert_array_equal(back["layers"][0]["b"], router["layers"][0]["b"])
     assert budgets["50%"].per_layer(CFG, "mamba_heads") == BUDGETS["50%"].per_layer(CFG, "mamba_heads")
     t = np.asarray([prompts_ for prompts_ in [[1, 17, 3, 18, 4, 3]]])
     np.testing.assert_allclose(ej.forward(params, t, cfg, budgets["50%"].resolve(cfg)),

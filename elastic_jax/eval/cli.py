@@ -14,10 +14,12 @@ import os
 
 
 def _nested_dir(path: str) -> str:
+    from ..infer.checkpoint import check_not_legacy
     for cand in (path, os.path.join(path, "checkpoints", "nested"), os.path.join(path, "nested")):
-        if os.path.isfile(os.path.join(cand, "budgets.json")):
+        check_not_legacy(cand)
+        if os.path.isfile(os.path.join(cand, "elastic_budgets.json")):
             return cand
-    raise ValueError(f"{path!r} holds no nested checkpoint (budgets.json, config.json, model.safetensors), "
+    raise ValueError(f"{path!r} holds no nested checkpoint (an HF folder with elastic_budgets.json), "
                      "neither directly nor under checkpoints/nested")
 
 
