@@ -1,4 +1,4 @@
-"""HF NemotronH checkpoints in and out (ANCHORS §5): `load_hf`, `save_hf`, the CLI `export` / `slice`.
+"""HF NemotronH checkpoints in and out: `load_hf`, `save_hf`, the CLI `export` / `slice`.
 
 On-disk format (what `transformers.NemotronHForCausalLM.save_pretrained` writes and the Hub holds):
 `config.json` plus `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` listed in
@@ -48,7 +48,6 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _PREFIXES = ("backbone.", "model.")
 _F32_TINY = float(np.finfo(np.float32).tiny)
-_HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 _KIND_NAMES = {"M": "Mamba2", "*": "attention", "-": "MLP", "E": "MoE"}
 
 
@@ -63,7 +62,7 @@ HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"mod
 # ------------------------------------------------------------------------------------ table
 @dataclass(frozen=True)
 class Dims:
-    """Sizes of one layer (per-layer widths honoured) in the names of ANCHORS §5.3."""
+    """Sizes of one layer (per-layer widths honoured) in the names of the HF parameter keys."""
 
     D: int
     V: int
@@ -321,7 +320,6 @@ def hf_config_dict(cfg: NemotronHConfig, dtype: str = "float32") -> dict:
     if problems:
         raise HFCheckpointError("cannot write this model as an HF NemotronH checkpoint", problems)
     d = cfg.to_hf()
-    d["layers_block_type"] = [_HF_LAYER_TYPES[c] for c in cfg.pattern]
     d["hybrid_override_pattern"] = cfg.pattern
     d["num_hidden_layers"] = cfg.num_hidden_layers
     tmin = lo if lo > 0 else _F32_TINY
@@ -774,7 +772,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     check_params(params, cfg)
     tensors = list(_hf_tensors(cfg, params, out_dtype))
     qconfig, writer = None, None
-    if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (spec §10)
+    if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (METHOD §10)
         from .quant import export as qexport
         fmt = quantization if quantization is not None else quant_state.spec.fmt
         tensors, qconfig = qexport.quantize_tensors(cfg, params, tensors, fmt, quant_state)

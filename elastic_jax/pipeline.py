@@ -1,9 +1,9 @@
-"""The main job: a complete Star Elastic run on the embedded reasoning task (spec §1, §9, §11).
+"""The main job: a complete Star Elastic run on the embedded reasoning task (METHOD §1, §9, §11).
 
     parent (CE on the task, or loaded from <out>/parent when its run is complete)
-      -> importance + permutation (spec §3)
-      -> Star Elastic distillation into the budgets, two-stage curriculum (spec §6-7)
-      -> router argmax per budget -> Widths -> one nested checkpoint + sliced copies (spec §8)
+      -> importance + permutation (METHOD §3)
+      -> Star Elastic distillation into the budgets, two-stage curriculum (METHOD §6-7)
+      -> router argmax per budget -> Widths -> one nested checkpoint + sliced copies (METHOD §8)
       -> independent baselines: the permuted parent pruned to each budget's widths, distilled alone
          (optionally on several multiples of the tokens each nested model saw: the token sweep)
       -> accuracy per model with diagnostics (answer accuracy given the gold trace, exact-trace

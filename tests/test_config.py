@@ -29,11 +29,11 @@ def test_from_hf_legacy_aliases(tmp_path):
 def test_layers_block_type_and_round_trip():
     cfg = ej.NemotronHConfig()
     d = cfg.to_hf()
-    assert d["layers_block_type"] == ["mamba", "moe", "mamba", "attention", "mlp", "moe"]
+    assert d["layers_block_type"] == ["linear_attention", "moe", "linear_attention", "full_attention", "mlp", "moe"]
     back = ej.NemotronHConfig.from_hf(d)
     assert back == cfg
-    new_names = dict(d, layers_block_type=["linear_attention", "moe", "mamba", "full_attention", "mlp", "moe"])
-    assert ej.NemotronHConfig.from_hf(new_names).pattern == cfg.pattern
+    old_names = dict(d, layers_block_type=["mamba", "moe", "mamba2", "attention", "mlp", "moe"])
+    assert ej.NemotronHConfig.from_hf(old_names).pattern == cfg.pattern
     assert ej.NemotronHConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="NemotronHConfig.from_dict: unknown fields"):
         ej.NemotronHConfig.from_dict(dict(cfg.to_dict(), hiden_size=3))

@@ -1,4 +1,4 @@
-"""HF NemotronH checkpoints in and out (issue 3, ANCHORS §5).
+"""HF NemotronH checkpoints in and out (issue 3).
 
 Parity tests (marked `hf`) build tiny random `transformers.NemotronHForCausalLM` models in the test,
 save them with `save_pretrained` and compare logits / greedy tokens with `ej.load_hf` + `ej.forward`;

@@ -1,4 +1,4 @@
-"""Budget-controlled generation (spec §9): equals running the two submodels by hand; truncation
+"""Budget-controlled generation (METHOD §9): equals running the two submodels by hand; truncation
 emits exactly the budgeted number of thinking tokens; bad inputs raise clear errors."""
 import json
 

@@ -1,4 +1,4 @@
-"""Foundation invariants (DESIGN.md): masked == sliced, masked full == plain, forward == decode,
+"""Foundation invariants (README, Architecture): masked == sliced, masked full == plain, forward == decode,
 causality, one compiled program for every width, SSD chunked == sequential oracle."""
 import jax
 import jax.numpy as jnp

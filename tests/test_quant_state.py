@@ -1,4 +1,4 @@
-"""Nested FP8 / NVFP4: fixed quantization state, masked == sliced, ModelOpt export round trip (spec §10)."""
+"""Nested FP8 / NVFP4: fixed quantization state, masked == sliced, ModelOpt export round trip (METHOD §10)."""
 import json
 import os
 

@@ -10,7 +10,7 @@ KINDS = ("synthetic", "task", "jsonl", "parquet", "arrays")
 
 @dataclass(frozen=True)
 class DataConfig(ConfigBase):
-    """Training data (spec §7; ANCHORS §7.13).
+    """Training data (METHOD §7).
 
     kind:
       "synthetic" — `num_documents` deterministic arithmetic-progression documents (learnable

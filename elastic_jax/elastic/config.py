@@ -1,6 +1,6 @@
-"""`ElasticConfig`: budgets, option lists, router and budget-loss settings (spec §4.1, §5, §6.2).
+"""`ElasticConfig`: budgets, option lists, router and budget-loss settings (METHOD §4.1, §5, §6.2).
 
-One frozen dataclass, grouped like Megatron's `FlextronConfig` (ANCHORS §4.1):
+One frozen dataclass, grouped like the official code's `FlextronConfig`:
 
 * **budgets** — fractions of the parent cost (``budget_target``: active params, total params or
   deployment memory), kept sorted descending; 1.0 (the full model) must be one of them.
@@ -102,7 +102,7 @@ class BudgetTarget:
 
 @dataclass(frozen=True)
 class ElasticConfig(ConfigBase):
-    """Elastic training settings. See the module docstring; spec §4-§6."""
+    """Elastic training settings. See the module docstring; METHOD §4-§6."""
 
     # ---- budgets: fractions of the parent cost, descending; 1.0 = the full model
     budgets: tuple[float, ...] = (1.0, 0.75, 0.5)
@@ -110,12 +110,12 @@ class ElasticConfig(ConfigBase):
     hidden_options: tuple | None = (1.0, 0.875, 0.75)
     mamba_options: tuple | None = (1.0, 0.75, 0.5)
     mamba_channel_options: tuple | None = None  # channels per Mamba head (the exported mamba_head_dim)
-    attn_options: tuple | None = None          # Star Elastic routes no attention heads (spec §4.1)
+    attn_options: tuple | None = None          # Star Elastic routes no attention heads (METHOD §4.1)
     ffn_options: tuple | None = (1.0, 0.75, 0.5)
     moe_expert_options: tuple | None = (1.0, 0.75, 0.5)
     moe_ffn_options: tuple | None = (1.0, 0.75, 0.5)
     heterogeneous: bool = False                # per-layer choices (embedding stays global)
-    # ---- router (spec §5)
+    # ---- router (METHOD §5)
     router_dim: int = 256
     router_std: float = 0.1
     tau_start: float = 1.0
@@ -128,12 +128,12 @@ class ElasticConfig(ConfigBase):
     # conv+SiLU / relu²) or "official" (Megatron --soft-mask: Mamba x, dt, conv-x; FFN before relu²).
     # None = "output" (a None default keeps older runs resumable)
     soft_mask_form: str | None = None
-                                               # (official hard_sample_th = 0.996, spec §5.2)
+                                               # (official hard_sample_th = 0.996, METHOD §5.2)
     # ---- depth (Nemotron Elastic): layer-count options (fractions of / absolute layer counts) and the
     # importance ranking of the layers (most important first, `ej.elastic.rank_layers`)
     depth_options: tuple | None = None
     layer_ranking: tuple[int, ...] | None = None
-    # ---- budget loss (spec §6.2)
+    # ---- budget loss (METHOD §6.2)
     budget_target: str = "active"
     # several costs at once: BudgetTarget entries (or dicts); None = one `budget_target` term
     budget_targets: tuple | None = None
@@ -147,7 +147,7 @@ class ElasticConfig(ConfigBase):
     mem_bytes_kv: float = 2.0
     mem_bytes_ssm: float = 4.0                 # Nemotron-H keeps the SSM cache in fp32
     mem_bytes_conv: float | None = None        # None: same as the weights
-    # ---- quantized nested checkpoints (spec §10)
+    # ---- quantized nested checkpoints (METHOD §10)
     quantization: str | None = None
 
     def __post_init__(self):
@@ -171,7 +171,7 @@ class ElasticConfig(ConfigBase):
             bad("budgets", "budgets must be distinct", self.budgets)
         if 1.0 not in b:
             bad("budgets", "must include 1.0 (the full model; its router is anchored to the largest "
-                "options, spec §6.2)", self.budgets)
+                "options, METHOD §6.2)", self.budgets)
         object.__setattr__(self, "budgets", tuple(sorted(b, reverse=True)))
 
         for name in OPTION_FIELDS:

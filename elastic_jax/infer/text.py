@@ -1,4 +1,4 @@
-"""Budget-controlled text generation over a checkpoint folder (spec §9 on real text).
+"""Budget-controlled text generation over a checkpoint folder (METHOD §9 on real text).
 
     gen = TextGenerator.load("exported_hf_dir")             # model + budget table + tokenizer
     out = gen.generate(["What is 17 + 25?"], think="50%", answer="100%", thinking_budget=256)

@@ -1,4 +1,4 @@
-"""FP8 / NVFP4 nested checkpoints (spec §10): number formats, fixed quantization state with
+"""FP8 / NVFP4 nested checkpoints (METHOD §10): number formats, fixed quantization state with
 calibration, and the ModelOpt Hugging Face layout (`elastic_jax.quant.export`). Slicing a state with its model:
 `elastic_jax.elastic.slice_quant_state`."""
 from .formats import (FORMATS, FP4_MAX, FP8_MAX, NVFP4_BLOCK, fp8_with_scale, nvfp4_scales, nvfp4_with_scales,

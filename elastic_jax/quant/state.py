@@ -1,4 +1,4 @@
-"""Quantization state of a nested FP8 / NVFP4 checkpoint (spec §10).
+"""Quantization state of a nested FP8 / NVFP4 checkpoint (METHOD §10).
 
 The scales are fixed, non-trainable state computed once from the full parent tensors, never from
 whatever (sliced, trained) tensor is being quantized, so the quantized masked model equals the

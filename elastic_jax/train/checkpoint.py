@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run (ANCHORS §7.13).
+"""Orbax checkpoints of a training run.
 
 One `ocp.CheckpointManager` under `<out_dir>/checkpoints` with two items per step:
   "state": params, router, optimizer state, the base RNG key and the step (sharded arrays;
@@ -219,7 +219,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, with_quant:
     """(cfg, params, router_params or None, ElasticConfig or None) from an elastic training run
     (`<run_dir>/checkpoints`, orbax, written by `elastic_jax.train`): the model params of `step`
     (default: the latest complete one), restored on the host; the params are the permuted ones
-    training used, so every nested model is a prefix (spec §8). `with_quant=True` appends the
+    training used, so every nested model is a prefix (METHOD §8). `with_quant=True` appends the
     QAD quantization state (`TrainConfig.qad` runs) or None."""
     run_dir = os.path.abspath(os.fspath(run_dir))
     ckpt_dir = run_dir if os.path.basename(run_dir) == "checkpoints" else os.path.join(run_dir, "checkpoints")

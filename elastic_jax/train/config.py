@@ -7,7 +7,7 @@
                 Stage("long", seq_len=49152, batch_size=512, tokens=60e9, budget_probs=(0.5, 0.3, 0.2))),
         kd_temperature=1.0, vocab_chunk=8192, microbatches=4)
 
-Spec §7 (curriculum) and §14.7-8 (optimizer groups, one budget per micro-batch). A stage gives
+METHOD §7 (curriculum) and §14.7-8 (optimizer groups, one budget per micro-batch). A stage gives
 either `steps` or `tokens` (converted to ceil(tokens / (batch_size · seq_len)) steps).
 `budget_probs` is indexed like `ElasticConfig.budgets` (descending, 1.0 first); None = uniform.
 The Gumbel temperature and router logit scale follow `ElasticConfig` schedules over the whole run
@@ -55,7 +55,7 @@ class MeshConfig(ConfigBase):
 
 @dataclass(frozen=True)
 class OptimConfig(ConfigBase):
-    """AdamW with two parameter groups (spec §6.3, §7.1): model (`lr`) and router (`router_lr`),
+    """AdamW with two parameter groups (METHOD §6.3, §7.1): model (`lr`) and router (`router_lr`),
     each with `warmup_steps` linear warmup then `schedule` ("constant" | "cosine" | "linear" decay
     to `final_lr_ratio` · peak at the last step), global-norm clipping `clip_norm` (0 = off),
     decoupled weight decay on matrices only. `freeze_router` / `freeze_model` zero that group's
@@ -96,7 +96,7 @@ class Stage(ConfigBase):
     """One curriculum stage: `batch_size` sequences (global, all hosts) of `seq_len` tokens per
     optimizer step, for `steps` steps or `tokens` tokens; `budget_probs` over the budgets.
 
-    Long-context stages (spec §7: stage 2 trains on long documents, not on more short ones packed
+    Long-context stages (METHOD §7: stage 2 trains on long documents, not on more short ones packed
     into a longer row): `data` gives this stage its own source (None = the run's dataset) and
     `min_doc_len` keeps only documents of at least that many tokens (e.g. stage 1's seq_len + 1)."""
 
@@ -151,7 +151,7 @@ class Stage(ConfigBase):
 @dataclass(frozen=True)
 class TrainConfig(ConfigBase):
     """A whole training run. `microbatches` splits each stage batch for gradient accumulation; each
-    micro-batch draws one budget (shared by every data shard, spec §7.2). `vocab_chunk`: columns of
+    micro-batch draws one budget (shared by every data shard, METHOD §7.2). `vocab_chunk`: columns of
     the lm_head per chunk of the KD / CE loss (None = the whole vocabulary in one chunk).
     Checkpoints every `checkpoint_every` steps (and at the end of each stage), `keep_checkpoints`
     kept; metrics every `log_every` steps. `policy`: the runtime knobs of the forward passes
@@ -182,7 +182,7 @@ class TrainConfig(ConfigBase):
     # router samples per micro-batch, each on its own group of rows (Gumbel noise per data shard as the
     # official code; set it to the data-parallel size). None = 1: one sample for the whole micro-batch
     gumbel_groups: int | None = None
-    # quantization-aware distillation (spec §10): "fp8" | "nvfp4" trains the fake-quantized student
+    # quantization-aware distillation (METHOD §10): "fp8" | "nvfp4" trains the fake-quantized student
     # (fixed scales from the parent, straight-through gradients) against the frozen teacher
     qad: str | None = None
     policy: ComputePolicy | None = None
