@@ -25,20 +25,20 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from .config import NemotronHConfig
-from .data import DataConfig, make_dataset
-from .elastic import ElasticConfig, budget_widths, estimate_importance, param_count, permute_params, slice_params
-from .experiment import register_runner
-from .infer.budget import ElasticModel
-from .infer.checkpoint import save_nested, save_standalone, widths_to_dict
-from .model import init_params
-from .eval.accuracy import model_row
-from .eval.config import EvalConfig
-from .eval.latency import LatencyTarget, measure_host_profile
-from .tasks import TaskTokenizer, make_eval_set, trace_text
-from .train import TrainConfig, train_elastic, train_kd, train_lm
-from .train.metrics import read_jsonl
-from .widths import Widths
+from ..config import NemotronHConfig
+from ..data import DataConfig, make_dataset
+from ..elastic import ElasticConfig, budget_widths, estimate_importance, param_count, permute_params, slice_params
+from ..experiment import register_runner
+from ..infer.budget import ElasticModel
+from ..infer.checkpoint import save_nested, save_standalone, widths_to_dict
+from ..model import init_params
+from ..eval.accuracy import model_row
+from ..eval.config import EvalConfig
+from ..eval.latency import LatencyTarget, measure_host_profile
+from ..tasks import TaskTokenizer, make_eval_set, trace_text
+from ..train import TrainConfig, train_elastic, train_kd, train_lm
+from ..train.metrics import read_jsonl
+from ..widths import Widths
 
 
 @dataclass(frozen=True)
@@ -109,8 +109,8 @@ def _say(msg: str, progress: bool):
 
 def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     """Run the whole pipeline into `out_dir`; returns the results dict (also in results.json)."""
-    from .eval.evaluate import evaluate_grid
-    from .eval.report import analyze, write_report
+    from ..eval.evaluate import evaluate_grid
+    from ..eval.report import analyze, write_report
 
     t_start = time.perf_counter()
     phases: dict[str, float] = {}
