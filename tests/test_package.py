@@ -134,13 +134,6 @@ def test_every_declared_dependency_is_imported():
 
 
 # -------------------------------------------------------------------------- citations in the code
-# Files still citing the section numbers of documents outside the repository (the layer-kind
-# refactor of issue 10 rewrites them; they cite docs/METHOD.md after it). Do not add to this list.
-PENDING_CITATIONS = {"elastic_jax/model/params.py", "elastic_jax/model/layers.py", "elastic_jax/model/decoder.py",
-                     "elastic_jax/elastic/cost.py", "elastic_jax/elastic/slicing.py",
-                     "elastic_jax/elastic/importance.py", "elastic_jax/widths.py"}
-
-
 def test_code_cites_only_documents_in_the_repository():
     """The method's sections are cited as `METHOD §n` (docs/METHOD.md), not as sections of
     reference documents that are not in the repository."""
@@ -153,6 +146,6 @@ def test_code_cites_only_documents_in_the_repository():
             for f in files:
                 path = os.path.join(dirpath, f)
                 rel = os.path.relpath(path, ROOT)
-                if f.endswith(".py") and rel not in PENDING_CITATIONS and rel != "tests/test_package.py":
+                if f.endswith(".py") and rel != "tests/test_package.py":
                     found += [f"{rel}:{i}" for i, line in enumerate(open(path), 1) if bad.search(line)]
     assert not found, f"citations of documents outside the repository: {found}"
