@@ -12,13 +12,14 @@ report gives the multiple a baseline needs to match), and served with elastic bu
 against two truncation baselines (the parent alone, every nested model alone), costed by the
 roofline latency model on H100 at the paper's 30B-A3B scale (elastic_jax/eval/latency.py), and
 quantized to FP8 / NVFP4 (PTQ, plus a short NVFP4 QAD) with every nested model's accuracy and KL.
-Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax/pipeline.py.
+Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax/recipes/star_elastic.py.
 """
 from elastic_jax import NemotronHConfig
 from elastic_jax.data import DataConfig
 from elastic_jax.elastic import ElasticConfig
+from elastic_jax.eval import EvalConfig
 from elastic_jax.eval.quantized import QuantEvalConfig
-from elastic_jax.pipeline import EvalConfig, StarElasticExperiment
+from elastic_jax.recipes.star_elastic import StarElasticExperiment
 from elastic_jax.train import OptimConfig, Stage, TrainConfig
 
 

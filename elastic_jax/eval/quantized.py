@@ -89,6 +89,7 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
     also written to `<out_dir>/quantization.json`; a rerun with the same configuration, widths and
     eval size returns that file's results instead of running again."""
     from ..data import make_dataset
+    from ..elastic import slice_quant_state
     from ..hf import load_hf, save_hf
     from ..infer.budget import ElasticModel
     from ..model import forward
@@ -116,7 +117,7 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
         spec = quant.QuantSpec(fmt, activations=qcfg.activations)
         qs = quant.init_quant_state(teacher, cfg, spec)
         for n, w in widths.items():            # named error now if a budget is not whole NVFP4 blocks
-            quant.slice_quant_state(qs, teacher, cfg, w)
+            slice_quant_state(qs, teacher, cfg, w)
         states[fmt] = quant.calibrate(teacher, cfg, qs, calib_tokens, widths=tuple(resolved.values()))
     timing["calibrate"] = time.perf_counter() - t0
 

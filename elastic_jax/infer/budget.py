@@ -1,4 +1,4 @@
-"""Elastic budget control (spec §9): submodel A thinks, submodel B answers.
+"""Elastic budget control (METHOD §9): submodel A thinks, submodel B answers.
 
 Phase 1 (think): A decodes after the prompt (which ends with `<think>`) until it emits `</think>`
 or has produced `thinking_budget` thinking tokens; in the latter case `</think>` is forced.
@@ -68,7 +68,7 @@ class ElasticModel:
                 sub_cfg, sub_params = slice_params(self.params, self.cfg, w)
                 views[name] = (sub_cfg, sub_params, None)
                 if self.quant is not None:
-                    from ..quant.state import slice_quant_state
+                    from ..elastic.quant_slicing import slice_quant_state
                     quants[name] = slice_quant_state(self.quant, self.params, self.cfg, w)
             else:
                 views[name] = (self.cfg, self.params, w.resolve(self.cfg))
