@@ -1,4 +1,4 @@
-"""The main job's quantization stage (spec §10): one elastic checkpoint per precision, every nested
+"""The main job's quantization stage (METHOD §10): one elastic checkpoint per precision, every nested
 model still sliced zero-shot from it.
 
 From the trained elastic model (the high-precision teacher) and its router-chosen budgets:
@@ -223,7 +223,7 @@ def quant_markdown(results: dict) -> list[str]:
         return []
     high = {r["name"]: r for r in results.get("nested", [])}
     names = q["budgets"]
-    L = ["## Quantized nested checkpoints: FP8 / NVFP4 PTQ and NVFP4 QAD (spec §10)", "",
+    L = ["## Quantized nested checkpoints: FP8 / NVFP4 PTQ and NVFP4 QAD (METHOD §10)", "",
          f"One checkpoint per precision; every nested model is sliced from it zero-shot with the parent's "
          f"scales. Activations {'simulated too (FP8 per tensor, NVFP4 16-element blocks)' if q['activations'] else 'not simulated (weights only)'}; "
          f"QAD: {q['qad_steps']} steps ({q['qad_tokens']:,} tokens) from the trained elastic model, router "

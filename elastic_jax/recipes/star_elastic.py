@@ -64,7 +64,7 @@ class StarElasticExperiment:
     # () = one baseline per size trained with `baseline_train` as given
     token_multiples: tuple[float, ...] = ()
     comparison_seed: int = 0                   # added to the elastic run's and the baselines' seeds
-    # quantized nested checkpoints (spec §10): FP8 / NVFP4 PTQ and NVFP4 QAD per budget, bytes on disk
+    # quantized nested checkpoints (METHOD §10): FP8 / NVFP4 PTQ and NVFP4 QAD per budget, bytes on disk
     quant: QuantEvalConfig = QuantEvalConfig()
 
     def __post_init__(self):
