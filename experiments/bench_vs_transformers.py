@@ -7,7 +7,7 @@ For each model (`MMMM` Mamba2, `EEEE` MoE, `****` attention, `----` relu² MLP, 
 `NemotronHForCausalLM` is saved with `save_pretrained` and read back with `ej.load_hf`, then the
 jitted `ej.forward` and the torch model (`use_cache=False`, `torch.no_grad`) are timed interleaved
 in this process, median of `--repeats`. Also this machine's measured f32 matmul FLOP/s (a jitted
-square matmul), each row's analytic FLOPs / time as a fraction of it, and the elastic (masked)
+square matmul, timed interleaved with each row's runs so it sees the same load), each row's analytic FLOPs / time as a fraction of it, and the elastic (masked)
 forward at full and at 50% widths against the plain forward. Prints a table and writes JSON
 (with the load average: the numbers are wall-clock on a possibly shared machine).
 
@@ -83,18 +83,16 @@ def analytic_flops(cfg: ej.NemotronHConfig, B: int, L: int) -> float:
     return per_tok * B * L
 
 
-def matmul_peak(n: int = 2048, repeats: int = 7) -> float:
-    """Measured f32 FLOP/s of a jitted [n, n] x [n, n] matmul (median)."""
+PEAK_N = 2048
+
+
+def matmul_peak_fn(n: int = PEAK_N):
+    """A jitted f32 [n, n] x [n, n] matmul (2·n³ FLOPs), compiled: this machine's matmul peak."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
     f = jax.jit(lambda x, y: x @ y)
     jax.block_until_ready(f(a, b))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        ts.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / statistics.median(ts)
+    return lambda: f(a, b)
 
 
 def widths_at(cfg: ej.NemotronHConfig, frac: float) -> ej.Widths:
@@ -116,7 +114,7 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def bench_model(pattern: str, args, tmp: str) -> dict:
+def bench_model(pattern: str, args, tmp: str, peak_fn) -> dict:
     import torch
     kw = hf_kwargs(pattern, args.hidden, args.vocab)
     model = hf_model(kw)
@@ -133,7 +131,7 @@ def bench_model(pattern: str, args, tmp: str) -> dict:
         with torch.no_grad():
             return model(t_torch, use_cache=False).logits
 
-    runs = {"transformers": run_hf, "elastic_jax": lambda: fwd(params, tok, None),
+    runs = {"matmul_peak": peak_fn, "transformers": run_hf, "elastic_jax": lambda: fwd(params, tok, None),
             "masked_full": lambda: fwd(params, tok, full_w), "masked_50": lambda: fwd(params, tok, half_w)}
     ours = np.asarray(runs["elastic_jax"]())
     ref = run_hf().float().numpy()
@@ -146,7 +144,9 @@ def bench_model(pattern: str, args, tmp: str) -> dict:
             times[k].append(_timed(f))
     med = {k: statistics.median(v) for k, v in times.items()}
     flops = analytic_flops(cfg, args.batch, args.seq)
+    peak = 2.0 * PEAK_N ** 3 / med["matmul_peak"]
     return {"model": pattern, "transformers_ms": 1e3 * med["transformers"], "elastic_jax_ms": 1e3 * med["elastic_jax"],
+            "matmul_peak_gflop_s": peak / 1e9, "fraction_of_peak": flops / med["elastic_jax"] / peak,
             "speedup": med["transformers"] / med["elastic_jax"], "gflop": flops / 1e9,
             "elastic_jax_gflop_s": flops / med["elastic_jax"] / 1e9,
             "masked_full_ms": 1e3 * med["masked_full"], "masked_full_over_plain": med["masked_full"] / med["elastic_jax"],
@@ -167,17 +167,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import torch
     load_before = os.getloadavg()
-    peak = matmul_peak()
+    peak_fn = matmul_peak_fn()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for pattern in args.models.split(","):
-            rows.append(bench_model(pattern, args, tmp))
-            r = rows[-1]
-            r["fraction_of_peak"] = r["elastic_jax_gflop_s"] * 1e9 / peak
-            print(f"  {pattern}: done ({r['elastic_jax_ms']:.0f} ms)", flush=True)
-    peak_after = matmul_peak()
+            rows.append(bench_model(pattern, args, tmp, peak_fn))
+            print(f"  {pattern}: done ({rows[-1]['elastic_jax_ms']:.0f} ms)", flush=True)
     load_after = os.getloadavg()
-    print(f"f32 matmul peak (jitted 2048^3, median): {peak / 1e9:.1f} GFLOP/s before, {peak_after / 1e9:.1f} after; "
+    peaks = [r["matmul_peak_gflop_s"] for r in rows]
+    print(f"f32 matmul peak (jitted {PEAK_N}^3, timed interleaved with every row, median per row): "
+          f"{min(peaks):.1f}-{max(peaks):.1f} GFLOP/s; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; torch threads "
           f"{torch.get_num_threads()}; batch {args.batch} x {args.seq}, hidden {args.hidden}, f32, "
           f"median of {args.repeats}")
@@ -191,7 +190,7 @@ def main(argv=None):
               f"{100 * r['fraction_of_peak']:5.1f}% | {r['masked_full_over_plain']:19.2f} | "
               f"{r['masked_50_over_plain']:18.2f} |")
     print("max |logits - transformers|:", {r["model"]: f"{r['max_abs_logit_diff_vs_transformers']:.1e}" for r in rows})
-    result = {"args": vars(args), "matmul_peak_flop_s": peak, "matmul_peak_after_flop_s": peak_after,
+    result = {"args": vars(args),
               "loadavg_before": load_before, "loadavg_after": load_after, "torch_threads": torch.get_num_threads(),
               "backend": jax.default_backend(), "machine": platform.machine(), "jax": jax.__version__,
               "torch": torch.__version__, "rows": rows}
