@@ -164,8 +164,13 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated patterns")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads (with `taskset -c 0` and 1: both libraries on one core, "
+                         "less sensitive to a loaded machine than two spinning thread pools)")
     args = ap.parse_args(argv)
     import torch
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     load_before = os.getloadavg()
     peak_fn = matmul_peak_fn()
     rows = []
@@ -178,7 +183,7 @@ def main(argv=None):
     print(f"f32 matmul peak (jitted {PEAK_N}^3, timed interleaved with every row, median per row): "
           f"{min(peaks):.1f}-{max(peaks):.1f} GFLOP/s; "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; torch threads "
-          f"{torch.get_num_threads()}; batch {args.batch} x {args.seq}, hidden {args.hidden}, f32, "
+          f"{torch.get_num_threads()}, cores {len(os.sched_getaffinity(0))}; batch {args.batch} x {args.seq}, hidden {args.hidden}, f32, "
           f"median of {args.repeats}")
     hdr = (f"| {'model':10} | {'transformers':>12} | {'elastic_jax':>11} | {'tf / ej':>7} | {'GFLOP':>6} | "
            f"{'% peak':>6} | {'masked full / plain':>19} | {'masked 50% / plain':>18} |")
@@ -190,7 +195,7 @@ def main(argv=None):
               f"{100 * r['fraction_of_peak']:5.1f}% | {r['masked_full_over_plain']:19.2f} | "
               f"{r['masked_50_over_plain']:18.2f} |")
     print("max |logits - transformers|:", {r["model"]: f"{r['max_abs_logit_diff_vs_transformers']:.1e}" for r in rows})
-    result = {"args": vars(args),
+    result = {"args": vars(args), "cpu_affinity": sorted(os.sched_getaffinity(0)),
               "loadavg_before": load_before, "loadavg_after": load_after, "torch_threads": torch.get_num_threads(),
               "backend": jax.default_backend(), "machine": platform.machine(), "jax": jax.__version__,
               "torch": torch.__version__, "rows": rows}
