@@ -27,7 +27,7 @@ def _ref(q, k, v, seg=SEG, k_valid=None):
 
 
 def _grads(f, q, k, v):
-    return jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))(q, k, v)
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2)))(q, k, v)
 
 
 def _close(a, b, tol):
@@ -39,8 +39,8 @@ def test_equals_reference_with_segments_and_padding(qkv, impl):
     """GQA, causal, packed segments with padding: forward and gradients (splash in interpret mode;
     blocked: 4 query blocks of 64, each against its causal prefix of keys)."""
     q, k, v = qkv
-    if impl == "blocked":
-        f = lambda q, k, v: A.blocked_attention(q, k, v, SEG, scale=D ** -0.5)
+    if impl == "blocked":   # jitted: op by op its 4 unrolled blocks cost ~5x the compile
+        f = jax.jit(lambda q, k, v: A.blocked_attention(q, k, v, SEG, scale=D ** -0.5))
     elif impl == "chunked":   # 4 key blocks of 64: the online softmax crosses block boundaries
         f = lambda q, k, v: A.chunked_attention(q, k, v, POS, POS, SEG, SEG, None, D ** -0.5, 64, A.HIGHEST)
     else:
