@@ -9,8 +9,9 @@ in-library). `mtp.*` (multi-token-prediction) tensors are skipped.
 
 The conversion is one declarative table, `RULES`: each `Rule` names an HF key pattern, the
 params leaves it fills and the pair of transforms between the two layouts (HF `[out, in]`
-matrices, fused `in_proj` / `conv1d`; ours `[in, out]` with the fused tensors split, see
-`elastic_jax/model/params.py`). Loading, validation and saving all walk that one table.
+matrices, fused `in_proj` / `conv1d`; ours `[in, out]` with the fused tensors split). The layer
+rules are declared by their layer kind (`elastic_jax/model/kinds/`); this module adds the
+backbone-level ones. Loading, validation and saving all walk that one table.
 
 Semantics that transformers fixes and the config does not say (checked against transformers 5.x,
 `modeling_nemotron_h.py`):
@@ -42,14 +43,14 @@ import numpy as np
 from .config import NemotronHConfig
 from .errors import CheckpointCorrupt, HFCheckpointError, JSONFileError, read_json
 from .fileio import atomic_folder, owned_names
+from .model.kinds import KINDS, layer_dims  # noqa: F401  (layer_dims: part of this module's API)
+from .model.kinds.hf_rules import Dims, Rule, _t, _t_inv  # noqa: F401
 from .model.params import check_params, param_axes
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _PREFIXES = ("backbone.", "model.")
 _F32_TINY = float(np.finfo(np.float32).tiny)
-_HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-_KIND_NAMES = {"M": "Mamba2", "*": "attention", "-": "MLP", "E": "MoE"}
 
 
 # The top-level names `save_hf` writes: `overwrite` replaces a folder only if it holds nothing else.
@@ -60,182 +61,13 @@ HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"mod
 
 
 # ------------------------------------------------------------------------------------ table
-@dataclass(frozen=True)
-class Dims:
-    """Sizes of one layer (per-layer widths honoured) in the names of ANCHORS §5.3."""
-
-    D: int
-    V: int
-    H: int = 0      # Mamba heads
-    P: int = 0      # Mamba head dim
-    G: int = 0      # Mamba groups
-    N: int = 0      # SSM state size
-    K: int = 0      # conv kernel
-    nH: int = 0     # attention query heads
-    nKV: int = 0    # attention KV heads
-    hd: int = 0     # attention head dim
-    I: int = 0      # dense MLP width
-    E: int = 0      # routed experts
-    Ie: int = 0     # routed-expert width
-    Is: int = 0     # shared-expert width
-
-    @property
-    def HP(self):
-        return self.H * self.P
-
-    @property
-    def GN(self):
-        return self.G * self.N
-
-
-def layer_dims(cfg: NemotronHConfig, layer: int | None) -> Dims:
-    base = dict(D=cfg.hidden_size, V=cfg.vocab_size)
-    if layer is None:
-        return Dims(**base)
-    c, k = cfg.pattern[layer], cfg.kind_index()[layer]
-    if c == "M":
-        return Dims(**base, H=cfg.mamba_heads_at(k), P=cfg.mamba_head_dim, G=cfg.n_groups,
-                    N=cfg.ssm_state_size, K=cfg.conv_kernel)
-    if c == "*":
-        return Dims(**base, nH=cfg.attn_heads_at(k), nKV=cfg.num_key_value_heads, hd=cfg.head_dim)
-    if c == "-":
-        return Dims(**base, I=cfg.ffn_at(k))
-    return Dims(**base, E=cfg.moe_experts_at(k), Ie=cfg.moe_ffn_at(k), Is=cfg.moe_shared_expert_intermediate_size)
-
-
-def _same(w, d):
-    return (w,)
-
-
-def _same_inv(ws, d):
-    return ws[0]
-
-
-def _t(w, d):
-    return (np.ascontiguousarray(np.swapaxes(w, -1, -2)),)
-
-
-def _t_inv(ws, d):
-    return np.ascontiguousarray(np.swapaxes(ws[0], -1, -2))
-
-
-def _split_rows_t(sizes: Callable[[Dims], Sequence[int]]):
-    """HF fused [sum(out), in] -> our [in, out_i] pieces (and back): `in_proj`."""
-    def load(w, d):
-        cuts = np.cumsum(sizes(d))[:-1]
-        return tuple(np.ascontiguousarray(p.T) for p in np.split(w, cuts, axis=0))
-
-    def save(ws, d):
-        return np.ascontiguousarray(np.concatenate([w.T for w in ws], axis=0))
-    return load, save
-
-
-def _conv_split(w, d):
-    """HF depthwise conv1d [C, 1, K] -> our [K, x | B | C] pieces."""
-    wk = w[:, 0, :].T
-    return tuple(np.ascontiguousarray(p) for p in np.split(wk, [d.HP, d.HP + d.GN], axis=1))
-
-
-def _conv_join(ws, d):
-    return np.ascontiguousarray(np.concatenate(ws, axis=1).T[:, None, :])
-
-
-def _bias_split(b, d):
-    return tuple(np.ascontiguousarray(p) for p in np.split(b, [d.HP, d.HP + d.GN]))
-
-
-def _bias_join(ws, d):
-    return np.concatenate(ws)
-
-
-_IN_PROJ = _split_rows_t(lambda d: (d.HP, d.HP, d.GN, d.GN, d.H))
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One HF tensor pattern <-> params leaves.
-
-    hf:      the key after the `backbone.` / `model.` prefix; layer rules are relative to
-             `layers.{i}.`, `{j}` is a routed expert.
-    kind:    "top" (backbone-level), "head" (no prefix: lm_head), "layer" (every layer) or the
-             pattern character of the layers that hold it.
-    params:  leaves it fills: top-level keys, "norm" (the layer's pre-norm) or mixer keys.
-    shape:   the expected HF shape, from the layer's Dims.
-    load / save: HF tensor -> tuple of param arrays, and back (per expert when `experts` is
-             "per_expert"; the engine stacks experts on axis 0).
-    experts: "none", "per_expert" or "stacked" (two spellings of the same leaves).
-    f32:     always kept in float32 (HF `_keep_in_fp32_modules_strict`).
-    optional: the key may be absent (filled with zeros); a callable of the config.
-    when:    the rule applies to this config/layer (e.g. shared expert only if Is > 0).
-    """
-
-    hf: str
-    kind: str
-    params: tuple[str, ...]
-    shape: Callable[[Dims], tuple[int, ...]]
-    load: Callable = _same
-    save: Callable = _same_inv
-    experts: str = "none"
-    f32: bool = False
-    optional: Callable[[NemotronHConfig], bool] = lambda cfg: False
-    when: Callable[[Dims], bool] = lambda d: True
-
-    @property
-    def regex(self) -> re.Pattern:
-        pat = re.escape(self.hf).replace(r"\{j\}", r"(?P<j>\d+)")
-        if self.kind in ("top", "head"):
-            return re.compile(pat + "$")
-        return re.compile(r"layers\.(?P<i>\d+)\." + pat + "$")
-
-    def key(self, layer: int | None, expert: int | None = None, prefix: str = "backbone.") -> str:
-        k = self.hf.replace("{j}", str(expert)) if expert is not None else self.hf
-        if self.kind == "head":
-            return k
-        if self.kind == "top":
-            return prefix + k
-        return f"{prefix}layers.{layer}.{k}"
-
-
+# The backbone-level rules; each layer kind declares its own (elastic_jax/model/kinds/).
 RULES: tuple[Rule, ...] = (
     Rule("embeddings.weight", "top", ("embed",), lambda d: (d.V, d.D)),
     Rule("norm_f.weight", "top", ("norm_f",), lambda d: (d.D,)),
     Rule("lm_head.weight", "head", ("lm_head",), lambda d: (d.V, d.D), _t, _t_inv),
     Rule("norm.weight", "layer", ("norm",), lambda d: (d.D,)),
-    # Mamba2: in_proj = [z | x | B | C | dt], conv1d over [x | B | C]
-    Rule("mixer.in_proj.weight", "M", ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"),
-         lambda d: (2 * d.HP + 2 * d.GN + d.H, d.D), *_IN_PROJ),
-    Rule("mixer.conv1d.weight", "M", ("conv_x", "conv_B", "conv_C"), lambda d: (d.HP + 2 * d.GN, 1, d.K),
-         _conv_split, _conv_join),
-    Rule("mixer.conv1d.bias", "M", ("conv_x_bias", "conv_B_bias", "conv_C_bias"), lambda d: (d.HP + 2 * d.GN,),
-         _bias_split, _bias_join, optional=lambda cfg: not cfg.use_conv_bias),
-    Rule("mixer.A_log", "M", ("A_log",), lambda d: (d.H,)),
-    Rule("mixer.D", "M", ("D",), lambda d: (d.H,)),
-    Rule("mixer.dt_bias", "M", ("dt_bias",), lambda d: (d.H,)),
-    Rule("mixer.norm.weight", "M", ("norm",), lambda d: (d.HP,)),
-    Rule("mixer.out_proj.weight", "M", ("out_proj",), lambda d: (d.D, d.HP), _t, _t_inv),
-    # attention (GQA, no bias, NoPE)
-    Rule("mixer.q_proj.weight", "*", ("q_proj",), lambda d: (d.nH * d.hd, d.D), _t, _t_inv),
-    Rule("mixer.k_proj.weight", "*", ("k_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
-    Rule("mixer.v_proj.weight", "*", ("v_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
-    Rule("mixer.o_proj.weight", "*", ("o_proj",), lambda d: (d.D, d.nH * d.hd), _t, _t_inv),
-    # dense relu² MLP
-    Rule("mixer.up_proj.weight", "-", ("up_proj",), lambda d: (d.I, d.D), _t, _t_inv),
-    Rule("mixer.down_proj.weight", "-", ("down_proj",), lambda d: (d.D, d.I), _t, _t_inv),
-    # MoE: sigmoid router (f32) + per-expert or stacked relu² experts + shared expert
-    Rule("mixer.gate.weight", "E", ("gate",), lambda d: (d.E, d.D), _t, _t_inv, f32=True),
-    Rule("mixer.gate.e_score_correction_bias", "E", ("e_score_correction_bias",), lambda d: (d.E,), f32=True),
-    Rule("mixer.experts.{j}.up_proj.weight", "E", ("up_proj",), lambda d: (d.Ie, d.D), _t, _t_inv,
-         experts="per_expert"),
-    Rule("mixer.experts.{j}.down_proj.weight", "E", ("down_proj",), lambda d: (d.D, d.Ie), _t, _t_inv,
-         experts="per_expert"),
-    Rule("mixer.experts.up_proj", "E", ("up_proj",), lambda d: (d.E, d.Ie, d.D), _t, _t_inv, experts="stacked"),
-    Rule("mixer.experts.down_proj", "E", ("down_proj",), lambda d: (d.E, d.D, d.Ie), _t, _t_inv,
-         experts="stacked"),
-    Rule("mixer.shared_experts.up_proj.weight", "E", ("shared_up",), lambda d: (d.Is, d.D), _t, _t_inv,
-         when=lambda d: d.Is > 0),
-    Rule("mixer.shared_experts.down_proj.weight", "E", ("shared_down",), lambda d: (d.D, d.Is), _t, _t_inv,
-         when=lambda d: d.Is > 0),
-)
+) + tuple(r for kind in KINDS.values() for r in kind.HF_RULES)
 _REGEXES = tuple(r.regex for r in RULES)
 
 
@@ -320,7 +152,7 @@ def hf_config_dict(cfg: NemotronHConfig, dtype: str = "float32") -> dict:
     if problems:
         raise HFCheckpointError("cannot write this model as an HF NemotronH checkpoint", problems)
     d = cfg.to_hf()
-    d["layers_block_type"] = [_HF_LAYER_TYPES[c] for c in cfg.pattern]
+    d["layers_block_type"] = [KINDS[c].HF_LAYER_TYPE for c in cfg.pattern]
     d["hybrid_override_pattern"] = cfg.pattern
     d["num_hidden_layers"] = cfg.num_hidden_layers
     tmin = lo if lo > 0 else _F32_TINY
@@ -487,8 +319,8 @@ def _plan(cfg: NemotronHConfig, files: _Files) -> _Plan:
                 continue
             c = cfg.pattern[layer]
             if rule.kind != "layer" and rule.kind != c:
-                problems.append(f"{key}: unexpected (a {_KIND_NAMES[rule.kind]} tensor, but layer {layer} is "
-                                f"{_KIND_NAMES[c]} in the pattern {cfg.pattern!r})")
+                problems.append(f"{key}: unexpected (a {KINDS[rule.kind].NAME} tensor, but layer {layer} is "
+                                f"{KINDS[c].NAME} in the pattern {cfg.pattern!r})")
                 continue
         d = layer_dims(cfg, layer)
         if not rule.when(d):

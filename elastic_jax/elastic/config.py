@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..config import NemotronHConfig, check_known_fields
-from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
+from ..widths import AXES, PER_LAYER_AXES, Widths, divisor, full_size
 
 # ElasticConfig field -> ej.Widths axis
 OPTION_FIELDS = {
@@ -407,7 +407,5 @@ def _homog(cfg: NemotronHConfig, axis: str, full: int) -> NemotronHConfig:
     """cfg with one layer's full size on `axis` everywhere (to validate a per-layer option)."""
     if not cfg.is_heterogeneous:
         return cfg
-    field = {"mamba_heads": "mamba_num_heads", "mamba_channels": "mamba_head_dim", "attn_heads": "num_attention_heads", "ffn": "intermediate_size",
-             "moe_experts": "n_routed_experts", "moe_ffn": "moe_intermediate_size"}[axis]
-    return cfg.replace(**{field: full, "mamba_heads_per_layer": None, "attn_heads_per_layer": None,
-                          "ffn_per_layer": None, "moe_experts_per_layer": None, "moe_ffn_per_layer": None})
+    per_layer = {spec.per_layer_field: None for spec in AXES.values() if spec.per_layer_field}
+    return cfg.replace(**{AXES[axis].field: full, **per_layer})
