@@ -1,5 +1,5 @@
 """Logical-axis sharding rules: ONE table maps the logical names of parameters and activations to
-the mesh axes (data, fsdp, tensor, expert) (ANCHORS §7.3). Base layer: the model, `hf.py` and the
+the mesh axes (data, fsdp, tensor, expert) (one rules table, as MaxText's `logical_axis_rules`). Base layer: the model, `hf.py` and the
 training code all import it from here.
 
 Parameters carry logical names (`ej.param_axes(cfg)`: vocab, embed, heads, kv_heads, mlp,
@@ -171,10 +171,6 @@ def batch_spec(mesh, batch: int, rules=DEFAULT_RULES, *, leading: int = 0) -> P:
     """Spec of a [*leading, batch, length] token array: batch split by the `batch` rule."""
     s = logical_to_spec(("batch", "length"), (batch, 1), mesh, rules)
     return P(*([None] * leading), *s)
-
-
-def batch_axes(mesh, batch: int, rules=DEFAULT_RULES):
-    return batch_spec(mesh, batch, rules)[0]
 
 
 # ------------------------------------------------------------------- mesh and rules in context

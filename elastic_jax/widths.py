@@ -1,6 +1,6 @@
 """Nested submodels: `Widths` (hard sizes) and `SoftWidths` (probability mixes of prefix masks).
 
-Spec §4. Every elastic axis keeps a *prefix* of importance-sorted components:
+METHOD §4. Every elastic axis keeps a *prefix* of importance-sorted components:
   hidden       first d channels of the residual stream (RMSNorm corrected with eps·ρ and √ρ);
   mamba_heads  first k/g heads of every Mamba group (B and C never masked);
   mamba_channels first p channels of every Mamba head (the head dim; exported as mamba_head_dim);
@@ -352,7 +352,7 @@ def prefix_mask(dim: int, counts, probs, groups: int = 1) -> jax.Array:
 
 
 def norm_correction(dim: int, counts, probs):
-    """(eps factor, output scale) of the masked RMSNorm, spec §4.3: eps·ρ and √ρ, ρ = count/dim,
+    """(eps factor, output scale) of the masked RMSNorm, METHOD §4.3: eps·ρ and √ρ, ρ = count/dim,
     mixed by probability (normalized so a hard mask scaled by max π keeps the exact norm)."""
     rho = counts.astype(jnp.float32) / dim
     total = jnp.maximum(jnp.sum(probs), 1e-20)

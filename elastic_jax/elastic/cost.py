@@ -1,4 +1,4 @@
-"""Differentiable cost model and budget loss (spec §6.2, §6.4, §14.6).
+"""Differentiable cost model and budget loss (METHOD §6.2, §6.4, §14.6).
 
 Costs are analytic functions of the (expected, real-valued) width along every axis, so the budget
 loss differentiates through d̄ = π · options into the router. At integer widths `param_cost` equals
@@ -51,7 +51,7 @@ def _kind_per_layer(cfg: NemotronHConfig, expected: dict, kind, D, active: bool 
 
 
 def param_cost(cfg: NemotronHConfig, expected: dict, active: bool = False) -> jax.Array:
-    """Analytic parameter count (f32 scalar) at the given widths (spec §6.4, corrected).
+    """Analytic parameter count (f32 scalar) at the given widths (METHOD §6.4, corrected).
 
     embed V·D + lm_head D·V + norm_f D, plus per kept layer its norm D and Σ over the parameters
     its kind declares of Π of their dimension sizes (elastic_jax/model/kinds/), the sizes computed
@@ -107,7 +107,7 @@ def depth_gates(ecfg: ElasticConfig, cfg: NemotronHConfig, probs) -> jax.Array:
 
 
 def expected_widths(router_out, ecfg: ElasticConfig, cfg: NemotronHConfig) -> dict:
-    """d̄ = π · options per axis (spec §6.2 step 1): "hidden" a scalar, per-layer axes [n_kind]
+    """d̄ = π · options per axis (METHOD §6.2 step 1): "hidden" a scalar, per-layer axes [n_kind]
     (heterogeneous) or a scalar (homogeneous); "layers" the expected depth gates [n_layers] when
     depth is elastic. Non-elastic axes are absent (= parent size)."""
     opts = ecfg.options(cfg)
@@ -120,7 +120,7 @@ def expected_widths(router_out, ecfg: ElasticConfig, cfg: NemotronHConfig) -> di
 
 def anchor_term(probs: dict) -> jax.Array:
     """Σ_axes MSE(π_axis, one_hot(0)): the official full-budget anchor; in heterogeneous mode the
-    MSE averages over layers and options alike (spec §6.2 step 5)."""
+    MSE averages over layers and options alike (METHOD §6.2 step 5)."""
     anchor = jnp.zeros((), jnp.float32)
     for pi in probs.values():
         target = jax.nn.one_hot(0, pi.shape[-1], dtype=pi.dtype)
@@ -130,7 +130,7 @@ def anchor_term(probs: dict) -> jax.Array:
 
 def budget_loss(cfg: NemotronHConfig, ecfg: ElasticConfig, router_out, budget, is_full, *,
                 budget_idx=None) -> jax.Array:
-    """Router loss (spec §6.2), f32 scalar; `budget`, `is_full`, `budget_idx` may be traced:
+    """Router loss (METHOD §6.2), f32 scalar; `budget`, `is_full`, `budget_idx` may be traced:
 
         Σ_targets w_t · diff_t,  diff_t = |cost_t(d̄) / (r_t · cost_t(full)) − 1|,
                                  zeroed when not full and diff_t < dead_zone;

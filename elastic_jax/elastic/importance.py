@@ -1,11 +1,11 @@
-"""Importance estimation and depth ranking (spec §3.1-§3.3, ANCHORS §4.2, §7.6).
+"""Importance estimation and depth ranking (METHOD §3.1-§3.3; the statistics of NVIDIA Model-Optimizer's Minitron).
 
 Everything is computed from forward passes over calibration batches: the model's own
 `forward(..., intermediates=True)` returns every layer's normed input and its mixer's activations
 (a dict per layer, returned like any output: no hooks, no global state), and `collect_stats`
 reduces them to additive statistics under `jit`.
 
-Aggregation (Minitron "batch = L2, sequence = mean", spec §3.2): per channel
+Aggregation (Minitron "batch = L2, sequence = mean", METHOD §3.2): per channel
 ``a_b = mean over the (valid) tokens of sequence b of |act|``, score ``= sqrt(Σ_b a_b²)`` over all
 calibration sequences.
 
@@ -217,7 +217,7 @@ def _check_tokens(tokens, cfg):
 
 def estimate_importance(params, cfg: NemotronHConfig, batches: Iterable, *, mamba_channel_frac: float = 1.0,
                         depth: bool = False) -> Importance:
-    """Rankings for every width axis from forward passes over `batches` (spec §3.2).
+    """Rankings for every width axis from forward passes over `batches` (METHOD §3.2).
 
     `batches`: iterable of int32 [B, L] token arrays (or dicts with "tokens" and optional
     "segment_ids", 0 = padding, excluded from the statistics). `mamba_channel_frac`: fraction of
@@ -288,7 +288,7 @@ def _nmse_parts(full_logits, logits, segment_ids):
 
 
 def rank_layers(params, cfg: NemotronHConfig, batches: Iterable) -> list[int]:
-    """Depth ranking by normalized MSE of logits with iterative removal (spec §3.3).
+    """Depth ranking by normalized MSE of logits with iterative removal (METHOD §3.3).
 
     s_j = Σ (M_full − M_{−j})² / Σ M_full² over all calibration tokens, M_{−j} = logits with the
     already-removed layers and layer j bypassed (identity through the residual). The layer with
@@ -343,7 +343,7 @@ def _checked_ranking(importance: Importance, cfg: NemotronHConfig, axis: str, k:
 
 
 def permute_params(params, cfg: NemotronHConfig, importance: Importance) -> dict:
-    """The same function with every elastic axis reordered by importance (spec §3.4), so every
+    """The same function with every elastic axis reordered by importance (METHOD §3.4), so every
     nested model is a prefix:
 
     * hidden: every parameter dimension named "embed" (embedding columns, every residual-stream
@@ -391,7 +391,7 @@ def identity_importance(cfg: NemotronHConfig) -> Importance:
 
 
 def elastify(params, cfg: NemotronHConfig, batches: Iterable, **kw) -> tuple[dict, Importance]:
-    """Model preparation in one call (spec §3): `estimate_importance` then `permute_params`.
+    """Model preparation in one call (METHOD §3): `estimate_importance` then `permute_params`.
     Returns (permuted params, importance); save the importance with the checkpoint."""
     imp = estimate_importance(params, cfg, batches, **kw)
     return permute_params(params, cfg, imp), imp

@@ -1,4 +1,4 @@
-"""Zero-shot extraction (spec §8): keep the prefix of every importance-sorted axis.
+"""Zero-shot extraction (METHOD §8): keep the prefix of every importance-sorted axis.
 
 `slice_params(params, cfg, widths)` returns a standalone smaller model whose logits equal the
 masked parent's at those widths; `param_count` is the exact size of that model.

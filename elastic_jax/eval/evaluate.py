@@ -1,4 +1,4 @@
-"""Evaluation of nested submodels on the embedded task and the budget-control grid (spec §9).
+"""Evaluation of nested submodels on the embedded task and the budget-control grid (METHOD §9).
 
 * `accuracy` — exact-match accuracy of one (think, answer) configuration at one thinking budget;
 * `evaluate_grid` — every (thinking model, answering model) pair x thinking budgets; pairs with

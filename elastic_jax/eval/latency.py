@@ -1,4 +1,4 @@
-"""Roofline latency model of generation (spec §9: the paper measures budget control on H100 GPUs).
+"""Roofline latency model of generation (METHOD §9: the paper measures budget control on H100 GPUs).
 
 A forward call that runs `new` tokens per row for `batch` rows, with `context` positions already
 cached, costs
@@ -107,7 +107,7 @@ NANO3_30B_A3B = NemotronHConfig(
     mamba_num_heads=64, mamba_head_dim=64, n_groups=8, ssm_state_size=128, conv_kernel=4, chunk_size=128,
     n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
     routed_scaling_factor=2.5, max_position_embeddings=262144)
-"""Nemotron 3 Nano 30B-A3B (spec §2.2): the Star Elastic parent, ~31.6B total / ~3.2B active."""
+"""Nemotron 3 Nano 30B-A3B (METHOD §2.2): the Star Elastic parent, ~31.6B total / ~3.2B active."""
 
 REFERENCE_MODELS = {"nano3_30b_a3b": NANO3_30B_A3B}
 
@@ -253,7 +253,7 @@ def generation_latency(profile, *, think_cfg: NemotronHConfig, think_widths: Wid
                        answer_cfg: NemotronHConfig | None = None, answer_widths: Widths | None = None,
                        batch: int = 1, prompt_len: int, think_steps: int, answer_steps: int,
                        reprefill_len: int = 0) -> dict:
-    """Modeled seconds per phase of one budget-control request (spec §9).
+    """Modeled seconds per phase of one budget-control request (METHOD §9).
 
     think: prefill the prompt, decode `think_steps` tokens (the trace and `</think>`).
     answer: when `reprefill_len` > 0 the answering model re-prefills that many positions (prompt +

@@ -147,7 +147,7 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
         for i, char in enumerate(cfg.pattern):
             lp = layers[i]
             el = None if sw is None else _layer_masks(cfg, sw, char, kinds[i], lp["mixer"])
-            if ctx.quant is not None:   # fixed-scale fake quantization of the projections (spec §10)
+            if ctx.quant is not None:   # fixed-scale fake quantization of the projections (METHOD §10)
                 lp = {"norm": lp["norm"], "mixer": apply_layer(lp["mixer"], ctx.quant, i)}
             run = jax.checkpoint(block, policy=policy, static_argnums=(4,)) if remat else block
             out, c = run(h, lp, el, None if cache is None else cache[i], char)

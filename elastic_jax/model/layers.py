@@ -1,5 +1,5 @@
 """Shared building blocks of the layer kinds: `ElasticLayer` (one layer's masks), `Context`,
-`dense`, `rms_norm`, `relu2`. The four mixers live in `elastic_jax/model/kinds/` (spec §4.2-4.3).
+`dense`, `rms_norm`, `relu2`. The four mixers live in `elastic_jax/model/kinds/` (METHOD §4.2-4.3).
 
 Each mixer takes the normed block input `x_BLD`, its parameter dict, an `ElasticLayer` (masks for
 this layer, or None for the full model), a `Context` (segments / validity / decode cache) and
@@ -52,7 +52,7 @@ class Context:
     positions: Any = None     # [L] absolute positions of the new tokens (cache mode)
     decoding: bool = False    # cache mode: read/write the layer caches
     policy: ComputePolicy = ComputePolicy()   # runtime knobs (dtypes, kernels, remat)
-    quant: Any = None         # elastic_jax.quant.QuantState: fake-quantized projections (spec §10)
+    quant: Any = None         # elastic_jax.quant.QuantState: fake-quantized projections (METHOD §10)
     collect: bool = False     # mixers return their intermediates (a dict) as second output
 
 
@@ -70,7 +70,7 @@ def dense(x, w, policy: ComputePolicy | None = None):
 
 def rms_norm(x, weight, eps, eps_factor=None, out_scale=None):
     """HF RMSNorm in f32. With an elastic hidden mask: eps·ρ and ×√ρ make the full-width norm of a
-    masked vector equal the norm over the active channels (spec §4.3)."""
+    masked vector equal the norm over the active channels (METHOD §4.3)."""
     x32 = x.astype(jnp.float32)
     var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
     e = eps if eps_factor is None else eps * eps_factor

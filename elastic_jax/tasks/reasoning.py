@@ -6,7 +6,7 @@ a carry token `!`. The answer is the full (two-digit) sum: its tens digit is the
 marks in the trace and its units digit is the last running value, so producing it needs a count
 over the whole trace, not a copy of its last line. Without the trace a model must add k digits
 in one shot, which a few-million-parameter model does not learn in minutes: the thinking phase
-matters, and truncating it (spec §9 "standard budget control") visibly costs accuracy.
+matters, and truncating it (METHOD §9 "standard budget control") visibly costs accuracy.
 
     prompt : <bos> a 3 b 7 c 2 d 9 <think>
     trace  : a 0 3 3 b 3 7 0 ! c 0 2 2 d 2 9 1 ! </think>

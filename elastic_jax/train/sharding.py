@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from ..sharding import (DEFAULT_RULES, MESH_AXES, assert_params_sufficiently_sharded, batch_axes,  # noqa: F401
+from ..sharding import (DEFAULT_RULES, MESH_AXES, assert_params_sufficiently_sharded,  # noqa: F401
                         batch_spec, logical_to_spec, merge_rules, tree_shardings, use_rules)
 from .config import MeshConfig
 

@@ -14,7 +14,7 @@ from ...config import NemotronHConfig
 
 @dataclass(frozen=True)
 class Dims:
-    """Sizes of one layer (per-layer widths honoured) in the names of ANCHORS §5.3."""
+    """Sizes of one layer (per-layer widths honoured) in the names of the HF parameter keys."""
 
     D: int
     V: int

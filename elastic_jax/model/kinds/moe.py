@@ -89,7 +89,7 @@ HF_RULES = (
 def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
     """Sigmoid router with correction bias, group-limited top-k (DeepSeek-V3 / HF NemotronH).
 
-    Elastic expert count (spec §4.3, soft form): option i keeps the first counts_i / n_group experts
+    Elastic expert count (METHOD §4.3, soft form): option i keeps the first counts_i / n_group experts
     of every group with weight π_i; an expert's routing score is Σ_i w_i (σ(l) + bias) and its gate
     Σ_i w_i σ(l); experts outside every option get -inf and are never chosen.
     Returns (topk_idx [T, k] int32, topk_weight [T, k] f32).
