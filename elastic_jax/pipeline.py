@@ -33,7 +33,7 @@ from .infer.budget import ElasticModel, Specials, answer_generate
 from .infer.checkpoint import save_nested, save_standalone, widths_to_dict
 from .model import init_params
 from .eval.latency import LatencyTarget, measure_host_profile
-from .tasks import TaskTokenizer, check_answer, make_eval_set, trace_text
+from .tasks import TaskTokenizer, make_eval_set, score_answer, trace_text, vocab_needed
 from .train import TrainConfig, train_elastic, train_kd, train_lm
 from .train.metrics import read_jsonl
 from .widths import Widths
@@ -105,10 +105,10 @@ class StarElasticExperiment:
         if self.data.kind != "task":
             raise ValueError(f"StarElasticExperiment.data.kind={self.data.kind!r}: the main job trains on the "
                              "embedded reasoning task (kind='task')")
-        tok = TaskTokenizer.default()
-        if self.model.vocab_size < tok.vocab_size:
-            raise ValueError(f"StarElasticExperiment.model.vocab_size={self.model.vocab_size}: must be >= the task "
-                             f"tokenizer's {tok.vocab_size}")
+        need = max(vocab_needed(self.data.task_levels), vocab_needed(self.eval.levels))
+        if self.model.vocab_size < need:
+            raise ValueError(f"StarElasticExperiment.model.vocab_size={self.model.vocab_size}: the task levels "
+                             f"{self.data.task_levels or 'default'} / {self.eval.levels} use token ids up to {need - 1}")
         if self.calibration_batches <= 0:
             raise ValueError(f"StarElasticExperiment.calibration_batches={self.calibration_batches}: must be > 0")
         if isinstance(self.token_multiples, list):
@@ -131,7 +131,7 @@ def _answer_scores(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer,
     length = max(eval_set.max_prompt_len + ecfg.full_thinking + 1, max(len(p) for p in prompts))
     ans, _ = answer_generate(model, prompts, submodel=name, specials=sp, max_answer_tokens=ecfg.max_answer_tokens,
                              prompt_length=length, cache_len=length + ecfg.max_answer_tokens)   # one shape
-    return [float(check_answer(p, tok.decode(a))) for p, a in zip(eval_set.problems, ans)]
+    return [score_answer(p, tok.decode(a)) for p, a in zip(eval_set.problems, ans)]
 
 
 def _model_row(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg: EvalConfig, gold,

@@ -41,3 +41,16 @@ def make_eval_set(seed: int, n: int, split: str = "test", difficulty=None,
 
 def reference_answer_ids(p: Problem, tokenizer: TaskTokenizer) -> list[int]:
     return tokenizer.encode(answer_text(p))
+
+
+def vocab_needed(levels=None, tokenizer: TaskTokenizer | None = None) -> int:
+    """The smallest model vocab_size that covers every token the task's `levels` use (the sum
+    levels need fewer ids than the query levels' extra tags)."""
+    from .reasoning import QUERY, QUERY_LEVELS, TAGS, check_levels
+    from .tokenizer import SPECIAL_TOKENS
+    tok = tokenizer or TaskTokenizer.default()
+    levels = check_levels(levels)
+    steps = max(QUERY_LEVELS[l][0] if l in QUERY_LEVELS else l + 2 for l in levels)
+    words = list(SPECIAL_TOKENS) + [str(d) for d in range(10)] + list(TAGS[:steps]) + ["!"]
+    words += [QUERY] if any(l in QUERY_LEVELS for l in levels) else []
+    return 1 + max(tok.id(w) for w in words)

@@ -9,7 +9,7 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .reasoning import ANSWER, BOS, END_THINK, EOS, PAD, TAGS, THINK
+from .reasoning import ANSWER, BOS, END_THINK, EOS, PAD, QUERY, TAGS, THINK
 
 UNK = "<unk>"
 # The task's chat template (tokenizer_config.json): a user message holds the tagged digits
@@ -17,7 +17,9 @@ UNK = "<unk>"
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %} {{ m['content'] }}{% endif %}"
                  "{% endfor %}{% if add_generation_prompt %} " + THINK + "{% endif %}")
 SPECIAL_TOKENS = (PAD, BOS, EOS, THINK, END_THINK, ANSWER, UNK)
-WORDS = tuple(str(d) for d in range(10)) + tuple(TAGS) + ("!",)
+# ids are stable across versions: the sum levels' words (digits, tags a-h, `!`) keep ids < 26; the
+# query levels' extra tags and `?` follow (a model for the sum levels alone needs vocab_size >= 26)
+WORDS = tuple(str(d) for d in range(10)) + tuple(TAGS[:8]) + ("!",) + tuple(TAGS[8:]) + (QUERY,)
 
 
 def build_tokenizer() -> Tokenizer:
