@@ -20,10 +20,12 @@ from elastic_jax.pipeline import EvalConfig, StarElasticExperiment
 from elastic_jax.train import OptimConfig, Stage, TrainConfig
 
 
-# the task: "query" (levels 5-8: 36-100-token traces, a short answer that recalls the running value
-# at several queried steps, partial credit per step; trained together with the sum levels 1-4) or
-# "sum" (levels 1-4 only: the original task, traces <= 30 tokens, answer = the full sum)
-TASK = "query"
+# the task: "sum" (levels 1-4: the original task, traces <= 30 tokens, answer = the full sum) or
+# "query" (levels 5-8: 36-100-token traces, a short answer that recalls the running value at several
+# queried steps, partial credit per step; trained together with levels 1-4). The default stays "sum":
+# in this run's budget the query levels are not learned (BUILD_NOTES, issue 15), so they cannot give
+# the verdict that would make them the default. experiments/tiny_star_elastic_query.py runs "query".
+TASK = "sum"
 
 
 def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:

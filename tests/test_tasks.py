@@ -185,3 +185,21 @@ def test_truncation_degrades_the_query_score_gracefully():
     assert partial == sorted(partial) and partial[-1] == 1.0 and partial[0] < 0.5
     assert len({round(s, 3) for s in partial}) == len(budgets)       # a distinct value per budget
     assert all(s >= e for s, e in zip(partial, exact)) and partial[2] > exact[2] + 0.1
+
+
+def test_data_and_main_job_configs_take_the_query_levels():
+    from elastic_jax.data import DataConfig, make_dataset
+    from elastic_jax.experiment import load_experiment
+    cfg = DataConfig(kind="task", num_documents=20, task_levels=[8])
+    assert cfg.task_levels == (8,)
+    from elastic_jax.data.pipeline import task_documents
+    assert all(len(d) > 100 and TaskTokenizer.default().id("?") in d for d in task_documents(cfg))
+    with pytest.raises(ValueError, match="DataConfig.task_levels"):
+        DataConfig(kind="task", task_levels=(0,))
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    xp = load_experiment(os.path.join(root, "experiments", "tiny_star_elastic_query.py"), quick=True)
+    assert xp.eval.levels == (5, 6, 7, 8) and xp.eval.full_thinking >= 100 and xp.model.vocab_size >= 39
+    with pytest.raises(ValueError, match="use token ids up to 38"):
+        import dataclasses
+        dataclasses.replace(xp, model=dataclasses.replace(xp.model, vocab_size=32))
