@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from .reasoning import Problem, answer_text, document_text, make_problems, prompt_text, trace_text
-from .tokenizer import TaskTokenizer
+from .reasoning import (QUERY, QUERY_LEVELS, TAGS, Problem, answer_text, check_levels, document_text, make_problems,
+                        prompt_text, trace_text)
+from .tokenizer import SPECIAL_TOKENS, TaskTokenizer
 
 
 def make_documents(seed: int, n: int, split: str = "train", difficulty=None,
@@ -46,8 +47,6 @@ def reference_answer_ids(p: Problem, tokenizer: TaskTokenizer) -> list[int]:
 def vocab_needed(levels=None, tokenizer: TaskTokenizer | None = None) -> int:
     """The smallest model vocab_size that covers every token the task's `levels` use (the sum
     levels need fewer ids than the query levels' extra tags)."""
-    from .reasoning import QUERY, QUERY_LEVELS, TAGS, check_levels
-    from .tokenizer import SPECIAL_TOKENS
     tok = tokenizer or TaskTokenizer.default()
     levels = check_levels(levels)
     steps = max(QUERY_LEVELS[l][0] if l in QUERY_LEVELS else l + 2 for l in levels)
