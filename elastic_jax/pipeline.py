@@ -33,7 +33,7 @@ from .infer.budget import ElasticModel, Specials, answer_generate
 from .infer.checkpoint import save_nested, save_standalone, widths_to_dict
 from .model import init_params
 from .eval.latency import LatencyTarget, measure_host_profile
-from .tasks import TaskTokenizer, make_eval_set, score_answer, trace_text, vocab_needed
+from .tasks import DEFAULT_LEVELS, TaskTokenizer, make_eval_set, score_answer, trace_text, vocab_needed
 from .train import TrainConfig, train_elastic, train_kd, train_lm
 from .train.metrics import read_jsonl
 from .widths import Widths
@@ -185,7 +185,8 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     say = lambda m: _say(m, xp.progress)
     cfg, ecfg = xp.model, xp.elastic
-    tok = TaskTokenizer.default()
+    levels = sorted(set(xp.data.task_levels or DEFAULT_LEVELS) | set(xp.eval.levels))
+    tok = TaskTokenizer.default(levels)        # only the words these levels use: fits the model's vocab
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     data = make_dataset(xp.data, cfg.vocab_size)
 

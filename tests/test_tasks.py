@@ -203,3 +203,11 @@ def test_data_and_main_job_configs_take_the_query_levels():
     with pytest.raises(ValueError, match="use token ids up to 38"):
         import dataclasses
         dataclasses.replace(xp, model=dataclasses.replace(xp.model, vocab_size=32))
+
+
+def test_tokenizer_for_the_sum_levels_is_the_original():
+    full, sums = TaskTokenizer.default(), TaskTokenizer.default((1, 2, 3, 4))
+    assert sums.vocab_size == 26 and full.vocab_size == 39       # a vocab-32 model serves the sum levels
+    for p in make_problems(0, 20):
+        assert sums.encode(document_text(p)) == full.encode(document_text(p))
+    assert TaskTokenizer.default((4, 5)).vocab_size == 39

@@ -22,9 +22,16 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, THINK, END_THINK, ANSWER, UNK)
 WORDS = tuple(str(d) for d in range(10)) + tuple(TAGS[:8]) + ("!",) + tuple(TAGS[8:]) + (QUERY,)
 
 
-def build_tokenizer() -> Tokenizer:
-    """The task tokenizer: specials first (pad=0, bos=1, eos=2), then digits, tags and `!`."""
-    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
+def build_tokenizer(levels=None) -> Tokenizer:
+    """The task tokenizer: specials first (pad=0, bos=1, eos=2), then digits, tags and `!` (and the
+    query levels' words). `levels`: only the words those levels use (a prefix of the ids: the sum
+    levels' tokenizer is the original 26-word one); None = every level."""
+    words = WORDS
+    if levels is not None:
+        from .reasoning import QUERY_LEVELS, check_levels
+        if not any(l in QUERY_LEVELS for l in check_levels(levels)):
+            words = WORDS[:WORDS.index("!") + 1]
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)   # joins words with spaces
@@ -104,5 +111,6 @@ class TaskTokenizer:
         return cls(Tokenizer.from_file(path))
 
     @classmethod
-    def default(cls) -> "TaskTokenizer":
-        return cls(build_tokenizer())
+    def default(cls, levels=None) -> "TaskTokenizer":
+        """The task tokenizer for `levels` (None = every level); see `build_tokenizer`."""
+        return cls(build_tokenizer(levels))
