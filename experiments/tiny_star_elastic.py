@@ -11,12 +11,13 @@ and distilled alone on 0.5x / 1x / 2x the tokens that nested model saw inside th
 report gives the multiple a baseline needs to match), and served with elastic budget control
 against two truncation baselines (the parent alone, every nested model alone), costed by the
 roofline latency model on H100 at the paper's 30B-A3B scale (elastic_jax/eval/latency.py).
-Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax/pipeline.py.
+Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax/recipes/star_elastic.py.
 """
 from elastic_jax import NemotronHConfig
 from elastic_jax.data import DataConfig
 from elastic_jax.elastic import ElasticConfig
-from elastic_jax.pipeline import EvalConfig, StarElasticExperiment
+from elastic_jax.eval import EvalConfig
+from elastic_jax.recipes.star_elastic import StarElasticExperiment
 from elastic_jax.train import OptimConfig, Stage, TrainConfig
 
 

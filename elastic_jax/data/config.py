@@ -1,17 +1,16 @@
 """`DataConfig`: where training documents come from and how they become packed batches."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from ..config import check_known_fields
+from ..config_base import ConfigBase
 
 KINDS = ("synthetic", "task", "jsonl", "parquet", "arrays")
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Training data (spec §7; ANCHORS §7.13).
+class DataConfig(ConfigBase):
+    """Training data (METHOD §7).
 
     kind:
       "synthetic" — `num_documents` deterministic arithmetic-progression documents (learnable
@@ -87,17 +86,3 @@ class DataConfig:
             return ()
         return (self.path,) if isinstance(self.path, str) else tuple(self.path)
 
-    def replace(self, **kw) -> "DataConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["synthetic_len"] = list(self.synthetic_len)
-        if isinstance(self.path, tuple):
-            d["path"] = list(self.path)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
-        check_known_fields(cls, d)
-        return cls(**d)

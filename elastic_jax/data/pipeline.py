@@ -8,7 +8,7 @@
 
 `segment_ids` numbers the documents of a row 1, 2, ... (0 = padding); `ej.forward(...,
 segment_ids=)` resets attention, the causal conv and the SSD state at every boundary (the SSD
-`seq_idx`), so packed documents never see each other (ANCHORS §7.13).
+`seq_idx`), so packed documents never see each other.
 
 Per-host sharding: with `process_count` P > 1, host p reads documents p, p+P, p+2P, ... (after
 the shuffle) and produces `batch_size // P` rows; `jax.make_array_from_process_local_data`

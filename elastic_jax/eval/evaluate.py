@@ -1,4 +1,4 @@
-"""Evaluation of nested submodels on the embedded task and the budget-control grid (spec §9).
+"""Evaluation of nested submodels on the embedded task and the budget-control grid (METHOD §9).
 
 * `accuracy` — accuracy (exact match; partial credit per queried step on the query levels) of one
   (think, answer) configuration at one thinking budget;

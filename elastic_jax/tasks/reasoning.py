@@ -7,7 +7,8 @@ Writing a step is local: the previous value, the next digit in order, their sum 
 Levels 1-4 ("sum", k = level + 2): the answer is the full (two-digit) sum: its tens digit is the
 NUMBER of carry marks in the trace and its units digit is the last running value, so producing it
 needs a count over the whole trace, not a copy of its last line. Without the trace a model must
-add k digits in one shot: the thinking phase matters.
+add k digits in one shot: the thinking phase matters, and truncating it (METHOD §9 "standard
+budget control") visibly costs accuracy.
 
     prompt : <bos> a 3 b 7 c 2 d 9 <think>
     trace  : a 0 3 3 b 3 7 0 ! c 0 2 2 d 2 9 1 ! </think>
