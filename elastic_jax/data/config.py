@@ -16,7 +16,7 @@ class DataConfig(ConfigBase):
       "synthetic" — `num_documents` deterministic arithmetic-progression documents (learnable
                     structure, no files; ids in [3, synthetic_vocab)); for tests and smoke runs;
       "task"      — the embedded synthetic reasoning task (`elastic_jax.tasks.dataset.make_documents`,
-                    `num_documents` problems of `task_split`, seeded by `seed`);
+                    `num_documents` problems of `task_split` at `task_levels`, seeded by `seed`);
       "jsonl"     — one JSON object per line, text in `text_field`, tokenized with the local
                     `tokenizer_path` (a `tokenizers` tokenizer.json);
       "parquet"   — a string column `text_field`, tokenized the same way;
@@ -42,6 +42,7 @@ class DataConfig(ConfigBase):
     eos_id: int | None = None
     num_documents: int = 512                  # synthetic / task
     task_split: str = "train"
+    task_levels: tuple[int, ...] | None = None  # task: difficulty levels (None = the sum levels 1-4; 5-8 = query)
     synthetic_vocab: int = 256
     synthetic_len: tuple[int, int] = (8, 48)  # min, max document length (synthetic)
 
@@ -52,6 +53,14 @@ class DataConfig(ConfigBase):
             bad("kind", f"must be one of {KINDS}")
         if isinstance(self.path, list):
             object.__setattr__(self, "path", tuple(self.path))
+        if isinstance(self.task_levels, list):
+            object.__setattr__(self, "task_levels", tuple(self.task_levels))
+        if self.task_levels is not None:
+            from ..tasks.reasoning import check_levels
+            try:
+                check_levels(self.task_levels)
+            except ValueError as e:
+                bad("task_levels", str(e))
         if isinstance(self.synthetic_len, list):
             object.__setattr__(self, "synthetic_len", tuple(self.synthetic_len))
         if self.kind in ("jsonl", "parquet"):

@@ -59,7 +59,8 @@ def synthetic_documents(cfg: DataConfig) -> list[np.ndarray]:
 def task_documents(cfg: DataConfig) -> list[np.ndarray]:
     """The embedded reasoning task's documents (prompt, trace, answer, eos) as token ids."""
     from ..tasks.dataset import make_documents
-    return [np.asarray(d, np.int32) for d in make_documents(cfg.seed, cfg.num_documents, cfg.task_split)]
+    return [np.asarray(d, np.int32) for d in make_documents(cfg.seed, cfg.num_documents, cfg.task_split,
+                                                                    cfg.task_levels)]
 
 
 def _load_tokenizer(path: str):

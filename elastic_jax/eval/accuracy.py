@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..infer.budget import ElasticModel, Specials, answer_generate
-from ..tasks import TaskTokenizer, check_answer
+from ..tasks import TaskTokenizer, score_answer
 from .config import EvalConfig
 from .evaluate import run_point
 
@@ -20,7 +20,7 @@ def answer_scores(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, 
     length = max(eval_set.max_prompt_len + ecfg.full_thinking + 1, max(len(p) for p in prompts))
     ans, _ = answer_generate(model, prompts, submodel=name, specials=sp, max_answer_tokens=ecfg.max_answer_tokens,
                              prompt_length=length, cache_len=length + ecfg.max_answer_tokens)   # one shape
-    return [float(check_answer(p, tok.decode(a))) for p, a in zip(eval_set.problems, ans)]
+    return [score_answer(p, tok.decode(a)) for p, a in zip(eval_set.problems, ans)]
 
 
 def model_row(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg: EvalConfig, gold,

@@ -416,7 +416,9 @@ def render_markdown(results: dict, analysis: dict) -> str:
                  if t.get("phases") else "") + ".", ""]
     if ev:
         L += [f"Evaluation: {ev.get('n_problems')} held-out `{ev.get('split', 'test')}` problems of the embedded "
-              f"task (difficulty levels {ev.get('levels')}), greedy decoding, exact match of the answer.", ""]
+              f"task (difficulty levels {ev.get('levels')}), greedy decoding, exact match of the answer"
+              + ("; the query levels (5-8) score partial credit per queried step" if any(
+                  l >= 5 for l in ev.get("levels") or ()) else "") + ".", ""]
     # ---- accuracy table
     par = results.get("parent")
     base = {b["name"]: b for b in results.get("baselines", [])}

@@ -36,7 +36,7 @@ from ..eval.accuracy import model_row
 from ..eval.config import EvalConfig
 from ..eval.latency import LatencyTarget, measure_host_profile
 from ..eval.quantized import QuantEvalConfig
-from ..tasks import TaskTokenizer, make_eval_set, trace_text
+from ..tasks import DEFAULT_LEVELS, TaskTokenizer, make_eval_set, trace_text, vocab_needed
 from ..train import TrainConfig, train_elastic, train_kd, train_lm
 from ..train.metrics import read_jsonl
 from ..widths import Widths
@@ -71,10 +71,10 @@ class StarElasticExperiment:
         if self.data.kind != "task":
             raise ValueError(f"StarElasticExperiment.data.kind={self.data.kind!r}: the main job trains on the "
                              "embedded reasoning task (kind='task')")
-        tok = TaskTokenizer.default()
-        if self.model.vocab_size < tok.vocab_size:
-            raise ValueError(f"StarElasticExperiment.model.vocab_size={self.model.vocab_size}: must be >= the task "
-                             f"tokenizer's {tok.vocab_size}")
+        need = max(vocab_needed(self.data.task_levels), vocab_needed(self.eval.levels))
+        if self.model.vocab_size < need:
+            raise ValueError(f"StarElasticExperiment.model.vocab_size={self.model.vocab_size}: the task levels "
+                             f"{self.data.task_levels or 'default'} / {self.eval.levels} use token ids up to {need - 1}")
         if self.calibration_batches <= 0:
             raise ValueError(f"StarElasticExperiment.calibration_batches={self.calibration_batches}: must be > 0")
         if isinstance(self.token_multiples, list):
@@ -121,7 +121,8 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     say = lambda m: _say(m, xp.progress)
     cfg, ecfg = xp.model, xp.elastic
-    tok = TaskTokenizer.default()
+    levels = sorted(set(xp.data.task_levels or DEFAULT_LEVELS) | set(xp.eval.levels))
+    tok = TaskTokenizer.default(levels)        # only the words these levels use: fits the model's vocab
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     data = make_dataset(xp.data, cfg.vocab_size)
 
