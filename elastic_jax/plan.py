@@ -346,17 +346,15 @@ class _set_mesh:
 
 
 def search_stage(xp, target, stage, *, remats=REMAT_SEARCH, max_counts: int = 4, log=None) -> dict:
-    """Try the remat policies x micro-batch counts (the target's count, x2, x4, ... while each
-    micro-batch still gives every batch shard a sequence); return {"best": the fitting plan with
+    """Try the remat policies x micro-batch counts (the target's count and the next `max_counts`-1
+    larger ones whose micro-batch splits evenly over the chips); return {"best": the fitting plan with
     the lowest step time (None if none fits), "tried": [summary per candidate]}."""
     M0 = int(target.microbatches or xp.train.microbatches)
-    n = (target.mesh.size if target.mesh is not None else None) or len(target_devices(target))
-    ms, m = [], M0
-    while stage.batch_size % m == 0 and stage.batch_size // m >= 1 and len(ms) < max_counts:
-        micro = stage.batch_size // m
-        if micro % n == 0 or n % micro == 0:       # every batch shard gets whole sequences
-            ms.append(m)
-        m *= 2
+    mc = target.mesh
+    n = mc.data * mc.fsdp * mc.expert if mc is not None else len(target_devices(target))   # batch shards
+    # micro-batch counts from the target's upward whose micro-batch still gives every chip whole sequences
+    ms = [m for m in range(M0, stage.batch_size + 1)
+          if stage.batch_size % m == 0 and (stage.batch_size // m) % n == 0][:max_counts]
     best, tried = None, []
     for remat in remats:
         for m in ms:

@@ -4,7 +4,7 @@ elastic settings, the curriculum, the data mix and the machines it is meant for.
     xp = PodExperiment(name="nano3", model=NemotronHConfig.from_hf(...), elastic=ElasticConfig(...),
                        train=TrainConfig(...), targets=(Target("v5p-128", "tpu", topology="v5p:4x4x8"),),
                        data=DataMix(reasoning=DataConfig(kind="jsonl", ...), pretraining=..., reasoning_ratio=0.7),
-                       parent_hf="/ckpt/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", checkpoint_dir="gs://bucket/run")
+                       parent_hf="/ckpt/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", checkpoint_dir="/mnt/shared/run")
 
 `elastic-jax plan EXPERIMENT.py` compiles its step for a target without running anything
 (elastic_jax/plan.py); `elastic-jax run EXPERIMENT.py` trains it on the devices of the current job

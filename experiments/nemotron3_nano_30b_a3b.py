@@ -4,7 +4,7 @@
     elastic-jax plan experiments/nemotron3_nano_30b_a3b.py --topology v5p:4x4x8 --json   # compile, fit, cost
     elastic-jax plan experiments/nemotron3_nano_30b_a3b.py --target h100x8 --stage long  # 8x H100: lower only
     elastic-jax run experiments/nemotron3_nano_30b_a3b.py --set parent_hf=/ckpt/nano3 \\
-        --set checkpoint_dir=gs://bucket/nano3-elastic          # on the pod (README: Running on a TPU pod)
+        --set checkpoint_dir=/mnt/shared/nano3-elastic          # on the pod (README: Running on a TPU pod)
 
 Parent: the architecture fields of `nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16/config.json` (31.6B
 parameters, ~3.2B active, 3.6B with embeddings). Curriculum: ~100B tokens at 8K context with

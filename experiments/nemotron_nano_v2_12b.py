@@ -4,7 +4,7 @@ distillation run (spec §7.1).
     elastic-jax plan experiments/nemotron_nano_v2_12b.py --topology v5p:4x4x8 --json    # compile, fit, cost
     elastic-jax plan experiments/nemotron_nano_v2_12b.py --target h100x8                  # 8x H100: lower only
     elastic-jax run experiments/nemotron_nano_v2_12b.py --set parent_hf=/ckpt/nano-v2-12b \\
-        --set checkpoint_dir=gs://bucket/nano-v2-elastic
+        --set checkpoint_dir=/mnt/shared/nano-v2-elastic
 
 Parent: the architecture fields of `nvidia/NVIDIA-Nemotron-Nano-12B-v2/config.json` (62 layers: 28
 Mamba-2, 28 relu² MLP, 6 attention; 12.3B parameters). Budgets 1.0 / 0.75 / 0.5 of the parameters
