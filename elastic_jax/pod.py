@@ -111,7 +111,9 @@ def _take(docs: list, tokens: float, rng) -> list:
 class PodExperiment:
     """A pod-scale Star Elastic run (see the module docstring). `published`: the paper's sizes
     {"parent": (total, active), budget fraction: (total, active), ...} in parameters, for the
-    planner's comparison; `param_dtype` of the student / teacher weights (the router stays f32)."""
+    planner's comparison; `param_dtype` of the student / teacher weights (the router stays f32);
+    importance is estimated on `calibration_batches` x `calibration_batch_size` rows of the first
+    stage's length before training (spec §3.1: 1024 samples of 8K tokens)."""
 
     name: str
     model: NemotronHConfig
@@ -123,6 +125,8 @@ class PodExperiment:
     checkpoint_dir: str | None = None
     param_dtype: str = "bfloat16"
     published: dict | None = None
+    calibration_batches: int = 16
+    calibration_batch_size: int = 64
 
     def __post_init__(self):
         if not self.targets:
@@ -181,6 +185,8 @@ def run_pod(xp: PodExperiment, out_dir: str):
     import jax
     import jax.numpy as jnp
 
+    from .elastic import estimate_importance, param_count, permute_params
+    from .sharding import merge_rules
     from .hf import load_hf
     from .train import train_elastic
     from .train.sharding import init_distributed, make_mesh
@@ -198,12 +204,22 @@ def run_pod(xp: PodExperiment, out_dir: str):
     if target.remat is not None:
         train = dataclasses.replace(train, policy=dataclasses.replace(xp.policy(), remat=target.remat))
     mesh = make_mesh(mesh_cfg)
-    cfg, parent = load_hf(xp.parent_hf, dtype=jnp.dtype(xp.param_dtype), mesh=mesh, rules=xp.train.sharding_rules or None)
-    if cfg.to_dict() != xp.model.to_dict():
-        raise ValueError(f"{xp.name}: the checkpoint in {xp.parent_hf} is not the experiment's model config")
+    cfg, parent = load_hf(xp.parent_hf, dtype=jnp.dtype(xp.param_dtype), mesh=mesh,
+                          rules=merge_rules(xp.train.sharding_rules))
+    arch = lambda c: (c.hybrid_override_pattern, c.hidden_size, c.vocab_size, param_count(c))
+    if arch(cfg) != arch(xp.model):
+        raise ValueError(f"{xp.name}: the checkpoint in {xp.parent_hf} is not the experiment's model (pattern, "
+                         f"hidden, vocab, parameters: {arch(cfg)} vs {arch(xp.model)})")
     data = _load_mix(xp.data, cfg.vocab_size)
+    # model preparation (spec §3): importance from calibration rows, the parent permuted by it; the
+    # same rows every time, so a resumed run rebuilds the same teacher
+    stream = data.batches(train.stages[0].seq_len, xp.calibration_batch_size, epoch_seed=10_000)
+    calib = [next(stream) for _ in range(xp.calibration_batches)]
+    importance = estimate_importance(parent, cfg, [{"tokens": b["tokens"], "segment_ids": b["segment_ids"]}
+                                                   for b in calib])
+    teacher = permute_params(parent, cfg, importance)
     run_dir = xp.checkpoint_dir or os.path.join(out_dir, "elastic")
-    res = train_elastic(cfg, xp.elastic, train, parent, parent, data, run_dir)
+    res = train_elastic(cfg, xp.elastic, train, teacher, teacher, data, run_dir)
     if jax.process_index() == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump({"steps": res.steps, "tokens_seen": res.tokens_seen, "resumed_from": res.resumed_from,

@@ -49,8 +49,8 @@ def config(quick: bool = False) -> PodExperiment:
                              scan_layers=True))
     targets = (
         Target("v5p-128", "tpu", topology="v5p:4x4x8", mesh=MeshConfig(fsdp=128)),
-        Target("h100x8", "gpu", devices=8, chip="h100", mesh=MeshConfig(fsdp=8), microbatches=192),
-        Target("h200x8", "gpu", devices=8, chip="h200", mesh=MeshConfig(fsdp=8), microbatches=192),
+        Target("h100x8", "gpu", devices=8, chip="h100", mesh=MeshConfig(fsdp=8), microbatches=64),
+        Target("h200x8", "gpu", devices=8, chip="h200", mesh=MeshConfig(fsdp=8), microbatches=64),
     )
     data = DataMix(reasoning=DataConfig(kind="jsonl", path="data/reasoning.jsonl", tokenizer_path="data/tokenizer.json"),
                    pretraining=DataConfig(kind="jsonl", path="data/pretraining.jsonl", tokenizer_path="data/tokenizer.json"),

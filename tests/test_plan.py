@@ -62,6 +62,10 @@ def test_experiment_files_build_their_configs(experiments):
         assert isinstance(xp, PodExperiment)
         assert [t.platform for t in xp.targets] == ["tpu", "gpu", "gpu"]
         assert xp.train.policy.scan_layers and xp.data.reasoning_ratio == 0.7
+        for t in xp.targets:            # every stage's batch splits into whole sequences per chip
+            m = t.microbatches or xp.train.microbatches
+            n = t.mesh.size if t.mesh else None
+            assert all(s.batch_size % m == 0 and (s.batch_size // m) % n == 0 for s in xp.train.stages), t
     n3, n2 = experiments["nano3"], experiments["nano2"]
     assert n3.model.num_hidden_layers == 52 and n2.model.num_hidden_layers == 62
     assert (n2.model.count("M"), n2.model.count("-"), n2.model.count("*")) == (28, 28, 6)
@@ -181,3 +185,38 @@ def test_gpu_plan_lowers_and_says_it_did_not_compile(cpu_plans):
     for st in res["stages"]:
         assert st["compiled"] is False and "lowered and sharded only" in st["note"]
         assert st["chip"]["name"] == "NVIDIA H200 SXM" and st["memory"]["temp_bytes"] is None
+
+
+def test_pod_runner_trains_from_an_hf_parent_and_resumes(tmp_path):
+    """`elastic-jax run` of a PodExperiment on this job's devices: the parent read from its HF
+    folder onto the mesh, importance + permutation, the data mix, training, then a rerun resumes."""
+    import jax
+
+    import elastic_jax as ej
+    from elastic_jax.data import DataConfig
+    from elastic_jax.elastic import ElasticConfig
+    from elastic_jax.experiment import run_experiment
+    from elastic_jax.train import OptimConfig, Stage, TrainConfig
+
+    cfg = ej.NemotronHConfig(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=16, mamba_num_heads=4, mamba_head_dim=8, n_groups=1,
+                             ssm_state_size=8, chunk_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=16, moe_shared_expert_intermediate_size=16)
+    ej.save_hf(tmp_path / "parent", cfg, ej.init_params(cfg, jax.random.PRNGKey(0)))
+    n = jax.device_count()
+    syn = lambda seed: DataConfig(kind="synthetic", num_documents=64, synthetic_vocab=64, seed=seed)
+    xp = PodExperiment(
+        name="tiny", model=cfg, elastic=ElasticConfig(budgets=(1.0, 0.5), router_dim=8, hidden_options=(1.0, 0.5),
+                                                      mamba_options=None, moe_expert_options=(1.0, 0.5),
+                                                      moe_ffn_options=None, ffn_options=None),
+        train=TrainConfig(optim=OptimConfig(lr=1e-3), stages=(Stage("short", seq_len=32, batch_size=8 * n, steps=2),),
+                          checkpoint_every=1000, keep_checkpoints=1, async_checkpointing=False, tensorboard=False,
+                          plot=False, vocab_chunk=None),
+        targets=(Target("here", "cpu", devices=n),), data=DataMix(syn(0), syn(1), 0.7), parent_hf=str(tmp_path / "parent"),
+        calibration_batches=1, calibration_batch_size=4)
+    run_experiment(xp, tmp_path / "run")
+    first = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert first["steps"] == 2 and first["target"] == "here" and first["resumed_from"] is None
+    run_experiment(xp, tmp_path / "run")
+    again = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert again["resumed_from"] == 2
