@@ -160,12 +160,14 @@ def cpu_plans(tmp_path_factory):
 
 
 def test_shrunken_experiments_plan_and_compile_on_8_cpu_devices(cpu_plans):
-    for name in ("nano3_cpu", "nano2_cpu"):
+    for name in ("nano3_cpu", "nano2_oversized"):       # the 12B's plan is the oversized one below
         assert cpu_plans[name]["rc"] == 0
         res = cpu_plans[name]["plan"]
         check_schema(res)
         st = res["stages"][0]
-        assert st["compiled"] and st["devices"] == 8 and res["fits"] and st["memory"]["temp_bytes"] > 0
+        assert st["compiled"] and st["devices"] == 8 and st["memory"]["temp_bytes"] > 0
+        assert st["mesh"]["fsdp"] == 8 and "fsdp" in st["sharding"]["embed"]
+    assert cpu_plans["nano3_cpu"]["plan"]["fits"]
 
 
 def test_oversized_plan_reports_fits_false_and_its_dominant_term(cpu_plans):
