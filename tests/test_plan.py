@@ -154,7 +154,7 @@ def cpu_plans(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan") / "plans.json"
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_XLA}", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "plan_cpu_check.py"), str(out)],
-                       env=env, capture_output=True, text=True, timeout=900)
+                       env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(out.read_text())
 
