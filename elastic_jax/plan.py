@@ -448,8 +448,9 @@ def format_report(res: dict) -> str:
                  f"{c['hbm_bandwidth'] / 1e9:.0f} GB/s: {p['step_seconds_estimate']:.2f} s/step ({p['bound']}-bound), "
                  f"MFU <= {p['mfu_estimate']:.2f}, {p['tokens_per_second']:.3g} tokens/s")
         L.append(f"  stage: {p['stage_steps']} steps, {p['stage_tokens'] / 1e9:.1f}B tokens, {p['stage_hours']:.1f} h, "
-                 f"{p['stage_chip_hours']:.0f} chip-hours; compile {p['compile_seconds']:.0f} s "
-                 f"(lower {p['lower_seconds']:.0f} s)")
+                 f"{p['stage_chip_hours']:.0f} chip-hours; "
+                 + (f"compile {p['compile_seconds']:.0f} s" if p["compiled"] else "not compiled")
+                 + f" (lower {p['lower_seconds']:.0f} s)")
         if p["replicated"]:
             L.append("  replicated: " + ", ".join(f"{r['family']} ({r['bytes_per_chip'] / 2**20:.1f} MiB)"
                                                    for r in p["replicated"][:8]))
