@@ -34,7 +34,7 @@ def _describe(e: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import experiment, hf, plan
+    from . import experiment, hf_cli, plan
     from .eval import cli as eval_cli
     from .infer import cli as infer_cli
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     experiment.add_cli(sub)
     plan.add_cli(sub)
-    hf.add_cli(sub)
+    hf_cli.add_cli(sub)
     eval_cli.add_cli(sub)
     infer_cli.add_cli(sub)
     b = sub.add_parser("bench", help="run a benchmark script (forward | kernels | train)")

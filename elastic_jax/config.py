@@ -11,8 +11,10 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .config_base import ConfigBase
 
 KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 # HF `layers_block_type` spellings (old and new) -> pattern characters.
@@ -21,7 +23,8 @@ _HF_BLOCK_TYPES = {
     "attention": "*", "full_attention": "*",
     "mlp": "-", "moe": "E",
 }
-_PATTERN_TO_HF = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+# the layer-type names transformers (>= 5) writes in `layers_block_type`
+HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 
 # Legacy / alternative HF field names -> our field names.
 _ALIASES = {
@@ -39,28 +42,6 @@ _ALIASES = {
     "num_local_experts": "n_routed_experts",
     "rms_norm_eps": "layer_norm_epsilon",
 }
-# HF fields we read but that do not change the math of this implementation.
-_IGNORED_HF = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "num_logits_to_keep", "use_mamba_kernels", "auto_map", "max_position_embeddings",
-    "hidden_dropout", "attention_dropout", "residual_in_fp32", "rescale_prenorm_residual",
-    "initializer_range", "expand", "mamba_ssm_cache_dtype", "num_nextn_predict_layers",
-    "mtp_layers_block_type", "mtp_hybrid_override_pattern", "sliding_window", "rope_theta",
-    "rope_scaling", "partial_rotary_factor", "moe_shared_expert_overlap", "n_shared_experts",
-    "num_hidden_layers", "layer_types", "output_attentions", "output_hidden_states",
-    "return_dict", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-    "hybrid_override_pattern", "layers_block_type", "time_step_min", "time_step_max",
-    "time_step_floor", "time_step_rank", "mamba_hidden_act", "mlp_hidden_act", "use_bias",
-    "mlp_bias", "attention_bias", "mamba_proj_bias", "moe_latent_size", "is_hybrid",
-    "chunk_size_mamba", "router_aux_loss_coef",
-}
-
-
-def check_known_fields(cls, d: dict) -> None:
-    """`from_dict` guard shared by the config dataclasses: unknown keys are an error, not ignored."""
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown}")
 
 
 def _pattern_of(d: dict) -> str | None:
@@ -103,7 +84,7 @@ def _check_contradictions(d: dict, overrides: dict) -> None:
 
 
 @dataclass(frozen=True)
-class NemotronHConfig:
+class NemotronHConfig(ConfigBase):
     """Frozen model config. HF field names; `d_inner = mamba_num_heads * mamba_head_dim`."""
 
     vocab_size: int = 512
@@ -366,9 +347,7 @@ class NemotronHConfig:
                 if v is None:
                     continue
                 kw[k2] = v
-            elif k not in _IGNORED_HF and k2 not in _IGNORED_HF:
-                # unknown keys are tolerated (HF configs carry many), but nothing silently changes math
-                pass
+            # other keys are HF fields that do not change the math here (dropout, rope, dtype, ...)
         if d.get("tie_word_embeddings"):
             raise ValueError("NemotronHConfig.tie_word_embeddings=True: tied embeddings are not supported")
         if d.get("n_shared_experts", 1) not in (0, 1, None):
@@ -391,7 +370,7 @@ class NemotronHConfig:
             "architectures": ["NemotronHForCausalLM"],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
-            "layers_block_type": [_PATTERN_TO_HF[c] for c in self.pattern],
+            "layers_block_type": [HF_LAYER_TYPES[c] for c in self.pattern],
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
@@ -432,15 +411,3 @@ class NemotronHConfig:
         }
         return d
 
-    def replace(self, **kw) -> "NemotronHConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["time_step_limit"] = list(self.time_step_limit)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "NemotronHConfig":
-        check_known_fields(cls, d)
-        return cls(**d)

@@ -1,4 +1,4 @@
-"""Experiments as Python files, and the `elastic-jax run` command (ANCHORS §7.1).
+"""Experiments as Python files, and the `elastic-jax run` command.
 
 An experiment file defines `config(quick: bool = False)` returning a frozen-dataclass config. A
 runner registered for the config's type executes it:

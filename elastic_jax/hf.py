@@ -1,4 +1,4 @@
-"""HF NemotronH checkpoints in and out (ANCHORS §5): `load_hf`, `save_hf`, the CLI `export` / `slice`.
+"""HF NemotronH checkpoints in and out: `load_hf`, `save_hf`, the CLI `export` / `slice`.
 
 On-disk format (what `transformers.NemotronHForCausalLM.save_pretrained` writes and the Hub holds):
 `config.json` plus `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` listed in
@@ -9,8 +9,9 @@ in-library). `mtp.*` (multi-token-prediction) tensors are skipped.
 
 The conversion is one declarative table, `RULES`: each `Rule` names an HF key pattern, the
 params leaves it fills and the pair of transforms between the two layouts (HF `[out, in]`
-matrices, fused `in_proj` / `conv1d`; ours `[in, out]` with the fused tensors split, see
-`elastic_jax/model/params.py`). Loading, validation and saving all walk that one table.
+matrices, fused `in_proj` / `conv1d`; ours `[in, out]` with the fused tensors split). The layer
+rules are declared by their layer kind (`elastic_jax/model/kinds/`); this module adds the
+backbone-level ones. Loading, validation and saving all walk that one table.
 
 Semantics that transformers fixes and the config does not say (checked against transformers 5.x,
 `modeling_nemotron_h.py`):
@@ -40,202 +41,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import NemotronHConfig
-from .errors import CheckpointCorrupt, HFCheckpointError, JSONFileError, read_json
+from .errors import HFCheckpointError, JSONFileError, json_field, read_json
 from .fileio import atomic_folder, owned_names
+from .model.kinds import KINDS, layer_dims  # noqa: F401  (layer_dims: part of this module's API)
+from .model.kinds.hf_rules import Dims, Rule, _t, _t_inv  # noqa: F401
 from .model.params import check_params, param_axes
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _PREFIXES = ("backbone.", "model.")
 _F32_TINY = float(np.finfo(np.float32).tiny)
-_HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-_KIND_NAMES = {"M": "Mamba2", "*": "attention", "-": "MLP", "E": "MoE"}
 
 
 # The top-level names `save_hf` writes: `overwrite` replaces a folder only if it holds nothing else.
 HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"model\.safetensors",
                               r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors",
-                              r"hf_quant_config\.json", r"elastic_budgets\.json", r"tokenizer\.json",
+                              r"hf_quant_config\.json", r"elastic_budgets\.json", r"elastic_router\.safetensors",
+                              r"tokenizer\.json",
                               r"tokenizer_config\.json", r"special_tokens_map\.json", r"chat_template\.jinja")
 
 
 # ------------------------------------------------------------------------------------ table
-@dataclass(frozen=True)
-class Dims:
-    """Sizes of one layer (per-layer widths honoured) in the names of ANCHORS §5.3."""
-
-    D: int
-    V: int
-    H: int = 0      # Mamba heads
-    P: int = 0      # Mamba head dim
-    G: int = 0      # Mamba groups
-    N: int = 0      # SSM state size
-    K: int = 0      # conv kernel
-    nH: int = 0     # attention query heads
-    nKV: int = 0    # attention KV heads
-    hd: int = 0     # attention head dim
-    I: int = 0      # dense MLP width
-    E: int = 0      # routed experts
-    Ie: int = 0     # routed-expert width
-    Is: int = 0     # shared-expert width
-
-    @property
-    def HP(self):
-        return self.H * self.P
-
-    @property
-    def GN(self):
-        return self.G * self.N
-
-
-def layer_dims(cfg: NemotronHConfig, layer: int | None) -> Dims:
-    base = dict(D=cfg.hidden_size, V=cfg.vocab_size)
-    if layer is None:
-        return Dims(**base)
-    c, k = cfg.pattern[layer], cfg.kind_index()[layer]
-    if c == "M":
-        return Dims(**base, H=cfg.mamba_heads_at(k), P=cfg.mamba_head_dim, G=cfg.n_groups,
-                    N=cfg.ssm_state_size, K=cfg.conv_kernel)
-    if c == "*":
-        return Dims(**base, nH=cfg.attn_heads_at(k), nKV=cfg.num_key_value_heads, hd=cfg.head_dim)
-    if c == "-":
-        return Dims(**base, I=cfg.ffn_at(k))
-    return Dims(**base, E=cfg.moe_experts_at(k), Ie=cfg.moe_ffn_at(k), Is=cfg.moe_shared_expert_intermediate_size)
-
-
-def _same(w, d):
-    return (w,)
-
-
-def _same_inv(ws, d):
-    return ws[0]
-
-
-def _t(w, d):
-    return (np.ascontiguousarray(np.swapaxes(w, -1, -2)),)
-
-
-def _t_inv(ws, d):
-    return np.ascontiguousarray(np.swapaxes(ws[0], -1, -2))
-
-
-def _split_rows_t(sizes: Callable[[Dims], Sequence[int]]):
-    """HF fused [sum(out), in] -> our [in, out_i] pieces (and back): `in_proj`."""
-    def load(w, d):
-        cuts = np.cumsum(sizes(d))[:-1]
-        return tuple(np.ascontiguousarray(p.T) for p in np.split(w, cuts, axis=0))
-
-    def save(ws, d):
-        return np.ascontiguousarray(np.concatenate([w.T for w in ws], axis=0))
-    return load, save
-
-
-def _conv_split(w, d):
-    """HF depthwise conv1d [C, 1, K] -> our [K, x | B | C] pieces."""
-    wk = w[:, 0, :].T
-    return tuple(np.ascontiguousarray(p) for p in np.split(wk, [d.HP, d.HP + d.GN], axis=1))
-
-
-def _conv_join(ws, d):
-    return np.ascontiguousarray(np.concatenate(ws, axis=1).T[:, None, :])
-
-
-def _bias_split(b, d):
-    return tuple(np.ascontiguousarray(p) for p in np.split(b, [d.HP, d.HP + d.GN]))
-
-
-def _bias_join(ws, d):
-    return np.concatenate(ws)
-
-
-_IN_PROJ = _split_rows_t(lambda d: (d.HP, d.HP, d.GN, d.GN, d.H))
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One HF tensor pattern <-> params leaves.
-
-    hf:      the key after the `backbone.` / `model.` prefix; layer rules are relative to
-             `layers.{i}.`, `{j}` is a routed expert.
-    kind:    "top" (backbone-level), "head" (no prefix: lm_head), "layer" (every layer) or the
-             pattern character of the layers that hold it.
-    params:  leaves it fills: top-level keys, "norm" (the layer's pre-norm) or mixer keys.
-    shape:   the expected HF shape, from the layer's Dims.
-    load / save: HF tensor -> tuple of param arrays, and back (per expert when `experts` is
-             "per_expert"; the engine stacks experts on axis 0).
-    experts: "none", "per_expert" or "stacked" (two spellings of the same leaves).
-    f32:     always kept in float32 (HF `_keep_in_fp32_modules_strict`).
-    optional: the key may be absent (filled with zeros); a callable of the config.
-    when:    the rule applies to this config/layer (e.g. shared expert only if Is > 0).
-    """
-
-    hf: str
-    kind: str
-    params: tuple[str, ...]
-    shape: Callable[[Dims], tuple[int, ...]]
-    load: Callable = _same
-    save: Callable = _same_inv
-    experts: str = "none"
-    f32: bool = False
-    optional: Callable[[NemotronHConfig], bool] = lambda cfg: False
-    when: Callable[[Dims], bool] = lambda d: True
-
-    @property
-    def regex(self) -> re.Pattern:
-        pat = re.escape(self.hf).replace(r"\{j\}", r"(?P<j>\d+)")
-        if self.kind in ("top", "head"):
-            return re.compile(pat + "$")
-        return re.compile(r"layers\.(?P<i>\d+)\." + pat + "$")
-
-    def key(self, layer: int | None, expert: int | None = None, prefix: str = "backbone.") -> str:
-        k = self.hf.replace("{j}", str(expert)) if expert is not None else self.hf
-        if self.kind == "head":
-            return k
-        if self.kind == "top":
-            return prefix + k
-        return f"{prefix}layers.{layer}.{k}"
-
-
+# The backbone-level rules; each layer kind declares its own (elastic_jax/model/kinds/).
 RULES: tuple[Rule, ...] = (
     Rule("embeddings.weight", "top", ("embed",), lambda d: (d.V, d.D)),
     Rule("norm_f.weight", "top", ("norm_f",), lambda d: (d.D,)),
     Rule("lm_head.weight", "head", ("lm_head",), lambda d: (d.V, d.D), _t, _t_inv),
     Rule("norm.weight", "layer", ("norm",), lambda d: (d.D,)),
-    # Mamba2: in_proj = [z | x | B | C | dt], conv1d over [x | B | C]
-    Rule("mixer.in_proj.weight", "M", ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"),
-         lambda d: (2 * d.HP + 2 * d.GN + d.H, d.D), *_IN_PROJ),
-    Rule("mixer.conv1d.weight", "M", ("conv_x", "conv_B", "conv_C"), lambda d: (d.HP + 2 * d.GN, 1, d.K),
-         _conv_split, _conv_join),
-    Rule("mixer.conv1d.bias", "M", ("conv_x_bias", "conv_B_bias", "conv_C_bias"), lambda d: (d.HP + 2 * d.GN,),
-         _bias_split, _bias_join, optional=lambda cfg: not cfg.use_conv_bias),
-    Rule("mixer.A_log", "M", ("A_log",), lambda d: (d.H,)),
-    Rule("mixer.D", "M", ("D",), lambda d: (d.H,)),
-    Rule("mixer.dt_bias", "M", ("dt_bias",), lambda d: (d.H,)),
-    Rule("mixer.norm.weight", "M", ("norm",), lambda d: (d.HP,)),
-    Rule("mixer.out_proj.weight", "M", ("out_proj",), lambda d: (d.D, d.HP), _t, _t_inv),
-    # attention (GQA, no bias, NoPE)
-    Rule("mixer.q_proj.weight", "*", ("q_proj",), lambda d: (d.nH * d.hd, d.D), _t, _t_inv),
-    Rule("mixer.k_proj.weight", "*", ("k_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
-    Rule("mixer.v_proj.weight", "*", ("v_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
-    Rule("mixer.o_proj.weight", "*", ("o_proj",), lambda d: (d.D, d.nH * d.hd), _t, _t_inv),
-    # dense relu² MLP
-    Rule("mixer.up_proj.weight", "-", ("up_proj",), lambda d: (d.I, d.D), _t, _t_inv),
-    Rule("mixer.down_proj.weight", "-", ("down_proj",), lambda d: (d.D, d.I), _t, _t_inv),
-    # MoE: sigmoid router (f32) + per-expert or stacked relu² experts + shared expert
-    Rule("mixer.gate.weight", "E", ("gate",), lambda d: (d.E, d.D), _t, _t_inv, f32=True),
-    Rule("mixer.gate.e_score_correction_bias", "E", ("e_score_correction_bias",), lambda d: (d.E,), f32=True),
-    Rule("mixer.experts.{j}.up_proj.weight", "E", ("up_proj",), lambda d: (d.Ie, d.D), _t, _t_inv,
-         experts="per_expert"),
-    Rule("mixer.experts.{j}.down_proj.weight", "E", ("down_proj",), lambda d: (d.D, d.Ie), _t, _t_inv,
-         experts="per_expert"),
-    Rule("mixer.experts.up_proj", "E", ("up_proj",), lambda d: (d.E, d.Ie, d.D), _t, _t_inv, experts="stacked"),
-    Rule("mixer.experts.down_proj", "E", ("down_proj",), lambda d: (d.E, d.D, d.Ie), _t, _t_inv,
-         experts="stacked"),
-    Rule("mixer.shared_experts.up_proj.weight", "E", ("shared_up",), lambda d: (d.Is, d.D), _t, _t_inv,
-         when=lambda d: d.Is > 0),
-    Rule("mixer.shared_experts.down_proj.weight", "E", ("shared_down",), lambda d: (d.D, d.Is), _t, _t_inv,
-         when=lambda d: d.Is > 0),
-)
+) + tuple(r for kind in KINDS.values() for r in kind.HF_RULES)
 _REGEXES = tuple(r.regex for r in RULES)
 
 
@@ -320,7 +153,7 @@ def hf_config_dict(cfg: NemotronHConfig, dtype: str = "float32") -> dict:
     if problems:
         raise HFCheckpointError("cannot write this model as an HF NemotronH checkpoint", problems)
     d = cfg.to_hf()
-    d["layers_block_type"] = [_HF_LAYER_TYPES[c] for c in cfg.pattern]
+    d["layers_block_type"] = [KINDS[c].HF_LAYER_TYPE for c in cfg.pattern]
     d["hybrid_override_pattern"] = cfg.pattern
     d["num_hidden_layers"] = cfg.num_hidden_layers
     tmin = lo if lo > 0 else _F32_TINY
@@ -487,8 +320,8 @@ def _plan(cfg: NemotronHConfig, files: _Files) -> _Plan:
                 continue
             c = cfg.pattern[layer]
             if rule.kind != "layer" and rule.kind != c:
-                problems.append(f"{key}: unexpected (a {_KIND_NAMES[rule.kind]} tensor, but layer {layer} is "
-                                f"{_KIND_NAMES[c]} in the pattern {cfg.pattern!r})")
+                problems.append(f"{key}: unexpected (a {KINDS[rule.kind].NAME} tensor, but layer {layer} is "
+                                f"{KINDS[c].NAME} in the pattern {cfg.pattern!r})")
                 continue
         d = layer_dims(cfg, layer)
         if not rule.when(d):
@@ -734,8 +567,8 @@ def _parse_size(s) -> int:
 def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *, dtype=None,
             max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
             quantization: str | None = None, quant_state=None,
-            protect: Sequence[str | os.PathLike] = (), budgets=None,
-            tokenizer_dir: str | os.PathLike | None = None) -> str:
+            protect: Sequence[str | os.PathLike] = (), budgets=None, fractions: dict | None = None,
+            elastic_cfg=None, router_params=None, tokenizer_dir: str | os.PathLike | None = None) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
     `transformers.NemotronHForCausalLM.from_pretrained(directory)` loads with the same logits.
 
@@ -754,10 +587,12 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     projections are written packed with their scales in the ModelOpt layout
     (`elastic_jax.quant.export`); without a state the weight scales come from these params.
     `budgets` ({name: Widths}, nested submodels of this model) is written as `elastic_budgets.json`
-    (see `budget_table`); `tokenizer_dir`: a folder whose tokenizer files (`TOKENIZER_FILES`) are
-    copied in, so `elastic-jax generate` works on the export."""
+    (see `budget_table`, with the optional per-budget `fractions` and the `elastic_cfg`), the
+    budget router's `router_params` as `elastic_router.safetensors`: together the nested
+    checkpoint (`elastic_jax.infer.checkpoint`). `tokenizer_dir`: a folder whose tokenizer files
+    (`TOKENIZER_FILES`) are copied in, so `elastic-jax generate` works on the export."""
     from .fileio import check_target
-    table = None if not budgets else budget_table(cfg, budgets)
+    table = None if not budgets else budget_table(cfg, budgets, fractions=fractions, elastic_cfg=elastic_cfg)
     tok_files = _tokenizer_files(tokenizer_dir)
     check_target(directory, owned=HF_EXPORT_FILES, overwrite=overwrite, protect=protect, what="save_hf")
     try:
@@ -771,7 +606,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     check_params(params, cfg)
     tensors = list(_hf_tensors(cfg, params, out_dtype))
     qconfig, writer = None, None
-    if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (spec §10)
+    if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (METHOD §10)
         from .quant import export as qexport
         fmt = quantization if quantization is not None else quant_state.spec.fmt
         tensors, qconfig = qexport.quantize_tensors(cfg, params, tensors, fmt, quant_state)
@@ -794,6 +629,9 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
         if table is not None:
             with open(os.path.join(tmp, BUDGETS_FILE), "w") as f:
                 json.dump(table, f, indent=1)
+        if router_params:
+            from .fileio import save_safetensors
+            save_safetensors(flatten_tree(router_params), os.path.join(tmp, ROUTER_FILE))
         for src in tok_files:
             shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
     return os.path.abspath(os.fspath(directory))
@@ -833,6 +671,7 @@ def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, 
 
 # ------------------------------------------------------------------------ nested budget table
 BUDGETS_FILE = "elastic_budgets.json"
+ROUTER_FILE = "elastic_router.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -855,9 +694,12 @@ def _widths_json(w) -> dict:
     return out
 
 
-def budget_table(cfg: NemotronHConfig, budgets) -> dict:
+def budget_table(cfg: NemotronHConfig, budgets, *, fractions: dict | None = None, elastic_cfg=None) -> dict:
     """The nested family of one checkpoint as JSON: {"format": 1, "budgets": [{"name", "widths"
-    (axis -> size or per-layer list; a missing axis is full), "params", "active_params"}]}."""
+    (axis -> size or per-layer list; a missing axis is full), "params", "active_params", and with
+    `fractions` the "fraction" of the parent each budget was trained for}], "config": the exact
+    elastic_jax config of the parent (config.json is the HF one, whose dt-limit fields differ, see
+    the module docstring), "elastic": the ElasticConfig dict when given}."""
     from .elastic.slicing import param_count
     from .widths import Widths
     rows = []
@@ -867,28 +709,92 @@ def budget_table(cfg: NemotronHConfig, budgets) -> dict:
         w.validate(cfg)
         rows.append({"name": str(name), "widths": _widths_json(w), "params": int(param_count(cfg, w)),
                      "active_params": int(param_count(cfg, w, active=True))})
-    return {"format": 1, "budgets": rows}
+        if fractions is not None:
+            rows[-1]["fraction"] = fractions.get(name)
+    table = {"format": 1, "budgets": rows, "config": cfg.to_dict()}
+    if elastic_cfg is not None:
+        table["elastic"] = elastic_cfg.to_dict()
+    return table
 
 
 def read_budget_table(directory: str | os.PathLike, cfg: NemotronHConfig) -> dict:
-    """{name: {"widths": Widths, "params", "active_params"}} from `elastic_budgets.json` ({} when the
-    folder has none: a plain HF checkpoint), each validated against `cfg`."""
-    from .widths import Widths
+    """{name: {"widths": Widths, "params", "active_params", "fraction"}} from `elastic_budgets.json`
+    ({} when the folder has none: a plain HF checkpoint), each validated against `cfg`; a bad
+    table raises `JSONFileError` naming the file and the field."""
+    from .widths import WIDTH_AXES, Widths
     path = os.path.join(os.fspath(directory), BUDGETS_FILE)
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path) as f:
-            table = json.load(f)
-        rows = table["budgets"]
-        out = {}
-        for r in rows:
-            w = Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in r["widths"].items()})
-            w.validate(cfg)
-            out[str(r["name"])] = {"widths": w, "params": r.get("params"), "active_params": r.get("active_params")}
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a valid budget table ({type(e).__name__}: {e})") from None
+    table = read_json(path, what="nested budget table", required=("budgets",))
+    rows = json_field(table, "budgets", list, path)
+    if not rows:
+        raise JSONFileError(f"{path}: field 'budgets' is empty")
+    axes = tuple(WIDTH_AXES) + ("layers",)
+    out = {}
+    for i, r in enumerate(rows):
+        where = f"budgets[{i}]"
+        if not isinstance(r, dict):
+            raise JSONFileError(f"{path}: field {where!r} must be an object")
+        name = json_field(r, "name", str, path, where=where)
+        widths = json_field(r, "widths", dict, path, where=where)
+        try:
+            unknown = sorted(set(widths) - set(axes))
+            if unknown:
+                raise ValueError(f"unknown width axes {unknown}; known: {list(axes)}")
+            w = Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in widths.items()}).validate(cfg)
+        except (ValueError, TypeError) as e:
+            raise JSONFileError(f"{path}: field '{where}.widths': {e}") from None
+        frac = r.get("fraction")
+        if frac is not None and (isinstance(frac, bool) or not isinstance(frac, (int, float))):
+            raise JSONFileError(f"{path}: field '{where}.fraction' must be a number or null, got {frac!r}")
+        out[name] = {"widths": w, "params": r.get("params"), "active_params": r.get("active_params"),
+                     "fraction": frac}
     return out
+
+
+def read_router(directory: str | os.PathLike):
+    """The budget router saved beside a nested checkpoint (`elastic_router.safetensors`), or None."""
+    path = os.path.join(os.fspath(directory), ROUTER_FILE)
+    if not os.path.isfile(path):
+        return None
+    from safetensors.numpy import load_file
+    try:
+        return unflatten_tree(load_file(path))
+    except Exception as e:              # safetensors raises its own SafetensorError
+        raise HFCheckpointError(f"cannot read {path}", [f"truncated or corrupt safetensors file: {e}"]) from None
+
+
+def flatten_tree(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dicts / lists of arrays -> {"a.0.b": array} (safetensors keys)."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten_tree(v, f"{prefix}{k}."))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out.update(flatten_tree(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = np.asarray(jax.device_get(tree))
+    return out
+
+
+def unflatten_tree(flat: dict[str, np.ndarray]):
+    """Inverse of `flatten_tree` (integer path parts become list indices)."""
+    root: dict = {}
+    for key, v in flat.items():
+        node = root
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+
+    def fix(n):
+        if isinstance(n, dict):
+            n = {k: fix(v) for k, v in n.items()}
+            if n and all(k.isdigit() for k in n):
+                return [n[str(i)] for i in range(len(n))]
+        return n
+    return fix(root)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -908,183 +814,3 @@ def parse_widths(text: str, cfg: NemotronHConfig):
     w = Widths(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
     w.validate(cfg)
     return w
-
-
-def load_run(run_dir: str | os.PathLike, step: int | None = None, *, with_quant: bool = False):
-    """(cfg, params, router_params or None, ElasticConfig or None) from an elastic training run
-    (`<run_dir>/checkpoints`, orbax, written by `elastic_jax.train`): the model params of `step`
-    (default: the latest complete one), restored on the host; the params are the permuted ones
-    training used, so every nested model is a prefix (spec §8). `with_quant=True` appends the
-    QAD quantization state (`TrainConfig.qad` runs) or None."""
-    run_dir = os.path.abspath(os.fspath(run_dir))
-    ckpt_dir = run_dir if os.path.basename(run_dir) == "checkpoints" else os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"{run_dir}: neither an HF directory (config.json) nor an elastic run "
-                                f"(no {ckpt_dir})")
-    import orbax.checkpoint as ocp
-    from .elastic.config import ElasticConfig
-    from .train.checkpoint import Checkpointer
-
-    def restore(st):
-        meta = ck.read_meta(st)
-        configs = meta.get("configs") if isinstance(meta, dict) else None
-        if not isinstance(configs, dict) or not isinstance(configs.get("model"), dict):
-            raise JSONFileError(f"{ck.step_path(st)}/meta: field 'configs.model' (the model config) is missing")
-        cfg = NemotronHConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in configs["model"].items()})
-        ecfg = ElasticConfig.from_dict(configs["elastic"]) if configs.get("elastic") else None
-        restored = ck.manager.restore(st, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-        return cfg, ecfg, restored, configs
-
-    ck = Checkpointer(ckpt_dir, async_save=False)
-    try:
-        if step is None:
-            found = ck.restore_newest(restore)
-            if found is None:
-                raise CheckpointCorrupt(f"{ckpt_dir}: no checkpoint step in the run folder")
-            step, (cfg, ecfg, restored, configs) = found
-        else:
-            if step not in ck.manager.all_steps():
-                raise FileNotFoundError(f"{ckpt_dir}: no checkpoint at step {step} (have {ck.all_steps()})")
-            why = ck.incomplete(step)
-            if why is not None:
-                raise CheckpointCorrupt(f"{ckpt_dir}: step {step} is incomplete ({why})")
-            try:
-                cfg, ecfg, restored, configs = restore(step)
-            except (JSONFileError, CheckpointCorrupt):
-                raise
-            except Exception as e:       # orbax / tensorstore errors of a damaged step
-                raise CheckpointCorrupt(f"{ck.step_path(step)}: cannot be restored ({type(e).__name__}: "
-                                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    finally:
-        ck.close()
-    state = restored.get("state", restored)
-    if "params" not in state:
-        raise ValueError(f"{ckpt_dir} step {step}: no 'params' in the saved state (keys {sorted(state)})")
-    params = jax.tree_util.tree_map(jnp.asarray, state["params"])
-    if isinstance(params.get("layers"), dict):   # orbax restores lists as {"0": .., "1": ..}
-        params["layers"] = [params["layers"][str(i)] for i in range(len(params["layers"]))]
-    check_params(params, cfg)
-    router = state.get("router") or None
-    if with_quant:
-        qad = (configs.get("train") or {}).get("qad")
-        qstate = None
-        if qad and state.get("quant") is not None:
-            from .quant.state import QuantSpec, tree_to_state
-            qstate = tree_to_state(QuantSpec(qad), jax.tree_util.tree_map(jnp.asarray, state["quant"]))
-        return cfg, params, router, ecfg, qstate
-    return cfg, params, router, ecfg
-
-
-def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
-    """HF directory or elastic-training (orbax) run -> (cfg, params, widths from --budget or None)."""
-    if os.path.isfile(os.path.join(src, "config.json")):
-        if getattr(args, "budget", None) is not None:
-            raise ValueError("--budget needs an elastic training run (orbax checkpoint with a router); "
-                             f"{src} is an HF directory: pass --widths instead")
-        cfg, params = load_hf(src, progress=not args.quiet)
-        args.family = {n: e["widths"] for n, e in read_budget_table(src, cfg).items()}
-        return cfg, params, None
-    cfg, params, router, ecfg = load_run(src, args.step)
-    if router is not None and ecfg is not None:   # the run's nested family: every trained budget
-        from .elastic.router import budget_widths
-        args.family = {f"{round(100 * b):d}%": budget_widths(router, cfg, ecfg, b) for b in ecfg.budgets}
-    widths = None
-    if getattr(args, "budget", None) is not None:
-        if router is None or ecfg is None:
-            raise ValueError(f"--budget: the run {src} has no trained router (not an elastic run); pass --widths")
-        from .elastic.router import budget_widths
-        widths = budget_widths(router, cfg, ecfg, args.budget)
-        if not args.quiet:
-            print(f"budget {args.budget}: {widths}")
-    return cfg, params, widths
-
-
-def _export_quant_state(args, cfg, params, widths):
-    """--quantize: the run's own QAD scales when it has them, else weight scales from the parent
-    (before slicing) and activation scales calibrated on --calib-batches random-token batches of
-    the full and the nested model (PTQ)."""
-    from . import quant
-    if not os.path.isfile(os.path.join(args.src, "config.json")):
-        qs = load_run(args.src, args.step, with_quant=True)[4]
-        if qs is not None and qs.spec.fmt == args.quantize:
-            if not args.quiet:
-                print(f"--quantize {args.quantize}: using the run's QAD quantization state")
-            return qs
-    qs = quant.init_quant_state(params, cfg, args.quantize)
-    key = jax.random.PRNGKey(0)
-    batches = [jax.random.randint(jax.random.fold_in(key, b), (2, 64), 0, cfg.vocab_size)
-               for b in range(args.calib_batches)]
-    if not args.quiet:
-        print(f"--quantize {args.quantize}: PTQ, activation scales from {args.calib_batches} random-token batches")
-    return quant.calibrate(params, cfg, qs, batches, widths=(None,) if widths is None else (None, widths))
-
-
-def _cmd_export(args) -> int:
-    from .elastic.slicing import param_count, slice_params
-    from .fileio import check_target
-    check_target(args.out, owned=HF_EXPORT_FILES, overwrite=args.overwrite, protect=[args.src],
-                 what=args.command)                 # refuse a bad target before loading anything
-    cfg, params, widths = _load_source(args.src, args)
-    if args.widths is not None:
-        if widths is not None:
-            raise ValueError("give --widths or --budget, not both")
-        widths = parse_widths(args.widths, cfg)
-    if args.command == "slice" and widths is None:
-        raise ValueError("slice needs --widths JSON or --budget B (with an elastic run)")
-    n_full = param_count(cfg)
-    family = getattr(args, "family", None) or None
-    tokenizer = args.tokenizer
-    if tokenizer is None and os.path.isfile(os.path.join(args.src, "tokenizer.json")):
-        tokenizer = args.src
-    qstate = None
-    if args.quantize is not None:
-        qstate = _export_quant_state(args, cfg, params, widths)
-    if widths is not None:
-        if qstate is not None:
-            from .quant import slice_quant_state
-            qstate = slice_quant_state(qstate, params, cfg, widths)
-        cfg, params = slice_params(params, cfg, widths)
-        family = None   # the budgets are nested in the parent, not in this slice
-    save_hf(args.out, cfg, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate, protect=[args.src],
-            budgets=family, tokenizer_dir=tokenizer)
-    if not args.quiet:
-        n = param_count(cfg)
-        from .quant.export import checkpoint_bytes
-        print(f"wrote {args.out}: {n:,} parameters ({100 * n / n_full:.1f}% of {n_full:,}), pattern {cfg.pattern}, "
-              f"hidden {cfg.hidden_size}, {checkpoint_bytes(args.out):,} bytes of safetensors"
-              + (f" ({args.quantize})" if args.quantize else ""))
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register `export` and `slice` on an argparse subparsers object (handler in `func`)."""
-    helps = {
-        "export": "convert a checkpoint (HF dir or elastic run) to an HF NemotronH directory, "
-                  "optionally sliced (--widths / --budget)",
-        "slice": "extract a nested submodel at --widths (or a trained --budget) as an HF NemotronH directory",
-    }
-    for name, text in helps.items():
-        p = subparsers.add_parser(name, help=text, description=text)
-        p.add_argument("src", help="HF checkpoint directory (config.json + safetensors) or an elastic training run")
-        p.add_argument("out", help="output HF directory (written atomically)")
-        p.add_argument("--widths", default=None,
-                       help='JSON sizes per axis, e.g. \'{"hidden": 48, "mamba_heads": 4, "ffn": [64, 96]}\'')
-        p.add_argument("--budget", type=float, default=None,
-                       help="parameter budget (fraction of the parent, e.g. 0.5) answered by the run's router")
-        p.add_argument("--step", type=int, default=None, help="checkpoint step of an elastic run (default: latest)")
-        p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                       help="on-disk dtype (default: the source's)")
-        p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-        p.add_argument("--quantize", default=None, choices=["fp8", "nvfp4"],
-                       help="write the ModelOpt FP8 / NVFP4 layout (scales from the parent; a QAD run's own)")
-        p.add_argument("--calib-batches", type=int, default=4,
-                       help="--quantize without QAD scales: random-token calibration batches (default 4)")
-        p.add_argument("--overwrite", action="store_true",
-                       help="replace OUT if it holds nothing but a previous export (never a run folder or other files)")
-        p.add_argument("--tokenizer", default=None,
-                       help="folder whose tokenizer.json / tokenizer_config.json (chat template) are copied into OUT "
-                            "(default: SRC's, when it has them)")
-        p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-        p.set_defaults(func=_cmd_export, command=name)

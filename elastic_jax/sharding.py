@@ -1,9 +1,9 @@
 """Logical-axis sharding rules: ONE table maps the logical names of parameters and activations to
-the mesh axes (data, fsdp, tensor, expert) (ANCHORS §7.3). Base layer: the model, `hf.py` and the
+the mesh axes (data, fsdp, tensor, expert) (one rules table, as MaxText's `logical_axis_rules`). Base layer: the model, `hf.py` and the
 training code all import it from here.
 
 Parameters carry logical names (`ej.param_axes(cfg)`: vocab, embed, heads, kv_heads, mlp,
-ssm_heads, ssm_groups, conv, experts, experts_router, expert_mlp); activations use `batch`,
+shared_mlp, ssm_heads, ssm_inner, ssm_groups, conv, experts, experts_router, expert_mlp); activations use `batch`,
 `length` and the `act_*` names. A dimension is split only when its size divides by the product
 of the mesh axes and no mesh axis is used twice in one array; otherwise it stays replicated (tiny
 test models, odd head counts). For parameters that fallback is checked:
@@ -37,7 +37,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("shared_mlp", "tensor"),
     ("ssm_heads", "tensor"),
+    ("ssm_inner", "tensor"),
     ("ssm_groups", None),
     ("ssm_state", None),
     ("conv", None),
@@ -169,10 +171,6 @@ def batch_spec(mesh, batch: int, rules=DEFAULT_RULES, *, leading: int = 0) -> P:
     """Spec of a [*leading, batch, length] token array: batch split by the `batch` rule."""
     s = logical_to_spec(("batch", "length"), (batch, 1), mesh, rules)
     return P(*([None] * leading), *s)
-
-
-def batch_axes(mesh, batch: int, rules=DEFAULT_RULES):
-    return batch_spec(mesh, batch, rules)[0]
 
 
 # ------------------------------------------------------------------- mesh and rules in context

@@ -1,6 +1,6 @@
 """Nested submodels: `Widths` (hard sizes) and `SoftWidths` (probability mixes of prefix masks).
 
-Spec §4. Every elastic axis keeps a *prefix* of importance-sorted components:
+METHOD §4. Every elastic axis keeps a *prefix* of importance-sorted components:
   hidden       first d channels of the residual stream (RMSNorm corrected with eps·ρ and √ρ);
   mamba_heads  first k/g heads of every Mamba group (B and C never masked);
   mamba_channels first p channels of every Mamba head (the head dim; exported as mamba_head_dim);
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +26,39 @@ import numpy as np
 
 from .config import NemotronHConfig
 
-# axis name -> (pattern character, per-layer full size getter name, divisor rule)
-PER_LAYER_AXES = {
-    "mamba_heads": "M",
-    "mamba_channels": "M",
-    "attn_heads": "*",
-    "ffn": "-",
-    "moe_experts": "E",
-    "moe_ffn": "E",
+@dataclass(frozen=True)
+class Axis:
+    """One per-layer elastic axis: the layer kind it belongs to (pattern character), the parent
+    size of the k-th layer of that kind, the group structure its prefixes respect, the config
+    fields a sliced model records it in, and the words error messages use for it."""
+
+    kind: str
+    size: Callable[[NemotronHConfig, int], int]
+    group_field: str | None             # config field whose value the width must divide by
+    field: str                          # config field of a uniform size
+    per_layer_field: str | None         # config field of per-layer sizes (None: one size per model)
+    unit: str                           # what a component is ("heads", "neurons", ...)
+    group_name: str | None = None       # what a group is ("Mamba groups", ...)
+
+    def groups(self, cfg: NemotronHConfig) -> int:
+        return 1 if self.group_field is None else int(getattr(cfg, self.group_field))
+
+
+# The one table of the per-layer elastic axes (the kind modules in elastic_jax/model/kinds/ say
+# which dimensions of their parameters each axis selects).
+AXES: dict[str, Axis] = {
+    "mamba_heads": Axis("M", lambda cfg, i: cfg.mamba_heads_at(i), "n_groups", "mamba_num_heads",
+                        "mamba_heads_per_layer", "heads", "Mamba groups"),
+    "mamba_channels": Axis("M", lambda cfg, i: cfg.mamba_head_dim, None, "mamba_head_dim", None, "channels"),
+    "attn_heads": Axis("*", lambda cfg, i: cfg.attn_heads_at(i), "num_key_value_heads", "num_attention_heads",
+                       "attn_heads_per_layer", "query heads", "KV groups"),
+    "ffn": Axis("-", lambda cfg, i: cfg.ffn_at(i), None, "intermediate_size", "ffn_per_layer", "neurons"),
+    "moe_experts": Axis("E", lambda cfg, i: cfg.moe_experts_at(i), "n_group", "n_routed_experts",
+                        "moe_experts_per_layer", "experts", "routing groups"),
+    "moe_ffn": Axis("E", lambda cfg, i: cfg.moe_ffn_at(i), None, "moe_intermediate_size", "moe_ffn_per_layer",
+                    "channels"),
 }
+PER_LAYER_AXES = {a: spec.kind for a, spec in AXES.items()}   # axis name -> pattern character
 WIDTH_AXES = ("hidden",) + tuple(PER_LAYER_AXES)
 
 
@@ -42,20 +66,15 @@ def full_size(cfg: NemotronHConfig, axis: str, i: int = 0) -> int:
     """The parent size along `axis` for the i-th layer of that kind."""
     if axis == "hidden":
         return cfg.hidden_size
-    return {
-        "mamba_heads": cfg.mamba_heads_at, "mamba_channels": lambda i: cfg.mamba_head_dim,
-        "attn_heads": cfg.attn_heads_at, "ffn": cfg.ffn_at,
-        "moe_experts": cfg.moe_experts_at, "moe_ffn": cfg.moe_ffn_at,
-    }[axis](i)
+    return AXES[axis].size(cfg, i)
 
 
 def divisor(cfg: NemotronHConfig, axis: str) -> tuple[int, str | None]:
     """Group divisibility each axis must respect (value, name of the rule's field)."""
-    return {
-        "hidden": (1, None), "mamba_heads": (cfg.n_groups, "n_groups"), "mamba_channels": (1, None),
-        "attn_heads": (cfg.num_key_value_heads, "num_key_value_heads"), "ffn": (1, None),
-        "moe_experts": (cfg.n_group, "n_group"), "moe_ffn": (1, None),
-    }[axis]
+    if axis == "hidden":
+        return 1, None
+    spec = AXES[axis]
+    return spec.groups(cfg), spec.group_field
 
 
 def _is_concrete(v) -> bool:
@@ -333,7 +352,7 @@ def prefix_mask(dim: int, counts, probs, groups: int = 1) -> jax.Array:
 
 
 def norm_correction(dim: int, counts, probs):
-    """(eps factor, output scale) of the masked RMSNorm, spec §4.3: eps·ρ and √ρ, ρ = count/dim,
+    """(eps factor, output scale) of the masked RMSNorm, METHOD §4.3: eps·ρ and √ρ, ρ = count/dim,
     mixed by probability (normalized so a hard mask scaled by max π keeps the exact norm)."""
     rho = counts.astype(jnp.float32) / dim
     total = jnp.maximum(jnp.sum(probs), 1e-20)

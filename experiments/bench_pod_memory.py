@@ -41,16 +41,17 @@ NANO3 = {
 }
 
 
-def row(pattern: str, length: int, topology: str, attention: str, kernel_impl: str | None) -> dict:
+def row(pattern: str, length: int, topology: str, attention: str, kernel_impl: str | None,
+        remat: str = "none", scan: bool = False) -> dict:
     cfg = ej.NemotronHConfig.from_hf(dict(NANO3, num_hidden_layers=len(pattern), hybrid_override_pattern=pattern))
     devices = aot.tpu_devices(topology)
     mesh = make_mesh(MeshConfig(fsdp=len(devices)), devices=devices)
-    policy = ej.ComputePolicy(attention_impl=attention, kernel_impl=kernel_impl)
+    policy = ej.ComputePolicy(attention_impl=attention, kernel_impl=kernel_impl, remat=remat, scan_layers=scan)
     fn, args = abstract_elastic_step(cfg, ElasticConfig(), mesh, batch=len(devices), length=length,
                                      param_dtype=jnp.bfloat16, policy=policy)
     rep = aot.compile_report(fn, *args, mesh=mesh, available_bytes=aot.hbm_bytes(topology))
     out = {"pattern": pattern, "length": length, "topology": topology, "attention": attention,
-           "kernel_impl": kernel_impl or "default", **rep.to_dict()}
+           "kernel_impl": kernel_impl or "default", "remat": remat, "scan_layers": scan, **rep.to_dict()}
     out["params"] = ej.param_count(cfg)
     return out
 
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="8192,49152")
     ap.add_argument("--attention", default="auto", help="ComputePolicy.attention_impl")
     ap.add_argument("--kernel-impl", default=None, help="ComputePolicy.kernel_impl (xla | pallas)")
+    ap.add_argument("--remat", default="none", help="ComputePolicy.remat (none | full | ...)")
+    ap.add_argument("--scan", action="store_true", help="ComputePolicy.scan_layers")
     ap.add_argument("--json", default="runs/bench/pod_memory.json")
     a = ap.parse_args(argv)
     reason = aot.tpu_unavailable_reason()
@@ -72,14 +75,14 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     results = []
     print(f"elastic KD step, Nemotron 3 Nano 30B-A3B at full width, bf16 params, FSDP, {a.topology}, "
-          f"one sequence per chip (machine shared with other jobs: compile times are inflated)")
+          f"one sequence per chip, remat {a.remat}, scan {a.scan} (machine shared with other jobs: compile times are inflated)")
     hdr = f"{'layers':8} {'context':>8} {'fits':>5} {'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'total GiB':>10} " \
           f"{'TFLOPs':>8} {'compile s':>10}"
     print(hdr, flush=True)
     t0 = time.time()
     for length in [int(x) for x in a.contexts.split(",")]:
         for pattern in a.rows.split(","):
-            r = row(pattern, length, a.topology, a.attention, a.kernel_impl)
+            r = row(pattern, length, a.topology, a.attention, a.kernel_impl, a.remat, a.scan)
             results.append(r)
             g = lambda k: "-" if r[k] is None else f"{r[k] / aot.GiB:.2f}"
             total = g("total_bytes") if r["fits"] else f">{g('required_bytes')}"

@@ -1,4 +1,4 @@
-"""Bytes on disk of one nested checkpoint in BF16, FP8 and NVFP4 (ModelOpt layout), spec §10.
+"""Bytes on disk of one nested checkpoint in BF16, FP8 and NVFP4 (ModelOpt layout), METHOD §10.
 
     python experiments/bench_quant_sizes.py [--out quant_sizes.json]
 

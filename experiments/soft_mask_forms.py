@@ -1,4 +1,4 @@
-"""Soft-mode masking, ours vs the official code's (issue 14; spec §4.2-4.3).
+"""Soft-mode masking, ours vs the official code's (issue 14; METHOD §4.2-4.3).
 
     python experiments/soft_mask_forms.py [--out soft_mask_forms.json] [--steps 150] [--draws 16] [--seed 0]
 

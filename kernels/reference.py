@@ -1,4 +1,4 @@
-"""Pure-JAX references for the two hot paths of the hybrid (spec §2, ANCHORS §3.3).
+"""Pure-JAX references for the two hot paths of the hybrid (METHOD §2; the SSD algorithm of state-spaces/mamba).
 
 SSD notation (Mamba2 state-space duality; linear-attention names in brackets):
   x  [b, l, h, p]  values (v)          dt [b, l, h]   step sizes (already softplus'ed / clamped)

@@ -2,7 +2,7 @@
 
 Notation as in reference.py (x_BLHP values, dt_BLH steps, A_H decay, B_BLGN / C_BLGN
 projections, state_BHPN); per chunk c of length Q with in-chunk log-decay cumsum
-cs_i = sum_{t<=i} dt_t A (ANCHORS 3.3, the Mamba2 Triton decomposition):
+cs_i = sum_{t<=i} dt_t A (the Mamba2 Triton decomposition, state-spaces/mamba):
 
   chunk_state  S_c   = sum_j w_j x_j (x) B_j,   w_j = exp(cs_last - cs_j) dt_j [j in last doc]
   state_pass   H_c+1 = S_c + keep_c exp(cs_last) H_c          (XLA lax.scan over chunks)

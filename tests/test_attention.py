@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import elastic_jax as ej
+from conftest import HYBRID64
 from elastic_jax.model import attention as A
 from elastic_jax.model.layers import dense
 
@@ -82,10 +83,7 @@ def test_pick_impl_auto_and_errors():
 
 
 # ------------------------------------------------------------------------------ in the model
-CFG = ej.NemotronHConfig(vocab_size=96, hidden_size=64, hybrid_override_pattern="M*-E*", num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, intermediate_size=96, mamba_num_heads=8,
-                         mamba_head_dim=8, n_groups=2, ssm_state_size=16, chunk_size=8, n_routed_experts=8,
-                         num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48)
+CFG = HYBRID64.replace(hybrid_override_pattern="M*-E*")
 
 
 @pytest.fixture(scope="module")

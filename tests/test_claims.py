@@ -55,3 +55,17 @@ def test_tokens_to_match_interpolates_in_log_tokens():
     never = tokens_to_match([1.0] * n, sweep, n_boot=50)
     assert never["multiple"] == "> 4"
     assert tokens_to_match(nested, sweep[:1])["multiple"] is None
+
+
+def test_verdict_on_partial_credit_scores():
+    """The query levels score partial credit: the verdict's interval works on fractional scores."""
+    rng = np.random.default_rng(3)
+    n = 400
+    row = lambda name, scores, t: {"name": name, "exact_trace": t, "accuracy_gold_trace": float(np.mean(scores)),
+                                   "scores_gold_trace": list(scores)}
+    full = rng.integers(2, 5, n) / 4                                  # ~0.62 mean, in quarters
+    small = np.clip(full - rng.integers(0, 2, n) / 4, 0, 1)          # ~0.12 lower
+    v = verdict({"nested": [row("100%", full, 0.90), row("50%", small, 0.88)]})
+    assert v["testable"] and 0.08 < v["answer_gap"] < 0.16
+    v = verdict({"nested": [row("100%", full, 0.90), row("50%", full, 0.90)]})
+    assert not v["testable"] and v["answer_gap"] == 0.0

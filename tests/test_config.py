@@ -29,11 +29,11 @@ def test_from_hf_legacy_aliases(tmp_path):
 def test_layers_block_type_and_round_trip():
     cfg = ej.NemotronHConfig()
     d = cfg.to_hf()
-    assert d["layers_block_type"] == ["mamba", "moe", "mamba", "attention", "mlp", "moe"]
+    assert d["layers_block_type"] == ["linear_attention", "moe", "linear_attention", "full_attention", "mlp", "moe"]
     back = ej.NemotronHConfig.from_hf(d)
     assert back == cfg
-    new_names = dict(d, layers_block_type=["linear_attention", "moe", "mamba", "full_attention", "mlp", "moe"])
-    assert ej.NemotronHConfig.from_hf(new_names).pattern == cfg.pattern
+    old_names = dict(d, layers_block_type=["mamba", "moe", "mamba2", "attention", "mlp", "moe"])
+    assert ej.NemotronHConfig.from_hf(old_names).pattern == cfg.pattern
     assert ej.NemotronHConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="NemotronHConfig.from_dict: unknown fields"):
         ej.NemotronHConfig.from_dict(dict(cfg.to_dict(), hiden_size=3))
@@ -67,3 +67,31 @@ def test_from_hf_errors(tmp_path):
     het = ej.NemotronHConfig(ffn_per_layer=(64,))
     with pytest.raises(ValueError, match="heterogeneous"):
         het.to_hf()
+
+
+def test_every_config_shares_the_base_round_trip_and_errors():
+    """The config dataclasses share one base: to_dict -> JSON -> from_dict is the identity, an
+    unknown field is refused by name, and a bad value names Config.field."""
+    from elastic_jax.config_base import ConfigBase
+    from elastic_jax.data import DataConfig
+    from elastic_jax.elastic import ElasticConfig
+    from elastic_jax.eval import EvalConfig
+    from elastic_jax.train import TrainConfig
+    from elastic_jax.train.config import MeshConfig, OptimConfig, Stage
+    configs = [ej.NemotronHConfig(hybrid_override_pattern="M*-E", ffn_per_layer=(64,)), DataConfig(path=("a", "b")),
+               ElasticConfig(budgets=(1.0, 0.5)), EvalConfig(transplant_pairs=((0.5, 1.0),)),
+               MeshConfig(data=2), OptimConfig(lr=1e-3), Stage(seq_len=8, steps=2, budget_probs=(0.5, 0.5)),
+               TrainConfig(stages=(Stage(steps=1, data=DataConfig(kind="synthetic")),), sharding_rules=(("embed", None),))]
+    for c in configs:
+        assert isinstance(c, ConfigBase)
+        assert type(c).from_dict(json.loads(json.dumps(c.to_dict()))) == c, type(c).__name__
+        with pytest.raises(ValueError, match=rf"{type(c).__name__}.from_dict: unknown fields \['bogus'\]"):
+            type(c).from_dict({**c.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match=r"TrainConfig.from_dict: unknown fields \['bogus'\]"):
+        TrainConfig.from_dict({"stages": [{"steps": 1}], "optim": {}, "bogus": 2})
+    with pytest.raises(ValueError, match=r"Stage.from_dict: unknown fields \['step'\]"):
+        TrainConfig.from_dict({"stages": [{"step": 1}]})
+    with pytest.raises(ValueError, match=r"EvalConfig.n_problems=0: must be > 0"):
+        EvalConfig(n_problems=0)
+    with pytest.raises(ValueError, match=r"MeshConfig.data=0: must be an int >= 1"):
+        MeshConfig(data=0)

@@ -1,4 +1,4 @@
-"""Cost model (spec §6.2, §6.4): analytic counts == sliced-model sizes, memory by hand, budget loss."""
+"""Cost model (METHOD §6.2, §6.4): analytic counts == sliced-model sizes, memory by hand, budget loss."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -23,29 +23,23 @@ import numpy as np
 import pytest
 
 import elastic_jax as ej
+from conftest import is_shape, random_params
 from elastic_jax import cli, fileio
 from elastic_jax import hf as ejhf
 from elastic_jax.errors import (CheckpointCorrupt, CheckpointMismatch, HFCheckpointError, JSONFileError,
                                 TrainingDiverged)
 from elastic_jax.infer.checkpoint import load_nested, save_nested
-from elastic_jax.train.checkpoint import Checkpointer, params_fingerprint
+from elastic_jax.train.checkpoint import Checkpointer, load_run, params_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL = os.path.join(ROOT, "tests", "scripts", "kill_during_write.py")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def _is_shape(x):
-    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
-
-
 def _tiny(seed=1, pattern="*-"):
     cfg = ej.NemotronHConfig(vocab_size=32, hidden_size=16, hybrid_override_pattern=pattern, num_attention_heads=2,
                              num_key_value_heads=1, head_dim=8, intermediate_size=32)
-    rng = np.random.RandomState(seed)
-    params = jax.tree.map(lambda s: (0.5 * rng.randn(*s)).astype(np.float32), ej.param_shapes(cfg),
-                          is_leaf=_is_shape)
-    return cfg, params
+    return cfg, random_params(cfg, seed)
 
 
 def _sums(folder) -> dict:
@@ -283,7 +277,7 @@ def test_sigkill_during_a_training_checkpoint_commit(model, tmp_path):
     ck = Checkpointer(ck_dir, async_save=False)
     assert ck.all_steps() == [1] and ck.latest_step() == 1
     ck.close()
-    cfg, params, _, _ = ejhf.load_run(tmp_path / "run")
+    cfg, params, _, _ = load_run(tmp_path / "run")
     np.testing.assert_array_equal(np.asarray(params["embed"]), _tiny()[1]["embed"])
 
 
@@ -312,7 +306,7 @@ def test_full_disk_leaves_nothing_and_keeps_the_previous_export(model, export, m
     ej.save_hf(disk / "hf", *model)                            # ~10 KB: fits
     before = _sums(disk / "hf")
     big_cfg = ej.NemotronHConfig(vocab_size=512, hidden_size=64, hybrid_override_pattern="-", intermediate_size=64)
-    big = jax.tree.map(lambda s: np.ones(s, np.float32), ej.param_shapes(big_cfg), is_leaf=_is_shape)   # ~300 KB
+    big = jax.tree.map(lambda s: np.ones(s, np.float32), ej.param_shapes(big_cfg), is_leaf=is_shape)   # ~300 KB
     with pytest.raises(OSError) as e:
         ej.save_hf(disk / "hf", big_cfg, big, overwrite=True)
     assert e.value.errno == errno.ENOSPC
@@ -346,7 +340,7 @@ def _truncate_largest(step_dir):
 def test_truncated_array_file_in_latest_step_falls_back_with_a_warning(run, run_template):
     _truncate_largest(os.path.join(run, "checkpoints", "2"))
     with pytest.warns(UserWarning, match=r"checkpoint step 2 at .*/checkpoints/2 cannot be restored"):
-        cfg, params, _, _ = ejhf.load_run(run)
+        cfg, params, _, _ = load_run(run)
     np.testing.assert_array_equal(np.asarray(params["embed"]), run_template[1]["embed"])
 
 
@@ -355,7 +349,7 @@ def test_every_step_damaged_is_checkpoint_corrupt(run, capsys, tmp_path):
         _truncate_largest(os.path.join(run, "checkpoints", s))
     before = _sums(run)
     with pytest.warns(UserWarning), pytest.raises(CheckpointCorrupt, match=r"no checkpoint step can be restored"):
-        ejhf.load_run(run)
+        load_run(run)
     with pytest.warns(UserWarning):
         rc, err = _cli(["export", run, str(tmp_path / "out"), "--quiet"], capsys)
     assert rc == 2 and "error:" in err and "no checkpoint step can be restored" in err and "Traceback" not in err
@@ -377,16 +371,16 @@ def test_incomplete_step_folder_is_not_a_step(run, run_template, damage):
     assert ck.latest_step() == 2 and ck.all_steps() == [1, 2] and ck.incomplete(3)
     ck.close()
     with pytest.warns(UserWarning, match="step 3"):
-        _, params, _, _ = ejhf.load_run(run)
+        _, params, _, _ = load_run(run)
     np.testing.assert_array_equal(np.asarray(params["embed"]), run_template[2]["embed"])
 
 
 def test_explicit_damaged_step_is_checkpoint_corrupt(run):
     _truncate_largest(os.path.join(run, "checkpoints", "2"))
     with pytest.raises(CheckpointCorrupt, match=r"checkpoints/2: cannot be restored"):
-        ejhf.load_run(run, step=2)
+        load_run(run, step=2)
     with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
-        ejhf.load_run(run, step=7)
+        load_run(run, step=7)
 
 
 def test_meta_without_model_config_falls_back(run, run_template):
@@ -394,7 +388,7 @@ def test_meta_without_model_config_falls_back(run, run_template):
     with open(meta, "w") as f:
         json.dump({"step": 2}, f)
     with pytest.warns(UserWarning, match=r"configs\.model"):
-        _, params, _, _ = ejhf.load_run(run)
+        _, params, _, _ = load_run(run)
     np.testing.assert_array_equal(np.asarray(params["embed"]), run_template[1]["embed"])
 
 
@@ -411,7 +405,7 @@ def test_damaged_newer_steps_are_set_aside_not_deleted(run):
 def test_run_folder_without_checkpoints(tmp_path):
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointCorrupt, match="no checkpoint step"):
-        ejhf.load_run(tmp_path / "r")
+        load_run(tmp_path / "r")
 
 
 # ================================================================== NaN guard
@@ -592,8 +586,8 @@ def test_nested_checkpoint_loads(nested):
     ({"budgets": [{"name": "a", "widths": {}, "fraction": "half"}]}, "fraction' must be a number"),
 ])
 def test_nested_budgets_json_is_validated(nested, budgets, match):
-    (nested / "budgets.json").write_text(json.dumps(budgets))
-    with pytest.raises(JSONFileError, match=rf"budgets.json.*{match}"):
+    (nested / "elastic_budgets.json").write_text(json.dumps(budgets))
+    with pytest.raises(JSONFileError, match=rf"elastic_budgets.json.*{match}"):
         load_nested(str(nested))
 
 
@@ -601,14 +595,14 @@ def test_nested_config_json_field_errors_name_the_file(nested):
     raw = json.loads((nested / "config.json").read_text())
     raw["layer_norm_epsilon"] = 0.0
     (nested / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(JSONFileError, match=r"config.json: NemotronHConfig.layer_norm_epsilon=0.0: must be > 0"):
+    with pytest.raises(HFCheckpointError, match=r"(?s)config.json.*NemotronHConfig.layer_norm_epsilon=0.0: must be > 0"):
         load_nested(str(nested))
 
 
 def test_nested_safetensors_errors_name_the_file(nested):
     p = nested / "model.safetensors"
     p.write_bytes(p.read_bytes()[:100])
-    with pytest.raises(HFCheckpointError, match=r"(?s)nested/model.safetensors.*truncated or corrupt"):
+    with pytest.raises(HFCheckpointError, match=r"(?s)nested.*model.safetensors: truncated or corrupt"):
         load_nested(str(nested))
 
 
@@ -616,8 +610,27 @@ def test_nested_params_are_checked_against_the_config(nested):
     raw = json.loads((nested / "config.json").read_text())
     raw["intermediate_size"] = 48
     (nested / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(HFCheckpointError, match=r"does not match .*config.json"):
+    with pytest.raises(HFCheckpointError, match=r"does not match its config.json"):
         load_nested(str(nested))
+
+
+def test_nested_checkpoint_of_the_previous_layout_is_refused_with_the_re_export(tmp_path, capsys):
+    """Before the HF layout: budgets.json + a flattened model.safetensors. Loading, `eval` and
+    `generate` name the layout and the command that re-exports it; nothing is changed."""
+    from elastic_jax.infer.checkpoint import LegacyNestedCheckpoint
+    from elastic_jax.infer.text import TextGenerator
+    old = tmp_path / "nested"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    (old / "model.safetensors").write_bytes(b"")
+    (old / "budgets.json").write_text(json.dumps({"budgets": [{"name": "100%", "widths": {}}]}))
+    before = _sums(old)
+    for load in (load_nested, TextGenerator.load):
+        with pytest.raises(LegacyNestedCheckpoint, match=r"(?s)previous layout.*elastic-jax export"):
+            load(str(old))
+    rc, err = _cli(["eval", str(tmp_path)], capsys)
+    assert rc != 0 and "previous layout" in err and "elastic-jax export" in err
+    assert _sums(old) == before
 
 
 @pytest.mark.parametrize("results,match", [

@@ -13,6 +13,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import elastic_jax as ej
+from conftest import tiny_config
 from elastic_jax.elastic.slicing import param_count
 from elastic_jax.hf import BUDGETS_FILE, save_hf
 from elastic_jax.infer.text import TextGenerator
@@ -27,11 +28,7 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% else %}<think>{% endif %}"
     "{% endif %}")
-CFG = ej.NemotronHConfig(vocab_size=32, hidden_size=32, hybrid_override_pattern="M*E-", num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8,
-                         n_groups=2, ssm_state_size=8, chunk_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
-                         max_position_embeddings=96)
+CFG = tiny_config("M*E-", vocab_size=32, intermediate_size=64, chunk_size=16, max_position_embeddings=96)
 HALF = ej.Widths(hidden=16, mamba_heads=2, ffn=32, moe_experts=2, moe_ffn=8)
 END_THINK = SPECIALS.index("</think>")
 PROMPTS = ["hello world", "what is two plus three about it", "yes"]   # different lengths: left padding

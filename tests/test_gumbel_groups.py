@@ -1,4 +1,4 @@
-"""Gumbel noise per data shard (issue 14, spec §5.2/§7.2): with `gumbel_groups` = G the micro-batch's
+"""Gumbel noise per data shard (issue 14, METHOD §5.2/§7.2): with `gumbel_groups` = G the micro-batch's
 rows split into G groups, each routed with its own key fold_in(k, g) at the shared budget; the loss
 is the all-rows KL plus the group-mean budget loss. Checked against a hand computation that calls
 the router and the model directly, group by group."""

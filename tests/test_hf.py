@@ -1,4 +1,4 @@
-"""HF NemotronH checkpoints in and out (issue 3, ANCHORS §5).
+"""HF NemotronH checkpoints in and out (issue 3).
 
 Parity tests (marked `hf`) build tiny random `transformers.NemotronHForCausalLM` models in the test,
 save them with `save_pretrained` and compare logits / greedy tokens with `ej.load_hf` + `ej.forward`;
@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import elastic_jax as ej
-from elastic_jax import hf as ejhf
+from conftest import assert_trees_equal, max_abs_diff
+from elastic_jax import hf as ejhf, hf_cli
 
 TOL = 1e-4
 SEQ = 21  # > chunk_size (8): several SSD chunks, the last one padded
@@ -94,10 +95,6 @@ def _hf_greedy(model, tokens, n):
     return np.pad(new, ((0, 0), (0, n - new.shape[1])), constant_values=0)
 
 
-def _max_diff(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
 def _ej_model(pattern="M*E-ME", seed=0, **kw):
     """An elastic_jax model with O(1) activations (for save_hf round trips), drawn with numpy
     over `ej.param_shapes` (no per-shape compilation)."""
@@ -127,15 +124,6 @@ def _ej_model(pattern="M*E-ME", seed=0, **kw):
     return cfg, params
 
 
-def _tree_equal(a, b):
-    la, ta = jax.tree_util.tree_flatten(a)
-    lb, tb = jax.tree_util.tree_flatten(b)
-    assert ta == tb
-    for x, y in zip(la, lb):
-        assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, y.shape, x.dtype, y.dtype)
-        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
-
-
 # ------------------------------------------------------------------------ parity (transformers)
 @pytest.mark.hf
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -151,7 +139,7 @@ def test_logits_and_greedy_match_transformers(name, tmp_path):
     ref = _hf_logits(model, tokens)
     got = np.asarray(_forward(params, jnp.asarray(tokens), cfg))
     assert np.abs(ref).max() > 1.0, "test model too close to zero to discriminate"
-    diff = _max_diff(got, ref)
+    diff = max_abs_diff(got, ref)
     MEASURED[name] = diff
     print(f"\n[{name}] max |logits elastic_jax - transformers| = {diff:.3g} (logit scale {np.abs(ref).max():.2f})")
     assert diff <= TOL
@@ -181,7 +169,7 @@ def test_bf16_checkpoint_loads_like_transformers(tmp_path):
     ref_model = NemotronHForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
     _, params32 = ej.load_hf(tmp_path / "bf16", dtype=jnp.float32)
     tokens = _tokens(cfg.vocab_size, seed=4)
-    diff = _max_diff(_forward(params32, jnp.asarray(tokens), cfg), _hf_logits(ref_model, tokens))
+    diff = max_abs_diff(_forward(params32, jnp.asarray(tokens), cfg), _hf_logits(ref_model, tokens))
     MEASURED["bf16_on_disk"] = diff
     assert diff <= TOL
 
@@ -194,7 +182,7 @@ def test_sharded_save_pretrained_loads(tmp_path):
     assert ejhf.SAFE_INDEX in files and sum(f.endswith(".safetensors") for f in files) >= 3
     cfg, params = ej.load_hf(tmp_path / "sh")
     tokens = _tokens(cfg.vocab_size, seed=6)
-    diff = _max_diff(_forward(params, jnp.asarray(tokens), cfg), _hf_logits(model, tokens))
+    diff = max_abs_diff(_forward(params, jnp.asarray(tokens), cfg), _hf_logits(model, tokens))
     MEASURED["sharded_save_pretrained"] = diff
     assert diff <= TOL
 
@@ -219,7 +207,7 @@ def test_save_hf_sliced_submodel_matches_masked_parent_in_transformers(widths, t
     tokens = _tokens(cfg.vocab_size, seed=8)
     masked = np.asarray(_forward(params, jnp.asarray(tokens), cfg, None if w is None else w.resolve(cfg)))
     assert np.abs(masked).max() > 1.0
-    diff = _max_diff(_hf_logits(model, tokens), masked)
+    diff = max_abs_diff(_hf_logits(model, tokens), masked)
     MEASURED[f"save_hf_roundtrip[{'full' if widths is None else ','.join(widths)}]"] = diff
     assert diff <= TOL
 
@@ -235,7 +223,7 @@ def test_model_without_shared_expert_and_without_dt_clamp_exports_exactly(tmp_pa
     ej.save_hf(tmp_path / "x", cfg, params)
     model = NemotronHForCausalLM.from_pretrained(tmp_path / "x", dtype=torch.float32).eval()
     tokens = _tokens(cfg.vocab_size, seed=9)
-    diff = _max_diff(_hf_logits(model, tokens), _forward(params, jnp.asarray(tokens), cfg))
+    diff = max_abs_diff(_hf_logits(model, tokens), _forward(params, jnp.asarray(tokens), cfg))
     MEASURED["no_shared_expert_no_clamp"] = diff
     assert diff <= TOL
 
@@ -256,7 +244,7 @@ def test_save_load_roundtrip_is_exact_and_hub_layout(tmp_path):
     cfg2, params2 = ej.load_hf(tmp_path / "rt")
     assert cfg2.replace(time_step_limit=cfg.time_step_limit, time_step_min=cfg.time_step_min,
                         time_step_max=cfg.time_step_max, time_step_floor=cfg.time_step_floor) == cfg
-    _tree_equal(params, params2)
+    assert_trees_equal(params, params2)
 
 
 def test_bf16_save_keeps_router_f32(tmp_path):
@@ -312,7 +300,7 @@ def test_manual_shards_model_prefix_stacked_experts_and_mtp(tmp_path):
     mtp = {"mtp.layers.0.mixer.q_proj.weight": np.ones((4, 4), np.float32)}
     _write_manual_shards(tmp_path / "one", tmp_path / "three", extra=mtp)
     _, p3 = ej.load_hf(tmp_path / "three")
-    _tree_equal(params, p3)
+    assert_trees_equal(params, p3)
 
 
 def test_truncated_or_corrupt_shard_is_a_clear_error(tmp_path):
@@ -382,7 +370,7 @@ def test_legacy_config_field_names(tmp_path):
     json.dump(conf, open(p, "w"))
     cfg2, params2 = ej.load_hf(tmp_path / "l")
     assert (cfg2.pattern, cfg2.n_groups, cfg2.head_dim, cfg2.n_routed_experts) == ("M*-E", 2, 8, 8)
-    _tree_equal(params, params2)
+    assert_trees_equal(params, params2)
 
 
 def test_heterogeneous_submodel_cannot_be_written_and_nothing_is_left(tmp_path):
@@ -425,7 +413,7 @@ def test_save_hf_shards_and_loads_back(tmp_path):
     index = json.load(open(tmp_path / "s" / ejhf.SAFE_INDEX))
     assert len(set(index["weight_map"].values())) >= 3
     _, p2 = ej.load_hf(tmp_path / "s")
-    _tree_equal(params, p2)
+    assert_trees_equal(params, p2)
 
 
 _MESH_SCRIPT = """
@@ -464,7 +452,7 @@ def test_cli_slice_and_export(tmp_path, capsys):
     cfg, params = _ej_model("M*E-ME")
     ej.save_hf(tmp_path / "parent", cfg, params)
     parser = argparse.ArgumentParser(prog="elastic-jax")
-    ejhf.add_cli(parser.add_subparsers(dest="cmd", required=True))
+    hf_cli.add_cli(parser.add_subparsers(dest="cmd", required=True))
     widths = {"hidden": 24, "mamba_heads": 2, "ffn": 32, "moe_experts": 4}
     args = parser.parse_args(["slice", str(tmp_path / "parent"), str(tmp_path / "child"),
                               "--widths", json.dumps(widths), "--dtype", "bfloat16"])
@@ -474,10 +462,10 @@ def test_cli_slice_and_export(tmp_path, capsys):
     cfg2, p2 = ej.load_hf(tmp_path / "child")
     assert cfg2.hidden_size == 24 and cfg2.mamba_num_heads == 2 and cfg2.n_routed_experts == 4
     assert p2["embed"].dtype == jnp.bfloat16 and p2["layers"][2]["mixer"]["gate"].dtype == jnp.float32
-    _tree_equal(jax.tree_util.tree_map(lambda x, y: x.astype(y.dtype), sub, p2), p2)
+    assert_trees_equal(jax.tree_util.tree_map(lambda x, y: x.astype(y.dtype), sub, p2), p2)
     args = parser.parse_args(["export", str(tmp_path / "parent"), str(tmp_path / "copy"), "--quiet"])
     assert args.func(args) == 0
-    _tree_equal(params, ej.load_hf(tmp_path / "copy")[1])
+    assert_trees_equal(params, ej.load_hf(tmp_path / "copy")[1])
     for bad, match in (('{"hiden": 3}', "unknown axes"), ('{"mamba_heads": 3}', "mamba_heads"), ("[1]", "JSON object")):
         args = parser.parse_args(["slice", str(tmp_path / "parent"), str(tmp_path / "bad"), "--widths", bad])
         with pytest.raises(ValueError, match=match):
@@ -504,17 +492,17 @@ def test_cli_from_elastic_run_at_trained_budget(tmp_path):
             {"configs": {"model": cfg.to_dict(), "elastic": ecfg.to_dict()}, "step": 7})
     ck.close()
     parser = argparse.ArgumentParser(prog="elastic-jax")
-    ejhf.add_cli(parser.add_subparsers(dest="cmd", required=True))
+    hf_cli.add_cli(parser.add_subparsers(dest="cmd", required=True))
     args = parser.parse_args(["slice", str(tmp_path / "run"), str(tmp_path / "b05"), "--budget", "0.5", "--quiet"])
     assert args.func(args) == 0
     widths = budget_widths(router, cfg, ecfg, 0.5)
     sub_cfg, sub = ej.slice_params(params, cfg, widths)
     got_cfg, got = ej.load_hf(tmp_path / "b05")
     assert ej.param_count(got_cfg) == ej.param_count(sub_cfg) < ej.param_count(cfg)
-    _tree_equal(sub, got)
+    assert_trees_equal(sub, got)
     args = parser.parse_args(["export", str(tmp_path / "run"), str(tmp_path / "full"), "--quiet"])
     assert args.func(args) == 0
-    _tree_equal(params, ej.load_hf(tmp_path / "full")[1])
+    assert_trees_equal(params, ej.load_hf(tmp_path / "full")[1])
     # the full export records the run's nested family (every trained budget -> the router's widths)
     table = ejhf.read_budget_table(tmp_path / "full", cfg)
     assert list(table) == ["100%", "50%"] and table["50%"]["widths"] == widths

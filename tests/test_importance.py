@@ -1,4 +1,4 @@
-"""Importance estimation, function-preserving permutation and depth ranking (spec §3)."""
+"""Importance estimation, function-preserving permutation and depth ranking (METHOD §3)."""
 import json
 
 import jax

@@ -1,22 +1,21 @@
-"""Budget-controlled generation (spec §9): equals running the two submodels by hand; truncation
+"""Budget-controlled generation (METHOD §9): equals running the two submodels by hand; truncation
 emits exactly the budgeted number of thinking tokens; bad inputs raise clear errors."""
+import json
+
 import jax
 import numpy as np
 import pytest
 
 import elastic_jax as ej
+from conftest import assert_trees_equal, tiny_config
 from elastic_jax.infer import (ElasticModel, Specials, answer_generate, budget_generate, left_pad,
                               truncation_generate)
-from elastic_jax.infer.checkpoint import flatten, load_nested, save_nested, unflatten
+from elastic_jax.infer.checkpoint import flatten, load_nested, load_router, save_nested, unflatten
 from elastic_jax.tasks import TaskTokenizer, make_eval_set
 
 TOK = TaskTokenizer.default()
 SP = Specials.from_tokenizer(TOK)
-CFG = ej.NemotronHConfig(vocab_size=32, hidden_size=32, hybrid_override_pattern="M*E-", num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=8,
-                         n_groups=2, ssm_state_size=8, chunk_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
-                         max_position_embeddings=128)
+CFG = tiny_config("M*E-", vocab_size=32, intermediate_size=64, chunk_size=16, max_position_embeddings=128)
 BUDGETS = {"100%": ej.Widths(), "50%": ej.Widths(hidden=16, mamba_heads=2, ffn=32, moe_experts=2, moe_ffn=8)}
 
 
@@ -153,9 +152,20 @@ def test_nested_checkpoint_roundtrip(tmp_path, model):
     back = unflatten(flat)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(
         jax.tree_util.tree_map(np.asarray, model.params))
-    save_nested(str(tmp_path), CFG, model.params, BUDGETS, fractions={"100%": 1.0, "50%": 0.5}, tokenizer=TOK)
+    router = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "layers": [{"b": np.ones(2, np.float32)}]}
+    save_nested(str(tmp_path), CFG, model.params, BUDGETS, fractions={"100%": 1.0, "50%": 0.5}, tokenizer=TOK,
+                router_params=router, elastic_cfg=ej.ElasticConfig(budgets=(1.0, 0.5)))
     cfg, params, budgets, fr = load_nested(str(tmp_path))
     assert cfg == CFG and fr == {"100%": 1.0, "50%": 0.5}
+    # an HF folder: the parent opens with the HF loader, the family and router beside it
+    hf_cfg, hf_params = ej.load_hf(tmp_path)
+    # (its config.json is the HF spelling, the dt-limit fields excepted: elastic_jax/hf.py)
+    assert hf_cfg.replace(time_step_limit=CFG.time_step_limit, time_step_min=CFG.time_step_min) == CFG
+    assert_trees_equal(hf_params, params)
+    assert json.load(open(tmp_path / "elastic_budgets.json"))["elastic"]["budgets"] == [1.0, 0.5]
+    back = load_router(str(tmp_path))
+    np.testing.assert_array_equal(back["w"], router["w"])
+    np.testing.assert_array_equal(back["layers"][0]["b"], router["layers"][0]["b"])
     assert budgets["50%"].per_layer(CFG, "mamba_heads") == BUDGETS["50%"].per_layer(CFG, "mamba_heads")
     t = np.asarray([prompts_ for prompts_ in [[1, 17, 3, 18, 4, 3]]])
     np.testing.assert_allclose(ej.forward(params, t, cfg, budgets["50%"].resolve(cfg)),

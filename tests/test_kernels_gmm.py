@@ -16,18 +16,10 @@ from elastic_jax import kernels
 
 from elastic_jax.kernels import reference
 from elastic_jax.kernels import gmm_pallas as gmm_mod
+from conftest import assert_close
 gmm_pallas = gmm_mod.gmm_pallas
 
 F32, BF16 = jnp.float32, jnp.bfloat16
-
-
-def _close(a, b, tol, what):
-    a = np.asarray(jnp.asarray(a, F32))
-    b = np.asarray(jnp.asarray(b, F32))
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(float(np.abs(b).max(initial=0.0)), 1.0)
-    err = float(np.abs(a - b).max(initial=0.0)) / scale
-    assert err <= tol, f"{what}: max error {err:.2e} (relative to {scale:.2e}) > {tol:.0e}"
 
 
 def _group_sizes(r, m, G, kind):
@@ -78,9 +70,9 @@ def test_gmm_pallas_matches_ragged_dot(case):
         out_r, dl_r, dr_r = ref(*args)
         tag = f"{kind} gs={np.asarray(gs).tolist()} active=({ag},{ak},{an})"
         assert out.dtype == out_dtype and dl.dtype == dtype and dr.dtype == dtype
-        _close(out, out_r, tol, f"out {tag}")
-        _close(dl, dl_r, tol, f"d lhs {tag}")
-        _close(dr, dr_r, tol, f"d rhs {tag}")
+        assert_close(out, out_r, tol, f"out {tag}")
+        assert_close(dl, dl_r, tol, f"d lhs {tag}")
+        assert_close(dr, dr_r, tol, f"d rhs {tag}")
         # masked experts / columns / rows past the groups are exactly zero
         ends = np.cumsum(np.asarray(gs))
         o = np.asarray(out, F32)
@@ -98,7 +90,7 @@ def test_gmm_dispatch_defaults():
     rhs = jnp.asarray(r.standard_normal((3, 24, 20)), F32)
     gs = jnp.asarray([12, 0, 25], jnp.int32)
     out = jax.jit(lambda a, b, g: kernels.gmm(a, b, g, impl="pallas"))(lhs, rhs, gs)
-    _close(out, kernels.gmm(lhs, rhs, gs, impl="xla"), 2e-5, "out")
+    assert_close(out, kernels.gmm(lhs, rhs, gs, impl="xla"), 2e-5, "out")
 
 
 def test_group_metadata_covers_every_row_once_per_group():

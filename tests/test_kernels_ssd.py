@@ -16,6 +16,7 @@ from elastic_jax import kernels
 
 from elastic_jax.kernels import reference
 from elastic_jax.kernels.ssd_pallas import ssd_pallas
+from conftest import assert_close
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 2e-5, BF16: 1.5e-2}  # max |a - b| relative to max(|ref|, 1)
@@ -41,15 +42,6 @@ def _seq_idx(seed, b, l):
     starts = r.random((b, l)) < 0.08
     starts[:, 0] = False
     return jnp.asarray(np.cumsum(starts, axis=1) + r.integers(0, 3, (b, 1)), jnp.int32)
-
-
-def _close(a, b, tol, what):
-    a = np.asarray(jnp.asarray(a, F32))
-    b = np.asarray(jnp.asarray(b, F32))
-    assert a.shape == b.shape, (what, a.shape, b.shape)
-    scale = max(float(np.abs(b).max(initial=0.0)), 1.0)
-    err = float(np.abs(a - b).max(initial=0.0)) / scale
-    assert err <= tol, f"{what}: max error {err:.2e} (relative to {scale:.2e}) > {tol:.0e}"
 
 
 def _vjp_fn(fn, chunk, has_D, has_init, variant=None):
@@ -97,15 +89,15 @@ def test_ssd_pallas_matches_reference(case):
         tol = TOL[dtype]
         tag = f"active={act_val}"
         assert y.dtype == x.dtype and s.dtype == F32 and y.shape == x.shape and s.shape == (b, h, p, n)
-        _close(y, yr, tol, f"y vs chunked ({tag})")
-        _close(y, yo, tol, f"y vs scan oracle ({tag})")
-        _close(s, so, tol, f"final state vs scan oracle ({tag})")
+        assert_close(y, yr, tol, f"y vs chunked ({tag})")
+        assert_close(y, yo, tol, f"y vs scan oracle ({tag})")
+        assert_close(s, so, tol, f"final state vs scan oracle ({tag})")
         for name, gk, gr in zip(names, grads, grads_r):
             if gr is None:
                 assert gk is None, name
                 continue
             assert gk.dtype == gr.dtype, (name, gk.dtype, gr.dtype)
-            _close(gk, gr, tol, f"d{name} ({tag})")
+            assert_close(gk, gr, tol, f"d{name} ({tag})")
         # inactive heads: exactly zero output, state and gradients
         inactive = np.arange(h) % hpg >= act_val
         if inactive.any():
@@ -122,8 +114,8 @@ def test_ssd_dispatch_chunk256_and_defaults():
     x, dt, A, B, C, _, _ = _inputs(3, b, l, h, p, g, n, F32, False, False)
     y, s = jax.jit(lambda *a: kernels.ssd(*a, chunk_size=256, impl="pallas"))(x, dt, A, B, C)
     yr, sr = kernels.ssd(x, dt, A, B, C, chunk_size=256, impl="xla")
-    _close(y, yr, TOL[F32], "y")
-    _close(s, sr, TOL[F32], "state")
+    assert_close(y, yr, TOL[F32], "y")
+    assert_close(s, sr, TOL[F32], "state")
 
 
 def test_ssd_pallas_rejects_bad_shapes():

@@ -76,7 +76,7 @@ def test_scale_widths_keeps_fractions_on_the_paper_parent():
     assert (w.hidden, w.mamba_heads, w.moe_experts, w.moe_ffn) == (1344, 32, 64, 928)
     full = scale_widths(tiny, None, NANO3_30B_A3B)
     assert param_count(NANO3_30B_A3B, full, active=True) == param_count(NANO3_30B_A3B, active=True)
-    assert 3.0e9 < param_count(NANO3_30B_A3B, active=True) < 3.8e9           # spec §2.2: ~3.6B with embeddings
+    assert 3.0e9 < param_count(NANO3_30B_A3B, active=True) < 3.8e9           # METHOD §2.2: ~3.6B with embeddings
 
 
 def test_generation_latency_phases_and_reprefill():

@@ -17,9 +17,9 @@ MOE = ej.NemotronHConfig(hidden_size=32, hybrid_override_pattern="MEME", vocab_s
                          mamba_num_heads=8, mamba_head_dim=4, n_groups=2, ssm_state_size=8)
 
 
-# ------------------------------------------------------------ NumPy transcription (spec §6.2, §6.4)
+# ------------------------------------------------------------ NumPy transcription (METHOD §6.2, §6.4)
 def np_param_count(cfg, d, active):
-    """Spec §6.4 counter (shared expert h·shared per matrix, the model's n_groups), NumPy float64."""
+    """METHOD §6.4 counter (shared expert h·shared per matrix, the model's n_groups), NumPy float64."""
     D = d.get("hidden", cfg.hidden_size)
     per = lambda axis, full, n: np.broadcast_to(np.asarray(d.get(axis, full), np.float64), (n,))
     gates = np.asarray(d.get("layers", np.ones(cfg.num_hidden_layers)), np.float64)

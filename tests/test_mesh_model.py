@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import elastic_jax as ej
+from conftest import tiny_config
 from elastic_jax import sharding as shd
 from elastic_jax.train.config import TrainConfig
 
@@ -76,10 +77,7 @@ def test_expert_parallel_loads_and_bf16(mesh_results):
 
 # ------------------------------------------------------------------ rules table (no devices needed)
 MESH = AbstractMesh((2, 2, 2, 1), shd.MESH_AXES)
-SMALL = ej.NemotronHConfig(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*-E", num_attention_heads=4,
-                           num_key_value_heads=2, head_dim=8, intermediate_size=32, mamba_num_heads=4,
-                           mamba_head_dim=8, n_groups=2, ssm_state_size=8, n_routed_experts=4,
-                           num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16)
+SMALL = tiny_config("M*-E", intermediate_size=32, chunk_size=128)
 
 
 def test_rules_overrides_and_errors():

@@ -1,4 +1,4 @@
-"""Foundation invariants (DESIGN.md): masked == sliced, masked full == plain, forward == decode,
+"""Foundation invariants (README, Architecture): masked == sliced, masked full == plain, forward == decode,
 causality, one compiled program for every width, SSD chunked == sequential oracle."""
 import jax
 import jax.numpy as jnp
@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 
 import elastic_jax as ej
+from conftest import HYBRID64, assert_close
 from elastic_jax.kernels import ssd_chunked, ssd_scan
 
-CFG = ej.NemotronHConfig(vocab_size=96, hidden_size=64, hybrid_override_pattern="MEM*-E", num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, intermediate_size=96, mamba_num_heads=8,
-                         mamba_head_dim=8, n_groups=2, ssm_state_size=16, chunk_size=8, n_routed_experts=8,
-                         num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48)
+CFG = HYBRID64
 # group-limited routing (n_group > 1) and two layers of each elastic kind (per-layer widths)
 CFG_GROUPED = CFG.replace(hybrid_override_pattern="ME*M-E-*", n_group=2, topk_group=1, n_routed_experts=8,
                           num_experts_per_tok=2, routed_scaling_factor=2.5)
@@ -38,12 +36,6 @@ def _params(cfg, seed=0):
 
 def _tokens(cfg, b=2, l=21, seed=1):
     return jax.random.randint(jax.random.PRNGKey(seed), (b, l), 0, cfg.vocab_size)
-
-
-def _close(a, b, tol=1e-5):
-    scale = max(1.0, float(jnp.abs(b).max()))
-    err = float(jnp.abs(a - b).max())
-    assert err <= tol * scale, f"max abs diff {err} > {tol} x scale {scale}"
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +66,15 @@ def test_ssd_chunked_matches_sequential_oracle(l, chunk):
     for kw in (dict(), dict(seq_idx=seq, initial_state=s0, active_heads=1)):
         y1, s1 = oracle(x, dt, A, B, C, D, **kw)
         y2, s2 = chunked(x, dt, A, B, C, D, chunk_size=chunk, **kw)
-        _close(y2, y1)
-        _close(s2, s1)
+        assert_close(y2, y1)
+        assert_close(s2, s1)
 
 
 # ------------------------------------------------------------------------- masking
 def test_masked_full_equals_plain(model):
     cfg, params, t = model
-    _close(fwd(params, t, cfg, ej.Widths.full(cfg)), fwd(params, t, cfg), tol=1e-6)
-    _close(fwd(params, t, cfg, ej.Widths()), fwd(params, t, cfg), tol=1e-6)
+    assert_close(fwd(params, t, cfg, ej.Widths.full(cfg)), fwd(params, t, cfg), tol=1e-6)
+    assert_close(fwd(params, t, cfg, ej.Widths()), fwd(params, t, cfg), tol=1e-6)
 
 
 AXIS_CASES = [
@@ -98,7 +90,7 @@ def test_masked_equals_sliced_each_axis(model, kw):
     w = ej.Widths(**kw)
     sub_cfg, sub = ej.slice_params(params, cfg, w)
     ej.check_params(sub, sub_cfg)
-    _close(fwd(sub, t, sub_cfg), fwd(params, t, cfg, w))
+    assert_close(fwd(sub, t, sub_cfg), fwd(params, t, cfg, w))
 
 
 def _random_widths(cfg, rng, per_layer):
@@ -128,7 +120,7 @@ def test_masked_equals_sliced_random_mixes(model, grouped_model, seed):
     for cfg, params, t in (model, grouped_model):
         w = _random_widths(cfg, rng, per_layer=seed % 2 == 1)
         sub_cfg, sub = ej.slice_params(params, cfg, w)
-        _close(fwd(sub, t, sub_cfg), fwd(params, t, cfg, w))
+        assert_close(fwd(sub, t, sub_cfg), fwd(params, t, cfg, w))
         assert ej.count_params(sub) == ej.param_count(cfg, w)
 
 
@@ -138,11 +130,11 @@ def test_heterogeneous_subconfig_records_per_layer_sizes(grouped_model):
     sub_cfg, sub = ej.slice_params(params, cfg, w)
     assert sub_cfg.is_heterogeneous
     assert sub_cfg.mamba_heads_per_layer == (2, 6) and sub_cfg.ffn_per_layer == (30, 96)
-    _close(fwd(sub, t, sub_cfg), fwd(params, t, cfg, w))
+    assert_close(fwd(sub, t, sub_cfg), fwd(params, t, cfg, w))
     # the sliced heterogeneous model can itself be masked and sliced again
     w2 = ej.Widths(hidden=32, mamba_heads=(2, 4))
     sub2_cfg, sub2 = ej.slice_params(sub, sub_cfg, w2)
-    _close(fwd(sub2, t, sub2_cfg), fwd(sub, t, sub_cfg, w2))
+    assert_close(fwd(sub2, t, sub2_cfg), fwd(sub, t, sub_cfg, w2))
 
 
 def test_soft_widths_one_hot_equals_hard(model):
@@ -153,7 +145,7 @@ def test_soft_widths_one_hot_equals_hard(model):
              "moe_ffn": [0, 1], "attn_heads": [0, 1]}
     soft = ej.SoftWidths.from_options(cfg, options, probs)
     hard = ej.Widths(hidden=48, mamba_heads=4, ffn=96, moe_experts=4, moe_ffn=16, attn_heads=2)
-    _close(fwd(params, t, cfg, soft), fwd(params, t, cfg, hard), tol=1e-6)
+    assert_close(fwd(params, t, cfg, soft), fwd(params, t, cfg, hard), tol=1e-6)
     # a genuine mix is differentiable in the probabilities and lies off both endpoints
     def loss(p_hidden):
         sw = ej.SoftWidths.from_options(cfg, {"hidden": [64, 32]}, {"hidden": p_hidden})
@@ -186,7 +178,7 @@ def test_forward_equals_prefill_plus_decode(model, sliced):
     for i in range(13, t.shape[1]):
         lg, cache = step(params, t[:, i:i + 1], cache)
         outs.append(lg)
-    _close(jnp.concatenate(outs, axis=1), full)
+    assert_close(jnp.concatenate(outs, axis=1), full)
 
 
 def test_masked_decode_equals_masked_forward(model):
@@ -199,7 +191,7 @@ def test_masked_decode_equals_masked_forward(model):
     for i in range(7, t.shape[1]):
         lg, cache = step(params, t[:, i:i + 1], cache, w)
         outs.append(lg)
-    _close(jnp.concatenate(outs, axis=1), full)
+    assert_close(jnp.concatenate(outs, axis=1), full)
 
 
 def test_packed_segments_equal_separate_documents(model):
@@ -209,8 +201,8 @@ def test_packed_segments_equal_separate_documents(model):
     packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
     seg = jnp.array([[1] * 9 + [2] * 12 + [0] * 3])
     out = fwd(params, packed, cfg, segment_ids=seg)
-    _close(out[:, :9], fwd(params, a, cfg))
-    _close(out[:, 9:21], fwd(params, b, cfg))
+    assert_close(out[:, :9], fwd(params, a, cfg))
+    assert_close(out[:, 9:21], fwd(params, b, cfg))
 
 
 def test_generate_greedy_left_padding_and_stop_tokens(model):

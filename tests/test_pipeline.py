@@ -74,7 +74,8 @@ def test_quick_main_job_writes_every_report_file(quick_run):
     for f in ("report.md", "results.json", "tokenizer.json") + PLOTS:
         assert os.path.getsize(os.path.join(quick_run, f)) > 0, f
     nested = os.path.join(quick_run, "checkpoints", "nested")
-    for f in ("config.json", "model.safetensors", "budgets.json", "router.safetensors", "tokenizer.json"):
+    for f in ("config.json", "model.safetensors", "elastic_budgets.json", "elastic_router.safetensors",
+              "tokenizer.json"):
         assert os.path.isfile(os.path.join(nested, f)), f
     with open(os.path.join(quick_run, "results.json")) as f:
         r = json.load(f)
@@ -151,14 +152,15 @@ def test_colab_notebook_runs_headless(quick_run):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    os.environ["STAR_ELASTIC_OUT"] = quick_run          # resumes the finished quick run: training is skipped
+    os.environ["STAR_ELASTIC_OUT"] = quick_run          # the finished quick run of this module
     os.environ["STAR_ELASTIC_QUICK"] = "1"              # the smoke setting (the default is the real run)
+    os.environ["STAR_ELASTIC_REUSE"] = "1"              # its results.json: the evaluation is not run twice
     try:
         nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
                                 resources={"metadata": {"path": ROOT}}).execute()
     finally:
-        os.environ.pop("STAR_ELASTIC_OUT", None)
-        os.environ.pop("STAR_ELASTIC_QUICK", None)
+        for k in ("STAR_ELASTIC_OUT", "STAR_ELASTIC_QUICK", "STAR_ELASTIC_REUSE"):
+            os.environ.pop(k, None)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
     assert any("nested" in o.get("text", "") for o in outputs)

@@ -1,4 +1,4 @@
-"""Simulated FP8 / NVFP4 round trips (spec §10)."""
+"""Simulated FP8 / NVFP4 round trips (METHOD §10)."""
 import jax
 import jax.numpy as jnp
 import ml_dtypes

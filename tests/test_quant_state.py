@@ -1,4 +1,4 @@
-"""Nested FP8 / NVFP4: fixed quantization state, masked == sliced, ModelOpt export round trip (spec §10)."""
+"""Nested FP8 / NVFP4: fixed quantization state, masked == sliced, ModelOpt export round trip (METHOD §10)."""
 import json
 import os
 
@@ -80,7 +80,7 @@ def test_quantized_masked_equals_quantized_sliced(model, fmt):
     for axis, w in WIDTHS.items():
         masked = fwd(params, tokens, CFG, w, quant=qs)
         sub_cfg, sub = slice_params(params, CFG, w)
-        sub_qs = quant.slice_quant_state(qs, params, CFG, w)
+        sub_qs = ej.elastic.slice_quant_state(qs, params, CFG, w)
         sliced = fwd(sub, tokens, sub_cfg, quant=sub_qs)
         np.testing.assert_allclose(np.asarray(masked), np.asarray(sliced), atol=2e-5, err_msg=f"{fmt} {axis}")
         # scales are state: re-deriving them from the sliced tensors would differ
@@ -93,7 +93,7 @@ def test_quantized_masked_equals_quantized_sliced(model, fmt):
 def test_nvfp4_misaligned_slice_is_a_named_error(model):
     params, _, states, _ = model
     with pytest.raises(quant.QuantizationError, match="16-element"):
-        quant.slice_quant_state(states["nvfp4"], params, CFG, ej.Widths(hidden=40))
+        ej.elastic.slice_quant_state(states["nvfp4"], params, CFG, ej.Widths(hidden=40))
     odd = ej.NemotronHConfig(vocab_size=64, hidden_size=40, hybrid_override_pattern="-", intermediate_size=32)
     with pytest.raises(quant.QuantizationError, match="block size"):
         quant.init_quant_state(ej.init_params(odd, jax.random.PRNGKey(0)), odd, "nvfp4")
@@ -116,7 +116,7 @@ def test_export_load_round_trip_same_logits(model, tmp_path, fmt):
     params, tokens, states, fwd = model
     w = WIDTHS["all"]
     sub_cfg, sub = slice_params(params, CFG, w)
-    sub_qs = quant.slice_quant_state(states[fmt], params, CFG, w)
+    sub_qs = ej.elastic.slice_quant_state(states[fmt], params, CFG, w)
     out = ej.save_hf(tmp_path / fmt, sub_cfg, sub, quant_state=sub_qs)
     raw = json.load(open(os.path.join(out, "config.json")))
     qc = raw["quantization_config"]
@@ -189,7 +189,7 @@ def test_nvfp4_qad_beats_ptq_at_every_budget(model, tmp_path):
                         quant_state=qs, progress=False)
     assert res.steps == 12 and all(np.isfinite(h["loss"]) for h in res.history)
     # the scales are non-trainable state saved in the checkpoint, unchanged by training
-    from elastic_jax.hf import load_run
+    from elastic_jax.train.checkpoint import load_run
     _, _, _, _, saved = load_run(tmp_path / "qad", with_quant=True)
     assert saved.spec.fmt == "nvfp4"
     for a, b in zip(jax.tree.leaves(saved.layers), jax.tree.leaves(qs.layers)):

@@ -1,4 +1,4 @@
-"""ElasticConfig validation and the budget router (spec §5, §6.2)."""
+"""ElasticConfig validation and the budget router (METHOD §5, §6.2)."""
 import json
 
 import jax

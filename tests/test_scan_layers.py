@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 
 import elastic_jax as ej
+from conftest import tiny_config
 from elastic_jax.model.decoder import final_hidden
 from elastic_jax.model.policy import REMAT_POLICIES, remat_policy
 from elastic_jax.model.scan import stack_layers, unstack_layers, unstackable_reason
 
-CFG = ej.NemotronHConfig(vocab_size=64, hidden_size=32, hybrid_override_pattern="MEM*E-", num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=4,
-                         mamba_head_dim=8, n_groups=2, ssm_state_size=8, chunk_size=8, n_routed_experts=4,
-                         num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24)
+CFG = tiny_config("MEM*E-", moe_shared_expert_intermediate_size=24)
 SCAN = ej.ComputePolicy(scan_layers=True)
 UNROLLED = ej.ComputePolicy()
 

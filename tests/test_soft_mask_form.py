@@ -1,4 +1,4 @@
-"""The official soft-mask form (`ElasticConfig.soft_mask_form="official"`, issue 14; spec §4.2-4.3):
+"""The official soft-mask form (`ElasticConfig.soft_mask_form="official"`, issue 14; METHOD §4.2-4.3):
 the FFN masked before relu², the Mamba x / dt at the projection and the conv-x weights masked. Exact
 for hard masks (= the `Widths` forward, hence = the sliced model); different for soft mixtures."""
 import dataclasses

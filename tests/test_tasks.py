@@ -86,7 +86,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="split must be one of"):
         make_problems(0, 3, "dev")
     with pytest.raises(ValueError, match="difficulty must be"):
-        make_problems(0, 3, difficulty=7)
+        make_problems(0, 3, difficulty=0)
     with pytest.raises(ValueError, match="n must be >= 0"):
         make_problems(0, -1)
     with pytest.raises(ValueError, match="Problem.digits"):
@@ -95,3 +95,119 @@ def test_bad_inputs(tmp_path):
         TaskTokenizer.default().encode("a 3 banana")
     with pytest.raises(FileNotFoundError):
         TaskTokenizer.load(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------ query levels (issue 15)
+def test_query_levels_trace_lengths_and_answer():
+    from elastic_jax.tasks import QUERY_LEVELS
+    tok = TaskTokenizer.default()
+    for level, (k, q) in QUERY_LEVELS.items():
+        ps = make_problems(1, 60, difficulty=level)
+        assert {p.difficulty for p in ps} == {level} and {(len(p.digits), len(p.query)) for p in ps} == {(k, q)}
+        lens = [len(tok.encode(trace_text(p))) for p in ps]
+        assert 4 * k <= min(lens) and max(lens) <= 5 * k                 # 4 tokens a step, + `!` on a carry
+    longest = max(len(tok.encode(trace_text(p))) for p in make_problems(2, 300, difficulty=8))
+    assert 90 <= longest <= 100                                            # the hardest level: ~100 tokens
+    p = Problem((3, 7, 2, 9, 1, 1, 1, 1), query=(1, 3))
+    assert prompt_text(p) == "<bos> a 3 b 7 c 2 d 9 e 1 f 1 g 1 h 1 ? b d <think>"
+    assert p.answer() == "b 0 d 1" and p.difficulty == 5                  # running values after b and d
+    # every queried value is the running sum mod 10 up to that step, readable off the trace
+    for p in make_problems(3, 200, difficulty=(5, 6, 7, 8)):
+        words = trace_text(p).split()
+        for part, i in zip(p.answer_parts(), p.query):
+            tag, value = part.split()
+            assert int(value) == sum(p.digits[:i + 1]) % 10
+            assert words[words.index(tag) + 3] == value
+    # the query levels need the extra tags and `?`; the sum levels keep their old ids (< 26)
+    from elastic_jax.tasks import vocab_needed
+    assert vocab_needed() == 26 and vocab_needed((5, 6, 7, 8)) == tok.vocab_size == 39
+    assert max(max(d) for d in make_documents(0, 200)) < 26
+
+
+def test_partial_credit_per_queried_step():
+    from elastic_jax.tasks import score_answer
+    p = Problem((3, 7, 2, 9, 1, 1, 1, 1, 0, 0, 0, 0), query=(0, 1, 3))     # a 3, b 0, d 1
+    assert p.answer() == "a 3 b 0 d 1"
+    assert score_answer(p, f"{ANSWER} a 3 b 0 d 1 {EOS}") == 1.0 and check_answer(p, f"{ANSWER} a 3 b 0 d 1")
+    assert score_answer(p, f"{ANSWER} a 3 b 5 d 1 {EOS}") == pytest.approx(2 / 3)
+    assert score_answer(p, f"{ANSWER} a 3 {EOS}") == pytest.approx(1 / 3)                # stopped early
+    assert score_answer(p, f"{ANSWER} a 3 b 0 d 1 e 1 {EOS}") == pytest.approx(3 / 4)    # extra parts cost
+    assert score_answer(p, f"{ANSWER} b 0 a 3 d 1 {EOS}") == pytest.approx(1 / 3)        # in the query's order
+    assert score_answer(p, "a 0 3 3 </think>") == 0.0                                      # no answer marker
+    assert not check_answer(p, f"{ANSWER} a 3 b 5 d 1 {EOS}")
+    q = Problem((1, 2, 3))                                       # the sum levels: one part, 0 or 1
+    assert score_answer(q, f"{ANSWER} 0 6 {EOS}") == 1.0
+    assert score_answer(q, f"{ANSWER} 0 7 {EOS}") == score_answer(q, f"{ANSWER} 0 6 7 {EOS}") == 0.0
+
+
+def test_query_documents_round_trip_and_splits():
+    tok = TaskTokenizer.default()
+    ps = make_problems(4, 100, difficulty=(5, 6, 7, 8))
+    for p in ps:
+        ids = tok.encode(document_text(p))
+        assert tok.decode(ids) == document_text(p) and check_answer(p, document_text(p))
+    train = set(make_problems(0, 2000, "train", difficulty=5))
+    test = set(make_problems(0, 400, "test", difficulty=5))
+    assert test and not (train & test) and all(split_of(p) == "test" for p in test)
+    docs = make_documents(0, 300, difficulty=(1, 8))
+    assert max(len(d) for d in docs) <= 160                      # the main job's rows hold whole documents
+    with pytest.raises(ValueError, match="matches no query level"):
+        Problem((1, 2, 3, 4), query=(0,))
+    with pytest.raises(ValueError, match="distinct sorted step indices"):
+        Problem(tuple(range(8)), query=(3, 1))
+    with pytest.raises(ValueError, match="difficulty must be"):
+        make_problems(0, 3, difficulty=9)
+
+
+def test_truncation_degrades_the_query_score_gracefully():
+    """An answerer that reads each queried value off whatever trace it is given (and guesses 0 for a
+    step the trace did not reach) scores in proportion to the steps reached: accuracy takes many
+    values across thinking budgets (not the sum levels' cliff at the full trace)."""
+    from elastic_jax.tasks import score_answer
+    tok = TaskTokenizer.default()
+
+    def oracle(p, trace_words):
+        parts = []
+        for i in p.query:
+            tag = "abcdefghijklmnopqrst"[i]
+            j = trace_words.index(tag) if tag in trace_words else -1
+            parts.append(f"{tag} {trace_words[j + 3] if 0 <= j and j + 3 < len(trace_words) else 0}")
+        return f"{ANSWER} {' '.join(parts)} {EOS}"
+
+    def mean_score(probs, budget, scorer):
+        return float(np.mean([scorer(p, oracle(p, tok.decode(tok.encode(trace_text(p))[:budget]).split()))
+                              for p in probs]))
+
+    query = make_problems(5, 200, "test", difficulty=(5, 6, 7, 8))
+    budgets = (16, 32, 48, 64, 80, 104)
+    partial = [mean_score(query, b, score_answer) for b in budgets]
+    exact = [mean_score(query, b, check_answer) for b in budgets]
+    assert partial == sorted(partial) and partial[-1] == 1.0 and partial[0] < 0.5
+    assert len({round(s, 3) for s in partial}) == len(budgets)       # a distinct value per budget
+    assert all(s >= e for s, e in zip(partial, exact)) and partial[2] > exact[2] + 0.1
+
+
+def test_data_and_main_job_configs_take_the_query_levels():
+    from elastic_jax.data import DataConfig, make_dataset
+    from elastic_jax.experiment import load_experiment
+    cfg = DataConfig(kind="task", num_documents=20, task_levels=[8])
+    assert cfg.task_levels == (8,)
+    from elastic_jax.data.pipeline import task_documents
+    assert all(len(d) > 100 and TaskTokenizer.default().id("?") in d for d in task_documents(cfg))
+    with pytest.raises(ValueError, match="DataConfig.task_levels"):
+        DataConfig(kind="task", task_levels=(0,))
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    xp = load_experiment(os.path.join(root, "experiments", "tiny_star_elastic_query.py"), quick=True)
+    assert xp.eval.levels == (5, 6, 7, 8) and xp.eval.full_thinking >= 100 and xp.model.vocab_size >= 39
+    with pytest.raises(ValueError, match="use token ids up to 38"):
+        import dataclasses
+        dataclasses.replace(xp, model=dataclasses.replace(xp.model, vocab_size=32))
+
+
+def test_tokenizer_for_the_sum_levels_is_the_original():
+    full, sums = TaskTokenizer.default(), TaskTokenizer.default((1, 2, 3, 4))
+    assert sums.vocab_size == 26 and full.vocab_size == 39       # a vocab-32 model serves the sum levels
+    for p in make_problems(0, 20):
+        assert sums.encode(document_text(p)) == full.encode(document_text(p))
+    assert TaskTokenizer.default((4, 5)).vocab_size == 39

@@ -1,23 +1,22 @@
 """`DataConfig`: where training documents come from and how they become packed batches."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from ..config import check_known_fields
+from ..config_base import ConfigBase
 
 KINDS = ("synthetic", "task", "jsonl", "parquet", "arrays")
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Training data (spec §7; ANCHORS §7.13).
+class DataConfig(ConfigBase):
+    """Training data (METHOD §7).
 
     kind:
       "synthetic" — `num_documents` deterministic arithmetic-progression documents (learnable
                     structure, no files; ids in [3, synthetic_vocab)); for tests and smoke runs;
       "task"      — the embedded synthetic reasoning task (`elastic_jax.tasks.dataset.make_documents`,
-                    `num_documents` problems of `task_split`, seeded by `seed`);
+                    `num_documents` problems of `task_split` at `task_levels`, seeded by `seed`);
       "jsonl"     — one JSON object per line, text in `text_field`, tokenized with the local
                     `tokenizer_path` (a `tokenizers` tokenizer.json);
       "parquet"   — a string column `text_field`, tokenized the same way;
@@ -43,6 +42,7 @@ class DataConfig:
     eos_id: int | None = None
     num_documents: int = 512                  # synthetic / task
     task_split: str = "train"
+    task_levels: tuple[int, ...] | None = None  # task: difficulty levels (None = the sum levels 1-4; 5-8 = query)
     synthetic_vocab: int = 256
     synthetic_len: tuple[int, int] = (8, 48)  # min, max document length (synthetic)
 
@@ -53,6 +53,14 @@ class DataConfig:
             bad("kind", f"must be one of {KINDS}")
         if isinstance(self.path, list):
             object.__setattr__(self, "path", tuple(self.path))
+        if isinstance(self.task_levels, list):
+            object.__setattr__(self, "task_levels", tuple(self.task_levels))
+        if self.task_levels is not None:
+            from ..tasks.reasoning import check_levels
+            try:
+                check_levels(self.task_levels)
+            except ValueError as e:
+                bad("task_levels", str(e))
         if isinstance(self.synthetic_len, list):
             object.__setattr__(self, "synthetic_len", tuple(self.synthetic_len))
         if self.kind in ("jsonl", "parquet"):
@@ -78,17 +86,3 @@ class DataConfig:
             return ()
         return (self.path,) if isinstance(self.path, str) else tuple(self.path)
 
-    def replace(self, **kw) -> "DataConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["synthetic_len"] = list(self.synthetic_len)
-        if isinstance(self.path, tuple):
-            d["path"] = list(self.path)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
-        check_known_fields(cls, d)
-        return cls(**d)

@@ -8,7 +8,7 @@
 
 `segment_ids` numbers the documents of a row 1, 2, ... (0 = padding); `ej.forward(...,
 segment_ids=)` resets attention, the causal conv and the SSD state at every boundary (the SSD
-`seq_idx`), so packed documents never see each other (ANCHORS §7.13).
+`seq_idx`), so packed documents never see each other.
 
 Per-host sharding: with `process_count` P > 1, host p reads documents p, p+P, p+2P, ... (after
 the shuffle) and produces `batch_size // P` rows; `jax.make_array_from_process_local_data`
@@ -59,7 +59,8 @@ def synthetic_documents(cfg: DataConfig) -> list[np.ndarray]:
 def task_documents(cfg: DataConfig) -> list[np.ndarray]:
     """The embedded reasoning task's documents (prompt, trace, answer, eos) as token ids."""
     from ..tasks.dataset import make_documents
-    return [np.asarray(d, np.int32) for d in make_documents(cfg.seed, cfg.num_documents, cfg.task_split)]
+    return [np.asarray(d, np.int32) for d in make_documents(cfg.seed, cfg.num_documents, cfg.task_split,
+                                                                    cfg.task_levels)]
 
 
 def _load_tokenizer(path: str):

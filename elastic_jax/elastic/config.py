@@ -1,6 +1,6 @@
-"""`ElasticConfig`: budgets, option lists, router and budget-loss settings (spec §4.1, §5, §6.2).
+"""`ElasticConfig`: budgets, option lists, router and budget-loss settings (METHOD §4.1, §5, §6.2).
 
-One frozen dataclass, grouped like Megatron's `FlextronConfig` (ANCHORS §4.1):
+One frozen dataclass, grouped like the official code's `FlextronConfig`:
 
 * **budgets** — fractions of the parent cost (``budget_target``: active params, total params or
   deployment memory), kept sorted descending; 1.0 (the full model) must be one of them.
@@ -17,15 +17,14 @@ One frozen dataclass, grouped like Megatron's `FlextronConfig` (ANCHORS §4.1):
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from ..config import NemotronHConfig, check_known_fields
-from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
+from ..config import NemotronHConfig
+from ..config_base import ConfigBase
+from ..widths import AXES, PER_LAYER_AXES, Widths, divisor, full_size
 
 # ElasticConfig field -> ej.Widths axis
 OPTION_FIELDS = {
@@ -102,8 +101,8 @@ class BudgetTarget:
 
 
 @dataclass(frozen=True)
-class ElasticConfig:
-    """Elastic training settings. See the module docstring; spec §4-§6."""
+class ElasticConfig(ConfigBase):
+    """Elastic training settings. See the module docstring; METHOD §4-§6."""
 
     # ---- budgets: fractions of the parent cost, descending; 1.0 = the full model
     budgets: tuple[float, ...] = (1.0, 0.75, 0.5)
@@ -111,12 +110,12 @@ class ElasticConfig:
     hidden_options: tuple | None = (1.0, 0.875, 0.75)
     mamba_options: tuple | None = (1.0, 0.75, 0.5)
     mamba_channel_options: tuple | None = None  # channels per Mamba head (the exported mamba_head_dim)
-    attn_options: tuple | None = None          # Star Elastic routes no attention heads (spec §4.1)
+    attn_options: tuple | None = None          # Star Elastic routes no attention heads (METHOD §4.1)
     ffn_options: tuple | None = (1.0, 0.75, 0.5)
     moe_expert_options: tuple | None = (1.0, 0.75, 0.5)
     moe_ffn_options: tuple | None = (1.0, 0.75, 0.5)
     heterogeneous: bool = False                # per-layer choices (embedding stays global)
-    # ---- router (spec §5)
+    # ---- router (METHOD §5)
     router_dim: int = 256
     router_std: float = 0.1
     tau_start: float = 1.0
@@ -129,12 +128,12 @@ class ElasticConfig:
     # conv+SiLU / relu²) or "official" (Megatron --soft-mask: Mamba x, dt, conv-x; FFN before relu²).
     # None = "output" (a None default keeps older runs resumable)
     soft_mask_form: str | None = None
-                                               # (official hard_sample_th = 0.996, spec §5.2)
+                                               # (official hard_sample_th = 0.996, METHOD §5.2)
     # ---- depth (Nemotron Elastic): layer-count options (fractions of / absolute layer counts) and the
     # importance ranking of the layers (most important first, `ej.elastic.rank_layers`)
     depth_options: tuple | None = None
     layer_ranking: tuple[int, ...] | None = None
-    # ---- budget loss (spec §6.2)
+    # ---- budget loss (METHOD §6.2)
     budget_target: str = "active"
     # several costs at once: BudgetTarget entries (or dicts); None = one `budget_target` term
     budget_targets: tuple | None = None
@@ -148,7 +147,7 @@ class ElasticConfig:
     mem_bytes_kv: float = 2.0
     mem_bytes_ssm: float = 4.0                 # Nemotron-H keeps the SSM cache in fp32
     mem_bytes_conv: float | None = None        # None: same as the weights
-    # ---- quantized nested checkpoints (spec §10)
+    # ---- quantized nested checkpoints (METHOD §10)
     quantization: str | None = None
 
     def __post_init__(self):
@@ -172,7 +171,7 @@ class ElasticConfig:
             bad("budgets", "budgets must be distinct", self.budgets)
         if 1.0 not in b:
             bad("budgets", "must include 1.0 (the full model; its router is anchored to the largest "
-                "options, spec §6.2)", self.budgets)
+                "options, METHOD §6.2)", self.budgets)
         object.__setattr__(self, "budgets", tuple(sorted(b, reverse=True)))
 
         for name in OPTION_FIELDS:
@@ -385,29 +384,11 @@ class ElasticConfig:
             out[axis] = arr[0] if uniform else arr
         return out
 
-    # ---------------------------------------------------------------- (de)serialize
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ElasticConfig":
-        check_known_fields(cls, d)
-        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-        return cls(**kw)      # budget_targets: a tuple of dicts, turned into BudgetTarget entries
-
-    def replace(self, **kw) -> "ElasticConfig":
-        return dataclasses.replace(self, **kw)
 
 
 def _homog(cfg: NemotronHConfig, axis: str, full: int) -> NemotronHConfig:
     """cfg with one layer's full size on `axis` everywhere (to validate a per-layer option)."""
     if not cfg.is_heterogeneous:
         return cfg
-    field = {"mamba_heads": "mamba_num_heads", "mamba_channels": "mamba_head_dim", "attn_heads": "num_attention_heads", "ffn": "intermediate_size",
-             "moe_experts": "n_routed_experts", "moe_ffn": "moe_intermediate_size"}[axis]
-    return cfg.replace(**{field: full, "mamba_heads_per_layer": None, "attn_heads_per_layer": None,
-                          "ffn_per_layer": None, "moe_experts_per_layer": None, "moe_ffn_per_layer": None})
+    per_layer = {spec.per_layer_field: None for spec in AXES.values() if spec.per_layer_field}
+    return cfg.replace(**{AXES[axis].field: full, **per_layer})

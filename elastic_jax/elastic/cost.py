@@ -1,4 +1,4 @@
-"""Differentiable cost model and budget loss (spec §6.2, §6.4, §14.6).
+"""Differentiable cost model and budget loss (METHOD §6.2, §6.4, §14.6).
 
 Costs are analytic functions of the (expected, real-valued) width along every axis, so the budget
 loss differentiates through d̄ = π · options into the router. At integer widths `param_cost` equals
@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from ..config import NemotronHConfig
+from ..model.kinds import KINDS
+from ..model.kinds.base import count
 from ..widths import PER_LAYER_AXES, full_size
 from .config import ElasticConfig
 
@@ -43,66 +45,45 @@ def _gates(cfg: NemotronHConfig, expected: dict, char: str) -> jax.Array:
         jnp.zeros((0,), jnp.float32)
 
 
-def param_cost(cfg: NemotronHConfig, expected: dict, active: bool = False) -> jax.Array:
-    """Analytic parameter count (f32 scalar) at the given widths (spec §6.4, corrected).
+def _kind_per_layer(cfg: NemotronHConfig, expected: dict, kind, D, active: bool = False) -> dict:
+    """Named dimension sizes of the layers of one kind, each [n_kind] (or a scalar)."""
+    return kind.dims(cfg, D, {a: _per_layer(cfg, expected, a) for a in kind.AXES}, active)
 
-    Per layer (JAX layout of elastic_jax/model/params.py), with D = hidden:
-      every layer: norm D;
-      M: (P = channels per head) (z, x) 2·D·H·P + (B, C) 2·D·G·N + dt D·H + conv (K+1)·(H·P + 2·G·N) + (A_log, D, dt_bias)
-         3·H + gated norm H·P + out_proj H·P·D;
-      *: q and o 2·D·nH·hd + k, v 2·D·nKV·hd;
-      -: 2·D·I;
-      E: gate D·E + bias E + experts 2·E'·D·Ie (E' = E, or num_experts_per_tok when `active`)
-         + shared 2·D·Is;
-    plus embed V·D, lm_head D·V and norm_f D.
+
+def param_cost(cfg: NemotronHConfig, expected: dict, active: bool = False) -> jax.Array:
+    """Analytic parameter count (f32 scalar) at the given widths (METHOD §6.4, corrected).
+
+    embed V·D + lm_head D·V + norm_f D, plus per kept layer its norm D and Σ over the parameters
+    its kind declares of Π of their dimension sizes (elastic_jax/model/kinds/), the sizes computed
+    from the expected widths; with `active` a MoE layer's stacked expert axis counts the
+    `num_experts_per_tok` experts one token touches (the router still counts all E).
     """
     D = _hidden(cfg, expected)
-    V = float(cfg.vocab_size)
-    total = 2.0 * V * D + D
-    P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
-    if cfg.count("M"):
-        H = _per_layer(cfg, expected, "mamba_heads")
-        P = _per_layer(cfg, expected, "mamba_channels")              # head dim (channels per head)
-        per = (D + 2 * D * H * P + 2 * D * G * N + D * H + (K + 1) * (H * P + 2 * G * N) + 3 * H + H * P
-               + H * P * D)
-        total = total + jnp.sum(_gates(cfg, expected, "M") * per)
-    if cfg.count("*"):
-        nH = _per_layer(cfg, expected, "attn_heads")
-        hd, nKV = cfg.head_dim, cfg.num_key_value_heads
-        per = D + 2 * D * nH * hd + 2 * D * nKV * hd
-        total = total + jnp.sum(_gates(cfg, expected, "*") * per)
-    if cfg.count("-"):
-        I = _per_layer(cfg, expected, "ffn")
-        total = total + jnp.sum(_gates(cfg, expected, "-") * (D + 2 * D * I))
-    if cfg.count("E"):
-        E = _per_layer(cfg, expected, "moe_experts")
-        Ie = _per_layer(cfg, expected, "moe_ffn")
-        Is = cfg.moe_shared_expert_intermediate_size
-        n_exp = jnp.full_like(E, cfg.num_experts_per_tok) if active else E
-        per = D + D * E + E + 2 * n_exp * D * Ie + 2 * D * Is
-        total = total + jnp.sum(_gates(cfg, expected, "E") * per)
+    total = 2.0 * float(cfg.vocab_size) * D + D
+    for char, kind in KINDS.items():
+        if cfg.count(char):
+            per = D + count(kind.params(cfg), _kind_per_layer(cfg, expected, kind, D, active))
+            total = total + jnp.sum(_gates(cfg, expected, char) * per)
     return total
 
 
 def memory_cost(cfg: NemotronHConfig, expected: dict, *, context: int, batch: int, bytes_per_param: float,
                 bytes_kv: float, bytes_ssm: float, bytes_conv: float | None = None) -> jax.Array:
     """Deployment memory in bytes (f32 scalar): weights (all parameters; every expert is resident)
-    + attention KV cache 2·B·ctx·nKV·hd per attention layer + Mamba SSM state B·H·P·N and conv window
-    B·(K-1)·(H·P + 2·G·N) per Mamba layer. `bytes_conv` defaults to `bytes_per_param` (the conv
-    window is kept in the weight dtype, as `ej.init_cache` does). Activation buffers are not counted.
+    + each kind's decode state (`cache_elems`): attention KV cache 2·B·ctx·nKV·hd per attention
+    layer, Mamba SSM state B·H·P·N and conv window B·(K-1)·(H·P + 2·G·N) per Mamba layer.
+    `bytes_conv` defaults to `bytes_per_param` (the conv window is kept in the weight dtype, as
+    `ej.init_cache` does). Activation buffers are not counted.
     """
-    bytes_conv = bytes_per_param if bytes_conv is None else bytes_conv
+    bytes_of = {"kv": bytes_kv, "ssm": bytes_ssm, "conv": bytes_per_param if bytes_conv is None else bytes_conv}
     mem = bytes_per_param * param_cost(cfg, expected, active=False)
-    if cfg.count("*"):
-        kv = 2.0 * batch * context * cfg.num_key_value_heads * cfg.head_dim
-        mem = mem + bytes_kv * kv * jnp.sum(_gates(cfg, expected, "*"))
-    if cfg.count("M"):
-        H = _per_layer(cfg, expected, "mamba_heads")
-        P = _per_layer(cfg, expected, "mamba_channels")
-        G, N, K = cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
-        g = _gates(cfg, expected, "M")
-        mem = mem + bytes_ssm * batch * jnp.sum(g * H * P * N)
-        mem = mem + bytes_conv * batch * (K - 1) * jnp.sum(g * (H * P + 2 * G * N))
+    D = _hidden(cfg, expected)
+    for char, kind in KINDS.items():
+        if cfg.count(char):
+            g = _gates(cfg, expected, char)
+            elems = kind.cache_elems(cfg, _kind_per_layer(cfg, expected, kind, D), batch, context)
+            for cls, n in elems.items():
+                mem = mem + bytes_of[cls] * jnp.sum(g * n)
     return mem
 
 
@@ -126,7 +107,7 @@ def depth_gates(ecfg: ElasticConfig, cfg: NemotronHConfig, probs) -> jax.Array:
 
 
 def expected_widths(router_out, ecfg: ElasticConfig, cfg: NemotronHConfig) -> dict:
-    """d̄ = π · options per axis (spec §6.2 step 1): "hidden" a scalar, per-layer axes [n_kind]
+    """d̄ = π · options per axis (METHOD §6.2 step 1): "hidden" a scalar, per-layer axes [n_kind]
     (heterogeneous) or a scalar (homogeneous); "layers" the expected depth gates [n_layers] when
     depth is elastic. Non-elastic axes are absent (= parent size)."""
     opts = ecfg.options(cfg)
@@ -139,7 +120,7 @@ def expected_widths(router_out, ecfg: ElasticConfig, cfg: NemotronHConfig) -> di
 
 def anchor_term(probs: dict) -> jax.Array:
     """Σ_axes MSE(π_axis, one_hot(0)): the official full-budget anchor; in heterogeneous mode the
-    MSE averages over layers and options alike (spec §6.2 step 5)."""
+    MSE averages over layers and options alike (METHOD §6.2 step 5)."""
     anchor = jnp.zeros((), jnp.float32)
     for pi in probs.values():
         target = jax.nn.one_hot(0, pi.shape[-1], dtype=pi.dtype)
@@ -149,7 +130,7 @@ def anchor_term(probs: dict) -> jax.Array:
 
 def budget_loss(cfg: NemotronHConfig, ecfg: ElasticConfig, router_out, budget, is_full, *,
                 budget_idx=None) -> jax.Array:
-    """Router loss (spec §6.2), f32 scalar; `budget`, `is_full`, `budget_idx` may be traced:
+    """Router loss (METHOD §6.2), f32 scalar; `budget`, `is_full`, `budget_idx` may be traced:
 
         Σ_targets w_t · diff_t,  diff_t = |cost_t(d̄) / (r_t · cost_t(full)) − 1|,
                                  zeroed when not full and diff_t < dead_zone;

@@ -1,11 +1,11 @@
-"""Importance estimation and depth ranking (spec §3.1-§3.3, ANCHORS §4.2, §7.6).
+"""Importance estimation and depth ranking (METHOD §3.1-§3.3; the statistics of NVIDIA Model-Optimizer's Minitron).
 
-Everything is computed from forward passes over calibration batches. The walk below re-runs the
-decoder layer by layer with the model's own building blocks (`rms_norm`, the mixers, `route`,
-`kernels.gmm`) and returns activation statistics next to the residual stream; no hooks, no global
-state, so it runs under `jit` with sharded parameters.
+Everything is computed from forward passes over calibration batches: the model's own
+`forward(..., intermediates=True)` returns every layer's normed input and its mixer's activations
+(a dict per layer, returned like any output: no hooks, no global state), and `collect_stats`
+reduces them to additive statistics under `jit`.
 
-Aggregation (Minitron "batch = L2, sequence = mean", spec §3.2): per channel
+Aggregation (Minitron "batch = L2, sequence = mean", METHOD §3.2): per channel
 ``a_b = mean over the (valid) tokens of sequence b of |act|``, score ``= sqrt(Σ_b a_b²)`` over all
 calibration sequences.
 
@@ -35,13 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import kernels
 from ..config import NemotronHConfig
-from ..model.layers import MIXERS, Context, dense, relu2, rms_norm, route
-from ..model.policy import resolve_policy
-from ..widths import Widths
+from ..model.decoder import forward
+from ..model.kinds import kind_of, layer_sizes
+from ..model.kinds.base import take_dims
+from ..widths import AXES, WIDTH_AXES, Widths, full_size
 
-RANK_AXES = ("hidden", "mamba_heads", "mamba_channels", "attn_heads", "ffn", "moe_experts", "moe_ffn")
+RANK_AXES = WIDTH_AXES
 _RUNTIME_FIELDS = ("kernel_impl", "remat")
 
 
@@ -91,9 +91,7 @@ class Importance:
         if self.fingerprint != fp:
             raise ValueError(f"Importance.fingerprint={self.fingerprint!r} does not match the config "
                              f"({fp!r}): this ranking was computed for a different model config")
-        want = {"hidden": 1, "mamba_heads": cfg.count("M"), "mamba_channels": cfg.count("M"),
-                "attn_heads": cfg.count("*"), "ffn": cfg.count("-"), "moe_experts": cfg.count("E"),
-                "moe_ffn": cfg.count("E")}
+        want = {"hidden": 1, **{a: cfg.count(AXES[a].kind) for a in RANK_AXES if a != "hidden"}}
         for axis, n in want.items():
             r = self.rankings.get(axis)
             got = 1 if axis == "hidden" and r is not None else (0 if r is None else len(r))
@@ -153,23 +151,17 @@ def _sumsq(act, valid):
     return jnp.sum(jnp.square(_seq_mean_abs(act, valid)), axis=0)
 
 
-def _moe_stats(p, x_BLD, cfg: NemotronHConfig, valid):
-    """REAP sums (Σ g·‖f‖ and routed-token counts per expert) and the expert-width statistic."""
-    B, L, D = x_BLD.shape
-    x_TD = x_BLD.reshape(B * L, D)
-    idx, w = route(p, x_TD, cfg, None)                                        # [T, k]
+def _moe_stats(it: dict, L: int, valid, routed_scaling_factor: float):
+    """REAP sums (Σ g·‖f‖ and routed-token counts per expert) and the expert-width statistic, from
+    the MoE mixer's intermediates (its rows sorted by expert)."""
+    idx, w, order = it["route_idx"], it["route_weight"], it["expert_order"]      # [T, k], [T, k], [T·k]
+    h, o = it["expert_act"], it["expert_out"]                                     # [T·k, Ie], [T·k, D]
     T, k = idx.shape
-    E = p["gate"].shape[1]
+    E = it["expert_load"].shape[0]
+    B = T // L
     flat = idx.reshape(-1)
     tok_valid = jnp.ones((T,), jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
-    order = jnp.argsort(flat)
-    rows = x_TD[order // k]
-    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    h = relu2(kernels.gmm(rows, p["up_proj"], group_sizes, impl=resolve_policy(cfg, None).kernel_impl,
-                          preferred_element_type=jnp.float32))                   # [T·k, Ie]
-    o = kernels.gmm(h.astype(p["down_proj"].dtype), p["down_proj"], group_sizes,
-                    impl=resolve_policy(cfg, None).kernel_impl, preferred_element_type=jnp.float32)    # [T·k, D]
-    gate = (w / cfg.routed_scaling_factor).reshape(-1)[order]                    # top-k renormalized g_j
+    gate = (w / routed_scaling_factor).reshape(-1)[order]                        # top-k renormalized g_j
     rv = tok_valid[order // k]
     expert = flat[order]
     sal = jax.ops.segment_sum(gate * jnp.linalg.norm(o, axis=-1) * rv, expert, num_segments=E)
@@ -184,45 +176,26 @@ def _moe_stats(p, x_BLD, cfg: NemotronHConfig, valid):
 
 @partial(jax.jit, static_argnums=(2,))
 def collect_stats(params, tokens, cfg: NemotronHConfig, segment_ids=None) -> dict:
-    """One calibration batch -> additive statistics (sums of squared per-sequence means, REAP sums).
+    """One calibration batch -> additive statistics (sums of squared per-sequence means, REAP sums),
+    read from the intermediates of the model's own forward (`forward(..., intermediates=True)`).
 
     Pure and jittable; returns {"hidden": [n_layers, D], "mamba_x": [n_M] of [H, P],
     "attn": [n_*] of [nH, hd], "ffn": [n_-] of [I], "moe_sal"/"moe_cnt": [n_E] of [E],
     "moe_ffn": [n_E] of [Ie]}.
     """
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, None))
-    h = jnp.take(params["embed"], tokens, axis=0)
+    _, inter = forward(params, tokens, cfg, segment_ids=segment_ids, intermediates=True)
     out = {"hidden": [], "mamba_x": [], "attn": [], "ffn": [], "moe_sal": [], "moe_cnt": [], "moe_ffn": []}
-    B, L = tokens.shape
-    for i, char in enumerate(cfg.pattern):
-        lp = params["layers"][i]
-        p = lp["mixer"]
-        x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon)
-        out["hidden"].append(_sumsq(x, valid))
-        if char == "M":
-            H = p["A_log"].shape[0]
-            xs = dense(x, p["x_proj"]).reshape(B, L, H, cfg.mamba_head_dim)
-            out["mamba_x"].append(_sumsq(xs, valid))
-            y, _ = MIXERS["M"](p, x, cfg, None, ctx, None)
-        elif char == "*":
-            hd = cfg.head_dim
-            nH = p["q_proj"].shape[1] // hd
-            # the mixer's own per-head output: run it with an identity output projection
-            o, _ = MIXERS["*"](dict(p, o_proj=jnp.eye(nH * hd, dtype=p["o_proj"].dtype)), x, cfg, None, ctx, None)
-            out["attn"].append(_sumsq(o.reshape(B, L, nH, hd), valid))
-            y = dense(o, p["o_proj"])
-        elif char == "-":
-            a = relu2(dense(x, p["up_proj"]))
-            out["ffn"].append(_sumsq(a, valid))
-            y = dense(a, p["down_proj"])
-        else:
-            sal, cnt, width = _moe_stats(p, x, cfg, valid)
+    for it in inter:
+        out["hidden"].append(_sumsq(it["input"], valid))
+        for name, key in (("x_proj", "mamba_x"), ("heads", "attn"), ("neurons", "ffn")):
+            if name in it:
+                out[key].append(_sumsq(it[name], valid))
+        if "route_idx" in it:
+            sal, cnt, width = _moe_stats(it, tokens.shape[1], valid, cfg.routed_scaling_factor)
             out["moe_sal"].append(sal)
             out["moe_cnt"].append(cnt)
             out["moe_ffn"].append(width)
-            y, _ = MIXERS["E"](p, x, cfg, None, ctx, None)
-        h = h + y
     out["hidden"] = jnp.stack(out["hidden"])
     return out
 
@@ -244,7 +217,7 @@ def _check_tokens(tokens, cfg):
 
 def estimate_importance(params, cfg: NemotronHConfig, batches: Iterable, *, mamba_channel_frac: float = 1.0,
                         depth: bool = False) -> Importance:
-    """Rankings for every width axis from forward passes over `batches` (spec §3.2).
+    """Rankings for every width axis from forward passes over `batches` (METHOD §3.2).
 
     `batches`: iterable of int32 [B, L] token arrays (or dicts with "tokens" and optional
     "segment_ids", 0 = padding, excluded from the statistics). `mamba_channel_frac`: fraction of
@@ -301,7 +274,6 @@ def estimate_importance(params, cfg: NemotronHConfig, batches: Iterable, *, mamb
 # ------------------------------------------------------------------------------ depth
 @partial(jax.jit, static_argnums=(2,))
 def _masked_logits(params, tokens, cfg, layers, segment_ids):
-    from ..model.decoder import forward
     return forward(params, tokens, cfg, Widths(layers=layers).resolve(cfg), segment_ids=segment_ids)
 
 
@@ -316,7 +288,7 @@ def _nmse_parts(full_logits, logits, segment_ids):
 
 
 def rank_layers(params, cfg: NemotronHConfig, batches: Iterable) -> list[int]:
-    """Depth ranking by normalized MSE of logits with iterative removal (spec §3.3).
+    """Depth ranking by normalized MSE of logits with iterative removal (METHOD §3.3).
 
     s_j = Σ (M_full − M_{−j})² / Σ M_full² over all calibration tokens, M_{−j} = logits with the
     already-removed layers and layer j bypassed (identity through the residual). The layer with
@@ -352,108 +324,54 @@ def rank_layers(params, cfg: NemotronHConfig, batches: Iterable) -> list[int]:
 
 
 # ------------------------------------------------------------------------ permutation
-def _expand(heads: np.ndarray, width: int, inner: np.ndarray | None = None) -> np.ndarray:
-    """Head permutation (and an optional per-head channel permutation) -> channel permutation."""
-    inner = np.arange(width) if inner is None else inner
-    return (heads[:, None] * width + inner[None, :]).reshape(-1)
-
-
 def _is_perm(r, n) -> bool:
     r = np.asarray(r)
     return r.shape == (n,) and np.array_equal(np.sort(r), np.arange(n))
 
 
+def _checked_ranking(importance: Importance, cfg: NemotronHConfig, axis: str, k: int, layer: int) -> np.ndarray:
+    """rankings[axis][k], refused unless it permutes the layer's components within their groups."""
+    spec = AXES[axis]
+    r, n, g = np.asarray(importance.rankings[axis][k]), full_size(cfg, axis, k), spec.groups(cfg)
+    if not _is_perm(r, n):
+        raise ValueError(f"Importance.rankings[{axis!r}][{k}] is not a permutation of the {n} {spec.unit} of "
+                         f"layer {layer}")
+    if g > 1 and not np.array_equal(r // (n // g), np.arange(n) // (n // g)):
+        raise ValueError(f"Importance.rankings[{axis!r}][{k}] moves {spec.unit} across {spec.group_name} "
+                         f"({spec.group_field}={g}); they must stay in their group")
+    return r
+
+
 def permute_params(params, cfg: NemotronHConfig, importance: Importance) -> dict:
-    """The same function with every elastic axis reordered by importance (spec §3.4), so every
+    """The same function with every elastic axis reordered by importance (METHOD §3.4), so every
     nested model is a prefix:
 
     * hidden: every parameter dimension named "embed" (embedding columns, every residual-stream
       reader and writer, every RMSNorm, the LM head rows);
-    * Mamba: heads within groups and head channels (same order in every head): z/x columns,
-      dt columns, conv_x and its bias, A_log, D, dt_bias, the gated-norm weight, out_proj rows
-      (B/C untouched);
-    * attention: query heads within KV groups (q_proj columns, o_proj rows);
-    * MLP: up_proj columns, down_proj rows;
-    * MoE: experts within routing groups (gate columns, correction bias, expert stacks) and the
-      routed-expert width (one order for all experts of the layer). The shared expert is not
-      elastic and stays as is.
+    * per-layer axes: the dimensions each kind's `select` maps the ranking to (Mamba: heads within
+      groups and one head-channel order for every head: z/x/conv_x/norm/out_proj channels and the
+      per-head dt/A_log/D/dt_bias, B/C untouched; attention: query heads within KV groups; MLP:
+      neurons; MoE: experts within routing groups and the routed-expert width, the shared expert
+      untouched).
 
     Raises ValueError when `importance` belongs to a different config.
     """
     importance.check(cfg)
-    from ..model.params import param_axes
-    rk = importance.rankings
     D = cfg.hidden_size
-    sig_d = np.asarray(rk["hidden"])
+    sig_d = np.asarray(importance.rankings["hidden"])
     if not _is_perm(sig_d, D):
         raise ValueError(f"Importance.rankings['hidden'] is not a permutation of {D} channels")
     sig_d = jnp.asarray(sig_d)
-    axes = param_axes(cfg)
-
-    def perm_embed(x, names):
-        for dim, name in enumerate(names):
-            if name == "embed":
-                x = jnp.take(x, sig_d, axis=dim)
-        return x
-
-    out = {"embed": perm_embed(params["embed"], axes["embed"]),
-           "norm_f": perm_embed(params["norm_f"], axes["norm_f"]),
-           "lm_head": perm_embed(params["lm_head"], axes["lm_head"]), "layers": []}
+    out = {"embed": jnp.take(params["embed"], sig_d, axis=1), "norm_f": jnp.take(params["norm_f"], sig_d, axis=0),
+           "lm_head": jnp.take(params["lm_head"], sig_d, axis=0), "layers": []}
     kinds = cfg.kind_index()
-    for i, char in enumerate(cfg.pattern):
-        lp = params["layers"][i]
-        k = kinds[i]
-        m = {name: perm_embed(v, axes["layers"][i]["mixer"][name]) for name, v in lp["mixer"].items()}
-        if char == "M":
-            H, P = m["A_log"].shape[0], cfg.mamba_head_dim
-            heads, chans = np.asarray(rk["mamba_heads"][k]), np.asarray(rk["mamba_channels"][k])
-            if not _is_perm(heads, H) or not _is_perm(chans, P):
-                raise ValueError(f"Importance rankings of Mamba layer {i} do not match its {H} heads x {P} channels")
-            if not np.array_equal(heads // (H // cfg.n_groups), np.arange(H) // (H // cfg.n_groups)):
-                raise ValueError(f"Importance.rankings['mamba_heads'][{k}] moves heads across Mamba groups")
-            ch, hd = jnp.asarray(_expand(heads, P, chans)), jnp.asarray(heads)
-            for name in ("z_proj", "x_proj", "conv_x"):
-                m[name] = jnp.take(m[name], ch, axis=1)
-            for name in ("conv_x_bias", "norm"):
-                m[name] = jnp.take(m[name], ch, axis=0)
-            m["out_proj"] = jnp.take(m["out_proj"], ch, axis=0)
-            m["dt_proj"] = jnp.take(m["dt_proj"], hd, axis=1)
-            for name in ("A_log", "D", "dt_bias"):
-                m[name] = jnp.take(m[name], hd, axis=0)
-        elif char == "*":
-            hdim = cfg.head_dim
-            nH = m["q_proj"].shape[1] // hdim
-            heads = np.asarray(rk["attn_heads"][k])
-            rep = nH // cfg.num_key_value_heads
-            if not _is_perm(heads, nH) or not np.array_equal(heads // rep, np.arange(nH) // rep):
-                raise ValueError(f"Importance.rankings['attn_heads'][{k}] is not a permutation of the {nH} "
-                                 "query heads within their KV groups")
-            ch = jnp.asarray(_expand(heads, hdim))
-            m["q_proj"] = jnp.take(m["q_proj"], ch, axis=1)
-            m["o_proj"] = jnp.take(m["o_proj"], ch, axis=0)
-        elif char == "-":
-            I = m["up_proj"].shape[1]
-            r = np.asarray(rk["ffn"][k])
-            if not _is_perm(r, I):
-                raise ValueError(f"Importance.rankings['ffn'][{k}] is not a permutation of {I} neurons")
-            r = jnp.asarray(r)
-            m["up_proj"] = jnp.take(m["up_proj"], r, axis=1)
-            m["down_proj"] = jnp.take(m["down_proj"], r, axis=0)
-        else:
-            E, Ie = m["gate"].shape[1], m["up_proj"].shape[2]
-            ex, wd = np.asarray(rk["moe_experts"][k]), np.asarray(rk["moe_ffn"][k])
-            per = E // cfg.n_group
-            if not _is_perm(ex, E) or not np.array_equal(ex // per, np.arange(E) // per):
-                raise ValueError(f"Importance.rankings['moe_experts'][{k}] is not a permutation of the {E} "
-                                 "experts within their routing groups")
-            if not _is_perm(wd, Ie):
-                raise ValueError(f"Importance.rankings['moe_ffn'][{k}] is not a permutation of {Ie} channels")
-            ex, wd = jnp.asarray(ex), jnp.asarray(wd)
-            m["gate"] = jnp.take(m["gate"], ex, axis=1)
-            m["e_score_correction_bias"] = jnp.take(m["e_score_correction_bias"], ex, axis=0)
-            m["up_proj"] = jnp.take(jnp.take(m["up_proj"], ex, axis=0), wd, axis=2)
-            m["down_proj"] = jnp.take(jnp.take(m["down_proj"], ex, axis=0), wd, axis=1)
-        out["layers"].append({"norm": perm_embed(lp["norm"], axes["layers"][i]["norm"]), "mixer": m})
+    for i in range(cfg.num_hidden_layers):
+        kind, k, lp = kind_of(cfg, i), kinds[i], params["layers"][i]
+        sel = {a: _checked_ranking(importance, cfg, a, k, i) for a in kind.AXES}
+        idx = {d: jnp.asarray(v) for d, v in kind.select(cfg, layer_sizes(cfg, i), sel).items()}
+        idx["embed"] = sig_d
+        out["layers"].append({"norm": jnp.take(lp["norm"], sig_d, axis=0),
+                              "mixer": take_dims(lp["mixer"], kind.params(cfg), idx)})
     return out
 
 
@@ -462,27 +380,18 @@ def identity_importance(cfg: NemotronHConfig) -> Importance:
     models that are already permuted."""
     def ramp(n):
         return np.arange(n, 0, -1, dtype=np.float64)
-    from ..model.params import layer_shapes
     sc: dict[str, Any] = {a: [] for a in RANK_AXES}
     sc["hidden"] = ramp(cfg.hidden_size)
-    for i, c in enumerate(cfg.pattern):
-        sh = layer_shapes(cfg, i)
-        if c == "M":
-            sc["mamba_heads"].append(ramp(sh["A_log"][0]))
-            sc["mamba_channels"].append(ramp(cfg.mamba_head_dim))
-        elif c == "*":
-            sc["attn_heads"].append(ramp(sh["q_proj"][1] // cfg.head_dim))
-        elif c == "-":
-            sc["ffn"].append(ramp(sh["up_proj"][1]))
-        else:
-            sc["moe_experts"].append(ramp(sh["gate"][1]))
-            sc["moe_ffn"].append(ramp(sh["up_proj"][2]))
+    kinds = cfg.kind_index()
+    for i in range(cfg.num_hidden_layers):
+        for a in kind_of(cfg, i).AXES:
+            sc[a].append(ramp(full_size(cfg, a, kinds[i])))
     rk = {a: (np.arange(v.size) if a == "hidden" else [np.arange(x.size) for x in v]) for a, v in sc.items()}
     return Importance(scores=sc, rankings=rk, fingerprint=config_fingerprint(cfg))
 
 
 def elastify(params, cfg: NemotronHConfig, batches: Iterable, **kw) -> tuple[dict, Importance]:
-    """Model preparation in one call (spec §3): `estimate_importance` then `permute_params`.
+    """Model preparation in one call (METHOD §3): `estimate_importance` then `permute_params`.
     Returns (permuted params, importance); save the importance with the checkpoint."""
     imp = estimate_importance(params, cfg, batches, **kw)
     return permute_params(params, cfg, imp), imp

@@ -1,4 +1,4 @@
-"""The budget router (spec §5, §14.2): one tiny MLP per elastic axis, Gumbel-softmax over options.
+"""The budget router (METHOD §5, §14.2): one tiny MLP per elastic axis, Gumbel-softmax over options.
 
     u (budget code, [n_budgets]) -> W1 (no bias) -> LeakyReLU(0.1) -> W2 (no bias) -> logits z
     z <- s_t · z                     (logit scale, linear 1 -> 10 over training)
@@ -8,7 +8,7 @@ The router does not see tokens: one configuration per forward pass / micro-batch
 emit [n_opts] logits; heterogeneous ones [n_layers_of_kind, n_opts] (the embedding axis is always
 global). The probabilities feed `ej.SoftWidths` — soft: mask = Σ π_i prefix(option_i); hard: the
 straight-through one-hot one_hot(argmax) + π − stop_gradient(π), exactly the chosen mask in value
-with the soft gradient backwards (spec §4.3, §5.2). The depth head ("layers", when
+with the soft gradient backwards (METHOD §4.3, §5.2). The depth head ("layers", when
 `ElasticConfig.depth_options` is set) turns its π into layer gates Σ_i π_i·1[rank(l) < n_i].
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def router_shapes(cfg: NemotronHConfig, ecfg: ElasticConfig) -> dict:
 
 
 def init_router(cfg: NemotronHConfig, ecfg: ElasticConfig, key: jax.Array) -> dict:
-    """Router parameters: per axis two bias-free linears, weights ~ N(0, router_std²) (spec §5.1)."""
+    """Router parameters: per axis two bias-free linears, weights ~ N(0, router_std²) (METHOD §5.1)."""
     shapes = router_shapes(cfg, ecfg)
     out = {}
     for i, (axis, sh) in enumerate(sorted(shapes.items())):
@@ -73,7 +73,7 @@ def router_axes(cfg: NemotronHConfig, ecfg: ElasticConfig) -> dict:
 
 # ------------------------------------------------------------------------ budget code
 def budget_code(ecfg: ElasticConfig, budget) -> jax.Array:
-    """[n_budgets] f32 router input (spec §5.1): the one-hot of a trained budget; for an unseen
+    """[n_budgets] f32 router input (METHOD §5.1): the one-hot of a trained budget; for an unseen
     budget, the linear interpolation (1-w)·e_i1 + w·e_i2 of its two neighbours; budgets above the
     largest / below the smallest trained one map to that one. Traceable in `budget` (no checks then).
     """
@@ -95,7 +95,7 @@ def budget_code_from_index(ecfg: ElasticConfig, idx) -> jax.Array:
 
 
 def schedules(ecfg: ElasticConfig, step, total_steps) -> tuple[jax.Array, jax.Array]:
-    """(τ, s) at `step` (spec §5.2): τ decays geometrically τ_start -> τ_end (τ_decay = (τ_end/
+    """(τ, s) at `step` (METHOD §5.2): τ decays geometrically τ_start -> τ_end (τ_decay = (τ_end/
     τ_start)^(1/T), the official schedule with the decay chosen to land on τ_end at step T); the
     logit scale rises linearly scale_start -> scale_end. Clamped to the ends outside [0, T]."""
     t = jnp.clip(jnp.asarray(step, jnp.float32) / jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0),
@@ -108,13 +108,13 @@ def schedules(ecfg: ElasticConfig, step, total_steps) -> tuple[jax.Array, jax.Ar
 def router_key(key: jax.Array, step, microbatch=0, shard=None) -> jax.Array:
     """Deterministic Gumbel key for one (step, micro-batch[, data shard]):
     fold_in(fold_in(key, step), microbatch), then fold_in(·, shard) when a shard index is given, so
-    data-parallel shards draw different noise as the official code does (spec §5.2)."""
+    data-parallel shards draw different noise as the official code does (METHOD §5.2)."""
     k = jax.random.fold_in(jax.random.fold_in(key, step), microbatch)
     return k if shard is None else jax.random.fold_in(k, shard)
 
 
 def sample_hard(ecfg: ElasticConfig, key: jax.Array) -> jax.Array:
-    """Bool: take a hard sample this step (probability `hard_sample_prob`, spec §5.2)."""
+    """Bool: take a hard sample this step (probability `hard_sample_prob`, METHOD §5.2)."""
     return jax.random.uniform(key) < ecfg.hard_sample_prob
 
 
@@ -158,7 +158,7 @@ def router_logits(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig
 
 def route(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig, code, key, tau, scale, *,
           hard=False) -> RouterOutput:
-    """Gumbel-softmax routing for one budget code (spec §5.2, §4.3).
+    """Gumbel-softmax routing for one budget code (METHOD §5.2, §4.3).
 
     `key=None`: no Gumbel noise (deterministic, for evaluation). `hard` (Python or traced bool):
     the SoftWidths use the straight-through one-hot one_hot(argmax) + (π − stop_gradient(π)) instead
@@ -170,7 +170,7 @@ def route(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig, code, 
     probs, choice, mix = {}, {}, {}
     for i, axis in enumerate(sorted(opts)):
         z = logits[axis]
-        if ecfg.normalize_logits and z.shape[-1] > 1:     # z <- s·z/std(z), per row (spec §5.2)
+        if ecfg.normalize_logits and z.shape[-1] > 1:     # z <- s·z/std(z), per row (METHOD §5.2)
             z = z / (jnp.std(z, axis=-1, keepdims=True) + 1e-6)
         z = z * scale
         if key is not None:
@@ -215,7 +215,7 @@ def choices_to_widths(cfg: NemotronHConfig, ecfg: ElasticConfig, choice: dict) -
 
 
 def budget_widths(router_params: dict, cfg: NemotronHConfig, ecfg: ElasticConfig, budget) -> Widths:
-    """The submodel a trained router picks for `budget` (spec §8, §14.9): no noise, final τ and
+    """The submodel a trained router picks for `budget` (METHOD §8, §14.9): no noise, final τ and
     logit scale, argmax per axis (and per layer in heterogeneous mode)."""
     code = budget_code(ecfg, budget)
     out = route(router_params, cfg, ecfg, code, None, ecfg.tau_end, ecfg.scale_end)

@@ -14,10 +14,12 @@ import os
 
 
 def _nested_dir(path: str) -> str:
+    from ..infer.checkpoint import check_not_legacy
     for cand in (path, os.path.join(path, "checkpoints", "nested"), os.path.join(path, "nested")):
-        if os.path.isfile(os.path.join(cand, "budgets.json")):
+        check_not_legacy(cand)
+        if os.path.isfile(os.path.join(cand, "elastic_budgets.json")):
             return cand
-    raise ValueError(f"{path!r} holds no nested checkpoint (budgets.json, config.json, model.safetensors), "
+    raise ValueError(f"{path!r} holds no nested checkpoint (an HF folder with elastic_budgets.json), "
                      "neither directly nor under checkpoints/nested")
 
 
@@ -40,8 +42,9 @@ def run_eval(path: str, out: str | None = None, thinking_budgets=(8, 16, 24, 32)
     from ..elastic import param_count
     from ..infer.budget import ElasticModel
     from ..infer.checkpoint import load_nested, widths_to_dict
-    from ..pipeline import EvalConfig, _model_row
     from ..tasks import TaskTokenizer, make_eval_set, trace_text
+    from .accuracy import model_row
+    from .config import EvalConfig
     from .evaluate import evaluate_grid
     from .latency import LatencyTarget
     from .report import analyze, write_report
@@ -59,7 +62,7 @@ def run_eval(path: str, out: str | None = None, thinking_budgets=(8, 16, 24, 32)
     eval_set = make_eval_set(ev.seed, ev.n_problems, ev.split, ev.levels, tokenizer=tok)
     gold = [tok.encode(trace_text(p)) for p in eval_set.problems]
     nested = [{"name": n, "fraction": fractions.get(n), "widths": widths_to_dict(w), "params": param_count(cfg, w),
-               "active_params": param_count(cfg, w, True), **_model_row(model, n, eval_set, tok, ev, gold)}
+               "active_params": param_count(cfg, w, True), **model_row(model, n, eval_set, tok, ev, gold)}
               for n, w in budgets.items()]
     target = LatencyTarget.make(ev.latency_profile, ev.latency_reference)
     grid = evaluate_grid(model, eval_set, tok, ev.thinking_budgets, transplant_pairs=tuple(transplant),

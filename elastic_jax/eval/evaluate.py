@@ -1,6 +1,7 @@
-"""Evaluation of nested submodels on the embedded task and the budget-control grid (spec §9).
+"""Evaluation of nested submodels on the embedded task and the budget-control grid (METHOD §9).
 
-* `accuracy` — exact-match accuracy of one (think, answer) configuration at one thinking budget;
+* `accuracy` — accuracy (exact match; partial credit per queried step on the query levels) of one
+  (think, answer) configuration at one thinking budget;
 * `evaluate_grid` — every (thinking model, answering model) pair x thinking budgets; pairs with
   think == answer are the truncation baseline ("standard budget control"), the others are the
   Star Elastic scheme; optional cache-transplant points are a separate scheme;
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..infer.budget import BudgetOutput, ElasticModel, Specials, bucket_length, budget_generate
 from ..tasks.dataset import EvalSet
-from ..tasks.reasoning import check_answer
+from ..tasks.reasoning import score_answer
 from .latency import LatencyTarget, mean_request_latency
 from ..tasks.tokenizer import TaskTokenizer
 
@@ -68,12 +69,11 @@ class GridPoint:
 
 
 def score(out: BudgetOutput, eval_set: EvalSet, tokenizer: TaskTokenizer) -> np.ndarray:
-    """Per-row score of the answer phase's text against the reference (`check_answer`: exact
+    """Per-row score of the answer phase's text against the reference (`score_answer`: exact
     match, or partial credit for answers with parts)."""
     if len(out.answer_tokens) != len(eval_set):
         raise ValueError(f"{len(out.answer_tokens)} outputs for an eval set of {len(eval_set)} problems")
-    return np.asarray([float(check_answer(p, tokenizer.decode(a))) for p, a in zip(eval_set.problems,
-                                                                                     out.answer_tokens)])
+    return np.asarray([score_answer(p, tokenizer.decode(a)) for p, a in zip(eval_set.problems, out.answer_tokens)])
 
 
 def _modeled(model: ElasticModel, think_model: str, answer_model: str, targets, rows) -> dict:

@@ -1,4 +1,4 @@
-"""Roofline latency model of generation (spec §9: the paper measures budget control on H100 GPUs).
+"""Roofline latency model of generation (METHOD §9: the paper measures budget control on H100 GPUs).
 
 A forward call that runs `new` tokens per row for `batch` rows, with `context` positions already
 cached, costs
@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import NemotronHConfig
 from ..elastic.slicing import sliced_config
-from ..model.params import param_shapes
+from ..model.kinds import kind_of, layer_sizes
 from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
 
 
@@ -107,7 +107,7 @@ NANO3_30B_A3B = NemotronHConfig(
     mamba_num_heads=64, mamba_head_dim=64, n_groups=8, ssm_state_size=128, conv_kernel=4, chunk_size=128,
     n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712,
     routed_scaling_factor=2.5, max_position_embeddings=262144)
-"""Nemotron 3 Nano 30B-A3B (spec §2.2): the Star Elastic parent, ~31.6B total / ~3.2B active."""
+"""Nemotron 3 Nano 30B-A3B (METHOD §2.2): the Star Elastic parent, ~31.6B total / ~3.2B active."""
 
 REFERENCE_MODELS = {"nano3_30b_a3b": NANO3_30B_A3B}
 
@@ -172,34 +172,35 @@ class _Arch:
 
 
 def _arch(cfg: NemotronHConfig, widths: Widths | None) -> _Arch:
+    """The roofline's sizes of the sliced model, read from the layer kinds' declarations: a
+    parameter with an `experts` dimension is a routed-expert weight, one with a `conv` dimension is
+    no matmul, and each kind's `cache_elems` gives its decode state per row and position."""
     sub = sliced_config(cfg, widths)
-    shapes = param_shapes(sub)
-    dense = float(np.prod(shapes["lm_head"]) + np.prod(shapes["norm_f"]))
-    active = float(np.prod(shapes["lm_head"]))
+    D, V = sub.hidden_size, sub.vocab_size
+    dense = float(D * V + D)
+    active = float(D * V)
     experts, kv, qk, ssm, conv, ssm_fl = [], 0.0, 0.0, 0.0, 0.0, 0.0
-    for i, layer in enumerate(shapes["layers"]):
-        char = sub.pattern[i]
-        dense += float(np.prod(layer["norm"]))
-        for name, shp in layer["mixer"].items():
-            n = float(np.prod(shp))
-            if char == "E" and name in ("up_proj", "down_proj"):
+    for i in range(sub.num_hidden_layers):
+        kind, sizes = kind_of(sub, i), layer_sizes(sub, i)
+        dense += float(D)
+        per_expert = 0.0
+        for p in kind.params(sub).values():
+            n = float(np.prod([sizes[d] for d in p.dims]))
+            if "experts" in p.dims:
+                per_expert += n / sizes["experts"]
                 continue
             dense += n
-            if len(shp) == 2 and name not in ("conv_x", "conv_B", "conv_C"):
+            if len(p.dims) == 2 and "conv" not in p.dims:
                 active += n
-        if char == "E":
-            E, D, Ie = layer["mixer"]["up_proj"]
-            per_expert = 2.0 * D * Ie
-            experts.append((E, per_expert, sub.num_experts_per_tok))
+        if per_expert:
+            experts.append((sizes["experts"], per_expert, sub.num_experts_per_tok))
             active += per_expert * sub.num_experts_per_tok
-        elif char == "*":
-            kv += 2.0 * layer["mixer"]["k_proj"][1]
-            qk += float(layer["mixer"]["q_proj"][1])
-        elif char == "M":
-            H = layer["mixer"]["A_log"][0]
-            ssm += float(H * sub.mamba_head_dim * sub.ssm_state_size)
-            conv += float((sub.conv_kernel - 1) * (layer["mixer"]["conv_x"][1] + 2 * layer["mixer"]["conv_B"][1]))
-            ssm_fl += 6.0 * H * sub.mamba_head_dim * sub.ssm_state_size
+        elems = kind.cache_elems(sub, sizes, 1, 1)
+        kv += float(elems.get("kv", 0.0))
+        qk += float(sizes.get("heads", 0))          # attention query channels (nH·hd)
+        ssm += float(elems.get("ssm", 0.0))
+        conv += float(elems.get("conv", 0.0))
+        ssm_fl += 6.0 * float(elems.get("ssm", 0.0))
     return _Arch(dense, tuple(experts), active, sub.hidden_size, kv, qk, ssm, conv, ssm_fl)
 
 
@@ -252,7 +253,7 @@ def generation_latency(profile, *, think_cfg: NemotronHConfig, think_widths: Wid
                        answer_cfg: NemotronHConfig | None = None, answer_widths: Widths | None = None,
                        batch: int = 1, prompt_len: int, think_steps: int, answer_steps: int,
                        reprefill_len: int = 0) -> dict:
-    """Modeled seconds per phase of one budget-control request (spec §9).
+    """Modeled seconds per phase of one budget-control request (METHOD §9).
 
     think: prefill the prompt, decode `think_steps` tokens (the trace and `</think>`).
     answer: when `reprefill_len` > 0 the answering model re-prefills that many positions (prompt +

@@ -242,7 +242,7 @@ def plot_pareto(results: dict, path: str):
         ax.grid(alpha=0.3)
         ax.set_title("primary axis" if x == x0 else "for comparison", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("accuracy vs cost: Pareto frontier per scheme, 95% bootstrap intervals (spec §9)")
+    fig.suptitle("accuracy vs cost: Pareto frontier per scheme, 95% bootstrap intervals (METHOD §9)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     if not _inline():
@@ -415,7 +415,9 @@ def render_markdown(results: dict, analysis: dict) -> str:
                  if t.get("phases") else "") + ".", ""]
     if ev:
         L += [f"Evaluation: {ev.get('n_problems')} held-out `{ev.get('split', 'test')}` problems of the embedded "
-              f"task (difficulty levels {ev.get('levels')}), greedy decoding, exact match of the answer.", ""]
+              f"task (difficulty levels {ev.get('levels')}), greedy decoding, exact match of the answer"
+              + ("; the query levels (5-8) score partial credit per queried step" if any(
+                  l >= 5 for l in ev.get("levels") or ()) else "") + ".", ""]
     # ---- accuracy table
     par = results.get("parent")
     base = {b["name"]: b for b in results.get("baselines", [])}
@@ -444,7 +446,7 @@ def render_markdown(results: dict, analysis: dict) -> str:
              and n["accuracy"] < base[n["name"]]["accuracy"]]
     if base:
         L += [f"Nested >= baseline for: {', '.join(wins) or 'none'}; nested < baseline for: "
-              f"{', '.join(loses) or 'none'} (the paper claims nested >= baselines, spec §11.4).", ""]
+              f"{', '.join(loses) or 'none'} (the paper claims nested >= baselines, METHOD §11.4).", ""]
     # ---- tokens
     tok = analysis.get("tokens")
     tr = results.get("training", {})
@@ -457,7 +459,7 @@ def render_markdown(results: dict, analysis: dict) -> str:
             L.append(f"| independent baseline {k} (KD alone) | {v:,} |")
         L += [f"| sum of the baselines | {tok['baselines_sum']:,} |", "",
               f"The baselines together used **{tok['ratio_baselines_over_elastic']:.2f}x** the elastic run's "
-              f"tokens (paper: 7x fewer tokens than sequential compression, spec §11.2). The parent's own "
+              f"tokens (paper: 7x fewer tokens than sequential compression, METHOD §11.2). The parent's own "
               f"training is shared by both approaches and not counted on either side.", ""]
     # ---- memory
     mem = results.get("memory", {})
@@ -466,7 +468,7 @@ def render_markdown(results: dict, analysis: dict) -> str:
               f"One nested checkpoint (all budgets sliceable zero-shot): **{_mb(mem['nested_checkpoint_bytes'])}**; "
               f"separate checkpoints of the same sizes: **{_mb(mem['separate_checkpoint_bytes'])}** "
               f"(ratio {analysis.get('memory_ratio_nested_over_separate', 0):.2f}; paper Table 3: 58.9 GB vs "
-              f"126.1 GB = 0.47, spec §10).", ""]
+              f"126.1 GB = 0.47, METHOD §10).", ""]
         if mem.get("files"):
             L += ["| file | size |", "|---|---|"] + [f"| {k} | {_mb(v)} |" for k, v in mem["files"].items()] + [""]
     # ---- budget control
@@ -476,7 +478,7 @@ def render_markdown(results: dict, analysis: dict) -> str:
         modeled = x == "latency_model_s"
         lat = results.get("latency", {})
         prim = lat.get("primary")
-        L += ["## Budget control vs thinking-token truncation (spec §9)", "",
+        L += ["## Budget control vs thinking-token truncation (METHOD §9)", "",
               f"Thinking budgets: {results.get('grid_budgets')}. Two truncation baselines: the parent alone "
               "(`parent_truncation`, the paper's baseline) and every nested model alone (`truncation`); "
               "budget control = A thinks, B answers after re-prefilling prompt + trace (bucketed to a multiple "

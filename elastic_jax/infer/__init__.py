@@ -1,5 +1,5 @@
 """Inference: elastic budget control (one nested submodel thinks, another answers) and the
-thinking-token truncation baseline (spec §9); the same on text from a checkpoint folder
+thinking-token truncation baseline (METHOD §9); the same on text from a checkpoint folder
 (`TextGenerator`, `elastic-jax generate`)."""
 from .budget import (BudgetOutput, ElasticModel, PhaseStats, Specials, answer_generate, budget_generate, left_pad,
                      truncation_generate)

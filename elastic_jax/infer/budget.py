@@ -1,4 +1,4 @@
-"""Elastic budget control (spec §9): submodel A thinks, submodel B answers.
+"""Elastic budget control (METHOD §9): submodel A thinks, submodel B answers.
 
 Phase 1 (think): A decodes after the prompt (which ends with `<think>`) until it emits `</think>`
 or has produced `thinking_budget` thinking tokens; in the latter case `</think>` is forced.

@@ -97,7 +97,7 @@ def add_cli(subparsers) -> None:
     text = "generate text with one nested model thinking and another answering (budget control)"
     p = subparsers.add_parser("generate", help=text, description=text)
     p.add_argument("model_dir", help="checkpoint folder: HF (config.json, safetensors, tokenizer.json, "
-                                     "optional elastic_budgets.json) or the pipeline's nested checkpoint")
+                                     "optional elastic_budgets.json), e.g. the pipeline's nested checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (a user message through the chat template; --raw: as is)")
     src.add_argument("--prompts", help='JSONL file: {"prompt": text} or {"messages": [...]} per line')

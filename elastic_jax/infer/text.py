@@ -1,4 +1,4 @@
-"""Budget-controlled text generation over a checkpoint folder (spec §9 on real text).
+"""Budget-controlled text generation over a checkpoint folder (METHOD §9 on real text).
 
     gen = TextGenerator.load("exported_hf_dir")             # model + budget table + tokenizer
     out = gen.generate(["What is 17 + 25?"], think="50%", answer="100%", thinking_budget=256)
@@ -6,7 +6,7 @@
 
 The folder is an HF NemotronH checkpoint (`config.json` + safetensors; `elastic_budgets.json`, the
 nested family written by `elastic-jax export`, is optional: without it only the full model and
-widths given by the user exist) or the pipeline's nested checkpoint (`budgets.json`). The
+widths given by the user exist); the pipeline's nested checkpoint is such a folder. The
 tokenizer is the folder's `tokenizer.json`; prompts are wrapped as one user message by the chat
 template of `tokenizer_config.json` (`raw=True`: the text is the prompt as is).
 
@@ -117,22 +117,20 @@ class TextGenerator:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, directory: str | os.PathLike, *, mode: str = "masked", dtype=None) -> "TextGenerator":
-        """An HF folder (optional `elastic_budgets.json`) or the pipeline's nested checkpoint."""
+        """An HF folder, with the nested family when it has `elastic_budgets.json` (the main job's
+        nested checkpoint is one)."""
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory} is not a folder")
-        if os.path.isfile(os.path.join(directory, "budgets.json")):
-            from .checkpoint import load_nested
-            cfg, params, budgets, _ = load_nested(directory)
-            sizes = {}
-        elif os.path.isfile(os.path.join(directory, "config.json")):
-            from ..hf import load_hf, read_budget_table
-            cfg, params = load_hf(directory, dtype=dtype)
-            table = read_budget_table(directory, cfg)
-            budgets = {n: e["widths"] for n, e in table.items()}
-            sizes = {n: {"params": e["params"], "active_params": e["active_params"]} for n, e in table.items()}
-        else:
-            raise FileNotFoundError(f"{directory}: no config.json (HF checkpoint) or budgets.json (nested checkpoint)")
+        from .checkpoint import check_not_legacy
+        check_not_legacy(directory)
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(f"{directory}: no config.json (an HF NemotronH checkpoint)")
+        from ..hf import load_hf, read_budget_table
+        cfg, params = load_hf(directory, dtype=dtype)
+        table = read_budget_table(directory, cfg)
+        budgets = {n: e["widths"] for n, e in table.items()}
+        sizes = {n: {"params": e["params"], "active_params": e["active_params"]} for n, e in table.items()}
         tok = ChatTokenizer.load(directory)
         budgets = dict(budgets)
         budgets.setdefault(FULL, Widths())

@@ -21,39 +21,18 @@ from jax.experimental import checkify
 
 from ..config import NemotronHConfig
 from ..sharding import constrain
-from ..widths import SoftWidths, Widths, as_soft, max_count, norm_correction, prefix_mask
+from ..widths import SoftWidths, Widths, as_soft, norm_correction, prefix_mask
 from ..quant.state import apply_layer
-from .layers import MIXERS, Context, ElasticLayer, rms_norm
+from .kinds import KINDS, kind_of, layer_sizes
+from .kinds.base import layer_sizes_of
+from .layers import Context, ElasticLayer, rms_norm
 from .policy import ComputePolicy, remat_policy, resolve_policy
 from .scan import scan_blocks, stack_layers, unstack_layers, unstackable_reason
 
 
 def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, char: str, k, mixer_params) -> ElasticLayer:
     """Masks of the k-th layer of kind `char` (k may be traced: the scanned loop)."""
-    pre = sw.mask_form == "official"
-    if char == "M":
-        c, p = sw.mamba_heads[0][k], sw.mamba_heads[1][k]
-        H = mixer_params["A_log"].shape[0]
-        eps_f, scale = norm_correction(H, c, p)
-        chan = None
-        if sw.mamba_channels is not None:     # head channels: ρ = (heads/H)·(channels/P)
-            cc, cp = sw.mamba_channels[0][k], sw.mamba_channels[1][k]
-            chan = prefix_mask(cfg.mamba_head_dim, cc, cp)
-            eps_c, scale_c = norm_correction(cfg.mamba_head_dim, cc, cp)
-            eps_f, scale = eps_f * eps_c, scale * scale_c
-        return ElasticLayer(head_mask=prefix_mask(H, c, p, cfg.n_groups), norm_eps=eps_f, norm_scale=scale,
-                            active_heads=max_count(c, p) // cfg.n_groups, channel_mask=chan, premask=pre)
-    if char == "*":
-        c, p = sw.attn_heads[0][k], sw.attn_heads[1][k]
-        nH = mixer_params["q_proj"].shape[1] // cfg.head_dim
-        return ElasticLayer(head_mask=prefix_mask(nH, c, p, cfg.num_key_value_heads))
-    if char == "-":
-        c, p = sw.ffn[0][k], sw.ffn[1][k]
-        return ElasticLayer(ffn_mask=prefix_mask(mixer_params["up_proj"].shape[1], c, p), premask=pre)
-    c, p = sw.moe_ffn[0][k], sw.moe_ffn[1][k]
-    return ElasticLayer(ffn_mask=prefix_mask(mixer_params["up_proj"].shape[2], c, p),
-                        active_ffn=max_count(c, p),
-                        expert_counts=sw.moe_experts[0][k], expert_probs=sw.moe_experts[1][k], premask=pre)
+    return KINDS[char].masks(cfg, sw, k, mixer_params)
 
 
 def constrain_hidden(h_BLD):
@@ -85,6 +64,8 @@ def _scan_fallback(params, cfg: NemotronHConfig, ctx: Context, cache) -> str | N
         return "ComputePolicy.scan_layers is False"
     if cache is not None:
         return "decoding with a cache runs the unrolled loop"
+    if ctx.collect:
+        return "collecting intermediates runs the unrolled loop"
     if ctx.quant is not None:
         reason = "fake quantization (QAD) indexes its scales per layer"
     else:
@@ -128,9 +109,11 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
         x = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon, h_eps, h_scale).astype(cdt)
         if hmask is not None:
             x = x * hmask
-        out, c = MIXERS[char](lp["mixer"], x, cfg, el, ctx, layer_cache)
+        out, c = KINDS[char].apply(lp["mixer"], x, cfg, el, ctx, layer_cache)
         if hmask is not None:
             out = out * hmask
+        if ctx.collect:
+            c = {**(c or {}), "input": x}
         return out, c
 
     remat = ctx.policy.remat != "none" and cache is None
@@ -160,15 +143,18 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
         kinds = cfg.kind_index()
         new_cache = [] if cache is not None else None
         hiddens = []
+        collected = []
         for i, char in enumerate(cfg.pattern):
             lp = layers[i]
             el = None if sw is None else _layer_masks(cfg, sw, char, kinds[i], lp["mixer"])
-            if ctx.quant is not None:   # fixed-scale fake quantization of the projections (spec §10)
+            if ctx.quant is not None:   # fixed-scale fake quantization of the projections (METHOD §10)
                 lp = {"norm": lp["norm"], "mixer": apply_layer(lp["mixer"], ctx.quant, i)}
             run = jax.checkpoint(block, policy=policy, static_argnums=(4,)) if remat else block
             out, c = run(h, lp, el, None if cache is None else cache[i], char)
             gate = None if sw is None else sw.layers[i].astype(out.dtype)
             h = constrain_hidden(h + (out if gate is None else gate * out).astype(cdt))
+            if ctx.collect:
+                collected.append(c)
             if new_cache is not None:
                 new_cache.append(c)
             elif loads is not None and char == "E":      # per-expert routing counts of this MoE layer
@@ -185,20 +171,30 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
     logits = constrain(logits, ("batch", "length", "act_vocab"))
     if return_hidden:
         return logits, hiddens
+    if ctx.collect:
+        return logits, collected
     return logits, new_cache
 
 
 def forward(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-            segment_ids=None, policy: ComputePolicy | None = None, quant=None, checked: bool = False):
+            segment_ids=None, policy: ComputePolicy | None = None, quant=None, checked: bool = False,
+            intermediates: bool = False):
     """Logits f32 [B, L, vocab] of the (masked) model. `segment_ids` [B, L]: packed documents
     (attention, conv and SSM state do not cross boundaries); id 0 marks padding. `quant`: an
     `elastic_jax.quant.QuantState` (FP8 / NVFP4 simulated with its fixed scales). `checked`: see
-    the module docstring."""
+    the module docstring.
+
+    `intermediates`: return (logits, per-layer list of dicts) instead, each layer's dict holding
+    "input" (the normed block input [B, L, D]) and what its mixer records (Mamba "x_proj"
+    [B, L, H, P]; attention "heads" [B, L, nH, hd], the o_proj input; MLP "neurons" [B, L, I];
+    MoE the routing and per-row expert activations, see `kinds.moe.moe_mixer`). Returned, not
+    stored anywhere; the layers then run unrolled."""
     check_segment_ids(segment_ids, tokens)
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
-    logits, _ = _run(params, tokens, cfg, widths, ctx, None, checked=checked)
-    return logits
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant,
+                  collect=intermediates)
+    logits, inter = _run(params, tokens, cfg, widths, ctx, None, checked=checked)
+    return (logits, inter) if intermediates else logits
 
 
 # ------------------------------------------------------------------------------ caches
@@ -218,19 +214,11 @@ jax.tree_util.register_dataclass(Cache, data_fields=["layers", "pos"], meta_fiel
 def init_cache(cfg: NemotronHConfig, batch: int, max_len: int, params=None, dtype=jnp.float32) -> dict:
     """Empty decode cache: attention KV [B, S, nKV, hd] + validity, Mamba conv window and f32 SSM state."""
     layers = []
-    for i, c in enumerate(cfg.pattern):
-        k = cfg.kind_index()[i]
-        if c == "*":
-            shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-            layers.append({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                           "valid": jnp.zeros((batch, max_len), bool)})
-        elif c == "M":
-            H = cfg.mamba_heads_at(k) if params is None else params["layers"][i]["mixer"]["A_log"].shape[0]
-            conv_dim = H * cfg.mamba_head_dim + 2 * cfg.n_groups * cfg.ssm_state_size
-            layers.append({"conv": jnp.zeros((batch, cfg.conv_kernel - 1, conv_dim), dtype),
-                           "ssm": jnp.zeros((batch, H, cfg.mamba_head_dim, cfg.ssm_state_size), jnp.float32)})
-        else:
-            layers.append(None)
+    for i in range(cfg.num_hidden_layers):
+        sizes = layer_sizes(cfg, i)
+        if params is not None:     # the parameters' own sizes (a model whose arrays differ from cfg)
+            sizes.update(layer_sizes_of(params["layers"][i]["mixer"], kind_of(cfg, i).params(cfg)))
+        layers.append(kind_of(cfg, i).init_cache(cfg, sizes, batch, max_len, dtype))
     return Cache(layers=layers, pos=jnp.zeros((), jnp.int32), max_len=max_len)
 
 

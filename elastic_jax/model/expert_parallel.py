@@ -28,7 +28,8 @@ from .. import kernels
 from ..quant.formats import fp8_with_scale
 from ..quant.qweight import QWeight
 from ..sharding import current_rules, mesh_axes_for
-from .layers import ElasticLayer, expert_load, relu2, route
+from .kinds.moe import expert_load, route
+from .layers import ElasticLayer, relu2
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

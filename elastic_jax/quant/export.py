@@ -1,4 +1,4 @@
-"""FP8 / NVFP4 checkpoints in the ModelOpt Hugging Face layout (spec §10), beside `elastic_jax.hf`.
+"""FP8 / NVFP4 checkpoints in the ModelOpt Hugging Face layout (METHOD §10), beside `elastic_jax.hf`.
 
 Per quantized linear `<module>` (HF `[out, in]` layout):
   FP8   : `<module>.weight` float8_e4m3fn, `<module>.weight_scale` f32 [] (per tensor),

@@ -1,4 +1,4 @@
-"""FP8 / NVFP4 number formats: fake quantization (dynamic or with fixed scales) and packing (spec §10).
+"""FP8 / NVFP4 number formats: fake quantization (dynamic or with fixed scales) and packing (METHOD §10).
 
 `quantize_dequantize(x, fmt, axis=-1)` returns x rounded to the format and scaled back (the
 "fake quant" of QAD), with a straight-through gradient (identity), so a student trained through it

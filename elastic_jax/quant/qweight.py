@@ -1,4 +1,4 @@
-"""`QWeight`: a fake-quantized projection weight as the mixers see it (spec §10).
+"""`QWeight`: a fake-quantized projection weight as the mixers see it (METHOD §10).
 
 The decoder replaces each quantized weight of a layer by a `QWeight` holding the weight already
 rounded with the layer's fixed scales, plus the FP8 static input scale; `dense` / the grouped matmul

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from .reasoning import Problem, answer_text, document_text, make_problems, prompt_text, trace_text
-from .tokenizer import TaskTokenizer
+from .reasoning import (QUERY, QUERY_LEVELS, TAGS, Problem, answer_text, check_levels, document_text, make_problems,
+                        prompt_text, trace_text)
+from .tokenizer import SPECIAL_TOKENS, TaskTokenizer
 
 
 def make_documents(seed: int, n: int, split: str = "train", difficulty=None,
@@ -41,3 +42,14 @@ def make_eval_set(seed: int, n: int, split: str = "test", difficulty=None,
 
 def reference_answer_ids(p: Problem, tokenizer: TaskTokenizer) -> list[int]:
     return tokenizer.encode(answer_text(p))
+
+
+def vocab_needed(levels=None, tokenizer: TaskTokenizer | None = None) -> int:
+    """The smallest model vocab_size that covers every token the task's `levels` use (the sum
+    levels need fewer ids than the query levels' extra tags)."""
+    tok = tokenizer or TaskTokenizer.default()
+    levels = check_levels(levels)
+    steps = max(QUERY_LEVELS[l][0] if l in QUERY_LEVELS else l + 2 for l in levels)
+    words = list(SPECIAL_TOKENS) + [str(d) for d in range(10)] + list(TAGS[:steps]) + ["!"]
+    words += [QUERY] if any(l in QUERY_LEVELS for l in levels) else []
+    return 1 + max(tok.id(w) for w in words)

@@ -1,20 +1,33 @@
-"""The embedded reasoning task: tagged running sums with carries.
+"""The embedded reasoning task: tagged running sums with carries, and queries over the finished trace.
 
-A problem is a list of `k` tagged digits (k = difficulty + 2). The thinking trace walks the list
-and keeps a running sum modulo 10, one step per digit, marking every step that wraps past 9 with
-a carry token `!`. The answer is the full (two-digit) sum: its tens digit is the NUMBER of carry
-marks in the trace and its units digit is the last running value, so producing it needs a count
-over the whole trace, not a copy of its last line. Without the trace a model must add k digits
-in one shot, which a few-million-parameter model does not learn in minutes: the thinking phase
-matters, and truncating it (spec §9 "standard budget control") visibly costs accuracy.
+A problem is a list of `k` tagged digits. The thinking trace walks the list and keeps a running
+sum modulo 10, one step per digit, marking every step that wraps past 9 with a carry token `!`.
+Writing a step is local: the previous value, the next digit in order, their sum mod 10.
+
+Levels 1-4 ("sum", k = level + 2): the answer is the full (two-digit) sum: its tens digit is the
+NUMBER of carry marks in the trace and its units digit is the last running value, so producing it
+needs a count over the whole trace, not a copy of its last line. Without the trace a model must
+add k digits in one shot: the thinking phase matters, and truncating it (METHOD §9 "standard
+budget control") visibly costs accuracy.
 
     prompt : <bos> a 3 b 7 c 2 d 9 <think>
     trace  : a 0 3 3 b 3 7 0 ! c 0 2 2 d 2 9 1 ! </think>
     answer : <ans> 2 1 <eos>                    (3 + 7 + 2 + 9 = 21: two carries, last value 1)
 
+Levels 5-8 ("query", issue 15): the prompt also names `q` tags after `?`, and the answer gives the
+running value at each queried step (`tag value` pairs, in the query's order). The trace is the
+same locally easy walk, but up to 20 steps (~100 tokens); the answer is short but has to find
+each queried step in a long finished trace and copy its value (associative recall over the whole
+context, which needs width: attention and SSM state), and it is scored with partial credit per
+queried step, so a trace cut short loses only the steps it did not reach.
+
+    prompt : <bos> a 3 b 7 c 2 d 9 ? b d <think>
+    trace  : (as above) </think>
+    answer : <ans> b 0 d 1 <eos>
+
 Everything is deterministic from a seed. The train and test splits are disjoint by construction:
-a problem belongs to the test split iff a stable hash (CRC-32) of its digits falls in the test
-bucket, so no test problem is ever generated for training.
+a problem belongs to the test split iff a stable hash (CRC-32) of its digits (and query) falls in
+the test bucket, so no test problem is ever generated for training.
 """
 from __future__ import annotations
 
@@ -23,27 +36,42 @@ import zlib
 
 import numpy as np
 
-TAGS = "abcdefgh"
-MIN_LEVEL, MAX_LEVEL = 1, 4
+TAGS = "abcdefghijklmnopqrst"  # one tag per step; the sum levels use the first 6
+SUM_LEVELS = (1, 2, 3, 4)      # k = level + 2 digits, answer = the full sum
+# query levels: level -> (digits, queried steps); traces of ~36 / ~54 / ~72 / ~90 (max 100) tokens
+QUERY_LEVELS = {5: (8, 2), 6: (12, 3), 7: (16, 3), 8: (20, 4)}
+MIN_LEVEL, MAX_LEVEL = 1, 8
+DEFAULT_LEVELS = SUM_LEVELS    # difficulty=None: the original task
 TEST_BUCKETS = 5          # 1 / TEST_BUCKETS of all problems are test problems
 SPLITS = ("train", "test")
+QUERY = "?"
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One problem: the digits (its difficulty is len(digits) - 2)."""
+    """One problem: the digits and, for the query levels, the queried step indices (sorted)."""
 
     digits: tuple[int, ...]
+    query: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if not (MIN_LEVEL + 2 <= len(self.digits) <= len(TAGS)):
-            raise ValueError(f"Problem.digits must hold {MIN_LEVEL + 2}..{len(TAGS)} digits, got {len(self.digits)}")
+        n = len(self.digits)
+        if not self.query and not (SUM_LEVELS[0] + 2 <= n <= SUM_LEVELS[-1] + 2):
+            raise ValueError(f"Problem.digits must hold {SUM_LEVELS[0] + 2}..{SUM_LEVELS[-1] + 2} digits (or be a "
+                             f"query problem), got {n}")
+        if self.query and (n, len(self.query)) not in QUERY_LEVELS.values():
+            raise ValueError(f"Problem with {n} digits and {len(self.query)} queried steps matches no query level "
+                             f"(digits, queries) in {sorted(QUERY_LEVELS.values())}")
         if any(not (0 <= int(d) <= 9) for d in self.digits):
             raise ValueError(f"Problem.digits must be in 0..9, got {self.digits}")
+        if self.query and (list(self.query) != sorted(set(self.query)) or not 0 <= self.query[0] <= self.query[-1] < n):
+            raise ValueError(f"Problem.query must be distinct sorted step indices in 0..{n - 1}, got {self.query}")
 
     @property
     def difficulty(self) -> int:
-        return len(self.digits) - 2
+        if not self.query:
+            return len(self.digits) - 2
+        return next(l for l, spec in QUERY_LEVELS.items() if spec == (len(self.digits), len(self.query)))
 
     def steps(self) -> list[tuple[str, int, int, int, bool]]:
         """(tag, previous running value, digit, new running value, carry) for every step."""
@@ -54,22 +82,33 @@ class Problem:
             run = new % 10
         return out
 
-    def answer(self) -> str:
-        """Tens digit = number of carries, units digit = last running value (= the full sum)."""
+    def answer_parts(self) -> list[str]:
+        """The parts partial credit is given for: one `tag value` per queried step (query levels);
+        the whole two-digit sum as one part (sum levels)."""
         steps = self.steps()
+        if self.query:
+            return [f"{steps[i][0]} {steps[i][3]}" for i in self.query]
         carries = sum(s[4] for s in steps)
-        return f"{carries} {steps[-1][3]}"
+        return [f"{carries} {steps[-1][3]}"]
+
+    def answer(self) -> str:
+        """Sum levels: tens digit = number of carries, units digit = last running value (= the full
+        sum). Query levels: the running value at each queried step, as `tag value` pairs."""
+        return " ".join(self.answer_parts())
 
 
 def split_of(problem: Problem) -> str:
-    """'test' iff CRC-32 of the digit string lands in bucket 0 of TEST_BUCKETS, else 'train'."""
-    key = "".join(str(d) for d in problem.digits).encode()
-    return "test" if zlib.crc32(key) % TEST_BUCKETS == 0 else "train"
+    """'test' iff CRC-32 of the digit (and query) string lands in bucket 0 of TEST_BUCKETS, else 'train'."""
+    key = "".join(str(d) for d in problem.digits)
+    if problem.query:
+        key += "?" + ",".join(str(i) for i in problem.query)
+    return "test" if zlib.crc32(key.encode()) % TEST_BUCKETS == 0 else "train"
 
 
-def _check_level(difficulty) -> tuple[int, ...]:
-    levels = (tuple(range(MIN_LEVEL, MAX_LEVEL + 1)) if difficulty is None
-              else (difficulty,) if isinstance(difficulty, int) else tuple(difficulty))
+def check_levels(difficulty) -> tuple[int, ...]:
+    """Normalise `difficulty` (None = DEFAULT_LEVELS, an int, or ints) to a tuple of valid levels."""
+    levels = (DEFAULT_LEVELS if difficulty is None
+              else (difficulty,) if isinstance(difficulty, (int, np.integer)) else tuple(difficulty))
     if not levels or any(not isinstance(l, (int, np.integer)) or not MIN_LEVEL <= l <= MAX_LEVEL for l in levels):
         raise ValueError(f"difficulty must be an int (or ints) in {MIN_LEVEL}..{MAX_LEVEL}, got {difficulty!r}")
     return tuple(int(l) for l in levels)
@@ -77,18 +116,23 @@ def _check_level(difficulty) -> tuple[int, ...]:
 
 def make_problems(seed: int, n: int, split: str = "train", difficulty=None) -> list[Problem]:
     """`n` problems of `split` ('train' | 'test'), difficulty levels drawn uniformly from
-    `difficulty` (an int, a sequence of ints, or None = all levels). Deterministic in (seed, split,
-    difficulty); test problems may repeat at the lowest level (only 1000 distinct 3-digit lists)."""
+    `difficulty` (an int, a sequence of ints, or None = the sum levels 1-4). Deterministic in (seed,
+    split, difficulty); test problems may repeat at the lowest level (only 1000 distinct 3-digit lists)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    levels = _check_level(difficulty)
+    levels = check_levels(difficulty)
     rng = np.random.default_rng([int(seed), SPLITS.index(split)])
     out = []
     while len(out) < n:
         level = int(rng.choice(levels))
-        p = Problem(tuple(int(d) for d in rng.integers(0, 10, size=level + 2)))
+        if level in QUERY_LEVELS:
+            k, q = QUERY_LEVELS[level]
+            digits = tuple(int(d) for d in rng.integers(0, 10, size=k))
+            p = Problem(digits, tuple(sorted(int(i) for i in rng.choice(k, size=q, replace=False))))
+        else:
+            p = Problem(tuple(int(d) for d in rng.integers(0, 10, size=level + 2)))
         if split_of(p) == split:
             out.append(p)
     return out
@@ -99,8 +143,9 @@ BOS, EOS, PAD, THINK, END_THINK, ANSWER = "<bos>", "<eos>", "<pad>", "<think>", 
 
 
 def prompt_text(p: Problem) -> str:
-    """`<bos> a 3 b 7 ... <think>`: the prompt opens the thinking phase (like a chat template)."""
-    return " ".join([BOS] + [f"{t} {d}" for t, d in zip(TAGS, p.digits)] + [THINK])
+    """`<bos> a 3 b 7 ... [? b d] <think>`: the prompt opens the thinking phase (like a chat template)."""
+    query = [QUERY] + [TAGS[i] for i in p.query] if p.query else []
+    return " ".join([BOS] + [f"{t} {d}" for t, d in zip(TAGS, p.digits)] + query + [THINK])
 
 
 def trace_text(p: Problem) -> str:
@@ -109,7 +154,7 @@ def trace_text(p: Problem) -> str:
 
 
 def answer_text(p: Problem) -> str:
-    """`</think> <ans> T U <eos>`: what follows the trace."""
+    """`</think> <ans> ... <eos>`: what follows the trace."""
     return f"{END_THINK} {ANSWER} {p.answer()} {EOS}"
 
 
@@ -129,3 +174,20 @@ def parse_answer(text: str) -> str | None:
 def check_answer(p: Problem, generated: str) -> bool:
     """Exact match of the parsed answer with `p.answer()`."""
     return parse_answer(generated) == p.answer()
+
+
+def score_answer(p: Problem, generated: str) -> float:
+    """Partial credit: the share of `p.answer_parts()` given right, in place (part i = the i-th
+    two-word group of the parsed answer), over max(parts expected, parts given), so extra parts
+    cost credit. 1.0 iff `check_answer`; the sum levels' one-part answer scores 0 or 1."""
+    got = parse_answer(generated)
+    if got is None:
+        return 0.0
+    if got == p.answer():
+        return 1.0
+    if not p.query:
+        return 0.0
+    want, words = p.answer_parts(), got.split()
+    given = [" ".join(words[i:i + 2]) for i in range(0, len(words), 2)]
+    right = sum(g == w for g, w in zip(given, want))
+    return right / max(len(want), len(given))

@@ -9,7 +9,7 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .reasoning import ANSWER, BOS, END_THINK, EOS, PAD, TAGS, THINK
+from .reasoning import ANSWER, BOS, END_THINK, EOS, PAD, QUERY, TAGS, THINK
 
 UNK = "<unk>"
 # The task's chat template (tokenizer_config.json): a user message holds the tagged digits
@@ -17,12 +17,21 @@ UNK = "<unk>"
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %} {{ m['content'] }}{% endif %}"
                  "{% endfor %}{% if add_generation_prompt %} " + THINK + "{% endif %}")
 SPECIAL_TOKENS = (PAD, BOS, EOS, THINK, END_THINK, ANSWER, UNK)
-WORDS = tuple(str(d) for d in range(10)) + tuple(TAGS) + ("!",)
+# ids are stable across versions: the sum levels' words (digits, tags a-h, `!`) keep ids < 26; the
+# query levels' extra tags and `?` follow (a model for the sum levels alone needs vocab_size >= 26)
+WORDS = tuple(str(d) for d in range(10)) + tuple(TAGS[:8]) + ("!",) + tuple(TAGS[8:]) + (QUERY,)
 
 
-def build_tokenizer() -> Tokenizer:
-    """The task tokenizer: specials first (pad=0, bos=1, eos=2), then digits, tags and `!`."""
-    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
+def build_tokenizer(levels=None) -> Tokenizer:
+    """The task tokenizer: specials first (pad=0, bos=1, eos=2), then digits, tags and `!` (and the
+    query levels' words). `levels`: only the words those levels use (a prefix of the ids: the sum
+    levels' tokenizer is the original 26-word one); None = every level."""
+    words = WORDS
+    if levels is not None:
+        from .reasoning import QUERY_LEVELS, check_levels
+        if not any(l in QUERY_LEVELS for l in check_levels(levels)):
+            words = WORDS[:WORDS.index("!") + 1]
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)   # joins words with spaces
@@ -102,5 +111,6 @@ class TaskTokenizer:
         return cls(Tokenizer.from_file(path))
 
     @classmethod
-    def default(cls) -> "TaskTokenizer":
-        return cls(build_tokenizer())
+    def default(cls, levels=None) -> "TaskTokenizer":
+        """The task tokenizer for `levels` (None = every level); see `build_tokenizer`."""
+        return cls(build_tokenizer(levels))

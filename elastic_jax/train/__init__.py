@@ -1,5 +1,5 @@
 """Sharded elastic distillation: configs, mesh + rules, chunked KD, optimizer groups, the loop,
-orbax checkpoints and metrics (spec §6-7, §14). Entry points: `train_elastic`, `train_kd`,
+orbax checkpoints and metrics (METHOD §6-7, §14). Entry points: `train_elastic`, `train_kd`,
 `train_lm` (loop.py)."""
 from ..errors import CheckpointCorrupt, CheckpointMismatch, TrainingDiverged
 from .checkpoint import Checkpointer, params_fingerprint

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run (ANCHORS §7.13).
+"""Orbax checkpoints of a training run.
 
 One `ocp.CheckpointManager` under `<out_dir>/checkpoints` with two items per step:
   "state": params, router, optimizer state, the base RNG key and the step (sharded arrays;
@@ -213,3 +213,70 @@ class Checkpointer:
 
 def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_run(run_dir: str | os.PathLike, step: int | None = None, *, with_quant: bool = False):
+    """(cfg, params, router_params or None, ElasticConfig or None) from an elastic training run
+    (`<run_dir>/checkpoints`, orbax, written by `elastic_jax.train`): the model params of `step`
+    (default: the latest complete one), restored on the host; the params are the permuted ones
+    training used, so every nested model is a prefix (METHOD §8). `with_quant=True` appends the
+    QAD quantization state (`TrainConfig.qad` runs) or None."""
+    run_dir = os.path.abspath(os.fspath(run_dir))
+    ckpt_dir = run_dir if os.path.basename(run_dir) == "checkpoints" else os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{run_dir}: neither an HF directory (config.json) nor an elastic run "
+                                f"(no {ckpt_dir})")
+    from ..config import NemotronHConfig
+    from ..elastic.config import ElasticConfig
+    from ..errors import JSONFileError
+    from ..model.params import check_params
+
+    def restore(st):
+        meta = ck.read_meta(st)
+        configs = meta.get("configs") if isinstance(meta, dict) else None
+        if not isinstance(configs, dict) or not isinstance(configs.get("model"), dict):
+            raise JSONFileError(f"{ck.step_path(st)}/meta: field 'configs.model' (the model config) is missing")
+        cfg = NemotronHConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in configs["model"].items()})
+        ecfg = ElasticConfig.from_dict(configs["elastic"]) if configs.get("elastic") else None
+        restored = ck.manager.restore(st, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        return cfg, ecfg, restored, configs
+
+    ck = Checkpointer(ckpt_dir, async_save=False)
+    try:
+        if step is None:
+            found = ck.restore_newest(restore)
+            if found is None:
+                raise CheckpointCorrupt(f"{ckpt_dir}: no checkpoint step in the run folder")
+            step, (cfg, ecfg, restored, configs) = found
+        else:
+            if step not in ck.manager.all_steps():
+                raise FileNotFoundError(f"{ckpt_dir}: no checkpoint at step {step} (have {ck.all_steps()})")
+            why = ck.incomplete(step)
+            if why is not None:
+                raise CheckpointCorrupt(f"{ckpt_dir}: step {step} is incomplete ({why})")
+            try:
+                cfg, ecfg, restored, configs = restore(step)
+            except (JSONFileError, CheckpointCorrupt):
+                raise
+            except Exception as e:       # orbax / tensorstore errors of a damaged step
+                raise CheckpointCorrupt(f"{ck.step_path(step)}: cannot be restored ({type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        ck.close()
+    state = restored.get("state", restored)
+    if "params" not in state:
+        raise ValueError(f"{ckpt_dir} step {step}: no 'params' in the saved state (keys {sorted(state)})")
+    params = jax.tree_util.tree_map(jnp.asarray, state["params"])
+    if isinstance(params.get("layers"), dict):   # orbax restores lists as {"0": .., "1": ..}
+        params["layers"] = [params["layers"][str(i)] for i in range(len(params["layers"]))]
+    check_params(params, cfg)
+    router = state.get("router") or None
+    if with_quant:
+        qad = (configs.get("train") or {}).get("qad")
+        qstate = None
+        if qad and state.get("quant") is not None:
+            from ..quant.state import QuantSpec, tree_to_state
+            qstate = tree_to_state(QuantSpec(qad), jax.tree_util.tree_map(jnp.asarray, state["quant"]))
+        return cfg, params, router, ecfg, qstate
+    return cfg, params, router, ecfg

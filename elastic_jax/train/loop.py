@@ -1,4 +1,4 @@
-"""The training loop shared by elastic distillation, plain KD and LM training (spec §6-7).
+"""The training loop shared by elastic distillation, plain KD and LM training (METHOD §6-7).
 
     res = train_elastic(cfg, ecfg, train_cfg, teacher_params, student_params, data, out_dir)
     res.params, res.router_params, res.history, res.tokens_seen
@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -205,7 +203,7 @@ class _InMesh:
 
 
 def _schedule_fn(spec: StepSpec, lr_fns, total: int, rep):
-    """jit: step (device int32) -> {"tau", "scale", "lr", "router_lr"}, all on device (spec §5.2
+    """jit: step (device int32) -> {"tau", "scale", "lr", "router_lr"}, all on device (METHOD §5.2
     schedules, optimizer LR of each group), so the loop never waits on the host for them."""
     def sched(step):
         if spec.mode == "elastic":

@@ -1,4 +1,4 @@
-"""Vocabulary-chunked losses over final hidden states (ANCHORS §7.8; spec §6.1).
+"""Vocabulary-chunked losses over final hidden states (METHOD §6.1).
 
 The lm_head is applied `chunk` columns at a time inside a `lax.scan` whose body is rematerialized
 (`jax.checkpoint`), carrying online log-sum-exp statistics of shape [B, L]. Neither the forward nor
@@ -6,7 +6,7 @@ the backward pass ever holds more than one [B, L, chunk] block of teacher and st
 a 131k vocabulary never materializes [B, L, V] in f32 (the gradient of the lm_head accumulates
 per chunk).
 
-Forward KL at temperature T, teacher first (spec §6.1), per token:
+Forward KL at temperature T, teacher first (METHOD §6.1), per token:
     KL = Σ_v p_v (t_v − s_v) − lse(t) + lse(s),   p = softmax(t),  t = z_teacher / T, s = z_student / T
 accumulated online: with running maxima m_t, m_s, sums S_t = Σ e^{t−m_t}, S_s = Σ e^{s−m_s} and
 A = Σ e^{t−m_t} (t − s) (rescaled by e^{m_old − m_new} when a maximum grows),

@@ -1,4 +1,4 @@
-"""The optimizer: AdamW over two parameter groups, model and router (spec §6.3, §7.1, §14.7).
+"""The optimizer: AdamW over two parameter groups, model and router (METHOD §6.3, §7.1, §14.7).
 
 The trainable tree is {"params": model params, "router": router params}; `optax.multi_transform`
 gives each group its own Adam moments, learning rate and schedule (linear warmup over

@@ -2,7 +2,7 @@
 logical-to-mesh helpers live in `elastic_jax/sharding.py` (re-exported here).
 
 Every parameter carries logical axis names (`ej.param_axes(cfg)`: vocab, embed, heads, kv_heads,
-mlp, ssm_heads, ssm_groups, conv, experts, experts_router, expert_mlp; the router's are all None);
+mlp, shared_mlp, ssm_heads, ssm_inner, ssm_groups, conv, experts, experts_router, expert_mlp; the router's are all None);
 ONE table maps them to mesh axes. A dimension is only split when its size divides by the mesh
 axes' product and no mesh axis is used twice in one array; otherwise that dimension stays
 replicated (tiny test models, odd head counts). Optimizer state follows its parameter (matched by
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from ..sharding import (DEFAULT_RULES, MESH_AXES, assert_params_sufficiently_sharded, batch_axes,  # noqa: F401
+from ..sharding import (DEFAULT_RULES, MESH_AXES, assert_params_sufficiently_sharded,  # noqa: F401
                         batch_spec, logical_to_spec, merge_rules, tree_shardings, use_rules)
 from .config import MeshConfig
 

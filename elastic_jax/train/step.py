@@ -1,5 +1,5 @@
 """One optimizer step of elastic distillation (and its plain-KD / LM special cases) as a pure,
-jittable function (spec §6.3, §7.2, §14.6-8; ANCHORS §7.8).
+jittable function (METHOD §6.3, §7.2, §14.6-8).
 
     state = {"params": student, "router": router params ({} when not elastic), "opt_state": ...}
     new_state, metrics = step_fn(state, teacher_params, batch, step, tau, scale, budget_probs, base_key)
@@ -7,7 +7,7 @@ jittable function (spec §6.3, §7.2, §14.6-8; ANCHORS §7.8).
 `batch` holds "tokens" / "segment_ids" int32 [M, b, L] (M = micro-batches). For micro-batch m:
     key_m = fold_in(fold_in(base_key, step), m)  ->  (k_budget, k_gumbel, k_hard)
     budget index  i ~ Categorical(budget_probs)            (same on every data shard: the key is
-                                                            replicated, spec §7.2)
+                                                            replicated, METHOD §7.2)
     router(one_hot(i)) -> Gumbel-softmax π -> SoftWidths  (hard sample w.p. hard_sample_prob)
     x_s = student final hidden (masked), x_t = stop_gradient(teacher final hidden)
     loss_m = mean_tokens KL_T(teacher ‖ student) + λ · budget_loss(π, budgets[i])
@@ -28,14 +28,13 @@ balance.py): the correction bias moves by the step's routing counts after the op
 Modes: "elastic" (above), "kd" (fixed student, possibly a different config than the teacher: no
 router, no budget loss), "lm" (next-token cross-entropy, no teacher).
 
-QAD (`StepSpec.quant`, spec §10): the student runs fake-quantized with the fixed scales in
+QAD (`StepSpec.quant`, METHOD §10): the student runs fake-quantized with the fixed scales in
 `state["quant"]` (not trained, straight-through gradients); in elastic mode the frozen teacher runs
 at the same sampled nested widths, so every nested quantized model learns from its own
 high-precision self.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +119,7 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
 
         if G == 1:
             widths, bl, aux["choice"], aux["expected"] = sample(k_gumbel, k_hard)
-        else:     # one sample per data-shard group g: keys fold_in(k, g), the budget shared (spec §7.2)
+        else:     # one sample per data-shard group g: keys fold_in(k, g), the budget shared (METHOD §7.2)
             fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
             widths, bl, choice, expected = jax.vmap(sample)(fold(k_gumbel, jnp.arange(G)),
                                                             fold(k_hard, jnp.arange(G)))

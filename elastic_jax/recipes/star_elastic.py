@@ -1,9 +1,9 @@
-"""The main job: a complete Star Elastic run on the embedded reasoning task (spec §1, §9, §11).
+"""The main job: a complete Star Elastic run on the embedded reasoning task (METHOD §1, §9, §11).
 
     parent (CE on the task, or loaded from <out>/parent when its run is complete)
-      -> importance + permutation (spec §3)
-      -> Star Elastic distillation into the budgets, two-stage curriculum (spec §6-7)
-      -> router argmax per budget -> Widths -> one nested checkpoint + sliced copies (spec §8)
+      -> importance + permutation (METHOD §3)
+      -> Star Elastic distillation into the budgets, two-stage curriculum (METHOD §6-7)
+      -> router argmax per budget -> Widths -> one nested checkpoint + sliced copies (METHOD §8)
       -> independent baselines: the permuted parent pruned to each budget's widths, distilled alone
          (optionally on several multiples of the tokens each nested model saw: the token sweep)
       -> accuracy per model with diagnostics (answer accuracy given the gold trace, exact-trace
@@ -20,62 +20,25 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 
-from .config import NemotronHConfig
-from .data import DataConfig, make_dataset
-from .elastic import ElasticConfig, budget_widths, estimate_importance, param_count, permute_params, slice_params
-from .experiment import register_runner
-from .infer.budget import ElasticModel, Specials, answer_generate
-from .infer.checkpoint import save_nested, save_standalone, widths_to_dict
-from .model import init_params
-from .eval.latency import LatencyTarget, measure_host_profile
-from .tasks import TaskTokenizer, check_answer, make_eval_set, trace_text
-from .train import TrainConfig, train_elastic, train_kd, train_lm
-from .train.metrics import read_jsonl
-from .widths import Widths
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Evaluation: `n_problems` held-out problems of `split`; the grid's `thinking_budgets`
-    (tokens); cache-transplant pairs (think, answer) by budget fraction; `repeats` timed runs."""
-
-    n_problems: int = 200
-    split: str = "test"
-    seed: int = 1234
-    levels: tuple[int, ...] = (1, 2, 3, 4)
-    thinking_budgets: tuple[int, ...] = (8, 16, 24, 32)
-    full_thinking: int = 32                    # "no truncation": >= the longest trace (30 tokens); also the
-                                               # grid's decode capacity, so both share compiled programs
-    max_answer_tokens: int = 6
-    transplant_pairs: tuple[tuple[float, float], ...] = ((0.5, 1.0), (0.75, 1.0))
-    batch_size: int | None = None              # None: the whole eval set in one batch
-    repeats: int = 1
-    # modeled latency (elastic_jax/eval/latency.py): the report's primary axis is `latency_profile`
-    # at `latency_reference` scale (the nested width fractions mapped onto that architecture; None =
-    # the model as trained); every profile in `latency_profiles` is recorded too, and this machine
-    # measured when `measure_host`
-    latency_profile: str = "h100"
-    latency_reference: str | None = "nano3_30b_a3b"
-    latency_profiles: tuple[str, ...] = ("h100", "h200", "tpu_v5p")
-    measure_host: bool = True
-    parent_truncation: bool = True             # the paper's baseline: the parent alone, thinking cut at budgets
-
-    def __post_init__(self):
-        if self.n_problems <= 0:
-            raise ValueError(f"EvalConfig.n_problems={self.n_problems}: must be > 0")
-        if not self.thinking_budgets or min(self.thinking_budgets) <= 0:
-            raise ValueError(f"EvalConfig.thinking_budgets={self.thinking_budgets}: must be positive token counts")
-        if self.full_thinking < max(self.thinking_budgets):
-            raise ValueError(f"EvalConfig.full_thinking={self.full_thinking}: must be >= the largest thinking budget")
-        for name in ("levels", "thinking_budgets", "transplant_pairs", "latency_profiles"):
-            v = getattr(self, name)
-            if isinstance(v, list):
-                object.__setattr__(self, name, tuple(tuple(x) if isinstance(x, list) else x for x in v))
+from ..config import NemotronHConfig
+from ..data import DataConfig, make_dataset
+from ..elastic import ElasticConfig, budget_widths, estimate_importance, param_count, permute_params, slice_params
+from ..experiment import register_runner
+from ..infer.budget import ElasticModel
+from ..infer.checkpoint import save_nested, save_standalone, widths_to_dict
+from ..model import init_params
+from ..eval.accuracy import model_row
+from ..eval.config import EvalConfig
+from ..eval.latency import LatencyTarget, measure_host_profile
+from ..tasks import DEFAULT_LEVELS, TaskTokenizer, make_eval_set, trace_text, vocab_needed
+from ..train import TrainConfig, train_elastic, train_kd, train_lm
+from ..train.metrics import read_jsonl
+from ..widths import Widths
 
 
 @dataclass(frozen=True)
@@ -105,10 +68,10 @@ class StarElasticExperiment:
         if self.data.kind != "task":
             raise ValueError(f"StarElasticExperiment.data.kind={self.data.kind!r}: the main job trains on the "
                              "embedded reasoning task (kind='task')")
-        tok = TaskTokenizer.default()
-        if self.model.vocab_size < tok.vocab_size:
-            raise ValueError(f"StarElasticExperiment.model.vocab_size={self.model.vocab_size}: must be >= the task "
-                             f"tokenizer's {tok.vocab_size}")
+        need = max(vocab_needed(self.data.task_levels), vocab_needed(self.eval.levels))
+        if self.model.vocab_size < need:
+            raise ValueError(f"StarElasticExperiment.model.vocab_size={self.model.vocab_size}: the task levels "
+                             f"{self.data.task_levels or 'default'} / {self.eval.levels} use token ids up to {need - 1}")
         if self.calibration_batches <= 0:
             raise ValueError(f"StarElasticExperiment.calibration_batches={self.calibration_batches}: must be > 0")
         if isinstance(self.token_multiples, list):
@@ -119,36 +82,6 @@ class StarElasticExperiment:
 
 def budget_name(fraction: float) -> str:
     return f"{round(100 * fraction):d}%"
-
-
-def _answer_scores(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg: EvalConfig,
-                   traces=None) -> list[float]:
-    """Per-problem scores when `name` answers right after prompt + `traces` (a trace per problem; None
-    = no thinking at all) + `</think>`."""
-    sp = Specials.from_tokenizer(tok)
-    traces = traces or [()] * len(eval_set)
-    prompts = [list(p) + list(t) + [tok.end_think_id] for p, t in zip(eval_set.prompts, traces)]
-    length = max(eval_set.max_prompt_len + ecfg.full_thinking + 1, max(len(p) for p in prompts))
-    ans, _ = answer_generate(model, prompts, submodel=name, specials=sp, max_answer_tokens=ecfg.max_answer_tokens,
-                             prompt_length=length, cache_len=length + ecfg.max_answer_tokens)   # one shape
-    return [float(check_answer(p, tok.decode(a))) for p, a in zip(eval_set.problems, ans)]
-
-
-def _model_row(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg: EvalConfig, gold,
-               diagnostics: bool = True) -> dict:
-    """Accuracy with full thinking (per-problem scores kept for intervals), the exact-trace rate and,
-    with `diagnostics`, accuracy without thinking and given the gold trace (answer capacity)."""
-    from .eval.evaluate import run_point
-    pt = run_point(model, eval_set, tok, think_model=name, answer_model=name, thinking_budget=ecfg.full_thinking,
-                   max_thinking=ecfg.full_thinking, max_answer_tokens=ecfg.max_answer_tokens,
-                   batch_size=ecfg.batch_size, warmup=False, gold_traces=gold)
-    row = {"accuracy": pt.accuracy, "scores": list(pt.correct), "exact_trace": pt.exact_trace}
-    if diagnostics:
-        none = _answer_scores(model, name, eval_set, tok, ecfg)
-        given = _answer_scores(model, name, eval_set, tok, ecfg, gold)
-        row.update({"accuracy_no_thinking": float(np.mean(none)), "accuracy_gold_trace": float(np.mean(given)),
-                    "scores_gold_trace": given})
-    return row
 
 
 def nested_tokens(train: TrainConfig, n_budgets: int) -> list[float]:
@@ -176,8 +109,8 @@ def _say(msg: str, progress: bool):
 
 def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     """Run the whole pipeline into `out_dir`; returns the results dict (also in results.json)."""
-    from .eval.evaluate import evaluate_grid
-    from .eval.report import analyze, write_report
+    from ..eval.evaluate import evaluate_grid
+    from ..eval.report import analyze, write_report
 
     t_start = time.perf_counter()
     phases: dict[str, float] = {}
@@ -185,7 +118,8 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     say = lambda m: _say(m, xp.progress)
     cfg, ecfg = xp.model, xp.elastic
-    tok = TaskTokenizer.default()
+    levels = sorted(set(xp.data.task_levels or DEFAULT_LEVELS) | set(xp.eval.levels))
+    tok = TaskTokenizer.default(levels)        # only the words these levels use: fits the model's vocab
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     data = make_dataset(xp.data, cfg.vocab_size)
 
@@ -267,13 +201,13 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     parent_model = ElasticModel(cfg, parent, {"parent": Widths()}, mode="sliced")
     say(f"evaluating the parent, nested models and baselines on {len(eval_set)} problems")
     parent_row = {"name": "parent", "params": param_count(cfg), "active_params": param_count(cfg, active=True),
-                  **_model_row(parent_model, "parent", eval_set, tok, ev, gold)}
+                  **model_row(parent_model, "parent", eval_set, tok, ev, gold)}
     nested_rows = []
     for n in names:
         nested_rows.append({"name": n, "fraction": fractions[n], "widths": widths_to_dict(widths[n]),
                             "params": param_count(cfg, widths[n]), "active_params": param_count(cfg, widths[n], True),
                             "train_tokens_expected": seen[n],
-                            **_model_row(nested_model, n, eval_set, tok, ev, gold)})
+                            **model_row(nested_model, n, eval_set, tok, ev, gold)})
     base_rows, sweep_rows = [], []
     for item in sweep:
         n, sub_cfg, res = item["name"], item["cfg"], item["res"]
@@ -281,7 +215,7 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
         headline = baselines.get(n, (None, None))[1] is res
         row = {"name": n, "params": param_count(sub_cfg), "active_params": param_count(sub_cfg, active=True),
                "train_tokens": item["train_tokens"], "multiple": item["multiple"], "run": item["run"],
-               **_model_row(bm, n, eval_set, tok, ev, gold, diagnostics=headline)}
+               **model_row(bm, n, eval_set, tok, ev, gold, diagnostics=headline)}
         sweep_rows.append(row)
         if headline:
             base_rows.append(row)
@@ -331,11 +265,11 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                                    "elastic": _history(os.path.join(out_dir, "elastic")),
                                    **{f"baseline {n}": _history(os.path.join(out_dir, f"baseline_{n.rstrip('%')}"))
                                       for n in baselines}}},
-        "memory": {"nested_checkpoint_bytes": int(nested_files["model.safetensors"] + nested_files.get(
-                       "router.safetensors", 0)),
+        "memory": {"nested_checkpoint_bytes": int(sum(b for f, b in nested_files.items()     # model + router
+                                                      if f.endswith(".safetensors"))),
                    "separate_checkpoint_bytes": int(sum(sliced_bytes.values())),
                    "files": {"nested model.safetensors": nested_files["model.safetensors"],
-                             "nested router.safetensors": nested_files.get("router.safetensors", 0),
+                             "nested elastic_router.safetensors": nested_files.get("elastic_router.safetensors", 0),
                              **{f"separate {n}": v for n, v in sliced_bytes.items()}}},
         "grid": [p.to_dict() for p in grid],
         "grid_budgets": list(ev.thinking_budgets),

@@ -1,0 +1,106 @@
+"""Attention layer kind (pattern char "*")."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ...config import NemotronHConfig
+from ...sharding import constrain
+from ...widths import prefix_mask
+from ..attention import attend
+from ..layers import Context, ElasticLayer, dense
+from .base import Param, expand
+from .hf_rules import Rule, _t, _t_inv
+
+CHAR = "*"
+NAME = "attention"
+HF_LAYER_TYPE = "full_attention"     # its `layers_block_type` entry in an HF config.json
+AXES = ("attn_heads",)
+
+
+# ----------------------------------------------------------------------- declarations
+def dims(cfg: NemotronHConfig, hidden, w: dict, active: bool = False) -> dict:
+    """`heads` = nH·hd query channels, `kv_heads` = nKV·hd key / value channels."""
+    return {"embed": hidden, "heads": w["attn_heads"] * cfg.head_dim,
+            "kv_heads": cfg.num_key_value_heads * cfg.head_dim}
+
+
+def params(cfg: NemotronHConfig) -> dict[str, Param]:
+    return {"q_proj": Param(("embed", "heads")), "k_proj": Param(("embed", "kv_heads")),
+            "v_proj": Param(("embed", "kv_heads")), "o_proj": Param(("heads", "embed"), "normal_out")}
+
+
+def select(cfg: NemotronHConfig, sizes: dict, sel: dict) -> dict:
+    """Query heads (within their KV groups) -> their q_proj columns / o_proj rows."""
+    return {"heads": expand(sel["attn_heads"], cfg.head_dim)}
+
+
+def masks(cfg: NemotronHConfig, sw, k, mixer) -> ElasticLayer:
+    c, p = sw.attn_heads[0][k], sw.attn_heads[1][k]
+    nH = mixer["q_proj"].shape[1] // cfg.head_dim
+    return ElasticLayer(head_mask=prefix_mask(nH, c, p, cfg.num_key_value_heads))
+
+
+def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtype) -> dict:
+    """KV cache [B, S, nKV, hd] and its validity [B, S]."""
+    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
+
+
+def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
+    return {"kv": 2.0 * batch * context * sizes["kv_heads"]}
+
+
+# -------------------------------------------------------------------------------- HF keys
+def hf_dims(cfg: NemotronHConfig, k: int) -> dict:
+    return dict(nH=cfg.attn_heads_at(k), nKV=cfg.num_key_value_heads, hd=cfg.head_dim)
+
+
+# GQA, no bias, no positional embedding
+HF_RULES = (
+    Rule("mixer.q_proj.weight", "*", ("q_proj",), lambda d: (d.nH * d.hd, d.D), _t, _t_inv),
+    Rule("mixer.k_proj.weight", "*", ("k_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
+    Rule("mixer.v_proj.weight", "*", ("v_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
+    Rule("mixer.o_proj.weight", "*", ("o_proj",), lambda d: (d.D, d.nH * d.hd), _t, _t_inv),
+)
+
+
+# ------------------------------------------------------------------------ attention
+def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Context, cache):
+    """GQA causal attention, no positional embedding (NoPE), scale 1/sqrt(head_dim)."""
+    B, L, _ = x_BLD.shape
+    hd, nKV = cfg.head_dim, cfg.num_key_value_heads
+    nH = p["q_proj"].shape[1] // hd
+    rep = nH // nKV
+    q = constrain(dense(x_BLD, p["q_proj"], ctx.policy).reshape(B, L, nKV, rep, hd),
+                  ("batch", "length", "act_kv_heads", None, None))
+    k = constrain(dense(x_BLD, p["k_proj"], ctx.policy).reshape(B, L, nKV, hd),
+                  ("batch", "length", "act_kv_heads", None))
+    v = constrain(dense(x_BLD, p["v_proj"], ctx.policy).reshape(B, L, nKV, hd),
+                  ("batch", "length", "act_kv_heads", None))
+    new_cache = None
+    pol = ctx.policy
+    if ctx.decoding:
+        start = ctx.positions[0]
+        kc = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+        vc = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+        valid_new = jnp.ones((B, L), bool) if ctx.valid is None else ctx.valid
+        kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid_new, (0, start))
+        new_cache = {"k": kc, "v": vc, "valid": kv_valid}
+        # one new token: the direct path ([1, S] scores); a long prefill: the policy's kernel
+        o = attend(q, kc.astype(q.dtype), vc.astype(q.dtype), q_pos=ctx.positions, k_pos=jnp.arange(kc.shape[1]),
+                   k_valid=kv_valid, impl="xla" if L == 1 else pol.attention_impl,
+                   precision=pol.lax_precision(q.dtype))
+    else:
+        pos = jnp.arange(L)
+        o = attend(q, k, v, q_pos=pos, k_pos=pos, seg_q=ctx.segment_ids, seg_k=ctx.segment_ids,
+                   impl=pol.attention_impl, precision=pol.lax_precision(q.dtype))
+    if el is not None:
+        o = o * el.head_mask.reshape(nKV, rep)[None, None, :, :, None]
+    o = o.reshape(B, L, nH * hd).astype(q.dtype)
+    if ctx.collect:     # intermediates: the per-head output (o_proj input) [B, L, nH, hd]
+        return dense(o, p["o_proj"], ctx.policy), {"heads": o.reshape(B, L, nH, hd)}
+    return dense(o, p["o_proj"], ctx.policy), new_cache
+
+
+apply = attention_mixer

@@ -1,0 +1,112 @@
+"""What a layer kind declares, and the generic code over those declarations.
+
+A kind module (mamba.py, attention.py, mlp.py, moe.py) declares:
+
+* `CHAR` (its pattern character) and `AXES` (its elastic `Widths` axes, see `widths.AXES`);
+* `dims(cfg, hidden, w)`: the size of every named dimension of one layer, from the hidden size and
+  the layer's size along each of its axes (`w[axis]`: ints, or real-valued arrays for the cost
+  model, so the same arithmetic gives shapes, exact counts and the differentiable cost);
+* `params(cfg)`: `{name: Param}`, each parameter's dimension names (one name = one size; the name
+  is also the logical sharding axis of `elastic_jax.sharding`), initializer and dtype role;
+* `select(sizes, sel)`: for components chosen along each axis (`sel[axis]`: indices), the indices
+  along each named dimension (slicing keeps prefixes, permutation reorders, both are this);
+* `masks`, `apply`, `init_cache` / `cache_elems`, `HF_RULES` / `hf_dims` beside them.
+
+`Param.init`: "normal" (N(0, initializer_range)), "normal_out" (scaled by 1/√n_layers, the HF
+residual-writer init), "zeros", "ones", or a callable (key, shape, cfg, n_layers) -> f32 array.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Init = Union[str, Callable]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a layer kind: named dimensions, initializer, dtype role."""
+
+    dims: tuple[str, ...]
+    init: Init = "normal"
+    f32: bool = False          # kept in float32 whatever the parameter dtype
+
+
+def shapes(decls: dict, sizes: dict) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(int(sizes[d]) for d in p.dims) for name, p in decls.items()}
+
+
+def axes(decls: dict) -> dict[str, tuple[str, ...]]:
+    return {name: p.dims for name, p in decls.items()}
+
+
+def count(decls: dict, sizes: dict):
+    """Σ over the parameters of Π of their dimension sizes (ints: exact; arrays: elementwise)."""
+    total = 0
+    for p in decls.values():
+        n = 1
+        for d in p.dims:
+            n = n * sizes[d]
+        total = total + n
+    return total
+
+
+def layer_sizes_of(params: dict, decls: dict) -> dict:
+    """The named dimension sizes read off actual parameter arrays."""
+    return {d: n for name, x in params.items() if hasattr(x, "shape")
+            for d, n in zip(decls[name].dims, x.shape)}
+
+
+def _initialize(init: Init, key, shape, cfg, n_layers: int):
+    if callable(init):
+        return init(key, shape, cfg, n_layers)
+    if init == "normal":
+        return cfg.initializer_range * jax.random.normal(key, shape, jnp.float32)
+    if init == "normal_out":
+        return cfg.initializer_range / math.sqrt(n_layers) * jax.random.normal(key, shape, jnp.float32)
+    if init == "zeros":
+        return jnp.zeros(shape, jnp.float32)
+    if init == "ones":
+        return jnp.ones(shape, jnp.float32)
+    raise ValueError(f"unknown initializer {init!r}")
+
+
+def default_keys(key, names) -> dict:
+    """One key per parameter, in declaration order."""
+    return dict(zip(names, jax.random.split(key, len(names))))
+
+
+def init(kind, cfg, sizes: dict, key, dtype, n_layers: int) -> dict:
+    """Random parameters of one layer of `kind` from its declarations."""
+    decls = kind.params(cfg)
+    shp = shapes(decls, sizes)
+    keys = getattr(kind, "init_keys", default_keys)(key, list(decls))
+    return {name: _initialize(p.init, keys[name], shp[name], cfg, n_layers).astype(jnp.float32 if p.f32 else dtype)
+            for name, p in decls.items()}
+
+
+def take(x, dim: int, idx):
+    """x indexed by `idx` (a slice or an index array) along dimension `dim`; numpy stays numpy."""
+    return x[(slice(None),) * dim + (idx,)]
+
+
+def take_dims(params: dict, decls: dict, idx: dict) -> dict:
+    """Each parameter indexed along every named dimension that `idx` has an entry for."""
+    out = {}
+    for name, x in params.items():
+        for dim, d in enumerate(decls[name].dims):
+            if d in idx:
+                x = take(x, dim, idx[d])
+        out[name] = x
+    return out
+
+
+def expand(heads, width: int, inner=None) -> np.ndarray:
+    """Head indices (and optional within-head indices) -> channel indices of heads of `width`."""
+    inner = np.arange(width) if inner is None else np.asarray(inner)
+    return (np.asarray(heads)[:, None] * width + inner[None, :]).reshape(-1)
