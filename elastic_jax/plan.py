@@ -102,7 +102,7 @@ def nominal_widths(cfg, ecfg) -> list:
     """One homogeneous width choice per budget from the option lists: the combination whose costs
     come closest (squared relative error, summed over the budget-loss terms of `ecfg`) to the
     budget's targets; the full budget is the parent. It stands for what the trained router picks
-    (spec §8), for sizing only. Returns [(budget, Widths, error)]."""
+    (METHOD §8), for sizing only. Returns [(budget, Widths, error)]."""
     import jax
     import jax.numpy as jnp
 

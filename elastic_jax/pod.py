@@ -64,7 +64,7 @@ class Target:
 @dataclass(frozen=True)
 class DataMix:
     """The training text: `reasoning_ratio` of the tokens from `reasoning`, the rest from
-    `pretraining` (Star Elastic: 70% reasoning + 30% pretraining was best, spec §7.3). Either
+    `pretraining` (Star Elastic: 70% reasoning + 30% pretraining was best, METHOD §7). Either
     source may be None (all tokens from the other)."""
 
     reasoning: DataConfig | None = None
@@ -113,7 +113,7 @@ class PodExperiment:
     {"parent": (total, active), budget fraction: (total, active), ...} in parameters, for the
     planner's comparison; `param_dtype` of the student / teacher weights (the router stays f32);
     importance is estimated on `calibration_batches` x `calibration_batch_size` rows of the first
-    stage's length before training (spec §3.1: 1024 samples of 8K tokens)."""
+    stage's length before training (METHOD §3: 1024 samples of 8K tokens)."""
 
     name: str
     model: NemotronHConfig
@@ -211,7 +211,7 @@ def run_pod(xp: PodExperiment, out_dir: str):
         raise ValueError(f"{xp.name}: the checkpoint in {xp.parent_hf} is not the experiment's model (pattern, "
                          f"hidden, vocab, parameters: {arch(cfg)} vs {arch(xp.model)})")
     data = _load_mix(xp.data, cfg.vocab_size)
-    # model preparation (spec §3): importance from calibration rows, the parent permuted by it; the
+    # model preparation (METHOD §3): importance from calibration rows, the parent permuted by it; the
     # same rows every time, so a resumed run rebuilds the same teacher
     stream = data.batches(train.stages[0].seq_len, xp.calibration_batch_size, epoch_seed=10_000)
     calib = [next(stream) for _ in range(xp.calibration_batches)]

@@ -1,5 +1,5 @@
 """Star Elastic as the paper ran it: Nemotron 3 Nano 30B-A3B -> nested 23B (2.8B active) and 12B
-(2.0B active) in one elastic distillation run (spec §7.3).
+(2.0B active) in one elastic distillation run (METHOD §7).
 
     elastic-jax plan experiments/nemotron3_nano_30b_a3b.py --topology v5p:4x4x8 --json   # compile, fit, cost
     elastic-jax plan experiments/nemotron3_nano_30b_a3b.py --target h100x8 --stage long  # 8x H100: lower only

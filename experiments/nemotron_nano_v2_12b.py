@@ -1,5 +1,5 @@
 """Nemotron Elastic as the paper ran it: Nemotron Nano v2 12B -> nested 9B and 6B in one elastic
-distillation run (spec §7.1).
+distillation run (METHOD §7).
 
     elastic-jax plan experiments/nemotron_nano_v2_12b.py --topology v5p:4x4x8 --json    # compile, fit, cost
     elastic-jax plan experiments/nemotron_nano_v2_12b.py --target h100x8                  # 8x H100: lower only

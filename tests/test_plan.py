@@ -69,7 +69,7 @@ def test_experiment_files_build_their_configs(experiments):
     n3, n2 = experiments["nano3"], experiments["nano2"]
     assert n3.model.num_hidden_layers == 52 and n2.model.num_hidden_layers == 62
     assert (n2.model.count("M"), n2.model.count("-"), n2.model.count("*")) == (28, 28, 6)
-    # the curricula as published (spec §7.1, §7.3)
+    # the curricula as published (METHOD §7)
     s1, s2 = n2.train.stages
     assert (s1.seq_len, s1.tokens, s1.budget_probs, s2.seq_len, s2.tokens, s2.budget_probs) == \
         (8192, 65e9, None, 49152, 45e9, (0.5, 0.3, 0.2))
