@@ -15,6 +15,7 @@ import os
 import jax
 
 from ._common import compile_target, target_platform
+from .gmm_segments import gmm_segments, segment_tile
 from .reference import active_head_mask, gmm_reference, ssd_chunked, ssd_scan
 
 IMPLS = ("xla", "pallas")
@@ -70,7 +71,8 @@ def _ssd_local(x, dt, A, B, C, D, *, chunk_size, initial_state, seq_idx, active_
 def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None, impl=None,
         preferred_element_type=None, precision=None, partition=None):
     """Grouped matmul lhs [m,k] (rows sorted by group) x rhs [g,k,n] -> [m,n]. `precision`: of the
-    XLA path (`ragged_dot`; None = HIGHEST); the Pallas kernel always accumulates in f32.
+    XLA path (`ragged_dot`, or tile-padded segments on CPU: `use_segments`; None = HIGHEST); the
+    Pallas kernel always accumulates in f32.
 
     `partition=(row_axes, n_axes)` (tuples of mesh axis names; needs a mesh in context): run per
     shard inside `shard_map`, the rows of lhs split over `row_axes` (each shard derives its local
@@ -92,8 +94,21 @@ def _gmm_local(lhs, rhs, group_sizes, *, active_groups, active_k, active_n, impl
         from .gmm_pallas import gmm_pallas
         return gmm_pallas(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
                           active_n=active_n, preferred_element_type=preferred_element_type)
+    if use_segments(lhs.shape[0], rhs.shape[0]):
+        return gmm_segments(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
+                            active_n=active_n, preferred_element_type=preferred_element_type, precision=precision)
     return gmm_reference(lhs, rhs, group_sizes, active_groups=active_groups, active_k=active_k,
                          active_n=active_n, preferred_element_type=preferred_element_type, precision=precision)
+
+
+def use_segments(m: int, g: int) -> bool:
+    """The XLA path's lowering of a grouped matmul of m rows over g groups: tile-padded segments
+    (gmm_segments.py) on CPU, where `ragged_dot` lowers densely over every group, once their padded
+    row count is under half the dense lowering's m·g rows (a decode step's few rows keep
+    `ragged_dot`); `ragged_dot` elsewhere (TPU / GPU lower it natively)."""
+    if target_platform() != "cpu":
+        return False
+    return (m // segment_tile(m, g) + g) * segment_tile(m, g) * 2 < m * g
 
 
 def _mesh():
@@ -102,5 +117,5 @@ def _mesh():
     return None if mesh is None or mesh.empty or mesh.size <= 1 else mesh
 
 
-__all__ = ["ssd", "gmm", "ssd_chunked", "ssd_scan", "gmm_reference", "active_head_mask",
+__all__ = ["ssd", "gmm", "ssd_chunked", "ssd_scan", "gmm_reference", "gmm_segments", "use_segments", "active_head_mask",
            "default_impl", "IMPLS", "compile_target", "target_platform"]

@@ -54,10 +54,27 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_gmm_pallas_matches_ragged_dot(case):
     _, m, k, n, G, dtype, out_dtype, variant, tiling = case
+    _check_against_ragged_dot(lambda *a, **kw: gmm_pallas(*a, tiling=tiling, variant=variant, **kw),
+                              m, k, n, G, dtype, out_dtype)
+
+
+# (id, m, k, n, G, dtype, out dtype, rows per tile)
+SEGMENT_CASES = [("f32-tile8", 70, 40, 24, 6, F32, F32, 8), ("bf16-f32out-default-tile", 96, 48, 40, 5, BF16, F32, None)]
+
+
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=[c[0] for c in SEGMENT_CASES])
+def test_gmm_segments_matches_ragged_dot(case):
+    """The CPU lowering of the XLA path (tile-padded sorted segments, issue 17): groups spanning
+    several tiles, empty groups, rows past the sum, the elastic arguments, both gradients."""
+    _, m, k, n, G, dtype, out_dtype, tile = case
+    _check_against_ragged_dot(lambda *a, **kw: kernels.gmm_segments(*a, tile=tile, **kw), m, k, n, G, dtype, out_dtype)
+
+
+def _check_against_ragged_dot(fn, m, k, n, G, dtype, out_dtype):
     r = np.random.default_rng(0)
     lhs = jnp.asarray(r.standard_normal((m, k)), F32).astype(dtype)
     rhs = jnp.asarray(r.standard_normal((G, k, n)), F32).astype(dtype)
-    kern = _vjp_fn(gmm_pallas, out_dtype, tiling=tiling, variant=variant)
+    kern = _vjp_fn(fn, out_dtype)
     ref = _vjp_fn(reference.gmm_reference, out_dtype)
     tol = 2e-5 if dtype == F32 and out_dtype == F32 else 1.5e-2
     draws = [("exact", G, k, n), ("short", max(1, G - 2), k // 2 + 1, n - 5),
@@ -81,6 +98,18 @@ def test_gmm_pallas_matches_ragged_dot(case):
             assert not o[ends[ag - 1] if ag else 0:].any()
             assert not np.asarray(dr, F32)[ag:].any()
         assert not np.asarray(dl, F32)[:, ak:].any()
+
+
+def test_gmm_xla_path_on_cpu_uses_segments_above_decode_sizes():
+    """The rule of kernels.use_segments: a prefill's rows take the segments lowering (no ragged_dot
+    in the program), a decode step's few rows keep ragged_dot."""
+    rhs = jax.ShapeDtypeStruct((16, 32, 32), F32)
+    gs = jax.ShapeDtypeStruct((16,), jnp.int32)
+    for m, want in ((4096, False), (16, True)):
+        lhs = jax.ShapeDtypeStruct((m, 32), F32)
+        jaxpr = str(jax.make_jaxpr(lambda a, b, g: kernels.gmm(a, b, g, impl="xla"))(lhs, rhs, gs))
+        assert ("ragged_dot" in jaxpr) == want, (m, want)
+        assert kernels.use_segments(m, 16) != want
 
 
 def test_gmm_dispatch_defaults():

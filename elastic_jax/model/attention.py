@@ -7,14 +7,19 @@ A row with no allowed key gives 0 (not NaN).
 
 impl:
   "xla"      the reference: f32 scores [B, kv, rep, L, S] in one einsum (what the model always did).
+  "blocked"  causal self-attention in query blocks, block i against keys [0, end of block i] only
+             (the causal triangle: ~(n+1)/2n of the scores of "xla" for n blocks), the kv-group's
+             R query heads folded into the matmul rows ([R·block, D] x [D, S]); exact softmax per
+             block (every key of a block's rows is present). Unrolled: at most MAX_BLOCKS blocks.
   "chunked"  flash-style: online softmax over key blocks under `lax.scan`, with a custom VJP that
              recomputes each block in the backward pass; never holds more than [B, kv, rep, L, block]
              scores, forward or backward. Pure XLA, any platform.
   "splash"   Pallas TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention) over kv
              groups (MQA kernel per group = GQA), with segment ids; interpret mode off TPU.
   "cudnn"    `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16, no segments).
-  "auto"     splash on TPU, cuDNN on GPU where it applies, else chunked; on CPU the reference for
-             short sequences (L·S <= AUTO_DIRECT_MAX, where [L, S] is small and one einsum is faster).
+  "auto"     splash on TPU, cuDNN on GPU where it applies, else chunked; on CPU "blocked" for
+             self-attention with L·S <= AUTO_BLOCKED_MAX and the reference for other short calls
+             (L·S <= AUTO_DIRECT_MAX, where [L, S] is small and one einsum is faster).
 Shapes: q [B, L, K, R, D] (K kv heads, R = heads per kv head), k / v [B, S, K, D]; output f32
 [B, L, K, R, D].
 """
@@ -27,8 +32,11 @@ import jax.numpy as jnp
 
 from ..kernels import target_platform
 
-IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
+IMPLS = ("auto", "xla", "blocked", "chunked", "splash", "cudnn")
 AUTO_DIRECT_MAX = 1024 * 1024      # L·S below which "auto" on CPU keeps the one-einsum reference
+AUTO_BLOCKED_MAX = 4096 * 4096     # L·S below which "auto" on CPU runs self-attention "blocked"
+BLOCKED_QUERY_BLOCK = 64           # query rows per block of "blocked" (more when L > 64·MAX_BLOCKS)
+MAX_BLOCKS = 16
 DEFAULT_BLOCK = 512                # key block of the chunked path
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -54,6 +62,32 @@ def reference_attention(q, k, v, q_pos, k_pos, seg_q=None, seg_k=None, k_valid=N
     probs = jnp.where(allowed, probs, 0.0)   # rows with no allowed key -> 0, not NaN
     return jnp.einsum("bkrls,bskd->blkrd", probs.astype(v.dtype), v, precision=precision,
                       preferred_element_type=jnp.float32)
+
+
+# ------------------------------------------------------------------------------ blocked (causal)
+def blocked_attention(q, k, v, seg=None, *, scale, precision=HIGHEST):
+    """Causal self-attention (q_pos = k_pos = arange(L), see the module docstring), f32 output
+    [B, L, K, R, D]. Every row sees itself, so no row is empty."""
+    B, L, K, R, D = q.shape
+    bq = max(BLOCKED_QUERY_BLOCK, -(-L // MAX_BLOCKS))
+    q_BKLRD = jnp.transpose(q, (0, 2, 1, 3, 4))
+    k_BKSD, v_BKSD = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+    outs = []
+    for start in range(0, L, bq):
+        end = min(L, start + bq)
+        n = end - start
+        q_BKMD = q_BKLRD[:, :, start:end].reshape(B, K, n * R, D)              # M = (query, head) rows
+        s = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD[:, :, :end], precision=precision,
+                       preferred_element_type=jnp.float32).reshape(B, K, n, R, end) * scale
+        allowed = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]     # [1, n, end]
+        if seg is not None:
+            allowed = allowed & (seg[:, start:end, None] == seg[:, None, :end])
+        s = jnp.where(allowed[:, None, :, None, :], s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1).reshape(B, K, n * R, end)
+        o = jnp.einsum("bkms,bksd->bkmd", p.astype(v.dtype), v_BKSD[:, :, :end], precision=precision,
+                       preferred_element_type=jnp.float32)
+        outs.append(o.reshape(B, K, n, R, D))
+    return jnp.transpose(jnp.concatenate(outs, axis=2), (0, 2, 1, 3, 4))
 
 
 # ------------------------------------------------------------------------------ chunked
@@ -238,6 +272,8 @@ def pick_impl(impl: str, *, L: int, S: int, self_attention: bool, segments: bool
     if (backend in ("gpu", "cuda") and self_attention and not segments
             and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)):
         return "cudnn"
+    if backend == "cpu" and self_attention and L * S <= AUTO_BLOCKED_MAX:
+        return "blocked"
     if backend == "cpu" and L * S <= AUTO_DIRECT_MAX:
         return "xla"
     return "chunked"
@@ -251,10 +287,12 @@ def attend(q, k, v, *, q_pos, k_pos, seg_q=None, seg_k=None, k_valid=None, impl=
     scale = D ** -0.5
     self_attention = k_valid is None and L == S and seg_q is seg_k
     which = pick_impl(impl, L=L, S=S, self_attention=self_attention, segments=seg_q is not None, dtype=q.dtype)
-    if which in ("splash", "cudnn") and not self_attention:
+    if which in ("splash", "cudnn", "blocked") and not self_attention:
         which = "chunked"
     if which == "xla":
         return reference_attention(q, k, v, q_pos, k_pos, seg_q, seg_k, k_valid, scale=scale, precision=precision)
+    if which == "blocked":
+        return blocked_attention(q, k, v, seg_q, scale=scale, precision=precision)
     if which == "chunked":
         return chunked_attention(q, k, v, q_pos, k_pos, seg_q, seg_k, k_valid, scale, int(block), precision)
     if which == "splash":
@@ -264,5 +302,5 @@ def attend(q, k, v, *, q_pos, k_pos, seg_q=None, seg_k=None, k_valid=None, impl=
     return cudnn_attention(q, k, v, scale=scale)
 
 
-__all__ = ["attend", "reference_attention", "chunked_attention", "splash_attention", "cudnn_attention",
+__all__ = ["attend", "reference_attention", "blocked_attention", "chunked_attention", "splash_attention", "cudnn_attention",
            "pick_impl", "IMPLS"]

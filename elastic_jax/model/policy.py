@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from ..config import NemotronHConfig
 
 _KERNEL_IMPLS = (None, "xla", "pallas")
-_ATTENTION_IMPLS = ("auto", "xla", "chunked", "splash", "cudnn")
+_ATTENTION_IMPLS = ("auto", "xla", "blocked", "chunked", "splash", "cudnn")
 _PRECISIONS = ("auto", "default", "high", "highest")
 _REMAT = ("none", "full", "save_dots", "minimal")
 
