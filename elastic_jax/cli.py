@@ -1,4 +1,4 @@
-"""`elastic-jax` command line: run / export / slice / eval / report / generate / bench.
+"""`elastic-jax` command line: run / plan / export / slice / eval / report / generate / bench.
 
 Each area registers its own subcommands (`add_cli(subparsers)`); this module only assembles them.
 """
@@ -34,13 +34,14 @@ def _describe(e: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import experiment, hf_cli
+    from . import experiment, hf_cli, plan
     from .eval import cli as eval_cli
     from .infer import cli as infer_cli
 
     parser = argparse.ArgumentParser(prog="elastic-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     experiment.add_cli(sub)
+    plan.add_cli(sub)
     hf_cli.add_cli(sub)
     eval_cli.add_cli(sub)
     infer_cli.add_cli(sub)

@@ -27,13 +27,13 @@ from .step import StepSpec
 
 def abstract_elastic_step(cfg: NemotronHConfig, elastic_cfg, mesh, *, batch: int, length: int,
                           param_dtype=jnp.bfloat16, policy: ComputePolicy | None = None, vocab_chunk: int = 8192,
-                          optim: OptimConfig = OptimConfig(), rules=shd.DEFAULT_RULES):
+                          optim: OptimConfig = OptimConfig(), rules=shd.DEFAULT_RULES, microbatches: int = 1):
     """(jitted step, abstract arguments) of one elastic distillation step on `mesh`: the teacher is
     `cfg` at full width, the student its masked copy; parameters in `param_dtype`, the router f32;
-    one micro-batch of `batch` sequences of `length` tokens."""
+    `microbatches` micro-batches (gradient accumulation) of `batch` sequences of `length` tokens."""
     from ..elastic.router import init_router
 
-    spec = StepSpec("elastic", cfg, cfg, elastic_cfg, 1.0, vocab_chunk, 1, policy=policy)
+    spec = StepSpec("elastic", cfg, cfg, elastic_cfg, 1.0, vocab_chunk, microbatches, policy=policy)
     tx = make_optimizer(optim, 1000)
     cast = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, param_dtype), t)
     params = cast(jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
@@ -44,7 +44,7 @@ def abstract_elastic_step(cfg: NemotronHConfig, elastic_cfg, mesh, *, batch: int
     jitted, bspec = compile_step(spec, tx, mesh, state_sh, teacher_sh, batch)
     rep = NamedSharding(mesh, P())
     b_sh = NamedSharding(mesh, bspec)
-    tokens = jax.ShapeDtypeStruct((1, batch, length), jnp.int32, sharding=b_sh)
+    tokens = jax.ShapeDtypeStruct((microbatches, batch, length), jnp.int32, sharding=b_sh)
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)
     args = (abstract_tree(state_like, state_sh), abstract_tree(params, teacher_sh),
             {"tokens": tokens, "segment_ids": tokens}, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32),

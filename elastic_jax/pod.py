@@ -1,0 +1,232 @@
+"""A pod-scale elastic distillation run as one config: the parent from its HF checkpoint, the
+elastic settings, the curriculum, the data mix and the machines it is meant for.
+
+    xp = PodExperiment(name="nano3", model=NemotronHConfig.from_hf(...), elastic=ElasticConfig(...),
+                       train=TrainConfig(...), targets=(Target("v5p-128", "tpu", topology="v5p:4x4x8"),),
+                       data=DataMix(reasoning=DataConfig(kind="jsonl", ...), pretraining=..., reasoning_ratio=0.7),
+                       parent_hf="/ckpt/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", checkpoint_dir="/mnt/shared/run")
+
+`elastic-jax plan EXPERIMENT.py` compiles its step for a target without running anything
+(elastic_jax/plan.py); `elastic-jax run EXPERIMENT.py` trains it on the devices of the current job
+(`run_pod`: `jax.distributed` initialised from the environment on multi-host jobs, the parent read
+from HF straight onto its shards, resume from the latest complete checkpoint in `checkpoint_dir`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import NemotronHConfig
+from .data import DataConfig
+from .elastic import ElasticConfig
+from .experiment import register_runner
+from .model.policy import ComputePolicy
+from .train import MeshConfig, TrainConfig
+
+PLATFORMS = ("tpu", "gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A machine the run is planned for: a TPU slice (`topology`, e.g. "v5p:4x4x8") or `devices`
+    GPUs / CPU devices; `chip` names its row of `plan.CHIPS` (None: the TPU generation, or "h100").
+    `mesh` None = every chip on the fsdp axis. `microbatches` / `remat` override the train config's
+    for this machine (None = keep). `hbm_gib`: memory per chip when it differs from the chip's
+    figure (another SKU, or memory held back for something else)."""
+
+    name: str
+    platform: str = "tpu"
+    topology: str | None = None
+    devices: int | None = None
+    chip: str | None = None
+    mesh: MeshConfig | None = None
+    microbatches: int | None = None
+    remat: str | None = None
+    hbm_gib: float | None = None
+
+    def __post_init__(self):
+        if self.hbm_gib is not None and not self.hbm_gib > 0:
+            raise ValueError(f"Target({self.name!r}).hbm_gib={self.hbm_gib!r}: must be > 0")
+        if self.platform not in PLATFORMS:
+            raise ValueError(f"Target({self.name!r}).platform={self.platform!r}: must be one of {PLATFORMS}")
+        if self.platform == "tpu" and not self.topology:
+            raise ValueError(f"Target({self.name!r}): a TPU target needs topology= (e.g. 'v5p:4x4x8')")
+        if self.platform != "tpu" and not (isinstance(self.devices, int) and self.devices >= 1):
+            raise ValueError(f"Target({self.name!r}): a {self.platform} target needs devices= (a positive int)")
+        if self.microbatches is not None and self.microbatches < 1:
+            raise ValueError(f"Target({self.name!r}).microbatches={self.microbatches!r}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class DataMix:
+    """The training text: `reasoning_ratio` of the tokens from `reasoning`, the rest from
+    `pretraining` (Star Elastic: 70% reasoning + 30% pretraining was best, METHOD §7). Either
+    source may be None (all tokens from the other)."""
+
+    reasoning: DataConfig | None = None
+    pretraining: DataConfig | None = None
+    reasoning_ratio: float = 0.7
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.reasoning_ratio <= 1.0:
+            raise ValueError(f"DataMix.reasoning_ratio={self.reasoning_ratio!r}: must be in [0, 1]")
+        if self.reasoning is None and self.pretraining is None:
+            raise ValueError("DataMix: give at least one of reasoning= / pretraining=")
+
+
+def mix_documents(reasoning: list, pretraining: list, ratio: float, seed: int = 0) -> list:
+    """Documents of both sources with `ratio` of the tokens from `reasoning`: the source that has
+    more than its share is subsampled (whole documents, seeded), then the union is shuffled."""
+    rng = np.random.default_rng(seed)
+    tok = lambda docs: int(sum(int(np.size(d)) for d in docs))
+    r_tok, p_tok = tok(reasoning), tok(pretraining)
+    if not reasoning or ratio == 0.0:
+        out = list(pretraining)
+    elif not pretraining or ratio == 1.0:
+        out = list(reasoning)
+    else:
+        keep_r = min(r_tok, ratio / (1 - ratio) * p_tok)       # reasoning tokens kept
+        keep_p = keep_r * (1 - ratio) / ratio
+        out = _take(reasoning, keep_r, rng) + _take(pretraining, keep_p, rng)
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+def _take(docs: list, tokens: float, rng) -> list:
+    out, n = [], 0
+    for i in rng.permutation(len(docs)):
+        if n >= tokens:
+            break
+        out.append(docs[i])
+        n += int(np.size(docs[i]))
+    return out
+
+
+@dataclass(frozen=True)
+class PodExperiment:
+    """A pod-scale Star Elastic run (see the module docstring). `published`: the paper's sizes
+    {"parent": (total, active), budget fraction: (total, active), ...} in parameters, for the
+    planner's comparison; `param_dtype` of the student / teacher weights (the router stays f32);
+    importance is estimated on `calibration_batches` x `calibration_batch_size` rows of the first
+    stage's length before training (METHOD §3: 1024 samples of 8K tokens)."""
+
+    name: str
+    model: NemotronHConfig
+    elastic: ElasticConfig
+    train: TrainConfig
+    targets: tuple[Target, ...]
+    data: DataMix | None = None
+    parent_hf: str | None = None
+    checkpoint_dir: str | None = None
+    param_dtype: str = "bfloat16"
+    published: dict | None = None
+    calibration_batches: int = 16
+    calibration_batch_size: int = 64
+
+    def __post_init__(self):
+        if not self.targets:
+            raise ValueError(f"PodExperiment({self.name!r}): needs at least one Target")
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"PodExperiment({self.name!r}): target names must be distinct, got {names}")
+        n = self.elastic.n_budgets
+        for s in self.train.stages:
+            s.probs(n)                       # budget_probs length checked against the budgets
+        if self.param_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"PodExperiment.param_dtype={self.param_dtype!r}: must be 'bfloat16' or 'float32'")
+
+    def target(self, name: str) -> Target:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise ValueError(f"{self.name}: no target {name!r}; targets: {[t.name for t in self.targets]}")
+
+    def stage(self, name: str):
+        for s in self.train.stages:
+            if s.name == name:
+                return s
+        raise ValueError(f"{self.name}: no stage {name!r}; stages: {[s.name for s in self.train.stages]}")
+
+    def policy(self) -> ComputePolicy:
+        return self.train.policy or ComputePolicy()
+
+
+def _load_mix(mix: DataMix, vocab_size: int):
+    from .data import make_dataset
+    from .data.pipeline import load_documents
+    docs = {}
+    for key in ("reasoning", "pretraining"):
+        cfg = getattr(mix, key)
+        docs[key] = load_documents(cfg)[0] if cfg is not None else []
+    base = mix.reasoning or mix.pretraining
+    mixed = mix_documents(docs["reasoning"], docs["pretraining"], mix.reasoning_ratio, mix.seed)
+    return make_dataset(dataclasses.replace(base, kind="arrays", path=None), vocab_size, documents=mixed)
+
+
+def _runtime_target(xp: PodExperiment, n_devices: int) -> Target:
+    for t in xp.targets:
+        mesh = t.mesh or MeshConfig(fsdp=n_devices)
+        if mesh.size == n_devices and (t.platform == "tpu" or t.devices == n_devices):
+            return t
+    raise ValueError(f"{xp.name}: no target has {n_devices} devices (targets: "
+                     f"{[(t.name, t.topology or t.devices) for t in xp.targets]}); add a Target for this job")
+
+
+def run_pod(xp: PodExperiment, out_dir: str):
+    """Train on this job's devices: multi-host jobs call `jax.distributed.initialize()` first (set
+    ELASTIC_JAX_DISTRIBUTED=1, or it is detected from the TPU / SLURM environment), the mesh of the
+    target with this many devices, the parent from `parent_hf` placed shard by shard, the data mix,
+    checkpoints under `checkpoint_dir` (or `out_dir`); rerun the same command to resume."""
+    import jax
+    import jax.numpy as jnp
+
+    from .elastic import estimate_importance, param_count, permute_params
+    from .sharding import merge_rules
+    from .hf import load_hf
+    from .train import train_elastic
+    from .train.sharding import init_distributed, make_mesh
+
+    if os.environ.get("ELASTIC_JAX_DISTRIBUTED") == "1":
+        init_distributed()
+    if xp.parent_hf is None:
+        raise ValueError(f"{xp.name}: parent_hf is not set (the parent's HF checkpoint folder)")
+    if xp.data is None:
+        raise ValueError(f"{xp.name}: data is not set (a DataMix)")
+    target = _runtime_target(xp, jax.device_count())
+    mesh_cfg = target.mesh or MeshConfig(fsdp=jax.device_count())
+    train = dataclasses.replace(xp.train, mesh=mesh_cfg,
+                                microbatches=target.microbatches or xp.train.microbatches)
+    if target.remat is not None:
+        train = dataclasses.replace(train, policy=dataclasses.replace(xp.policy(), remat=target.remat))
+    mesh = make_mesh(mesh_cfg)
+    cfg, parent = load_hf(xp.parent_hf, dtype=jnp.dtype(xp.param_dtype), mesh=mesh,
+                          rules=merge_rules(xp.train.sharding_rules))
+    arch = lambda c: (c.hybrid_override_pattern, c.hidden_size, c.vocab_size, param_count(c))
+    if arch(cfg) != arch(xp.model):
+        raise ValueError(f"{xp.name}: the checkpoint in {xp.parent_hf} is not the experiment's model (pattern, "
+                         f"hidden, vocab, parameters: {arch(cfg)} vs {arch(xp.model)})")
+    data = _load_mix(xp.data, cfg.vocab_size)
+    # model preparation (METHOD §3): importance from calibration rows, the parent permuted by it; the
+    # same rows every time, so a resumed run rebuilds the same teacher
+    stream = data.batches(train.stages[0].seq_len, xp.calibration_batch_size, epoch_seed=10_000)
+    calib = [next(stream) for _ in range(xp.calibration_batches)]
+    importance = estimate_importance(parent, cfg, [{"tokens": b["tokens"], "segment_ids": b["segment_ids"]}
+                                                   for b in calib])
+    teacher = permute_params(parent, cfg, importance)
+    run_dir = xp.checkpoint_dir or os.path.join(out_dir, "elastic")
+    res = train_elastic(cfg, xp.elastic, train, teacher, teacher, data, run_dir)
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump({"steps": res.steps, "tokens_seen": res.tokens_seen, "resumed_from": res.resumed_from,
+                       "run_dir": run_dir, "target": target.name}, f, indent=1)
+    return res
+
+
+register_runner(PodExperiment, run_pod)
+
+__all__ = ["PodExperiment", "Target", "DataMix", "mix_documents", "run_pod"]
