@@ -69,6 +69,24 @@ _TERM_ADVICE = {
 }
 
 
+def _advice(term: str, plan: dict) -> str:
+    """What to change when `term` dominates a plan that does not fit; for activations only the
+    levers not already pulled (a full remat cannot remat more, one sequence per chip cannot be
+    split into more micro-batches without splitting the sequence itself)."""
+    if term != "temporaries":
+        return _TERM_ADVICE.get(term, "more chips")
+    mesh = plan["mesh"]
+    per_chip = plan["micro_batch"] / max(1, mesh["data"] * mesh["fsdp"])
+    levers = []
+    if plan["remat"] != "full":
+        levers.append("a remat policy (--remat full)")
+    if per_chip >= 2:
+        levers.append(f"a smaller micro-batch (--microbatches x2; now {per_chip:g} sequences per chip)")
+    levers.append("split each sequence's activations over chips: a tensor axis in the mesh "
+                  "(--mesh fsdp=N/2,tensor=2 with half the micro-batch), or a shorter context")
+    return "activations: " + "; ".join(levers)
+
+
 # --------------------------------------------------------------------------- counts (cost model)
 def _expected(widths) -> dict:
     return {k: getattr(widths, k) for k in (f.name for f in dataclasses.fields(widths))
@@ -313,7 +331,7 @@ def plan_stage(xp, target, stage, *, microbatches: int | None = None, remat: str
     if not fits:
         dom = max(terms, key=terms.get)
         out["dominant_term"] = dom
-        out["advice"] = _TERM_ADVICE.get(dom, "more chips")
+        out["advice"] = _advice(dom, out)
     fams, repl = sharding_table(state["params"], xp.model)
     out["sharding"], out["replicated"] = fams, repl
     tokens = stage.batch_size * stage.seq_len

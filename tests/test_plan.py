@@ -222,3 +222,13 @@ def test_pod_runner_trains_from_an_hf_parent_and_resumes(tmp_path):
     run_experiment(xp, tmp_path / "run")
     again = json.loads((tmp_path / "run" / "result.json").read_text())
     assert again["resumed_from"] == 2
+
+
+def test_activation_advice_offers_only_levers_not_yet_pulled():
+    full_one_seq = {"mesh": {"data": 1, "fsdp": 128, "tensor": 1, "expert": 1}, "micro_batch": 128, "remat": "full"}
+    advice = plan._advice("temporaries", full_one_seq)
+    assert "--remat" not in advice and "--microbatches" not in advice and "tensor" in advice
+    roomy = dict(full_one_seq, micro_batch=512, remat="none")
+    advice = plan._advice("temporaries", roomy)
+    assert "--remat full" in advice and "4 sequences per chip" in advice
+    assert "fsdp axis" in plan._advice("params", full_one_seq)
