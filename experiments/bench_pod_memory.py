@@ -28,17 +28,8 @@ from elastic_jax.train.aot_step import abstract_elastic_step
 from elastic_jax.train.config import MeshConfig
 from elastic_jax.train.sharding import make_mesh
 
-# config.json of nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 (the architecture fields)
-NANO3 = {
-    "model_type": "nemotron_h", "vocab_size": 131072, "hidden_size": 2688, "num_hidden_layers": 52,
-    "hybrid_override_pattern": "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
-    "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 1856,
-    "mamba_num_heads": 64, "mamba_head_dim": 64, "n_groups": 8, "ssm_state_size": 128, "conv_kernel": 4,
-    "chunk_size": 128, "expand": 2, "n_routed_experts": 128, "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
-    "moe_shared_expert_intermediate_size": 3712, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
-    "routed_scaling_factor": 2.5, "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False,
-    "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 0.0001,
-}
+# the 30B-A3B parent's HF config.json fields, from its experiment file (this folder)
+from nemotron3_nano_30b_a3b import HF_CONFIG as NANO3  # noqa: E402
 
 
 def row(pattern: str, length: int, topology: str, attention: str, kernel_impl: str | None,

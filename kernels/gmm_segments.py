@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .reference import gmm_checked_masked
+
 HIGHEST = jax.lax.Precision.HIGHEST
 MAX_TILE = 128
 
@@ -29,18 +31,9 @@ def gmm_segments(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, ac
                  preferred_element_type=jnp.float32, precision=None, tile: int | None = None):
     """lhs [m, k] (rows sorted by group) x rhs [g, k, n] -> [m, n], as `gmm_reference`: rows past
     Σ group_sizes give 0; the elastic `active_*` arguments mask k, n and groups the same way."""
-    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
-        raise ValueError(f"gmm: need lhs [m, k] and rhs [g, k, n] with equal k, got {lhs.shape}, {rhs.shape}")
-    if group_sizes.shape != (rhs.shape[0],):
-        raise ValueError(f"gmm: group_sizes must be [g] = {(rhs.shape[0],)}, got {group_sizes.shape}")
+    lhs, rhs = gmm_checked_masked(lhs, rhs, group_sizes, active_groups, active_k, active_n)
     m, k = lhs.shape
     g, _, n = rhs.shape
-    if active_k is not None:
-        lhs = lhs * (jnp.arange(k) < active_k).astype(lhs.dtype)[None, :]
-    if active_n is not None:
-        rhs = rhs * (jnp.arange(n) < active_n).astype(rhs.dtype)[None, None, :]
-    if active_groups is not None:
-        rhs = rhs * (jnp.arange(g) < active_groups).astype(rhs.dtype)[:, None, None]
     tm = segment_tile(m, g) if tile is None else int(tile)
     n_tiles = m // tm + g
     sizes = group_sizes.astype(jnp.int32)

@@ -184,13 +184,10 @@ def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=128, initial_state=None, s
     return y.astype(x.dtype), final_state
 
 
-def gmm_reference(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None,
-                  preferred_element_type=jnp.float32, precision=None):
-    """Grouped matmul via `jax.lax.ragged_dot`: lhs [m, k] sorted by group, rhs [g, k, n].
-
-    Elastic arguments: only the first `active_groups` groups, the first `active_k` reduction rows
-    and the first `active_n` output columns take part; outputs outside them are zero.
-    """
+def gmm_checked_masked(lhs, rhs, group_sizes, active_groups=None, active_k=None, active_n=None):
+    """Check lhs [m, k] / rhs [g, k, n] / group_sizes [g] and apply the elastic masks (the first
+    `active_k` contraction columns, `active_n` output columns, `active_groups` groups): the
+    common front of every grouped-matmul implementation."""
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(f"gmm: need lhs [m, k] and rhs [g, k, n] with equal k, got {lhs.shape}, {rhs.shape}")
     if group_sizes.shape != (rhs.shape[0],):
@@ -202,6 +199,17 @@ def gmm_reference(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, a
         rhs = rhs * (jnp.arange(n) < active_n).astype(rhs.dtype)[None, None, :]
     if active_groups is not None:
         rhs = rhs * (jnp.arange(g) < active_groups).astype(rhs.dtype)[:, None, None]
+    return lhs, rhs
+
+
+def gmm_reference(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None,
+                  preferred_element_type=jnp.float32, precision=None):
+    """Grouped matmul via `jax.lax.ragged_dot`: lhs [m, k] sorted by group, rhs [g, k, n].
+
+    Elastic arguments: only the first `active_groups` groups, the first `active_k` reduction rows
+    and the first `active_n` output columns take part; outputs outside them are zero.
+    """
+    lhs, rhs = gmm_checked_masked(lhs, rhs, group_sizes, active_groups, active_k, active_n)
     out = jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32),
                              preferred_element_type=preferred_element_type,
                              precision=HIGHEST if precision is None else precision)
