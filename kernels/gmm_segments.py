@@ -4,12 +4,19 @@
 and multiplies it by all g groups' weights, g times the useful FLOPs plus an m x g·k temporary
 (profiled in BUILD_NOTES.md, issue 17). Here each group's rows (lhs is sorted by group) are cut
 into tiles of `tm` rows, the last tile of a group padded with a zero row, so every tile belongs
-to one group; one batched matmul [tiles, tm, k] x rhs[group of tile] [tiles, k, n] computes
-them all. No capacity, nothing dropped: a static bound on the tile count holds for any group
-sizes, Σ_g ceil(s_g / tm) <= m // tm + g. The waste is at most g·tm padded rows plus the gather
-of one [k, n] weight per tile.
+to one group. No capacity, nothing dropped: a static bound on the tile count holds for any group
+sizes, Σ_g ceil(s_g / tm) <= m // tm + g.
+
+The tiles run as a loop of 2-D matmuls (`lax.map`), tile t against rhs[group of t], and the
+tiles past the used count skip their matmul (`lax.cond`): on the CPU backend a batched dot over
+[tiles, tm, k] x [tiles, k, n] runs at a third of a 2-D dot's FLOP/s (and gathers a [k, n]
+weight per tile), while the loop of 2-D dots runs within ~1.3x of one dense [m, k] x [k, n]
+matmul (BUILD_NOTES.md, issue 17). A custom VJP keeps the backward in the same form: d lhs per
+tile against rhs[group]ᵀ, d rhs accumulated per group in the loop's carry.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +34,75 @@ def segment_tile(m: int, g: int) -> int:
     return int(min(MAX_TILE, max(8, 1 << (mean.bit_length() - 1))))
 
 
+def segment_layout(group_sizes, m: int, g: int, tm: int):
+    """Where every row goes: -> (tile_group [T] (clamped to g-1), tile_used [T] bool, src [T, tm]
+    (source row of every slot, m = the appended zero row), slot [m] (the slot of every row),
+    total rows Σ group_sizes), with T = m // tm + g tiles."""
+    n_tiles = m // tm + g
+    sizes = group_sizes.astype(jnp.int32)
+    row_end = jnp.cumsum(sizes)
+    row_start = row_end - sizes
+    tiles = (sizes + tm - 1) // tm
+    tile_end = jnp.cumsum(tiles)
+    tile_start = tile_end - tiles
+    tile_ids = jnp.arange(n_tiles, dtype=jnp.int32)
+    tile_group = jnp.searchsorted(tile_end, tile_ids, side="right")          # g: past the used tiles
+    tg = jnp.minimum(tile_group, g - 1)
+    local = (tile_ids - tile_start[tg])[:, None] * tm + jnp.arange(tm, dtype=jnp.int32)
+    used = tile_group < g
+    src = jnp.where(used[:, None] & (local < sizes[tg][:, None]), row_start[tg][:, None] + local, m)
+    rows = jnp.arange(m, dtype=jnp.int32)
+    row_group = jnp.minimum(jnp.searchsorted(row_end, rows, side="right"), g - 1)
+    slot = tile_start[row_group] * tm + rows - row_start[row_group]
+    return tg, used, src, slot, row_end[-1]
+
+
+def _dot(a, b, precision, out_dtype):
+    return jnp.matmul(a, b, precision=precision, preferred_element_type=out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def tile_matmul(lhs_TMK, rhs_GKN, tile_group_T, used_T, precision, out_dtype):
+    """out[t] = lhs[t] @ rhs[tile_group[t]] for the used tiles, 0 for the others: [T, tm, n]."""
+    return _tile_matmul_fwd(lhs_TMK, rhs_GKN, tile_group_T, used_T, precision, out_dtype)[0]
+
+
+def _tile_matmul_fwd(lhs_TMK, rhs_GKN, tile_group_T, used_T, precision, out_dtype):
+    tm, n = lhs_TMK.shape[1], rhs_GKN.shape[2]
+
+    def one(xs):
+        x_MK, gi, u = xs
+        return jax.lax.cond(u, lambda: _dot(x_MK, rhs_GKN[gi], precision, out_dtype),
+                            lambda: jnp.zeros((tm, n), out_dtype))
+
+    out = jax.lax.map(one, (lhs_TMK, tile_group_T, used_T))
+    return out, (lhs_TMK, rhs_GKN, tile_group_T, used_T)
+
+
+def _tile_matmul_bwd(precision, out_dtype, res, ct_TMN):
+    lhs_TMK, rhs_GKN, tile_group_T, used_T = res
+    tm, k = lhs_TMK.shape[1:]
+    f32 = jnp.float32
+
+    def one(acc_GKN, xs):
+        x_MK, ct_MN, gi, u = xs
+
+        def used():
+            w_KN = rhs_GKN[gi]
+            d_x = _dot(ct_MN.astype(w_KN.dtype), w_KN.T, precision, f32).astype(x_MK.dtype)
+            d_w = _dot(x_MK.T, ct_MN.astype(x_MK.dtype), precision, f32)
+            return d_x, acc_GKN.at[gi].add(d_w)
+
+        return jax.lax.cond(u, used, lambda: (jnp.zeros((tm, k), x_MK.dtype), acc_GKN))[::-1]
+
+    acc, d_lhs = jax.lax.scan(lambda c, xs: one(c, xs), jnp.zeros(rhs_GKN.shape, f32),
+                              (lhs_TMK, ct_TMN, tile_group_T, used_T))
+    return d_lhs, acc.astype(rhs_GKN.dtype), None, None
+
+
+tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
+
+
 def gmm_segments(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None,
                  preferred_element_type=jnp.float32, precision=None, tile: int | None = None):
     """lhs [m, k] (rows sorted by group) x rhs [g, k, n] -> [m, n], as `gmm_reference`: rows past
@@ -35,24 +111,10 @@ def gmm_segments(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, ac
     m, k = lhs.shape
     g, _, n = rhs.shape
     tm = segment_tile(m, g) if tile is None else int(tile)
-    n_tiles = m // tm + g
-    sizes = group_sizes.astype(jnp.int32)
-    row_end = jnp.cumsum(sizes)
-    row_start = row_end - sizes
-    tiles = (sizes + tm - 1) // tm
-    tile_end = jnp.cumsum(tiles)
-    tile_start = tile_end - tiles
-    # every padded slot (tile t, row r): its group, its source row (m = the appended zero row)
-    tile_group = jnp.searchsorted(tile_end, jnp.arange(n_tiles, dtype=jnp.int32), side="right")   # g: unused
-    tg = jnp.minimum(tile_group, g - 1)
-    local = (jnp.arange(n_tiles, dtype=jnp.int32) - tile_start[tg])[:, None] * tm + jnp.arange(tm, dtype=jnp.int32)
-    src = jnp.where((tile_group < g)[:, None] & (local < sizes[tg][:, None]), row_start[tg][:, None] + local, m)
-    lhs_TMK = jnp.concatenate([lhs, jnp.zeros((1, k), lhs.dtype)])[src.reshape(-1)].reshape(n_tiles, tm, k)
-    out_TMN = jnp.einsum("tmk,tkn->tmn", lhs_TMK, rhs[tg], precision=HIGHEST if precision is None else precision,
-                         preferred_element_type=preferred_element_type)
+    tg, used, src, slot, total = segment_layout(group_sizes, m, g, tm)
+    lhs_TMK = jnp.concatenate([lhs, jnp.zeros((1, k), lhs.dtype)])[src.reshape(-1)].reshape(-1, tm, k)
+    out_TMN = tile_matmul(lhs_TMK, rhs, tg, used, HIGHEST if precision is None else precision,
+                          jnp.dtype(preferred_element_type))
     # every row of lhs back from its slot; rows past Σ sizes -> 0
-    rows = jnp.arange(m, dtype=jnp.int32)
-    row_group = jnp.minimum(jnp.searchsorted(row_end, rows, side="right"), g - 1)
-    slot = tile_start[row_group] * tm + rows - row_start[row_group]
-    out = out_TMN.reshape(n_tiles * tm, n)[slot]
-    return jnp.where((rows < row_end[-1])[:, None], out, jnp.zeros((), out.dtype))
+    out = out_TMN.reshape(-1, n)[slot]
+    return jnp.where((jnp.arange(m) < total)[:, None], out, jnp.zeros((), out.dtype))
