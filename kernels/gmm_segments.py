@@ -7,12 +7,13 @@ into tiles of `tm` rows, the last tile of a group padded with a zero row, so eve
 to one group. No capacity, nothing dropped: a static bound on the tile count holds for any group
 sizes, Σ_g ceil(s_g / tm) <= m // tm + g.
 
-The tiles run as a loop of 2-D matmuls (`lax.map`), tile t against rhs[group of t], and the
-tiles past the used count skip their matmul (`lax.cond`): on the CPU backend a batched dot over
-[tiles, tm, k] x [tiles, k, n] runs at a third of a 2-D dot's FLOP/s (and gathers a [k, n]
-weight per tile), while the loop of 2-D dots runs within ~1.3x of one dense [m, k] x [k, n]
-matmul (BUILD_NOTES.md, issue 17). A custom VJP keeps the backward in the same form: d lhs per
-tile against rhs[group]ᵀ, d rhs accumulated per group in the loop's carry.
+The tiles run as a loop (`lax.scan`) of 2-D matmuls: tile t gathers its rows, multiplies them
+by rhs[group of t] and scatters the product into the output; tiles past the used count skip
+(`lax.cond`). On the CPU backend a batched dot over [tiles, tm, k] x [tiles, k, n] runs at a
+third of a 2-D dot's FLOP/s, and [tiles, tm, ·] copies of lhs / the output cost as much again in
+memory traffic; the loop runs within ~1.1x of one dense [m, k] x [k, n] matmul (BUILD_NOTES.md,
+issue 17). A custom VJP keeps the backward in the same form: d lhs per tile against rhs[group]ᵀ,
+d rhs accumulated per group in the loop's carry.
 """
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ def segment_tile(m: int, g: int) -> int:
 
 def segment_layout(group_sizes, m: int, g: int, tm: int):
     """Where every row goes: -> (tile_group [T] (clamped to g-1), tile_used [T] bool, src [T, tm]
-    (source row of every slot, m = the appended zero row), slot [m] (the slot of every row),
-    total rows Σ group_sizes), with T = m // tm + g tiles."""
+    (the row of every slot; m = a padded slot)), with T = m // tm + g tiles."""
     n_tiles = m // tm + g
     sizes = group_sizes.astype(jnp.int32)
     row_end = jnp.cumsum(sizes)
@@ -51,56 +51,59 @@ def segment_layout(group_sizes, m: int, g: int, tm: int):
     local = (tile_ids - tile_start[tg])[:, None] * tm + jnp.arange(tm, dtype=jnp.int32)
     used = tile_group < g
     src = jnp.where(used[:, None] & (local < sizes[tg][:, None]), row_start[tg][:, None] + local, m)
-    rows = jnp.arange(m, dtype=jnp.int32)
-    row_group = jnp.minimum(jnp.searchsorted(row_end, rows, side="right"), g - 1)
-    slot = tile_start[row_group] * tm + rows - row_start[row_group]
-    return tg, used, src, slot, row_end[-1]
+    return tg, used, src
 
 
 def _dot(a, b, precision, out_dtype):
     return jnp.matmul(a, b, precision=precision, preferred_element_type=out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def tile_matmul(lhs_TMK, rhs_GKN, tile_group_T, used_T, precision, out_dtype):
-    """out[t] = lhs[t] @ rhs[tile_group[t]] for the used tiles, 0 for the others: [T, tm, n]."""
-    return _tile_matmul_fwd(lhs_TMK, rhs_GKN, tile_group_T, used_T, precision, out_dtype)[0]
+def _rows(t, src_M):
+    """Rows `src` of t; index len(t) (a padded slot) reads zeros."""
+    return t.at[src_M].get(mode="fill", fill_value=0)
 
 
-def _tile_matmul_fwd(lhs_TMK, rhs_GKN, tile_group_T, used_T, precision, out_dtype):
-    tm, n = lhs_TMK.shape[1], rhs_GKN.shape[2]
-
-    def one(xs):
-        x_MK, gi, u = xs
-        return jax.lax.cond(u, lambda: _dot(x_MK, rhs_GKN[gi], precision, out_dtype),
-                            lambda: jnp.zeros((tm, n), out_dtype))
-
-    out = jax.lax.map(one, (lhs_TMK, tile_group_T, used_T))
-    return out, (lhs_TMK, rhs_GKN, tile_group_T, used_T)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def segment_matmul(lhs, rhs_GKN, src_TM, tile_group_T, used_T, precision, out_dtype):
+    """out[src[t]] = lhs[src[t]] @ rhs[tile_group[t]] over the used tiles t: [m, n], rows in no slot
+    (past Σ group sizes) 0. Each tile gathers its rows and scatters its product in the loop, so
+    no [tiles, tm, ·] copy of lhs or of the output is ever materialized."""
+    return _segment_matmul_fwd(lhs, rhs_GKN, src_TM, tile_group_T, used_T, precision, out_dtype)[0]
 
 
-def _tile_matmul_bwd(precision, out_dtype, res, ct_TMN):
-    lhs_TMK, rhs_GKN, tile_group_T, used_T = res
-    tm, k = lhs_TMK.shape[1:]
+def _segment_matmul_fwd(lhs, rhs_GKN, src_TM, tile_group_T, used_T, precision, out_dtype):
+    def tile(out, xs):
+        src, gi, u = xs
+        run = lambda: out.at[src].set(_dot(_rows(lhs, src), rhs_GKN[gi], precision, out_dtype), mode="drop")
+        return jax.lax.cond(u, run, lambda: out), None
+
+    out, _ = jax.lax.scan(tile, jnp.zeros((lhs.shape[0], rhs_GKN.shape[2]), out_dtype),
+                          (src_TM, tile_group_T, used_T))
+    return out, (lhs, rhs_GKN, src_TM, tile_group_T, used_T)
+
+
+def _segment_matmul_bwd(precision, out_dtype, res, ct_MN):
+    lhs, rhs_GKN, src_TM, tile_group_T, used_T = res
     f32 = jnp.float32
 
-    def one(acc_GKN, xs):
-        x_MK, ct_MN, gi, u = xs
+    def tile(carry, xs):
+        src, gi, u = xs
 
-        def used():
-            w_KN = rhs_GKN[gi]
-            d_x = _dot(ct_MN.astype(w_KN.dtype), w_KN.T, precision, f32).astype(x_MK.dtype)
-            d_w = _dot(x_MK.T, ct_MN.astype(x_MK.dtype), precision, f32)
-            return d_x, acc_GKN.at[gi].add(d_w)
+        def run():
+            d_lhs, d_rhs = carry
+            w_KN, c_MN = rhs_GKN[gi], _rows(ct_MN, src).astype(rhs_GKN.dtype)
+            d_x = _dot(c_MN, w_KN.T, precision, f32).astype(lhs.dtype)
+            d_w = _dot(_rows(lhs, src).T, c_MN.astype(lhs.dtype), precision, f32)
+            return d_lhs.at[src].set(d_x, mode="drop"), d_rhs.at[gi].add(d_w)
 
-        return jax.lax.cond(u, used, lambda: (jnp.zeros((tm, k), x_MK.dtype), acc_GKN))[::-1]
+        return jax.lax.cond(u, run, lambda: carry), None
 
-    acc, d_lhs = jax.lax.scan(lambda c, xs: one(c, xs), jnp.zeros(rhs_GKN.shape, f32),
-                              (lhs_TMK, ct_TMN, tile_group_T, used_T))
-    return d_lhs, acc.astype(rhs_GKN.dtype), None, None
+    (d_lhs, d_rhs), _ = jax.lax.scan(tile, (jnp.zeros(lhs.shape, lhs.dtype), jnp.zeros(rhs_GKN.shape, f32)),
+                                     (src_TM, tile_group_T, used_T))
+    return d_lhs, d_rhs.astype(rhs_GKN.dtype), None, None, None
 
 
-tile_matmul.defvjp(_tile_matmul_fwd, _tile_matmul_bwd)
+segment_matmul.defvjp(_segment_matmul_fwd, _segment_matmul_bwd)
 
 
 def gmm_segments(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=None,
@@ -111,10 +114,6 @@ def gmm_segments(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, ac
     m, k = lhs.shape
     g, _, n = rhs.shape
     tm = segment_tile(m, g) if tile is None else int(tile)
-    tg, used, src, slot, total = segment_layout(group_sizes, m, g, tm)
-    lhs_TMK = jnp.concatenate([lhs, jnp.zeros((1, k), lhs.dtype)])[src.reshape(-1)].reshape(-1, tm, k)
-    out_TMN = tile_matmul(lhs_TMK, rhs, tg, used, HIGHEST if precision is None else precision,
+    tg, used, src = segment_layout(group_sizes, m, g, tm)
+    return segment_matmul(lhs, rhs, src, tg, used, HIGHEST if precision is None else precision,
                           jnp.dtype(preferred_element_type))
-    # every row of lhs back from its slot; rows past Σ sizes -> 0
-    out = out_TMN.reshape(-1, n)[slot]
-    return jnp.where((jnp.arange(m) < total)[:, None], out, jnp.zeros((), out.dtype))
