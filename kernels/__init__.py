@@ -1,7 +1,9 @@
 """elastic_jax.kernels: the Mamba2 SSD scan and the MoE grouped matmul, with one dispatch.
 
 `impl="xla"` is the pure-JAX reference (`reference.py`); `impl="pallas"` is the Pallas kernel
-(interpret mode on CPU, compiled on GPU / TPU). `impl=None` picks the platform default.
+(interpret mode on CPU, compiled on GPU / TPU). `impl=None` picks the platform default. On CPU
+the XLA path runs the same algorithms laid out for that backend: the SSD group-major at a CPU
+chunk (`ssd_heads.py`), the grouped matmul as a loop over tile-padded segments (`gmm_segments.py`).
 
 Pallas kernels: `ssd_pallas.py` (SSD chunked scan, custom_vjp), `gmm_pallas.py` (megablox-style
 grouped matmul + tgmm, custom_vjp); `_common.py` picks the lowering: the "gpu" (Triton) variant
