@@ -111,8 +111,7 @@ def gmm_segments(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, ac
     """lhs [m, k] (rows sorted by group) x rhs [g, k, n] -> [m, n], as `gmm_reference`: rows past
     Σ group_sizes give 0; the elastic `active_*` arguments mask k, n and groups the same way."""
     lhs, rhs = gmm_checked_masked(lhs, rhs, group_sizes, active_groups, active_k, active_n)
-    m, k = lhs.shape
-    g, _, n = rhs.shape
+    m, g = lhs.shape[0], rhs.shape[0]
     tm = segment_tile(m, g) if tile is None else int(tile)
     tg, used, src = segment_layout(group_sizes, m, g, tm)
     return segment_matmul(lhs, rhs, src, tg, used, HIGHEST if precision is None else precision,
