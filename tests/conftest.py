@@ -6,12 +6,22 @@ extra devices would change every training test's mesh. Tests that need several d
 multi-process / SIGKILL tests) therefore keep their own subprocess."""
 from __future__ import annotations
 
-import chex
-import jax
-import jax.numpy as jnp
-import numpy as np
+import os
 
-import elastic_jax as ej
+# Compile fast. Tiny test programs spend most of their CPU time in XLA:CPU's LLVM passes, not in
+# running; level-0 codegen leaves the HLO (fusions, op order) as it is, so results are unchanged.
+# Set before any backend exists, here and (through the environment) in every subprocess a test
+# starts (the quick main job, the multi-device scripts). Measured in BUILD_NOTES ("Test suite time").
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_XLA).strip()
+
+import chex  # noqa: E402  (after XLA_FLAGS)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import elastic_jax as ej  # noqa: E402
 
 # The small hybrid most unit tests start from (hidden 32, 4 Mamba heads in 2 groups, GQA 4/2,
 # 4 experts top-2); a test file states only the fields it changes.

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import elastic_jax as ej
-from conftest import assert_trees_equal, max_abs_diff
+from conftest import FAST_XLA, assert_trees_equal, max_abs_diff
 from elastic_jax import hf as ejhf, hf_cli
 
 TOL = 1e-4
@@ -442,7 +442,7 @@ def test_load_places_each_tensor_on_its_mesh_sharding(tmp_path):
     import sys
     cfg, params = _ej_model("M*E")
     ej.save_hf(tmp_path / "m", cfg, params)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_XLA}", JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(tmp_path / "m")], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr

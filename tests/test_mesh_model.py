@@ -13,13 +13,12 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import elastic_jax as ej
-from conftest import tiny_config
+from conftest import FAST_XLA, tiny_config
 from elastic_jax import sharding as shd
 from elastic_jax.train.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "mesh_model_check.py")
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import FAST_XLA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "train_step_check.py")
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _env(devices):
