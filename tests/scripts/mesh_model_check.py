@@ -215,8 +215,31 @@ def moe_checks(out):
 
     def rel(a, b):
         return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+    # token chunks (ComputePolicy.moe_token_chunk): 5 -> 16 chunks of 4 of the 64 tokens on one
+    # device, 2 of 4 of the 8 tokens per shard; values, loads and gradients (parameters, input,
+    # soft width mask and expert-count probabilities) equal the unchunked call
+    probe = jax.random.normal(jax.random.PRNGKey(4), (B, L, CFG.hidden_size))
+
+    def chunk_fn(p, x, mask, probs, chunk):
+        el = ElasticLayer(ffn_mask=mask, active_ffn=soft.active_ffn, expert_counts=soft.expert_counts,
+                          expert_probs=probs, premask=True)
+        y, aux = moe_mixer(p, x, CFG, el, Context(valid=valid, policy=ej.ComputePolicy(moe_token_chunk=chunk)), None)
+        return jnp.sum(y.astype(jnp.float32) * probe), aux["expert_load"]
+    chunk_grad = jax.jit(jax.value_and_grad(chunk_fn, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)
+
+    def chunk_errs():
+        (v1, l1), g1 = chunk_grad(p, x, soft.ffn_mask, soft.expert_probs, None)
+        (v5, l5), g5 = chunk_grad(p, x, soft.ffn_mask, soft.expert_probs, 5)
+        return {"chunk_err": abs(float(v5 - v1)) / max(1.0, abs(float(v1))), "chunk_grad_err": max_err(g5, g1),
+                "chunk_load_err": float(jnp.max(jnp.abs(l5 - l1))),
+                "chunk_loops": loops(5) - loops(None)}     # while loops the chunks add (forward, backward)
+
+    def loops(chunk):
+        return chunk_grad.lower(p, x, soft.ffn_mask, soft.expert_probs, chunk).as_text().count("stablehlo.while")
     p16, x16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p), x.astype(jnp.bfloat16)
     ref, ref_load = jax.jit(fwd)(p, x)
+    out["moe_chunks"] = [{"mesh": "one device", **chunk_errs()}]
     ref16 = jax.jit(fwd)(p16, x16)[0]
     ref_soft = jax.jit(fwd)(p, x, soft)[0]
     out["moe"] = []
@@ -228,6 +251,7 @@ def moe_checks(out):
             y16 = jax.jit(fwd)(p16, x16)[0]
             y_soft = jax.jit(fwd)(p, x, soft)[0]
             dots = ragged_dots(jax.make_jaxpr(fwd)(p16, x16))
+            out["moe_chunks"].append({"mesh": name, **chunk_errs()})
         out["moe"].append({"mesh": name, "err": rel(y, ref), "load_err": float(jnp.max(jnp.abs(load - ref_load))),
                            "load_total": float(jnp.sum(load)), "bf16_err": rel(y16, ref16),
                            "bf16_vs_f32": rel(y16, ref), "ragged_dots": dots, "soft_premask_err": rel(y_soft, ref_soft)})
