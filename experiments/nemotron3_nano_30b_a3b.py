@@ -50,7 +50,7 @@ def config(quick: bool = False) -> PodExperiment:
                       min_doc_len=8193)),
         microbatches=4, vocab_chunk=8192, checkpoint_every=200, keep_checkpoints=3, log_every=10,
         policy=ComputePolicy(compute_dtype="bfloat16", kernel_impl="xla", attention_impl="auto", remat="full",
-                             scan_layers=True))
+                             scan_layers=True, moe_token_chunk=8192))
     targets = (
         Target("v5p-128", "tpu", topology="v5p:4x4x8", mesh=MeshConfig(fsdp=128)),
         Target("h100x8", "gpu", devices=8, chip="h100", mesh=MeshConfig(fsdp=8), microbatches=64),

@@ -74,6 +74,17 @@ def test_expert_parallel_loads_and_bf16(mesh_results):
                                         for d in r["ragged_dots"]), r
 
 
+def test_moe_token_chunks_equal_all_tokens_at_once(mesh_results):
+    """ComputePolicy.moe_token_chunk (issue 12: the 49K stage's MoE dispatch one chunk at a time):
+    one device and every mesh layout, values, per-expert loads and gradients equal the unchunked
+    call, and the chunks are one scan of n chunks (32 of 2 tokens on one device, 4-16 per token shard)."""
+    rows = mesh_results["moe_chunks"]
+    assert len(rows) == 4
+    for r in rows:
+        assert r["chunk_err"] < 1e-5 and r["chunk_grad_err"] < 1e-5 and r["chunk_load_err"] == 0, r
+        assert r["chunks"] in r["chunk_scans"] and r["chunks"] not in r["unchunked_scans"], r
+
+
 # ------------------------------------------------------------------ rules table (no devices needed)
 MESH = AbstractMesh((2, 2, 2, 1), shd.MESH_AXES)
 SMALL = tiny_config("M*-E", intermediate_size=32, chunk_size=128)

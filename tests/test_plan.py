@@ -133,46 +133,66 @@ def test_search_keeps_the_cheapest_plan_that_fits(monkeypatch, experiments):
 
 
 _TPU = aot.tpu_unavailable_reason()
-
-
-@pytest.mark.skipif(_TPU is not None, reason=f"TPU AOT compiles unavailable: {_TPU}")
-@pytest.mark.parametrize("source,stage", [(XP30, "long"), (XP12, "short")])
-def test_shrunken_experiment_plans_and_compiles_for_a_tpu_slice(monkeypatch, source, stage):
-    monkeypatch.setenv("SHRUNK_SOURCE", source)
-    monkeypatch.setenv("SHRUNK_TOPOLOGY", "v5e:2x2")
-    xp = load_experiment(SHRUNK)
-    res = plan.plan(xp, xp.targets[0], stages=[stage])
-    check_schema(res)
-    st = res["stages"][0]
-    assert st["compiled"] and res["fits"] and st["devices"] == 4 and st["chip"]["name"] == "TPU v5e"
-    assert st["memory"]["temp_bytes"] > 0 and res["per_device_bytes"] < res["hbm_bytes"]
-    assert st["mesh"]["fsdp"] == 4 and "fsdp" in st["sharding"]["embed"]
+needs_tpu = pytest.mark.skipif(_TPU is not None, reason=f"TPU AOT compiles unavailable: {_TPU}")
 
 
 @pytest.fixture(scope="module")
-def cpu_plans(tmp_path_factory):
-    out = tmp_path_factory.mktemp("plan") / "plans.json"
+def cpu_job(tmp_path_factory):
+    """The 8-CPU-device job (tests/scripts/plan_cpu_check.py: a CPU compile, a GPU lowering, the pod
+    runner), started in the background so that it overlaps the in-process TPU compiles."""
+    tmp = tmp_path_factory.mktemp("plan")
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_XLA}", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "plan_cpu_check.py"), str(out)],
-                       env=env, capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stderr[-4000:]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "scripts", "plan_cpu_check.py"),
+                             str(tmp / "plans.json"), str(tmp)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    yield proc, tmp / "plans.json"
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def cpu_plans(cpu_job):
+    proc, out = cpu_job
+    _, err = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, err[-4000:]
     return json.loads(out.read_text())
 
 
-def test_shrunken_experiments_plan_and_compile_on_8_cpu_devices(cpu_plans):
-    for name in ("nano3_cpu", "nano2_oversized"):       # the 12B's plan is the oversized one below
-        assert cpu_plans[name]["rc"] == 0
-        res = cpu_plans[name]["plan"]
-        check_schema(res)
-        st = res["stages"][0]
-        assert st["compiled"] and st["devices"] == 8 and st["memory"]["temp_bytes"] > 0
-        assert st["mesh"]["fsdp"] == 8 and "fsdp" in st["sharding"]["embed"]
-    assert cpu_plans["nano3_cpu"]["plan"]["fits"]
+def _shrunk(source: str):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHRUNK_SOURCE", source)
+        mp.setenv("SHRUNK_TOPOLOGY", "v5e:2x2")
+        return load_experiment(SHRUNK)
 
 
-def test_oversized_plan_reports_fits_false_and_its_dominant_term(cpu_plans):
-    res = cpu_plans["nano2_oversized"]["plan"]
+@pytest.fixture(scope="module")
+def tpu_plans(cpu_job):
+    """Two TPU compiles (v5e:2x2, ahead of time) serving every TPU assertion: the shrunken 30B-A3B's
+    long stage, and the shrunken 12B's short stage judged against a deliberately tiny HBM (the
+    oversized plan). Requests `cpu_job` so that the CPU job runs beside them."""
+    xp30, xp12 = _shrunk(XP30), _shrunk(XP12)
+    tiny_hbm = dataclasses.replace(xp12.targets[0], hbm_gib=0.0005)
+    return {"nano3": plan.plan(xp30, xp30.targets[0], stages=["long"]),
+            "nano2_oversized": plan.plan(xp12, tiny_hbm, stages=["short"])}
+
+
+@needs_tpu
+@pytest.mark.parametrize("name", ["nano3", "nano2_oversized"])
+def test_shrunken_experiment_plans_and_compiles_for_a_tpu_slice(tpu_plans, name):
+    res = tpu_plans[name]
     check_schema(res)
+    st = res["stages"][0]
+    assert st["compiled"] and st["devices"] == 4 and st["chip"]["name"] == "TPU v5e"
+    assert st["memory"]["temp_bytes"] > 0
+    assert st["mesh"]["fsdp"] == 4 and "fsdp" in st["sharding"]["embed"]
+    if name == "nano3":
+        assert res["fits"] and res["per_device_bytes"] < res["hbm_bytes"]
+
+
+@needs_tpu
+def test_oversized_plan_reports_fits_false_and_its_dominant_term(tpu_plans):
+    res = tpu_plans["nano2_oversized"]
     st = res["stages"][0]
     assert res["fits"] is False and st["fits"] is False
     terms = st["memory"]["terms"]
@@ -181,46 +201,35 @@ def test_oversized_plan_reports_fits_false_and_its_dominant_term(cpu_plans):
     assert f"dominant term {st['dominant_term']}" in plan.format_report(res)
 
 
+def test_shrunken_experiments_plan_on_8_cpu_devices(cpu_plans):
+    """The 30B-A3B file compiled by XLA:CPU, the 12B one lowered and sharded (the GPU path), both
+    over 8 host devices."""
+    for name in ("nano3_cpu", "nano2_gpu"):
+        assert cpu_plans[name]["rc"] == 0
+        res = cpu_plans[name]["plan"]
+        check_schema(res)
+        for st in res["stages"]:
+            assert st["devices"] == 8 and st["mesh"]["fsdp"] == 8 and "fsdp" in st["sharding"]["embed"]
+    st = cpu_plans["nano3_cpu"]["plan"]["stages"][0]
+    assert st["compiled"] and st["memory"]["temp_bytes"] > 0 and cpu_plans["nano3_cpu"]["plan"]["fits"]
+
+
 def test_gpu_plan_lowers_and_says_it_did_not_compile(cpu_plans):
-    res = cpu_plans["nano3_gpu"]["plan"]
-    check_schema(res)
+    res = cpu_plans["nano2_gpu"]["plan"]
+    assert [st["stage"] for st in res["stages"]] == ["short", "long"]
     for st in res["stages"]:
         assert st["compiled"] is False and "lowered and sharded only" in st["note"]
         assert st["chip"]["name"] == "NVIDIA H200 SXM" and st["memory"]["temp_bytes"] is None
 
 
-def test_pod_runner_trains_from_an_hf_parent_and_resumes(tmp_path):
-    """`elastic-jax run` of a PodExperiment on this job's devices: the parent read from its HF
-    folder onto the mesh, importance + permutation, the data mix, training, then a rerun resumes."""
-    import jax
-
-    import elastic_jax as ej
-    from elastic_jax.data import DataConfig
-    from elastic_jax.elastic import ElasticConfig
-    from elastic_jax.experiment import run_experiment
-    from elastic_jax.train import OptimConfig, Stage, TrainConfig
-
-    cfg = ej.NemotronHConfig(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=2,
-                             num_key_value_heads=1, head_dim=16, mamba_num_heads=4, mamba_head_dim=8, n_groups=1,
-                             ssm_state_size=8, chunk_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                             moe_intermediate_size=16, moe_shared_expert_intermediate_size=16)
-    ej.save_hf(tmp_path / "parent", cfg, ej.init_params(cfg, jax.random.PRNGKey(0)))
-    n = jax.device_count()
-    syn = lambda seed: DataConfig(kind="synthetic", num_documents=64, synthetic_vocab=64, seed=seed)
-    xp = PodExperiment(
-        name="tiny", model=cfg, elastic=ElasticConfig(budgets=(1.0, 0.5), router_dim=8, hidden_options=(1.0, 0.5),
-                                                      mamba_options=None, moe_expert_options=(1.0, 0.5),
-                                                      moe_ffn_options=None, ffn_options=None),
-        train=TrainConfig(optim=OptimConfig(lr=1e-3), stages=(Stage("short", seq_len=32, batch_size=8 * n, steps=2),),
-                          checkpoint_every=1000, keep_checkpoints=1, async_checkpointing=False, tensorboard=False,
-                          plot=False, vocab_chunk=None),
-        targets=(Target("here", "cpu", devices=n),), data=DataMix(syn(0), syn(1), 0.7), parent_hf=str(tmp_path / "parent"),
-        calibration_batches=1, calibration_batch_size=4)
-    run_experiment(xp, tmp_path / "run")
-    first = json.loads((tmp_path / "run" / "result.json").read_text())
+def test_pod_runner_trains_from_an_hf_parent_and_resumes(cpu_plans):
+    """`elastic-jax run` of a PodExperiment on the job's 8 devices (run in the CPU job): the parent
+    read from its HF folder onto the mesh, importance + permutation, the data mix, training, then
+    a rerun resumes."""
+    r = cpu_plans["pod_runner"]
+    first, again = r["first"], r["again"]
+    assert r["devices"] == 8
     assert first["steps"] == 2 and first["target"] == "here" and first["resumed_from"] is None
-    run_experiment(xp, tmp_path / "run")
-    again = json.loads((tmp_path / "run" / "result.json").read_text())
     assert again["resumed_from"] == 2
 
 

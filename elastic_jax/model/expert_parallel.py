@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from .. import kernels
 from ..quant.qweight import QWeight, quantize_activation
 from ..sharding import current_rules, mesh_axes_for
-from .kinds.moe import expert_load, route
+from .kinds.moe import expert_load, over_token_chunks, route, token_chunks
 from .layers import ElasticLayer, relu2
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -106,12 +106,14 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
     cdt = policy.dtype_for(w_up.dtype)                # expert matmuls: compute dtype, f32 accumulation
     prec = policy.lax_precision(cdt)
 
-    def body(x, gate, bias, up, down, el_loc, valid, up_scale, down_scale):
+    def one_chunk(w, x, valid, up_scale, down_scale, el_loc):
+        """(y [t, D] f32 before the reduction over `red`, [E] load on this token shard, amax of the
+        down inputs) of t local tokens."""
+        gate, bias, up, down = w
         T_loc = x.shape[0]
         idx_TK, w_TK = route({"gate": gate, "e_score_correction_bias": bias}, x, cfg, el_loc)
-        # routing counts before dispatch: per token shard, summed over the axes splitting the tokens
+        # routing counts before dispatch, on this token shard
         load = expert_load(idx_TK, E, valid)
-        load = jax.lax.psum(load, tok_axes) if tok_axes else load
         up, down = up.astype(cdt), down.astype(cdt)
         flat = idx_TK.reshape(-1)
         order = jnp.argsort(flat)
@@ -148,7 +150,18 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
             out_sorted, h_amax = _local_experts(rows, local, up, down, ffn_mask, active_n, impl, prec, down_scale,
                                                 premask, act_fmt)
         unsorted = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(T_loc, Kk, D)
-        y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
+        return jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST), load, h_amax
+
+    def body(x, gate, bias, up, down, el_loc, valid, up_scale, down_scale):
+        # token chunks (ComputePolicy.moe_token_chunk), not while quantizing (scales, calibration)
+        plain = up_scale is None and down_scale is None and not observing
+        n = token_chunks(x.shape[0], policy.moe_token_chunk) if plain else 1
+        w = (gate, bias, up, down)
+        if n == 1:
+            y, load, h_amax = one_chunk(w, x, valid, up_scale, down_scale, el_loc)
+        else:
+            y, load = over_token_chunks(lambda w, x, v: one_chunk(w, x, v, None, None, el_loc)[:2], n, w, x, valid)
+        load = jax.lax.psum(load, tok_axes) if tok_axes else load        # summed over the token shards
         red = sum_axes + mlp_axes
         y = jax.lax.psum(y, red) if red else y
         if not observing:

@@ -29,6 +29,10 @@ class ComputePolicy:
     attention_impl: "auto" picks a memory-efficient kernel for the platform.
     remat: rematerialization policy of each block in the backward pass (`REMAT_POLICIES`).
     scan_layers: run the layers under `lax.scan` (constant compile time in depth).
+    moe_token_chunk: route and run the routed experts this many tokens (per device) at a time, each
+      chunk rematerialized, so forward and backward hold one chunk's dispatch buffers (T·k rows)
+      instead of all of them (None: all tokens at once). Exact: every row's output is the same;
+      the expert weight gradients accumulate over chunks in f32.
     """
 
     compute_dtype: str | None = None
@@ -37,6 +41,7 @@ class ComputePolicy:
     attention_impl: str = "auto"
     remat: str = "none"
     scan_layers: bool = False
+    moe_token_chunk: int | None = None
 
     def __post_init__(self):
         def check(name, allowed):
@@ -47,6 +52,10 @@ class ComputePolicy:
         check("attention_impl", _ATTENTION_IMPLS)
         check("precision", _PRECISIONS)
         check("remat", _REMAT)
+        if self.moe_token_chunk is not None and not (isinstance(self.moe_token_chunk, int)
+                                                     and not isinstance(self.moe_token_chunk, bool)
+                                                     and self.moe_token_chunk >= 1):
+            raise ValueError(f"ComputePolicy.moe_token_chunk: must be None or an int >= 1, got {self.moe_token_chunk!r}")
         if self.compute_dtype is not None and self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"ComputePolicy.compute_dtype: must be None, 'float32', 'bfloat16' or 'float16', "
                              f"got {self.compute_dtype!r}")

@@ -182,6 +182,19 @@ def quant_checks(out):
     print(out["quant"], flush=True)
 
 
+def scan_lengths(jaxpr):
+    """Lengths of every scan in a closed jaxpr, sub-jaxprs (shard_map, checkpoint) included."""
+    found = []
+    for eqn in jaxpr.jaxpr.eqns if hasattr(jaxpr, "jaxpr") else jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found.append(int(eqn.params["length"]))
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(sub, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
+                    found += scan_lengths(sub)
+    return found
+
+
 def ragged_dots(jaxpr):
     """(lhs dtype, precision) of every ragged_dot in a closed jaxpr, sub-jaxprs (shard_map) included."""
     found = []
@@ -215,19 +228,45 @@ def moe_checks(out):
 
     def rel(a, b):
         return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+    # token chunks (ComputePolicy.moe_token_chunk=3): 32 chunks of 2 of the 64 tokens on one device,
+    # 4 / 16 / 8 chunks of the 8 / 32 / 16 tokens per token shard on the meshes below; values, loads
+    # and gradients (parameters, input, soft width mask and expert-count probabilities) equal the
+    # unchunked call
+    probe = jax.random.normal(jax.random.PRNGKey(4), (B, L, CFG.hidden_size))
+
+    def chunk_fn(p, x, mask, probs, chunk):
+        el = ElasticLayer(ffn_mask=mask, active_ffn=soft.active_ffn, expert_counts=soft.expert_counts,
+                          expert_probs=probs, premask=True)
+        y, aux = moe_mixer(p, x, CFG, el, Context(valid=valid, policy=ej.ComputePolicy(moe_token_chunk=chunk)), None)
+        return jnp.sum(y.astype(jnp.float32) * probe), aux["expert_load"]
+    chunk_grad = jax.jit(jax.value_and_grad(chunk_fn, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)
+
+    def chunk_errs():
+        (v1, l1), g1 = chunk_grad(p, x, soft.ffn_mask, soft.expert_probs, None)
+        (v5, l5), g5 = chunk_grad(p, x, soft.ffn_mask, soft.expert_probs, 3)
+        return {"chunk_err": abs(float(v5 - v1)) / max(1.0, abs(float(v1))), "chunk_grad_err": max_err(g5, g1),
+                "chunk_load_err": float(jnp.max(jnp.abs(l5 - l1))),
+                "chunk_scans": scans(3), "unchunked_scans": scans(None)}
+
+    def scans(chunk):         # scan lengths in the forward's jaxpr: the token chunks are one scan of n
+        return scan_lengths(jax.make_jaxpr(lambda *a: chunk_fn(*a, chunk))(p, x, soft.ffn_mask, soft.expert_probs))
     p16, x16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p), x.astype(jnp.bfloat16)
     ref, ref_load = jax.jit(fwd)(p, x)
+    out["moe_chunks"] = [{"mesh": "one device", "chunks": 32, **chunk_errs()}]
     ref16 = jax.jit(fwd)(p16, x16)[0]
     ref_soft = jax.jit(fwd)(p, x, soft)[0]
     out["moe"] = []
-    for name, shape, rules in (("expert=8", (1, 1, 1, 8), shd.DEFAULT_RULES),
-                               ("data=2,expert=4, batch->data", (2, 1, 1, 4), shd.merge_rules([("batch", "data")])),
-                               ("fsdp=2,tensor=2,expert=2", (1, 2, 2, 2), shd.DEFAULT_RULES)):
+    for name, shape, rules, chunks in (("expert=8", (1, 1, 1, 8), shd.DEFAULT_RULES, 4),
+                                       ("data=2,expert=4, batch->data", (2, 1, 1, 4),
+                                        shd.merge_rules([("batch", "data")]), 16),
+                                       ("fsdp=2,tensor=2,expert=2", (1, 2, 2, 2), shd.DEFAULT_RULES, 8)):
         with jax.set_mesh(make_mesh(MeshConfig(*shape))), shd.use_rules(rules):
             y, load = jax.jit(fwd)(p, x)
             y16 = jax.jit(fwd)(p16, x16)[0]
             y_soft = jax.jit(fwd)(p, x, soft)[0]
             dots = ragged_dots(jax.make_jaxpr(fwd)(p16, x16))
+            out["moe_chunks"].append({"mesh": name, "chunks": chunks, **chunk_errs()})
         out["moe"].append({"mesh": name, "err": rel(y, ref), "load_err": float(jnp.max(jnp.abs(load - ref_load))),
                            "load_total": float(jnp.sum(load)), "bf16_err": rel(y16, ref16),
                            "bf16_vs_f32": rel(y16, ref), "ragged_dots": dots, "soft_premask_err": rel(y_soft, ref_soft)})

@@ -25,7 +25,10 @@ def shrink(xp, topology: str = "v5e:2x2"):
                                   moe_ffn_options=opt(e.moe_ffn_options), router_dim=16)
     stages = tuple(dataclasses.replace(s, seq_len=s.seq_len // 256, batch_size=max(8, s.batch_size // 96 // 8 * 8),
                                        tokens=s.tokens / 1e6) for s in xp.train.stages)
-    train = dataclasses.replace(xp.train, stages=stages, microbatches=2, vocab_chunk=256)
+    policy = xp.train.policy
+    if policy is not None and policy.moe_token_chunk:        # the MoE token chunks shrink with the context
+        policy = dataclasses.replace(policy, moe_token_chunk=max(1, policy.moe_token_chunk // 256))
+    train = dataclasses.replace(xp.train, stages=stages, microbatches=2, vocab_chunk=256, policy=policy)
     n = 1
     for d in topology.split(":")[1].split("x"):
         n *= int(d)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from ... import kernels
 from ...config import NemotronHConfig
-from ...quant.qweight import unwrap
+from ...quant.qweight import QWeight, unwrap
 from ...sharding import context_mesh
 from ...widths import max_count, prefix_mask
 from ..layers import HIGHEST, ElasticLayer, dense, relu2
@@ -132,9 +132,80 @@ def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
     return idx.astype(jnp.int32), w * cfg.routed_scaling_factor
 
 
+def token_chunks(T: int, chunk: int | None) -> int:
+    """How many equal token chunks `ComputePolicy.moe_token_chunk` asks for: 1 when it is None or
+    T <= chunk, else the smallest n >= T / chunk that divides T (chunks of at most `chunk` tokens)."""
+    if chunk is None or T <= chunk:
+        return 1
+    n = -(-T // chunk)
+    while T % n:
+        n += 1
+    return n
+
+
+def over_token_chunks(fn, n: int, weights, x_TD, valid_T=None):
+    """fn(weights, x [t, D], valid [t] | None) -> (y [t, ...], load [E]) run over `n` equal chunks of
+    the tokens under `lax.scan`, each chunk rematerialized (`jax.checkpoint`), so forward and
+    backward hold one chunk's dispatch buffers at a time; y concatenated, load summed. Routing and
+    the expert FFN are per token (row), so the result equals one call on all tokens. `weights` enter
+    the scan in f32, so their gradients accumulate over the chunks in f32 and are rounded once
+    (`fn` casts them to the compute dtype)."""
+    if n == 1:
+        return fn(weights, x_TD, valid_T)
+    up = lambda w: w.astype(jnp.float32) if jnp.issubdtype(w.dtype, jnp.floating) else w
+    w32 = jax.tree.map(up, weights)
+    T = x_TD.shape[0]
+    xs = x_TD.reshape((n, T // n) + x_TD.shape[1:])
+    vs = None if valid_T is None else valid_T.reshape(n, T // n)
+    body = jax.checkpoint(fn)
+
+    def step(_, inp):
+        x, v = inp
+        return None, body(w32, x, v)
+
+    _, (ys, loads) = jax.lax.scan(step, None, (xs, vs))
+    return ys.reshape((T,) + ys.shape[2:]), jnp.sum(loads, 0)
+
+
+def _routed_experts(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None, policy, valid_T=None,
+                    collect: bool = False):
+    """(Σ_k w_k · expert_k(x) [T, D] f32 (no shared expert), [E] f32 load, intermediates or None) on
+    one device: sort by expert + grouped matmul."""
+    idx_TK, w_TK = route(p, x_TD, cfg, el)
+    T, Kk = idx_TK.shape
+    E = p["gate"].shape[1]
+    flat = idx_TK.reshape(-1)
+    order = jnp.argsort(flat)
+    rows = x_TD[order // Kk]                                                      # [T·k, D] sorted by expert
+    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    active_n = None if el is None else el.active_ffn
+    rows, w_up = unwrap(rows, p["up_proj"])
+    cdt = policy.dtype_for(w_up.dtype)                # expert matmuls: compute dtype, f32 accumulation
+    prec = policy.lax_precision(cdt)
+    h = kernels.gmm(rows.astype(cdt), w_up.astype(cdt), group_sizes, active_n=active_n,
+                    impl=policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
+    if el is not None and el.premask:     # official soft form: mask before relu²
+        h = relu2(h * el.ffn_mask)
+    else:
+        h = relu2(h)
+        if el is not None:
+            h = h * el.ffn_mask
+    act = h
+    h, w_down = unwrap(h.astype(cdt), p["down_proj"])
+    o = kernels.gmm(h.astype(cdt), w_down.astype(cdt), group_sizes, active_k=active_n,
+                    impl=policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
+    unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, o.shape[-1])
+    y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
+    extra = None
+    if collect:
+        extra = dict(route_idx=idx_TK, route_weight=w_TK, expert_order=order, expert_act=act, expert_out=o)
+    return y, expert_load(idx_TK, E, valid_T), extra
+
+
 def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cache):
     """Routed relu² experts dispatched by sort + grouped matmul, plus the shared expert. Under a
-    mesh in context the routed experts run per shard (expert_parallel.py).
+    mesh in context the routed experts run per shard (expert_parallel.py). With
+    `ctx.policy.moe_token_chunk` the routed experts run over token chunks (`over_token_chunks`).
     Second output: None when decoding, else {"expert_load": [E] f32 tokens routed to each expert
     (padding excluded)} for the aux-loss-free balancing update (train/balance.py); with
     `ctx.collect` also the intermediates: "route_idx" / "route_weight" [T, k] (the top-k choices and
@@ -149,34 +220,18 @@ def moe_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx, cach
         y, load = routed_experts_sharded(p, x_TD, cfg, el, ctx.policy, mesh, valid_T)
         aux = None if ctx.decoding else {"expert_load": load}
         return _add_shared_expert(p, x_TD, y, ctx.policy).reshape(B, L, D).astype(x_BLD.dtype), aux
-    idx_TK, w_TK = route(p, x_TD, cfg, el)
-    T, Kk = idx_TK.shape
-    E = p["gate"].shape[1]
-    flat = idx_TK.reshape(-1)
-    order = jnp.argsort(flat)
-    rows = x_TD[order // Kk]                                                      # [T·k, D] sorted by expert
-    group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    active_n = None if el is None else el.active_ffn
-    rows, w_up = unwrap(rows, p["up_proj"])
-    cdt = ctx.policy.dtype_for(w_up.dtype)                # expert matmuls: compute dtype, f32 accumulation
-    prec = ctx.policy.lax_precision(cdt)
-    h = kernels.gmm(rows.astype(cdt), w_up.astype(cdt), group_sizes, active_n=active_n,
-                    impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
-    if el is not None and el.premask:     # official soft form: mask before relu²
-        h = relu2(h * el.ffn_mask)
+    quantized = any(isinstance(p[k], QWeight) for k in ("up_proj", "down_proj"))
+    n = 1 if ctx.collect or quantized else token_chunks(B * L, ctx.policy.moe_token_chunk)
+    if n == 1:
+        y, load, extra = _routed_experts(p, x_TD, cfg, el, ctx.policy, valid_T, collect=ctx.collect)
     else:
-        h = relu2(h)
-        if el is not None:
-            h = h * el.ffn_mask
-    act = h
-    h, w_down = unwrap(h.astype(cdt), p["down_proj"])
-    o = kernels.gmm(h.astype(cdt), w_down.astype(cdt), group_sizes, active_k=active_n,
-                    impl=ctx.policy.kernel_impl, preferred_element_type=jnp.float32, precision=prec)
-    unsorted = jnp.zeros_like(o).at[order].set(o).reshape(T, Kk, D)
-    y = jnp.einsum("tkd,tk->td", unsorted, w_TK, precision=HIGHEST)
-    aux = None if ctx.decoding else {"expert_load": expert_load(idx_TK, E, valid_T)}
+        routed = {k: p[k] for k in ("gate", "e_score_correction_bias", "up_proj", "down_proj")}
+        y, load = over_token_chunks(lambda w, x, v: _routed_experts(w, x, cfg, el, ctx.policy, v)[:2],
+                                    n, routed, x_TD, valid_T)
+        extra = None
+    aux = None if ctx.decoding else {"expert_load": load}
     if ctx.collect:
-        aux.update(route_idx=idx_TK, route_weight=w_TK, expert_order=order, expert_act=act, expert_out=o)
+        aux.update(extra)
     return _add_shared_expert(p, x_TD, y, ctx.policy).reshape(B, L, D).astype(x_BLD.dtype), aux
 
 
