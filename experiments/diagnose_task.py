@@ -10,6 +10,7 @@ Rerun with the same OUT to reuse the trained runs (they resume).
 """
 import argparse
 import dataclasses
+import importlib.util
 import os
 import time
 
@@ -38,9 +39,19 @@ def main():
     ap.add_argument("--parent-steps", type=int, default=None)
     ap.add_argument("--levels", default=None, help="training levels, e.g. 5678 (default: the experiment's)")
     ap.add_argument("--n-eval", type=int, default=200)
+    ap.add_argument("--task", default=None, help="the experiment's task (tiny_star_elastic.py: sum | query | recurrence)")
+    ap.add_argument("--pattern", default=None, help="the parent's hybrid_override_pattern, e.g. M*EM*E")
     a = ap.parse_args()
     out = os.path.abspath(a.out)
-    xp = load_experiment(a.experiment)
+    if a.task:
+        spec = importlib.util.spec_from_file_location("diagnosed_experiment", a.experiment)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        xp = module.config(task=a.task)
+    else:
+        xp = load_experiment(a.experiment)
+    if a.pattern:
+        xp = dataclasses.replace(xp, model=dataclasses.replace(xp.model, hybrid_override_pattern=a.pattern))
     if a.parent_steps:
         st = dataclasses.replace(xp.parent_train.stages[0], steps=a.parent_steps)
         xp = dataclasses.replace(xp, parent_train=dataclasses.replace(xp.parent_train, stages=(st,)))

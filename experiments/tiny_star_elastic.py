@@ -32,11 +32,11 @@ TASK = "sum"
 
 
 def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
-    if task not in ("query", "sum"):
-        raise ValueError(f"task must be 'query' or 'sum', got {task!r}")
-    query = task == "query"
+    if task not in ("query", "sum", "recurrence"):
+        raise ValueError(f"task must be 'query', 'sum' or 'recurrence', got {task!r}")
+    query, recurrence = task == "query", task == "recurrence"
     model = NemotronHConfig(
-        vocab_size=48 if query else 32, hidden_size=128, hybrid_override_pattern="M*EM-E",
+        vocab_size=48 if query or recurrence else 32, hidden_size=128, hybrid_override_pattern="M*EM-E",
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
         mamba_num_heads=8, mamba_head_dim=32, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=64,
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, moe_shared_expert_intermediate_size=128,
@@ -70,8 +70,12 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         # token efficiency: baselines of each nested size on 0.5x / 1x / 2x the tokens it saw in the elastic run
         token_multiples=() if quick else (0.5, 1.0, 2.0),
         data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0,
-                        task_levels=(1, 2, 3, 4, 5, 6, 7, 8) if query else None),
-        eval=(EvalConfig(n_problems=n_eval, levels=(5, 6, 7, 8),
+                        task_levels=(1, 2, 3, 4, 5, 6, 7, 8) if query else (9, 10, 11, 12) if recurrence else None),
+        eval=(EvalConfig(n_problems=n_eval, levels=(9, 10, 11, 12),
+                         thinking_budgets=(8, 24, 40) if quick else (8, 16, 24, 32, 40),
+                         full_thinking=40, max_answer_tokens=10, transplant_pairs=((0.5, 1.0), (0.75, 1.0)))
+              if recurrence else
+              EvalConfig(n_problems=n_eval, levels=(5, 6, 7, 8),
                          thinking_budgets=(24, 56, 104) if quick else (16, 32, 48, 64, 80, 104),
                          full_thinking=104, max_answer_tokens=10, transplant_pairs=((0.5, 1.0), (0.75, 1.0)))
               if query else
