@@ -47,7 +47,7 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         budget_target="active")
     parent_steps, s1, s2, n_eval = (40, 10, 10, 48) if quick else (250, 100, 60, 400)
     # rows hold whole documents: <= 47 tokens (sum), <= 150 (query)
-    short, long = (64, 128) if not query else (160, 320)
+    short, long = (160, 320) if query else (96, 192) if recurrence else (64, 128)
     common = dict(checkpoint_every=10_000, keep_checkpoints=1, tensorboard=False, plot=False, log_every=5,
                   vocab_chunk=None, async_checkpointing=False)
     parent_train = TrainConfig(
@@ -72,8 +72,8 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0,
                         task_levels=(1, 2, 3, 4, 5, 6, 7, 8) if query else (9, 10, 11, 12) if recurrence else None),
         eval=(EvalConfig(n_problems=n_eval, levels=(9, 10, 11, 12),
-                         thinking_budgets=(8, 24, 40) if quick else (8, 16, 24, 32, 40),
-                         full_thinking=40, max_answer_tokens=10, transplant_pairs=((0.5, 1.0), (0.75, 1.0)))
+                         thinking_budgets=(16, 32, 56) if quick else (8, 16, 24, 32, 40, 48, 56),
+                         full_thinking=56, max_answer_tokens=10, transplant_pairs=((0.5, 1.0), (0.75, 1.0)))
               if recurrence else
               EvalConfig(n_problems=n_eval, levels=(5, 6, 7, 8),
                          thinking_budgets=(24, 56, 104) if quick else (16, 32, 48, 64, 80, 104),

@@ -217,38 +217,40 @@ def test_tokenizer_for_the_sum_levels_is_the_original():
 def test_recurrence_trace_is_local_and_the_answer_recalls_it():
     from elastic_jax.tasks import RECURRENCE_LEVELS, score_answer
     tok = TaskTokenizer.default()
-    p = Problem((3, 7), query=(3, 5), recurrence=10)
-    assert prompt_text(p) == "<bos> a 3 b 7 ? d f <think>"
-    assert trace_text(p) == "a 3 b 7 c 0 d 7 e 7 f 4 g 1 h 5 i 6 j 1"
+    p = Problem((3, 7), query=(3, 5), recurrence=8)
+    assert prompt_text(p) == "<bos> ? d f a 3 b 7 <think>"
+    assert trace_text(p) == "c 3 7 0 d 7 0 7 e 0 7 7 f 7 7 4 g 7 4 1 h 4 1 5"
     assert p.answer() == "d 7 f 4" and p.difficulty == 9
     for level, (k, q) in RECURRENCE_LEVELS.items():
         for p in make_problems(6, 100, difficulty=level):
             assert (p.difficulty, p.recurrence, len(p.query)) == (level, k, q) and min(p.query) >= 2
             prompt, words = prompt_text(p).split(), trace_text(p).split()
-            assert len(words) == 2 * k == len(tok.encode(trace_text(p)))
-            tags, xs = words[0::2], [int(w) for w in words[1::2]]
-            assert tags == list("abcdefghijklmnopqrst"[:k])
-            # locality: the first two steps copy fixed prompt positions, every later one reads only
-            # the two previous steps
-            assert xs[:2] == [int(prompt[2]), int(prompt[4])]
-            assert all(xs[t] == (xs[t - 1] + xs[t - 2]) % 10 for t in range(2, k))
+            assert len(words) == 4 * (k - 2) == len(tok.encode(trace_text(p)))
+            steps = [words[i:i + 4] for i in range(0, len(words), 4)]
+            assert [s[0] for s in steps] == list("abcdefghijklmnopqrst"[2:k])
+            # locality: a step copies the two values before it (the start values: fixed prompt
+            # positions just before `<think>`) and adds them mod 10
+            prev = [prompt[-4], prompt[-2]]
+            for tag, a, b, x in steps:
+                assert [a, b] == prev and int(x) == (int(a) + int(b)) % 10
+                prev = [b, x]
             # the answer: the value at each queried step, read off the finished trace
-            assert p.answer_parts() == [f"{tags[i]} {xs[i]}" for i in p.query]
+            assert p.answer_parts() == [f"{steps[i - 2][0]} {steps[i - 2][3]}" for i in p.query]
             assert score_answer(p, document_text(p)) == 1.0
     p = Problem((3, 7), query=(3, 5, 8), recurrence=14)           # d 7, f 4, i 6
     assert score_answer(p, f"{ANSWER} d 7 f 0 i 6 {EOS}") == pytest.approx(2 / 3)
     assert score_answer(p, f"{ANSWER} d 7 {EOS}") == pytest.approx(1 / 3)
     docs = make_documents(0, 400, difficulty=(9, 10, 11, 12))
-    assert max(len(d) for d in docs) <= 64                        # fits the sum task's 64-token rows
+    assert max(len(d) for d in docs) <= 80                        # the main job's 96-token rows hold them
     from elastic_jax.tasks import vocab_needed
     assert vocab_needed((9, 10, 11, 12)) == 39
     train = set(make_problems(0, 2000, "train", difficulty=12))
     test = set(make_problems(0, 300, "test", difficulty=12))
     assert test and not (train & test) and all(split_of(p) == "test" for p in test)
     with pytest.raises(ValueError, match="recurrence Problem"):
-        Problem((3, 7, 1), query=(3, 5), recurrence=10)
+        Problem((3, 7, 1), query=(3, 5), recurrence=8)
     with pytest.raises(ValueError, match="queries steps 2"):
-        Problem((3, 7), query=(1, 5), recurrence=10)
+        Problem((3, 7), query=(1, 5), recurrence=8)
 
 
 def test_truncation_degrades_the_recurrence_score_gracefully():
@@ -259,11 +261,11 @@ def test_truncation_degrades_the_recurrence_score_gracefully():
 
     def read(p, words):
         tags = "abcdefghijklmnopqrst"
-        got = {words[j]: words[j + 1] for j in range(0, len(words) - 1, 2)}
+        got = {words[j]: words[j + 3] for j in range(0, len(words) - 3, 4)}
         return f"{ANSWER} {' '.join(f'{tags[i]} {got.get(tags[i], 0)}' for i in p.query)} {EOS}"
 
     probs = make_problems(5, 200, "test", difficulty=(9, 10, 11, 12))
-    budgets = (8, 16, 24, 32, 40)
+    budgets = (8, 16, 24, 32, 40, 48, 56)
     scores = [float(np.mean([score_answer(p, read(p, tok.decode(tok.encode(trace_text(p))[:b]).split()))
                              for p in probs])) for b in budgets]
     exact = [float(np.mean([check_answer(p, read(p, tok.decode(tok.encode(trace_text(p))[:b]).split()))

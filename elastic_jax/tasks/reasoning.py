@@ -25,15 +25,16 @@ queried step, so a trace cut short loses only the steps it did not reach.
     trace  : (as above) </think>
     answer : <ans> b 0 d 1 <eos>
 
-Levels 9-12 ("recurrence", issue 15): the prompt gives two tagged start values and `q` queried tags;
-the trace is a Fibonacci walk modulo 10, one `tag value` step at a time (x_t = x_{t-1} + x_{t-2}
-mod 10): the first two steps copy the prompt's fixed positions, every later one reads only the two
-previous steps (fixed offsets), so even a narrow model writes it. No closed form short-cuts it, so
-thinking is needed; the answer recalls the value at each queried step of the finished trace (`tag
-value` pairs, partial credit per step, as the query levels), which is where width is tested.
+Levels 9-12 ("recurrence", issue 15): the prompt names `q` queried tags and gives two start
+values; the trace is a Fibonacci walk modulo 10 (x_t = x_{t-2} + x_{t-1} mod 10), one step per
+tag written like a sum step (tag, the two previous values, the new value), so every token is a copy
+from 2-4 positions back or a one-digit sum of its two neighbours: even a narrow model writes it. No
+closed form short-cuts the walk, so thinking is needed; the answer recalls the value at each queried
+step of the finished trace (`tag value` pairs, partial credit per step, as the query levels), which
+is where width is tested.
 
-    prompt : <bos> a 3 b 7 ? d f <think>
-    trace  : a 3 b 7 c 0 d 7 e 7 f 4 </think>
+    prompt : <bos> ? d f a 3 b 7 <think>
+    trace  : c 3 7 0 d 7 0 7 e 0 7 7 f 7 7 4 </think>
     answer : <ans> d 7 f 4 <eos>
 
 Everything is deterministic from a seed. The train and test splits are disjoint by construction:
@@ -51,8 +52,9 @@ TAGS = "abcdefghijklmnopqrst"  # one tag per step; the sum levels use the first 
 SUM_LEVELS = (1, 2, 3, 4)      # k = level + 2 digits, answer = the full sum
 # query levels: level -> (digits, queried steps); traces of ~36 / ~54 / ~72 / ~90 (max 100) tokens
 QUERY_LEVELS = {5: (8, 2), 6: (12, 3), 7: (16, 3), 8: (20, 4)}
-# recurrence levels: level -> (steps, queried steps); traces of 2 x steps = 20 / 28 / 36 / 40 tokens
-RECURRENCE_LEVELS = {9: (10, 2), 10: (14, 3), 11: (18, 3), 12: (20, 4)}
+# recurrence levels: level -> (steps incl. the 2 given, queried steps); traces of 4 x (steps - 2) =
+# 24 / 36 / 48 / 56 tokens
+RECURRENCE_LEVELS = {9: (8, 2), 10: (11, 2), 11: (14, 3), 12: (16, 4)}
 MIN_LEVEL, MAX_LEVEL = 1, 12
 DEFAULT_LEVELS = SUM_LEVELS    # difficulty=None: the original task
 TEST_BUCKETS = 5          # 1 / TEST_BUCKETS of all problems are test problems
@@ -181,7 +183,11 @@ BOS, EOS, PAD, THINK, END_THINK, ANSWER = "<bos>", "<eos>", "<pad>", "<think>", 
 
 
 def prompt_text(p: Problem) -> str:
-    """`<bos> a 3 b 7 ... [? b d] <think>`: the prompt opens the thinking phase (like a chat template)."""
+    """`<bos> a 3 b 7 ... [? b d] <think>` (recurrence: `<bos> ? d f a 3 b 7 <think>`, the start values
+    next to the trace): the prompt opens the thinking phase (like a chat template)."""
+    if p.recurrence:
+        return " ".join([BOS, QUERY] + [TAGS[i] for i in p.query] + [f"{t} {d}" for t, d in zip(TAGS, p.digits)]
+                        + [THINK])
     query = [QUERY] + [TAGS[i] for i in p.query] if p.query else []
     return " ".join([BOS] + [f"{t} {d}" for t, d in zip(TAGS, p.digits)] + query + [THINK])
 
@@ -189,7 +195,7 @@ def prompt_text(p: Problem) -> str:
 def trace_text(p: Problem) -> str:
     """The thinking steps (without the think tags)."""
     if p.recurrence:
-        return " ".join(f"{t} {x}" for t, _, _, x, _ in p.steps())
+        return " ".join(f"{t} {a} {b} {x}" for t, a, b, x, _ in p.steps()[2:])
     return " ".join(f"{t} {a} {d} {r}" + (" !" if c else "") for t, a, d, r, c in p.steps())
 
 
