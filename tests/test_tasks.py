@@ -219,7 +219,7 @@ def test_recurrence_trace_is_local_and_the_answer_recalls_it():
     tok = TaskTokenizer.default()
     p = Problem((3, 7), query=(3, 5), recurrence=8)
     assert prompt_text(p) == "<bos> ? d f a 3 b 7 <think>"
-    assert trace_text(p) == "3 7 c 0 7 0 d 7 0 7 e 7 7 7 f 4 7 4 g 1 4 1 h 5"
+    assert trace_text(p) == "c 3 7 0 d 7 0 7 e 0 7 7 f 7 7 4 g 7 4 1 h 4 1 5"
     assert p.answer() == "d 7 f 4" and p.difficulty == 9
     for level, (k, q) in RECURRENCE_LEVELS.items():
         for p in make_problems(6, 100, difficulty=level):
@@ -227,15 +227,15 @@ def test_recurrence_trace_is_local_and_the_answer_recalls_it():
             prompt, words = prompt_text(p).split(), trace_text(p).split()
             assert len(words) == 4 * (k - 2) == len(tok.encode(trace_text(p)))
             steps = [words[i:i + 4] for i in range(0, len(words), 4)]
-            assert [s[2] for s in steps] == list("abcdefghijklmnopqrst"[2:k])
+            assert [s[0] for s in steps] == list("abcdefghijklmnopqrst"[2:k])
             # locality: a step copies the two values before it (the start values: fixed prompt
             # positions just before `<think>`) and adds them mod 10
             prev = [prompt[-4], prompt[-2]]
-            for a, b, tag, x in steps:
+            for tag, a, b, x in steps:
                 assert [a, b] == prev and int(x) == (int(a) + int(b)) % 10
                 prev = [b, x]
             # the answer: the value at each queried step, read off the finished trace
-            assert p.answer_parts() == [f"{steps[i - 2][2]} {steps[i - 2][3]}" for i in p.query]
+            assert p.answer_parts() == [f"{steps[i - 2][0]} {steps[i - 2][3]}" for i in p.query]
             assert score_answer(p, document_text(p)) == 1.0
     p = Problem((3, 7), query=(3, 5, 8), recurrence=14)           # d 7, f 4, i 6
     assert score_answer(p, f"{ANSWER} d 7 f 0 i 6 {EOS}") == pytest.approx(2 / 3)
@@ -261,7 +261,7 @@ def test_truncation_degrades_the_recurrence_score_gracefully():
 
     def read(p, words):
         tags = "abcdefghijklmnopqrst"
-        got = {words[j]: words[j + 1] for j in range(2, len(words) - 1, 4)}
+        got = {words[j]: words[j + 3] for j in range(0, len(words) - 3, 4)}
         return f"{ANSWER} {' '.join(f'{tags[i]} {got.get(tags[i], 0)}' for i in p.query)} {EOS}"
 
     probs = make_problems(5, 200, "test", difficulty=(9, 10, 11, 12))

@@ -27,14 +27,14 @@ queried step, so a trace cut short loses only the steps it did not reach.
 
 Levels 9-12 ("recurrence", issue 15): the prompt names `q` queried tags and gives two start
 values; the trace is a Fibonacci walk modulo 10 (x_t = x_{t-2} + x_{t-1} mod 10), one step per
-tag written as `x_{t-2} x_{t-1} tag x_t`, so every token is a copy from 1-4 positions back, the
-next letter, or a one-digit sum of the two values just before: even a narrow model writes it. No
+tag written like a sum step (tag, the two previous values, the new value), so every token is a copy
+from 2-4 positions back or a one-digit sum of its two neighbours: even a narrow model writes it. No
 closed form short-cuts the walk, so thinking is needed; the answer recalls the value at each queried
 step of the finished trace (`tag value` pairs, partial credit per step, as the query levels), which
 is where width is tested.
 
     prompt : <bos> ? d f a 3 b 7 <think>
-    trace  : 3 7 c 0 7 0 d 7 0 7 e 7 7 7 f 4 </think>
+    trace  : c 3 7 0 d 7 0 7 e 0 7 7 f 7 7 4 </think>
     answer : <ans> d 7 f 4 <eos>
 
 Everything is deterministic from a seed. The train and test splits are disjoint by construction:
@@ -195,7 +195,7 @@ def prompt_text(p: Problem) -> str:
 def trace_text(p: Problem) -> str:
     """The thinking steps (without the think tags)."""
     if p.recurrence:
-        return " ".join(f"{a} {b} {t} {x}" for t, a, b, x, _ in p.steps()[2:])
+        return " ".join(f"{t} {a} {b} {x}" for t, a, b, x, _ in p.steps()[2:])
     return " ".join(f"{t} {a} {d} {r}" + (" !" if c else "") for t, a, d, r, c in p.steps())
 
 
