@@ -56,17 +56,17 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
                   vocab_chunk=None, async_checkpointing=False)
     parent_train = TrainConfig(
         optim=OptimConfig(lr=3e-3, warmup_steps=min(50, parent_steps // 4), schedule="cosine", final_lr_ratio=0.1),
-        stages=(Stage("lm", seq_len=short, batch_size=32 * 64 // short, steps=parent_steps),), seed=0, **common)
+        stages=(Stage("lm", seq_len=short, batch_size=32 * 64 // short // 2 * 2, steps=parent_steps),), seed=0, **common)
     elastic_train = TrainConfig(
         optim=OptimConfig(lr=1e-3, router_lr=1e-2, warmup_steps=min(20, s1 // 4), schedule="cosine"),
-        stages=(Stage("short", seq_len=short, batch_size=32 * 64 // short, steps=s1),
-                Stage("long", seq_len=long, batch_size=16 * 128 // long, steps=s2, budget_probs=(0.5, 0.3, 0.2))),
+        stages=(Stage("short", seq_len=short, batch_size=32 * 64 // short // 2 * 2, steps=s1),
+                Stage("long", seq_len=long, batch_size=16 * 128 // long // 2 * 2, steps=s2, budget_probs=(0.5, 0.3, 0.2))),
         microbatches=2, seed=1, **common)
     # each independent baseline: half the elastic run's tokens (one stage), so the two baselines together
     # cost as many training tokens as the one elastic run that yields all three nested models
     baseline_train = TrainConfig(
         optim=OptimConfig(lr=1e-3, warmup_steps=min(20, s1 // 4), schedule="cosine"),
-        stages=(Stage("kd", seq_len=short, batch_size=32 * 64 // short, steps=max(1, (s1 + s2) // 2)),), seed=2,
+        stages=(Stage("kd", seq_len=short, batch_size=32 * 64 // short // 2 * 2, steps=max(1, (s1 + s2) // 2)),), seed=2,
         **common)
     return StarElasticExperiment(
         model=model, elastic=elastic, parent_train=parent_train, elastic_train=elastic_train,

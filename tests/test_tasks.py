@@ -273,3 +273,17 @@ def test_truncation_degrades_the_recurrence_score_gracefully():
     assert scores == sorted(scores) and scores[-1] == 1.0 and scores[0] < 0.4
     assert len({round(s, 3) for s in scores}) == len(budgets)
     assert all(s >= e for s, e in zip(scores, exact)) and scores[1] > exact[1] + 0.1
+
+
+def test_main_job_defaults_to_the_recurrence_levels_and_keeps_the_sum_task():
+    import os
+    from elastic_jax.experiment import load_experiment
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    for quick in (False, True):
+        xp = load_experiment(os.path.join(root, "tiny_star_elastic.py"), quick=quick)
+        assert xp.data.task_levels == xp.eval.levels == (9, 10, 11, 12)
+        assert xp.model.hybrid_override_pattern.count("*") == 2          # two attention layers for the recall
+        assert xp.eval.full_thinking >= 56 and xp.parent_train.stages[0].seq_len >= 80
+    assert len(xp.eval.thinking_budgets) <= 4 and sum(xp.eval.thinking_budgets) <= 8 + 16 + 24 + 32  # --quick
+    xp = load_experiment(os.path.join(root, "tiny_star_elastic_sum.py"))
+    assert xp.data.task_levels is None and xp.eval.levels == (1, 2, 3, 4) and xp.model.vocab_size == 32
