@@ -3,8 +3,8 @@ train the parent and the elastic run of an experiment, then print per model the 
 exact-trace rate and the answer accuracy given the gold trace (per level), and the full-minus-
 smallest gold-trace gap with its 95% bootstrap interval (the verdict's inputs, eval/report.py).
 
-    python experiments/diagnose_task.py OUT [--experiment experiments/tiny_star_elastic_query.py]
-        [--parent-steps N] [--levels 5678] [--n-eval 200]
+    python experiments/diagnose_task.py OUT [--experiment experiments/tiny_star_elastic.py]
+        [--task recurrence|sum|query] [--pattern M*EM*E] [--parent-steps N] [--levels 5678] [--n-eval 200]
 
 Rerun with the same OUT to reuse the trained runs (they resume).
 """
@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
-    ap.add_argument("--experiment", default=os.path.join(HERE, "tiny_star_elastic_query.py"))
+    ap.add_argument("--experiment", default=os.path.join(HERE, "tiny_star_elastic.py"))
     ap.add_argument("--parent-steps", type=int, default=None)
     ap.add_argument("--levels", default=None, help="training levels, e.g. 5678 (default: the experiment's)")
     ap.add_argument("--n-eval", type=int, default=200)
