@@ -75,9 +75,12 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         token_multiples=() if quick else (0.5, 1.0, 2.0),
         data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0,
                         task_levels=(1, 2, 3, 4, 5, 6, 7, 8) if query else (9, 10, 11, 12) if recurrence else None),
-        eval=(EvalConfig(n_problems=n_eval, levels=(9, 10, 11, 12),
-                         thinking_budgets=(8, 24, 48) if quick else (8, 16, 24, 32, 40, 48, 56),
-                         full_thinking=56, max_answer_tokens=10, transplant_pairs=((0.5, 1.0), (0.75, 1.0)))
+        # --quick evaluates the two short levels (traces <= 36 tokens, 2 queries): per decoded batch no
+        # more tokens than the sum task's 32 + 6
+        eval=(EvalConfig(n_problems=n_eval, levels=(9, 10) if quick else (9, 10, 11, 12),
+                         thinking_budgets=(8, 24, 36) if quick else (8, 16, 24, 32, 40, 48, 56),
+                         full_thinking=36 if quick else 56, max_answer_tokens=6 if quick else 10,
+                         transplant_pairs=((0.5, 1.0), (0.75, 1.0)))
               if recurrence else
               EvalConfig(n_problems=n_eval, levels=(5, 6, 7, 8),
                          thinking_budgets=(24, 56, 104) if quick else (16, 32, 48, 64, 80, 104),

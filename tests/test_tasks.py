@@ -279,11 +279,18 @@ def test_main_job_defaults_to_the_recurrence_levels_and_keeps_the_sum_task():
     import os
     from elastic_jax.experiment import load_experiment
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    from elastic_jax.tasks import make_eval_set
     for quick in (False, True):
         xp = load_experiment(os.path.join(root, "tiny_star_elastic.py"), quick=quick)
-        assert xp.data.task_levels == xp.eval.levels == (9, 10, 11, 12)
+        assert xp.data.task_levels == (9, 10, 11, 12) and set(xp.eval.levels) <= set(xp.data.task_levels)
         assert xp.model.hybrid_override_pattern.count("*") == 2          # two attention layers for the recall
-        assert xp.eval.full_thinking >= 56 and xp.parent_train.stages[0].seq_len >= 80
-    assert len(xp.eval.thinking_budgets) <= 4 and sum(xp.eval.thinking_budgets) <= 8 + 16 + 24 + 32  # --quick
+        assert xp.parent_train.stages[0].seq_len >= 80                   # whole documents (<= 78 tokens)
+        es = make_eval_set(0, 100, "test", xp.eval.levels)
+        assert max(es.trace_lengths) <= xp.eval.full_thinking            # "full thinking" holds every trace
+        # each problem's answer fits the answer budget: `<ans>`, q tag-value pairs, `<eos>`
+        assert max(2 + 2 * len(p.query) for p in es.problems) <= xp.eval.max_answer_tokens
+    assert xp.eval.levels == (9, 10) and xp.eval.full_thinking == 56 - 20 and xp.eval.max_answer_tokens == 6
+    # --quick's grid decodes no more tokens than the sum task's (4 budgets x (32 + 6) per problem)
+    assert len(xp.eval.thinking_budgets) * (xp.eval.full_thinking + xp.eval.max_answer_tokens) <= 4 * (32 + 6)
     xp = load_experiment(os.path.join(root, "tiny_star_elastic_sum.py"))
     assert xp.data.task_levels is None and xp.eval.levels == (1, 2, 3, 4) and xp.model.vocab_size == 32
