@@ -1,7 +1,9 @@
 """elastic_jax.kernels: the Mamba2 SSD scan and the MoE grouped matmul, with one dispatch.
 
 `impl="xla"` is the pure-JAX reference (`reference.py`); `impl="pallas"` is the Pallas kernel
-(interpret mode on CPU, compiled on GPU / TPU). `impl=None` picks the platform default.
+(interpret mode on CPU, compiled on GPU / TPU). `impl=None` picks the platform default. On CPU
+the XLA path runs the same algorithms laid out for that backend: the SSD group-major at a CPU
+chunk (`ssd_heads.py`), the grouped matmul as a loop over tile-padded segments (`gmm_segments.py`).
 
 Pallas kernels: `ssd_pallas.py` (SSD chunked scan, custom_vjp), `gmm_pallas.py` (megablox-style
 grouped matmul + tgmm, custom_vjp); `_common.py` picks the lowering: the "gpu" (Triton) variant
@@ -17,6 +19,7 @@ import jax
 from ._common import compile_target, target_platform
 from .gmm_segments import gmm_segments, segment_tile
 from .reference import active_head_mask, gmm_reference, ssd_chunked, ssd_scan
+from .ssd_heads import CPU_CHUNK, ssd_chunked_heads
 
 IMPLS = ("xla", "pallas")
 
@@ -64,6 +67,11 @@ def _ssd_local(x, dt, A, B, C, D, *, chunk_size, initial_state, seq_idx, active_
         from .ssd_pallas import ssd_pallas
         return ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
                           seq_idx=seq_idx, active_heads=active_heads)
+    if target_platform() == "cpu":
+        # CPU: the group-major layout at a CPU-sized chunk (ssd_heads.py); the result does not
+        # depend on the chunk beyond rounding. TPU / GPU keep the reference at cfg.chunk_size.
+        return ssd_chunked_heads(x, dt, A, B, C, D, chunk_size=min(int(chunk_size), CPU_CHUNK),
+                                 initial_state=initial_state, seq_idx=seq_idx, active_heads=active_heads)
     return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
                        seq_idx=seq_idx, active_heads=active_heads)
 
@@ -117,5 +125,5 @@ def _mesh():
     return None if mesh is None or mesh.empty or mesh.size <= 1 else mesh
 
 
-__all__ = ["ssd", "gmm", "ssd_chunked", "ssd_scan", "gmm_reference", "gmm_segments", "use_segments", "active_head_mask",
+__all__ = ["ssd", "gmm", "ssd_chunked", "ssd_chunked_heads", "ssd_scan", "gmm_reference", "gmm_segments", "use_segments", "active_head_mask",
            "default_impl", "IMPLS", "compile_target", "target_platform"]

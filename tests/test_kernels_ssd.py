@@ -118,6 +118,36 @@ def test_ssd_dispatch_chunk256_and_defaults():
     assert_close(s, sr, TOL[F32], "state")
 
 
+
+def test_ssd_chunked_heads_matches_reference():
+    """The CPU path of impl="xla" (group-major layout, its own chunk; ssd_heads.py, issue 17) ==
+    reference.ssd_chunked (forward and every gradient) and the scan oracle: odd length, packed
+    documents, initial state, D, 2 heads per group, all and one active head per group."""
+    b, l, h, p, g, n, Q = 2, 45, 6, 8, 3, 4, 16
+    x, dt, A, B, C, D, init = _inputs(0, b, l, h, p, g, n, F32)
+    heads = _vjp_fn(kernels.ssd_chunked_heads, Q, True, True)
+    ref = _vjp_fn(reference.ssd_chunked, Q, True, True)
+    oracle = jax.jit(lambda x, dt, A, B, C, D, init, sid, act: reference.ssd_scan(
+        x, dt, A, B, C, D, initial_state=init, seq_idx=sid, active_heads=act))
+    names = ["x", "dt", "A", "B", "C", "D", "initial_state"]
+    for act_val, seed in ((2, 0), (1, 1)):
+        sid, act = _seq_idx(seed, b, l), jnp.int32(act_val)
+        r = np.random.default_rng(100 + seed)
+        cts = (jnp.asarray(r.standard_normal((b, l, h, p)), F32), jnp.asarray(r.standard_normal((b, h, p, n)), F32))
+        y, s, grads = heads(x, dt, A, B, C, D, init, sid, act, *cts)
+        yr, sr, grads_r = ref(x, dt, A, B, C, D, init, sid, act, *cts)
+        yo, so = oracle(x, dt, A, B, C, D, init, sid, act)
+        assert_close(y, yr, TOL[F32], f"y vs chunked (active={act_val})")
+        assert_close(y, yo, TOL[F32], f"y vs scan oracle (active={act_val})")
+        assert_close(s, so, TOL[F32], f"state vs scan oracle (active={act_val})")
+        for name, gk, gr in zip(names, grads, grads_r):
+            assert_close(gk, gr, TOL[F32], f"d{name} (active={act_val})")
+    # the CPU dispatch of impl="xla" runs it (at min(chunk, CPU_CHUNK))
+    y_d, s_d = kernels.ssd(x, dt, A, B, C, D, chunk_size=64, initial_state=init, impl="xla")
+    y_h, s_h = kernels.ssd_chunked_heads(x, dt, A, B, C, D, chunk_size=min(64, kernels.CPU_CHUNK),
+                                         initial_state=init)
+    assert jnp.array_equal(y_d, y_h) and jnp.array_equal(s_d, s_h)
+
 def test_ssd_pallas_rejects_bad_shapes():
     x, dt, A, B, C, D, init = _inputs(0, 1, 8, 3, 4, 2, 4, F32)
     with pytest.raises(ValueError, match="divisible"):
