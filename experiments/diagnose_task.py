@@ -3,13 +3,14 @@ train the parent and the elastic run of an experiment, then print per model the 
 exact-trace rate and the answer accuracy given the gold trace (per level), and the full-minus-
 smallest gold-trace gap with its 95% bootstrap interval (the verdict's inputs, eval/report.py).
 
-    python experiments/diagnose_task.py OUT [--experiment experiments/tiny_star_elastic_query.py]
-        [--parent-steps N] [--levels 5678] [--n-eval 200]
+    python experiments/diagnose_task.py OUT [--experiment experiments/tiny_star_elastic.py]
+        [--task recurrence|sum|query] [--pattern M*EM*E] [--parent-steps N] [--levels 5678] [--n-eval 200]
 
 Rerun with the same OUT to reuse the trained runs (they resume).
 """
 import argparse
 import dataclasses
+import importlib.util
 import os
 import time
 
@@ -34,13 +35,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
-    ap.add_argument("--experiment", default=os.path.join(HERE, "tiny_star_elastic_query.py"))
+    ap.add_argument("--experiment", default=os.path.join(HERE, "tiny_star_elastic.py"))
     ap.add_argument("--parent-steps", type=int, default=None)
     ap.add_argument("--levels", default=None, help="training levels, e.g. 5678 (default: the experiment's)")
     ap.add_argument("--n-eval", type=int, default=200)
+    ap.add_argument("--task", default=None, help="the experiment's task (tiny_star_elastic.py: sum | query | recurrence)")
+    ap.add_argument("--pattern", default=None, help="the parent's hybrid_override_pattern, e.g. M*EM*E")
     a = ap.parse_args()
     out = os.path.abspath(a.out)
-    xp = load_experiment(a.experiment)
+    if a.task:
+        spec = importlib.util.spec_from_file_location("diagnosed_experiment", a.experiment)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        xp = module.config(task=a.task)
+    else:
+        xp = load_experiment(a.experiment)
+    if a.pattern:
+        xp = dataclasses.replace(xp, model=dataclasses.replace(xp.model, hybrid_override_pattern=a.pattern))
     if a.parent_steps:
         st = dataclasses.replace(xp.parent_train.stages[0], steps=a.parent_steps)
         xp = dataclasses.replace(xp, parent_train=dataclasses.replace(xp.parent_train, stages=(st,)))

@@ -156,7 +156,7 @@ def test_query_documents_round_trip_and_splits():
     with pytest.raises(ValueError, match="distinct sorted step indices"):
         Problem(tuple(range(8)), query=(3, 1))
     with pytest.raises(ValueError, match="difficulty must be"):
-        make_problems(0, 3, difficulty=9)
+        make_problems(0, 3, difficulty=13)
 
 
 def test_truncation_degrades_the_query_score_gracefully():
@@ -211,3 +211,86 @@ def test_tokenizer_for_the_sum_levels_is_the_original():
     for p in make_problems(0, 20):
         assert sums.encode(document_text(p)) == full.encode(document_text(p))
     assert TaskTokenizer.default((4, 5)).vocab_size == 39
+
+
+# ------------------------------------------------------------------ recurrence levels (issue 15)
+def test_recurrence_trace_is_local_and_the_answer_recalls_it():
+    from elastic_jax.tasks import RECURRENCE_LEVELS, score_answer
+    tok = TaskTokenizer.default()
+    p = Problem((3, 7), query=(3, 5), recurrence=8)
+    assert prompt_text(p) == "<bos> ? d f a 3 b 7 <think>"
+    assert trace_text(p) == "c 3 7 0 d 7 0 7 e 0 7 7 f 7 7 4 g 7 4 1 h 4 1 5"
+    assert p.answer() == "d 7 f 4" and p.difficulty == 9
+    for level, (k, q) in RECURRENCE_LEVELS.items():
+        for p in make_problems(6, 100, difficulty=level):
+            assert (p.difficulty, p.recurrence, len(p.query)) == (level, k, q) and min(p.query) >= 2
+            prompt, words = prompt_text(p).split(), trace_text(p).split()
+            assert len(words) == 4 * (k - 2) == len(tok.encode(trace_text(p)))
+            steps = [words[i:i + 4] for i in range(0, len(words), 4)]
+            assert [s[0] for s in steps] == list("abcdefghijklmnopqrst"[2:k])
+            # locality: a step copies the two values before it (the start values: fixed prompt
+            # positions just before `<think>`) and adds them mod 10
+            prev = [prompt[-4], prompt[-2]]
+            for tag, a, b, x in steps:
+                assert [a, b] == prev and int(x) == (int(a) + int(b)) % 10
+                prev = [b, x]
+            # the answer: the value at each queried step, read off the finished trace
+            assert p.answer_parts() == [f"{steps[i - 2][0]} {steps[i - 2][3]}" for i in p.query]
+            assert score_answer(p, document_text(p)) == 1.0
+    p = Problem((3, 7), query=(3, 5, 8), recurrence=14)           # d 7, f 4, i 6
+    assert score_answer(p, f"{ANSWER} d 7 f 0 i 6 {EOS}") == pytest.approx(2 / 3)
+    assert score_answer(p, f"{ANSWER} d 7 {EOS}") == pytest.approx(1 / 3)
+    docs = make_documents(0, 400, difficulty=(9, 10, 11, 12))
+    assert max(len(d) for d in docs) <= 80                        # the main job's 96-token rows hold them
+    from elastic_jax.tasks import vocab_needed
+    assert vocab_needed((9, 10, 11, 12)) == 39
+    train = set(make_problems(0, 2000, "train", difficulty=12))
+    test = set(make_problems(0, 300, "test", difficulty=12))
+    assert test and not (train & test) and all(split_of(p) == "test" for p in test)
+    with pytest.raises(ValueError, match="recurrence Problem"):
+        Problem((3, 7, 1), query=(3, 5), recurrence=8)
+    with pytest.raises(ValueError, match="queries steps 2"):
+        Problem((3, 7), query=(1, 5), recurrence=8)
+
+
+def test_truncation_degrades_the_recurrence_score_gracefully():
+    """A reader of whatever trace it is given (guessing 0 where the trace did not reach) scores
+    several distinct, increasing values across the main job's thinking budgets."""
+    from elastic_jax.tasks import score_answer
+    tok = TaskTokenizer.default()
+
+    def read(p, words):
+        tags = "abcdefghijklmnopqrst"
+        got = {words[j]: words[j + 3] for j in range(0, len(words) - 3, 4)}
+        return f"{ANSWER} {' '.join(f'{tags[i]} {got.get(tags[i], 0)}' for i in p.query)} {EOS}"
+
+    probs = make_problems(5, 200, "test", difficulty=(9, 10, 11, 12))
+    budgets = (8, 16, 24, 32, 40, 48, 56)
+    scores = [float(np.mean([score_answer(p, read(p, tok.decode(tok.encode(trace_text(p))[:b]).split()))
+                             for p in probs])) for b in budgets]
+    exact = [float(np.mean([check_answer(p, read(p, tok.decode(tok.encode(trace_text(p))[:b]).split()))
+                            for p in probs])) for b in budgets]
+    assert scores == sorted(scores) and scores[-1] == 1.0 and scores[0] < 0.4
+    assert len({round(s, 3) for s in scores}) == len(budgets)
+    assert all(s >= e for s, e in zip(scores, exact)) and scores[1] > exact[1] + 0.1
+
+
+def test_main_job_defaults_to_the_recurrence_levels_and_keeps_the_sum_task():
+    import os
+    from elastic_jax.experiment import load_experiment
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    from elastic_jax.tasks import make_eval_set
+    for quick in (False, True):
+        xp = load_experiment(os.path.join(root, "tiny_star_elastic.py"), quick=quick)
+        assert xp.data.task_levels == (9, 10, 11, 12) and set(xp.eval.levels) <= set(xp.data.task_levels)
+        assert xp.model.hybrid_override_pattern.count("*") == 2          # two attention layers for the recall
+        assert xp.parent_train.stages[0].seq_len >= 80                   # whole documents (<= 78 tokens)
+        es = make_eval_set(0, 100, "test", xp.eval.levels)
+        assert max(es.trace_lengths) <= xp.eval.full_thinking            # "full thinking" holds every trace
+        # each problem's answer fits the answer budget: `<ans>`, q tag-value pairs, `<eos>`
+        assert max(2 + 2 * len(p.query) for p in es.problems) <= xp.eval.max_answer_tokens
+    assert xp.eval.levels == (9, 10) and xp.eval.full_thinking == 56 - 20 and xp.eval.max_answer_tokens == 6
+    # --quick's grid decodes no more tokens than the sum task's (4 budgets x (32 + 6) per problem)
+    assert len(xp.eval.thinking_budgets) * (xp.eval.full_thinking + xp.eval.max_answer_tokens) <= 4 * (32 + 6)
+    xp = load_experiment(os.path.join(root, "tiny_star_elastic_sum.py"))
+    assert xp.data.task_levels is None and xp.eval.levels == (1, 2, 3, 4) and xp.model.vocab_size == 32

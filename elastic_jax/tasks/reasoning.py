@@ -25,6 +25,18 @@ queried step, so a trace cut short loses only the steps it did not reach.
     trace  : (as above) </think>
     answer : <ans> b 0 d 1 <eos>
 
+Levels 9-12 ("recurrence", issue 15): the prompt names `q` queried tags and gives two start
+values; the trace is a Fibonacci walk modulo 10 (x_t = x_{t-2} + x_{t-1} mod 10), one step per
+tag written like a sum step (tag, the two previous values, the new value), so every token is a copy
+from 2-4 positions back or a one-digit sum of its two neighbours: even a narrow model writes it. No
+closed form short-cuts the walk, so thinking is needed; the answer recalls the value at each queried
+step of the finished trace (`tag value` pairs, partial credit per step, as the query levels), which
+is where width is tested.
+
+    prompt : <bos> ? d f a 3 b 7 <think>
+    trace  : c 3 7 0 d 7 0 7 e 0 7 7 f 7 7 4 </think>
+    answer : <ans> d 7 f 4 <eos>
+
 Everything is deterministic from a seed. The train and test splits are disjoint by construction:
 a problem belongs to the test split iff a stable hash (CRC-32) of its digits (and query) falls in
 the test bucket, so no test problem is ever generated for training.
@@ -40,7 +52,10 @@ TAGS = "abcdefghijklmnopqrst"  # one tag per step; the sum levels use the first 
 SUM_LEVELS = (1, 2, 3, 4)      # k = level + 2 digits, answer = the full sum
 # query levels: level -> (digits, queried steps); traces of ~36 / ~54 / ~72 / ~90 (max 100) tokens
 QUERY_LEVELS = {5: (8, 2), 6: (12, 3), 7: (16, 3), 8: (20, 4)}
-MIN_LEVEL, MAX_LEVEL = 1, 8
+# recurrence levels: level -> (steps incl. the 2 given, queried steps); traces of 4 x (steps - 2) =
+# 24 / 36 / 48 / 56 tokens
+RECURRENCE_LEVELS = {9: (8, 2), 10: (11, 2), 11: (14, 3), 12: (16, 4)}
+MIN_LEVEL, MAX_LEVEL = 1, 12
 DEFAULT_LEVELS = SUM_LEVELS    # difficulty=None: the original task
 TEST_BUCKETS = 5          # 1 / TEST_BUCKETS of all problems are test problems
 SPLITS = ("train", "test")
@@ -49,17 +64,27 @@ QUERY = "?"
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """One problem: the digits and, for the query levels, the queried step indices (sorted)."""
+    """One problem: the digits and, for the query levels, the queried step indices (sorted). A
+    recurrence problem (`recurrence` = its number of steps > 0) has the two start values as digits."""
 
     digits: tuple[int, ...]
     query: tuple[int, ...] = ()
+    recurrence: int = 0
 
     def __post_init__(self):
         n = len(self.digits)
-        if not self.query and not (SUM_LEVELS[0] + 2 <= n <= SUM_LEVELS[-1] + 2):
+        if self.recurrence:
+            if len(self.digits) != 2 or (self.recurrence, len(self.query)) not in RECURRENCE_LEVELS.values():
+                raise ValueError(f"a recurrence Problem needs 2 start digits and (steps, queries) in "
+                                 f"{sorted(RECURRENCE_LEVELS.values())}, got {n} digits, "
+                                 f"({self.recurrence}, {len(self.query)})")
+            n = self.recurrence
+            if self.query and self.query[0] < 2:
+                raise ValueError(f"a recurrence Problem queries steps 2.., not the given start values: {self.query}")
+        elif not self.query and not (SUM_LEVELS[0] + 2 <= n <= SUM_LEVELS[-1] + 2):
             raise ValueError(f"Problem.digits must hold {SUM_LEVELS[0] + 2}..{SUM_LEVELS[-1] + 2} digits (or be a "
                              f"query problem), got {n}")
-        if self.query and (n, len(self.query)) not in QUERY_LEVELS.values():
+        elif self.query and (n, len(self.query)) not in QUERY_LEVELS.values():
             raise ValueError(f"Problem with {n} digits and {len(self.query)} queried steps matches no query level "
                              f"(digits, queries) in {sorted(QUERY_LEVELS.values())}")
         if any(not (0 <= int(d) <= 9) for d in self.digits):
@@ -69,12 +94,21 @@ class Problem:
 
     @property
     def difficulty(self) -> int:
+        if self.recurrence:
+            return next(l for l, spec in RECURRENCE_LEVELS.items() if spec == (self.recurrence, len(self.query)))
         if not self.query:
             return len(self.digits) - 2
         return next(l for l, spec in QUERY_LEVELS.items() if spec == (len(self.digits), len(self.query)))
 
     def steps(self) -> list[tuple[str, int, int, int, bool]]:
-        """(tag, previous running value, digit, new running value, carry) for every step."""
+        """(tag, previous running value, digit, new running value, carry) for every step; for a
+        recurrence problem (tag, x_{t-2}, x_{t-1}, x_t, False) (x_0, x_1 = the start digits, taken as is)."""
+        if self.recurrence:
+            xs = list(self.digits)
+            while len(xs) < self.recurrence:
+                xs.append((xs[-1] + xs[-2]) % 10)
+            return [(TAGS[t], xs[t - 2] if t >= 2 else 0, xs[t - 1] if t >= 1 else 0, xs[t], False)
+                    for t in range(self.recurrence)]
         out, run = [], 0
         for tag, d in zip(TAGS, self.digits):
             new = run + d
@@ -100,6 +134,8 @@ class Problem:
 def split_of(problem: Problem) -> str:
     """'test' iff CRC-32 of the digit (and query) string lands in bucket 0 of TEST_BUCKETS, else 'train'."""
     key = "".join(str(d) for d in problem.digits)
+    if problem.recurrence:
+        key += f"r{problem.recurrence}"
     if problem.query:
         key += "?" + ",".join(str(i) for i in problem.query)
     return "test" if zlib.crc32(key.encode()) % TEST_BUCKETS == 0 else "train"
@@ -131,6 +167,10 @@ def make_problems(seed: int, n: int, split: str = "train", difficulty=None) -> l
             k, q = QUERY_LEVELS[level]
             digits = tuple(int(d) for d in rng.integers(0, 10, size=k))
             p = Problem(digits, tuple(sorted(int(i) for i in rng.choice(k, size=q, replace=False))))
+        elif level in RECURRENCE_LEVELS:
+            k, q = RECURRENCE_LEVELS[level]
+            digits = tuple(int(d) for d in rng.integers(0, 10, size=2))
+            p = Problem(digits, tuple(sorted(2 + int(i) for i in rng.choice(k - 2, size=q, replace=False))), k)
         else:
             p = Problem(tuple(int(d) for d in rng.integers(0, 10, size=level + 2)))
         if split_of(p) == split:
@@ -143,13 +183,19 @@ BOS, EOS, PAD, THINK, END_THINK, ANSWER = "<bos>", "<eos>", "<pad>", "<think>", 
 
 
 def prompt_text(p: Problem) -> str:
-    """`<bos> a 3 b 7 ... [? b d] <think>`: the prompt opens the thinking phase (like a chat template)."""
+    """`<bos> a 3 b 7 ... [? b d] <think>` (recurrence: `<bos> ? d f a 3 b 7 <think>`, the start values
+    next to the trace): the prompt opens the thinking phase (like a chat template)."""
+    if p.recurrence:
+        return " ".join([BOS, QUERY] + [TAGS[i] for i in p.query] + [f"{t} {d}" for t, d in zip(TAGS, p.digits)]
+                        + [THINK])
     query = [QUERY] + [TAGS[i] for i in p.query] if p.query else []
     return " ".join([BOS] + [f"{t} {d}" for t, d in zip(TAGS, p.digits)] + query + [THINK])
 
 
 def trace_text(p: Problem) -> str:
     """The thinking steps (without the think tags)."""
+    if p.recurrence:
+        return " ".join(f"{t} {a} {b} {x}" for t, a, b, x, _ in p.steps()[2:])
     return " ".join(f"{t} {a} {d} {r}" + (" !" if c else "") for t, a, d, r, c in p.steps())
 
 

@@ -28,8 +28,8 @@ def build_tokenizer(levels=None) -> Tokenizer:
     levels' tokenizer is the original 26-word one); None = every level."""
     words = WORDS
     if levels is not None:
-        from .reasoning import QUERY_LEVELS, check_levels
-        if not any(l in QUERY_LEVELS for l in check_levels(levels)):
+        from .reasoning import SUM_LEVELS, check_levels
+        if all(l in SUM_LEVELS for l in check_levels(levels)):
             words = WORDS[:WORDS.index("!") + 1]
     vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
