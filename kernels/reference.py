@@ -93,6 +93,16 @@ def ssd_scan(x, dt, A, B, C, D=None, *, initial_state=None, seq_idx=None, active
     return y.astype(x.dtype), state
 
 
+def padded_seq_ids(seq_idx, batch: int, length: int) -> jax.Array:
+    """Document ids [batch, length] for the chunked SSD: `seq_idx` (None: one document) padded at
+    the end by repeating its last id, so padding continues the last document."""
+    if seq_idx is None:
+        return jnp.zeros((batch, length), jnp.int32)
+    sid = seq_idx.astype(jnp.int32)
+    pad = length - sid.shape[1]
+    return sid if pad == 0 else jnp.concatenate([sid, jnp.repeat(sid[:, -1:], pad, axis=1)], axis=1)
+
+
 def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=128, initial_state=None, seq_idx=None,
                 active_heads=None):
     """Chunked SSD (Mamba2 `ssd_minimal` decomposition) in f32.
@@ -120,12 +130,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, *, chunk_size=128, initial_state=None, s
     dt32 = padt(dt.astype(f32))
     B_h = padt(_expand_groups(B.astype(f32), h))
     C_h = padt(_expand_groups(C.astype(f32), h))
-    if seq_idx is None:
-        sid = jnp.zeros((b, nc * Q), jnp.int32)
-    else:
-        sid = seq_idx.astype(jnp.int32)
-        if pad:
-            sid = jnp.concatenate([sid, jnp.repeat(sid[:, -1:], pad, axis=1)], axis=1)
+    sid = padded_seq_ids(seq_idx, b, nc * Q)
 
     # [b, c, Q, ...]
     xc = x32.reshape(b, nc, Q, h, p)

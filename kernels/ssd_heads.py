@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .reference import _check_ssd_shapes, active_head_mask
+from .reference import _check_ssd_shapes, active_head_mask, padded_seq_ids
 
 HIGHEST = jax.lax.Precision.HIGHEST
 CPU_CHUNK = 32
@@ -39,12 +39,7 @@ def ssd_chunked_heads(x, dt, A, B, C, D=None, *, chunk_size=CPU_CHUNK, initial_s
     def padt(t):
         return t if pad == 0 else jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
 
-    if seq_idx is None:
-        sid = jnp.zeros((b, nc * Q), jnp.int32)
-    else:
-        sid = seq_idx.astype(jnp.int32)
-        if pad:
-            sid = jnp.concatenate([sid, jnp.repeat(sid[:, -1:], pad, axis=1)], axis=1)
+    sid = padded_seq_ids(seq_idx, b, nc * Q)
     sc = sid.reshape(b, nc, Q)                                                     # [b,c,Q]
 
     dt32 = padt(dt.astype(f32))
