@@ -77,7 +77,8 @@ def test_expert_parallel_loads_and_bf16(mesh_results):
 def test_moe_token_chunks_equal_all_tokens_at_once(mesh_results):
     """ComputePolicy.moe_token_chunk (issue 12: the 49K stage's MoE dispatch one chunk at a time):
     one device and every mesh layout, values, per-expert loads and gradients equal the unchunked
-    call, and the chunks are one scan of n chunks (32 of 2 tokens on one device, 4-16 per token shard)."""
+    call, and the chunks are one scan of n chunks (22 of 3 tokens on one device, 3-11 per token shard;
+    every count pads the last chunk)."""
     rows = mesh_results["moe_chunks"]
     assert len(rows) == 4
     for r in rows:

@@ -229,8 +229,9 @@ def moe_checks(out):
     def rel(a, b):
         return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
-    # token chunks (ComputePolicy.moe_token_chunk=3): 32 chunks of 2 of the 64 tokens on one device,
-    # 4 / 16 / 8 chunks of the 8 / 32 / 16 tokens per token shard on the meshes below; values, loads
+    # token chunks (ComputePolicy.moe_token_chunk=3): 22 chunks of 3 of the 64 tokens on one device
+    # (padded to 66), 3 / 11 / 6 chunks of the 8 / 32 / 16 tokens per token shard on the meshes below
+    # (padded to 9 / 33 / 18); values, loads
     # and gradients (parameters, input, soft width mask and expert-count probabilities) equal the
     # unchunked call
     probe = jax.random.normal(jax.random.PRNGKey(4), (B, L, CFG.hidden_size))
@@ -253,14 +254,14 @@ def moe_checks(out):
         return scan_lengths(jax.make_jaxpr(lambda *a: chunk_fn(*a, chunk))(p, x, soft.ffn_mask, soft.expert_probs))
     p16, x16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p), x.astype(jnp.bfloat16)
     ref, ref_load = jax.jit(fwd)(p, x)
-    out["moe_chunks"] = [{"mesh": "one device", "chunks": 32, **chunk_errs()}]
+    out["moe_chunks"] = [{"mesh": "one device", "chunks": 22, **chunk_errs()}]
     ref16 = jax.jit(fwd)(p16, x16)[0]
     ref_soft = jax.jit(fwd)(p, x, soft)[0]
     out["moe"] = []
-    for name, shape, rules, chunks in (("expert=8", (1, 1, 1, 8), shd.DEFAULT_RULES, 4),
+    for name, shape, rules, chunks in (("expert=8", (1, 1, 1, 8), shd.DEFAULT_RULES, 3),
                                        ("data=2,expert=4, batch->data", (2, 1, 1, 4),
-                                        shd.merge_rules([("batch", "data")]), 16),
-                                       ("fsdp=2,tensor=2,expert=2", (1, 2, 2, 2), shd.DEFAULT_RULES, 8)):
+                                        shd.merge_rules([("batch", "data")]), 11),
+                                       ("fsdp=2,tensor=2,expert=2", (1, 2, 2, 2), shd.DEFAULT_RULES, 6)):
         with jax.set_mesh(make_mesh(MeshConfig(*shape))), shd.use_rules(rules):
             y, load = jax.jit(fwd)(p, x)
             y16 = jax.jit(fwd)(p16, x16)[0]

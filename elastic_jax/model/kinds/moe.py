@@ -133,19 +133,16 @@ def route(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None):
 
 
 def token_chunks(T: int, chunk: int | None) -> int:
-    """How many equal token chunks `ComputePolicy.moe_token_chunk` asks for: 1 when it is None or
-    T <= chunk, else the smallest n >= T / chunk that divides T (chunks of at most `chunk` tokens)."""
+    """How many token chunks `ComputePolicy.moe_token_chunk` asks for: 1 when it is None or
+    T <= chunk, else ceil(T / chunk) (`over_token_chunks` pads the tokens to a multiple of it)."""
     if chunk is None or T <= chunk:
         return 1
-    n = -(-T // chunk)
-    while T % n:
-        n += 1
-    return n
+    return -(-T // chunk)
 
 
 def over_token_chunks(fn, n: int, weights, x_TD, valid_T=None):
     """fn(weights, x [t, D], valid [t] | None) -> (y [t, ...], load [E]) run over `n` equal chunks of
-    the tokens under `lax.scan`, each chunk rematerialized (`jax.checkpoint`), so forward and
+    the tokens (the last padded with invalid zero rows) under `lax.scan`, each chunk rematerialized (`jax.checkpoint`), so forward and
     backward hold one chunk's dispatch buffers at a time; y concatenated, load summed. Routing and
     the expert FFN are per token (row), so the result equals one call on all tokens. `weights` enter
     the scan in f32, so their gradients accumulate over the chunks in f32 and are rounded once
@@ -155,8 +152,14 @@ def over_token_chunks(fn, n: int, weights, x_TD, valid_T=None):
     up = lambda w: w.astype(jnp.float32) if jnp.issubdtype(w.dtype, jnp.floating) else w
     w32 = jax.tree.map(up, weights)
     T = x_TD.shape[0]
-    xs = x_TD.reshape((n, T // n) + x_TD.shape[1:])
-    vs = None if valid_T is None else valid_T.reshape(n, T // n)
+    size = -(-T // n)
+    pad = n * size - T
+    if pad:             # zero rows, marked invalid: routed like any row, dropped, never counted in the loads
+        x_TD = jnp.concatenate([x_TD, jnp.zeros((pad,) + x_TD.shape[1:], x_TD.dtype)])
+        keep = jnp.ones((T,), bool) if valid_T is None else valid_T.astype(bool)
+        valid_T = jnp.concatenate([keep, jnp.zeros((pad,), bool)])
+    xs = x_TD.reshape((n, size) + x_TD.shape[1:])
+    vs = None if valid_T is None else valid_T.reshape(n, size)
     body = jax.checkpoint(fn)
 
     def step(_, inp):
@@ -164,7 +167,7 @@ def over_token_chunks(fn, n: int, weights, x_TD, valid_T=None):
         return None, body(w32, x, v)
 
     _, (ys, loads) = jax.lax.scan(step, None, (xs, vs))
-    return ys.reshape((T,) + ys.shape[2:]), jnp.sum(loads, 0)
+    return ys.reshape((n * size,) + ys.shape[2:])[:T], jnp.sum(loads, 0)
 
 
 def _routed_experts(p, x_TD, cfg: NemotronHConfig, el: ElasticLayer | None, policy, valid_T=None,
