@@ -51,7 +51,7 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         ffn_options=(1.0, 0.75, 0.5), moe_expert_options=(1.0, 0.75, 0.5), moe_ffn_options=(1.0, 0.75, 0.5),
         budget_target="active")
     parent_steps, s1, s2, n_eval = (40, 10, 10, 48) if quick else (250, 100, 60, 400)
-    # rows hold whole documents: <= 47 tokens (sum), <= 150 (query)
+    # rows hold whole documents: <= 47 tokens (sum), <= 150 (query), <= 78 (recurrence)
     short, long = (160, 320) if query else (96, 192) if recurrence else (64, 128)
     common = dict(checkpoint_every=10_000, keep_checkpoints=1, tensorboard=False, plot=False, log_every=5,
                   vocab_chunk=None, async_checkpointing=False)
