@@ -48,9 +48,12 @@ def config(quick: bool = False) -> PodExperiment:
         policy=ComputePolicy(compute_dtype="bfloat16", kernel_impl="xla", attention_impl="auto", remat="full",
                              scan_layers=True))
     targets = (
-        Target("v5p-128", "tpu", topology="v5p:4x4x8", mesh=MeshConfig(fsdp=128)),
-        Target("h100x8", "gpu", devices=8, chip="h100", mesh=MeshConfig(fsdp=8), microbatches=64),
-        Target("h200x8", "gpu", devices=8, chip="h200", mesh=MeshConfig(fsdp=8), microbatches=64),
+        # a 4-way tensor axis splits each sequence's Mamba / MLP / attention activations over 4 chips:
+        # with every chip on fsdp one 49K sequence per chip needs 113.8 GiB of 95 (BUILD_NOTES, issue 12)
+        Target("v5p-128", "tpu", topology="v5p:4x4x8", mesh=MeshConfig(fsdp=32, tensor=4), microbatches=16),
+        # the same per-chip split on one 8-GPU node (2 sequences of 49K per micro-batch)
+        Target("h100x8", "gpu", devices=8, chip="h100", mesh=MeshConfig(fsdp=2, tensor=4), microbatches=256),
+        Target("h200x8", "gpu", devices=8, chip="h200", mesh=MeshConfig(fsdp=2, tensor=4), microbatches=256),
     )
     data = DataMix(reasoning=DataConfig(kind="jsonl", path="data/reasoning.jsonl", tokenizer_path="data/tokenizer.json"),
                    pretraining=DataConfig(kind="jsonl", path="data/pretraining.jsonl", tokenizer_path="data/tokenizer.json"),

@@ -62,9 +62,9 @@ def test_experiment_files_build_their_configs(experiments):
         assert isinstance(xp, PodExperiment)
         assert [t.platform for t in xp.targets] == ["tpu", "gpu", "gpu"]
         assert xp.train.policy.scan_layers and xp.data.reasoning_ratio == 0.7
-        for t in xp.targets:            # every stage's batch splits into whole sequences per chip
+        for t in xp.targets:            # every stage's batch splits into whole sequences per batch shard
             m = t.microbatches or xp.train.microbatches
-            n = t.mesh.size if t.mesh else None
+            n = t.mesh.data * t.mesh.fsdp * t.mesh.expert
             assert all(s.batch_size % m == 0 and (s.batch_size // m) % n == 0 for s in xp.train.stages), t
     n3, n2 = experiments["nano3"], experiments["nano2"]
     assert n3.model.num_hidden_layers == 52 and n2.model.num_hidden_layers == 62

@@ -6,6 +6,8 @@ leaf gets a leading [n_kind] axis) and `scan_blocks` scans over the layer sequen
 xs = (kind id, index within the kind, layer gate) and the residual stream as the carry; the step
 dispatches on the kind (`lax.switch`) and dynamic-indexes that kind's stack. The compiled program
 then holds one copy of each kind's block whatever the depth, so compile time is flat in depth.
+Under remat each branch of the switch is also rematerialized on its own, so the backward pass of
+a step holds one kind's activations, not every kind's (see `scan_blocks`).
 
 The public format stays the per-layer list `params["layers"][i]`; convert at the boundary with
 `stack_layers` / `unstack_layers` (one copy of the layer parameters each way). A model whose layers
@@ -83,7 +85,8 @@ def scan_blocks(h, stacks: dict, cfg: NemotronHConfig, gates, apply: dict[str, C
     aux_zeros: None (aux ignored), or the per-layer auxiliary output's zeros (e.g. {"expert_load":
     [E] f32}); a kind whose aux is None returns these zeros, so every `lax.switch` branch has one
     structure, and the scan stacks it to [n_layers, ...].
-    remat: wrap the step in `jax.checkpoint(policy=remat_policy)`. boundary(h): applied to the
+    remat: wrap the step in `jax.checkpoint(policy=remat_policy)` (and, with several kinds, each
+    kind's branch too). boundary(h): applied to the
     residual stream after every block (the sharding constraint, as the unrolled loop does).
     Returns (h, per-layer residual streams [n_layers, ...] or None, stacked aux or None).
     """
