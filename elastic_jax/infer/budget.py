@@ -206,19 +206,6 @@ def _force(params, widths, cache, last_logits, tok, need, *, cfg, quant=None):
     return jnp.where(need[:, None], new_logits[:, -1], last_logits), cache
 
 
-def _force_in_loop(params, widths, cache, last_logits, need, key, tok: int, *, cfg, capacity, pad_token, temperature,
-                   top_p, quant=None):
-    """`_force` run by the decode loop already compiled for this model and capacity (no extra program):
-    one step in which the rows with need=True can only sample `tok` (every other logit -1e9) and the
-    others stay frozen. Returns (last_logits, cache)."""
-    only = jnp.where(jnp.arange(last_logits.shape[-1]) == tok, 0.0, -1e9).astype(last_logits.dtype)
-    logits = jnp.where(need[:, None], only[None, :], last_logits)
-    *_, cache, logits = _decode_loop(params, widths, cache, logits, ~need, jnp.asarray(1, jnp.int32), key, cfg=cfg,
-                                     capacity=capacity, stop_token=tok, pad_token=pad_token, temperature=temperature,
-                                     top_p=top_p, quant=quant)
-    return logits, cache
-
-
 def _block(x):
     return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 
@@ -354,8 +341,8 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
         cfg=a_cfg, capacity=max_thinking, stop_token=specials.end_think, pad_token=specials.pad, quant=a_q, **sampling)
     forced = ~stopped
     if same or transplant:   # continue from this cache: feed the forced </think> to the truncated rows
-        logits, cache = _force_in_loop(a_params, a_w, cache, logits, forced, k_think, specials.end_think, cfg=a_cfg,
-                                       capacity=max_thinking, pad_token=specials.pad, quant=a_q, **sampling)
+        logits, cache = _force(a_params, a_w, cache, logits, jnp.full((B,), specials.end_think, jnp.int32), forced,
+                               cfg=a_cfg, quant=a_q)
     out, lengths, forced = _block((out, lengths, forced))
     t_think = time.perf_counter() - t0
     out, lengths, forced = np.asarray(out), np.asarray(lengths), np.asarray(forced)
