@@ -91,10 +91,19 @@ def scan_blocks(h, stacks: dict, cfg: NemotronHConfig, gates, apply: dict[str, C
     kind_id = jnp.asarray([kinds.index(c) for c in cfg.pattern], jnp.int32)
     within = jnp.asarray(cfg.kind_index(), jnp.int32)
 
+    # Several kinds: each branch of the kind switch is rematerialized on its own, inside the
+    # rematerialized step. Linearizing a `lax.switch` saves the union of every branch's residuals
+    # (zeros for the branches not taken), so without this the recomputed step holds the internal
+    # activations of all kinds at once; with it a branch's residuals are its inputs and only the
+    # branch taken recomputes its internals in the backward pass.
+    branch_remat = remat and len(kinds_of(cfg)) > 1
+
     def branch(c):
+        fn = jax.checkpoint(apply[c], policy=remat_policy, prevent_cse=False) if branch_remat else apply[c]
+
         def run(h, k):
             lp = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, k, keepdims=False), stacks[c])
-            out, aux = apply[c](h, lp, k)
+            out, aux = fn(h, lp, k)
             if aux_zeros is None:
                 aux = None
             elif aux is None:
