@@ -26,8 +26,9 @@ from elastic_jax.train import OptimConfig, Stage, TrainConfig
 
 # the task: "recurrence" (default; levels 9-12: a Fibonacci-mod-10 trace of 24-56 tokens that every
 # width writes, a short answer recalling the values at 2-4 queried steps, partial credit per step;
-# given the gold trace the 50% model answers 7-10 points worse than the full one: verdict CAN on the
-# 200-problem diagnose, narrowly CANNOT (lower bound 0.048 < 0.05) in the 400-problem default run),
+# given the gold trace the 50% model answers 5-10 points worse than the full one at 250 parent steps:
+# verdict CANNOT, narrowly, in every 400-problem run; with 500 parent steps the gap vanishes, even at a
+# 25% budget: the recall needs no width once learned, so this task cannot clear the bar robustly),
 # "sum" (levels 1-4: the original task, traces <= 30 tokens, answer = the full sum; verdict CANNOT:
 # the answer is trivial once the trace exists) or "query" (levels 5-8: running sums with 36-100-token
 # traces and queried steps; not learned in this budget). BUILD_NOTES, issue 15.
@@ -41,7 +42,8 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
     model = NemotronHConfig(
         # recurrence: a second attention layer (for the answer's recall) in place of the dense MLP
         vocab_size=48 if query or recurrence else 32, hidden_size=128,
-        hybrid_override_pattern="M*EM*E" if recurrence else "M*EM-E",
+        # --quick: one layer of each kind (M*E): the layers are unrolled, so every compile grows with depth
+        hybrid_override_pattern="M*E" if quick else "M*EM*E" if recurrence else "M*EM-E",
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, intermediate_size=256,
         mamba_num_heads=8, mamba_head_dim=32, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=64,
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, moe_shared_expert_intermediate_size=128,
@@ -50,9 +52,11 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         budgets=(1.0, 0.75, 0.5), router_dim=32, hidden_options=(1.0, 0.75, 0.5), mamba_options=(1.0, 0.75, 0.5),
         ffn_options=(1.0, 0.75, 0.5), moe_expert_options=(1.0, 0.75, 0.5), moe_ffn_options=(1.0, 0.75, 0.5),
         budget_target="active")
-    parent_steps, s1, s2, n_eval = (40, 10, 10, 48) if quick else (250, 100, 60, 400)
+    parent_steps, s1, s2, n_eval = (40, 10, 10, 32) if quick else (250, 100, 60, 400)
     # rows hold whole documents: <= 47 tokens (sum), <= 150 (query), <= 78 (recurrence)
     short, long = (160, 320) if query else (96, 192) if recurrence else (64, 128)
+    if quick:      # both curriculum stages at one shape: the training loop reuses the compiled step
+        long = short
     common = dict(checkpoint_every=10_000, keep_checkpoints=1, tensorboard=False, plot=False, log_every=5,
                   vocab_chunk=None, async_checkpointing=False)
     parent_train = TrainConfig(
@@ -76,8 +80,8 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         token_multiples=() if quick else (0.5, 1.0, 2.0),
         data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0,
                         task_levels=(1, 2, 3, 4, 5, 6, 7, 8) if query else (9, 10, 11, 12) if recurrence else None),
-        # --quick evaluates the two short levels (traces <= 36 tokens, 2 queries): per decoded batch no
-        # more tokens than the sum task's 32 + 6
+        # --quick evaluates the two short levels (traces <= 36 tokens, 2 queries) on 32 problems at three
+        # thinking budgets: a smoke run of every report section (its 40-step models score near chance)
         eval=(EvalConfig(n_problems=n_eval, levels=(9, 10) if quick else (9, 10, 11, 12),
                          thinking_budgets=(8, 24, 36) if quick else (8, 16, 24, 32, 40, 48, 56),
                          full_thinking=36 if quick else 56, max_answer_tokens=6 if quick else 10,
@@ -90,7 +94,7 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
               EvalConfig(n_problems=n_eval, thinking_budgets=(8, 16, 24, 32), full_thinking=32,
                          transplant_pairs=((0.5, 1.0), (0.75, 1.0)))),
         # FP8 / NVFP4 PTQ and a short NVFP4 QAD of every nested model (off: --set quant.enabled=false)
-        quant=QuantEvalConfig(qad_steps=8 if quick else 40),
+        quant=QuantEvalConfig(qad_steps=4, kl_batches=1) if quick else QuantEvalConfig(qad_steps=40),
         title=("Star Elastic on the embedded reasoning task" + (" (query levels 5-8)" if query else "")
                + (" (recurrence levels 9-12)" if recurrence else "")
                + (" (--quick smoke run)" if quick else "")))

@@ -129,6 +129,22 @@ def test_answer_generate_no_thinking(model, prompts):
     assert len(ans) == len(prompts) and st.tokens == sum(len(a) for a in ans)
 
 
+def test_one_compiled_decode_loop_serves_both_phases(model, prompts):
+    """The stop id is traced: thinking (stop at </think>) and answering (stop at EOS) of one model share
+    the compiled loop at one capacity, and so does `answer_generate` given that capacity and cache."""
+    from elastic_jax.infer.budget import _decode_loop_jit
+    P, cap = max(len(p) for p in prompts), 13           # a capacity no other test uses
+    before = _decode_loop_jit._cache_size()
+    out = truncation_generate(model, prompts, submodel="50%", thinking_budget=5, specials=SP, max_answer_tokens=3,
+                              max_thinking=cap)
+    assert _decode_loop_jit._cache_size() == before + 1 and all(len(a) <= 3 for a in out.answer_tokens)
+    answer_generate(model, [p + [SP.end_think] for p in prompts], submodel="100%", specials=SP, max_answer_tokens=3,
+                    prompt_length=P + cap + 1, cache_len=P + cap + 1 + 3, capacity=cap)
+    assert _decode_loop_jit._cache_size() == before + 1
+    with pytest.raises(ValueError, match="capacity=2 < max_answer_tokens=3"):
+        answer_generate(model, prompts, submodel="100%", specials=SP, max_answer_tokens=3, capacity=2)
+
+
 def test_bad_inputs(model, prompts):
     kw = dict(specials=SP, max_answer_tokens=4)
     for bad in (0, -3):

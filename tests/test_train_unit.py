@@ -134,7 +134,10 @@ def _tiny():
                               num_key_value_heads=2, head_dim=8, intermediate_size=64)
 
 
-def test_train_lm_learns_and_kd_accepts_a_smaller_student(tmp_path):
+def test_train_lm_learns_and_kd_accepts_a_smaller_student(tmp_path, monkeypatch):
+    from elastic_jax.train import loop
+    compiles, compile_step = [], loop.compile_step          # micro-batch size of every step compile
+    monkeypatch.setattr(loop, "compile_step", lambda *a, **k: compiles.append(a[5]) or compile_step(*a, **k))
     cfg = _tiny()
     ds = make_dataset(DataConfig(num_documents=64, synthetic_vocab=64, synthetic_len=(10, 30)), cfg.vocab_size)
     tc = TrainConfig(stages=(Stage(seq_len=32, batch_size=4, steps=12),), optim=OptimConfig(lr=1e-2, warmup_steps=2),
@@ -146,9 +149,12 @@ def test_train_lm_learns_and_kd_accepts_a_smaller_student(tmp_path):
     assert res.tokens_seen == sum(h["tokens"] for h in res.history)
     assert Checkpointer(tmp_path / "lm" / "checkpoints").latest_step() == 12   # end-of-stage checkpoint
     sub_cfg, sub = ej.slice_params(res.params, cfg, ej.Widths(hidden=24, ffn=32))
-    kd = train_kd(sub_cfg, tc.replace(stages=(Stage(seq_len=32, batch_size=4, steps=2),)), cfg, res.params, sub, ds,
-                  tmp_path / "kd", progress=False)
+    # two stages of one shape: one compiled step serves both
+    kd = train_kd(sub_cfg, tc.replace(stages=(Stage("a", seq_len=32, batch_size=4, steps=1),
+                                              Stage("b", seq_len=32, batch_size=4, steps=1))),
+                  cfg, res.params, sub, ds, tmp_path / "kd", progress=False)
     assert kd.steps == 2 and all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in kd.history)
+    assert compiles == [4, 4]          # the LM run and the KD run: one step compile each
 
 
 def test_nan_loss_stops_run_naming_step_and_budget(tmp_path):

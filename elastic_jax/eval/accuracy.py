@@ -19,7 +19,8 @@ def answer_scores(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, 
     prompts = [list(p) + list(t) + [tok.end_think_id] for p, t in zip(eval_set.prompts, traces)]
     length = max(eval_set.max_prompt_len + ecfg.full_thinking + 1, max(len(p) for p in prompts))
     ans, _ = answer_generate(model, prompts, submodel=name, specials=sp, max_answer_tokens=ecfg.max_answer_tokens,
-                             prompt_length=length, cache_len=length + ecfg.max_answer_tokens)   # one shape
+                             prompt_length=length, cache_len=length + ecfg.max_answer_tokens,   # one shape, and
+                             capacity=max(ecfg.full_thinking, ecfg.max_answer_tokens))  # the grid's decode loop
     return [score_answer(p, tok.decode(a)) for p, a in zip(eval_set.problems, ans)]
 
 

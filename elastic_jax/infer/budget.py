@@ -128,6 +128,9 @@ def _prefill(params, tokens, valid, widths, *, cfg, max_len, quant=None):
 
 
 def _stops(stop_token):
+    """The stop ids as an int32 vector: an id, a tuple of ids, or already an array (traced)."""
+    if isinstance(stop_token, jax.Array):
+        return stop_token.astype(jnp.int32).reshape(-1)
     return jnp.asarray(stop_token if isinstance(stop_token, tuple) else (stop_token,), jnp.int32)
 
 
@@ -151,16 +154,25 @@ def _decode_init(last_logits, cache, done0, capacity, pad_token):
             jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool))
 
 
-@partial(jax.jit, static_argnames=("cfg", "capacity", "stop_token", "pad_token", "temperature", "top_p"))
 def _decode_loop(params, widths, cache, last_logits, done0, limit, key, *, cfg, capacity, stop_token, pad_token,
                  temperature, top_p, quant=None):
     """Decode up to `limit` (traced, <= capacity) tokens per row; a row stops after `stop_token`
     (an id or a tuple of ids). Returns (tokens [B, capacity], lengths [B], stopped [B], cache,
-    last_logits). One compiled `lax.while_loop`, the cache in the carry."""
+    last_logits). One compiled `lax.while_loop`, the cache in the carry; the stop ids are traced, so
+    the thinking phase (stop at `</think>`) and the answer phase (stop at EOS) of one model share the
+    compiled loop when their capacities match."""
+    return _decode_loop_jit(params, widths, cache, last_logits, done0, limit, key, _stops(stop_token), cfg=cfg,
+                            capacity=capacity, pad_token=pad_token, temperature=temperature, top_p=top_p,
+                            quant=quant)
+
+
+@partial(jax.jit, static_argnames=("cfg", "capacity", "pad_token", "temperature", "top_p"))
+def _decode_loop_jit(params, widths, cache, last_logits, done0, limit, key, stops, *, cfg, capacity, pad_token,
+                     temperature, top_p, quant=None):
     def cond(s):
         return (s[0] < limit) & ~jnp.all(s[3])
 
-    body = partial(_decode_body, params, widths, key, cfg=cfg, stop_token=stop_token, pad_token=pad_token,
+    body = partial(_decode_body, params, widths, key, cfg=cfg, stop_token=stops, pad_token=pad_token,
                    temperature=temperature, top_p=top_p, quant=quant)
     init = _decode_init(last_logits, cache, done0, capacity, pad_token)
     _, logits, cache, _, out, lengths, stopped = jax.lax.while_loop(cond, body, init)
@@ -349,9 +361,10 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
         logits, cache = _prefill(b_params, jnp.asarray(toks2), jnp.asarray(valid2), b_w, cfg=b_cfg, max_len=need,
                                  quant=b_q)
         prefill_tokens = sum(len(f) for f in full)
-    ans, alen, _, _, _ = _decode_loop(
+    ans, alen, _, _, _ = _decode_loop(          # the thinking loop's capacity: one compiled loop per model
         b_params, b_w, cache, logits, jnp.zeros((B,), bool), jnp.asarray(max_answer_tokens, jnp.int32), k_answer,
-        cfg=b_cfg, capacity=max_answer_tokens, stop_token=specials.eos, pad_token=specials.pad, quant=b_q, **sampling)
+        cfg=b_cfg, capacity=max(max_thinking, max_answer_tokens), stop_token=specials.eos, pad_token=specials.pad,
+        quant=b_q, **sampling)
     ans, alen = _block((ans, alen))
     t_answer = time.perf_counter() - t0
     ans, alen = np.asarray(ans), np.asarray(alen)
@@ -392,15 +405,18 @@ def truncation_generate(model: ElasticModel, prompts, *, submodel: str, thinking
 
 
 def answer_generate(model: ElasticModel, prompts, *, submodel: str, specials: Specials, max_answer_tokens: int = 8,
-                    prompt_length: int | None = None, cache_len: int | None = None
+                    prompt_length: int | None = None, cache_len: int | None = None, capacity: int | None = None
                     ) -> tuple[list[list[int]], PhaseStats]:
     """Answer directly after `prompts` (e.g. prompt + `</think>`: the no-thinking control, or a
-    given trace). Greedy. `cache_len`: the cache capacity (default: just enough; pass the one a
-    `budget_generate` sweep uses to share its compiled decode loop). Returns (answer tokens per
-    row, PhaseStats)."""
+    given trace). Greedy. `cache_len` and `capacity` (the decode loop's static output length, >=
+    max_answer_tokens): default just enough; pass a `budget_generate` sweep's cache length and
+    max_thinking to share its compiled decode loop. Returns (answer tokens per row, PhaseStats)."""
     model.check_name(submodel)
     if max_answer_tokens <= 0:
         raise ValueError(f"max_answer_tokens must be > 0, got {max_answer_tokens}")
+    capacity = max_answer_tokens if capacity is None else int(capacity)
+    if capacity < max_answer_tokens:
+        raise ValueError(f"capacity={capacity} < max_answer_tokens={max_answer_tokens}")
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token sequences")
@@ -421,7 +437,7 @@ def answer_generate(model: ElasticModel, prompts, *, submodel: str, specials: Sp
     logits, cache = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), w, cfg=cfg, max_len=need, quant=q)
     ans, alen, _, _, _ = _decode_loop(params, w, cache, logits, jnp.zeros((B,), bool),
                                       jnp.asarray(max_answer_tokens, jnp.int32), jax.random.PRNGKey(0), cfg=cfg,
-                                      capacity=max_answer_tokens, stop_token=specials.eos, pad_token=specials.pad,
+                                      capacity=capacity, stop_token=specials.eos, pad_token=specials.pad,
                                       temperature=0.0, top_p=1.0, quant=q)
     ans, alen = _block((ans, alen))
     dt = time.perf_counter() - t0

@@ -367,6 +367,7 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
         return tokens_seen
 
     step = start
+    compiled = {}
     try:
         while step < total:
             si, s0 = train_cfg.stage_at(step)
@@ -377,8 +378,10 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
                 stream.set_state(data_states["hosts"][jax.process_index()])
             data_states = None
             mb = stage.batch_size // M
-            jitted, bspec = compile_step(spec, tx, mesh, state_sh, teacher_sh, mb,
-                                         activation_sharding=train_cfg.activation_sharding, rules=rules)
+            if mb not in compiled:        # stages of one micro-batch size share a jit (same shape: one compile)
+                compiled[mb] = compile_step(spec, tx, mesh, state_sh, teacher_sh, mb,
+                                            activation_sharding=train_cfg.activation_sharding, rules=rules)
+            jitted, bspec = compiled[mb]
             probs = np.asarray(stage.probs(nb) if spec.mode == "elastic" else (1.0,), np.float32)
             probs_dev = jax.device_put(probs, rep)
             thr = Throughput()
