@@ -488,8 +488,9 @@ def _target_from_args(xp, a):
     from .train import MeshConfig
     if a.target:
         t = xp.target(a.target)
-    elif a.topology:
-        t = Target(f"cli:{a.topology}", "tpu", topology=a.topology)
+    elif a.topology:           # the experiment's own target for this slice (its mesh, micro-batches), if any
+        t = next((t for t in xp.targets if t.platform == "tpu" and t.topology == a.topology), None) \
+            or Target(f"cli:{a.topology}", "tpu", topology=a.topology)
     elif a.platform:
         t = Target(f"cli:{a.platform}x{a.devices}", a.platform, devices=a.devices)
     else:

@@ -111,6 +111,20 @@ def test_mix_documents_keeps_the_token_ratio():
         DataMix(reasoning=None, pretraining=None, reasoning_ratio=1.5)
 
 
+def test_topology_flag_uses_the_experiments_own_target_for_that_slice(experiments):
+    """`--topology` naming a slice the experiment has a target for plans with that target's mesh and
+    micro-batches (the 12B's tensor axis); another slice gets all chips on fsdp."""
+    import argparse
+    cli = plan.add_cli(argparse.ArgumentParser().add_subparsers())
+    own = plan._target_from_args(experiments["nano2"], cli.parse_args(["x.py", "--topology", "v5p:4x4x8"]))
+    assert (own.mesh.fsdp, own.mesh.tensor, own.microbatches) == (32, 4, 16)
+    other = plan._target_from_args(experiments["nano2"], cli.parse_args(["x.py", "--topology", "v5p:4x4x4"]))
+    assert other.mesh is None and other.topology == "v5p:4x4x4"
+    meshed = plan._target_from_args(experiments["nano2"], cli.parse_args(["x.py", "--topology", "v5p:4x4x8",
+                                                                          "--mesh", "fsdp=128"]))
+    assert (meshed.mesh.fsdp, meshed.mesh.tensor) == (128, 1)
+
+
 def test_search_keeps_the_cheapest_plan_that_fits(monkeypatch, experiments):
     """The search tries every remat policy x micro-batch count and keeps the fastest that fits
     (the compile is replaced by a table here; the compiled path is the tests below)."""
