@@ -86,8 +86,8 @@ def scan_blocks(h, stacks: dict, cfg: NemotronHConfig, gates, apply: dict[str, C
     [E] f32}); a kind whose aux is None returns these zeros, so every `lax.switch` branch has one
     structure, and the scan stacks it to [n_layers, ...].
     remat: wrap the step in `jax.checkpoint(policy=remat_policy)` (and, with several kinds, each
-    kind's branch too). boundary(h): applied to the
-    residual stream after every block (the sharding constraint, as the unrolled loop does).
+    kind's branch too). boundary(h): applied to the residual stream after every block (the sharding
+    constraint, as the unrolled loop does).
     Returns (h, per-layer residual streams [n_layers, ...] or None, stacked aux or None).
     """
     kinds = kinds_of(cfg)
