@@ -65,8 +65,9 @@ class _user_code:
         return False
 
 
-def load_experiment(path: str | os.PathLike, quick: bool = False) -> Any:
-    """Import an experiment file and return its `config(quick=quick)`."""
+def load_experiment(path: str | os.PathLike, quick: bool = False, **config_kwargs) -> Any:
+    """Import an experiment file and return its `config(quick=quick, **config_kwargs)` (the extra
+    keywords: options the file's `config` declares, e.g. `task=` of tiny_star_elastic.py)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"experiment file {path!r} does not exist")
@@ -80,7 +81,7 @@ def load_experiment(path: str | os.PathLike, quick: bool = False) -> Any:
     if not callable(fn):
         raise ValueError(f"experiment file {path!r} must define `def config(quick: bool = False)`")
     with _user_code():
-        cfg = fn(quick=quick)
+        cfg = fn(quick=quick, **config_kwargs)
     if not dataclasses.is_dataclass(cfg):
         raise ValueError(f"{path}: config() must return a dataclass instance, got {type(cfg).__name__}")
     return cfg

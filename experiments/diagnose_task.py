@@ -10,7 +10,6 @@ Rerun with the same OUT to reuse the trained runs (they resume).
 """
 import argparse
 import dataclasses
-import importlib.util
 import os
 import time
 
@@ -43,13 +42,7 @@ def main():
     ap.add_argument("--pattern", default=None, help="the parent's hybrid_override_pattern, e.g. M*EM*E")
     a = ap.parse_args()
     out = os.path.abspath(a.out)
-    if a.task:
-        spec = importlib.util.spec_from_file_location("diagnosed_experiment", a.experiment)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        xp = module.config(task=a.task)
-    else:
-        xp = load_experiment(a.experiment)
+    xp = load_experiment(a.experiment, **({"task": a.task} if a.task else {}))
     if a.pattern:
         xp = dataclasses.replace(xp, model=dataclasses.replace(xp.model, hybrid_override_pattern=a.pattern))
     if a.parent_steps:

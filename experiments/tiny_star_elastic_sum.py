@@ -6,14 +6,11 @@ Same model, curriculum and report as `tiny_star_elastic.py` (which it loads), wi
 default before issue 15's recurrence levels; its verdict is CANNOT: the answer is trivial once the
 trace exists).
 """
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    "tiny_star_elastic", os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_star_elastic.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from elastic_jax.experiment import load_experiment
 
 
 def config(quick: bool = False):
-    return _base.config(quick, task="sum")
+    return load_experiment(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_star_elastic.py"), quick,
+                           task="sum")
