@@ -4,7 +4,8 @@ exact-trace rate and the answer accuracy given the gold trace (per level), and t
 smallest gold-trace gap with its 95% bootstrap interval (the verdict's inputs, eval/report.py).
 
     python experiments/diagnose_task.py OUT [--experiment experiments/tiny_star_elastic.py]
-        [--task recurrence|sum|query] [--pattern M*EM*E] [--parent-steps N] [--levels 5678] [--n-eval 200]
+        [--task recurrence|combine|sum|query] [--pattern M*EM*E] [--parent-steps N] [--levels 13,14]
+        [--n-eval 200] [--seed 0]
 
 Rerun with the same OUT to reuse the trained runs (they resume).
 """
@@ -36,9 +37,12 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--experiment", default=os.path.join(HERE, "tiny_star_elastic.py"))
     ap.add_argument("--parent-steps", type=int, default=None)
-    ap.add_argument("--levels", default=None, help="training levels, e.g. 5678 (default: the experiment's)")
+    ap.add_argument("--levels", default=None, help="training levels, e.g. 5,6,7,8 (default: the experiment's)")
     ap.add_argument("--n-eval", type=int, default=200)
-    ap.add_argument("--task", default=None, help="the experiment's task (tiny_star_elastic.py: sum | query | recurrence)")
+    ap.add_argument("--task", default=None,
+                    help="the experiment's task (tiny_star_elastic.py: sum | query | recurrence | combine)")
+    ap.add_argument("--seed", type=int, default=0, help="added to the model, data, parent and elastic seeds (a "
+                    "repeat of the whole run)")
     ap.add_argument("--pattern", default=None, help="the parent's hybrid_override_pattern, e.g. M*EM*E")
     a = ap.parse_args()
     out = os.path.abspath(a.out)
@@ -48,8 +52,13 @@ def main():
     if a.parent_steps:
         st = dataclasses.replace(xp.parent_train.stages[0], steps=a.parent_steps)
         xp = dataclasses.replace(xp, parent_train=dataclasses.replace(xp.parent_train, stages=(st,)))
+    if a.seed:
+        xp = dataclasses.replace(
+            xp, seed=xp.seed + a.seed, data=dataclasses.replace(xp.data, seed=xp.data.seed + a.seed),
+            parent_train=dataclasses.replace(xp.parent_train, seed=xp.parent_train.seed + a.seed),
+            elastic_train=dataclasses.replace(xp.elastic_train, seed=xp.elastic_train.seed + a.seed))
     if a.levels:
-        xp = dataclasses.replace(xp, data=dataclasses.replace(xp.data, task_levels=tuple(int(c) for c in a.levels)))
+        xp = dataclasses.replace(xp, data=dataclasses.replace(xp.data, task_levels=tuple(int(c) for c in a.levels.split(","))))
     cfg, ecfg, ev = xp.model, xp.elastic, dataclasses.replace(xp.eval, n_problems=a.n_eval)
     tok = TaskTokenizer.default()
     data = make_dataset(xp.data, cfg.vocab_size)

@@ -4,7 +4,7 @@
     elastic-jax run experiments/tiny_star_elastic.py --quick    # smoke run: <= 3 min
 
 A hybrid Mamba2 + attention + MoE parent (pattern M*EM*E; M*EM-E with an MLP for the other tasks) is
-trained on the task (default: the recurrence levels, `TASK` below), elastified
+trained on the task (default: the combine levels, `TASK` below), elastified
 into 100% / 75% / 50% active-parameter budgets with the two-stage curriculum (uniform budgets at
 short context, then skewed 0.5/0.3/0.2 toward the full model at longer packed context), compared
 with independently distilled baselines of the same sizes (each pruned from the parent by importance
@@ -24,23 +24,26 @@ from elastic_jax.recipes.star_elastic import StarElasticExperiment
 from elastic_jax.train import OptimConfig, Stage, TrainConfig
 
 
-# the task: "recurrence" (default; levels 9-12: a Fibonacci-mod-10 trace of 24-56 tokens that every
-# width writes, a short answer recalling the values at 2-4 queried steps, partial credit per step;
-# given the gold trace the 50% model answers 5-10 points worse than the full one at 250 parent steps:
-# verdict CANNOT, narrowly, in every 400-problem run; with 500 parent steps the gap vanishes, even at a
-# 25% budget: the recall needs no width once learned, so this task cannot clear the bar robustly),
-# "sum" (levels 1-4: the original task, traces <= 30 tokens, answer = the full sum; verdict CANNOT:
-# the answer is trivial once the trace exists) or "query" (levels 5-8: running sums with 36-100-token
-# traces and queried steps; not learned in this budget). BUILD_NOTES, issue 15.
-TASK = "recurrence"
+# the task: "combine" (default; levels 13-16: a Fibonacci-mod-10 trace of 24-56 tokens that every
+# width writes, an answer whose 2-4 parts each add the values at two queried steps in one token,
+# partial credit per part; 1000 parent steps; given the gold trace the 50% model answers 11-30 points
+# worse than the full one in three seeds: verdict CAN; a learning-speed gap, 5 points at 2000 parent
+# steps, a parent that would not fit the 20-minute budget), "recurrence" (levels 9-12: the same trace, the
+# answer recalls the values at 2-4 queried steps; 250 parent steps; the gap is 5-10 points at 250
+# steps and vanishes by 500, even at a 25% budget: verdict CANNOT), "sum" (levels 1-4: the original
+# task, traces <= 30 tokens, answer = the full sum; verdict CANNOT: the answer is trivial once the
+# trace exists) or "query" (levels 5-8: running sums with 36-100-token traces and queried steps; not
+# learned in this budget). BUILD_NOTES, issue 15.
+TASK = "combine"
 
 
 def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
-    if task not in ("query", "sum", "recurrence"):
-        raise ValueError(f"task must be 'query', 'sum' or 'recurrence', got {task!r}")
-    query, recurrence = task == "query", task == "recurrence"
+    if task not in ("query", "sum", "recurrence", "combine"):
+        raise ValueError(f"task must be 'query', 'sum', 'recurrence' or 'combine', got {task!r}")
+    query, recurrence = task == "query", task in ("recurrence", "combine")
+    levels = (13, 14, 15, 16) if task == "combine" else (9, 10, 11, 12)
     model = NemotronHConfig(
-        # recurrence: a second attention layer (for the answer's recall) in place of the dense MLP
+        # recurrence / combine: a second attention layer (for the answer's lookups) in place of the dense MLP
         vocab_size=48 if query or recurrence else 32, hidden_size=128,
         # --quick: one layer of each kind (M*E): the layers are unrolled, so every compile grows with depth
         hybrid_override_pattern="M*E" if quick else "M*EM*E" if recurrence else "M*EM-E",
@@ -52,8 +55,10 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         budgets=(1.0, 0.75, 0.5), router_dim=32, hidden_options=(1.0, 0.75, 0.5), mamba_options=(1.0, 0.75, 0.5),
         ffn_options=(1.0, 0.75, 0.5), moe_expert_options=(1.0, 0.75, 0.5), moe_ffn_options=(1.0, 0.75, 0.5),
         budget_target="active")
-    parent_steps, s1, s2, n_eval = (40, 10, 10, 32) if quick else (250, 100, 60, 400)
-    # rows hold whole documents: <= 47 tokens (sum), <= 150 (query), <= 78 (recurrence)
+    # the combine answer is learned slowly (parent 0.24 / 0.45 / 0.52 / 0.65 given the gold trace at
+    # 250 / 500 / 750 / 1000 steps), so its parent trains 4x as long as the other tasks'
+    parent_steps, s1, s2, n_eval = (40, 10, 10, 32) if quick else (1000 if task == "combine" else 250, 100, 60, 400)
+    # rows hold whole documents: <= 47 tokens (sum), <= 150 (query), <= 78 (recurrence), <= 89 (combine)
     short, long = (160, 320) if query else (96, 192) if recurrence else (64, 128)
     if quick:      # both curriculum stages at one shape: the training loop reuses the compiled step
         long = short
@@ -79,12 +84,12 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         # token efficiency: baselines of each nested size on 0.5x / 1x / 2x the tokens it saw in the elastic run
         token_multiples=() if quick else (0.5, 1.0, 2.0),
         data=DataConfig(kind="task", num_documents=4000 if quick else 40000, seed=0,
-                        task_levels=(1, 2, 3, 4, 5, 6, 7, 8) if query else (9, 10, 11, 12) if recurrence else None),
+                        task_levels=(1, 2, 3, 4, 5, 6, 7, 8) if query else levels if recurrence else None),
         # --quick evaluates the two short levels (traces <= 36 tokens, 2 queries) on 32 problems at three
         # thinking budgets: a smoke run of every report section (its 40-step models score near chance)
-        eval=(EvalConfig(n_problems=n_eval, levels=(9, 10) if quick else (9, 10, 11, 12),
+        eval=(EvalConfig(n_problems=n_eval, levels=levels[:2] if quick else levels,
                          thinking_budgets=(8, 24, 36) if quick else (8, 16, 24, 32, 40, 48, 56),
-                         full_thinking=36 if quick else 56, max_answer_tokens=6 if quick else 10,
+                         full_thinking=36 if quick else 56, max_answer_tokens=(8 if quick else 14) if task == "combine" else 6 if quick else 10,
                          transplant_pairs=((0.5, 1.0), (0.75, 1.0)))
               if recurrence else
               EvalConfig(n_problems=n_eval, levels=(5, 6, 7, 8),
@@ -96,5 +101,5 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         # FP8 / NVFP4 PTQ and a short NVFP4 QAD of every nested model (off: --set quant.enabled=false)
         quant=QuantEvalConfig(qad_steps=4, kl_batches=1) if quick else QuantEvalConfig(qad_steps=40),
         title=("Star Elastic on the embedded reasoning task" + (" (query levels 5-8)" if query else "")
-               + (" (recurrence levels 9-12)" if recurrence else "")
+               + (f" ({task} levels {levels[0]}-{levels[-1]})" if recurrence else "")
                + (" (--quick smoke run)" if quick else "")))

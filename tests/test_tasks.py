@@ -120,7 +120,7 @@ def test_query_levels_trace_lengths_and_answer():
             assert words[words.index(tag) + 3] == value
     # the query levels need the extra tags and `?`; the sum levels keep their old ids (< 26)
     from elastic_jax.tasks import vocab_needed
-    assert vocab_needed() == 26 and vocab_needed((5, 6, 7, 8)) == tok.vocab_size == 39
+    assert vocab_needed() == 26 and vocab_needed((5, 6, 7, 8)) == tok.vocab_size - 1 == 39   # `+`: combine only
     assert max(max(d) for d in make_documents(0, 200)) < 26
 
 
@@ -156,7 +156,7 @@ def test_query_documents_round_trip_and_splits():
     with pytest.raises(ValueError, match="distinct sorted step indices"):
         Problem(tuple(range(8)), query=(3, 1))
     with pytest.raises(ValueError, match="difficulty must be"):
-        make_problems(0, 3, difficulty=13)
+        make_problems(0, 3, difficulty=17)
 
 
 def test_truncation_degrades_the_query_score_gracefully():
@@ -207,10 +207,10 @@ def test_data_and_main_job_configs_take_the_query_levels():
 
 def test_tokenizer_for_the_sum_levels_is_the_original():
     full, sums = TaskTokenizer.default(), TaskTokenizer.default((1, 2, 3, 4))
-    assert sums.vocab_size == 26 and full.vocab_size == 39       # a vocab-32 model serves the sum levels
+    assert sums.vocab_size == 26 and full.vocab_size == 40       # a vocab-32 model serves the sum levels
     for p in make_problems(0, 20):
         assert sums.encode(document_text(p)) == full.encode(document_text(p))
-    assert TaskTokenizer.default((4, 5)).vocab_size == 39
+    assert TaskTokenizer.default((4, 5)).vocab_size == 40
 
 
 # ------------------------------------------------------------------ recurrence levels (issue 15)
@@ -253,6 +253,32 @@ def test_recurrence_trace_is_local_and_the_answer_recalls_it():
         Problem((3, 7), query=(1, 5), recurrence=8)
 
 
+def test_combine_answer_digit_gathers_each_group_of_queried_values():
+    from elastic_jax.tasks import COMBINE_LEVELS, score_answer, vocab_needed
+    p = Problem((3, 7), query=(2, 3, 4, 5), recurrence=8, per_part=2)
+    assert prompt_text(p) == "<bos> ? c d + e f a 3 b 7 <think>"
+    assert trace_text(p) == trace_text(Problem((3, 7), query=(3, 5), recurrence=8))   # the recurrence walk
+    assert p.answer() == "c d 7 e f 1" and p.difficulty == 13      # 0 + 7; 7 + 4 = 11 -> 1
+    assert score_answer(p, f"{ANSWER} c d 7 e f 0 {EOS}") == 0.5 and score_answer(p, f"{ANSWER} c d 7 {EOS}") == 0.5
+    assert score_answer(p, f"{ANSWER} c d 7 e f 1 g h 5 {EOS}") == pytest.approx(2 / 3)   # an extra part costs credit
+    for level, (k, parts, per) in COMBINE_LEVELS.items():
+        for p in make_problems(7, 100, difficulty=level):
+            assert (p.difficulty, p.recurrence, len(p.query), p.per_part) == (level, k, parts * per, per)
+            values = dict(zip(trace_text(p).split()[::4], trace_text(p).split()[3::4]))
+            groups = prompt_text(p).split(" ? ")[1].split(" a ")[0].split(" + ")
+            assert len(groups) == parts and all(len(g.split()) == per for g in groups)
+            assert p.answer_parts() == [f"{g} {sum(int(values[t]) for t in g.split()) % 10}" for g in groups]
+            assert score_answer(p, document_text(p)) == 1.0
+    docs = make_documents(0, 400, difficulty=tuple(COMBINE_LEVELS))
+    assert max(len(d) for d in docs) <= 92                        # the main job's 96-token rows hold them
+    assert vocab_needed(tuple(COMBINE_LEVELS)) == 40
+    train = set(make_problems(0, 2000, "train", difficulty=16))
+    test = set(make_problems(0, 300, "test", difficulty=16))
+    assert test and not (train & test) and all(split_of(p) == "test" for p in test)
+    with pytest.raises(ValueError, match="combine Problem"):
+        Problem((3, 7), query=(2, 3, 4), recurrence=8, per_part=2)
+
+
 def test_truncation_degrades_the_recurrence_score_gracefully():
     """A reader of whatever trace it is given (guessing 0 where the trace did not reach) scores
     several distinct, increasing values across the main job's thinking budgets."""
@@ -275,23 +301,26 @@ def test_truncation_degrades_the_recurrence_score_gracefully():
     assert all(s >= e for s, e in zip(scores, exact)) and scores[1] > exact[1] + 0.1
 
 
-def test_main_job_defaults_to_the_recurrence_levels_and_keeps_the_sum_task():
+def test_main_job_defaults_to_the_combine_levels_and_keeps_the_other_tasks():
     import os
     from elastic_jax.experiment import load_experiment
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
     from elastic_jax.tasks import make_eval_set
     for quick in (False, True):
         xp = load_experiment(os.path.join(root, "tiny_star_elastic.py"), quick=quick)
-        assert xp.data.task_levels == (9, 10, 11, 12) and set(xp.eval.levels) <= set(xp.data.task_levels)
-        # two attention layers for the recall (--quick: one layer of each kind, a smoke run)
+        assert xp.data.task_levels == (13, 14, 15, 16) and set(xp.eval.levels) <= set(xp.data.task_levels)
+        # two attention layers for the answer's lookups (--quick: one layer of each kind, a smoke run)
         assert xp.model.hybrid_override_pattern == ("M*E" if quick else "M*EM*E")
-        assert xp.parent_train.stages[0].seq_len >= 80                   # whole documents (<= 78 tokens)
+        assert xp.parent_train.stages[0].seq_len >= 90                   # whole documents (<= 89 tokens)
+        assert xp.parent_train.stages[0].steps == (40 if quick else 1000)
         es = make_eval_set(0, 100, "test", xp.eval.levels)
         assert max(es.trace_lengths) <= xp.eval.full_thinking            # "full thinking" holds every trace
-        # each problem's answer fits the answer budget: `<ans>`, q tag-value pairs, `<eos>`
-        assert max(2 + 2 * len(p.query) for p in es.problems) <= xp.eval.max_answer_tokens
-    assert xp.eval.levels == (9, 10) and xp.eval.full_thinking == 56 - 20 and xp.eval.max_answer_tokens == 6
+        # each problem's answer fits the answer budget: `<ans>`, per pair its two tags and the sum, `<eos>`
+        assert max(2 + len(p.answer().split()) for p in es.problems) <= xp.eval.max_answer_tokens
+    assert xp.eval.levels == (13, 14) and xp.eval.full_thinking == 56 - 20 and xp.eval.max_answer_tokens == 8
     # --quick's grid decodes no more tokens than the sum task's (4 budgets x (32 + 6) per problem)
     assert len(xp.eval.thinking_budgets) * (xp.eval.full_thinking + xp.eval.max_answer_tokens) <= 4 * (32 + 6)
+    xp = load_experiment(os.path.join(root, "tiny_star_elastic_recurrence.py"))
+    assert xp.data.task_levels == (9, 10, 11, 12) and xp.parent_train.stages[0].steps == 250
     xp = load_experiment(os.path.join(root, "tiny_star_elastic_sum.py"))
     assert xp.data.task_levels is None and xp.eval.levels == (1, 2, 3, 4) and xp.model.vocab_size == 32

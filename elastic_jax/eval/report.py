@@ -417,8 +417,8 @@ def render_markdown(results: dict, analysis: dict) -> str:
     if ev:
         L += [f"Evaluation: {ev.get('n_problems')} held-out `{ev.get('split', 'test')}` problems of the embedded "
               f"task (difficulty levels {ev.get('levels')}), greedy decoding, exact match of the answer"
-              + ("; the query and recurrence levels (5-12) score partial credit per queried step" if any(
-                  l >= 5 for l in ev.get("levels") or ()) else "") + ".", ""]
+              + ("; the query and recurrence levels (5-12) score partial credit per queried step, the combine "
+                 "levels (13-16) per group" if any(l >= 5 for l in ev.get("levels") or ()) else "") + ".", ""]
     # ---- accuracy table
     par = results.get("parent")
     base = {b["name"]: b for b in results.get("baselines", [])}

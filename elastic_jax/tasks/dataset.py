@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .reasoning import (QUERY, QUERY_LEVELS, RECURRENCE_LEVELS, SUM_LEVELS, TAGS, Problem, answer_text, check_levels,
-                        document_text, make_problems, prompt_text, trace_text)
+from .reasoning import (COMBINE_LEVELS, PLUS, QUERY, QUERY_LEVELS, RECURRENCE_LEVELS, SUM_LEVELS, TAGS, Problem,
+                        answer_text, check_levels, document_text, make_problems, prompt_text, trace_text)
 from .tokenizer import SPECIAL_TOKENS, TaskTokenizer
 
 
@@ -49,7 +49,9 @@ def vocab_needed(levels=None, tokenizer: TaskTokenizer | None = None) -> int:
     levels need fewer ids than the query levels' extra tags)."""
     tok = tokenizer or TaskTokenizer.default()
     levels = check_levels(levels)
-    steps = max(l + 2 if l in SUM_LEVELS else {**QUERY_LEVELS, **RECURRENCE_LEVELS}[l][0] for l in levels)
+    spec = {**QUERY_LEVELS, **RECURRENCE_LEVELS, **COMBINE_LEVELS}
+    steps = max(l + 2 if l in SUM_LEVELS else spec[l][0] for l in levels)
     words = list(SPECIAL_TOKENS) + [str(d) for d in range(10)] + list(TAGS[:steps]) + ["!"]
     words += [QUERY] if any(l not in SUM_LEVELS for l in levels) else []
+    words += [PLUS] if any(l in COMBINE_LEVELS for l in levels) else []
     return 1 + max(tok.id(w) for w in words)

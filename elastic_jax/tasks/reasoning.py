@@ -37,6 +37,15 @@ is where width is tested.
     trace  : c 3 7 0 d 7 0 7 e 0 7 7 f 7 7 4 </think>
     answer : <ans> d 7 f 4 <eos>
 
+Levels 13-16 ("combine", issue 15): the recurrence levels' trace, but the queried steps come in
+pairs (separated by `+`) and each answer part names its pair and then gives, in ONE token, the sum
+modulo 10 of the two values: that token has to fetch two values from the finished trace at once and
+add them (the trace's own sums have their operands next to them). Partial credit per pair.
+
+    prompt : <bos> ? c d + e f a 3 b 7 <think>
+    trace  : c 3 7 0 d 7 0 7 e 0 7 7 f 7 7 4 </think>
+    answer : <ans> c d 7 e f 1 <eos>           (0 + 7 = 7; 7 + 4 = 11 -> 1)
+
 Everything is deterministic from a seed. The train and test splits are disjoint by construction:
 a problem belongs to the test split iff a stable hash (CRC-32) of its digits (and query) falls in
 the test bucket, so no test problem is ever generated for training.
@@ -55,26 +64,39 @@ QUERY_LEVELS = {5: (8, 2), 6: (12, 3), 7: (16, 3), 8: (20, 4)}
 # recurrence levels: level -> (steps incl. the 2 given, queried steps); traces of 4 x (steps - 2) =
 # 24 / 36 / 48 / 56 tokens
 RECURRENCE_LEVELS = {9: (8, 2), 10: (11, 2), 11: (14, 3), 12: (16, 4)}
-MIN_LEVEL, MAX_LEVEL = 1, 12
+# combine levels: level -> (steps incl. the 2 given, answer parts, queried steps per part); the same
+# traces as the recurrence levels, each answer part one digit combining its part's queried values
+COMBINE_LEVELS = {13: (8, 2, 2), 14: (11, 2, 2), 15: (14, 3, 2), 16: (16, 4, 2)}
+MIN_LEVEL, MAX_LEVEL = 1, 16
 DEFAULT_LEVELS = SUM_LEVELS    # difficulty=None: the original task
 TEST_BUCKETS = 5          # 1 / TEST_BUCKETS of all problems are test problems
 SPLITS = ("train", "test")
-QUERY = "?"
+QUERY, PLUS = "?", "+"
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """One problem: the digits and, for the query levels, the queried step indices (sorted). A
-    recurrence problem (`recurrence` = its number of steps > 0) has the two start values as digits."""
+    recurrence problem (`recurrence` = its number of steps > 0) has the two start values as digits;
+    a combine problem also has `per_part` > 0: each answer part combines that many consecutive
+    queried steps (in sorted order) into one digit."""
 
     digits: tuple[int, ...]
     query: tuple[int, ...] = ()
     recurrence: int = 0
+    per_part: int = 0
 
     def __post_init__(self):
         n = len(self.digits)
+        if self.per_part:
+            spec = (self.recurrence, len(self.query) // self.per_part, self.per_part)
+            if len(self.digits) != 2 or len(self.query) % self.per_part or spec not in COMBINE_LEVELS.values():
+                raise ValueError(f"a combine Problem needs 2 start digits and (steps, parts, queries per part) in "
+                                 f"{sorted(COMBINE_LEVELS.values())}, got {n} digits, {self.recurrence} steps, "
+                                 f"{len(self.query)} queries, {self.per_part} per part")
         if self.recurrence:
-            if len(self.digits) != 2 or (self.recurrence, len(self.query)) not in RECURRENCE_LEVELS.values():
+            if len(self.digits) != 2 or (not self.per_part and (self.recurrence, len(self.query))
+                                         not in RECURRENCE_LEVELS.values()):
                 raise ValueError(f"a recurrence Problem needs 2 start digits and (steps, queries) in "
                                  f"{sorted(RECURRENCE_LEVELS.values())}, got {n} digits, "
                                  f"({self.recurrence}, {len(self.query)})")
@@ -94,6 +116,9 @@ class Problem:
 
     @property
     def difficulty(self) -> int:
+        if self.per_part:
+            return next(l for l, spec in COMBINE_LEVELS.items()
+                        if spec == (self.recurrence, len(self.query) // self.per_part, self.per_part))
         if self.recurrence:
             return next(l for l, spec in RECURRENCE_LEVELS.items() if spec == (self.recurrence, len(self.query)))
         if not self.query:
@@ -116,10 +141,20 @@ class Problem:
             run = new % 10
         return out
 
+    def query_groups(self) -> list[tuple[int, ...]]:
+        """The queried steps of each answer part: consecutive chunks of `per_part` (combine levels),
+        else one step per part."""
+        k = self.per_part or 1
+        return [self.query[i:i + k] for i in range(0, len(self.query), k)]
+
     def answer_parts(self) -> list[str]:
-        """The parts partial credit is given for: one `tag value` per queried step (query levels);
-        the whole two-digit sum as one part (sum levels)."""
+        """The parts partial credit is given for: one `tag value` per queried step (query and
+        recurrence levels); per group its tags and the sum mod 10 of their values
+        (combine levels); the whole two-digit sum as one part (sum levels)."""
         steps = self.steps()
+        if self.per_part:
+            return [" ".join(steps[i][0] for i in g) + f" {sum(steps[i][3] for i in g) % 10}"
+                    for g in self.query_groups()]
         if self.query:
             return [f"{steps[i][0]} {steps[i][3]}" for i in self.query]
         carries = sum(s[4] for s in steps)
@@ -134,6 +169,8 @@ class Problem:
 def split_of(problem: Problem) -> str:
     """'test' iff CRC-32 of the digit (and query) string lands in bucket 0 of TEST_BUCKETS, else 'train'."""
     key = "".join(str(d) for d in problem.digits)
+    if problem.per_part:
+        key += f"c{problem.per_part}"
     if problem.recurrence:
         key += f"r{problem.recurrence}"
     if problem.query:
@@ -167,6 +204,11 @@ def make_problems(seed: int, n: int, split: str = "train", difficulty=None) -> l
             k, q = QUERY_LEVELS[level]
             digits = tuple(int(d) for d in rng.integers(0, 10, size=k))
             p = Problem(digits, tuple(sorted(int(i) for i in rng.choice(k, size=q, replace=False))))
+        elif level in COMBINE_LEVELS:
+            k, parts, per = COMBINE_LEVELS[level]
+            digits = tuple(int(d) for d in rng.integers(0, 10, size=2))
+            query = tuple(sorted(2 + int(i) for i in rng.choice(k - 2, size=parts * per, replace=False)))
+            p = Problem(digits, query, k, per)
         elif level in RECURRENCE_LEVELS:
             k, q = RECURRENCE_LEVELS[level]
             digits = tuple(int(d) for d in rng.integers(0, 10, size=2))
@@ -184,10 +226,12 @@ BOS, EOS, PAD, THINK, END_THINK, ANSWER = "<bos>", "<eos>", "<pad>", "<think>", 
 
 def prompt_text(p: Problem) -> str:
     """`<bos> a 3 b 7 ... [? b d] <think>` (recurrence: `<bos> ? d f a 3 b 7 <think>`, the start values
-    next to the trace): the prompt opens the thinking phase (like a chat template)."""
+    next to the trace; combine: the groups separated by `+`): the prompt opens the thinking phase
+    (like a chat template)."""
     if p.recurrence:
-        return " ".join([BOS, QUERY] + [TAGS[i] for i in p.query] + [f"{t} {d}" for t, d in zip(TAGS, p.digits)]
-                        + [THINK])
+        groups = p.query_groups() if p.per_part else [p.query]
+        query = f" {PLUS} ".join(" ".join(TAGS[i] for i in g) for g in groups)
+        return " ".join([BOS, QUERY, query] + [f"{t} {d}" for t, d in zip(TAGS, p.digits)] + [THINK])
     query = [QUERY] + [TAGS[i] for i in p.query] if p.query else []
     return " ".join([BOS] + [f"{t} {d}" for t, d in zip(TAGS, p.digits)] + query + [THINK])
 
@@ -224,8 +268,8 @@ def check_answer(p: Problem, generated: str) -> bool:
 
 def score_answer(p: Problem, generated: str) -> float:
     """Partial credit: the share of `p.answer_parts()` given right, in place (part i = the i-th
-    two-word group of the parsed answer), over max(parts expected, parts given), so extra parts
-    cost credit. 1.0 iff `check_answer`; the sum levels' one-part answer scores 0 or 1."""
+    group of the parsed answer's words, as many words as a part has), over max(parts expected, parts
+    given), so extra parts cost credit. 1.0 iff `check_answer`; the sum levels' one-part answer scores 0 or 1."""
     got = parse_answer(generated)
     if got is None:
         return 0.0
@@ -234,6 +278,7 @@ def score_answer(p: Problem, generated: str) -> float:
     if not p.query:
         return 0.0
     want, words = p.answer_parts(), got.split()
-    given = [" ".join(words[i:i + 2]) for i in range(0, len(words), 2)]
+    k = len(want[0].split())
+    given = [" ".join(words[i:i + k]) for i in range(0, len(words), k)]
     right = sum(g == w for g, w in zip(given, want))
     return right / max(len(want), len(given))

@@ -9,7 +9,7 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .reasoning import ANSWER, BOS, END_THINK, EOS, PAD, QUERY, TAGS, THINK
+from .reasoning import ANSWER, BOS, END_THINK, EOS, PAD, PLUS, QUERY, TAGS, THINK
 
 UNK = "<unk>"
 # The task's chat template (tokenizer_config.json): a user message holds the tagged digits
@@ -18,8 +18,8 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user
                  "{% endfor %}{% if add_generation_prompt %} " + THINK + "{% endif %}")
 SPECIAL_TOKENS = (PAD, BOS, EOS, THINK, END_THINK, ANSWER, UNK)
 # ids are stable across versions: the sum levels' words (digits, tags a-h, `!`) keep ids < 26; the
-# query levels' extra tags and `?` follow (a model for the sum levels alone needs vocab_size >= 26)
-WORDS = tuple(str(d) for d in range(10)) + tuple(TAGS[:8]) + ("!",) + tuple(TAGS[8:]) + (QUERY,)
+# query levels' extra tags, `?` and the combine levels' `+` follow (a model for the sum levels alone needs vocab_size >= 26)
+WORDS = tuple(str(d) for d in range(10)) + tuple(TAGS[:8]) + ("!",) + tuple(TAGS[8:]) + (QUERY, PLUS)
 
 
 def build_tokenizer(levels=None) -> Tokenizer:
