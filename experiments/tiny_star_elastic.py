@@ -58,6 +58,9 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
     # the combine answer is learned slowly (parent 0.24 / 0.45 / 0.52 / 0.65 given the gold trace at
     # 250 / 500 / 750 / 1000 steps), so its parent trains 4x as long as the other tasks'
     parent_steps, s1, s2, n_eval = (40, 10, 10, 32) if quick else (1000 if task == "combine" else 250, 100, 60, 400)
+    # the combine answers sit near 0.5: a +-2-point 95% interval needs ~2400 problems; the budget-control
+    # grid (63 + 7 + 14 points) keeps 400 of them
+    n_eval, grid_problems = (2500, 400) if task == "combine" and not quick else (n_eval, None)
     # rows hold whole documents: <= 47 tokens (sum), <= 150 (query), <= 78 (recurrence), <= 89 (combine)
     short, long = (160, 320) if query else (96, 192) if recurrence else (64, 128)
     if quick:      # both curriculum stages at one shape: the training loop reuses the compiled step
@@ -87,7 +90,7 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
                         task_levels=(1, 2, 3, 4, 5, 6, 7, 8) if query else levels if recurrence else None),
         # --quick evaluates the two short levels (traces <= 36 tokens, 2 queries) on 32 problems at three
         # thinking budgets: a smoke run of every report section (its 40-step models score near chance)
-        eval=(EvalConfig(n_problems=n_eval, levels=levels[:2] if quick else levels,
+        eval=(EvalConfig(n_problems=n_eval, grid_problems=grid_problems, levels=levels[:2] if quick else levels,
                          thinking_budgets=(8, 24, 36) if quick else (8, 16, 24, 32, 40, 48, 56),
                          full_thinking=36 if quick else 56, max_answer_tokens=(8 if quick else 14) if task == "combine" else 6 if quick else 10,
                          transplant_pairs=((0.5, 1.0), (0.75, 1.0)))

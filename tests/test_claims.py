@@ -69,3 +69,28 @@ def test_verdict_on_partial_credit_scores():
     assert v["testable"] and 0.08 < v["answer_gap"] < 0.16
     v = verdict({"nested": [row("100%", full, 0.90), row("50%", full, 0.90)]})
     assert not v["testable"] and v["answer_gap"] == 0.0
+
+
+def test_the_grid_may_run_on_the_first_problems_of_a_larger_eval_set():
+    """`EvalConfig.grid_problems`: model accuracies on every problem (the +-2-point power), the
+    budget-control grid on the first k of the same problems; the report says which."""
+    from elastic_jax.eval import EvalConfig
+    from elastic_jax.eval.report import _power_md, analyze
+    from elastic_jax.tasks import make_eval_set
+    es = make_eval_set(0, 12, "test", (13, 14))
+    head = es.head(5)
+    assert head.problems == es.problems[:5] and head.prompts == es.prompts[:5] and len(head) == 5
+    with pytest.raises(ValueError, match="no first 13"):
+        es.head(13)
+    assert EvalConfig(n_problems=2500, grid_problems=400).grid_problems == 400
+    with pytest.raises(ValueError, match="grid_problems"):
+        EvalConfig(n_problems=100, grid_problems=200)
+    rng = np.random.default_rng(0)
+    rows = [{"name": n, "accuracy": a, "scores": list((rng.random(2500) < a).astype(float))}
+            for n, a in (("100%", 0.6), ("50%", 0.45))]
+    results = {"eval": {"n_problems": 2500, "grid_problems": 400}, "nested": rows}
+    text = "\n".join(_power_md(analyze(results)))
+    assert "Every interval is within +-2 points" in text
+    assert "first 400 of these problems" in text and "+-0.049" in text
+    results["eval"]["grid_problems"] = 2500
+    assert "first" not in "\n".join(_power_md(analyze(results)))

@@ -96,7 +96,7 @@ def test_quick_main_job_writes_every_report_file(quick_run):
     for p in r["grid"]:
         assert 0.0 <= p["accuracy"] <= 1.0 and p["latency_s"] > 0 and p["flops"] > 0
         assert p["mean_thinking_tokens"] <= p["thinking_budget"]
-        assert len(p["correct"]) == r["eval"]["n_problems"] and 0.0 <= p["exact_trace"] <= 1.0
+        assert len(p["correct"]) == r["eval"]["grid_problems"] and 0.0 <= p["exact_trace"] <= 1.0
         m = p["modeled"][primary]
         assert p["latency_model_s"] == m["total_s"] and m["think_s"] > 0 and m["answer_s"] > 0
         assert set(p["modeled"]) == set(r["latency"]["targets"])

@@ -8,10 +8,12 @@ from ..config_base import ConfigBase
 
 @dataclass(frozen=True)
 class EvalConfig(ConfigBase):
-    """Evaluation: `n_problems` held-out problems of `split`; the grid's `thinking_budgets`
-    (tokens); cache-transplant pairs (think, answer) by budget fraction; `repeats` timed runs."""
+    """Evaluation: `n_problems` held-out problems of `split` (the budget-control grid on the first
+    `grid_problems` of them; None = all); the grid's `thinking_budgets` (tokens); cache-transplant
+    pairs (think, answer) by budget fraction; `repeats` timed runs."""
 
     n_problems: int = 200
+    grid_problems: int | None = None
     split: str = "test"
     seed: int = 1234
     levels: tuple[int, ...] = (1, 2, 3, 4)
@@ -35,6 +37,8 @@ class EvalConfig(ConfigBase):
     def __post_init__(self):
         if self.n_problems <= 0:
             self.invalid("n_problems", self.n_problems, "must be > 0")
+        if self.grid_problems is not None and not 0 < self.grid_problems <= self.n_problems:
+            self.invalid("grid_problems", self.grid_problems, f"must be in 1..n_problems={self.n_problems} (or None)")
         if not self.thinking_budgets or min(self.thinking_budgets) <= 0:
             self.invalid("thinking_budgets", self.thinking_budgets, "must be positive token counts")
         if self.full_thinking < max(self.thinking_budgets):

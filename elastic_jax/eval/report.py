@@ -160,7 +160,8 @@ def analyze(results: dict) -> dict:
             power.append({"name": r["name"], "accuracy": r["accuracy"], "ci": _ci(r.get("scores")),
                           "half_width": half_width(r["accuracy"], n), "needed_for_2pt": problems_needed(r["accuracy"])})
         out["power"] = {"n_problems": n, "rows": power,
-                        "all_within_2pt": all(p["half_width"] <= 0.02 for p in power)}
+                        "all_within_2pt": all(p["half_width"] <= 0.02 for p in power),
+                        "grid_problems": results.get("eval", {}).get("grid_problems") or n}
     base = {b["name"]: b for b in results.get("baselines", [])}
     diffs = {}
     for r in results.get("nested", []):
@@ -375,6 +376,10 @@ def _power_md(analysis: dict) -> list[str]:
                  f"{r['half_width']:.3f} | {r['needed_for_2pt']} |")
     L += ["", "Every interval is within +-2 points." if pw["all_within_2pt"] else
           "**Not every interval is within +-2 points** at this eval-set size (see the last column).", ""]
+    k = pw.get("grid_problems") or pw["n_problems"]
+    if k < pw["n_problems"]:
+        L += [f"The budget-control grid runs on the first {k} of these problems (95% half-width up to "
+              f"+-{half_width(0.5, k):.3f} per grid point; its differences are paired on those problems).", ""]
     return L
 
 
@@ -418,7 +423,9 @@ def render_markdown(results: dict, analysis: dict) -> str:
         L += [f"Evaluation: {ev.get('n_problems')} held-out `{ev.get('split', 'test')}` problems of the embedded "
               f"task (difficulty levels {ev.get('levels')}), greedy decoding, exact match of the answer"
               + ("; the query and recurrence levels (5-12) score partial credit per queried step, the combine "
-                 "levels (13-16) per group" if any(l >= 5 for l in ev.get("levels") or ()) else "") + ".", ""]
+                 "levels (13-16) per group" if any(l >= 5 for l in ev.get("levels") or ()) else "")
+              + (f"; the budget-control grid on the first {ev['grid_problems']}"
+                 if ev.get("grid_problems", ev.get("n_problems")) != ev.get("n_problems") else "") + ".", ""]
     # ---- accuracy table
     par = results.get("parent")
     base = {b["name"]: b for b in results.get("baselines", [])}

@@ -248,15 +248,18 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
         host = measure_host_profile()
         targets.append(LatencyTarget(key="host", profile=host))
     primary = targets[0].key
-    say(f"budget-control grid: {len(names)}x{len(names)} pairs x thinking budgets {list(ev.thinking_budgets)}; "
+    say(f"budget-control grid on {ev.grid_problems or len(eval_set)} problems: {len(names)}x{len(names)} pairs x "
+        f"thinking budgets {list(ev.thinking_budgets)}; "
         f"modeled latency on {primary} (primary) and {[t.key for t in targets[1:]]}")
     by_frac = {b: n for n, b in fractions.items()}
     tp = [(by_frac[a], by_frac[b]) for a, b in ev.transplant_pairs if a in by_frac and b in by_frac]
+    grid_set = eval_set.head(ev.grid_problems or len(eval_set))
     grid_kw = dict(max_answer_tokens=ev.max_answer_tokens, batch_size=ev.batch_size, repeats=ev.repeats,
-                   max_thinking=ev.full_thinking, latency_targets=targets, primary=primary, gold_traces=gold)
-    grid = evaluate_grid(nested_model, eval_set, tok, ev.thinking_budgets, transplant_pairs=tp, **grid_kw)
+                   max_thinking=ev.full_thinking, latency_targets=targets, primary=primary,
+                   gold_traces=gold[:len(grid_set)])
+    grid = evaluate_grid(nested_model, grid_set, tok, ev.thinking_budgets, transplant_pairs=tp, **grid_kw)
     if ev.parent_truncation:
-        grid += evaluate_grid(parent_model, eval_set, tok, ev.thinking_budgets, family="parent", **grid_kw)
+        grid += evaluate_grid(parent_model, grid_set, tok, ev.thinking_budgets, family="parent", **grid_kw)
     phases["grid"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- report
@@ -270,7 +273,7 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                                         "of 8) when it differs, then decodes the answer"},
         "token_sweep": [{k: v for k, v in r.items() if k not in ("scores_gold_trace",)} for r in sweep_rows],
         "nested_tokens": seen, "comparison_seed": xp.comparison_seed,
-        "eval": {"n_problems": len(eval_set), "split": ev.split, "levels": list(ev.levels),
+        "eval": {"n_problems": len(eval_set), "grid_problems": len(grid_set), "split": ev.split, "levels": list(ev.levels),
                  "max_trace_tokens": int(max(eval_set.trace_lengths)),
                  "mean_trace_tokens": float(np.mean(eval_set.trace_lengths))},
         "parent": parent_row, "nested": nested_rows, "baselines": base_rows,

@@ -31,6 +31,12 @@ class EvalSet:
     def max_prompt_len(self) -> int:
         return max(len(p) for p in self.prompts)
 
+    def head(self, n: int) -> "EvalSet":
+        """The first `n` problems (the same problems in the same order: paired with the full set)."""
+        if not 0 < n <= len(self):
+            raise ValueError(f"EvalSet.head({n}): an eval set of {len(self)} problems has no first {n}")
+        return EvalSet(self.problems[:n], self.prompts[:n], self.trace_lengths[:n])
+
 
 def make_eval_set(seed: int, n: int, split: str = "test", difficulty=None,
                   tokenizer: TaskTokenizer | None = None) -> EvalSet:
