@@ -58,8 +58,9 @@ def main():
             parent_train=dataclasses.replace(xp.parent_train, seed=xp.parent_train.seed + a.seed),
             elastic_train=dataclasses.replace(xp.elastic_train, seed=xp.elastic_train.seed + a.seed))
     if a.levels:
-        xp = dataclasses.replace(xp, data=dataclasses.replace(xp.data, task_levels=tuple(int(c) for c in a.levels.split(","))))
-    cfg, ecfg, ev = xp.model, xp.elastic, dataclasses.replace(xp.eval, n_problems=a.n_eval)
+        levels = tuple(int(c) for c in a.levels.split(","))
+        xp = dataclasses.replace(xp, data=dataclasses.replace(xp.data, task_levels=levels))
+    cfg, ecfg, ev = xp.model, xp.elastic, dataclasses.replace(xp.eval, n_problems=a.n_eval, grid_problems=None)
     tok = TaskTokenizer.default()
     data = make_dataset(xp.data, cfg.vocab_size)
     t0 = time.perf_counter()
