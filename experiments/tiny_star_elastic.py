@@ -28,8 +28,8 @@ from elastic_jax.train import OptimConfig, Stage, TrainConfig
 # width writes, an answer whose 2-4 parts each add the values at two queried steps in one token,
 # partial credit per part; 1000 parent steps; given the gold trace the 50% model answers 11-30 points
 # worse than the full one in three seeds: verdict CAN; a learning-speed gap, 5 points at 2000 parent
-# steps, a parent that would not fit the 20-minute budget), "recurrence" (levels 9-12: the same trace, the
-# answer recalls the values at 2-4 queried steps; 250 parent steps; the gap is 5-10 points at 250
+# steps, a parent that would not fit the 20-minute budget), "recurrence" (levels 9-12: the same trace,
+# the answer recalls the values at 2-4 queried steps; 250 parent steps; the gap is 5-10 points at 250
 # steps and vanishes by 500, even at a 25% budget: verdict CANNOT), "sum" (levels 1-4: the original
 # task, traces <= 30 tokens, answer = the full sum; verdict CANNOT: the answer is trivial once the
 # trace exists) or "query" (levels 5-8: running sums with 36-100-token traces and queried steps; not
@@ -43,7 +43,7 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
     query, recurrence = task == "query", task in ("recurrence", "combine")
     levels = (13, 14, 15, 16) if task == "combine" else (9, 10, 11, 12)
     model = NemotronHConfig(
-        # recurrence / combine: a second attention layer (for the answer's lookups) in place of the dense MLP
+        # recurrence / combine: a second attention layer (the answer's lookups) in place of the dense MLP
         vocab_size=48 if query or recurrence else 32, hidden_size=128,
         # --quick: one layer of each kind (M*E): the layers are unrolled, so every compile grows with depth
         hybrid_override_pattern="M*E" if quick else "M*EM*E" if recurrence else "M*EM-E",
@@ -92,7 +92,8 @@ def config(quick: bool = False, task: str = TASK) -> StarElasticExperiment:
         # thinking budgets: a smoke run of every report section (its 40-step models score near chance)
         eval=(EvalConfig(n_problems=n_eval, grid_problems=grid_problems, levels=levels[:2] if quick else levels,
                          thinking_budgets=(8, 24, 36) if quick else (8, 16, 24, 32, 40, 48, 56),
-                         full_thinking=36 if quick else 56, max_answer_tokens=(8 if quick else 14) if task == "combine" else 6 if quick else 10,
+                         full_thinking=36 if quick else 56,
+                         max_answer_tokens=(8 if quick else 14) if task == "combine" else 6 if quick else 10,
                          transplant_pairs=((0.5, 1.0), (0.75, 1.0)))
               if recurrence else
               EvalConfig(n_problems=n_eval, levels=(5, 6, 7, 8),

@@ -2,7 +2,8 @@
 tokenizer and dataset helpers."""
 from .reasoning import (ANSWER, BOS, COMBINE_LEVELS, DEFAULT_LEVELS, END_THINK, EOS, MAX_LEVEL, MIN_LEVEL, PAD,
                         QUERY_LEVELS, RECURRENCE_LEVELS, SUM_LEVELS, THINK, Problem, answer_text, check_answer,
-                        check_levels, document_text, make_problems, parse_answer, prompt_text, score_answer, split_of, trace_text)
+                        check_levels, document_text, make_problems, parse_answer, prompt_text, score_answer, split_of,
+                        trace_text)
 from .tokenizer import SPECIAL_TOKENS, TaskTokenizer, build_tokenizer
 from .dataset import EvalSet, make_documents, make_eval_set, vocab_needed
 

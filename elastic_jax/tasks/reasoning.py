@@ -269,7 +269,8 @@ def check_answer(p: Problem, generated: str) -> bool:
 def score_answer(p: Problem, generated: str) -> float:
     """Partial credit: the share of `p.answer_parts()` given right, in place (part i = the i-th
     group of the parsed answer's words, as many words as a part has), over max(parts expected, parts
-    given), so extra parts cost credit. 1.0 iff `check_answer`; the sum levels' one-part answer scores 0 or 1."""
+    given), so extra parts cost credit. 1.0 iff `check_answer`; the sum levels' one-part answer
+    scores 0 or 1."""
     got = parse_answer(generated)
     if got is None:
         return 0.0

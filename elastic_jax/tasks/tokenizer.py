@@ -18,7 +18,8 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user
                  "{% endfor %}{% if add_generation_prompt %} " + THINK + "{% endif %}")
 SPECIAL_TOKENS = (PAD, BOS, EOS, THINK, END_THINK, ANSWER, UNK)
 # ids are stable across versions: the sum levels' words (digits, tags a-h, `!`) keep ids < 26; the
-# query levels' extra tags, `?` and the combine levels' `+` follow (a model for the sum levels alone needs vocab_size >= 26)
+# query levels' extra tags, `?` and the combine levels' `+` follow (a model for the sum levels alone
+# needs vocab_size >= 26)
 WORDS = tuple(str(d) for d in range(10)) + tuple(TAGS[:8]) + ("!",) + tuple(TAGS[8:]) + (QUERY, PLUS)
 
 
