@@ -376,7 +376,7 @@ def _power_md(analysis: dict) -> list[str]:
                  f"{r['half_width']:.3f} | {r['needed_for_2pt']} |")
     L += ["", "Every interval is within +-2 points." if pw["all_within_2pt"] else
           "**Not every interval is within +-2 points** at this eval-set size (see the last column).", ""]
-    k = pw.get("grid_problems") or pw["n_problems"]
+    k = pw["grid_problems"]
     if k < pw["n_problems"]:
         L += [f"The budget-control grid runs on the first {k} of these problems (95% half-width up to "
               f"+-{half_width(0.5, k):.3f} per grid point; its differences are paired on those problems).", ""]

@@ -248,12 +248,12 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
         host = measure_host_profile()
         targets.append(LatencyTarget(key="host", profile=host))
     primary = targets[0].key
-    say(f"budget-control grid on {ev.grid_problems or len(eval_set)} problems: {len(names)}x{len(names)} pairs x "
+    grid_set = eval_set.head(ev.grid_problems or len(eval_set))
+    say(f"budget-control grid on {len(grid_set)} problems: {len(names)}x{len(names)} pairs x "
         f"thinking budgets {list(ev.thinking_budgets)}; "
         f"modeled latency on {primary} (primary) and {[t.key for t in targets[1:]]}")
     by_frac = {b: n for n, b in fractions.items()}
     tp = [(by_frac[a], by_frac[b]) for a, b in ev.transplant_pairs if a in by_frac and b in by_frac]
-    grid_set = eval_set.head(ev.grid_problems or len(eval_set))
     grid_kw = dict(max_answer_tokens=ev.max_answer_tokens, batch_size=ev.batch_size, repeats=ev.repeats,
                    max_thinking=ev.full_thinking, latency_targets=targets, primary=primary,
                    gold_traces=gold[:len(grid_set)])
