@@ -17,7 +17,6 @@ run checks that everything builds and agrees). Results are written as JSON.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform as _platform
@@ -31,17 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _load_kernels():
-    try:
-        return importlib.import_module("elastic_jax.kernels")
-    except Exception:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if root not in sys.path:
-            sys.path.insert(0, root)
-        return importlib.import_module("kernels")
-
-
-kernels = _load_kernels()
+from elastic_jax import kernels
 F32, BF16 = jnp.float32, jnp.bfloat16
 
 

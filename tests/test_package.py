@@ -38,7 +38,7 @@ LAYERS = {
     "elastic_jax.cli": 8, "elastic_jax.experiment": 8, "elastic_jax.recipes": 8,
     "elastic_jax": 8,   # the package facade re-exports the public API
 }
-PACKAGE_DIRS = {"elastic_jax": os.path.join(ROOT, "elastic_jax"), "elastic_jax.kernels": os.path.join(ROOT, "kernels")}
+PACKAGE_DIRS = {"elastic_jax": os.path.join(ROOT, "elastic_jax")}
 
 
 def _layer(module: str) -> int:

@@ -8,7 +8,7 @@ chunk (`ssd_heads.py`), the grouped matmul as a loop over tile-padded segments (
 Pallas kernels: `ssd_pallas.py` (SSD chunked scan, custom_vjp), `gmm_pallas.py` (megablox-style
 grouped matmul + tgmm, custom_vjp); `_common.py` picks the lowering: the "gpu" (Triton) variant
 on GPU, the "tpu" (Mosaic) variant on TPU, interpret mode on CPU. Environment overrides:
-ELASTIC_JAX_PALLAS_VARIANT=gpu|tpu, ELASTIC_JAX_PALLAS_INTERPRET=1. `bench.py` times both impls.
+ELASTIC_JAX_PALLAS_VARIANT=gpu|tpu, ELASTIC_JAX_PALLAS_INTERPRET=1. `kernels/bench.py` (repository root) times both impls.
 """
 from __future__ import annotations
 
