@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config_base import ConfigBase
+from .errors import decode_json_floats
 
 KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 # HF `layers_block_type` spellings (old and new) -> pattern characters.
@@ -309,14 +310,14 @@ class NemotronHConfig(ConfigBase):
                 raise FileNotFoundError(f"no HF config at {path}")
             with open(path) as f:
                 try:
-                    # transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}
-                    d = json.load(f, object_hook=lambda o: float(o["__float__"]) if set(o) == {"__float__"} else o)
+                    d = json.load(f)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path} is not valid JSON: {e}") from None
         elif isinstance(src, dict):
-            d = dict(src)
+            d = src
         else:
             raise TypeError(f"from_hf takes a path or a dict, got {type(src).__name__}")
+        d = decode_json_floats(d)   # transformers >= 5 writes inf as {"__float__": "Infinity"}
         names = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
         _check_contradictions(d, overrides)

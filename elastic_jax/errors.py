@@ -56,7 +56,7 @@ def read_json(path: str | os.PathLike, *, what: str = "", required: Sequence[str
     except UnicodeDecodeError as e:
         raise JSONFileError(f"{label}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        obj = json.loads(text, object_hook=_decode_float)
+        obj = decode_json_floats(json.loads(text))
     except (json.JSONDecodeError, ValueError) as e:
         raise JSONFileError(f"{label}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
@@ -67,13 +67,19 @@ def read_json(path: str | os.PathLike, *, what: str = "", required: Sequence[str
     return obj
 
 
-def _decode_float(o: dict):
-    if set(o) == {"__float__"} and isinstance(o["__float__"], str):
-        try:
-            return float(o["__float__"])
-        except ValueError:
-            return o
-    return o
+def decode_json_floats(obj):
+    """`obj` with transformers' `{"__float__": "Infinity"}` spelling of non-finite floats (what
+    `json.load` returns for a config.json written by transformers >= 5) decoded to floats."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and isinstance(obj["__float__"], str):
+            try:
+                return float(obj["__float__"])
+            except ValueError:
+                return obj
+        return {k: decode_json_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_json_floats(v) for v in obj]
+    return obj
 
 
 def json_field(obj: dict, key: str, types, path: str | os.PathLike, *, where: str = "") -> Any:

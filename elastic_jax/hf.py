@@ -15,10 +15,11 @@ backbone-level ones. Loading, validation and saving all walk that one table.
 
 Semantics that transformers fixes and the config does not say (checked against transformers 5.x,
 `modeling_nemotron_h.py`):
-  * the Mamba2 mixer clamps dt to `(time_step_min, inf)` and ignores `time_step_limit`, so
-    `load_hf` returns `time_step_limit=(time_step_min, inf)` and `save_hf` writes
-    `time_step_min = time_step_limit[0]` (the smallest positive f32 when that is 0: HF's init
-    takes log(time_step_min), and a clamp at 1e-38 changes no f32 logit);
+  * the Mamba2 mixer clamps dt to the config's `time_step_limit` (transformers >= 5.25, as the
+    original Nemotron-H code; 5.0-5.24 clamped to `(time_step_min, inf)` instead), so `load_hf`
+    reads `time_step_limit`, and `save_hf` writes `time_step_limit = [time_step_min, inf]` with
+    `time_step_min = time_step_limit[0]` (the smallest positive f32 when that is 0: HF's init takes
+    log(time_step_min), and a clamp at 1e-38 changes no f32 logit), which every 5.x reads the same;
   * the MoE block always has a shared expert; a model without one is written with a zero shared
     expert (relu²(0) = 0, so the output is unchanged);
   * the router weight and `e_score_correction_bias` are kept in float32 (HF
@@ -77,17 +78,6 @@ def _rules_for(kind: str) -> list[Rule]:
 
 
 # ----------------------------------------------------------------------------------- config
-def _decode_floats(obj):
-    """transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}."""
-    if isinstance(obj, dict):
-        if set(obj) == {"__float__"}:
-            return float(obj["__float__"])
-        return {k: _decode_floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode_floats(v) for v in obj]
-    return obj
-
-
 def _encode_float(x: float):
     return x if math.isfinite(x) else {"__float__": "Infinity" if x > 0 else ("-Infinity" if x < 0 else "NaN")}
 
@@ -109,11 +99,11 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def read_hf_config(directory: str | os.PathLike) -> tuple[NemotronHConfig, dict]:
     """(cfg, raw config dict) from an HF directory's `config.json`, with transformers' semantics
-    (dt clamped to [time_step_min, inf)). Unsupported options are all listed in one error."""
+    (dt clamped to `time_step_limit`). Unsupported options are all listed in one error."""
     path = os.path.join(os.fspath(directory), "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no config.json (not an HF checkpoint directory)")
-    raw = _decode_floats(read_json(path, what="HF config"))
+    raw = read_json(path, what="HF config")
     problems = []
     mt = raw.get("model_type")
     if mt not in (None, "nemotron_h"):
@@ -128,9 +118,8 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[NemotronHConfig, dict]
     d = dict(raw)
     if d.get("layers_block_type") is None and d.get("layer_types") is not None:
         d["layers_block_type"] = d["layer_types"]
-    tmin = float(d.get("time_step_min", d.get("mamba_dt_min", 0.001)))
     try:
-        cfg = NemotronHConfig.from_hf(d, time_step_limit=(tmin, float("inf")))
+        cfg = NemotronHConfig.from_hf(d)
     except (ValueError, TypeError) as e:
         raise HFCheckpointError(f"invalid HF config {path}", [str(e)]) from None
     return cfg, raw

@@ -150,6 +150,8 @@ class Widths:
                 values = [(int(arr), cfg.hidden_size)]
             else:
                 n = cfg.count(PER_LAYER_AXES[axis])
+                if n == 0 and arr.shape == (0,):
+                    continue   # a resolved width of a kind the pattern lacks: one value per layer, none
                 if n == 0:
                     raise ValueError(f"Widths.{axis}={v!r}: the pattern {cfg.pattern!r} has no "
                                      f"'{PER_LAYER_AXES[axis]}' layer")

@@ -75,3 +75,50 @@ def assert_trees_equal(a, b) -> None:
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, y.shape, x.dtype, y.dtype)
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+# ------------------------------------------------------------------------ installs as users make them
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def copy_source(dest: str) -> str:
+    """The files a clean checkout has (git's tracked and untracked-but-not-ignored files, so
+    uncommitted work is included) copied to `dest`; a build there leaves the checkout untouched."""
+    import shutil
+    import subprocess
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = os.path.join(REPO_ROOT, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+    return dest
+
+
+def fresh_venv(dest: str) -> str:
+    """A new virtual environment at `dest` without elastic_jax, whose dependencies are this
+    environment's installed distributions (linked, not reinstalled: no downloads, seconds, not
+    minutes). elastic_jax's own install (editable finder, dist-info, .pth hooks) is left out, so
+    the venv imports elastic_jax only after something installs it there. Returns its python."""
+    import site
+    import subprocess
+    import sys
+    import sysconfig
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", dest], check=True)
+    python = os.path.join(dest, "bin", "python")
+    venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    deps = os.path.join(dest, "deps")
+    os.makedirs(deps)
+    ours = ("elastic_jax", "__editable__", "__editable___elastic_jax")
+    for parent in {sysconfig.get_paths()["purelib"], *site.getsitepackages()}:
+        if not os.path.isdir(parent):
+            continue
+        for name in os.listdir(parent):
+            if name.startswith(ours) or name.endswith(".pth") or os.path.exists(os.path.join(deps, name)):
+                continue
+            os.symlink(os.path.join(parent, name), os.path.join(deps, name))
+    with open(os.path.join(venv_site, "zz_parent_deps.pth"), "w") as f:
+        f.write(deps + "\n")
+    return python

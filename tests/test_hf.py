@@ -27,11 +27,14 @@ SEQ = 21  # > chunk_size (8): several SSD chunks, the last one padded
 BASE = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
             intermediate_size=48, mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8,
             conv_kernel=4, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-            moe_shared_expert_intermediate_size=24)
+            moe_shared_expert_intermediate_size=24,
+            # the dt clamp written out: transformers 5.0-5.24 clamp at time_step_min, >= 5.25 at
+            # time_step_limit (test_dt_clamp_is_time_step_limit), so every 5.x builds the same model
+            time_step_min=0.001, time_step_limit=(0.001, float("inf")))
 HF_CONFIGS = {
     # Nano v2-like dense hybrid (Mamba / MLP / attention), 4 Mamba groups, dt clamp active
     "dense_hybrid": dict(layers_block_type=["mamba", "mlp", "mamba", "attention", "mlp"],
-                         mamba_num_heads=8, n_groups=4, time_step_min=0.01),
+                         mamba_num_heads=8, n_groups=4, time_step_min=0.01, time_step_limit=(0.01, float("inf"))),
     # Nano v3-like MoE hybrid with shared expert, routed scaling, legacy pattern spelling
     "moe_hybrid": dict(hybrid_override_pattern="MEM*E", routed_scaling_factor=2.5),
     # group-limited routing: 4 routing groups, top-2 groups, top-3 experts, negative correction
@@ -51,11 +54,11 @@ def _torch():
     return torch
 
 
-def _hf_model(name, seed=0):
+def _hf_model(name, seed=0, **overrides):
     """A random NemotronH with O(1) activations, non-trivial norms, D, A, dt bias and router bias."""
     torch = _torch()
     from transformers import NemotronHConfig, NemotronHForCausalLM
-    kw = dict(BASE, **HF_CONFIGS[name])
+    kw = {**BASE, **HF_CONFIGS.get(name, {}), **overrides}
     torch.manual_seed(seed)
     model = NemotronHForCausalLM(NemotronHConfig(**kw)).eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -98,7 +101,8 @@ def _hf_greedy(model, tokens, n):
 def _ej_model(pattern="M*E-ME", seed=0, **kw):
     """An elastic_jax model with O(1) activations (for save_hf round trips), drawn with numpy
     over `ej.param_shapes` (no per-shape compilation)."""
-    cfg = ej.NemotronHConfig(**dict(BASE, hybrid_override_pattern=pattern, **kw))
+    base = {k: v for k, v in BASE.items() if not k.startswith("time_step")}   # ours: the defaults
+    cfg = ej.NemotronHConfig(**dict(base, hybrid_override_pattern=pattern, **kw))
     rng = np.random.RandomState(seed)
 
     def leaf(name, shape):
@@ -132,9 +136,13 @@ def test_logits_and_greedy_match_transformers(name, tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     cfg, params = ej.load_hf(tmp_path / "ckpt")
     assert cfg.pattern == model.config.hybrid_override_pattern
-    assert cfg.time_step_limit == (model.config.time_step_min, float("inf"))
-    # config.json as transformers 5 writes it ({"__float__": "Infinity"}) also reads with from_hf
-    assert ej.NemotronHConfig.from_hf(tmp_path / "ckpt").time_step_limit == (0.0, float("inf"))
+    assert cfg.time_step_limit == tuple(model.config.time_step_limit)
+    # config.json as transformers 5 writes it ({"__float__": "Infinity"}) reads with from_hf, from
+    # the path and from what json.load returns
+    assert ej.NemotronHConfig.from_hf(tmp_path / "ckpt").time_step_limit == cfg.time_step_limit
+    raw = json.load(open(tmp_path / "ckpt" / "config.json"))
+    assert raw["time_step_limit"][1] == {"__float__": "Infinity"}
+    assert ej.NemotronHConfig.from_hf(raw).time_step_limit == cfg.time_step_limit
     tokens = _tokens(cfg.vocab_size)
     ref = _hf_logits(model, tokens)
     got = np.asarray(_forward(params, jnp.asarray(tokens), cfg))
@@ -226,6 +234,27 @@ def test_model_without_shared_expert_and_without_dt_clamp_exports_exactly(tmp_pa
     diff = max_abs_diff(_hf_logits(model, tokens), _forward(params, jnp.asarray(tokens), cfg))
     MEASURED["no_shared_expert_no_clamp"] = diff
     assert diff <= TOL
+
+
+@pytest.mark.hf
+def test_dt_clamp_is_time_step_limit(tmp_path):
+    """dt is clamped to the config's time_step_limit (the original Nemotron-H semantics, which
+    transformers follows from 5.25 on), not to time_step_min: a model whose time_step_min is far
+    above its lower limit loads with the limit and matches transformers."""
+    _torch()
+    import transformers
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 25):
+        pytest.skip(f"transformers {transformers.__version__} clamps dt at time_step_min (changed in 5.25)")
+    # dt = softplus(x @ W + dt_bias) with dt_bias ~ N(0, 0.5): mostly below 0.5, where the clamps differ
+    model = _hf_model("dense_hybrid", time_step_min=0.5, time_step_max=1.0, time_step_limit=(0.0, float("inf")))
+    model.save_pretrained(tmp_path / "ckpt")
+    cfg, params = ej.load_hf(tmp_path / "ckpt")
+    assert cfg.time_step_limit == (0.0, float("inf")) and cfg.time_step_min == 0.5
+    tokens = _tokens(cfg.vocab_size, seed=4)
+    ref = _hf_logits(model, tokens)
+    assert max_abs_diff(np.asarray(_forward(params, jnp.asarray(tokens), cfg)), ref) <= TOL
+    clamped = cfg.replace(time_step_limit=(0.5, float("inf")))   # the old reading differs
+    assert max_abs_diff(np.asarray(_forward(params, jnp.asarray(tokens), clamped)), ref) > 100 * TOL
 
 
 # ------------------------------------------------------------------ load / save without torch
@@ -534,7 +563,7 @@ def test_published_nano3_config_reads_to_the_31_6b_model(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(NANO3_CONFIG))
     cfg, _ = ejhf.read_hf_config(tmp_path)
     assert (cfg.num_hidden_layers, cfg.count("E"), cfg.count("M"), cfg.count("*")) == (52, 23, 23, 6)
-    assert (cfg.d_inner, cfg.conv_dim, cfg.time_step_limit) == (4096, 4096 + 2 * 8 * 128, (0.001, float("inf")))
+    assert (cfg.d_inner, cfg.conv_dim, cfg.time_step_limit) == (4096, 4096 + 2 * 8 * 128, (0.0, float("inf")))
     # model card: 31.6B parameters in total
     assert round(ej.param_count(cfg) / 1e9, 1) == 31.6
     # the HF shapes the loader expects for a routed expert and the fused Mamba in_proj

@@ -86,6 +86,7 @@ def gmm(lhs, rhs, group_sizes, *, active_groups=None, active_k=None, active_n=No
     shard inside `shard_map`, the rows of lhs split over `row_axes` (each shard derives its local
     group sizes from the global ones), the output columns (rhs's n) over `n_axes`."""
     impl = _resolve(impl)
+    lhs, rhs = jax.numpy.asarray(lhs), jax.numpy.asarray(rhs)   # numpy operands (device_get params)
     out_dtype = preferred_element_type or jax.numpy.promote_types(lhs.dtype, rhs.dtype)
     if partition is not None and _mesh() is not None:
         from .sharded import gmm_sharded
