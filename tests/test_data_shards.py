@@ -322,3 +322,59 @@ def test_pod_mix_of_shards_streams_with_the_ratio(tmp_path, tokdir):
     assert next(ds.batches(16, 2, process_index=0, process_count=1))["tokens"].shape == (2, 16)
     with pytest.raises(ValueError, match="both be kind='shards'"):
         _load_mix(DataMix(reasoning=DataConfig(kind="shards", path=r), pretraining=DataConfig()), 300)
+
+
+def test_cli_tokenizes_in_parallel_workers(tokdir, tmp_path):
+    files = []
+    for i in range(3):
+        p = tmp_path / f"in{i}.jsonl"
+        p.write_text("".join(json.dumps({"messages": CHAT} if j % 2 else {"text": f"fox {i} {j}"}) + "\n"
+                             for j in range(4)))
+        files.append(str(p))
+    out = str(tmp_path / "shards")
+    r = subprocess.run([sys.executable, "-m", "elastic_jax.cli", "tokenize", *files, "--tokenizer", tokdir,
+                        "--out", out, "--workers", "2", "--quiet"], env=dict(os.environ), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "12 documents" in r.stderr and "6 chats" in r.stderr
+    serial = str(tmp_path / "serial")
+    tk.tokenize(files, tokdir, serial, progress=False)
+    for a, b in zip(_all_docs(out), _all_docs(serial), strict=True):        # same parts, same order
+        np.testing.assert_array_equal(a, b)
+    bad = subprocess.run([sys.executable, "-m", "elastic_jax.cli", "tokenize", files[0], "--tokenizer",
+                          str(tmp_path), "--out", str(tmp_path / "x")], env=dict(os.environ),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no tokenizer.json" in bad.stderr
+
+
+def test_training_loop_streams_shards_and_resumes_mid_stage(tmp_path):
+    """train_lm on token shards with a long-context stage selected by min_doc_len; a rerun from the
+    mid-stage checkpoint reads the same batches as the uninterrupted run (the loop saves the
+    stream's state)."""
+    import shutil
+
+    import jax
+
+    import elastic_jax as ej
+    from conftest import TINY
+    from elastic_jax.train import OptimConfig, Stage, TrainConfig, train_lm
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 64, size=int(rng.integers(4, 40))) for _ in range(80)]
+    out = str(tmp_path / "shards")
+    tk.write_documents(out, docs, _ident())
+    cfg = ej.NemotronHConfig(**TINY, hybrid_override_pattern="M*")
+    tc = TrainConfig(stages=(Stage("short", seq_len=16, batch_size=2, steps=2),
+                             Stage("long", seq_len=16, batch_size=2, steps=4, min_doc_len=17)),
+                     optim=OptimConfig(lr=1e-3, warmup_steps=0), vocab_chunk=32, checkpoint_every=4,
+                     async_checkpointing=False, tensorboard=False, plot=False)
+    p0 = ej.init_params(cfg, jax.random.PRNGKey(0))
+    run = tmp_path / "run"
+    res = train_lm(cfg, tc, p0, DataConfig(kind="shards", path=out), run, progress=False)
+    assert res.steps == 6 and res.tokens_seen > 0
+    digests = [json.loads(l) for l in (run / "batches.jsonl").read_text().splitlines()]
+    shutil.rmtree(run / "checkpoints" / "6")                    # as if killed after step 4's checkpoint
+    (run / "batches.jsonl").unlink()
+    again = train_lm(cfg, tc, p0, DataConfig(kind="shards", path=out), run, progress=False)
+    assert again.resumed_from == 4
+    resumed = [json.loads(l) for l in (run / "batches.jsonl").read_text().splitlines()]
+    assert [d["sha1"] for d in resumed] == [d["sha1"] for d in digests if d["step"] >= 4]
