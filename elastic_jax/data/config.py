@@ -35,7 +35,8 @@ class DataConfig(ConfigBase):
     `packing=True` packs documents into rows with first-fit (segment ids 1, 2, ... per row, 0 =
     padding); `False` gives one document (piece) per row, padded. Documents longer than the row
     are split into row-sized pieces in both modes (no token is dropped).
-    `eos_id`: appended to every tokenized text document when set (jsonl / parquet).
+    `eos_id`: appended to every tokenized text document when set (jsonl / parquet); with shards
+    (EOS appended at tokenization) the id the shards' manifest must record.
     """
 
     kind: str = "synthetic"

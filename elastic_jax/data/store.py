@@ -47,9 +47,21 @@ def kvstore(path: str):
     return {"driver": "file", "path": os.path.abspath(path) + "/"}
 
 
+_CONTEXT = []
+
+
+def shared_context():
+    """One TensorStore context for this process (so `memory://` stores, HTTP / GCS connections and
+    credentials are shared by every open); readers add their own capped cache on top."""
+    if not _CONTEXT:
+        import tensorstore as ts
+        _CONTEXT.append(ts.Context())
+    return _CONTEXT[0]
+
+
 def _kv(root: str):
     import tensorstore as ts
-    return ts.KvStore.open(kvstore(root)).result()
+    return ts.KvStore.open(kvstore(root), context=shared_context()).result()
 
 
 def read_json(root: str, name: str):
@@ -83,12 +95,14 @@ def _spec(path: str, dtype: str, inner: int, outer: int, cols: int | None = None
 
 def create_array(path: str, dtype: str, *, inner: int, outer: int, cols: int | None = None):
     import tensorstore as ts
-    return ts.open(_spec(path, dtype, inner, outer, cols), create=True, delete_existing=True).result()
+    return ts.open(_spec(path, dtype, inner, outer, cols), create=True, delete_existing=True,
+                   context=shared_context()).result()
 
 
 def open_array(path: str, context=None):
     import tensorstore as ts
-    return ts.open({"driver": "zarr3", "kvstore": kvstore(path)}, open=True, context=context).result()
+    return ts.open({"driver": "zarr3", "kvstore": kvstore(path)}, open=True,
+                   context=shared_context() if context is None else context).result()
 
 
 class Appender:
@@ -213,7 +227,7 @@ class ShardReader:
     def _open(self):
         if self._arrays is None:
             import tensorstore as ts
-            ctx = ts.Context({"cache_pool": {"total_bytes_limit": int(self.cache_mb) << 20}})
+            ctx = ts.Context({"cache_pool": {"total_bytes_limit": int(self.cache_mb) << 20}}, shared_context())
             parts = self.manifest["parts"]
             self._arrays = {
                 "ctx": ctx, "index": open_array(join(self.root, "index"), ctx),

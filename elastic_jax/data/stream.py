@@ -139,6 +139,10 @@ def open_shards(cfg: DataConfig, vocab_size: int, check_tokenizer: str | None = 
     tok = check_tokenizer or cfg.tokenizer_path
     for r in readers:
         check_manifest(r.root, r.manifest, vocab_size, tok)
+        eos = r.manifest["tokenizer"].get("eos_id")
+        if cfg.eos_id is not None and (eos != cfg.eos_id or r.manifest["options"].get("eos") is False):
+            raise ValueError(f"{r.root}: DataConfig.eos_id={cfg.eos_id} but the shards' text documents end with "
+                             + ("no EOS (tokenized with --no-eos)" if eos == cfg.eos_id else f"EOS id {eos}"))
         if cfg.loss_mask and not r.has_mask:
             raise ValueError(f"{r.root}: DataConfig.loss_mask=True but these shards have no loss mask "
                              "(tokenize with --loss-mask)")
