@@ -168,18 +168,6 @@ def read_manifest(root: str) -> dict:
     return m
 
 
-def tokenizer_identity(tokenizer_dir: str) -> dict:
-    """What a shard folder records of the tokenizer (and training checks): sha256 of tokenizer.json
-    and of the chat template, vocabulary size, eos / bos ids."""
-    from ..infer.chat import ChatTokenizer
-    tok = ChatTokenizer.load(tokenizer_dir)
-    eos = tok.token_id(tok.special.get("eos_token"))
-    bos = tok.token_id(tok.special.get("bos_token"))
-    return {"sha256": sha256_file(os.path.join(os.fspath(tokenizer_dir), "tokenizer.json")),
-            "chat_template_sha256": sha256_text(tok.chat_template), "vocab_size": tok.vocab_size,
-            "eos_id": eos, "bos_id": bos}
-
-
 def check_manifest(root: str, manifest: dict, vocab_size: int, tokenizer_dir: str | None = None) -> None:
     """ValueError when the shards cannot feed this model: a token id beyond `vocab_size`, or a
     tokenizer (tokenizer.json) other than the one in `tokenizer_dir` (the parent's HF folder, or its

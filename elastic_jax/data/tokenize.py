@@ -14,6 +14,9 @@ rendering the conversation's prefixes) and 1 elsewhere.
 One input file (or one arrow file of a `datasets` folder) = one part, written by one worker
 (`--workers`); a finished part has `done.json`, so rerunning the same command after a kill skips
 finished parts and redoes the rest. `manifest.json` is written last (store.py).
+
+This module renders chats with `infer.chat.ChatTokenizer` (the same renderer generation uses), so it
+sits in the entry-point layer beside `infer`; the training side (store.py, stream.py) does not import it.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import sys
 
 import numpy as np
 
+from ..infer.chat import ChatTokenizer
 from . import store
 
 TEXT_EXT = (".txt", ".text", ".md")
@@ -195,11 +199,21 @@ def encode_record(chat, rec, opts: TokenizeOptions, eos_id: int | None):
 
 
 # --------------------------------------------------------------------------- one part
+def tokenizer_identity(tokenizer_dir: str) -> dict:
+    """What a shard folder records of the tokenizer (and training checks): sha256 of tokenizer.json
+    and of the chat template, vocabulary size, eos / bos ids."""
+    tok = ChatTokenizer.load(tokenizer_dir)
+    eos = tok.token_id(tok.special.get("eos_token"))
+    bos = tok.token_id(tok.special.get("bos_token"))
+    return {"sha256": store.sha256_file(os.path.join(os.fspath(tokenizer_dir), "tokenizer.json")),
+            "chat_template_sha256": store.sha256_text(tok.chat_template), "vocab_size": tok.vocab_size,
+            "eos_id": eos, "bos_id": bos}
+
+
 _WORKER = {}
 
 
 def _init_worker(tokenizer_dir: str):
-    from ..infer.chat import ChatTokenizer
     chat = ChatTokenizer.load(tokenizer_dir)
     _WORKER.update(chat=chat, eos_id=chat.token_id(chat.special.get("eos_token")))
 
@@ -301,7 +315,7 @@ def finalize(out: str, units: list[str], parts: list[dict], plan: dict) -> dict:
 
 def write_documents(out: str, documents, tokenizer: dict, loss_masks=None) -> dict:
     """Already-tokenized `documents` (int sequences; an iterable, consumed once) -> a one-part shard
-    folder with the same layout and manifest as `tokenize` (`tokenizer`: `store.tokenizer_identity`
+    folder with the same layout and manifest as `tokenize` (`tokenizer`: `tokenizer_identity`
     of the tokenizer that made them). For corpora tokenized elsewhere, benchmarks and tests."""
     if store.exists(out, "plan.json") or store.exists(out, "manifest.json"):
         raise ValueError(f"{out} already holds token shards; choose another folder (nothing was changed)")
@@ -347,7 +361,7 @@ def tokenize(inputs, tokenizer_dir: str, out: str, opts: TokenizeOptions = Token
     units = discover(inputs, split)
     if not os.path.isfile(os.path.join(os.fspath(tokenizer_dir), "tokenizer.json")):
         raise ValueError(f"--tokenizer {tokenizer_dir}: no tokenizer.json (give the parent's HF folder)")
-    ident = store.tokenizer_identity(tokenizer_dir)
+    ident = tokenizer_identity(tokenizer_dir)
     plan = {"format": store.FORMAT, "inputs": units, "tokenizer": ident,
             "options": dataclasses.asdict(opts)}
     old = store.read_json(out, "plan.json")
