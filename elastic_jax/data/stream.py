@@ -116,6 +116,9 @@ class ShardStream:
         else:
             it = it.map(_pad_row(seq_len)).batch(self.local_batch, drop_remainder=True)
         if cfg.prefetch_workers:
+            from absl import flags          # grain's worker processes read its absl flags (defaults
+            if not flags.FLAGS.is_parsed():  # here: this is not an absl app)
+                flags.FLAGS.mark_as_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.prefetch_workers))
         self._iter = iter(it)
 
