@@ -98,7 +98,7 @@ def test_no_module_imports_from_a_layer_above_it():
 
 
 # ------------------------------------------------------------------------------------ dependencies
-IMPORT_NAME = {"orbax-checkpoint": "orbax", "pytest-xdist": "xdist", "jax[tpu]": "libtpu"}
+IMPORT_NAME = {"orbax-checkpoint": "orbax", "absl-py": "absl", "pytest-xdist": "xdist", "jax[tpu]": "libtpu"}
 NOT_IMPORTED = {"pytest-xdist": "a pytest plugin (-n 2)", "ipykernel": "the notebook test's kernel"}
 
 
