@@ -1,4 +1,4 @@
-"""`elastic-jax` command line: run / plan / export / slice / eval / report / generate / bench.
+"""`elastic-jax` command line: run / plan / export / slice / eval / report / generate / tokenize / bench.
 
 Each area registers its own subcommands (`add_cli(subparsers)`); this module only assembles them.
 """
@@ -36,6 +36,7 @@ def _describe(e: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import experiment, hf_cli, plan
     from .eval import cli as eval_cli
+    from .data import tokenize as tokenize_cli
     from .infer import cli as infer_cli
 
     parser = argparse.ArgumentParser(prog="elastic-jax", description=__doc__.splitlines()[0])
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     hf_cli.add_cli(sub)
     eval_cli.add_cli(sub)
     infer_cli.add_cli(sub)
+    tokenize_cli.add_cli(sub)
     b = sub.add_parser("bench", help="run a benchmark script (forward | kernels | train)")
     b.add_argument("what", choices=("forward", "kernels", "train"))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")

@@ -156,9 +156,30 @@ class PodExperiment:
         return self.train.policy or ComputePolicy()
 
 
-def _load_mix(mix: DataMix, vocab_size: int):
+def _load_mix(mix: DataMix, vocab_size: int, parent_hf: str | None = None):
+    """The training data of `mix`. Token shards (both sources kind="shards") stream as one grain
+    mixture with token weights ratio / 1 - ratio, each manifest checked against the model's
+    vocabulary and the parent's tokenizer.json (`parent_hf`); other kinds load into memory and mix
+    by documents (`mix_documents`; small corpora and tests)."""
     from .data import make_dataset
-    from .data.pipeline import load_documents
+    from .data.pipeline import ShardDataset, load_documents
+    cfgs = [c for c in (mix.reasoning, mix.pretraining) if c is not None]
+    if any(c.kind == "shards" for c in cfgs):
+        if not all(c.kind == "shards" for c in cfgs):
+            raise ValueError("DataMix: reasoning and pretraining must both be kind='shards' (token shards from "
+                             "`elastic-jax tokenize`) or neither")
+        paths, weights = [], []
+        for c, w in ((mix.reasoning, mix.reasoning_ratio), (mix.pretraining, 1.0 - mix.reasoning_ratio)):
+            if c is None or w == 0.0:
+                continue
+            if len(c.paths) != 1 or c.weights is not None:
+                raise ValueError("DataMix: each source is one shard folder (path=...) without weights=; "
+                                 "the mix sets the weights from reasoning_ratio")
+            paths.append(c.paths[0])
+            weights.append(w)
+        merged = dataclasses.replace(cfgs[0], path=tuple(paths), weights=tuple(weights),
+                                     seed=cfgs[0].seed * 7919 + mix.seed)
+        return ShardDataset(merged, vocab_size, check_tokenizer=parent_hf)
     docs = {}
     for key in ("reasoning", "pretraining"):
         cfg = getattr(mix, key)
@@ -210,7 +231,7 @@ def run_pod(xp: PodExperiment, out_dir: str):
     if arch(cfg) != arch(xp.model):
         raise ValueError(f"{xp.name}: the checkpoint in {xp.parent_hf} is not the experiment's model (pattern, "
                          f"hidden, vocab, parameters: {arch(cfg)} vs {arch(xp.model)})")
-    data = _load_mix(xp.data, cfg.vocab_size)
+    data = _load_mix(xp.data, cfg.vocab_size, parent_hf=xp.parent_hf)
     # model preparation (METHOD §3): importance from calibration rows, the parent permuted by it; the
     # same rows every time, so a resumed run rebuilds the same teacher
     stream = data.batches(train.stages[0].seq_len, xp.calibration_batch_size, epoch_seed=10_000)

@@ -12,7 +12,7 @@ uniform budget sampling, then ~60B at 49K with p = 0.5 / 0.3 / 0.2 (full / 23B /
 LR 1e-4, router LR 1e-2. Budgets are active-parameter fractions (3.6B -> 2.8B -> 2.0B) with a
 second term on total parameters (31.6B -> 23B -> 12B). Batch sizes are not published: the Nemotron
 Elastic ones (1536 x 8K, 512 x 49K) are used. Data: 70% reasoning / 30% pretraining text (the
-paper's best mix); point the two DataConfigs at your tokenized corpora.
+paper's best mix), token shards written by `elastic-jax tokenize` (paths: --set data.reasoning.path=...).
 """
 from elastic_jax import NemotronHConfig
 from elastic_jax.data import DataConfig
@@ -56,8 +56,11 @@ def config(quick: bool = False) -> PodExperiment:
         Target("h100x8", "gpu", devices=8, chip="h100", mesh=MeshConfig(fsdp=8), microbatches=64),
         Target("h200x8", "gpu", devices=8, chip="h200", mesh=MeshConfig(fsdp=8), microbatches=64),
     )
-    data = DataMix(reasoning=DataConfig(kind="jsonl", path="data/reasoning.jsonl", tokenizer_path="data/tokenizer.json"),
-                   pretraining=DataConfig(kind="jsonl", path="data/pretraining.jsonl", tokenizer_path="data/tokenizer.json"),
+    # token shards from `elastic-jax tokenize ... --tokenizer <parent_hf> --out ...` (README: "Prepare your
+    # data"), streamed by every host; the run checks them against the parent's tokenizer.json; eos_id 2
+    # (NemotronH "</s>") ends every text document; 70% of the tokens from reasoning traces
+    data = DataMix(reasoning=DataConfig(kind="shards", path="data/tokens/reasoning", eos_id=2, read_threads=16),
+                   pretraining=DataConfig(kind="shards", path="data/tokens/pretraining", eos_id=2),
                    reasoning_ratio=0.7)
     return PodExperiment(
         name="nemotron3_nano_30b_a3b", model=model, elastic=elastic, train=train, targets=targets, data=data,

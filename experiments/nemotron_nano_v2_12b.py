@@ -55,8 +55,11 @@ def config(quick: bool = False) -> PodExperiment:
         Target("h100x8", "gpu", devices=8, chip="h100", mesh=MeshConfig(fsdp=2, tensor=4), microbatches=256),
         Target("h200x8", "gpu", devices=8, chip="h200", mesh=MeshConfig(fsdp=2, tensor=4), microbatches=256),
     )
-    data = DataMix(reasoning=DataConfig(kind="jsonl", path="data/reasoning.jsonl", tokenizer_path="data/tokenizer.json"),
-                   pretraining=DataConfig(kind="jsonl", path="data/pretraining.jsonl", tokenizer_path="data/tokenizer.json"),
+    # token shards from `elastic-jax tokenize ... --tokenizer <parent_hf> --out ...` (README: "Prepare your
+    # data"), streamed by every host; the run checks them against the parent's tokenizer.json; eos_id 2
+    # (NemotronH "</s>") ends every text document; 70% of the tokens from reasoning traces
+    data = DataMix(reasoning=DataConfig(kind="shards", path="data/tokens/reasoning", eos_id=2, read_threads=16),
+                   pretraining=DataConfig(kind="shards", path="data/tokens/pretraining", eos_id=2),
                    reasoning_ratio=0.7)
     return PodExperiment(
         name="nemotron_nano_v2_12b", model=model, elastic=elastic, train=train, targets=targets, data=data,

@@ -34,7 +34,7 @@ LAYERS = {
     "elastic_jax.elastic": 4,
     "elastic_jax.hf": 5, "elastic_jax.quant.export": 5,
     "elastic_jax.data": 6, "elastic_jax.tasks": 6, "elastic_jax.train": 6,
-    "elastic_jax.infer": 7, "elastic_jax.eval": 7,
+    "elastic_jax.infer": 7, "elastic_jax.eval": 7, "elastic_jax.data.tokenize": 7,
     "elastic_jax.cli": 8, "elastic_jax.experiment": 8, "elastic_jax.recipes": 8,
     "elastic_jax": 8,   # the package facade re-exports the public API
 }
@@ -98,7 +98,7 @@ def test_no_module_imports_from_a_layer_above_it():
 
 
 # ------------------------------------------------------------------------------------ dependencies
-IMPORT_NAME = {"orbax-checkpoint": "orbax", "pytest-xdist": "xdist", "jax[tpu]": "libtpu"}
+IMPORT_NAME = {"orbax-checkpoint": "orbax", "absl-py": "absl", "pytest-xdist": "xdist", "jax[tpu]": "libtpu"}
 NOT_IMPORTED = {"pytest-xdist": "a pytest plugin (-n 2)", "ipykernel": "the notebook test's kernel"}
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from ..config_base import ConfigBase
 
-KINDS = ("synthetic", "task", "jsonl", "parquet", "arrays")
+KINDS = ("synthetic", "task", "jsonl", "parquet", "arrays", "shards")
 
 
 @dataclass(frozen=True)
@@ -20,14 +20,23 @@ class DataConfig(ConfigBase):
       "jsonl"     — one JSON object per line, text in `text_field`, tokenized with the local
                     `tokenizer_path` (a `tokenizers` tokenizer.json);
       "parquet"   — a string column `text_field`, tokenized the same way;
-      "arrays"    — in-memory token-id documents passed as `make_dataset(..., documents=[...])`.
+      "arrays"    — in-memory token-id documents passed as `make_dataset(..., documents=[...])`;
+      "shards"    — token shard folders written by `elastic-jax tokenize` (local or gs://), streamed
+                    (elastic_jax/data/stream.py: host memory independent of the corpus size);
+                    `path` one folder or several, mixed by `weights` (token shares, normalised;
+                    None: in proportion to each folder's tokens); `tokenizer_path` (optional) the
+                    parent's HF folder or tokenizer.json the shards' manifest must match;
+                    `read_threads` / `read_buffer` grain read-ahead, `prefetch_workers` grain
+                    worker processes (0: in-process), `cache_mb` TensorStore's cache per folder,
+                    `loss_mask` adds the stored prompt mask to each batch ("loss_mask").
     `path` is a file or a tuple of files (jsonl / parquet). Malformed lines or rows (bad JSON, a
     missing or non-string text field, empty text) are skipped and counted (`on_bad_line="skip"`)
     or raise a ValueError naming file and line (`"error"`).
     `packing=True` packs documents into rows with first-fit (segment ids 1, 2, ... per row, 0 =
     padding); `False` gives one document (piece) per row, padded. Documents longer than the row
     are split into row-sized pieces in both modes (no token is dropped).
-    `eos_id`: appended to every tokenized text document when set (jsonl / parquet).
+    `eos_id`: appended to every tokenized text document when set (jsonl / parquet); with shards
+    (EOS appended at tokenization) the id the shards' manifest must record.
     """
 
     kind: str = "synthetic"
@@ -45,6 +54,12 @@ class DataConfig(ConfigBase):
     task_levels: tuple[int, ...] | None = None  # task: difficulty levels (None = the sum levels 1-4; 5-8 = query)
     synthetic_vocab: int = 256
     synthetic_len: tuple[int, int] = (8, 48)  # min, max document length (synthetic)
+    weights: tuple[float, ...] | None = None  # shards: token share of each path
+    read_threads: int = 8                     # shards: grain read threads
+    read_buffer: int = 64                     # shards: documents read ahead
+    prefetch_workers: int = 0                 # shards: grain mp_prefetch processes
+    cache_mb: int = 32                        # shards: TensorStore cache per folder
+    loss_mask: bool = False                   # shards: batches carry the stored loss mask
 
     def __post_init__(self):
         def bad(name, rule):
@@ -53,6 +68,8 @@ class DataConfig(ConfigBase):
             bad("kind", f"must be one of {KINDS}")
         if isinstance(self.path, list):
             object.__setattr__(self, "path", tuple(self.path))
+        if isinstance(self.weights, list):
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         if isinstance(self.task_levels, list):
             object.__setattr__(self, "task_levels", tuple(self.task_levels))
         if self.task_levels is not None:
@@ -68,6 +85,19 @@ class DataConfig(ConfigBase):
                 bad("path", f"kind={self.kind!r} needs a file path (or a tuple of paths)")
             if not self.tokenizer_path:
                 bad("tokenizer_path", f"kind={self.kind!r} needs a local tokenizer.json")
+        if self.kind == "shards":
+            if not self.path:
+                bad("path", "kind='shards' needs a shard folder (or a tuple of folders) from `elastic-jax tokenize`")
+            if self.weights is not None and (len(self.weights) != len(self.paths)
+                                             or any(not w >= 0 for w in self.weights) or not sum(self.weights) > 0):
+                bad("weights", f"must be one non-negative weight per path ({len(self.paths)}), not all zero")
+            for name in ("read_threads", "read_buffer", "cache_mb"):
+                if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                    bad(name, "must be a positive int")
+            if not isinstance(self.prefetch_workers, int) or self.prefetch_workers < 0:
+                bad("prefetch_workers", "must be an int >= 0")
+        elif self.weights is not None or self.loss_mask:
+            bad("weights" if self.weights is not None else "loss_mask", "only applies to kind='shards'")
         if self.on_bad_line not in ("skip", "error"):
             bad("on_bad_line", "must be 'skip' or 'error'")
         if self.num_documents <= 0:

@@ -1,4 +1,5 @@
-"""Documents -> packed, per-host-sharded, checkpointable batches (grain).
+"""Documents -> packed, per-host-sharded, checkpointable batches (grain). Token shards written by
+`elastic-jax tokenize` stream instead (`DataConfig(kind="shards")`, stream.py).
 
     ds = make_dataset(DataConfig(kind="jsonl", path="train.jsonl", tokenizer_path="tokenizer.json"),
                       vocab_size=cfg.vocab_size)
@@ -261,9 +262,32 @@ class BatchStream:
         self._iter.set_state(state)
 
 
-@dataclasses.dataclass
 class TokenDataset:
-    """Loaded, vocabulary-checked documents plus the config that shapes them into batches.
+    """What the training loop reads: `config` (a DataConfig, stored in checkpoints), `stats`
+    (DataStats), `vocab_size` (checked), and `batches(seq_len, batch_size, *, epoch_seed,
+    process_index, process_count, min_doc_len)` -> an iterator of this host's rows with JSON-able
+    `get_state()` / `set_state()`. Two kinds: `DocumentDataset` (documents in memory) and
+    `stream.ShardDataset` (token shards streamed from disk / gs://)."""
+
+    config: DataConfig
+    stats: DataStats
+    vocab_size: int
+
+    def batches(self, seq_len: int, batch_size: int, *, epoch_seed: int = 0, process_index: int | None = None,
+                process_count: int | None = None, min_doc_len: int | None = None):
+        raise NotImplementedError
+
+
+def _hosts(process_index, process_count):
+    if process_index is None or process_count is None:
+        import jax
+        return jax.process_index(), jax.process_count()
+    return process_index, process_count
+
+
+@dataclasses.dataclass
+class DocumentDataset(TokenDataset):
+    """Loaded, vocabulary-checked documents (in memory) plus the config that shapes them into batches.
     `batches(seq_len, batch_size, epoch_seed=...)` opens a `BatchStream` (one per curriculum stage)."""
 
     config: DataConfig
@@ -275,9 +299,7 @@ class TokenDataset:
                 process_count: int | None = None, min_doc_len: int | None = None) -> BatchStream:
         """`min_doc_len`: only documents of at least that many tokens (a long-context stage trains
         on documents longer than the previous stage's rows); ValueError if none is that long."""
-        if process_index is None or process_count is None:
-            import jax
-            process_index, process_count = jax.process_index(), jax.process_count()
+        process_index, process_count = _hosts(process_index, process_count)
         docs = self.documents
         if min_doc_len is not None:
             docs = [d for d in docs if d.size >= min_doc_len]
@@ -289,9 +311,35 @@ class TokenDataset:
                            process_index=process_index, process_count=process_count)
 
 
+class ShardDataset(TokenDataset):
+    """Token shard folders (`DataConfig(kind="shards")`), streamed: nothing but the manifests is
+    held in memory; `batches` opens a `stream.ShardStream`."""
+
+    def __init__(self, config: DataConfig, vocab_size: int, check_tokenizer: str | None = None):
+        from .stream import open_shards
+        self.config, self.vocab_size = config, vocab_size
+        self.readers, self.weights = open_shards(config, vocab_size, check_tokenizer)
+        self.stats = DataStats(documents=sum(r.num_docs for r in self.readers),
+                               tokens=sum(r.num_tokens for r in self.readers),
+                               bad_lines=sum(int(r.manifest["bad_records"]) for r in self.readers),
+                               bad_examples=[e for r in self.readers for e in r.manifest["bad_examples"]][:5])
+
+    def batches(self, seq_len: int, batch_size: int, *, epoch_seed: int = 0, process_index: int | None = None,
+                process_count: int | None = None, min_doc_len: int | None = None):
+        from .stream import ShardStream
+        process_index, process_count = _hosts(process_index, process_count)
+        return ShardStream(self.readers, self.weights, self.config, seq_len, batch_size, epoch_seed=epoch_seed,
+                           process_index=process_index, process_count=process_count, min_doc_len=min_doc_len)
+
+
 def make_dataset(cfg: DataConfig, vocab_size: int, documents: Sequence | None = None) -> TokenDataset:
-    """Load and check the documents of `cfg` (token ids beyond `vocab_size` -> ValueError)."""
+    """Load and check the documents of `cfg` (token ids beyond `vocab_size` -> ValueError); token
+    shards (kind="shards") are opened, checked by their manifests, and streamed."""
+    if cfg.kind == "shards":
+        if documents is not None:
+            raise ValueError("documents= is only used with DataConfig.kind='arrays' (kind='shards')")
+        return ShardDataset(cfg, vocab_size)
     docs, stats = load_documents(cfg, documents)
     check_vocab(docs, vocab_size)
     docs = [d.astype(np.int32) for d in docs]
-    return TokenDataset(config=cfg, documents=docs, stats=stats, vocab_size=vocab_size)
+    return DocumentDataset(config=cfg, documents=docs, stats=stats, vocab_size=vocab_size)
