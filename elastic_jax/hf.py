@@ -419,7 +419,7 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     cfg, raw = read_hf_config(directory)
     files = _Files(directory)
     from .quant import export as qexport
-    qspec = qexport.spec_from_config(raw)
+    qspec = qexport.spec_from_config(raw, directory)
     if qspec is not None:
         files = qexport.DequantizedFiles(files, qspec)
     qstate = None
@@ -566,7 +566,7 @@ def _parse_size(s) -> int:
 
 def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *, dtype=None,
             max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
-            quantization: str | None = None, quant_state=None,
+            quantization: str | None = None, quant_state=None, kv_scales: dict | None = None,
             protect: Sequence[str | os.PathLike] = (), budgets=None, fractions: dict | None = None,
             elastic_cfg=None, router_params=None, tokenizer_dir: str | os.PathLike | None = None) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
@@ -585,7 +585,9 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     NemotronH config and raises `HFCheckpointError`.
     `quantization` "fp8" | "nvfp4" (or a `quant_state`, `elastic_jax.quant.QuantState`): the
     projections are written packed with their scales in the ModelOpt layout
-    (`elastic_jax.quant.export`); without a state the weight scales come from these params.
+    (`elastic_jax.quant.export`); without a state the weight scales come from these params;
+    `kv_scales` ({attention layer: {"k_scale", "v_scale"}}, `elastic_jax.quant.calibrate_kv_cache`)
+    adds FP8 KV-cache scales.
     `budgets` ({name: Widths}, nested submodels of this model) is written as `elastic_budgets.json`
     (see `budget_table`, with the optional per-budget `fractions` and the `elastic_cfg`), the
     budget router's `router_params` as `elastic_router.safetensors`: together the nested
@@ -609,7 +611,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (METHOD §10)
         from .quant import export as qexport
         fmt = quantization if quantization is not None else quant_state.spec.fmt
-        tensors, qconfig = qexport.quantize_tensors(cfg, params, tensors, fmt, quant_state)
+        tensors, qconfig = qexport.quantize_tensors(cfg, params, tensors, fmt, quant_state, kv_scales=kv_scales)
         config["quantization_config"] = qconfig
         writer = qexport.write_safetensors
     shards: list[list] = [[]]
