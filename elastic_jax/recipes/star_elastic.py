@@ -288,7 +288,7 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                                                       if f.endswith(".safetensors"))),
                    "separate_checkpoint_bytes": int(sum(sliced_bytes.values())),
                    "files": {"nested model.safetensors": nested_files["model.safetensors"],
-                             "nested elastic_router.safetensors": nested_files.get("elastic_router.safetensors", 0),
+                             "nested elastic/router.safetensors": nested_files.get(os.path.join("elastic", "router.safetensors"), 0),
                              **{f"separate {n}": v for n, v in sliced_bytes.items()}}},
         "grid": [p.to_dict() for p in grid],
         "quantization": quant_results,
