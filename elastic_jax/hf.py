@@ -56,7 +56,8 @@ _F32_TINY = float(np.finfo(np.float32).tiny)
 # The top-level names `save_hf` writes: `overwrite` replaces a folder only if it holds nothing else.
 HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"model\.safetensors",
                               r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors",
-                              r"hf_quant_config\.json", r"elastic_budgets\.json", r"elastic_router\.safetensors", r"elastic",
+                              r"hf_quant_config\.json", r"elastic_budgets\.json", r"elastic_router\.safetensors",
+                              r"elastic/(router\.safetensors)?",
                               r"tokenizer\.json",
                               r"tokenizer_config\.json", r"special_tokens_map\.json", r"chat_template\.jinja")
 
@@ -799,21 +800,30 @@ def _widths_json(w) -> dict:
 
 def budget_table(cfg: NemotronHConfig, budgets, *, fractions: dict | None = None, elastic_cfg=None) -> dict:
     """The nested family of one checkpoint as JSON: {"format": 1, "budgets": [{"name", "widths"
-    (axis -> size or per-layer list; a missing axis is full), "params", "active_params", and with
+    (axis -> size or per-layer list; a missing axis is full), "params", "active_params", "measured"
+    (each size as a fraction of the parent's; a budget missing its `fractions` entry by more than
+    `elastic.budgets.DEFAULT_TOLERANCE` in the ElasticConfig's cost warns), and with
     `fractions` the "fraction" of the parent each budget was trained for}], "config": the exact
     elastic_jax config of the parent (config.json is the HF one, whose dt-limit fields differ, see
     the module docstring), "elastic": the ElasticConfig dict when given}."""
     from .elastic.slicing import param_count
     from .widths import Widths
     rows = []
+    full, full_active = param_count(cfg), param_count(cfg, active=True)
     for name, w in budgets.items():
         if not isinstance(w, Widths):
             raise ValueError(f"budgets[{name!r}] must be a Widths, got {type(w).__name__}")
         w.validate(cfg)
-        rows.append({"name": str(name), "widths": _widths_json(w), "params": int(param_count(cfg, w)),
-                     "active_params": int(param_count(cfg, w, active=True))})
+        n, na = int(param_count(cfg, w)), int(param_count(cfg, w, active=True))
+        rows.append({"name": str(name), "widths": _widths_json(w), "params": n, "active_params": na,
+                     "measured": {"params_fraction": n / full, "active_fraction": na / full_active}})
         if fractions is not None:
             rows[-1]["fraction"] = fractions.get(name)
+            if fractions.get(name) is not None:     # a budget whose size misses its target warns
+                from .elastic.budgets import check_budget_size, target_of
+                target = "params" if elastic_cfg is None else target_of(elastic_cfg)
+                rows[-1]["measured"][f"{target}_fraction"] = check_budget_size(
+                    cfg, w, float(fractions[name]), target, elastic_cfg, name=str(name))
     table = {"format": 1, "budgets": rows, "config": cfg.to_dict()}
     if elastic_cfg is not None:
         table["elastic"] = elastic_cfg.to_dict()

@@ -64,6 +64,13 @@ def write_safetensors(arrays: dict, path: str, metadata: dict | None = None) -> 
             f.write(np.ascontiguousarray(a).tobytes())
 
 
+def _header_keys(path: str) -> list[str]:
+    """The tensor names of a safetensors file, in header order."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+
+
 def read_tensor(path: str, key: str) -> np.ndarray:
     """One tensor of a safetensors file, any dtype above (float8 included), memory-mapped."""
     with open(path, "rb") as f:
