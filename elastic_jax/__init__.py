@@ -8,7 +8,7 @@
 from . import errors, kernels, quant
 from .config import NemotronHConfig
 from .elastic import (ElasticConfig, Importance, estimate_importance, param_count, permute_params, slice_params,
-                      sliced_config)
+                      sliced_config, widths_for_budget)
 from .model import (Cache, Generation, check_params, count_params, decode_step, forward, generate,
                     hidden_states, init_cache, init_params, param_axes, param_shapes, prefill,
                     sample_logits)
@@ -22,4 +22,4 @@ __all__ = ["errors", "kernels", "quant", "NemotronHConfig", "ComputePolicy", "Wi
            "decode_step", "init_cache", "Cache", "generate", "Generation", "sample_logits",
            "hidden_states", "param_axes", "param_shapes", "check_params", "count_params",
            "slice_params", "sliced_config", "param_count", "ElasticConfig", "Importance",
-           "estimate_importance", "permute_params", "load_hf", "save_hf"]
+           "estimate_importance", "permute_params", "load_hf", "save_hf", "widths_for_budget"]

@@ -41,6 +41,18 @@ def owned_names(*patterns: str) -> Owned:
     return lambda name: any(r.fullmatch(name) for r in rx)
 
 
+def _owned_entry(target: str, name: str, owned: Owned) -> bool:
+    """A plain owned file, or a folder owned as `name/` holding only plain owned `name/file`s."""
+    path = os.path.join(target, name)
+    if os.path.islink(path):
+        return False
+    if os.path.isfile(path):
+        return owned(name)
+    return os.path.isdir(path) and owned(name + "/") and all(
+        os.path.isfile(os.path.join(path, f)) and not os.path.islink(os.path.join(path, f)) and owned(f"{name}/{f}")
+        for f in os.listdir(path))
+
+
 def _inside(path: str, folder: str) -> bool:
     """`path` equals or lies under `folder` (both real, absolute)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -159,8 +171,7 @@ def check_target(directory: str | os.PathLike, *, owned: Owned, overwrite: bool,
             if not overwrite:
                 raise FileExistsError(f"{what}: {target} exists and is not empty; pass overwrite=True "
                                       "(CLI: --overwrite) to replace it")
-            foreign = [n for n in names if not owned(n) or not os.path.isfile(os.path.join(target, n))
-                       or os.path.islink(os.path.join(target, n))]
+            foreign = [n for n in names if not _owned_entry(target, n, owned)]
             if foreign:
                 raise FileExistsError(
                     f"{what}: {target} holds files this writer did not write: {foreign[:10]}"

@@ -58,6 +58,7 @@ _F32_TINY = float(np.finfo(np.float32).tiny)
 HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"model\.safetensors",
                               r"model\.safetensors\.index\.json", r"model-\d{5}-of-\d{5}\.safetensors",
                               r"hf_quant_config\.json", r"elastic_budgets\.json", r"elastic_router\.safetensors",
+                              r"elastic/(router\.safetensors)?",
                               r"tokenizer\.json",
                               r"tokenizer_config\.json", r"special_tokens_map\.json", r"chat_template\.jinja")
 
@@ -106,8 +107,10 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[NemotronHConfig, dict]
     raw = read_json(path, what="HF config")
     problems = []
     mt = raw.get("model_type")
-    if mt not in (None, "nemotron_h"):
-        problems.append(f"model_type={mt!r}: only 'nemotron_h' checkpoints are supported")
+    if mt not in (None, "nemotron_h", PUZZLE_MODEL_TYPE):
+        problems.append(f"model_type={mt!r}: only 'nemotron_h' and '{PUZZLE_MODEL_TYPE}' checkpoints are supported")
+    if mt == PUZZLE_MODEL_TYPE:
+        raw = dict(raw, **_from_puzzle(raw, problems))
     for name, (bad, what) in _UNSUPPORTED.items():
         if name in raw and bad(raw[name]):
             problems.append(f"{name}={raw[name]!r}: {what} is not supported")
@@ -125,16 +128,111 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[NemotronHConfig, dict]
     return cfg, raw
 
 
+# ------------------------------------------------------------------ nemotron_h_puzzle (per layer)
+PUZZLE_MODEL_TYPE = "nemotron_h_puzzle"
+_PUZZLE_BLOCKS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+_PUZZLE_MOE_KEYS = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                    "moe_shared_expert_intermediate_size")
+# per-layer axes vLLM's NemotronH cannot take per layer: Mamba layers are built from the global config,
+# and NVIDIA's puzzle block dataclasses have no head-count keys (unknown keys fail them)
+_GLOBAL_ONLY = {"mamba_heads_per_layer": "mamba_heads", "attn_heads_per_layer": "attn_heads"}
+
+
+def _puzzle_config(d: dict, cfg: NemotronHConfig) -> dict:
+    """A plain `nemotron_h` config dict `d` of the max widths -> `nemotron_h_puzzle` with one
+    `block_configs` entry per layer (MLP `intermediate_size`; MoE `n_routed_experts`,
+    `num_experts_per_tok`, `moe_intermediate_size`, `moe_shared_expert_intermediate_size`), the
+    per-block keys removed from the top level as NVIDIA's `NemotronHPuzzleConfig.to_dict` does; the
+    pattern is written explicitly too (SGLang takes it from the top level)."""
+    seen = {c: 0 for c in _PUZZLE_BLOCKS}
+    blocks = []
+    for c in cfg.pattern:
+        k = seen[c]
+        seen[c] += 1
+        b = {"block_type": _PUZZLE_BLOCKS[c]}
+        if c == "-":
+            b["intermediate_size"] = cfg.ffn_at(k)
+        elif c == "E":
+            b.update(n_routed_experts=cfg.moe_experts_at(k), num_experts_per_tok=cfg.num_experts_per_tok,
+                     moe_intermediate_size=cfg.moe_ffn_at(k),
+                     moe_shared_expert_intermediate_size=d["moe_shared_expert_intermediate_size"])
+        blocks.append(b)
+    out = {k: v for k, v in d.items() if k not in {key for b in blocks for key in b if key != "block_type"}}
+    out.update(model_type=PUZZLE_MODEL_TYPE, architectures=["NemotronHPuzzleForCausalLM"], block_configs=blocks,
+               mtp_block_configs=[], num_nextn_predict_layers=0)
+    return out
+
+
+def _from_puzzle(raw: dict, problems: list) -> dict:
+    """The NemotronHConfig fields (per-layer tuples where the layers differ) of a
+    `nemotron_h_puzzle` config.json; what this implementation cannot hold goes to `problems`."""
+    blocks = raw.get("block_configs")
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
+        problems.append("block_configs: a nemotron_h_puzzle config needs a list of one object per layer")
+        return {}
+    letters = {v: k for k, v in _PUZZLE_BLOCKS.items()}
+    pattern = ""
+    per: dict[str, list] = {"-": [], "E": []}
+    glob: dict[str, set] = {"num_experts_per_tok": set(), "moe_shared_expert_intermediate_size": set()}
+    allowed = {"mamba": {"ssm_state_size"}, "attention": {"sliding_window"}, "mlp": {"intermediate_size"},
+               "moe": set(_PUZZLE_MOE_KEYS) | {"routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob"}}
+    for i, b in enumerate(blocks):
+        t = b.get("block_type")
+        if t not in letters:
+            problems.append(f"block_configs[{i}].block_type={t!r}: expected one of {sorted(letters)}")
+            continue
+        pattern += letters[t]
+        for k, v in b.items():
+            if k == "block_type" or v is None:
+                continue
+            if k not in allowed[t]:
+                problems.append(f"block_configs[{i}].{k}: not a {t} block key")
+            elif t == "attention" or (k not in _PUZZLE_MOE_KEYS and k != "intermediate_size" and raw.get(k, v) != v):
+                problems.append(f"block_configs[{i}].{k}={v!r}: per-layer {k} is not supported")
+        if t == "mlp":
+            per["-"].append(b.get("intermediate_size", raw.get("intermediate_size")))
+        elif t == "moe":
+            per["E"].append((b.get("n_routed_experts", raw.get("n_routed_experts")),
+                             b.get("moe_intermediate_size", raw.get("moe_intermediate_size"))))
+            for k in glob:
+                glob[k].add(b.get(k, raw.get(k)))
+    top = raw.get("hybrid_override_pattern")
+    if isinstance(top, str) and top and top != pattern:
+        problems.append(f"hybrid_override_pattern={top!r} disagrees with block_configs ({pattern!r})")
+    for k, vals in glob.items():
+        if len(vals) > 1:
+            problems.append(f"block_configs: per-layer {k} {sorted(map(str, vals))} is not supported (one value per model)")
+    d: dict = {"hybrid_override_pattern": pattern, "layers_block_type": None, "layer_types": None,
+               "num_hidden_layers": len(blocks)}
+    for k, vals in glob.items():
+        if len(vals) == 1 and None not in vals:
+            d[k] = vals.pop()
+    if per["-"]:
+        d["intermediate_size"] = max(per["-"])
+        d["ffn_per_layer"] = tuple(per["-"]) if len(set(per["-"])) > 1 else None
+    if per["E"]:
+        ex, ff = [e for e, _ in per["E"]], [f for _, f in per["E"]]
+        d["n_routed_experts"], d["moe_intermediate_size"] = max(ex), max(ff)
+        d["moe_experts_per_layer"] = tuple(ex) if len(set(ex)) > 1 else None
+        d["moe_ffn_per_layer"] = tuple(ff) if len(set(ff)) > 1 else None
+    return d
+
+
 def hf_config_dict(cfg: NemotronHConfig, dtype: str = "float32") -> dict:
     """The `config.json` `save_hf` writes (transformers NemotronHConfig fields, both the current
-    `layers_block_type` and the legacy `hybrid_override_pattern` that other stacks read)."""
+    `layers_block_type` and the legacy `hybrid_override_pattern` that other stacks read). A
+    heterogeneous config (per-layer MLP / MoE widths) is written as vLLM's `nemotron_h_puzzle`
+    (`_puzzle_config`); per-layer Mamba or attention heads cannot be served and are refused."""
     problems = []
-    if cfg.is_heterogeneous:
-        per = [n for n in ("mamba_heads_per_layer", "attn_heads_per_layer", "ffn_per_layer",
-                           "moe_experts_per_layer", "moe_ffn_per_layer") if getattr(cfg, n) is not None]
-        problems.append(f"heterogeneous config ({', '.join(per)} set): the layers differ in width, and an HF "
-                        "NemotronHConfig has one size per layer kind, so it cannot be written as a plain NemotronH "
-                        "config; export a homogeneous submodel (one int per axis in Widths) instead")
+    hetero = cfg if cfg.is_heterogeneous else None
+    if hetero is not None:
+        for name, axis in _GLOBAL_ONLY.items():
+            if getattr(cfg, name) is not None:
+                problems.append(f"{name}={getattr(cfg, name)}: vLLM builds every {'Mamba' if 'mamba' in name else 'attention'} "
+                                f"layer of a nemotron_h_puzzle model from the global config, so the layers cannot differ "
+                                f"in {axis.replace('_', ' ')}; slice with one Widths.{axis} for every layer")
+        cfg = cfg.replace(ffn_per_layer=None, moe_experts_per_layer=None, moe_ffn_per_layer=None,
+                          **{n: None for n in _GLOBAL_ONLY})
     lo, hi = cfg.time_step_limit
     if math.isfinite(hi):
         problems.append(f"time_step_limit={cfg.time_step_limit}: transformers NemotronH never clamps dt from above, "
@@ -157,7 +255,7 @@ def hf_config_dict(cfg: NemotronHConfig, dtype: str = "float32") -> dict:
     d["dtype"] = dtype
     d["use_cache"] = True
     d["num_nextn_predict_layers"] = 0
-    return d
+    return _puzzle_config(d, hetero) if hetero is not None else d
 
 
 # ------------------------------------------------------------------------------- checkpoint
@@ -408,7 +506,7 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     cfg, raw = read_hf_config(directory)
     files = _Files(directory)
     from .quant import export as qexport
-    qspec = qexport.spec_from_config(raw)
+    qspec = qexport.spec_from_config(raw, directory)
     if qspec is not None:
         files = qexport.DequantizedFiles(files, qspec)
     qstate = None
@@ -555,7 +653,7 @@ def _parse_size(s) -> int:
 
 def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *, dtype=None,
             max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
-            quantization: str | None = None, quant_state=None,
+            quantization: str | None = None, quant_state=None, kv_scales: dict | None = None,
             protect: Sequence[str | os.PathLike] = (), budgets=None, fractions: dict | None = None,
             elastic_cfg=None, router_params=None, tokenizer_dir: str | os.PathLike | None = None) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
@@ -574,10 +672,12 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     NemotronH config and raises `HFCheckpointError`.
     `quantization` "fp8" | "nvfp4" (or a `quant_state`, `elastic_jax.quant.QuantState`): the
     projections are written packed with their scales in the ModelOpt layout
-    (`elastic_jax.quant.export`); without a state the weight scales come from these params.
+    (`elastic_jax.quant.export`); without a state the weight scales come from these params;
+    `kv_scales` ({attention layer: {"k_scale", "v_scale"}}, `elastic_jax.quant.calibrate_kv_cache`)
+    adds FP8 KV-cache scales.
     `budgets` ({name: Widths}, nested submodels of this model) is written as `elastic_budgets.json`
     (see `budget_table`, with the optional per-budget `fractions` and the `elastic_cfg`), the
-    budget router's `router_params` as `elastic_router.safetensors`: together the nested
+    budget router's `router_params` as `elastic/router.safetensors`: together the nested
     checkpoint (`elastic_jax.infer.checkpoint`). `tokenizer_dir`: a folder whose tokenizer files
     (`TOKENIZER_FILES`) are copied in, so `elastic-jax generate` works on the export."""
     from .fileio import check_target
@@ -598,7 +698,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (METHOD §10)
         from .quant import export as qexport
         fmt = quantization if quantization is not None else quant_state.spec.fmt
-        tensors, qconfig = qexport.quantize_tensors(cfg, params, tensors, fmt, quant_state)
+        tensors, qconfig = qexport.quantize_tensors(cfg, params, tensors, fmt, quant_state, kv_scales=kv_scales)
         config["quantization_config"] = qconfig
         writer = qexport.write_safetensors
     shards: list[list] = [[]]
@@ -620,6 +720,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
                 json.dump(table, f, indent=1)
         if router_params:
             from .fileio import save_safetensors
+            os.makedirs(os.path.join(tmp, os.path.dirname(ROUTER_FILE)), exist_ok=True)
             save_safetensors(flatten_tree(router_params), os.path.join(tmp, ROUTER_FILE))
         for src in tok_files:
             shutil.copyfile(src, os.path.join(tmp, os.path.basename(src)))
@@ -660,7 +761,10 @@ def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, 
 
 # ------------------------------------------------------------------------ nested budget table
 BUDGETS_FILE = "elastic_budgets.json"
-ROUTER_FILE = "elastic_router.safetensors"
+# In a subfolder: vLLM and SGLang load every top-level `*.safetensors` of a folder without an index
+# (and newer SGLang keeps unindexed ones even with an index), so only model shards live at the top.
+ROUTER_FILE = os.path.join("elastic", "router.safetensors")
+LEGACY_ROUTER_FILE = "elastic_router.safetensors"    # read only (folders written before issue 28)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -685,21 +789,30 @@ def _widths_json(w) -> dict:
 
 def budget_table(cfg: NemotronHConfig, budgets, *, fractions: dict | None = None, elastic_cfg=None) -> dict:
     """The nested family of one checkpoint as JSON: {"format": 1, "budgets": [{"name", "widths"
-    (axis -> size or per-layer list; a missing axis is full), "params", "active_params", and with
+    (axis -> size or per-layer list; a missing axis is full), "params", "active_params", "measured"
+    (each size as a fraction of the parent's; a budget missing its `fractions` entry by more than
+    `elastic.budgets.DEFAULT_TOLERANCE` in the ElasticConfig's cost warns), and with
     `fractions` the "fraction" of the parent each budget was trained for}], "config": the exact
     elastic_jax config of the parent (config.json is the HF one, whose dt-limit fields differ, see
     the module docstring), "elastic": the ElasticConfig dict when given}."""
     from .elastic.slicing import param_count
     from .widths import Widths
     rows = []
+    full, full_active = param_count(cfg), param_count(cfg, active=True)
     for name, w in budgets.items():
         if not isinstance(w, Widths):
             raise ValueError(f"budgets[{name!r}] must be a Widths, got {type(w).__name__}")
         w.validate(cfg)
-        rows.append({"name": str(name), "widths": _widths_json(w), "params": int(param_count(cfg, w)),
-                     "active_params": int(param_count(cfg, w, active=True))})
+        n, na = int(param_count(cfg, w)), int(param_count(cfg, w, active=True))
+        rows.append({"name": str(name), "widths": _widths_json(w), "params": n, "active_params": na,
+                     "measured": {"params_fraction": n / full, "active_fraction": na / full_active}})
         if fractions is not None:
             rows[-1]["fraction"] = fractions.get(name)
+            if fractions.get(name) is not None:     # a budget whose size misses its target warns
+                from .elastic.budgets import check_budget_size, target_of
+                target = "params" if elastic_cfg is None else target_of(elastic_cfg)
+                rows[-1]["measured"][f"{target}_fraction"] = check_budget_size(
+                    cfg, w, float(fractions[name]), target, elastic_cfg, name=str(name))
     table = {"format": 1, "budgets": rows, "config": cfg.to_dict()}
     if elastic_cfg is not None:
         table["elastic"] = elastic_cfg.to_dict()
@@ -742,8 +855,11 @@ def read_budget_table(directory: str | os.PathLike, cfg: NemotronHConfig) -> dic
 
 
 def read_router(directory: str | os.PathLike):
-    """The budget router saved beside a nested checkpoint (`elastic_router.safetensors`), or None."""
+    """The budget router saved with a nested checkpoint (`elastic/router.safetensors`; the older
+    top-level `elastic_router.safetensors` is still read), or None."""
     path = os.path.join(os.fspath(directory), ROUTER_FILE)
+    if not os.path.isfile(path):
+        path = os.path.join(os.fspath(directory), LEGACY_ROUTER_FILE)
     if not os.path.isfile(path):
         return None
     from safetensors.numpy import load_file

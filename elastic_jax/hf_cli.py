@@ -19,21 +19,23 @@ def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
         if getattr(args, "budget", None) is not None:
             raise ValueError("--budget needs an elastic training run (orbax checkpoint with a router); "
                              f"{src} is an HF directory: pass --widths instead")
-        cfg, params = load_hf(src, progress=not args.quiet)
+        cfg, params, args.src_quant = load_hf(src, progress=not args.quiet, with_quant=True)
         args.family = {n: e["widths"] for n, e in read_budget_table(src, cfg).items()}
         return cfg, params, None
     cfg, params, router, ecfg = load_run(src, args.step)
-    if router is not None and ecfg is not None:   # the run's nested family: every trained budget
-        from .elastic.router import budget_widths
-        args.family = {f"{round(100 * b):d}%": budget_widths(router, cfg, ecfg, b) for b in ecfg.budgets}
+    from .elastic.budgets import budget_family, check_budget_size, target_of, trained_widths
+    if router is not None and ecfg is not None:   # the run's nested family: every trained budget (100%: the parent)
+        args.family = budget_family(router, cfg, ecfg)
+        args.family_fractions = {f"{round(100 * b):d}%": b for b in ecfg.budgets}
+        args.elastic_cfg = ecfg
     widths = None
     if getattr(args, "budget", None) is not None:
         if router is None or ecfg is None:
             raise ValueError(f"--budget: the run {src} has no trained router (not an elastic run); pass --widths")
-        from .elastic.router import budget_widths
-        widths = budget_widths(router, cfg, ecfg, args.budget)
+        widths = trained_widths(router, cfg, ecfg, args.budget)     # refuses a budget outside the trained range
+        got = check_budget_size(cfg, widths, args.budget, target_of(ecfg), ecfg)   # warns on a miss
         if not args.quiet:
-            print(f"budget {args.budget}: {widths}")
+            print(f"budget {args.budget}: {widths} ({100 * got:.1f}% of the parent's {target_of(ecfg)})")
     return cfg, params, widths
 
 
@@ -48,13 +50,17 @@ def _export_quant_state(args, cfg, params, widths):
             if not args.quiet:
                 print(f"--quantize {args.quantize}: using the run's QAD quantization state")
             return qs
-    qs = quant.init_quant_state(params, cfg, args.quantize)
-    key = jax.random.PRNGKey(0)
-    batches = [jax.random.randint(jax.random.fold_in(key, b), (2, 64), 0, cfg.vocab_size)
-               for b in range(args.calib_batches)]
+    qs = quant.init_quant_state(params, cfg, quant.recipe_spec(cfg, args.quantize, args.recipe))
+    batches = _calib_batches(args, cfg)
     if not args.quiet:
         print(f"--quantize {args.quantize}: PTQ, activation scales from {args.calib_batches} random-token batches")
     return quant.calibrate(params, cfg, qs, batches, widths=(None,) if widths is None else (None, widths))
+
+
+def _calib_batches(args, cfg):
+    key = jax.random.PRNGKey(0)
+    return [jax.random.randint(jax.random.fold_in(key, b), (2, 64), 0, cfg.vocab_size)
+            for b in range(args.calib_batches)]
 
 
 def _cmd_export(args) -> int:
@@ -74,18 +80,34 @@ def _cmd_export(args) -> int:
     tokenizer = args.tokenizer
     if tokenizer is None and os.path.isfile(os.path.join(args.src, "tokenizer.json")):
         tokenizer = args.src
-    qstate = None
-    if args.quantize is not None:
+    qstate, kv_scales = None, None
+    src_quant = getattr(args, "src_quant", None)
+    if src_quant is not None and args.quantize in (None, src_quant.spec.fmt):
+        # a quantized source (one folder per precision): keep its scales; slicing keeps every per-tensor scale
+        # and cuts the NVFP4 block scales with their weights (slice_quant_state), nothing is re-derived
+        qstate = src_quant
+        if not args.quiet:
+            print(f"{args.src} is a ModelOpt {src_quant.spec.fmt} checkpoint: its scales are kept")
+    elif args.quantize is not None:
         qstate = _export_quant_state(args, cfg, params, widths)
+        if args.recipe == "nano" and "*" in cfg.pattern:     # NVIDIA's Nano recipe: FP8 KV-cache scales
+            from .quant import calibrate_kv_cache
+            kv_scales = calibrate_kv_cache(params, cfg, _calib_batches(args, cfg), widths=(None,) if widths is None
+                                           else (None, widths))
     if widths is not None:
         if qstate is not None:
             from .elastic import slice_quant_state
             qstate = slice_quant_state(qstate, params, cfg, widths)
+        if kv_scales:                    # parent layer index -> the slice's
+            new = {old: k for k, old in enumerate(i for i, keep in enumerate(widths.layer_mask(cfg)) if keep)}
+            kv_scales = {new[i]: v for i, v in kv_scales.items() if i in new}
         cfg, params = slice_params(params, cfg, widths)
         family = None   # the budgets are nested in the parent, not in this slice
+    fr = getattr(args, "family_fractions", None) if family else None
     save_hf(args.out, cfg, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate, protect=[args.src],
-            budgets=family, tokenizer_dir=tokenizer)
+            overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate, kv_scales=kv_scales,
+            protect=[args.src], budgets=family, fractions=fr,
+            elastic_cfg=getattr(args, "elastic_cfg", None) if family else None, tokenizer_dir=tokenizer)
     if not args.quiet:
         n = param_count(cfg)
         from .quant.export import checkpoint_bytes
@@ -116,6 +138,10 @@ def add_cli(subparsers) -> None:
         p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
         p.add_argument("--quantize", default=None, choices=["fp8", "nvfp4"],
                        help="write the ModelOpt FP8 / NVFP4 layout (scales from the parent; a QAD run's own)")
+        p.add_argument("--recipe", default="default", choices=["default", "nano"],
+                       help="--quantize: 'default' quantizes every projection but lm_head and the MoE router; 'nano' "
+                            "matches NVIDIA's Nemotron Nano releases (attention layers and their nearest Mamba layers "
+                            "stay BF16, FP8 KV-cache scales calibrated)")
         p.add_argument("--calib-batches", type=int, default=4,
                        help="--quantize without QAD scales: random-token calibration batches (default 4)")
         p.add_argument("--overwrite", action="store_true",

@@ -74,7 +74,7 @@ def test_quick_main_job_writes_every_report_file(quick_run):
     for f in ("report.md", "results.json", "tokenizer.json") + PLOTS:
         assert os.path.getsize(os.path.join(quick_run, f)) > 0, f
     nested = os.path.join(quick_run, "checkpoints", "nested")
-    for f in ("config.json", "model.safetensors", "elastic_budgets.json", "elastic_router.safetensors",
+    for f in ("config.json", "model.safetensors", "elastic_budgets.json", os.path.join("elastic", "router.safetensors"),
               "tokenizer.json"):
         assert os.path.isfile(os.path.join(nested, f)), f
     with open(os.path.join(quick_run, "results.json")) as f:

@@ -166,8 +166,12 @@ def test_export_load_round_trip_same_logits(model, tmp_path, fmt):
     raw = json.load(open(os.path.join(out, "config.json")))
     qc = raw["quantization_config"]
     assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == fmt.upper()
-    assert (qc.get("group_size") == 16) == (fmt == "nvfp4") and "lm_head" in qc["exclude_modules"]
-    assert json.load(open(os.path.join(out, "hf_quant_config.json")))["quantization"]["quant_algo"] == fmt.upper()
+    # ModelOpt's converted form: exclusions under `ignore` (what vLLM / SGLang read), group size in config_groups
+    assert "lm_head" in qc["ignore"] and "exclude_modules" not in qc and "group_size" not in qc
+    assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == (8 if fmt == "fp8" else 4)
+    legacy = json.load(open(os.path.join(out, "hf_quant_config.json")))["quantization"]
+    assert legacy["quant_algo"] == fmt.upper() and legacy["exclude_modules"] == qc["ignore"]
+    assert (legacy.get("group_size") == 16) == (fmt == "nvfp4") and "kv_cache_quant_algo" in legacy
     st = os.path.join(out, "model.safetensors")
     wkey = "backbone.layers.0.mixer.in_proj.weight"
     wt = qexport.read_tensor(st, wkey)

@@ -4,7 +4,8 @@ stored as an HF NemotronH folder (`elastic_jax.hf.save_hf`) that standard tools 
   config.json, model.safetensors (or shards + index), generation_config.json   the HF checkpoint
   elastic_budgets.json        the budget table: {"budgets": [{"name", "fraction", "widths",
                               "params", "active_params"}], "elastic": ElasticConfig dict}
-  elastic_router.safetensors  the budget router (optional; a few KiB)
+  elastic/router.safetensors  the budget router (optional; a few KiB), in a subfolder so that vLLM /
+                              SGLang, which load every top-level *.safetensors, see only the model
   tokenizer.json, tokenizer_config.json   the task tokenizer (optional) with its chat template
 
 `elastic-jax eval` / `generate` read it; so does `transformers` (the parent model). A folder in the
@@ -41,7 +42,7 @@ def save_nested(directory: str, cfg: NemotronHConfig, params, budgets: dict[str,
                 tokenizer=None) -> dict[str, int]:
     """Write the nested checkpoint: `save_hf` with the budget table (and `fractions`, `elastic_cfg`),
     the router and the tokenizer, atomically; an existing folder is replaced only if it holds
-    nothing but what save_hf writes. Returns {file: bytes}."""
+    nothing but what save_hf writes. Returns {relative file path: bytes}."""
     with tempfile.TemporaryDirectory() as tok_dir:
         if tokenizer is not None:
             tokenizer.save(os.path.join(tok_dir, "tokenizer.json"))
@@ -51,7 +52,17 @@ def save_nested(directory: str, cfg: NemotronHConfig, params, budgets: dict[str,
                 fractions={n: (None if fractions is None else fractions.get(n)) for n in budgets},
                 elastic_cfg=elastic_cfg, router_params=router_params,
                 tokenizer_dir=tok_dir if tokenizer is not None else None)
-    return {f: os.path.getsize(os.path.join(directory, f)) for f in sorted(os.listdir(directory))}
+    return folder_files(directory)
+
+
+def folder_files(directory: str) -> dict[str, int]:
+    """{path relative to `directory`: bytes} of every file under it."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(root, f)
+            out[os.path.relpath(path, directory)] = os.path.getsize(path)
+    return dict(sorted(out.items()))
 
 
 def save_standalone(directory: str, cfg: NemotronHConfig, params) -> int:

@@ -7,10 +7,17 @@ Per quantized linear `<module>` (HF `[out, in]` layout):
           nibble), `<module>.weight_scale` float8_e4m3fn [out, in/16] (block scales),
           `<module>.weight_scale_2` f32 [] (second level), `<module>.input_scale` f32 [];
           w = e2m1 · weight_scale · weight_scale_2
-`config.json` gains `quantization_config` {quant_method "modelopt", quant_algo "FP8" | "NVFP4",
-group_size (NVFP4), exclude_modules, ...} and `hf_quant_config.json` is written beside it, as in
-ModelOpt's `export_hf_checkpoint`. Written from memory of ModelOpt's exporter and the public
-Nemotron FP8 / NVFP4 checkpoints (no network here to re-check): see BUILD_NOTES (issue 16).
+`config.json` gains `quantization_config` in ModelOpt's converted form (>= 0.31,
+`convert_hf_quant_config_format`): {quant_method "modelopt", quant_algo "FP8" | "NVFP4" |
+"W4A16_NVFP4", config_groups, ignore (the modules kept in high precision), kv_cache_scheme (FP8
+KV cache), producer}; `hf_quant_config.json` beside it holds the legacy nested form
+{producer, quantization: {quant_algo, kv_cache_quant_algo, group_size, exclude_modules}}, as
+ModelOpt's `export_hf_checkpoint` writes both. vLLM and SGLang read the former's exclusions from
+`ignore` and the latter's from `exclude_modules`; `spec_from_config` reads either (NVIDIA's
+published files included). Linears the serving stacks fuse (q/k/v -> `qkv_proj`) are written with
+one shared `weight_scale_2` / `weight_scale` and `input_scale`, as ModelOpt's
+`preprocess_linear_fusion` does. FP8 KV-cache scales: `k_proj.k_scale`, `v_proj.v_scale`
+(amax / 448 of the cached keys / values, `elastic_jax.quant.calibrate_kv_cache`).
 
 safetensors' numpy API cannot hold float8, so these files are written (and their float8 tensors
 read) by the few lines of `write_safetensors` / `read_tensor` (the format: u64 header length,
@@ -28,13 +35,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from .formats import NVFP4_BLOCK, nvfp4_codes, pack_e2m1, unpack_e2m1
+from .formats import FP4_MAX, FP8_MAX, NVFP4_BLOCK, nvfp4_codes, nvfp4_scales, pack_e2m1, unpack_e2m1
 from .state import ALWAYS_EXCLUDED, QUANTIZABLE, QuantizationError, QuantSpec, QuantState, init_quant_state
 
 _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
              np.dtype(np.uint8): "U8", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(np.float64): "F64"}
 _NP_DTYPES = {v: k for k, v in _ST_NAMES.items()}
-ALGOS = {"fp8": "FP8", "nvfp4": "NVFP4"}
+ALGOS = {"FP8": "fp8", "NVFP4": "nvfp4", "W4A16_NVFP4": "nvfp4"}   # ModelOpt quant_algo -> format
 
 
 # ------------------------------------------------------------------------------ safetensors I/O
@@ -55,6 +62,13 @@ def write_safetensors(arrays: dict, path: str, metadata: dict | None = None) -> 
         f.write(h)
         for a in arrays.values():
             f.write(np.ascontiguousarray(a).tobytes())
+
+
+def _header_keys(path: str) -> list[str]:
+    """The tensor names of a safetensors file, in header order."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
 
 
 def read_tensor(path: str, key: str) -> np.ndarray:
@@ -94,8 +108,9 @@ def _quantized_rules(cfg, qs: QuantState):
 
 
 def exclude_modules(cfg, qs: QuantState) -> list[str]:
-    """ModelOpt `exclude_modules`: the always-high-precision modules and every quantizable
-    projection this state leaves out."""
+    """ModelOpt's exclusion list (`ignore` / `exclude_modules`): the always-high-precision modules
+    and every quantizable projection this state leaves out, one HF module name each (vLLM maps
+    `backbone.` to `model.` and matches q/k/v against its fused `qkv_proj`)."""
     names = list(ALWAYS_EXCLUDED)
     for i, c in enumerate(cfg.pattern):
         for k, mod in QUANTIZABLE[c].items():
@@ -109,25 +124,132 @@ def _present(cfg, i, k):
     return not (k.startswith("shared") and not cfg.moe_shared_expert_intermediate_size)
 
 
-def quantization_config(cfg, qs: QuantState) -> dict:
-    """The `quantization_config` of config.json (ModelOpt HF export)."""
-    qc = {"quant_method": "modelopt", "quant_algo": ALGOS[qs.spec.fmt], "kv_cache_quant_algo": None,
-          "exclude_modules": exclude_modules(cfg, qs), "producer": {"name": "elastic_jax"}}
-    if qs.spec.fmt == "nvfp4":
-        qc["group_size"] = NVFP4_BLOCK
+# linears the serving stacks load as one fused module (vLLM NemotronH `packed_modules_mapping`), and
+# projections vLLM quantizes all-or-nothing per layer (`FusedMoE`: every routed expert's up and down)
+FUSED = {"*": (("q_proj", "k_proj", "v_proj"),), "E": (("up_proj", "down_proj"),)}
+SHARED_SCALES = {"*": ("q_proj", "k_proj", "v_proj")}
+
+
+def _check_fused(cfg, qs: QuantState) -> None:
+    problems = []
+    for i, c in enumerate(cfg.pattern):
+        for group in FUSED.get(c, ()):
+            got = [k for k in group if k in qs.layers[i]]
+            if got and len(got) != len(group):
+                problems.append(f"layer {i}: {', '.join(got)} quantized but {', '.join(k for k in group if k not in got)} "
+                                f"not; vLLM / SGLang load {'/'.join(group)} as one module, so they must share a precision")
+    if problems:
+        raise QuantizationError("cannot export this quantization state for vLLM / SGLang: " + "; ".join(problems))
+
+
+def quant_algo(qs: QuantState) -> str:
+    """ModelOpt's `quant_algo` of a state: "FP8", "NVFP4" (W4A4, calibrated input scales) or
+    "W4A16_NVFP4" (NVFP4 weights, activations in BF16: an uncalibrated or weight-only state)."""
+    if qs.spec.fmt == "fp8":
+        return "FP8"
+    return "NVFP4" if (qs.spec.activations and qs.calibrated and _any_entry(qs)) else "W4A16_NVFP4"
+
+
+def _any_entry(qs):
+    return any(layer for layer in qs.layers)
+
+
+def _scheme(fmt: str) -> dict:
+    d = {"dynamic": False, "num_bits": 8 if fmt == "fp8" else 4, "type": "float"}
+    if fmt == "nvfp4":
+        d["group_size"] = NVFP4_BLOCK
+    return d
+
+
+KV_CACHE_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
+
+
+def quantization_config(cfg, qs: QuantState, kv_cache: bool = False) -> dict:
+    """`config.json`'s `quantization_config` in ModelOpt's converted form
+    (`convert_hf_quant_config_format`): config_groups, ignore, quant_algo, kv_cache_scheme, producer."""
+    from .. import __version__
+    algo = quant_algo(qs)
+    group = {"weights": _scheme(qs.spec.fmt), "targets": ["Linear"]}
+    if algo != "W4A16_NVFP4":
+        group["input_activations"] = _scheme(qs.spec.fmt)
+    qc = {"config_groups": {"group_0": group}, "ignore": exclude_modules(cfg, qs), "quant_algo": algo,
+          "producer": {"name": "elastic_jax", "version": __version__}, "quant_method": "modelopt"}
+    if kv_cache:
+        qc["kv_cache_scheme"] = dict(KV_CACHE_SCHEME)
     return qc
 
 
-def quantize_tensors(cfg, params, tensors: list, fmt: str, qs: QuantState | None):
+def legacy_quant_config(qconfig: dict) -> dict:
+    """`hf_quant_config.json` (ModelOpt's nested form) for a converted `quantization_config`."""
+    kv = qconfig.get("kv_cache_scheme")
+    q = {"quant_algo": qconfig["quant_algo"],
+         "kv_cache_quant_algo": "FP8" if kv == KV_CACHE_SCHEME else None,
+         "group_size": NVFP4_BLOCK if "NVFP4" in qconfig["quant_algo"] else None,
+         "exclude_modules": list(qconfig["ignore"])}
+    if q["group_size"] is None:
+        del q["group_size"]
+    return {"producer": qconfig.get("producer", {}), "quantization": q}
+
+
+def _unify_fused(cfg, params, qs: QuantState, log) -> QuantState:
+    """q/k/v with one `weight_scale_2` (FP8: `weight_scale`) = the group max, block scales
+    re-derived against it, and one `input_scale` = the group max (ModelOpt's
+    `preprocess_linear_fusion`); a state that already shares them (`init_quant_state`) is unchanged."""
+    layers = []
+    changed = []
+    for i, entries in enumerate(qs.layers):
+        group = [k for k in SHARED_SCALES.get(cfg.pattern[i], ()) if k in entries]
+        if len(group) < 2:
+            layers.append(entries)
+            continue
+        scales = [float(np.asarray(entries[k]["scale"])) for k in group]
+        inputs = [float(np.asarray(entries[k]["input_scale"])) for k in group if "input_scale" in entries[k]]
+        new = dict(entries)
+        top = max(scales)
+        if len(set(scales)) > 1:
+            changed.append(i)
+            for k in group:
+                e = dict(entries[k], scale=jnp.asarray(top, jnp.float32))
+                if "block_scale" in e:
+                    w = jnp.asarray(params["layers"][i]["mixer"][k], jnp.float32)
+                    e["block_scale"] = nvfp4_scales(w, axis=-2, amax=jnp.float32(top * FP4_MAX * FP8_MAX))[0]
+                new[k] = e
+        if len(set(inputs)) > 1:
+            for k in group:
+                new[k] = dict(new[k], input_scale=jnp.asarray(max(inputs), jnp.float32))
+        layers.append(new)
+    if changed and log is not None:
+        log(f"quantized export: q/k/v of layers {changed} had separate weight scales; written with the group "
+            "max (vLLM / SGLang fuse them into qkv_proj), block scales re-derived")
+    return QuantState(qs.spec, layers)
+
+
+def _default_log(msg: str) -> None:
+    import logging
+    logging.getLogger("elastic_jax.quant").warning(msg)
+
+
+def quantize_tensors(cfg, params, tensors: list, fmt: str, qs: QuantState | None, kv_scales: dict | None = None,
+                     log=_default_log):
     """The `(key, shape, thunk)` list of `hf._hf_tensors` with every quantized weight replaced by
-    its packed weight and scales. Returns (tensors, quantization_config)."""
+    its packed weight and scales (and the FP8 KV-cache scales `kv_scales` {layer: {"k_scale",
+    "v_scale"}} added). Returns (tensors, quantization_config). Uncalibrated FP8 is refused (vLLM
+    would read garbage input scales); uncalibrated NVFP4 is written weight-only as `W4A16_NVFP4`
+    (said through `log`)."""
     from ..hf import layer_dims
     if qs is None:
         qs = init_quant_state(params, cfg, QuantSpec(fmt))
     if qs.spec.fmt != fmt:
         raise QuantizationError(f"quantization={fmt!r} but the quantization state is {qs.spec.fmt!r}")
-    if fmt == "fp8" and qs.spec.activations and not qs.calibrated:
+    if fmt == "fp8" and not qs.calibrated:
         raise QuantizationError("fp8 export needs static input scales: run elastic_jax.quant.calibrate first")
+    _check_fused(cfg, qs)
+    qs = _unify_fused(cfg, params, qs, log)
+    algo = quant_algo(qs)
+    if fmt == "nvfp4" and algo == "W4A16_NVFP4" and log is not None:
+        log("nvfp4 export without calibrated input scales: written as W4A16_NVFP4 (NVFP4 weights, BF16 "
+            "activations); run elastic_jax.quant.calibrate first for W4A4 NVFP4")
+    weight_only = algo == "W4A16_NVFP4"
     where = _quantized_rules(cfg, qs)
     out = []
     for key, shape, thunk in tensors:
@@ -139,9 +261,17 @@ def quantize_tensors(cfg, params, tensors: list, fmt: str, qs: QuantState | None
         d = layer_dims(cfg, i)
         mod = _hf_module(key)
         parts = _export_parts(params["layers"][i]["mixer"], qs.layers[i], rule, j, d, fmt)
+        if weight_only:
+            parts.pop("input_scale", None)
         for suffix, arr in parts.items():
             out.append((f"{mod}.{suffix}", arr.shape, lambda a=arr: a))
-    return out, quantization_config(cfg, qs)
+    for i, sc in sorted((kv_scales or {}).items()):
+        if cfg.pattern[i] != "*":
+            raise QuantizationError(f"kv_scales: layer {i} is not an attention layer")
+        for proj, name in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+            arr = np.asarray(sc[name], np.float32).reshape(())
+            out.append((f"backbone.layers.{i}.mixer.{proj}.{name}", (), lambda a=arr: a))
+    return out, quantization_config(cfg, qs, kv_cache=bool(kv_scales))
 
 
 def _export_parts(mixer, entries, rule, j, d, fmt) -> dict:
@@ -166,26 +296,63 @@ def _export_parts(mixer, entries, rule, j, d, fmt) -> dict:
 
 
 def write_quant_config(directory: str, qconfig: dict) -> None:
-    q = {k: v for k, v in qconfig.items() if k not in ("quant_method", "producer")}
     with open(os.path.join(directory, "hf_quant_config.json"), "w") as f:
-        json.dump({"producer": qconfig.get("producer", {}), "quantization": q}, f, indent=2)
+        json.dump(legacy_quant_config(qconfig), f, indent=2)
 
 
 # ------------------------------------------------------------------------------------ load
-def spec_from_config(raw: dict) -> QuantSpec | None:
-    """The QuantSpec of a config.json with a ModelOpt `quantization_config`, else None."""
+def read_modelopt_config(qc: dict, where: str = "quantization_config") -> dict:
+    """{quant_algo, kv_cache_quant_algo, group_size, exclude_modules} of a ModelOpt quantization
+    config in either form: converted (`config.json`: quant_algo, ignore, kv_cache_scheme, ...) or
+    nested legacy (`hf_quant_config.json`: {"quantization": {...}}), as vLLM's
+    `ModelOptQuantConfigBase.from_config` reads them."""
+    if not isinstance(qc, dict):
+        raise QuantizationError(f"{where}: expected an object, got {type(qc).__name__}")
+    if isinstance(qc.get("quantization"), dict):
+        q = qc["quantization"]
+        kv = q.get("kv_cache_quant_algo")
+        excl = q.get("exclude_modules") or []
+    else:
+        if not str(qc.get("quant_method", "")).lower().startswith("modelopt"):
+            raise QuantizationError(f"{where}: quant_method {qc.get('quant_method')!r}: only ModelOpt checkpoints "
+                                    "(quant_method 'modelopt') are read")
+        q = qc
+        scheme = qc.get("kv_cache_scheme")
+        kv = "FP8" if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8 \
+            else None
+        excl = qc.get("ignore")
+        if excl is None:            # files written before ModelOpt's converted form
+            excl = qc.get("exclude_modules") or []
+    algo = str(q.get("quant_algo") or "").upper()
+    if algo not in ALGOS:
+        raise QuantizationError(f"{where}: quant_algo {q.get('quant_algo')!r}: only ModelOpt {sorted(ALGOS)} "
+                                "checkpoints are read")
+    if not isinstance(excl, list):
+        raise QuantizationError(f"{where}: the exclusion list must be a list, got {type(excl).__name__}")
+    return {"quant_algo": algo, "kv_cache_quant_algo": None if kv is None else str(kv).upper(),
+            "group_size": q.get("group_size"), "exclude_modules": [str(m) for m in excl]}
+
+
+def spec_from_config(raw: dict, directory: str | None = None) -> QuantSpec | None:
+    """The QuantSpec of a ModelOpt checkpoint: `config.json`'s `quantization_config` (converted or
+    nested form), else the folder's `hf_quant_config.json` (as vLLM falls back to it); None when
+    neither exists (a BF16 checkpoint)."""
     qc = raw.get("quantization_config")
+    where = "config.json quantization_config"
+    if not qc and directory is not None:
+        path = os.path.join(directory, "hf_quant_config.json")
+        if os.path.isfile(path):
+            from ..errors import read_json
+            qc, where = read_json(path, what="ModelOpt quantization config"), path
     if not qc:
         return None
-    algo = qc.get("quant_algo")
-    if qc.get("quant_method") != "modelopt" or algo not in ALGOS.values():
-        raise QuantizationError(f"quantization_config {qc.get('quant_method')!r}/{algo!r}: only ModelOpt FP8 and "
-                                "NVFP4 checkpoints are read")
-    if algo == "NVFP4" and qc.get("group_size", NVFP4_BLOCK) != NVFP4_BLOCK:
-        raise QuantizationError(f"NVFP4 group_size {qc.get('group_size')}: only {NVFP4_BLOCK} is supported")
-    fmt = {v: k for k, v in ALGOS.items()}[algo]
-    excl = tuple(m for m in qc.get("exclude_modules") or () if m not in ALWAYS_EXCLUDED)
-    return QuantSpec(fmt, exclude=excl)
+    q = read_modelopt_config(qc, where)
+    if q["kv_cache_quant_algo"] not in (None, "FP8"):
+        raise QuantizationError(f"{where}: kv_cache_quant_algo {q['kv_cache_quant_algo']!r}: only an FP8 KV cache is read")
+    if "NVFP4" in q["quant_algo"] and (q["group_size"] or NVFP4_BLOCK) != NVFP4_BLOCK:
+        raise QuantizationError(f"{where}: NVFP4 group_size {q['group_size']}: only {NVFP4_BLOCK} is supported")
+    excl = tuple(m for m in q["exclude_modules"] if m not in ALWAYS_EXCLUDED)
+    return QuantSpec(ALGOS[q["quant_algo"]], exclude=excl, activations=q["quant_algo"] != "W4A16_NVFP4")
 
 
 class DequantizedFiles:
@@ -193,13 +360,16 @@ class DequantizedFiles:
     HF shape; their scale tensors are hidden from the key set and kept for `quant_state`."""
 
     _SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
+    _KV = ("k_scale", "v_scale")
 
     def __init__(self, files, spec: QuantSpec):
         self.files, self.spec = files, spec
         self.directory, self.problems = files.directory, files.problems
         keys = set(files.key_file)
         self.quantized = {k for k in keys if k.endswith(".weight") and _hf_module(k) + ".weight_scale" in keys}
-        self.key_file = {k: v for k, v in files.key_file.items() if k.rsplit(".", 1)[-1] not in self._SUFFIXES}
+        hidden = self._SUFFIXES + self._KV
+        self.key_file = {k: v for k, v in files.key_file.items() if k.rsplit(".", 1)[-1] not in hidden}
+        self.kv_keys = sorted(k for k in keys if k.rsplit(".", 1)[-1] in self._KV)
 
     def _raw(self, key):
         return read_tensor(os.path.join(self.directory, self.files.key_file[key]), key)

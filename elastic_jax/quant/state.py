@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .formats import FORMATS, FP4_MAX, FP8_MAX, NVFP4_BLOCK, fp8_with_scale, nvfp4_scales, nvfp4_with_scales
 from .qweight import QWeight
@@ -93,20 +94,25 @@ class QuantState:
     spec: QuantSpec
     layers: list
     observer: Callable | None = None   # calibration only: observer(layer, key, x)
+    output_observer: Callable | None = None   # KV-cache calibration only: (layer, key, x @ w)
 
     @property
     def calibrated(self) -> bool:
         return all("input_scale" in e for layer in self.layers for e in layer.values())
 
 
-jax.tree_util.register_dataclass(QuantState, data_fields=["layers"], meta_fields=["spec", "observer"])
+jax.tree_util.register_dataclass(QuantState, data_fields=["layers"],
+                                 meta_fields=["spec", "observer", "output_observer"])
+
+
+# keys that share one weight scale: one HF tensor (the Mamba in_proj pieces) or one module of the
+# serving stacks (vLLM / SGLang fuse q/k/v into qkv_proj, so ModelOpt exports them with one scale)
+_SHARED = {"M": ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"), "*": ("q_proj", "k_proj", "v_proj")}
 
 
 def _groups(keys: list[str], char: str) -> list[list[str]]:
-    """Keys that share one weight scale (one HF tensor): the Mamba in_proj pieces."""
-    if char != "M":
-        return [[k] for k in keys]
-    fused = [k for k in keys if QUANTIZABLE["M"][k] == "mixer.in_proj"]
+    """Keys that share one weight scale: the Mamba in_proj pieces, attention q/k/v."""
+    fused = [k for k in keys if k in _SHARED.get(char, ())]
     return ([fused] if fused else []) + [[k] for k in keys if k not in fused]
 
 
@@ -154,6 +160,13 @@ def quantize_weight(w, entry: dict, fmt: str):
 def apply_layer(mixer_params: dict, qs: QuantState, layer: int) -> dict:
     """The mixer params of `layer` with each quantized weight replaced by a `QWeight`."""
     entries = qs.layers[layer]
+    if qs.output_observer is not None:       # KV-cache calibration: record amax of k_proj / v_proj outputs
+        out = dict(mixer_params)
+        for key in ("k_proj", "v_proj"):
+            if key in out:
+                w = out[key]
+                out[key] = QWeight(w, None, functools.partial(_observe_output, qs.output_observer, layer, key, w))
+        return out
     if not entries:
         return mixer_params
     spec = qs.spec
@@ -207,6 +220,79 @@ def calibrate(params, cfg, qs: QuantState, batches, widths=(None,), policy=None)
             new[k] = dict(e, input_scale=jnp.where(amax > 0, amax / div, 1.0).astype(jnp.float32))
         layers.append(new)
     return QuantState(qs.spec, layers)
+
+
+def _observe_output(observer, layer, key, w, x):
+    observer(layer, key, jnp.einsum("...i,io->...o", x.astype(jnp.float32), jnp.asarray(w, jnp.float32)))
+
+
+def calibrate_kv_cache(params, cfg, batches, widths=(None,), policy=None) -> dict:
+    """FP8 KV-cache scales per attention layer, {layer: {"k_scale", "v_scale"}} = amax / 448 of
+    the keys / values (the k_proj / v_proj outputs; NemotronH attention has no RoPE) over
+    `batches` and the nested models `widths` (max over all), as ModelOpt's KV-cache calibration
+    writes `k_proj.k_scale` / `v_proj.v_scale`."""
+    from ..model.decoder import forward
+    from ..model.policy import ComputePolicy
+
+    policy = ComputePolicy(kernel_impl=cfg.kernel_impl) if policy is None else dataclasses.replace(policy, remat="none")
+    spec = QuantSpec("fp8", kinds="")
+
+    @jax.jit
+    def amaxes(params, tokens, w):
+        seen: dict = {}
+
+        def observer(layer, key, y):
+            seen.setdefault((layer, key), []).append(jnp.max(jnp.abs(y)))
+
+        empty = [{} for _ in range(cfg.num_hidden_layers)]
+        forward(params, tokens, cfg, w, quant=QuantState(spec, empty, None, observer), policy=policy)
+        return {f"{i}/{k}": functools.reduce(jnp.maximum, v) for (i, k), v in seen.items()}
+
+    total: dict = {}
+    for tokens in batches:
+        for w in widths:
+            got = amaxes(params, jnp.asarray(tokens), w)
+            total = got if not total else {k: jnp.maximum(total[k], v) for k, v in got.items()}
+    if not total and "*" in cfg.pattern:
+        raise QuantizationError("calibrate_kv_cache: no calibration batches")
+    out = {}
+    for i, c in enumerate(cfg.pattern):
+        if c != "*":
+            continue
+        sc = {}
+        for key, name in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+            amax = float(total[f"{i}/{key}"])
+            sc[name] = np.float32(amax / FP8_MAX if amax > 0 else 1.0)
+        out[i] = sc
+    return out
+
+
+def recipe_spec(cfg, fmt: str, recipe: str = "default") -> QuantSpec:
+    """The QuantSpec of a named recipe (METHOD §10):
+      "default": every projection but lm_head and the MoE router (embeddings, norms, conv1d and the
+                 SSM vectors are never quantized);
+      "nano":    as NVIDIA's Nemotron Nano FP8 / NVFP4 releases: additionally the attention layers and
+                 the Mamba layer nearest on each side of every attention layer stay BF16 (export it with
+                 FP8 KV-cache scales, `calibrate_kv_cache`)."""
+    if recipe == "default":
+        return QuantSpec(fmt)
+    if recipe != "nano":
+        raise QuantizationError(f"quantization recipe {recipe!r}: expected one of {RECIPES}")
+    keep = set()
+    for i, c in enumerate(cfg.pattern):
+        if c != "*":
+            continue
+        keep.add(i)
+        for step in (-1, 1):
+            j = i + step
+            while 0 <= j < cfg.num_hidden_layers and cfg.pattern[j] != "M":
+                j += step
+            if 0 <= j < cfg.num_hidden_layers:
+                keep.add(j)
+    return QuantSpec(fmt, exclude=tuple(f"backbone.layers.{i}.*" for i in sorted(keep)))
+
+
+RECIPES = ("default", "nano")
 
 
 def state_to_tree(qs: QuantState) -> list:

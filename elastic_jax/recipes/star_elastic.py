@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config import NemotronHConfig
 from ..data import DataConfig, make_dataset
-from ..elastic import ElasticConfig, budget_widths, estimate_importance, param_count, permute_params, slice_params
+from ..elastic import ElasticConfig, estimate_importance, trained_widths, param_count, permute_params, slice_params
 from ..experiment import register_runner
 from ..infer.budget import ElasticModel
 from ..infer.checkpoint import save_nested, save_standalone, widths_to_dict
@@ -151,7 +151,7 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                        progress=xp.progress)
     phases["elastic"] = time.perf_counter() - t0
     names = [budget_name(b) for b in ecfg.budgets]
-    widths = {n: budget_widths(el.router_params, cfg, ecfg, b) for n, b in zip(names, ecfg.budgets)}
+    widths = {n: trained_widths(el.router_params, cfg, ecfg, b) for n, b in zip(names, ecfg.budgets)}  # 100%: parent
     fractions = dict(zip(names, ecfg.budgets))
 
     # ---------------------------------------------------------------- checkpoints (nested + sliced)
@@ -288,7 +288,7 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                                                       if f.endswith(".safetensors"))),
                    "separate_checkpoint_bytes": int(sum(sliced_bytes.values())),
                    "files": {"nested model.safetensors": nested_files["model.safetensors"],
-                             "nested elastic_router.safetensors": nested_files.get("elastic_router.safetensors", 0),
+                             "nested elastic/router.safetensors": nested_files.get(os.path.join("elastic", "router.safetensors"), 0),
                              **{f"separate {n}": v for n, v in sliced_bytes.items()}}},
         "grid": [p.to_dict() for p in grid],
         "quantization": quant_results,
