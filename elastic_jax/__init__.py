@@ -16,7 +16,7 @@ from .hf import load_hf, save_hf
 from .model.policy import ComputePolicy
 from .widths import SoftWidths, Widths
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["errors", "kernels", "quant", "NemotronHConfig", "ComputePolicy", "Widths", "SoftWidths", "init_params", "forward", "prefill",
            "decode_step", "init_cache", "Cache", "generate", "Generation", "sample_logits",

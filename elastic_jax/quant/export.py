@@ -167,7 +167,7 @@ KV_CACHE_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
 def quantization_config(cfg, qs: QuantState, kv_cache: bool = False) -> dict:
     """`config.json`'s `quantization_config` in ModelOpt's converted form
     (`convert_hf_quant_config_format`): config_groups, ignore, quant_algo, kv_cache_scheme, producer."""
-    from .. import __version__
+    from .._version import __version__
     algo = quant_algo(qs)
     group = {"weights": _scheme(qs.spec.fmt), "targets": ["Linear"]}
     if algo != "W4A16_NVFP4":
