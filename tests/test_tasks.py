@@ -367,3 +367,23 @@ def test_part_scores_agree_with_score_answer():
             ps = part_scores(q, text)
             assert len(ps) == len(q.answer_parts())
             assert score_answer(q, text) == pytest.approx(sum(ps) / len(ps))
+
+
+def test_paper_budgets_variant_targets_total_and_active_and_feeds_the_long_stage_long_documents():
+    """issue 30: both cost targets, stage 2 only on documents longer than stage 1's rows (and some exist)."""
+    import os
+    from elastic_jax.data import make_dataset
+    from elastic_jax.experiment import load_experiment
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    for quick in (False, True):
+        xp = load_experiment(os.path.join(root, "tiny_star_elastic_paper_budgets.py"), quick=quick)
+        assert {t.cost_kind for t in xp.elastic.targets()} == {"total", "active"}
+        s1, s2 = xp.elastic_train.stages
+        assert s2.min_doc_len == s1.seq_len + 1 and s2.seq_len >= 89
+        default = load_experiment(os.path.join(root, "tiny_star_elastic.py"), quick=quick)
+        assert default.elastic.budget_targets is None and default.elastic_train.stages[1].min_doc_len is None
+    data = make_dataset(xp.data, xp.model.vocab_size)
+    batch = next(data.batches(s2.seq_len, s2.batch_size, min_doc_len=s2.min_doc_len))
+    seg = np.asarray(batch["segment_ids"])
+    lengths = [int((row == k).sum()) for row in seg for k in set(row.tolist()) - {0}]
+    assert lengths and min(lengths) >= s2.min_doc_len
