@@ -64,3 +64,41 @@ def test_bonferroni_interval_corrects_the_best_of_k_pick():
     assert plain / reps > 0.15 and corrected / reps <= 0.07
     with pytest.raises(ValueError, match="paired"):
         simultaneous_diff_ci([1.0, 0.0], [1.0], 2)
+
+
+def test_combine_seeds_reads_several_runs_with_seed_level_intervals(tmp_path):
+    """Three synthetic seed runs whose 50% model differs by seed: the combined gap interval holds the
+    seed spread (wider than any one run's), and the markdown / script report it."""
+    import json
+    import subprocess
+    import sys
+    from elastic_jax.eval.seeds import combine_seeds, seeds_markdown
+    rng = np.random.default_rng(0)
+    runs = []
+    for s, small in enumerate((0.30, 0.45, 0.55)):
+        row = lambda name, p: {"name": name, "accuracy": p, "params": 1, "active_params": 1, "exact_trace": 0.96,
+                               "scores": list(rng.binomial(1, p, 200).astype(float)),
+                               "scores_gold_trace": list(rng.binomial(1, p, 200).astype(float))}
+        runs.append({"parent": row("parent", 0.65), "nested": [row("100%", 0.62), row("50%", small)],
+                     "baselines": [row("50%", small - 0.05)]})
+    c = combine_seeds(runs)
+    g = c["verdict"]["answer_gap"]
+    assert c["seeds"] == 3 and len(g["seed_means"]) == 3
+    one = hierarchical_ci([np.asarray(runs[0]["nested"][0]["scores_gold_trace"])
+                           - np.asarray(runs[0]["nested"][1]["scores_gold_trace"])])
+    assert g["ci"][1] - g["ci"][0] > 2 * (one["ci"][1] - one["ci"][0])
+    assert "50%" in c["nested_minus_baseline"] and "Verdict over seeds" in seeds_markdown(c)
+    with pytest.raises(ValueError, match="different numbers"):
+        combine_seeds([runs[0], {"parent": {"scores": [1.0]}}])
+    dirs = []
+    for i, r in enumerate(runs):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(r))
+        dirs.append(str(d))
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "experiments", "seeds_report.py"), *dirs],
+                         capture_output=True, text=True, env=os.environ, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "3 training seed(s)" in out.stdout
