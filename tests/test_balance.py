@@ -8,7 +8,7 @@ import pytest
 import elastic_jax as ej
 from elastic_jax.model import layers as L
 from elastic_jax.train import OptimConfig
-from elastic_jax.train.balance import routing_entropy, update_expert_bias
+from elastic_jax.train.balance import active_experts, load_deviation, routing_entropy, update_expert_bias
 from elastic_jax.train.optim import make_optimizer
 from elastic_jax.train.step import StepSpec, make_step
 
@@ -89,3 +89,67 @@ def test_balancing_keeps_the_parent_routing_entropy_high(setup):
           f"without {ent[0.0]:.3f}")
     assert ent[RATE] > 0.9
     assert ent[RATE] > ent[0.0]
+
+
+# ---------------------------------------------------------------- elastic expert counts (issue 30)
+def test_masked_experts_take_no_part_in_the_update():
+    """A 4-of-8-expert budget: the 4 masked experts' bias is unchanged; the active ones balance
+    among themselves (mean over the 4 active loads, not over all 8)."""
+    params = ej.init_params(CFG, jax.random.PRNGKey(0))
+    active = active_experts(CFG, ej.Widths(moe_experts=4))
+    np.testing.assert_array_equal(np.asarray(active), [[True] * 4 + [False] * 4])
+    assert active_experts(CFG, None) is None
+    # soft router mixtures over 8 / 6 / 4 experts: an expert counts when >= half the mass keeps it
+    soft = lambda p: ej.SoftWidths.from_options(CFG, {"moe_experts": [8, 6, 4]}, {"moe_experts": p})
+    np.testing.assert_array_equal(np.asarray(active_experts(CFG, soft([0.9, 0.05, 0.05]))), [[True] * 8])
+    np.testing.assert_array_equal(np.asarray(active_experts(CFG, soft([0.1, 0.2, 0.7]))),
+                                  [[True] * 4 + [False] * 4])
+    np.testing.assert_array_equal(np.asarray(active_experts(CFG, soft([0.3, 0.3, 0.4]))),
+                                  [[True] * 6 + [False] * 2])
+    load = jnp.asarray([[10.0, 2.0, 5.0, 7.0, 0.0, 0.0, 0.0, 0.0]])             # active mean 6
+    old = update_expert_bias(params, CFG, load, 0.01)
+    new = update_expert_bias(params, CFG, load, 0.01, active=active)
+    b0 = params["layers"][1]["mixer"]["e_score_correction_bias"]
+    np.testing.assert_allclose(old["layers"][1]["mixer"]["e_score_correction_bias"] - b0,
+                               0.01 * np.array([-1, 1, -1, -1, 1, 1, 1, 1]), atol=1e-7)
+    np.testing.assert_allclose(new["layers"][1]["mixer"]["e_score_correction_bias"] - b0,
+                               0.01 * np.array([-1, 1, 1, -1, 0, 0, 0, 0]), atol=1e-7)
+    with pytest.raises(ValueError, match="exactly one"):
+        update_expert_bias(params, CFG, load, 0.01, deviation=load)
+
+
+def _simulate(rule: str, steps: int = 3000, rate: float = 1e-3, tokens: int = 256):
+    """Routing under uniformly sampled 8 / 6 / 4-expert budgets (the main job's expert options), the
+    bias updated after every step by the old rule (every expert counted, masked ones as load 0) or the
+    new one (active experts only). Returns the full model's normalized routing entropy and the share of
+    its tokens on the two last (least important) experts, after `steps` steps."""
+    mixer = ej.init_params(CFG, jax.random.PRNGKey(1))["layers"][1]["mixer"]
+    x = jax.random.normal(jax.random.PRNGKey(2), (tokens, CFG.hidden_size))
+    counts = (8, 6, 4)
+    active = jnp.stack([active_experts(CFG, ej.Widths(moe_experts=k)) for k in counts])    # [3, 1, E]
+
+    def loads(bias, k):
+        el = L.ElasticLayer(expert_counts=jnp.asarray([k]), expert_probs=jnp.ones((1,)))
+        idx, _ = L.route(dict(mixer, e_score_correction_bias=bias), x, CFG, el)
+        return jnp.zeros(CFG.n_routed_experts).at[idx.reshape(-1)].add(1.0)[None]       # [1, E]
+
+    def step(bias, key):
+        b = jax.random.randint(key, (), 0, len(counts))
+        load = loads(bias, jnp.asarray(counts)[b])
+        dev = load_deviation(load, None if rule == "old" else active[b])
+        return bias + rate * jnp.sign(dev[0]), None
+
+    bias0 = jnp.zeros(CFG.n_routed_experts)
+    bias, _ = jax.jit(lambda b0: jax.lax.scan(step, b0, jax.random.split(jax.random.PRNGKey(3), steps)))(bias0)
+    full = loads(bias, jnp.asarray(8))
+    return float(routing_entropy(full)[0]), float(full[0, -2:].sum() / full.sum()), \
+        float(routing_entropy(loads(bias0, jnp.asarray(8)))[0])
+
+
+def test_old_rule_collapses_routing_new_rule_holds_it():
+    old_h, old_tail, h0 = _simulate("old")
+    new_h, new_tail, _ = _simulate("new")
+    print(f"full-model routing entropy after 3000 steps: start {h0:.3f}, old rule {old_h:.3f} "
+          f"({old_tail:.0%} of tokens on the 2 tail experts), new rule {new_h:.3f} ({new_tail:.0%})")
+    assert old_h < 0.7 and old_tail > 0.5             # the collapse onto the tail experts
+    assert new_h > 0.95 and new_tail < 0.35           # held near uniform (2/8 = 25% on the tail)

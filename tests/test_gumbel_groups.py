@@ -95,3 +95,19 @@ def test_gumbel_groups_validation():
     with pytest.raises(ValueError, match="gumbel_groups"):
         StepSpec("elastic", CFG, CFG, ECFG, gumbel_groups=0)
     assert TrainConfig(stages=(Stage(steps=1, batch_size=8),), microbatches=2, gumbel_groups=2).gumbel_groups == 2
+
+
+def test_balancing_deviation_counts_only_the_sampled_active_experts(setup):
+    """issue 30: micro_loss's `expert_dev` is balance.load_deviation of its routing counts over the
+    experts the sampled widths keep (the per-group sum with two groups)."""
+    from elastic_jax.train.balance import active_experts, load_deviation
+    teacher, trainable, tokens, seg, x_t, key, losses = setup
+    for G in (1, 2):
+        per_group = _by_hand(teacher, trainable, tokens, seg, x_t, key, G)
+        want = 0.0
+        for g, (_, rout) in enumerate(per_group):
+            sl = slice(g * (B // G), (g + 1) * (B // G))
+            _, loads = final_hidden(trainable["params"], tokens[sl], CFG, rout.soft_widths, segment_ids=seg[sl],
+                                    return_expert_load=True)
+            want = want + load_deviation(jnp.stack(loads), active_experts(CFG, rout.soft_widths))
+        np.testing.assert_allclose(np.asarray(losses[G][1]["expert_dev"]), np.asarray(want), atol=1e-4)

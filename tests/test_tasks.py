@@ -326,3 +326,64 @@ def test_main_job_defaults_to_the_combine_levels_and_keeps_the_other_tasks():
     assert xp.data.task_levels == (9, 10, 11, 12) and xp.parent_train.stages[0].steps == 250
     xp = load_experiment(os.path.join(root, "tiny_star_elastic_sum.py"))
     assert xp.data.task_levels is None and xp.eval.levels == (1, 2, 3, 4) and xp.model.vocab_size == 32
+
+
+def test_no_test_walk_appears_in_the_main_jobs_training_documents():
+    """issue 30: the main job's test walks (start pairs) are held out: no tagged trace step of any eval
+    problem occurs in any of its training documents, so every scoring unit is unseen."""
+    import os
+    from elastic_jax.experiment import load_experiment
+    from elastic_jax.tasks import make_documents, scoring_units, unit_seen
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    xp = load_experiment(os.path.join(root, "tiny_star_elastic.py"))
+    ev = xp.eval
+    test = make_problems(ev.seed, ev.n_problems, ev.split, ev.levels)
+    train = make_problems(xp.data.seed, xp.data.num_documents, xp.data.task_split, xp.data.task_levels)
+    tok = TaskTokenizer.default()
+    assert tok.decode(make_documents(xp.data.seed, 5, xp.data.task_split, xp.data.task_levels, tokenizer=tok)[0]) \
+        == document_text(train[0])                                      # these are the training documents
+    walk_steps = lambda p: {" ".join(w) for w in zip(*[iter(trace_text(p).split())] * 4)}   # "c 3 7 0", ...
+    train_steps = set().union(*(walk_steps(p) for p in train))
+    test_steps = set().union(*(walk_steps(p) for p in test))
+    assert test_steps and train_steps and not (test_steps & train_steps)
+    assert not {p.digits for p in test} & {p.digits for p in train}
+    assert not any(any(s) for s in unit_seen(test, train))
+    # the unit bookkeeping finds overlap where there is some: the old problem-level split of the
+    # recurrence levels shared walks (and most units) between the splits
+    same_walk = [Problem(p.digits, (2, 3, 4, 5), p.recurrence, p.per_part) for p in train[:50]
+                 if p.difficulty == 13]
+    assert same_walk and all(all(s) for s in unit_seen(same_walk, train))
+    assert scoring_units(Problem((3, 7), (2, 3, 4, 5), 8, 2)) == [((3, 7), (2, 3)), ((3, 7), (4, 5))]
+
+
+def test_part_scores_agree_with_score_answer():
+    from elastic_jax.tasks import part_scores, score_answer
+    p = Problem((3, 7), query=(2, 3, 4, 5), recurrence=8, per_part=2)               # c d 7 e f 1
+    assert part_scores(p, f"{ANSWER} c d 7 e f 0 {EOS}") == [1.0, 0.0]
+    assert part_scores(p, f"{ANSWER} c d 7 {EOS}") == [1.0, 0.0]
+    assert part_scores(p, "no answer") == [0.0, 0.0]
+    for q in make_problems(3, 200, "test", (13, 14, 15, 16)):
+        for text in (document_text(q), f"{ANSWER} {q.answer()[:-1]}9 {EOS}", f"{ANSWER} {q.answer_parts()[0]} {EOS}"):
+            ps = part_scores(q, text)
+            assert len(ps) == len(q.answer_parts())
+            assert score_answer(q, text) == pytest.approx(sum(ps) / len(ps))
+
+
+def test_paper_budgets_variant_targets_total_and_active_and_feeds_the_long_stage_long_documents():
+    """issue 30: both cost targets, stage 2 only on documents longer than stage 1's rows (and some exist)."""
+    import os
+    from elastic_jax.data import make_dataset
+    from elastic_jax.experiment import load_experiment
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    for quick in (False, True):
+        xp = load_experiment(os.path.join(root, "tiny_star_elastic_paper_budgets.py"), quick=quick)
+        assert {t.cost_kind for t in xp.elastic.targets()} == {"total", "active"}
+        s1, s2 = xp.elastic_train.stages
+        assert s2.min_doc_len == s1.seq_len + 1 and s2.seq_len >= 89
+        default = load_experiment(os.path.join(root, "tiny_star_elastic.py"), quick=quick)
+        assert default.elastic.budget_targets is None and default.elastic_train.stages[1].min_doc_len is None
+    data = make_dataset(xp.data, xp.model.vocab_size)
+    batch = next(data.batches(s2.seq_len, s2.batch_size, min_doc_len=s2.min_doc_len))
+    seg = np.asarray(batch["segment_ids"])
+    lengths = [int((row == k).sum()) for row in seg for k in set(row.tolist()) - {0}]
+    assert lengths and min(lengths) >= s2.min_doc_len

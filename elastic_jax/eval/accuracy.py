@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..infer.budget import ElasticModel, Specials, answer_generate
-from ..tasks import TaskTokenizer, score_answer
+from ..tasks import TaskTokenizer, part_scores, score_answer
 from .config import EvalConfig
 from .evaluate import run_point
 
@@ -14,6 +14,13 @@ def answer_scores(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, 
                   traces=None) -> list[float]:
     """Per-problem scores when `name` answers right after prompt + `traces` (a trace per problem; None
     = no thinking at all) + `</think>`."""
+    return [score_answer(p, t) for p, t in zip(eval_set.problems, answer_texts(model, name, eval_set, tok, ecfg,
+                                                                                 traces))]
+
+
+def answer_texts(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg: EvalConfig,
+                 traces=None) -> list[str]:
+    """The decoded answers behind `answer_scores`."""
     sp = Specials.from_tokenizer(tok)
     traces = traces or [()] * len(eval_set)
     prompts = [list(p) + list(t) + [tok.end_think_id] for p, t in zip(eval_set.prompts, traces)]
@@ -21,7 +28,7 @@ def answer_scores(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, 
     ans, _ = answer_generate(model, prompts, submodel=name, specials=sp, max_answer_tokens=ecfg.max_answer_tokens,
                              prompt_length=length, cache_len=length + ecfg.max_answer_tokens,   # one shape, and
                              capacity=max(ecfg.full_thinking, ecfg.max_answer_tokens))  # the grid's decode loop
-    return [score_answer(p, tok.decode(a)) for p, a in zip(eval_set.problems, ans)]
+    return [tok.decode(a) for a in ans]
 
 
 def model_row(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg: EvalConfig, gold,
@@ -34,7 +41,10 @@ def model_row(model: ElasticModel, name: str, eval_set, tok: TaskTokenizer, ecfg
     row = {"accuracy": pt.accuracy, "scores": list(pt.correct), "exact_trace": pt.exact_trace}
     if diagnostics:
         none = answer_scores(model, name, eval_set, tok, ecfg)
-        given = answer_scores(model, name, eval_set, tok, ecfg, gold)
+        texts = answer_texts(model, name, eval_set, tok, ecfg, gold)
+        given = [score_answer(p, t) for p, t in zip(eval_set.problems, texts)]
         row.update({"accuracy_no_thinking": float(np.mean(none)), "accuracy_gold_trace": float(np.mean(given)),
-                    "scores_gold_trace": given})
+                    "scores_gold_trace": given,
+                    # per answer part (scoring unit), for the seen / unseen split of the report
+                    "parts_gold_trace": [part_scores(p, t) for p, t in zip(eval_set.problems, texts)]})
     return row

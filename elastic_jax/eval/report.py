@@ -24,7 +24,8 @@ import numpy as np
 
 from .evaluate import SCHEMES, TRUNCATION_SCHEMES, dominance, pareto_front
 from .quantized import quant_markdown
-from .stats import bootstrap_ci, bootstrap_diff_ci, half_width, problems_needed
+from .rigor import analyze_rigor, rigor_markdown
+from .stats import bootstrap_ci, bootstrap_diff_ci, half_width, problems_needed, simultaneous_diff_ci
 
 PLOTS = ("pareto.png", "training_curves.png", "accuracy_per_budget.png")
 SCHEME_STYLE = {"truncation": ("tab:gray", "s", "truncation (one model, thinking cut at the budget)"),
@@ -75,8 +76,9 @@ def verdict(results: dict) -> dict:
 
 
 def _matched(challengers, baseline, x):
-    """For each baseline-frontier point, the best challenger no slower on `x`, with a paired
-    bootstrap interval of the accuracy difference."""
+    """For each baseline-frontier point, the best challenger no slower on `x`, with a paired interval
+    of the accuracy difference corrected for the `k` challengers it was picked from (Bonferroni:
+    `stats.simultaneous_diff_ci`; the best of k noisy points is biased up, issue 30)."""
     out = []
     for i in pareto_front(baseline, x):
         t = baseline[i]
@@ -84,11 +86,12 @@ def _matched(challengers, baseline, x):
         best = max(ok, key=lambda p: p["accuracy"]) if ok else None
         row = {"baseline": t["label"], "baseline_accuracy": t["accuracy"], "x": t[x],
                "best": None if best is None else best["label"],
-               "best_accuracy": None if best is None else best["accuracy"], "diff": None, "diff_ci": None}
+               "best_accuracy": None if best is None else best["accuracy"], "diff": None, "diff_ci": None,
+               "k": len(ok)}
         if best is not None:
             row["diff"] = best["accuracy"] - t["accuracy"]
-            if best.get("correct") and t.get("correct"):
-                row["diff_ci"] = list(bootstrap_diff_ci(best["correct"], t["correct"]))
+            if best.get("correct") and t.get("correct") and len(best["correct"]) == len(t["correct"]) > 1:
+                row["diff_ci"] = list(simultaneous_diff_ci(best["correct"], t["correct"], len(ok)))
         out.append(row)
     return out
 
@@ -147,6 +150,7 @@ def analyze(results: dict) -> dict:
             out["matched_latency" + suffix] = _matched(by["budget_control"], by[base], x)
             out["flops_axis" + suffix] = dominance(by["budget_control"], by[base], "flops")
             out["wall_axis" + suffix] = dominance(by["budget_control"], by[base], "latency_s")
+    out.update(analyze_rigor(results, by, x))     # seen / unseen units, dominance with intervals (rigor.py)
     out["verdict"] = verdict(results)
     # statistical power: the 95% half-width at each observed accuracy, and the problems +-2 points needs
     n = results.get("eval", {}).get("n_problems")
@@ -527,8 +531,11 @@ def render_markdown(results: dict, analysis: dict) -> str:
             if not d:
                 continue
             L += [f"### Against truncation of {what}", "",
-                  f"Budget-control frontier points that dominate truncation-frontier points on the primary axis "
-                  f"({100 * d['baseline_dominated_frac']:.0f}% of the truncation frontier is dominated):"]
+                  f"Budget-control frontier points that dominate truncation-frontier points on the primary axis, "
+                  f"**by point estimates** ({100 * d['baseline_dominated_frac']:.0f}% of the truncation frontier; "
+                  f"outside the paired intervals: "
+                  f"{100 * analysis.get('dominance_ci' + suffix, {}).get('baseline_dominated_frac', float('nan')):.0f}%, "
+                  f"see 'Dominance with intervals'):"]
             L += [f"- {w['point']} dominates {', '.join(w['dominates'])}" for w in d["dominating"]] or ["- none"]
             L += [f"Truncation-frontier points no budget-control point dominates: "
                   f"{', '.join(d['baseline_undominated']) or 'none'}."]
@@ -541,17 +548,19 @@ def render_markdown(results: dict, analysis: dict) -> str:
             m = analysis.get("matched_latency" + suffix)
             if m:
                 L += ["Accuracy at matched cost (best budget-control point no slower on the primary axis than each "
-                      "truncation frontier point; paired 95% CI of the difference):", "",
-                      "| truncation point | its accuracy | cost | best budget control | its accuracy | difference |",
-                      "|---|---|---|---|---|---|"]
+                      "truncation frontier point, picked from k candidates; paired 95% interval of the difference, "
+                      "Bonferroni-corrected for the k candidates, so a best-of-k pick is not a winner's curse):", "",
+                      "| truncation point | its accuracy | cost | best budget control | of k | its accuracy | difference |",
+                      "|---|---|---|---|---|---|---|"]
                 L += [f"| {r['baseline']} | {r['baseline_accuracy']:.3f} | {r['x']:.4g} | {r['best'] or 'none'} | "
-                      f"{_fmt(r['best_accuracy'])} | {_signed(r['diff'])}"
+                      f"{r.get('k', 'n/a')} | {_fmt(r['best_accuracy'])} | {_signed(r['diff'])}"
                       f"{_cis(r['diff_ci'])} |" for r in m]
                 L.append("")
         if any(p["scheme"] == "transplant" for p in grid):
             L += ["Cache transplant (B continues from A's caches, no re-prefill) is an approximation, reported "
                   "separately; its latency is measured on the masked (unsliced) views, so compare its accuracy "
                   "with the matching budget-control rows rather than its latency.", ""]
+    L += rigor_markdown(results, analysis)
     L += quant_markdown(results)
     if results.get("notes"):
         L += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]

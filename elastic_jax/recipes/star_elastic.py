@@ -35,8 +35,9 @@ from ..model import init_params
 from ..eval.accuracy import model_row
 from ..eval.config import EvalConfig
 from ..eval.latency import LatencyTarget, measure_host_profile
+from ..eval.rigor import latency_sensitivity
 from ..eval.quantized import QuantEvalConfig
-from ..tasks import DEFAULT_LEVELS, TaskTokenizer, make_eval_set, trace_text, vocab_needed
+from ..tasks import DEFAULT_LEVELS, TaskTokenizer, make_eval_set, make_problems, trace_text, unit_seen, vocab_needed
 from ..train import TrainConfig, train_elastic, train_kd, train_lm
 from ..train.metrics import read_jsonl
 from ..widths import Widths
@@ -200,6 +201,9 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     ev = xp.eval
     eval_set = make_eval_set(ev.seed, ev.n_problems, ev.split, ev.levels, tokenizer=tok)
     gold = [tok.encode(trace_text(p)) for p in eval_set.problems]
+    # per answer part: does its scoring unit occur in a training document? (the report's seen / unseen split)
+    units_seen = unit_seen(eval_set.problems, make_problems(xp.data.seed, xp.data.num_documents,
+                                                            xp.data.task_split, xp.data.task_levels))
     # quantized nested checkpoints first: resumed runs reach (and cache) this stage before the long grid
     quant_results = None
     if xp.quant.enabled:
@@ -262,6 +266,11 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
         grid += evaluate_grid(parent_model, grid_set, tok, ev.thinking_budgets, family="parent", **grid_kw)
     phases["grid"] = time.perf_counter() - t0
 
+    # the latency model's sensitivity (batch, achieved bandwidth, per-call overhead) at full thinking
+    sensitivity = latency_sensitivity(
+        targets[0], cfg, widths, prompt_len=int(round(np.mean([len(p) for p in eval_set.prompts]))),
+        think_steps=int(round(np.mean(eval_set.trace_lengths))) + 1, answer_steps=ev.max_answer_tokens)
+
     # ---------------------------------------------------------------- report
     results = {
         "title": xp.title,
@@ -270,11 +279,12 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                                                      for t in targets},
                     "batch": 1, "note": "modeled per request at batch 1: prefill the prompt, decode the trace; "
                                         "the answering model re-prefills prompt + trace (bucketed to a multiple "
-                                        "of 8) when it differs, then decodes the answer"},
+                                        "of 8) when it differs, then decodes the answer",
+                    "sensitivity": sensitivity},
         "token_sweep": [{k: v for k, v in r.items() if k not in ("scores_gold_trace",)} for r in sweep_rows],
         "nested_tokens": seen, "comparison_seed": xp.comparison_seed,
         "eval": {"n_problems": len(eval_set), "grid_problems": len(grid_set), "split": ev.split,
-                 "levels": list(ev.levels),
+                 "levels": list(ev.levels), "units_seen": units_seen,
                  "max_trace_tokens": int(max(eval_set.trace_lengths)),
                  "mean_trace_tokens": float(np.mean(eval_set.trace_lengths))},
         "parent": parent_row, "nested": nested_rows, "baselines": base_rows,

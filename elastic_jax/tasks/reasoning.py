@@ -48,7 +48,14 @@ add them (the trace's own sums have their operands next to them). Partial credit
 
 Everything is deterministic from a seed. The train and test splits are disjoint by construction:
 a problem belongs to the test split iff a stable hash (CRC-32) of its digits (and query) falls in
-the test bucket, so no test problem is ever generated for training.
+the test bucket, so no test problem is ever generated for training. The recurrence and combine
+levels hash the start pair alone (issue 30): a walk is fixed by its start pair, so a test walk (any
+of its tagged steps, any queried value) never appears in a training document, whatever the level
+or query (about 20 of the 100 start pairs are test walks).
+
+A scoring unit (`scoring_units`) is what one answer part is scored on: (the digits it depends on,
+its queried steps). `unit_seen` marks the units of a problem that also occur in some training
+problem, so a report can give accuracy on seen and unseen units separately.
 """
 from __future__ import annotations
 
@@ -167,8 +174,11 @@ class Problem:
 
 
 def split_of(problem: Problem) -> str:
-    """'test' iff CRC-32 of the digit (and query) string lands in bucket 0 of TEST_BUCKETS, else 'train'."""
+    """'test' iff CRC-32 of the digit (and query) string lands in bucket 0 of TEST_BUCKETS, else 'train'.
+    Recurrence / combine problems: of the start pair alone (held-out walks)."""
     key = "".join(str(d) for d in problem.digits)
+    if problem.recurrence:
+        return "test" if zlib.crc32(f"walk{key}".encode()) % TEST_BUCKETS == 0 else "train"
     if problem.per_part:
         key += f"c{problem.per_part}"
     if problem.recurrence:
@@ -176,6 +186,23 @@ def split_of(problem: Problem) -> str:
     if problem.query:
         key += "?" + ",".join(str(i) for i in problem.query)
     return "test" if zlib.crc32(key.encode()) % TEST_BUCKETS == 0 else "train"
+
+
+def scoring_units(problem: Problem) -> list[tuple]:
+    """One hashable key per answer part (`answer_parts` order): the digits the part's value depends on
+    and its queried steps. Sum levels: the whole problem; query levels: the digits up to the queried
+    step; recurrence / combine levels: the walk (start pair) and the part's queried steps."""
+    if not problem.query:
+        return [(problem.digits, ())]
+    if problem.recurrence:
+        return [(problem.digits, g) for g in problem.query_groups()]
+    return [(problem.digits[:i + 1], (i,)) for i in problem.query]
+
+
+def unit_seen(problems, train_problems) -> list[list[bool]]:
+    """Per problem, per answer part: does its scoring unit occur in any of `train_problems`?"""
+    seen = {u for p in train_problems for u in scoring_units(p)}
+    return [[u in seen for u in scoring_units(p)] for p in problems]
 
 
 def check_levels(difficulty) -> tuple[int, ...]:
@@ -264,6 +291,21 @@ def parse_answer(text: str) -> str | None:
 def check_answer(p: Problem, generated: str) -> bool:
     """Exact match of the parsed answer with `p.answer()`."""
     return parse_answer(generated) == p.answer()
+
+
+def part_scores(p: Problem, generated: str) -> list[float]:
+    """Per expected answer part (`answer_parts` order): 1.0 when given right in place, else 0.0 (the
+    parts `score_answer` credits)."""
+    got = parse_answer(generated)
+    want = p.answer_parts()
+    if got is None:
+        return [0.0] * len(want)
+    if not p.query:
+        return [float(got == p.answer())]
+    words = got.split()
+    k = len(want[0].split())
+    given = [" ".join(words[i:i + k]) for i in range(0, len(words), k)]
+    return [float(i < len(given) and given[i] == w) for i, w in enumerate(want)]
 
 
 def score_answer(p: Problem, generated: str) -> float:

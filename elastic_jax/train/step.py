@@ -23,7 +23,8 @@ check failed in `metrics["finite_checks"]`); the loop stops the run there, so th
 checkpoint stays the last good, finite state.
 
 MoE layers of the student are balanced without an auxiliary loss (`expert_bias_rate` > 0,
-balance.py): the correction bias moves by the step's routing counts after the optimizer update.
+balance.py): the correction bias moves by the step's routing counts after the optimizer update,
+counting only the experts each micro-batch's sampled widths keep active.
 
 Modes: "elastic" (above), "kd" (fixed student, possibly a different config than the teacher: no
 router, no budget loss), "lm" (next-token cross-entropy, no teacher).
@@ -45,7 +46,7 @@ import optax
 from ..config import NemotronHConfig
 from ..model.decoder import final_hidden
 from ..model.policy import ComputePolicy
-from .balance import routing_entropy, update_expert_bias
+from .balance import active_experts, load_deviation, routing_entropy, update_expert_bias
 from .losses import chunked_ce, chunked_kl, masked_mean, next_token_targets
 
 MODES = ("elastic", "kd", "lm")
@@ -155,8 +156,10 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
         def student(p, tok, seg, w):
             x, loads = final_hidden(p, tok, cfg, w, segment_ids=seg, quant=qs, policy=spec.policy,
                                     return_expert_load=True)
-            return x, jnp.stack(loads)                                          # [n_moe, E]
-        x_s, aux["expert_load"] = grouped(student, params, tokens, segment_ids, widths)
+            loads = jnp.stack(loads)                                            # [n_moe, E]
+            # balance among the experts this sample's widths keep (balance.py): per row group
+            return x, (loads, load_deviation(loads, active_experts(cfg, w)))
+        x_s, (aux["expert_load"], aux["expert_dev"]) = grouped(student, params, tokens, segment_ids, widths)
     else:
         x_s, _ = grouped(lambda p, tok, seg, w: (final_hidden(p, tok, cfg, w, segment_ids=seg, quant=qs,
                                                               policy=spec.policy), ()),
@@ -223,6 +226,7 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
                    "tokens": aux["tokens"]}
             if "expert_load" in aux:
                 out["expert_load"] = aux["expert_load"]
+                out["expert_dev"] = aux["expert_dev"]
             if "choice" in aux:
                 out["choice"] = aux["choice"]
                 out["expected"] = aux["expected"]
@@ -245,8 +249,8 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_params = new_trainable["params"]
         if spec.balances_experts:      # outside the optimizer: the bias has no gradient (balance.py)
-            new_params = update_expert_bias(new_params, spec.model_cfg, jnp.sum(per_mb["expert_load"], 0),
-                                            spec.expert_bias_rate)
+            new_params = update_expert_bias(new_params, spec.model_cfg, rate=spec.expert_bias_rate,
+                                            deviation=jnp.sum(per_mb["expert_dev"], 0))
         new_state = {"params": keep(new_params, state["params"]),
                      "router": keep(new_trainable["router"], state["router"]),
                      "opt_state": keep(new_opt, state["opt_state"])}
