@@ -313,3 +313,17 @@ def test_cache_overflow_and_long_prompt_raise(model):
         ej.prefill(params, t, cfg, max_len=4)
     with pytest.raises(ValueError, match="max_len"):
         ej.generate(params, t, cfg, max_new_tokens=4, max_len=22)
+
+
+def test_eager_forward_takes_numpy_parameters():
+    """`jax.device_get(params)` gives numpy leaves: the eager forward (MoE grouped matmul included,
+    at a size that takes the CPU segment path) runs on them and equals the jnp forward; resolved
+    widths pass back through the forward also for a pattern without attention."""
+    cfg = HYBRID64.replace(hybrid_override_pattern="ME")
+    params = ej.init_params(cfg, jax.random.PRNGKey(0))
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (2, 32), 0, cfg.vocab_size))
+    w = ej.Widths(hidden=48, mamba_heads=4, moe_experts=4, moe_ffn=16)
+    host = jax.device_get(params)
+    assert isinstance(jax.tree.leaves(host)[0], np.ndarray)
+    assert_close(ej.forward(host, tokens, cfg, w), ej.forward(params, tokens, cfg, w))
+    assert_close(ej.forward(host, tokens, cfg, w.resolve(cfg)), ej.forward(params, tokens, cfg, w))
