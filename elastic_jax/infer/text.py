@@ -478,7 +478,8 @@ class TextGenerator:
             if G > 0 and not done.all():
                 out, lengths, _, cache, logits = self._decode(
                     "think", params, w, cache, logits, jnp.asarray(done), G, k_grace, cfg=cfg, capacity=G,
-                    stop_token=stops + tuple(newlines), stream=stream, stop_strings=(), quant=q, **sampling)
+                    stop_token=stops + tuple(newlines), stream=stream, stop_strings=(), quant=q, prefix=rows,
+                    **sampling)
                 out, lengths = np.asarray(out), np.asarray(lengths)
                 rows = [r if done[i] else r + list(map(int, out[i, :lengths[i]])) for i, r in enumerate(rows)]
             for i, r in enumerate(rows):
@@ -561,10 +562,10 @@ class TextGenerator:
         return TextOutput(results=results, phases=phases, settings=settings)
 
     def _decode(self, phase, params, w, cache, logits, done0, limit, key, *, stream, stop_strings, stop_token,
-                **kw):
+                prefix=None, **kw):
         """The compiled loop (compiled ahead of time: `_Programs`), or with `stream` the per-token
         loop reporting text deltas (and ending early once every row has produced one of
-        `stop_strings`)."""
+        `stop_strings`). `prefix`: each row's tokens of this phase so far (the text deltas continue them)."""
         progs = self._programs
         if stream is None:
             static = {n: kw[n] for n in ("cfg", "capacity", "pad_token", "temperature", "top_p")}
@@ -579,7 +580,8 @@ class TextGenerator:
 
         B = logits.shape[0]
         gen = decode_stream(params, w, cache, logits, done0, limit, key, stop_token=stop_token, step=step, **kw)
-        rows, texts = [[] for _ in range(B)], [""] * B
+        prefix = prefix or [[] for _ in range(B)]
+        rows, texts = [list(p) for p in prefix], [self.tokenizer.decode(p) for p in prefix]
         done0 = np.asarray(done0)
         done, stopped, ends = done0.copy(), np.zeros(B, bool), [[] for _ in range(B)]
         while True:
@@ -604,7 +606,7 @@ class TextGenerator:
             if stop_strings and all(done[i] or any(s in texts[i] for s in stop_strings) for i in range(B)):
                 gen.close()   # every row has its stop string: end here (the compiled loop cannot)
                 out = np.full((B, kw["capacity"]), kw["pad_token"], np.int32)
-                rows = [r + e for r, e in zip(rows, ends)]   # with the stop token, as the compiled loop
+                rows = [r[len(p):] + e for r, p, e in zip(rows, prefix, ends)]   # with the stop token, as compiled
                 for i, r in enumerate(rows):
                     out[i, :len(r)] = r
                 lengths = np.asarray([len(r) for r in rows])
