@@ -13,6 +13,7 @@ from .model import (Cache, Generation, check_params, count_params, decode_step, 
                     hidden_states, init_cache, init_params, param_axes, param_shapes, prefill,
                     sample_logits)
 from .hf import load_hf, save_hf
+from .infer.text import generate_text
 from .model.policy import ComputePolicy
 from .widths import SoftWidths, Widths
 
@@ -22,4 +23,4 @@ __all__ = ["errors", "kernels", "quant", "NemotronHConfig", "ComputePolicy", "Wi
            "decode_step", "init_cache", "Cache", "generate", "Generation", "sample_logits",
            "hidden_states", "param_axes", "param_shapes", "check_params", "count_params",
            "slice_params", "sliced_config", "param_count", "ElasticConfig", "Importance",
-           "estimate_importance", "permute_params", "load_hf", "save_hf", "widths_for_budget"]
+           "estimate_importance", "permute_params", "load_hf", "save_hf", "widths_for_budget", "generate_text"]

@@ -5,7 +5,8 @@
 
 CHECKPOINT_DIR: an HF export with a tokenizer, or the pipeline's `checkpoints/nested`. Prints a
 table (tokens/s per phase and loop, the ratio compiled / per-token) and writes JSON. Each
-configuration is run once to compile, then timed `--repeats` times (best kept).
+configuration is run once to compile, then timed `--repeats` times (best kept); the phases'
+tokens/s exclude compilation in any case (`TextPhase.compile_s`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def main(argv=None):
     ap.add_argument("--prompt", default="a 3 b 7 c 2 d 9 e 5 f 1", help="one user message (repeated --batch times)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--thinking-budget", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=44, help="thinking + end text + answer (vLLM's max_tokens)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench_generate.json")
     args = ap.parse_args(argv)
@@ -33,7 +34,8 @@ def main(argv=None):
     names = gen.names()
     think = args.think or names[-2 if len(names) > 1 else 0]
     answer = args.answer or names[0]
-    kw = dict(think=think, answer=answer, thinking_budget=args.thinking_budget, max_new_tokens=args.max_new_tokens)
+    kw = dict(think=think, answer=answer, thinking_budget=args.thinking_budget, grace_period=0,
+              max_tokens=args.max_tokens)
     prompts = [args.prompt] * args.batch
     rows = []
     for loop, stream in (("compiled", None), ("per-token", lambda *a: None)):

@@ -197,5 +197,24 @@ def test_colab_notebook_runs_headless(quick_run, tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
     assert any("nested" in o.get("text", "") for o in outputs)
-    text = "".join(o.get("text", "") for o in outputs)   # ends with generate on two budget pairs
+    text = "".join(o.get("text", "") for o in outputs)   # ends with generate on three budget pairs
     assert "think 50% -> answer 100%" in text and "think 100% -> answer 100%" in text and "tok/s" in text
+    _check_generate_cell_scores_the_trained_task(text, quick_run)
+
+
+def _check_generate_cell_scores_the_trained_task(text, run):
+    """The last cell prompts the run's own task (its eval levels) and scores the answers with it:
+    per budget pair, its accuracy equals the report's on the same problems (greedy, same models;
+    a few ties may break differently) and the report's overall one within sampling noise."""
+    import math
+    import re
+    from elastic_jax.experiment import load_experiment
+    ev = load_experiment(EXPERIMENT, quick=True).eval
+    assert f"task levels {ev.levels[0]}-{ev.levels[-1]}," in text
+    rows = re.findall(r"accuracy ([0-9.]+) on (\d+) problems; report: ([0-9.]+) on the same problems, "
+                      r"([0-9.]+) on its (\d+)", text)
+    assert len(rows) == 3, text[-3000:]
+    for acc, n, same, overall, _ in rows:
+        acc, n, same, overall = float(acc), int(n), float(same), float(overall)
+        assert abs(acc - same) <= 0.1, (acc, same)
+        assert abs(acc - overall) <= 1.5 / math.sqrt(n) + 2 / n, (acc, overall, n)

@@ -175,3 +175,12 @@ def test_nan_loss_stops_run_naming_step_and_budget(tmp_path):
     meta = ck.read_meta(1)
     assert meta["step"] == 1 and meta["configs"]["elastic"]["budgets"] == [1.0, 0.5]
     ck.close()
+
+
+def test_progress_bar_shows_the_sampled_budget():
+    """The bar's postfix: loss, the budget each microbatch sampled (elastic runs), tokens/s, stage."""
+    from elastic_jax.train.metrics import progress_postfix
+    m = {"loss": np.float32(1.23456), "budget_idx": np.asarray([2, 0])}
+    post = progress_postfix(m, 1234.5, "short", (1.0, 0.75, 0.5))
+    assert post == {"loss": "1.2346", "budget": "50%,100%", "tok_s": "1,234", "stage": "short"}
+    assert "budget" not in progress_postfix(m, 1.0, "lm")          # parent / baseline runs: no budget

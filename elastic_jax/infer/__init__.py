@@ -4,7 +4,8 @@ thinking-token truncation baseline (METHOD §9); the same on text from a checkpo
 from .budget import (BudgetOutput, ElasticModel, PhaseStats, Specials, answer_generate, budget_generate, left_pad,
                      truncation_generate)
 from .chat import ChatTokenizer
-from .text import TextGenerator, TextOutput, TextPhase, TextResult
+from .text import TextGenerator, TextOutput, TextPhase, TextResult, generate_text
 
 __all__ = ["ElasticModel", "budget_generate", "truncation_generate", "BudgetOutput", "PhaseStats", "Specials",
-           "left_pad", "answer_generate", "TextGenerator", "TextOutput", "TextResult", "TextPhase", "ChatTokenizer"]
+           "left_pad", "answer_generate", "TextGenerator", "TextOutput", "TextResult", "TextPhase", "ChatTokenizer",
+           "generate_text"]

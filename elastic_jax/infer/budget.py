@@ -183,16 +183,18 @@ _decode_one = jax.jit(_decode_body, static_argnames=("cfg", "stop_token", "pad_t
 
 
 def decode_stream(params, widths, cache, last_logits, done0, limit: int, key, *, cfg, capacity, stop_token,
-                  pad_token, temperature, top_p, quant=None):
+                  pad_token, temperature, top_p, quant=None, step=None):
     """The per-token fallback of `_decode_loop` (same arguments, same results): a Python loop over
-    one jitted step that yields each step's tokens [B] (numpy) as soon as they exist, for
-    streaming. The generator's return value (StopIteration.value) is `_decode_loop`'s tuple."""
+    one jitted step (`step`, default `_decode_one`; same signature) that yields each step's tokens
+    [B] (numpy) as soon as they exist, for streaming. The generator's return value
+    (StopIteration.value) is `_decode_loop`'s tuple."""
+    step = _decode_one if step is None else step
     s = _decode_init(last_logits, cache, done0, capacity, pad_token)
     for _ in range(int(limit)):
         if bool(np.all(np.asarray(s[3]))):
             break
-        s = _decode_one(params, widths, key, s, cfg=cfg, stop_token=stop_token, pad_token=pad_token,
-                        temperature=temperature, top_p=top_p, quant=quant)
+        s = step(params, widths, key, s, cfg=cfg, stop_token=stop_token, pad_token=pad_token,
+                 temperature=temperature, top_p=top_p, quant=quant)
         yield np.asarray(s[4][:, int(s[0]) - 1])
     _, logits, cache, _, out, lengths, stopped = s
     return out, lengths, stopped, cache, logits

@@ -43,7 +43,7 @@ from . import sharding as shd
 from ..errors import TrainingDiverged
 from .checkpoint import Checkpointer, abstract_like, params_fingerprint
 from .config import TrainConfig
-from .metrics import RunLogger, Throughput, batch_digest, plot_curves
+from .metrics import RunLogger, Throughput, batch_digest, plot_curves, progress_postfix
 from .optim import lr_schedule, make_optimizer
 from .step import StepSpec, make_step
 
@@ -363,7 +363,8 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
             logger.log(rec)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(m['loss']):.4f}", tok_s=f"{tok_s:,.0f}", stage=stage.name)
+            bar.set_postfix(progress_postfix(m, tok_s, stage.name,
+                                             spec.elastic_cfg.budgets if spec.mode == "elastic" else None))
         return tokens_seen
 
     step = start

@@ -1,5 +1,6 @@
 """Run telemetry: JSONL metrics, TensorBoard event files (tensorboardX), the batch log, a progress
-bar with tokens/s and ETA (tqdm), and a PNG of the curves at the end (matplotlib, Agg).
+bar with the loss, the sampled budget, tokens/s and ETA (tqdm), and a PNG of the curves at the end
+(matplotlib, Agg).
 
 Files under the run folder:
   metrics.jsonl   one record per logged step: loss, KD (task) loss per budget, budget loss,
@@ -130,6 +131,16 @@ def plot_curves(metrics_path: str, out_png: str) -> str | None:
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return out_png
+
+
+def progress_postfix(m: dict, tok_s: float, stage: str, budgets=None) -> dict:
+    """The progress bar's fields: the step's loss, the budget(s) it sampled (elastic runs: one per
+    microbatch, as fractions of the parent, e.g. `50%,100%`), tokens/s and the stage."""
+    post = {"loss": f"{float(m['loss']):.4f}"}
+    if budgets is not None and "budget_idx" in m:
+        post["budget"] = ",".join(f"{float(budgets[int(i)]):.0%}" for i in np.asarray(m["budget_idx"]).reshape(-1))
+    post.update(tok_s=f"{tok_s:,.0f}", stage=stage)
+    return post
 
 
 class Throughput:
