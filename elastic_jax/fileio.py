@@ -201,3 +201,19 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """`obj` as JSON at `path`, written to a temporary file beside it (named after this host and
+    process, so writers on a shared filesystem never collide) and renamed into place."""
+    import json
+    import socket
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

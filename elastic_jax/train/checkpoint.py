@@ -193,8 +193,8 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state)))["state"]
 
     def restore_local(self, step: int | None = None, device=None) -> Any:
-        """The "state" item of `step` (default: latest) on one local device, whatever mesh wrote it
-        (for inspection and export)."""
+        """The "state" item of `step` (default: latest) on one local device, whatever mesh (device
+        count, process count, topology) wrote it (for inspection, slicing and export)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointCorrupt(f"{self.directory}: no complete checkpoint")
@@ -239,7 +239,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, with_quant:
         cfg = NemotronHConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
                                          for k, v in configs["model"].items()})
         ecfg = ElasticConfig.from_dict(configs["elastic"]) if configs.get("elastic") else None
-        restored = ck.manager.restore(st, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        restored = ck.restore_local(st)   # onto this process's first device, whatever mesh wrote it
         return cfg, ecfg, restored, configs
 
     ck = Checkpointer(ckpt_dir, async_save=False)
