@@ -10,11 +10,12 @@ Rules (the only way any writer of this package replaces a folder):
     target that contains the current directory is refused (ValueError);
   * an existing empty folder is a valid target; an existing non-empty one needs `overwrite` AND
     must hold nothing but names matched by `owned` — else FileExistsError listing the others;
-  * files are written into `.<name>.tmp-<pid>-*` beside the target and swapped in by one atomic
+  * files are written into `.<name>.tmp-<pid>@<host>-*` beside the target and swapped in by one atomic
     `renameat2(RENAME_EXCHANGE)` where the OS supports it (else two renames; if the second fails
     the previous folder is renamed back);
-  * leftovers of interrupted writes (`.<name>.tmp-<pid>-*` / `.<name>.old-<pid>-*` of a process
-    that no longer runs) are cleaned up on the next write, with a warning; a previous folder left
+  * leftovers of interrupted writes (`.<name>.tmp-<pid>@<host>-*` / `.<name>.old-...` of a process
+    of THIS host that no longer runs; another host's are never touched, on a shared filesystem its
+    pid means nothing here) are cleaned up on the next write, with a warning; a previous folder left
     aside by a crash between the two renames is put back first;
   * the new folder gets the permissions of a normal `mkdir` under the umask (mkdtemp gives 0700).
 """
@@ -50,6 +51,11 @@ def _umask() -> int:
     m = os.umask(0o022)
     os.umask(m)
     return m
+
+
+def _host_tag() -> str:
+    import socket
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -121,8 +127,8 @@ def clean_stale(directory: str) -> list[str]:
     done = []
     for kind in ("old", "tmp"):
         for p in sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.{kind}-*"))):
-            m = re.fullmatch(rf"\.{re.escape(name)}\.{kind}-(\d+)-.*", os.path.basename(p))
-            if m is None or _pid_alive(int(m.group(1))):
+            m = re.fullmatch(rf"\.{re.escape(name)}\.{kind}-(\d+)(?:@([A-Za-z0-9_.]+))?-.*", os.path.basename(p))
+            if m is None or (m.group(2) is not None and m.group(2) != _host_tag()) or _pid_alive(int(m.group(1))):
                 continue
             old = os.path.join(p, "old")
             if kind == "old" and os.path.isdir(old) and not os.path.lexists(directory):
@@ -178,7 +184,7 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
     os.makedirs(parent, exist_ok=True)
     if clean_stale(target):     # a previous folder may be back in place: check the target again
         check_target(target, owned=owned, overwrite=overwrite, protect=protect, what=what)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}@{_host_tag()}-", dir=parent)
     try:
         yield tmp
         _normal_permissions(tmp)
@@ -189,7 +195,7 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
         elif _exchange(tmp, target):
             shutil.rmtree(tmp, ignore_errors=True)     # tmp now holds the previous folder
         else:
-            trash = tempfile.mkdtemp(prefix=f".{name}.old-{os.getpid()}-", dir=parent)
+            trash = tempfile.mkdtemp(prefix=f".{name}.old-{os.getpid()}@{_host_tag()}-", dir=parent)
             os.rename(target, os.path.join(trash, "old"))
             try:
                 os.rename(tmp, target)

@@ -342,6 +342,10 @@ def _train_locked(spec, train_cfg, teacher_params, student_params, router_params
     if found is not None:
         if jax.process_index() == 0:
             ckpt.set_aside_after(start)      # damaged newer steps: kept aside, rewritten by this run
+        if jax.process_count() > 1:          # the others wait for it, then list the steps again
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("elastic_jax.train: damaged steps set aside")
+            ckpt.manager.reload()
         meta, restored = found[1]
         state = restored["state"]
         base_key = jnp.asarray(jax.device_get(restored["rng"]), jnp.uint32)
