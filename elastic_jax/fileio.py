@@ -209,16 +209,78 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
         raise
 
 
+# ------------------------------------------------------------------ one path layer (local or gs://)
+def is_url(path: str | os.PathLike) -> bool:
+    """A `scheme://` path (gs://, s3://, ...) rather than a local one."""
+    return "://" in os.fspath(path)
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """The canonical string of a run path: absolute for a local path, unchanged for a URL (gs://
+    works wherever orbax / tensorstore take it: checkpoints, the lock, result files)."""
+    path = os.fspath(path)
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def epath_of(path: str | os.PathLike):
+    """`etils.epath.Path` of `path` (local: the os backend; gs:// etc.: tf.io.gfile or fsspec)."""
+    from etils import epath
+    return epath.Path(resolve(path))
+
+
+def join(path: str | os.PathLike, *names: str) -> str:
+    return str(epath_of(path).joinpath(*names)) if is_url(path) else os.path.join(resolve(path), *names)
+
+
+def exists(path) -> bool:
+    return epath_of(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def isfile(path) -> bool:
+    return epath_of(path).is_file() if is_url(path) else os.path.isfile(path)
+
+
+def makedirs(path) -> None:
+    epath_of(path).mkdir(parents=True, exist_ok=True)
+
+
+def rename(src, dst) -> None:
+    if is_url(src):
+        epath_of(src).rename(epath_of(dst))
+    else:
+        os.rename(src, dst)
+
+
+def mtime(path) -> float:
+    return float(epath_of(path).stat().mtime) if is_url(path) else os.path.getmtime(path)
+
+
+def remove(path) -> None:
+    if is_url(path):
+        epath_of(path).unlink()
+    else:
+        os.remove(path)
+
+
+def read_text(path) -> str:
+    return epath_of(path).read_text()
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """`obj` as JSON at `path`, written to a temporary file beside it (named after this host and
-    process, so writers on a shared filesystem never collide) and renamed into place."""
+    process, so writers on a shared filesystem never collide) and renamed into place (on object
+    stores, where no rename is atomic, written in one request)."""
     import json
     import socket
+    text = json.dumps(obj, indent=1)
+    if is_url(path):
+        epath_of(path).write_text(text)
+        return
     path = os.fspath(path)
     tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            f.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from .. import fileio
 from ..errors import CheckpointCorrupt, CheckpointMismatch
 from .config import RESUMABLE_FIELDS
 
@@ -130,22 +131,22 @@ def comparable(configs: dict) -> dict:
 
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = fileio.resolve(directory)          # a local folder or a gs:// URL
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def step_path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return fileio.join(self.directory, str(step))
 
     def incomplete(self, step: int) -> str | None:
         """Why the folder of `step` is not a complete checkpoint (None when it is)."""
         d = self.step_path(step)
-        if not os.path.isfile(os.path.join(d, _STEP_MARKER)):
+        if not fileio.isfile(fileio.join(d, _STEP_MARKER)):
             return f"no commit marker {_STEP_MARKER}"
         for item, marker in _ITEM_MARKERS.items():
-            if not os.path.isfile(os.path.join(d, item, marker)):
+            if not fileio.isfile(fileio.join(d, item, marker)):
                 return f"item {item!r} missing or incomplete (no {item}/{marker})"
         return None
 
@@ -190,8 +191,8 @@ class Checkpointer:
         moved = []
         for s in sorted(self.manager.all_steps()):
             if s > step:
-                dst = os.path.join(self.directory, f"corrupt.{s}.{int(time.time())}")
-                os.rename(self.step_path(s), dst)
+                dst = fileio.join(self.directory, f"corrupt.{s}.{int(time.time())}")
+                fileio.rename(self.step_path(s), dst)
                 moved.append(dst)
                 warnings.warn(f"moved the damaged checkpoint step {s} aside to {dst}", stacklevel=2)
         if moved:

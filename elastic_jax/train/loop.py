@@ -49,6 +49,7 @@ from ..data import DataConfig, TokenDataset, make_dataset
 from ..model.params import check_params, param_axes
 from . import sharding as shd
 from ..errors import Preempted, TrainingDiverged
+from .. import fileio
 from . import hostdata
 from .runctl import PreemptionWatcher, RunLock, acquire_everywhere
 from .checkpoint import Checkpointer, abstract_like, params_fingerprint
@@ -331,7 +332,7 @@ def _train_locked(spec, train_cfg, teacher_params, student_params, router_params
         state_like["quant"] = quant_layers
         state_sh["quant"] = jax.tree.map(lambda _: NamedSharding(mesh, P()), quant_layers)
 
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
+    ckpt = Checkpointer(fileio.join(out_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
                         async_save=train_cfg.async_checkpointing)
     base_key = jax.random.PRNGKey(train_cfg.seed)
     data_states, tokens_seen = None, 0

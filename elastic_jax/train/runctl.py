@@ -9,7 +9,10 @@ handler sets a flag (the previous handler comes back on `close()`).
 `RunLock`: `<run folder>/run.lock` (JSON: host, pid, start time) held by one process while a run
 trains there. A second run on the same folder gets `RunFolderLocked` naming the holder. A lock
 left by a crash is taken over with a warning: on the same host when its pid no longer runs, on
-another host when it was not refreshed (`touch()`, at every step boundary) for `stale_after_s`.
+another host when it was not refreshed (`touch()`, at most once a minute) for `stale_after_s`.
+The folder may be a URL (gs://, through `fileio`'s path layer); there the lock is written in one
+request (object stores have no exclusive create), so two runs started in the same instant may
+both take it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import warnings
 
 import jax
 
+from .. import fileio
 from ..errors import RunFolderLocked
 
 
@@ -77,7 +81,8 @@ class RunLock:
     NAME = "run.lock"
 
     def __init__(self, folder: str, *, stale_after_s: float = 900.0):
-        self.path = os.path.join(os.fspath(folder), self.NAME)
+        self.folder = fileio.resolve(folder)
+        self.path = fileio.join(self.folder, self.NAME)
         self.stale_after_s = stale_after_s
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
                    "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -85,9 +90,10 @@ class RunLock:
         self._last_touch = 0.0
 
     def _holder(self) -> dict | None:
+        if not fileio.exists(self.path):
+            return None
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            return json.loads(fileio.read_text(self.path))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -98,7 +104,7 @@ class RunLock:
         if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int):
             return None if _pid_alive(holder["pid"]) else f"process {holder['pid']} no longer runs"
         try:
-            age = time.time() - os.path.getmtime(self.path)
+            age = time.time() - fileio.mtime(self.path)
         except FileNotFoundError:
             return "it was just released"
         return f"not refreshed for {age:.0f} s" if age > self.stale_after_s else None
@@ -107,6 +113,12 @@ class RunLock:
         data = json.dumps(self.me).encode()
         for _ in range(3):
             try:
+                if fileio.is_url(self.path):
+                    if fileio.exists(self.path):
+                        raise FileExistsError(self.path)
+                    fileio.write_json_atomic(self.path, self.me)
+                    self.held = True
+                    return
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
@@ -120,10 +132,7 @@ class RunLock:
                         "or use another output folder")
                 warnings.warn(f"taking over the stale lock {self.path} of host {holder.get('host')} pid "
                               f"{holder.get('pid')} (started {holder.get('start')}): {why}", stacklevel=2)
-                tmp = f"{self.path}.{self.me['host']}.{os.getpid()}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, self.path)
+                fileio.write_json_atomic(self.path, self.me)
                 self.held = True
                 return
             with os.fdopen(fd, "wb") as f:
@@ -136,7 +145,10 @@ class RunLock:
         """Refresh the lock (at most once a minute), so other hosts see it is live."""
         if self.held and time.time() - self._last_touch > 60:
             try:
-                os.utime(self.path)
+                if fileio.is_url(self.path):
+                    fileio.write_json_atomic(self.path, self.me)
+                else:
+                    os.utime(self.path)
             except FileNotFoundError:
                 pass
             self._last_touch = time.time()
@@ -145,7 +157,7 @@ class RunLock:
         if self.held:
             holder = self._holder()
             if holder and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
-                os.remove(self.path)
+                fileio.remove(self.path)
             self.held = False
 
 
