@@ -129,7 +129,8 @@ class RunLock:
                     raise RunFolderLocked(
                         f"{os.path.dirname(self.path)} is in use by another run (host {holder.get('host')}, pid "
                         f"{holder.get('pid')}, started {holder.get('start')}; lock {self.path}). Wait for it to end, "
-                        "or use another output folder")
+                        f"or use another output folder; if that run is dead (another host's lock is taken over "
+                        f"after {self.stale_after_s:.0f} s without a refresh), delete {self.path}")
                 warnings.warn(f"taking over the stale lock {self.path} of host {holder.get('host')} pid "
                               f"{holder.get('pid')} (started {holder.get('start')}): {why}", stacklevel=2)
                 fileio.write_json_atomic(self.path, self.me)
