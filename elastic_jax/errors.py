@@ -39,6 +39,21 @@ class TrainingDiverged(RuntimeError):
     and budget(s). The update was not applied and nothing was saved after it."""
 
 
+class RunFolderLocked(ValueError):
+    """Another live process holds the run folder's lock (the message names its host, pid and start)."""
+
+
+class Preempted(Exception):
+    """A termination notice (SIGTERM, or the platform's preemption notice) stopped training at a
+    step boundary after every host saved a checkpoint of that step. Not an error: `elastic-jax run`
+    prints one line and exits 0; rerunning the same command resumes from `step`."""
+
+    def __init__(self, step: int, directory: str):
+        self.step, self.directory = step, directory
+        super().__init__(f"preempted: saved a checkpoint at step {step} in {directory}; "
+                         "rerun the same command to resume")
+
+
 EXPECTED_ERRORS = (ValueError, OSError, TrainingDiverged)   # CLI: one `error:` line, exit status 2
 
 

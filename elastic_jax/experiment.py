@@ -13,6 +13,7 @@ Command line (the lead wires `add_cli` into `elastic_jax/cli.py`; also `python -
 elastic_jax.experiment run ...`):
 
     elastic-jax run EXPERIMENT.py [--quick] [--out DIR] [--set key=value ...]
+                    [--coordinator HOST:PORT --num-processes N --process-id I]   (multi-host)
 
 Re-running the same command with the same `--out` resumes the run from its latest complete
 checkpoint. This module also defines `DistillConfig` (random or LM-trained tiny parent ->
@@ -202,11 +203,23 @@ register_runner(DistillConfig, run_distill)
 
 # --------------------------------------------------------------------------- command line
 def _run_cmd(args) -> int:
+    from .errors import Preempted
+    given = [a is not None for a in (args.coordinator, args.num_processes, args.process_id)]
+    if any(given) and not all(given):
+        raise ValueError("--coordinator, --num-processes and --process-id go together (or none of them: "
+                         "detected from the TPU / SLURM environment with ELASTIC_JAX_DISTRIBUTED=1)")
+    if all(given):          # before anything touches a device
+        from .train.sharding import init_distributed
+        init_distributed(args.coordinator, args.num_processes, args.process_id)
     cfg = load_experiment(args.experiment, quick=args.quick)
     cfg = apply_overrides(cfg, args.set)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.experiment))[0]
                                    + ("_quick" if args.quick else ""))
-    run_experiment(cfg, out)
+    try:
+        run_experiment(cfg, out)
+    except Preempted as e:
+        print(f"elastic-jax run: {e}", flush=True)
+        return 0
     print(f"elastic-jax run: done, outputs in {os.path.abspath(out)}")
     return 0
 
@@ -219,6 +232,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/<name>); rerun to resume")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. train.optim.lr=1e-3 (repeatable)")
+    g = p.add_argument_group("multi-host (every process runs the same command with its own --process-id; "
+                             "the flags override the TPU VM / SLURM detection)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (jax.distributed)")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="0 .. N-1")
     p.set_defaults(func=_run_cmd)
     return p
 

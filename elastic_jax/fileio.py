@@ -10,11 +10,12 @@ Rules (the only way any writer of this package replaces a folder):
     target that contains the current directory is refused (ValueError);
   * an existing empty folder is a valid target; an existing non-empty one needs `overwrite` AND
     must hold nothing but names matched by `owned` — else FileExistsError listing the others;
-  * files are written into `.<name>.tmp-<pid>-*` beside the target and swapped in by one atomic
+  * files are written into `.<name>.tmp-<pid>@<host>-*` beside the target and swapped in by one atomic
     `renameat2(RENAME_EXCHANGE)` where the OS supports it (else two renames; if the second fails
     the previous folder is renamed back);
-  * leftovers of interrupted writes (`.<name>.tmp-<pid>-*` / `.<name>.old-<pid>-*` of a process
-    that no longer runs) are cleaned up on the next write, with a warning; a previous folder left
+  * leftovers of interrupted writes (`.<name>.tmp-<pid>@<host>-*` / `.<name>.old-...` of a process
+    of THIS host that no longer runs; another host's are never touched, on a shared filesystem its
+    pid means nothing here) are cleaned up on the next write, with a warning; a previous folder left
     aside by a crash between the two renames is put back first;
   * the new folder gets the permissions of a normal `mkdir` under the umask (mkdtemp gives 0700).
 """
@@ -62,6 +63,11 @@ def _umask() -> int:
     m = os.umask(0o022)
     os.umask(m)
     return m
+
+
+def _host_tag() -> str:
+    import socket
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -133,8 +139,8 @@ def clean_stale(directory: str) -> list[str]:
     done = []
     for kind in ("old", "tmp"):
         for p in sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.{kind}-*"))):
-            m = re.fullmatch(rf"\.{re.escape(name)}\.{kind}-(\d+)-.*", os.path.basename(p))
-            if m is None or _pid_alive(int(m.group(1))):
+            m = re.fullmatch(rf"\.{re.escape(name)}\.{kind}-(\d+)(?:@([A-Za-z0-9_.]+))?-.*", os.path.basename(p))
+            if m is None or (m.group(2) is not None and m.group(2) != _host_tag()) or _pid_alive(int(m.group(1))):
                 continue
             old = os.path.join(p, "old")
             if kind == "old" and os.path.isdir(old) and not os.path.lexists(directory):
@@ -189,7 +195,7 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
     os.makedirs(parent, exist_ok=True)
     if clean_stale(target):     # a previous folder may be back in place: check the target again
         check_target(target, owned=owned, overwrite=overwrite, protect=protect, what=what)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}@{_host_tag()}-", dir=parent)
     try:
         yield tmp
         _normal_permissions(tmp)
@@ -200,7 +206,7 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
         elif _exchange(tmp, target):
             shutil.rmtree(tmp, ignore_errors=True)     # tmp now holds the previous folder
         else:
-            trash = tempfile.mkdtemp(prefix=f".{name}.old-{os.getpid()}-", dir=parent)
+            trash = tempfile.mkdtemp(prefix=f".{name}.old-{os.getpid()}@{_host_tag()}-", dir=parent)
             os.rename(target, os.path.join(trash, "old"))
             try:
                 os.rename(tmp, target)
@@ -212,3 +218,81 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ------------------------------------------------------------------ one path layer (local or gs://)
+def is_url(path: str | os.PathLike) -> bool:
+    """A `scheme://` path (gs://, s3://, ...) rather than a local one."""
+    return "://" in os.fspath(path)
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """The canonical string of a run path: absolute for a local path, unchanged for a URL (gs://
+    works wherever orbax / tensorstore take it: checkpoints, the lock, result files)."""
+    path = os.fspath(path)
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def epath_of(path: str | os.PathLike):
+    """`etils.epath.Path` of `path` (local: the os backend; gs:// etc.: tf.io.gfile or fsspec)."""
+    from etils import epath
+    return epath.Path(resolve(path))
+
+
+def join(path: str | os.PathLike, *names: str) -> str:
+    return str(epath_of(path).joinpath(*names)) if is_url(path) else os.path.join(resolve(path), *names)
+
+
+def exists(path) -> bool:
+    return epath_of(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def isfile(path) -> bool:
+    return epath_of(path).is_file() if is_url(path) else os.path.isfile(path)
+
+
+def makedirs(path) -> None:
+    epath_of(path).mkdir(parents=True, exist_ok=True)
+
+
+def rename(src, dst) -> None:
+    if is_url(src):
+        epath_of(src).rename(epath_of(dst))
+    else:
+        os.rename(src, dst)
+
+
+def mtime(path) -> float:
+    return float(epath_of(path).stat().mtime) if is_url(path) else os.path.getmtime(path)
+
+
+def remove(path) -> None:
+    if is_url(path):
+        epath_of(path).unlink()
+    else:
+        os.remove(path)
+
+
+def read_text(path) -> str:
+    return epath_of(path).read_text()
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """`obj` as JSON at `path`, written to a temporary file beside it (named after this host and
+    process, so writers on a shared filesystem never collide) and renamed into place (on object
+    stores, where no rename is atomic, written in one request)."""
+    import json
+    import socket
+    text = json.dumps(obj, indent=1)
+    if is_url(path):
+        epath_of(path).write_text(text)
+        return
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -3,7 +3,7 @@ HBM, how long will a step take, what does the curriculum cost? Answered on a CPU
 
     elastic-jax plan experiments/nemotron3_nano_30b_a3b.py --topology v5p:4x4x8 --json
     elastic-jax plan experiments/nemotron_nano_v2_12b.py --platform gpu --devices 8 --stage long
-    elastic-jax plan EXPERIMENT.py --target v5p-128 --stage short --search
+    elastic-jax plan EXPERIMENT.py --target v5p-256 --stage short --search
 
 The train state is built abstractly (`jax.eval_shape`), the elastic KD step (frozen teacher +
 masked student + router + AdamW, the training loop's own step and shardings,
@@ -15,10 +15,15 @@ masked student + router + AdamW, the training loop's own step and shardings,
 - GPU (`--platform gpu --devices N`): lowered and sharded only (no GPU compiler here): argument
   bytes are exact, temporaries unknown, `fits` judges the arguments alone (the report says so).
 
-FLOPs and HBM bytes per step are analytic (XLA's cost analysis counts a scanned loop body once, so
-the compiler's figure, reported as `compiler_flops`, undercounts scanned layers and micro-batches);
-the roofline step time is max(FLOPs / peak, bytes / bandwidth) with the chip figures of `CHIPS`.
-Interconnect traffic is not modelled.
+FLOPs, HBM bytes and interconnect bytes per step are analytic (XLA's cost analysis counts a scanned
+loop body once, so the compiler's figure, reported as `compiler_flops`, undercounts scanned layers
+and micro-batches). The roofline step time max(FLOPs / peak, HBM bytes / bandwidth, gathered
+weight bytes / interconnect bandwidth) is a LOWER BOUND (`step_seconds_lower_bound`: perfect
+overlap, peak rates); the step time the stage hours use is an estimate at a stated MFU
+(`assumed_mfu`, `--mfu`, default 0.4), never below the bound (`step_seconds_estimate`). The fsdp
+axis all-gathers the weights (in the compute dtype) for every micro-batch's teacher forward,
+student forward, backward and remat recompute, and reduce-scatters the gradients, so more
+micro-batches cost more interconnect time.
 """
 from __future__ import annotations
 
@@ -40,22 +45,27 @@ GiB = 1024 ** 3
 
 @dataclass(frozen=True)
 class Chip:
-    """Peak dense bf16 FLOP/s, HBM bandwidth (bytes/s) and HBM capacity (bytes) of one chip."""
+    """Peak dense bf16 FLOP/s, HBM bandwidth (bytes/s), HBM capacity (bytes) and the published
+    per-chip interconnect bandwidth (bytes/s: TPU ICI, GPU NVLink) of one chip."""
 
     name: str
     bf16_flops: float
     hbm_bandwidth: float
     hbm_bytes: int
     source: str
+    interconnect_bandwidth: float = 0.0
 
 
 # The chip figures every roofline here uses (dense bf16, no sparsity), with their sources.
 CHIPS = {
-    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95 * GiB, "Google Cloud TPU v5p documentation (system architecture)"),
-    "v5e": Chip("TPU v5e", 197e12, 819e9, 16 * GiB, "Google Cloud TPU v5e documentation (system architecture)"),
-    "v6e": Chip("TPU v6e (Trillium)", 918e12, 1640e9, 32 * GiB, "Google Cloud TPU v6e documentation"),
-    "h100": Chip("NVIDIA H100 SXM", 989e12, 3.35e12, 80 * 10 ** 9, "NVIDIA H100 Tensor Core GPU datasheet"),
-    "h200": Chip("NVIDIA H200 SXM", 989e12, 4.8e12, 141 * 10 ** 9, "NVIDIA H200 Tensor Core GPU datasheet"),
+    # interconnect: TPU ICI Gbps per chip / 8; NVLink 900 GB/s per GPU
+    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95 * GiB, "Google Cloud TPU v5p documentation (system architecture)",
+                4800e9 / 8),
+    "v5e": Chip("TPU v5e", 197e12, 819e9, 16 * GiB, "Google Cloud TPU v5e documentation (system architecture)",
+                1600e9 / 8),
+    "v6e": Chip("TPU v6e (Trillium)", 918e12, 1640e9, 32 * GiB, "Google Cloud TPU v6e documentation", 3584e9 / 8),
+    "h100": Chip("NVIDIA H100 SXM", 989e12, 3.35e12, 80 * 10 ** 9, "NVIDIA H100 Tensor Core GPU datasheet", 900e9),
+    "h200": Chip("NVIDIA H200 SXM", 989e12, 4.8e12, 141 * 10 ** 9, "NVIDIA H200 Tensor Core GPU datasheet", 900e9),
 }
 
 REMAT_SEARCH = ("none", "minimal", "save_dots", "full")
@@ -168,18 +178,32 @@ def step_flops(cfg, tokens: int, seq_len: int, remat: str) -> dict:
 
 
 def step_bytes(cfg, *, tokens_per_chip: int, microbatches: int, chips: int, remat: str,
-               param_bytes: float = 2.0) -> float:
-    """Analytic HBM bytes per chip per step: every micro-batch reads the gathered weights for the
-    teacher forward, the student forward and backward (2 reads) and a recomputed forward under
-    remat; the AdamW update reads and writes the chip's shard (params, f32 gradient, mu, nu); the
-    activations ~24 bytes x hidden per token and layer (written and read in forward and backward,
-    teacher and student)."""
+               param_bytes: float = 2.0, compute_bytes: float = 2.0) -> float:
+    """Analytic HBM bytes per chip per step: every micro-batch reads the gathered weights (in the
+    compute dtype) for the teacher forward, the student forward and backward (2 reads) and a
+    recomputed forward under remat; the AdamW update reads and writes the chip's shard (master
+    params, f32 gradient, mu, nu: `param_bytes` each); the activations ~24 bytes x hidden per
+    token and layer (written and read in forward and backward, teacher and student)."""
     total = model_counts(cfg)["params_total"]
     passes = 4 + (1 if remat != "none" else 0)
-    weights = microbatches * passes * total * param_bytes
+    weights = microbatches * passes * total * compute_bytes
     optim = total / chips * (2 * param_bytes + 4 + 4 * param_bytes)
     acts = tokens_per_chip * cfg.num_hidden_layers * cfg.hidden_size * 24.0
     return weights + optim + acts
+
+
+def step_gather_bytes(cfg, *, microbatches: int, fsdp: int, remat: str, compute_bytes: float = 2.0,
+                      grad_bytes: float = 4.0) -> float:
+    """Analytic interconnect bytes received per chip per step on the fsdp axis: per micro-batch,
+    the weights all-gathered (the (fsdp-1)/fsdp of them a chip does not hold, in the compute
+    dtype) for the teacher forward, the student forward, the backward and a remat recompute, and
+    the gradients reduce-scattered (`grad_bytes`)."""
+    if fsdp <= 1:
+        return 0.0
+    total = model_counts(cfg)["params_total"]
+    passes = 3 + (1 if remat != "none" else 0)
+    frac = (fsdp - 1) / fsdp
+    return microbatches * total * frac * (passes * compute_bytes + grad_bytes)
 
 
 # --------------------------------------------------------------------------- targets and meshes
@@ -255,7 +279,10 @@ def sharding_table(params_abstract, cfg) -> tuple[dict, list]:
 
 
 # --------------------------------------------------------------------------- one stage
-def plan_stage(xp, target, stage, *, microbatches: int | None = None, remat: str | None = None,
+ASSUMED_MFU = 0.4
+
+
+def plan_stage(xp, target, stage, *, microbatches: int | None = None, remat: str | None = None, mfu: float = ASSUMED_MFU,
                compile: bool = True) -> dict:
     """Compile (or, for GPU, lower) the step of `stage` for `target`; the per-chip memory, the
     shardings, the roofline and the stage's wall time and chip-hours."""
@@ -282,7 +309,8 @@ def plan_stage(xp, target, stage, *, microbatches: int | None = None, remat: str
     rules = merge_rules(xp.train.sharding_rules)
     t0 = time.perf_counter()
     fn, args = abstract_elastic_step(xp.model, xp.elastic, mesh, batch=micro, length=stage.seq_len,
-                                     param_dtype=jnp.dtype(xp.param_dtype), policy=policy,
+                                     param_dtype=jnp.dtype(xp.param_dtype),
+                                     teacher_dtype=jnp.dtype(xp.teacher_dtype), policy=policy,
                                      vocab_chunk=xp.train.vocab_chunk, optim=xp.train.optim, rules=rules,
                                      microbatches=M)
     build_s = time.perf_counter() - t0
@@ -296,7 +324,8 @@ def plan_stage(xp, target, stage, *, microbatches: int | None = None, remat: str
            "mesh": dict(zip(("data", "fsdp", "tensor", "expert"), mesh_cfg.shape)),
            "stage": stage.name, "seq_len": stage.seq_len, "batch_size": stage.batch_size, "microbatches": M,
            "micro_batch": micro, "remat": remat, "scan_layers": policy.scan_layers,
-           "attention_impl": policy.attention_impl, "param_dtype": xp.param_dtype}
+           "attention_impl": policy.attention_impl, "param_dtype": xp.param_dtype,
+           "teacher_dtype": xp.teacher_dtype, "compute_dtype": policy.compute_dtype or xp.param_dtype}
     if target.platform == "gpu" or not compile:
         platform = "cpu"            # trace the portable (XLA) kernels: the GPU ones need a GPU to lower
         t1 = time.perf_counter()
@@ -304,11 +333,13 @@ def plan_stage(xp, target, stage, *, microbatches: int | None = None, remat: str
             fn.lower(*args)
         out.update(compiled=False, lower_seconds=time.perf_counter() - t1, compile_seconds=0.0,
                    note="lowered and sharded only (no GPU compiler on this host): argument bytes are exact, "
-                        "temporaries unknown; fits judges the arguments alone")
+                        "temporaries unknown, so fits is unknown (null) unless the arguments alone exceed "
+                        "the memory; fits_arguments judges the arguments alone")
         args_b = sum(terms.values())
         mem = {"argument_bytes": args_b, "temp_bytes": None, "output_bytes": None, "alias_bytes": None}
         per_device = args_b
-        fits = per_device <= hbm
+        out["fits_arguments"] = per_device <= hbm
+        fits = None if per_device <= hbm else False
         compiler_flops = None
     else:
         rep = aot.compile_report(fn, *args, mesh=mesh, available_bytes=hbm)
@@ -327,8 +358,8 @@ def plan_stage(xp, target, stage, *, microbatches: int | None = None, remat: str
     out["build_seconds"] = build_s
     out["memory"] = {**mem, "terms": terms, "per_device_bytes": per_device, "hbm_bytes": hbm,
                      "headroom_bytes": None if per_device is None else hbm - per_device}
-    out["per_device_bytes"], out["hbm_bytes"], out["fits"] = per_device, hbm, bool(fits)
-    if not fits:
+    out["per_device_bytes"], out["hbm_bytes"], out["fits"] = per_device, hbm, (None if fits is None else bool(fits))
+    if fits is False:
         dom = max(terms, key=terms.get)
         out["dominant_term"] = dom
         out["advice"] = _advice(dom, out)
@@ -336,16 +367,23 @@ def plan_stage(xp, target, stage, *, microbatches: int | None = None, remat: str
     out["sharding"], out["replicated"] = fams, repl
     tokens = stage.batch_size * stage.seq_len
     fl = step_flops(xp.model, tokens, stage.seq_len, remat)
+    cbytes = np.dtype(policy.compute_dtype or xp.param_dtype).itemsize
     by = step_bytes(xp.model, tokens_per_chip=tokens // n, microbatches=M, chips=n, remat=remat,
-                    param_bytes=np.dtype(xp.param_dtype).itemsize)
+                    param_bytes=np.dtype(xp.param_dtype).itemsize, compute_bytes=cbytes)
+    gathered = step_gather_bytes(xp.model, microbatches=M, fsdp=mesh_cfg.fsdp, remat=remat, compute_bytes=cbytes)
     t_compute = fl["hardware_flops"] / n / chip.bf16_flops
     t_mem = by / chip.hbm_bandwidth
-    step_s = max(t_compute, t_mem)
+    t_comm = gathered / chip.interconnect_bandwidth if chip.interconnect_bandwidth else 0.0
+    bound_s = max(t_compute, t_mem, t_comm)
+    step_s = max(bound_s, fl["model_flops"] / (n * chip.bf16_flops * mfu))
     steps = stage.num_steps
     out.update(flops_per_step=fl["hardware_flops"], model_flops_per_step=fl["model_flops"],
                compiler_flops=compiler_flops, bytes_per_step=by * n, bytes_per_step_per_chip=by,
-               step_seconds_estimate=step_s, bound="compute" if t_compute >= t_mem else "memory",
-               mfu_estimate=fl["model_flops"] / (n * chip.bf16_flops * step_s), tokens_per_second=tokens / step_s,
+               interconnect_bytes_per_step_per_chip=gathered,
+               step_seconds_lower_bound=bound_s, assumed_mfu=mfu, step_seconds_estimate=step_s,
+               bound=max((("compute", t_compute), ("memory", t_mem), ("interconnect", t_comm)), key=lambda x: x[1])[0],
+               mfu_estimate=fl["model_flops"] / (n * chip.bf16_flops * step_s),
+               mfu_upper_bound=fl["model_flops"] / (n * chip.bf16_flops * bound_s), tokens_per_second=tokens / step_s,
                stage_steps=steps, stage_tokens=steps * tokens, stage_hours=steps * step_s / 3600,
                stage_chip_hours=steps * step_s * n / 3600)
     return out
@@ -389,7 +427,7 @@ def search_stage(xp, target, stage, *, remats=REMAT_SEARCH, max_counts: int = 4,
 
 # --------------------------------------------------------------------------- the whole plan
 def plan(xp, target, *, stages=None, microbatches=None, remat=None, search: bool = False,
-         infer_context: int = 131072, infer_batch: int = 1, log=None) -> dict:
+         infer_context: int = 131072, infer_batch: int = 1, log=None, mfu: float = ASSUMED_MFU) -> dict:
     """The plan of `xp` on `target` for the named stages (None: all): counts of the parent and
     every nested budget, then one compiled step per stage (or the `search` result per stage)."""
     stage_objs = [xp.stage(s) for s in stages] if stages else list(xp.train.stages)
@@ -408,23 +446,28 @@ def plan(xp, target, *, stages=None, microbatches=None, remat=None, search: bool
     for st in stage_objs:
         if search:
             s = search_stage(xp, target, st, log=log)
-            p = s["best"] or plan_stage(xp, target, st, microbatches=microbatches, remat=remat)
+            p = s["best"] or plan_stage(xp, target, st, microbatches=microbatches, remat=remat, mfu=mfu)
             p = {**p, "search": s["tried"], "search_found": s["best"] is not None}
         else:
-            p = plan_stage(xp, target, st, microbatches=microbatches, remat=remat)
+            p = plan_stage(xp, target, st, microbatches=microbatches, remat=remat, mfu=mfu)
         res["stages"].append(p)
         if log:
             log(p)
     # the headline fields (the JSON schema): the worst stage's memory, the first stage's cost
     worst = max(res["stages"], key=lambda p: p["per_device_bytes"] or 0)
     res.update(per_device_bytes=worst["per_device_bytes"], hbm_bytes=worst["hbm_bytes"],
-               fits=all(p["fits"] for p in res["stages"]),
+               fits=_all_fit([p["fits"] for p in res["stages"]]),
                flops_per_step=res["stages"][0]["flops_per_step"],
                step_seconds_estimate=res["stages"][0]["step_seconds_estimate"],
                compile_seconds=sum(p["compile_seconds"] for p in res["stages"]),
                total_chip_hours=sum(p["stage_chip_hours"] for p in res["stages"]),
                total_hours=sum(p["stage_hours"] for p in res["stages"]))
     return res
+
+
+def _all_fit(fits: list):
+    """False if any stage does not fit, None (unknown) if any is unknown, else True."""
+    return False if any(f is False for f in fits) else (None if any(f is None for f in fits) else True)
 
 
 def _published(xp) -> dict | None:
@@ -460,11 +503,16 @@ def format_report(res: dict) -> str:
         L.append("  per chip GiB: " + ", ".join(f"{k} {_g(v)}" for k, v in t.items()) +
                  f"; total {_g(p['per_device_bytes'])} of {_g(p['hbm_bytes'])} HBM -> "
                  + (f"fits, headroom {_g(p['memory']['headroom_bytes'])}" if p["fits"] else
+                    "fits: unknown (temporaries not compiled; the arguments alone fit)" if p["fits"] is None else
                     f"DOES NOT FIT: dominant term {p['dominant_term']}; try {p['advice']}"))
         L.append(f"  FLOPs/step {p['flops_per_step']:.3e} (model {p['model_flops_per_step']:.3e}), HBM bytes/step/chip "
-                 f"{p['bytes_per_step_per_chip']:.3e}; roofline at {c['bf16_flops'] / 1e12:.0f} TFLOP/s, "
-                 f"{c['hbm_bandwidth'] / 1e9:.0f} GB/s: {p['step_seconds_estimate']:.2f} s/step ({p['bound']}-bound), "
-                 f"MFU <= {p['mfu_estimate']:.2f}, {p['tokens_per_second']:.3g} tokens/s")
+                 f"{p['bytes_per_step_per_chip']:.3e}, weight all-gather bytes/step/chip "
+                 f"{p['interconnect_bytes_per_step_per_chip']:.3e} ({p['microbatches']} micro-batches)")
+        L.append(f"  step time: >= {p['step_seconds_lower_bound']:.2f} s (roofline lower bound at {c['bf16_flops'] / 1e12:.0f} "
+                 f"TFLOP/s, {c['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, {c['interconnect_bandwidth'] / 1e9:.0f} GB/s "
+                 f"interconnect; {p['bound']}-bound, MFU <= {p['mfu_upper_bound']:.2f}); estimate "
+                 f"{p['step_seconds_estimate']:.2f} s at an assumed MFU of {p['assumed_mfu']:.2f}, "
+                 f"{p['tokens_per_second']:.3g} tokens/s")
         L.append(f"  stage: {p['stage_steps']} steps, {p['stage_tokens'] / 1e9:.1f}B tokens, {p['stage_hours']:.1f} h, "
                  f"{p['stage_chip_hours']:.0f} chip-hours; "
                  + (f"compile {p['compile_seconds']:.0f} s" if p["compiled"] else "not compiled")
@@ -478,8 +526,8 @@ def format_report(res: dict) -> str:
                 f"{r['step_seconds_estimate']:.2f} s" for r in p["search"]))
             L.append("  cheapest that fits: " + (f"remat {p['remat']}, {p['microbatches']} micro-batches"
                                                  if p["search_found"] else "none"))
-    L += ["", f"total: {res['total_hours']:.1f} h, {res['total_chip_hours']:.0f} chip-hours; "
-          f"fits: {res['fits']}"]
+    L += ["", f"total: {res['total_hours']:.1f} h, {res['total_chip_hours']:.0f} chip-hours (at the assumed MFU); "
+          f"fits: {'unknown' if res['fits'] is None else res['fits']}"]
     return "\n".join(L)
 
 
@@ -491,8 +539,9 @@ def _target_from_args(xp, a):
     elif a.topology:           # the experiment's own target for this slice (its mesh, micro-batches), if any
         t = next((t for t in xp.targets if t.platform == "tpu" and t.topology == a.topology), None) \
             or Target(f"cli:{a.topology}", "tpu", topology=a.topology)
-    elif a.platform:
-        t = Target(f"cli:{a.platform}x{a.devices}", a.platform, devices=a.devices)
+    elif a.platform:           # the experiment's own target for this platform and device count, if any
+        t = next((t for t in xp.targets if t.platform == a.platform and t.devices == a.devices), None) \
+            or Target(f"cli:{a.platform}x{a.devices}", a.platform, devices=a.devices)
     else:
         t = xp.targets[0]
     if a.mesh:
@@ -522,7 +571,7 @@ def _cmd_plan(a) -> int:
     log = None if a.json else (lambda row: print(f"  ... {row.get('remat')}/{row.get('microbatches')}: fits "
                                                  f"{row.get('fits')}", file=sys.stderr, flush=True))
     res = plan(xp, target, stages=a.stage, microbatches=a.microbatches, remat=a.remat, search=a.search,
-               infer_context=a.infer_context, infer_batch=a.infer_batch, log=log)
+               infer_context=a.infer_context, infer_batch=a.infer_batch, log=log, mfu=a.mfu)
     if a.out:
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:
@@ -551,6 +600,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--infer-context", type=int, default=131072, help="context of the per-budget inference memory")
     p.add_argument("--infer-batch", type=int, default=1, help="batch of the per-budget inference memory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--mfu", type=float, default=ASSUMED_MFU,
+                   help=f"model FLOPs utilization the step-time estimate assumes (default {ASSUMED_MFU})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.set_defaults(func=_cmd_plan)
@@ -558,4 +609,4 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 __all__ = ["CHIPS", "Chip", "plan", "plan_stage", "search_stage", "model_counts", "nominal_widths", "step_flops",
-           "step_bytes", "format_report", "add_cli"]
+           "step_bytes", "step_gather_bytes", "format_report", "add_cli"]

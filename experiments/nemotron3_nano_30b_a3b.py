@@ -52,7 +52,7 @@ def config(quick: bool = False) -> PodExperiment:
         policy=ComputePolicy(compute_dtype="bfloat16", kernel_impl="xla", attention_impl="auto", remat="full",
                              scan_layers=True, moe_token_chunk=8192))
     targets = (
-        Target("v5p-128", "tpu", topology="v5p:4x4x8", mesh=MeshConfig(fsdp=128)),
+        Target("v5p-256", "tpu", topology="v5p:4x4x8", mesh=MeshConfig(fsdp=128)),
         Target("h100x8", "gpu", devices=8, chip="h100", mesh=MeshConfig(fsdp=8), microbatches=64),
         Target("h200x8", "gpu", devices=8, chip="h200", mesh=MeshConfig(fsdp=8), microbatches=64),
     )

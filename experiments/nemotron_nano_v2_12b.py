@@ -50,7 +50,7 @@ def config(quick: bool = False) -> PodExperiment:
     targets = (
         # a 4-way tensor axis splits each sequence's Mamba / MLP / attention activations over 4 chips:
         # with every chip on fsdp one 49K sequence per chip needs 113.8 GiB of 95 (BUILD_NOTES, issue 12)
-        Target("v5p-128", "tpu", topology="v5p:4x4x8", mesh=MeshConfig(fsdp=32, tensor=4), microbatches=16),
+        Target("v5p-256", "tpu", topology="v5p:4x4x8", mesh=MeshConfig(fsdp=32, tensor=4), microbatches=16),
         # the same per-chip split on one 8-GPU node (2 sequences of 49K per micro-batch)
         Target("h100x8", "gpu", devices=8, chip="h100", mesh=MeshConfig(fsdp=2, tensor=4), microbatches=256),
         Target("h200x8", "gpu", devices=8, chip="h200", mesh=MeshConfig(fsdp=2, tensor=4), microbatches=256),

@@ -224,9 +224,11 @@ def test_stale_temporary_folders_are_cleaned_and_reported(model, tmp_path):
     (stale / "model.safetensors").write_bytes(b"partial")
     live = tmp_path / f".hf.tmp-{os.getppid()}-xyz"   # a live writer's folder is left alone
     live.mkdir()
+    other = tmp_path / f".hf.tmp-{dead}@another_host-xyz"  # another host's (shared filesystem): never touched
+    other.mkdir()
     with pytest.warns(UserWarning, match="left by an interrupted write"):
         ej.save_hf(tmp_path / "hf", *model)
-    assert not stale.exists() and live.exists()
+    assert not stale.exists() and live.exists() and other.exists()
 
 
 def test_previous_folder_left_aside_by_a_crash_is_restored(model, export, tmp_path):

@@ -20,7 +20,7 @@ XP30 = os.path.join(ROOT, "experiments", "nemotron3_nano_30b_a3b.py")
 XP12 = os.path.join(ROOT, "experiments", "nemotron_nano_v2_12b.py")
 SHRUNK = os.path.join(ROOT, "tests", "scripts", "shrunk_pod_experiment.py")
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-SCHEMA = {"params_total": int, "params_active": int, "per_device_bytes": int, "hbm_bytes": int, "fits": bool,
+SCHEMA = {"params_total": int, "params_active": int, "per_device_bytes": int, "hbm_bytes": int, "fits": (bool, type(None)),
           "flops_per_step": float, "step_seconds_estimate": float, "compile_seconds": float, "budgets": list}
 BUDGET_SCHEMA = {"budget": float, "params_total": int, "params_active": int, "params_active_with_embeddings": int,
                  "inference_memory": dict}
@@ -234,6 +234,12 @@ def test_gpu_plan_lowers_and_says_it_did_not_compile(cpu_plans):
     for st in res["stages"]:
         assert st["compiled"] is False and "lowered and sharded only" in st["note"]
         assert st["chip"]["name"] == "NVIDIA H200 SXM" and st["memory"]["temp_bytes"] is None
+        assert st["fits"] is None and st["fits_arguments"] is True          # temporaries unknown: fits unknown
+        assert st["target"] == "h100x8"                                      # the experiment's own GPU target
+        assert st["step_seconds_lower_bound"] <= st["step_seconds_estimate"] and st["assumed_mfu"] == 0.4
+    assert res["fits"] is None
+    report = plan.format_report(res)
+    assert "fits: unknown" in report and "roofline lower bound" in report and "assumed MFU of 0.40" in report
 
 
 def test_pod_runner_trains_from_an_hf_parent_and_resumes(cpu_plans):
@@ -245,6 +251,16 @@ def test_pod_runner_trains_from_an_hf_parent_and_resumes(cpu_plans):
     assert r["devices"] == 8
     assert first["steps"] == 2 and first["target"] == "here" and first["resumed_from"] is None
     assert again["resumed_from"] == 2
+
+
+def test_weight_gathers_are_charged_per_micro_batch():
+    """More micro-batches gather the fsdp-sharded weights more often: the interconnect bytes grow
+    linearly; no fsdp axis, no gathers."""
+    xp = load_experiment(XP30)
+    g = lambda m, f=128: plan.step_gather_bytes(xp.model, microbatches=m, fsdp=f, remat="full")
+    assert g(256) == 64 * g(4) > 0 and g(4, f=1) == 0.0
+    total = plan.model_counts(xp.model)["params_total"]
+    assert g(1) == pytest.approx(total * 127 / 128 * (4 * 2 + 4))      # 4 bf16 passes + f32 grads
 
 
 def test_activation_advice_offers_only_levers_not_yet_pulled():

@@ -331,6 +331,43 @@ class ShardDataset(TokenDataset):
         return ShardStream(self.readers, self.weights, self.config, seq_len, batch_size, epoch_seed=epoch_seed,
                            process_index=process_index, process_count=process_count, min_doc_len=min_doc_len)
 
+    def host_batches(self, seq_len: int, batch_size: int, *, rows: slice, microbatches: int, epoch_seed: int = 0,
+                     min_doc_len: int | None = None) -> "HostRows":
+        """The training loop's per-host source (`train.hostdata`): this host reads only the documents
+        of its block of micro-batch rows `rows` (hosts holding the same rows read the same ones),
+        [microbatches, len(rows), seq_len] per step."""
+        per_microbatch, n = batch_size // microbatches, rows.stop - rows.start
+        if n <= 0 or per_microbatch % n or rows.start % n:
+            raise ValueError(f"rows {rows.start}:{rows.stop} are not one of equal blocks of the {per_microbatch} "
+                             "rows of a micro-batch")
+        stream = self.batches(seq_len, batch_size, epoch_seed=epoch_seed, process_index=rows.start // n,
+                              process_count=per_microbatch // n, min_doc_len=min_doc_len)
+        return HostRows(stream, microbatches)
+
+
+class HostRows:
+    """A per-host stream's [microbatches * rows, L] batches as [microbatches, rows, L]; its state is
+    this host's own (`state_scope = "host"`: it resumes on the same process count)."""
+
+    state_scope = "host"
+
+    def __init__(self, stream, microbatches: int):
+        self.stream, self.microbatches = stream, microbatches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = next(self.stream)
+        return {k: np.asarray(b[k], np.int32).reshape(self.microbatches, -1, b[k].shape[-1])
+                for k in ("tokens", "segment_ids")}
+
+    def get_state(self):
+        return self.stream.get_state()
+
+    def set_state(self, state) -> None:
+        self.stream.set_state(state)
+
 
 def make_dataset(cfg: DataConfig, vocab_size: int, documents: Sequence | None = None) -> TokenDataset:
     """Load and check the documents of `cfg` (token ids beyond `vocab_size` -> ValueError); token

@@ -13,6 +13,12 @@ metadata are present (`complete_steps()`, so an empty or half-copied step folder
 `restore_newest` tries the complete steps newest first; one that fails to restore is reported
 (a warning naming step and path) and the next older one is tried; if none restores,
 `CheckpointCorrupt` lists why. `params_fingerprint` is the teacher's identity resume compares.
+
+Integrity: every save records a checksum of each saved array in the meta item ("checksums": two
+exact uint32 sums of the array's bits, computed on device, the same on every mesh), and every
+restore recomputes them; a mismatch makes the step a damaged one (`CheckpointCorrupt` naming the
+array and the step folder it lives in), so `restore_newest` falls back to the previous step with
+a warning.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from .. import fileio
 from ..errors import CheckpointCorrupt, CheckpointMismatch
 from .config import RESUMABLE_FIELDS
 
@@ -56,6 +63,30 @@ def _leaf_digest(x):
 
 
 _digests = jax.jit(lambda leaves: [_leaf_digest(x) for x in leaves])
+
+
+def _host_copy(x):
+    """A replicated (possibly multi-host) array's value on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def array_checksums(tree) -> dict:
+    """{key path: [sum1, sum2]} of every array of `tree` (`_leaf_digest`, on device)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
+        return {}
+    sums = _host_copy(jnp.stack(_digests([x for _, x in flat])))
+    return {_keystr(p): [int(v) for v in s] for (p, _), s in zip(flat, sums)}
+
+
+def _keystr(path) -> str:
+    """A key path as orbax stores it (lists restore as dicts with string keys: the same string)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def params_fingerprint(tree) -> str | None:
@@ -100,22 +131,22 @@ def comparable(configs: dict) -> dict:
 
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = fileio.resolve(directory)          # a local folder or a gs:// URL
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def step_path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return fileio.join(self.directory, str(step))
 
     def incomplete(self, step: int) -> str | None:
         """Why the folder of `step` is not a complete checkpoint (None when it is)."""
         d = self.step_path(step)
-        if not os.path.isfile(os.path.join(d, _STEP_MARKER)):
+        if not fileio.isfile(fileio.join(d, _STEP_MARKER)):
             return f"no commit marker {_STEP_MARKER}"
         for item, marker in _ITEM_MARKERS.items():
-            if not os.path.isfile(os.path.join(d, item, marker)):
+            if not fileio.isfile(fileio.join(d, item, marker)):
                 return f"item {item!r} missing or incomplete (no {item}/{marker})"
         return None
 
@@ -160,8 +191,8 @@ class Checkpointer:
         moved = []
         for s in sorted(self.manager.all_steps()):
             if s > step:
-                dst = os.path.join(self.directory, f"corrupt.{s}.{int(time.time())}")
-                os.rename(self.step_path(s), dst)
+                dst = fileio.join(self.directory, f"corrupt.{s}.{int(time.time())}")
+                fileio.rename(self.step_path(s), dst)
                 moved.append(dst)
                 warnings.warn(f"moved the damaged checkpoint step {s} aside to {dst}", stacklevel=2)
         if moved:
@@ -169,8 +200,23 @@ class Checkpointer:
         return moved
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save `state` (arrays) and `meta` (JSON) as `step`; the arrays' checksums go into meta."""
+        meta = {**meta, "checksums": array_checksums(state)}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
+
+    def verify(self, step: int, restored: Any) -> None:
+        """Compare the restored arrays with the checksums saved with `step` (none saved: an older
+        run, nothing to check); `CheckpointCorrupt` naming the first array that differs."""
+        saved = self.read_meta(step).get("checksums")
+        if not saved:
+            return
+        got = array_checksums(restored)
+        bad = [k for k in saved if k in got and got[k] != saved[k]]
+        if bad:
+            raise CheckpointCorrupt(f"{self.step_path(step)}/state: array {bad[0]!r}"
+                                    + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                                    + " does not match the checksum recorded when it was saved (damaged file)")
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -188,13 +234,18 @@ class Checkpointer:
         return meta
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
-        """The "state" item restored onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
-        return self.manager.restore(step, args=ocp.args.Composite(
+        """The "state" item restored onto the shardings of `abstract_state` (ShapeDtypeStructs),
+        checked against its saved checksums (`verify`)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))["state"]
+        if all(a.dtype == b.dtype for a, b in
+               zip(jax.tree_util.tree_leaves(abstract_state), jax.tree_util.tree_leaves(restored))):
+            self.verify(step, restored)        # (a restore that casts dtypes has other bits)
+        return restored
 
     def restore_local(self, step: int | None = None, device=None) -> Any:
-        """The "state" item of `step` (default: latest) on one local device, whatever mesh wrote it
-        (for inspection and export)."""
+        """The "state" item of `step` (default: latest) on one local device, whatever mesh (device
+        count, process count, topology) wrote it (for inspection, slicing and export)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointCorrupt(f"{self.directory}: no complete checkpoint")
@@ -239,7 +290,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, with_quant:
         cfg = NemotronHConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
                                          for k, v in configs["model"].items()})
         ecfg = ElasticConfig.from_dict(configs["elastic"]) if configs.get("elastic") else None
-        restored = ck.manager.restore(st, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        restored = ck.restore_local(st)   # onto this process's first device, whatever mesh wrote it
         return cfg, ecfg, restored, configs
 
     ck = Checkpointer(ckpt_dir, async_save=False)

@@ -22,7 +22,15 @@ budget; the update is not applied and nothing is saved after it, so the last che
 last good, finite state.
 
 Sharding: the run uses the mesh of `train_cfg.mesh` over all devices (sharding.py); call
-`elastic_jax.train.init_distributed(...)` first on multi-host jobs. Each host feeds its own rows.
+`elastic_jax.train.init_distributed(...)` first on multi-host jobs. Each host feeds its own rows
+(hostdata.py: the loop's data-source interface and the per-host batch assembly); every host-side
+read of a global array is of a replicated value (the metrics) or an explicit gather; process 0
+writes the shared files (metrics, lock) and every process takes part in each checkpoint save.
+
+Preemption (runctl.py): a SIGTERM, or the platform's preemption notice, makes every host save a
+checkpoint at the next step boundary and raise `Preempted` (not an error; `elastic-jax run` exits
+0). The run folder is locked while training (`run.lock`: host, pid, start time; `RunFolderLocked`
+for a second run, a stale lock taken over with a warning).
 """
 from __future__ import annotations
 
@@ -40,7 +48,10 @@ from ..config import NemotronHConfig
 from ..data import DataConfig, TokenDataset, make_dataset
 from ..model.params import check_params, param_axes
 from . import sharding as shd
-from ..errors import TrainingDiverged
+from ..errors import Preempted, TrainingDiverged
+from .. import fileio
+from . import hostdata
+from .runctl import PreemptionWatcher, RunLock, acquire_everywhere
 from .checkpoint import Checkpointer, abstract_like, params_fingerprint
 from .config import TrainConfig
 from .metrics import RunLogger, Throughput, batch_digest, plot_curves, progress_postfix
@@ -293,6 +304,19 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
+    lock = RunLock(out_dir)
+    acquire_everywhere(lock)
+    try:
+        return _train_locked(spec, train_cfg, teacher_params, student_params, router_params, data, out_dir,
+                             stage_data, extra_meta, progress, quant_layers, lock)
+    finally:
+        lock.release()
+
+
+def _train_locked(spec, train_cfg, teacher_params, student_params, router_params, data, out_dir, stage_data,
+                  extra_meta, progress, quant_layers, lock) -> TrainResult:
+    cfg = spec.model_cfg
+    nb = spec.n_budgets
     mesh = shd.make_mesh(train_cfg.mesh)
     total = train_cfg.total_steps
     tx = make_optimizer(train_cfg.optim, total)
@@ -308,7 +332,7 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
         state_like["quant"] = quant_layers
         state_sh["quant"] = jax.tree.map(lambda _: NamedSharding(mesh, P()), quant_layers)
 
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
+    ckpt = Checkpointer(fileio.join(out_dir, "checkpoints"), keep=train_cfg.keep_checkpoints,
                         async_save=train_cfg.async_checkpointing)
     base_key = jax.random.PRNGKey(train_cfg.seed)
     data_states, tokens_seen = None, 0
@@ -319,6 +343,10 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
     if found is not None:
         if jax.process_index() == 0:
             ckpt.set_aside_after(start)      # damaged newer steps: kept aside, rewritten by this run
+        if jax.process_count() > 1:          # the others wait for it, then list the steps again
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("elastic_jax.train: damaged steps set aside")
+            ckpt.manager.reload()
         meta, restored = found[1]
         state = restored["state"]
         base_key = jnp.asarray(jax.device_get(restored["rng"]), jnp.uint32)
@@ -369,20 +397,20 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
 
     step = start
     compiled = {}
+    preempt = PreemptionWatcher()
     try:
         while step < total:
             si, s0 = train_cfg.stage_at(step)
             stage = train_cfg.stages[si]
-            stream = stage_data.get(si, data).batches(stage.seq_len, stage.batch_size, epoch_seed=si,
-                                                      min_doc_len=stage.min_doc_len)
-            if data_states is not None and data_states.get("stage") == si:
-                stream.set_state(data_states["hosts"][jax.process_index()])
-            data_states = None
             mb = stage.batch_size // M
             if mb not in compiled:        # stages of one micro-batch size share a jit (same shape: one compile)
                 compiled[mb] = compile_step(spec, tx, mesh, state_sh, teacher_sh, mb,
                                             activation_sharding=train_cfg.activation_sharding, rules=rules)
             jitted, bspec = compiled[mb]
+            b_sh, gshape = NamedSharding(mesh, bspec), (M, mb, stage.seq_len)
+            stream = hostdata.open_stage_rows(stage_data.get(si, data), stage, si, M, hostdata.host_rows(b_sh, gshape))
+            hostdata.restore_data_state(stream, data_states, si)
+            data_states = None
             probs = np.asarray(stage.probs(nb) if spec.mode == "elastic" else (1.0,), np.float32)
             probs_dev = jax.device_put(probs, rep)
             thr = Throughput()
@@ -391,11 +419,7 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
             while step < stage_end:
                 local = next(stream)
                 logger.batch(step, stage.name, batch_digest(local))
-                P_ = jax.process_count()
-                glob = {}
-                for k in ("tokens", "segment_ids"):
-                    arr = local[k].reshape(M, mb // P_, stage.seq_len)
-                    glob[k] = shd.host_local_to_global(arr, mesh, bspec, (M, mb, stage.seq_len))
+                glob = {k: hostdata.to_global(local[k], b_sh, gshape) for k in ("tokens", "segment_ids")}
                 step_dev = jax.device_put(np.int32(step), rep)
                 sched = sched_fn(step_dev)        # τ, logit scale, learning rates: on device, no sync
                 state, m = jitted(state, teacher, glob, step_dev, sched["tau"], sched["scale"], probs_dev, base_key)
@@ -403,19 +427,28 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
                     tokens_seen = _consume(pending, tokens_seen)
                 pending = (step, m, sched)
                 step += 1
-                if step % train_cfg.checkpoint_every == 0 or step == stage_end:
+                stop = preempt.reached(step)      # every host, every step (the hosts agree on one step)
+                lock.touch()
+                if stop or step % train_cfg.checkpoint_every == 0 or step == stage_end:
                     # every step up to here checked finite before anything is saved
                     tokens_seen = _consume(pending, tokens_seen)
                     pending = None
                     # the iterator state of every host; at a stage end the next stage starts afresh
-                    hosts = _gather_json(stream.get_state()) if step < stage_end else None
+                    scope = getattr(stream, "state_scope", "host")
+                    hosts = None if step == stage_end else (
+                        [stream.get_state()] if scope == "global" else _gather_json(stream.get_state()))
                     meta = {"configs": configs, "step": step, "stage": si, "tokens_seen": tokens_seen,
-                            "data_states": {"stage": si if step < stage_end else si + 1, "hosts": hosts},
+                            "data_states": {"stage": si if step < stage_end else si + 1, "hosts": hosts,
+                                            "scope": scope},
                             "data_stats": data.stats.to_dict(), "extra": extra_meta,
                             "process_count": jax.process_count()}
                     ckpt.save(step, {"state": state, "rng": jax.device_put(base_key, rep)}, meta)
+                    if stop:
+                        ckpt.wait()
+                        raise Preempted(step, ckpt.directory)
         ckpt.wait()
     finally:
+        preempt.close()
         if bar is not None:
             bar.close()
         logger.close()

@@ -5,6 +5,7 @@ import dataclasses
 import os
 
 from elastic_jax.experiment import load_experiment
+from elastic_jax.pod import tpu_accelerator_type
 from elastic_jax.train import MeshConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,7 +33,8 @@ def shrink(xp, topology: str = "v5e:2x2"):
     n = 1
     for d in topology.split(":")[1].split("x"):
         n *= int(d)
-    targets = tuple(dataclasses.replace(t, topology=topology, mesh=MeshConfig(fsdp=n), microbatches=None)
+    targets = tuple(dataclasses.replace(t, name=tpu_accelerator_type(topology), topology=topology,
+                                        mesh=MeshConfig(fsdp=n), microbatches=None)
                     if t.platform == "tpu" else dataclasses.replace(t, microbatches=None, mesh=MeshConfig(fsdp=t.devices))
                     for t in xp.targets)
     return dataclasses.replace(xp, name=xp.name + "_shrunk", model=model, elastic=elastic, train=train,

@@ -1,0 +1,177 @@
+"""Run control: the preemption notice and the run-folder lock.
+
+`PreemptionWatcher`: "should every host save and stop after this step?". With `jax.distributed`
+up, a SIGTERM (or the platform's own preemption notice) is caught by JAX's preemption service and
+`multihost_utils.reached_preemption_sync_point(step)` turns it into one step on which every host
+answers True; it must be asked on every host at every step. In a single process, a SIGTERM
+handler sets a flag (the previous handler comes back on `close()`).
+
+`RunLock`: `<run folder>/run.lock` (JSON: host, pid, start time) held by one process while a run
+trains there. A second run on the same folder gets `RunFolderLocked` naming the holder. A lock
+left by a crash is taken over with a warning: on the same host when its pid no longer runs, on
+another host when it was not refreshed (`touch()`, at most once a minute) for `stale_after_s`.
+The folder may be a URL (gs://, through `fileio`'s path layer); there the lock is written in one
+request (object stores have no exclusive create), so two runs started in the same instant may
+both take it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+
+import jax
+
+from .. import fileio
+from ..errors import RunFolderLocked
+
+
+def _distributed_client():
+    try:
+        from jax._src import distributed
+        return distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
+
+
+class PreemptionWatcher:
+    def __init__(self):
+        self.flag = False
+        self._prev = None
+        self.multihost = _distributed_client() is not None
+        if not self.multihost and threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        """True on every host at the same step once any host got a termination notice."""
+        if self.multihost:
+            from jax.experimental import multihost_utils
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except RuntimeError:         # the preemption service is off (jax_enable_preemption_service)
+                return self.flag
+        return self.flag
+
+    def close(self) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGTERM, self._prev)
+            self._prev = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """See the module docstring. `acquire()` raises `RunFolderLocked` when a live run holds it."""
+
+    NAME = "run.lock"
+
+    def __init__(self, folder: str, *, stale_after_s: float = 900.0):
+        self.folder = fileio.resolve(folder)
+        self.path = fileio.join(self.folder, self.NAME)
+        self.stale_after_s = stale_after_s
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "start": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.held = False
+        self._last_touch = 0.0
+
+    def _holder(self) -> dict | None:
+        if not fileio.exists(self.path):
+            return None
+        try:
+            return json.loads(fileio.read_text(self.path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}                      # unreadable: a torn write; judged by its age
+
+    def _stale(self, holder: dict) -> str | None:
+        """Why the lock of `holder` is stale (None: it is live)."""
+        if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int):
+            return None if _pid_alive(holder["pid"]) else f"process {holder['pid']} no longer runs"
+        try:
+            age = time.time() - fileio.mtime(self.path)
+        except FileNotFoundError:
+            return "it was just released"
+        return f"not refreshed for {age:.0f} s" if age > self.stale_after_s else None
+
+    def acquire(self) -> None:
+        data = json.dumps(self.me).encode()
+        for _ in range(3):
+            try:
+                if fileio.is_url(self.path):
+                    if fileio.exists(self.path):
+                        raise FileExistsError(self.path)
+                    fileio.write_json_atomic(self.path, self.me)
+                    self.held = True
+                    return
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue
+                why = self._stale(holder)
+                if why is None:
+                    raise RunFolderLocked(
+                        f"{os.path.dirname(self.path)} is in use by another run (host {holder.get('host')}, pid "
+                        f"{holder.get('pid')}, started {holder.get('start')}; lock {self.path}). Wait for it to end, "
+                        f"or use another output folder; if that run is dead (another host's lock is taken over "
+                        f"after {self.stale_after_s:.0f} s without a refresh), delete {self.path}")
+                warnings.warn(f"taking over the stale lock {self.path} of host {holder.get('host')} pid "
+                              f"{holder.get('pid')} (started {holder.get('start')}): {why}", stacklevel=2)
+                fileio.write_json_atomic(self.path, self.me)
+                self.held = True
+                return
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            self.held = True
+            return
+        raise RunFolderLocked(f"{self.path}: could not take the run-folder lock (it changes hands repeatedly)")
+
+    def touch(self) -> None:
+        """Refresh the lock (at most once a minute), so other hosts see it is live."""
+        if self.held and time.time() - self._last_touch > 60:
+            try:
+                if fileio.is_url(self.path):
+                    fileio.write_json_atomic(self.path, self.me)
+                else:
+                    os.utime(self.path)
+            except FileNotFoundError:
+                pass
+            self._last_touch = time.time()
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._holder()
+            if holder and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
+                fileio.remove(self.path)
+            self.held = False
+
+
+def acquire_everywhere(lock: RunLock) -> None:
+    """Process 0 takes `lock`; every process raises the same `RunFolderLocked` if it could not."""
+    err = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except RunFolderLocked as e:
+            err = str(e)
+    if jax.process_count() > 1:
+        from .loop import _gather_json
+        err = _gather_json(err)[0]
+    if err is not None:
+        raise RunFolderLocked(err)
