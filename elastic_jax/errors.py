@@ -39,6 +39,11 @@ class TrainingDiverged(RuntimeError):
     and budget(s). The update was not applied and nothing was saved after it."""
 
 
+class NonFiniteError(ValueError):
+    """NaN / inf values where finite ones are needed (weights loaded, saved or exported, a
+    checkpoint's state, a model's logits); the message names the tensor(s)."""
+
+
 EXPECTED_ERRORS = (ValueError, OSError, TrainingDiverged)   # CLI: one `error:` line, exit status 2
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..errors import CheckpointCorrupt, CheckpointMismatch
+from ..finite import check_finite
 from .config import RESUMABLE_FIELDS
 
 # what a complete step folder holds: orbax's commit marker and each item's metadata file
@@ -148,6 +149,7 @@ class Checkpointer:
                 except CheckpointMismatch:
                     raise
                 except Exception as e:   # orbax / tensorstore / JSON errors of a damaged step
+                    _quiet_closed_loop_callbacks()
                     why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             failures.append(f"step {step} ({self.step_path(step)}): {why}")
             warnings.warn(f"checkpoint step {step} at {self.step_path(step)} cannot be restored ({why}); "
@@ -169,6 +171,10 @@ class Checkpointer:
         return moved
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save `state` and `meta` as `step`; a state with a NaN / inf leaf is refused
+        (`NonFiniteError` naming the leaf), so no checkpoint ever holds one."""
+        check_finite(state, f"checkpoint step {step} ({self.step_path(step)})",
+                     hint="not saved (the last good checkpoint is kept)")
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -209,6 +215,35 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    """The leftover of a failed orbax restore: tensorstore finishing a read after orbax's event
+    loop was closed, `call_soon_threadsafe` -> RuntimeError('Event loop is closed')."""
+    e, tb = unraisable.exc_value, unraisable.exc_traceback
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        return False
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return "call_soon_threadsafe" in frames
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed restore, drop those leftovers (one `sys.unraisablehook` filter per process,
+    chained to the previous hook; everything else is still reported): the warning naming the
+    step already says what happened, and dozens of asyncio tracebacks read as a broken run."""
+    import sys
+    hook = sys.unraisablehook
+    if getattr(hook, "_elastic_jax_filter", False):
+        return
+
+    def filtered(unraisable):
+        if not _is_closed_loop_callback(unraisable):
+            hook(unraisable)
+    filtered._elastic_jax_filter = True
+    sys.unraisablehook = filtered
 
 
 def abstract_like(tree, shardings):

@@ -345,14 +345,19 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
     M = train_cfg.microbatches
     sched_fn = _schedule_fn(spec, lr_fns, total, rep)
 
-    def _consume(pending, tokens_seen) -> int:
+    def _consume(pending, tokens_seen, save_kept=None) -> int:
         """Read one finished step's metrics (the loop's only device->host transfer per step), stop
-        on a non-finite loss, log; returns the updated token count."""
+        on a non-finite loss, log; returns the updated token count. `save_kept(at)`: when the
+        rejected step was the last one dispatched, `state` is the kept last good state; it is
+        saved as step `at` if that is newer than the last checkpoint."""
         at = pending[0]
         m, sched = _read_metrics((pending[1], pending[2]))
         stage = train_cfg.stages[train_cfg.stage_at(at)[0]]
         if not bool(m["finite"]):
             ckpt.wait()
+            if save_kept is not None and at > (ckpt.latest_step() if ckpt.latest_step() is not None else -1):
+                save_kept(at)
+                ckpt.wait()
             raise TrainingDiverged(_diverged_message(spec, stage, at, m, ckpt))
         tokens_seen += int(m["tokens"])
         tok_s = thr.update(int(m["tokens"]))
@@ -403,16 +408,18 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
                 pending = (step, m, sched)
                 step += 1
                 if step % train_cfg.checkpoint_every == 0 or step == stage_end:
+                    def save(at):
+                        # the iterator state of every host; at a stage end the next stage starts afresh
+                        hosts = _gather_json(stream.get_state()) if at < stage_end else None
+                        meta = {"configs": configs, "step": at, "stage": si, "tokens_seen": tokens_seen,
+                                "data_states": {"stage": si if at < stage_end else si + 1, "hosts": hosts},
+                                "data_stats": data.stats.to_dict(), "extra": extra_meta,
+                                "process_count": jax.process_count()}
+                        ckpt.save(at, {"state": state, "rng": jax.device_put(base_key, rep)}, meta)
                     # every step up to here checked finite before anything is saved
-                    tokens_seen = _consume(pending, tokens_seen)
+                    tokens_seen = _consume(pending, tokens_seen, save_kept=save)
                     pending = None
-                    # the iterator state of every host; at a stage end the next stage starts afresh
-                    hosts = _gather_json(stream.get_state()) if step < stage_end else None
-                    meta = {"configs": configs, "step": step, "stage": si, "tokens_seen": tokens_seen,
-                            "data_states": {"stage": si if step < stage_end else si + 1, "hosts": hosts},
-                            "data_stats": data.stats.to_dict(), "extra": extra_meta,
-                            "process_count": jax.process_count()}
-                    ckpt.save(step, {"state": state, "rng": jax.device_put(base_key, rep)}, meta)
+                    save(step)
         ckpt.wait()
     finally:
         if bar is not None:
