@@ -201,3 +201,33 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path` to write; on success it is flushed to disk and renamed
+    over `path` (readers see the old file or the new one, never a truncated one). On any error
+    the temporary file is removed and `path` is as it was."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent,
+                               suffix=os.path.splitext(name)[1])   # writers that pick a format by suffix
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`text` (UTF-8) into `path` through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)

@@ -60,3 +60,13 @@ def check_finite(tree, what: str, *, allow: bool = False, hint: str = "") -> Non
         warnings.warn(msg + " (allowed for debugging)", stacklevel=2)
         return
     raise NonFiniteError(msg + (f"; {hint}" if hint else ""))
+
+
+def check_logits(logits, what: str) -> None:
+    """Raise `NonFiniteError` when any row of `logits` [B, ..., V] holds NaN / inf (generation
+    would sample garbage, e.g. `<pad>` forever), naming `what` and the rows."""
+    ok = np.asarray(jax.device_get(jnp.all(jnp.isfinite(jnp.asarray(logits)).reshape(logits.shape[0], -1), axis=1)))
+    if not ok.all():
+        rows = np.flatnonzero(~ok).tolist()
+        raise NonFiniteError(f"{what}: the logits are not finite (NaN / inf) for batch row(s) {rows[:10]}; "
+                             "the weights or activations overflowed, so nothing meaningful can be sampled")

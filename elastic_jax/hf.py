@@ -396,7 +396,8 @@ def _target_dtype(raw: dict, files: _Files, dtype) -> Any:
 
 
 def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
-            progress: bool = False, with_quant: bool = False) -> tuple[NemotronHConfig, dict]:
+            progress: bool = False, with_quant: bool = False,
+            allow_nonfinite: bool = False) -> tuple[NemotronHConfig, dict]:
     """Read an HF NemotronH checkpoint directory into (cfg, params).
 
     `directory` holds `config.json` (current or legacy field names) and `model.safetensors` or
@@ -410,7 +411,8 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     unexpected or mis-shaped tensor and every unsupported config option at once.
     A ModelOpt FP8 / NVFP4 checkpoint (`quantization_config` in config.json) is read dequantized;
     `with_quant=True` returns (cfg, params, QuantState or None) for the simulated-quantization
-    forward (`forward(..., quant=state)`)."""
+    forward (`forward(..., quant=state)`). A tensor holding NaN / inf is refused
+    (`NonFiniteError` naming it) unless `allow_nonfinite` (debugging: a warning instead)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: not a directory")
@@ -461,6 +463,9 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     finally:
         files.close()
     check_params(params, cfg)
+    from .finite import check_finite
+    check_finite(params, f"{directory}: the weights", allow=allow_nonfinite,
+                 hint="refusing to compute on them (allow_nonfinite=True / --allow-nonfinite to load anyway)")
     return (cfg, params, qstate) if with_quant else (cfg, params)
 
 
@@ -568,7 +573,8 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
             max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
             quantization: str | None = None, quant_state=None,
             protect: Sequence[str | os.PathLike] = (), budgets=None, fractions: dict | None = None,
-            elastic_cfg=None, router_params=None, tokenizer_dir: str | os.PathLike | None = None) -> str:
+            elastic_cfg=None, router_params=None, tokenizer_dir: str | os.PathLike | None = None,
+            allow_nonfinite: bool = False) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
     `transformers.NemotronHForCausalLM.from_pretrained(directory)` loads with the same logits.
 
@@ -590,7 +596,10 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     (see `budget_table`, with the optional per-budget `fractions` and the `elastic_cfg`), the
     budget router's `router_params` as `elastic_router.safetensors`: together the nested
     checkpoint (`elastic_jax.infer.checkpoint`). `tokenizer_dir`: a folder whose tokenizer files
-    (`TOKENIZER_FILES`) are copied in, so `elastic-jax generate` works on the export."""
+    (`TOKENIZER_FILES`) are copied in, so `elastic-jax generate` works on the export.
+    Every tensor is checked finite as written (after the dtype cast: float16 overflows to inf),
+    and the router's before anything is written; a NaN / inf is `NonFiniteError` naming the
+    tensor, nothing written (unless `allow_nonfinite`: a warning)."""
     from .fileio import check_target
     table = None if not budgets else budget_table(cfg, budgets, fractions=fractions, elastic_cfg=elastic_cfg)
     tok_files = _tokenizer_files(tokenizer_dir)
@@ -604,6 +613,10 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     limit = _parse_size(max_shard_size)
     config = hf_config_dict(cfg, dtype=str(out_dtype))
     check_params(params, cfg)
+    if router_params:
+        from .finite import check_finite
+        check_finite(router_params, f"save_hf {os.fspath(directory)}: the budget router", allow=allow_nonfinite,
+                     hint="nothing written (allow_nonfinite=True / --allow-nonfinite to write anyway)")
     tensors = list(_hf_tensors(cfg, params, out_dtype))
     qconfig, writer = None, None
     if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (METHOD §10)
@@ -623,7 +636,8 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
         size += nbytes
     with atomic_folder(directory, owned=HF_EXPORT_FILES, overwrite=overwrite, protect=protect,
                        what="save_hf") as tmp:
-        _write_hf_files(tmp, cfg, config, shards, len(tensors), progress, writer)
+        _write_hf_files(tmp, cfg, config, shards, len(tensors), progress, writer,
+                        finite_what=None if allow_nonfinite else f"save_hf {os.fspath(directory)}")
         if qconfig is not None:
             qexport.write_quant_config(tmp, qconfig)
         if table is not None:
@@ -638,9 +652,11 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
 
 
 def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, n_tensors: int,
-                    progress: bool, writer=None) -> None:
+                    progress: bool, writer=None, finite_what: str | None = None) -> None:
     """The files of an HF checkpoint into the (empty, temporary) folder `tmp`; `writer`: the
-    safetensors writer (quantized exports write float8 tensors with their own)."""
+    safetensors writer (quantized exports write float8 tensors with their own). `finite_what`:
+    check each tensor finite (`NonFiniteError` naming it, prefixed by this)."""
+    from .finite import check_finite
     from .fileio import save_safetensors
     names = ([SAFE_SINGLE] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
@@ -652,6 +668,9 @@ def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, 
             a = thunk()
             if tuple(a.shape) != tuple(shape):
                 raise HFCheckpointError("internal shape error", [f"{key}: {a.shape} != {shape}"])
+            if finite_what is not None:
+                check_finite({key: a}, finite_what, hint="nothing written (allow_nonfinite=True / "
+                             "--allow-nonfinite to write anyway)")
             arrays[key] = a
             weight_map[key] = name
             total += a.nbytes

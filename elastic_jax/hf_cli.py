@@ -19,10 +19,13 @@ def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
         if getattr(args, "budget", None) is not None:
             raise ValueError("--budget needs an elastic training run (orbax checkpoint with a router); "
                              f"{src} is an HF directory: pass --widths instead")
-        cfg, params = load_hf(src, progress=not args.quiet)
+        cfg, params = load_hf(src, progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
         args.family = {n: e["widths"] for n, e in read_budget_table(src, cfg).items()}
         return cfg, params, None
     cfg, params, router, ecfg = load_run(src, args.step)
+    from .finite import check_finite
+    check_finite({"params": params, "router": router}, f"{src}: the checkpoint", allow=args.allow_nonfinite,
+                 hint="refusing to export it (--allow-nonfinite to export anyway)")
     if router is not None and ecfg is not None:   # the run's nested family: every trained budget
         from .elastic.router import budget_widths
         args.family = {f"{round(100 * b):d}%": budget_widths(router, cfg, ecfg, b) for b in ecfg.budgets}
@@ -85,7 +88,7 @@ def _cmd_export(args) -> int:
         family = None   # the budgets are nested in the parent, not in this slice
     save_hf(args.out, cfg, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
             overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate, protect=[args.src],
-            budgets=family, tokenizer_dir=tokenizer)
+            budgets=family, tokenizer_dir=tokenizer, allow_nonfinite=args.allow_nonfinite)
     if not args.quiet:
         n = param_count(cfg)
         from .quant.export import checkpoint_bytes
@@ -124,4 +127,6 @@ def add_cli(subparsers) -> None:
                        help="folder whose tokenizer.json / tokenizer_config.json (chat template) are copied into OUT "
                             "(default: SRC's, when it has them)")
         p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+        p.add_argument("--allow-nonfinite", action="store_true",
+                       help="debugging: load and write NaN / inf weights with a warning instead of refusing")
         p.set_defaults(func=_cmd_export, command=name)

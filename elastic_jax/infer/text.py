@@ -127,11 +127,11 @@ class TextGenerator:
         if not os.path.isfile(os.path.join(directory, "config.json")):
             raise FileNotFoundError(f"{directory}: no config.json (an HF NemotronH checkpoint)")
         from ..hf import load_hf, read_budget_table
+        tok = ChatTokenizer.load(directory)        # the small files first: their errors before the weights load
         cfg, params = load_hf(directory, dtype=dtype)
         table = read_budget_table(directory, cfg)
         budgets = {n: e["widths"] for n, e in table.items()}
         sizes = {n: {"params": e["params"], "active_params": e["active_params"]} for n, e in table.items()}
-        tok = ChatTokenizer.load(directory)
         budgets = dict(budgets)
         budgets.setdefault(FULL, Widths())
         model = ElasticModel(cfg=cfg, params=params, budgets=budgets, mode=mode)
@@ -139,10 +139,9 @@ class TextGenerator:
         if tok.special.get("eos_token") is not None and tok.token_id(tok.special["eos_token"]) is not None:
             eos.add(tok.token_id(tok.special["eos_token"]))
         gpath = os.path.join(directory, "generation_config.json")
-        if os.path.isfile(gpath):
-            with open(gpath) as f:
-                g = json.load(f).get("eos_token_id")
-            eos.update([g] if isinstance(g, int) else list(g or []))
+        if os.path.lexists(gpath):
+            from .chat import read_generation_eos
+            eos.update(read_generation_eos(gpath))
         if not eos and cfg.eos_token_id is not None:
             eos.add(cfg.eos_token_id)
         pad = tok.token_id(tok.special.get("pad_token"))
@@ -310,10 +309,14 @@ class TextGenerator:
 
     def _decode(self, phase, params, w, cache, logits, done0, limit, key, *, stream, stop_strings, **kw):
         """The compiled loop, or with `stream` the per-token loop reporting text deltas (and
-        ending early once every row has produced one of `stop_strings`)."""
+        ending early once every row has produced one of `stop_strings`). Non-finite logits (before
+        and after the compiled loop) stop generation with `NonFiniteError`."""
+        from ..finite import check_logits
+        check_logits(logits, f"generate ({phase} phase)")
         if stream is None:
             res = _decode_loop(params, w, cache, logits, done0, jnp.asarray(limit, jnp.int32), key, **kw)
             jax.block_until_ready(res[0])
+            check_logits(res[4], f"generate ({phase} phase, after decoding)")
             return res
         B = logits.shape[0]
         gen = decode_stream(params, w, cache, logits, done0, limit, key, **kw)
