@@ -637,7 +637,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     with atomic_folder(directory, owned=HF_EXPORT_FILES, overwrite=overwrite, protect=protect,
                        what="save_hf") as tmp:
         _write_hf_files(tmp, cfg, config, shards, len(tensors), progress, writer,
-                        finite_what=None if allow_nonfinite else f"save_hf {os.fspath(directory)}")
+                        finite_what=f"save_hf {os.fspath(directory)}", allow_nonfinite=allow_nonfinite)
         if qconfig is not None:
             qexport.write_quant_config(tmp, qconfig)
         if table is not None:
@@ -652,10 +652,12 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
 
 
 def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, n_tensors: int,
-                    progress: bool, writer=None, finite_what: str | None = None) -> None:
+                    progress: bool, writer=None, finite_what: str | None = None,
+                    allow_nonfinite: bool = False) -> None:
     """The files of an HF checkpoint into the (empty, temporary) folder `tmp`; `writer`: the
     safetensors writer (quantized exports write float8 tensors with their own). `finite_what`:
-    check each tensor finite (`NonFiniteError` naming it, prefixed by this)."""
+    check each tensor finite (`NonFiniteError` naming it, prefixed by this; a warning with
+    `allow_nonfinite`)."""
     from .finite import check_finite
     from .fileio import save_safetensors
     names = ([SAFE_SINGLE] if len(shards) == 1 else
@@ -669,7 +671,7 @@ def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, 
             if tuple(a.shape) != tuple(shape):
                 raise HFCheckpointError("internal shape error", [f"{key}: {a.shape} != {shape}"])
             if finite_what is not None:
-                check_finite({key: a}, finite_what, hint="nothing written (allow_nonfinite=True / "
+                check_finite({key: a}, finite_what, allow=allow_nonfinite, hint="nothing written (allow_nonfinite=True / "
                              "--allow-nonfinite to write anyway)")
             arrays[key] = a
             weight_map[key] = name
