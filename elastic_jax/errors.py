@@ -64,6 +64,8 @@ def read_json(path: str | os.PathLike, *, what: str = "", required: Sequence[str
         obj = json.loads(text, object_hook=_decode_float)
     except (json.JSONDecodeError, ValueError) as e:
         raise JSONFileError(f"{label}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise JSONFileError(f"{label}: JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise JSONFileError(f"{label}: the top level must be a JSON object, got {type(obj).__name__}")
     missing = [k for k in required if k not in obj]

@@ -121,6 +121,9 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[NemotronHConfig, dict]
     for name, (bad, what) in _UNSUPPORTED.items():
         if name in raw and bad(raw[name]):
             problems.append(f"{name}={raw[name]!r}: {what} is not supported")
+    qc = raw.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        problems.append(f"quantization_config={qc!r:.80}: must be an object (ModelOpt's quant_method / quant_algo)")
     if raw.get("layers_block_type") is None and raw.get("layer_types") is None and not raw.get("hybrid_override_pattern"):
         problems.append("no layer layout: config.json needs layers_block_type (or hybrid_override_pattern)")
     if problems:

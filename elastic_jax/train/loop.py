@@ -268,9 +268,23 @@ def _diverged_message(spec: StepSpec, stage, step: int, m: dict, ckpt: Checkpoin
             f"Last good checkpoint: {'none' if last is None else f'step {last}'} in {ckpt.directory}")
 
 
+def _check_stage_sizes(cfg, train_cfg: TrainConfig) -> None:
+    """Each stage's rows fit the model's declared context, and its host batch (tokens and segment
+    ids, int32) fits the host's memory: refused before anything is allocated."""
+    from ..hostmem import check_host_bytes
+    for st in train_cfg.stages:
+        if st.seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"Stage({st.name!r}).seq_len={st.seq_len} exceeds the model's context "
+                             f"max_position_embeddings={cfg.max_position_embeddings}; shorten the stage's rows or "
+                             "raise max_position_embeddings")
+        check_host_bytes(2 * 4 * st.batch_size * st.seq_len // max(1, jax.process_count()),
+                         f"Stage({st.name!r}) batch of {st.batch_size} x {st.seq_len} tokens")
+
+
 def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_params, router_params, data, out_dir, *,
            extra_meta=None, progress=True, quant_layers=None) -> TrainResult:
     cfg = spec.model_cfg
+    _check_stage_sizes(cfg, train_cfg)      # before the dataset or anything else is built
     if isinstance(data, DataConfig):
         data = make_dataset(data, cfg.vocab_size)
     if not isinstance(data, TokenDataset):
