@@ -117,3 +117,95 @@ def test_damaged_newest_step_rerun_prints_only_the_warning(tmp_path):
     assert "checkpoint step 3" in r.stderr and "cannot be restored" in r.stderr
     assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr[-3000:]
     assert glob.glob(str(run / "checkpoints" / "corrupt.3.*"))
+
+
+# ================================================================== full disk during a training checkpoint (issue 29)
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+_FULL_EXP = """
+import dataclasses, sys
+sys.path.insert(0, {tests!r})
+from elastic_jax.experiment import register_runner
+
+@dataclasses.dataclass(frozen=True)
+class C:
+    steps: int = 3
+
+def run(c, out):
+    from test_faults import _lm_setup
+    from elastic_jax.train import train_lm
+    cfg, tc, ds, p0 = _lm_setup(lr=1e-3, steps=c.steps)
+    train_lm(cfg, tc.replace(async_checkpointing=True), p0, ds, out, progress=False)
+
+register_runner(C, run)
+
+def config(quick=False):
+    return C()
+"""
+
+
+@pytest.mark.parametrize("size", ["16k", "60k", "150k"])
+def test_full_disk_during_a_training_checkpoint_is_one_line(tmp_path, size):
+    """16k: refused before orbax starts (free space < the state); 60k / 150k: orbax's background
+    commit fails (in the first or a later step) and its log tracebacks are replaced by one line."""
+    if not IS_ROOT or not sys.platform.startswith("linux"):
+        pytest.skip("needs root on Linux to mount a tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode()[:200]}")
+    try:
+        exp = tmp_path / "exp.py"
+        exp.write_text(_FULL_EXP.format(tests=os.path.join(ROOT, "tests")))
+        r = subprocess.run([sys.executable, "-m", "elastic_jax.cli", "run", str(exp), "--out", str(disk / "run")],
+                           capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and "ERROR:absl" not in r.stderr, r.stderr[-3000:]
+        lines = [l for l in r.stderr.splitlines() if "error:" in l]
+        assert len(lines) == 1 and "checkpoints" in lines[0] and "bytes" in lines[0], r.stderr[-3000:]
+        assert "no space left" in lines[0] or "bytes free but a checkpoint needs about" in lines[0], lines[0]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+# ================================================================== decode-path context and cache checks (issue 29)
+def _model():
+    from test_faults import _tiny
+    return _tiny()
+
+
+def test_jitted_decode_past_the_cache_gives_nan_not_values():
+    cfg, params = _model()
+    cache = ej.init_cache(cfg, 1, 2, params)
+    step = jax.jit(lambda p, t, c: ej.decode_step(p, t, c, cfg))
+    tok = jnp.asarray([[1]], jnp.int32)
+    for _ in range(2):
+        logits, cache = step(params, tok, cache)
+        assert np.isfinite(np.asarray(logits)).all()
+    logits, cache = step(params, tok, cache)
+    assert np.isnan(np.asarray(logits)).all()                    # past max_len=2
+    from elastic_jax.finite import check_logits
+    with pytest.raises(NonFiniteError):
+        check_logits(logits[:, -1], "decode")
+
+
+def test_cache_filled_at_other_widths_is_refused():
+    cfg, params = _model()
+    tokens = jnp.asarray([[1, 2, 3]], jnp.int32)
+    half = ej.Widths(hidden=8)
+    _, cache = ej.prefill(params, tokens, cfg, half, max_len=8)
+    with pytest.raises(ValueError, match=r"cache was filled by the submodel at widths \[hidden=8;.*runs at \[hidden=16"):
+        ej.decode_step(params, tokens[:, :1], cache, cfg)
+    logits, cache = ej.decode_step(params, tokens[:, :1], cache, cfg, half)     # the same submodel: fine
+    _, full = ej.prefill(params, tokens, cfg, None, max_len=8)
+    ej.decode_step(params, tokens[:, :1], full, cfg, ej.Widths())            # None and full Widths are one model
+
+
+def test_generate_refuses_a_prompt_beyond_the_context():
+    cfg, params = _model()
+    import dataclasses
+    cfg = dataclasses.replace(cfg, max_position_embeddings=8)
+    with pytest.raises(ValueError, match=r"prompt length 7 \+ max_new_tokens 2 exceeds the model's context "
+                                         r"max_position_embeddings=8"):
+        ej.generate(params, jnp.ones((1, 7), jnp.int32), cfg, max_new_tokens=2)

@@ -107,6 +107,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         self._quiet = _DiskFullLogFilter.install()   # background saves report a full disk by log lines
+        _quiet_closed_loop_callbacks()               # a failed background write / restore leaves these
 
     def step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -297,6 +298,7 @@ class _DiskErrors:
         if e is None or isinstance(e, OSError) and e.errno == errno.ENOSPC and "checkpoint" in str(e):
             return False
         if isinstance(e, Exception) and any(k in str(e) for k in _DISK_FULL):
+            _quiet_closed_loop_callbacks()      # the failed writes' leftovers, as after a failed restore
             raise OSError(errno.ENOSPC, f"writing a checkpoint into {self.directory} failed: no space left "
                                         f"(a checkpoint needs about {self.need:,} bytes); the previous checkpoints "
                                         "are kept (free space, or use another output folder)") from None
