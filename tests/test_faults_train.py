@@ -209,3 +209,20 @@ def test_generate_refuses_a_prompt_beyond_the_context():
     with pytest.raises(ValueError, match=r"prompt length 7 \+ max_new_tokens 2 exceeds the model's context "
                                          r"max_position_embeddings=8"):
         ej.generate(params, jnp.ones((1, 7), jnp.int32), cfg, max_new_tokens=2)
+
+
+def test_traced_widths_out_of_range_are_caught_on_the_checked_path():
+    from jax.experimental import checkify
+    cfg, params = _model()
+    f = jax.jit(checkify.checkify(lambda p, h: ej.forward(p, jnp.asarray([[1, 2]], jnp.int32), cfg,
+                                                           ej.Widths(hidden=h), checked=True),
+                                  errors=checkify.user_checks))
+    err, logits = f(params, jnp.int32(8))
+    err.throw()
+    assert np.isfinite(np.asarray(logits)).all()
+    for bad in (0, -3, 17):
+        err, _ = f(params, jnp.int32(bad))
+        with pytest.raises(checkify.JaxRuntimeError, match=r"Widths.hidden must be in \[1, full size\]"):
+            err.throw()
+    with pytest.raises(ValueError, match="Widths.hidden=0"):                # concrete: refused before tracing
+        ej.forward(params, jnp.asarray([[1, 2]], jnp.int32), cfg, ej.Widths(hidden=0))

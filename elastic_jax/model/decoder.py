@@ -94,10 +94,30 @@ def _check_layer_gates(widths, cfg: NemotronHConfig) -> None:
             raise ValueError("widths drop every layer (all layer gates are 0); keep at least one")
 
 
+def _check_traced_widths(widths, cfg: NemotronHConfig) -> None:
+    """`checked`: traced `Widths` counts must lie in [1, full size] (0 or below gives NaN logits;
+    concrete ones were already refused on the host by `Widths.validate`)."""
+    from ..widths import PER_LAYER_AXES, WIDTH_AXES, full_size
+    if not isinstance(widths, Widths):
+        return
+    for axis in WIDTH_AXES:
+        v = getattr(widths, axis)
+        if not isinstance(v, jax.core.Tracer):
+            continue
+        if axis == "hidden":
+            hi = jnp.asarray(cfg.hidden_size)
+        else:
+            hi = jnp.asarray([full_size(cfg, axis, i) for i in range(cfg.count(PER_LAYER_AXES[axis]))])
+        checkify.check(jnp.all((v >= 1) & (v <= hi)),
+                       f"Widths.{axis} must be in [1, full size] (traced value out of range)")
+
+
 def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False, head=True,
          checked=False, loads=None):
     check_tokens(tokens, cfg, checked)
     _check_layer_gates(widths, cfg)
+    if checked:
+        _check_traced_widths(widths, cfg)
     sw = as_soft(cfg, widths)
     cdt = ctx.policy.dtype_for(params["embed"].dtype)          # residual stream in the compute dtype
     h = constrain_hidden(jnp.take(params["embed"], tokens, axis=0).astype(cdt))
