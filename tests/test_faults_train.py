@@ -226,3 +226,9 @@ def test_traced_widths_out_of_range_are_caught_on_the_checked_path():
             err.throw()
     with pytest.raises(ValueError, match="Widths.hidden=0"):                # concrete: refused before tracing
         ej.forward(params, jnp.asarray([[1, 2]], jnp.int32), cfg, ej.Widths(hidden=0))
+
+
+def test_empty_token_sequence_is_named():
+    cfg, params = _model()
+    with pytest.raises(ValueError, match=r"tokens must hold at least one position .* got shape \(1, 0\)"):
+        ej.forward(params, jnp.zeros((1, 0), jnp.int32), cfg)

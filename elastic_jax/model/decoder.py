@@ -50,6 +50,9 @@ def check_tokens(tokens, cfg: NemotronHConfig, checked: bool = False):
     they are traced and `checked`)."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int [batch, length], got shape {tokens.shape}")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"tokens must hold at least one position (an empty sequence has no logits), "
+                         f"got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
     if not isinstance(tokens, jax.core.Tracer) and tokens.size:
