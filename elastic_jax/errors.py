@@ -54,6 +54,11 @@ class Preempted(Exception):
                          "rerun the same command to resume")
 
 
+class NonFiniteError(ValueError):
+    """NaN / inf values where finite ones are needed (weights loaded, saved or exported, a
+    checkpoint's state, a model's logits); the message names the tensor(s)."""
+
+
 EXPECTED_ERRORS = (ValueError, OSError, TrainingDiverged)   # CLI: one `error:` line, exit status 2
 
 
@@ -74,6 +79,8 @@ def read_json(path: str | os.PathLike, *, what: str = "", required: Sequence[str
         obj = decode_json_floats(json.loads(text))
     except (json.JSONDecodeError, ValueError) as e:
         raise JSONFileError(f"{label}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise JSONFileError(f"{label}: JSON nested too deeply to read") from None
     if not isinstance(obj, dict):
         raise JSONFileError(f"{label}: the top level must be a JSON object, got {type(obj).__name__}")
     missing = [k for k in required if k not in obj]

@@ -220,6 +220,36 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside `path` to write; on success it is flushed to disk and renamed
+    over `path` (readers see the old file or the new one, never a truncated one). On any error
+    the temporary file is removed and `path` is as it was."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent,
+                               suffix=os.path.splitext(name)[1])   # writers that pick a format by suffix
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`text` (UTF-8) into `path` through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
 # ------------------------------------------------------------------ one path layer (local or gs://)
 def is_url(path: str | os.PathLike) -> bool:
     """A `scheme://` path (gs://, s3://, ...) rather than a local one."""
@@ -278,21 +308,11 @@ def read_text(path) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """`obj` as JSON at `path`, written to a temporary file beside it (named after this host and
-    process, so writers on a shared filesystem never collide) and renamed into place (on object
-    stores, where no rename is atomic, written in one request)."""
+    """`obj` as JSON at `path`: locally through `atomic_file` (a temporary file beside it, renamed
+    into place); on object stores, where no rename is atomic, written in one request."""
     import json
-    import socket
     text = json.dumps(obj, indent=1)
     if is_url(path):
         epath_of(path).write_text(text)
-        return
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    else:
+        write_text_atomic(path, text)

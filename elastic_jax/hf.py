@@ -114,6 +114,9 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[NemotronHConfig, dict]
     for name, (bad, what) in _UNSUPPORTED.items():
         if name in raw and bad(raw[name]):
             problems.append(f"{name}={raw[name]!r}: {what} is not supported")
+    qc = raw.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        problems.append(f"quantization_config={qc!r:.80}: must be an object (ModelOpt's quant_method / quant_algo)")
     if raw.get("layers_block_type") is None and raw.get("layer_types") is None and not raw.get("hybrid_override_pattern"):
         problems.append("no layer layout: config.json needs layers_block_type (or hybrid_override_pattern)")
     if problems:
@@ -483,7 +486,8 @@ def _target_dtype(raw: dict, files: _Files, dtype) -> Any:
 
 
 def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
-            progress: bool = False, with_quant: bool = False) -> tuple[NemotronHConfig, dict]:
+            progress: bool = False, with_quant: bool = False,
+            allow_nonfinite: bool = False) -> tuple[NemotronHConfig, dict]:
     """Read an HF NemotronH checkpoint directory into (cfg, params).
 
     `directory` holds `config.json` (current or legacy field names) and `model.safetensors` or
@@ -497,7 +501,8 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     unexpected or mis-shaped tensor and every unsupported config option at once.
     A ModelOpt FP8 / NVFP4 checkpoint (`quantization_config` in config.json) is read dequantized;
     `with_quant=True` returns (cfg, params, QuantState or None) for the simulated-quantization
-    forward (`forward(..., quant=state)`)."""
+    forward (`forward(..., quant=state)`). A tensor holding NaN / inf is refused
+    (`NonFiniteError` naming it) unless `allow_nonfinite` (debugging: a warning instead)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: not a directory")
@@ -548,6 +553,9 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     finally:
         files.close()
     check_params(params, cfg)
+    from .finite import check_finite
+    check_finite(params, f"{directory}: the weights", allow=allow_nonfinite,
+                 hint="refusing to compute on them (allow_nonfinite=True / --allow-nonfinite to load anyway)")
     return (cfg, params, qstate) if with_quant else (cfg, params)
 
 
@@ -655,7 +663,8 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
             max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = False,
             quantization: str | None = None, quant_state=None, kv_scales: dict | None = None,
             protect: Sequence[str | os.PathLike] = (), budgets=None, fractions: dict | None = None,
-            elastic_cfg=None, router_params=None, tokenizer_dir: str | os.PathLike | None = None) -> str:
+            elastic_cfg=None, router_params=None, tokenizer_dir: str | os.PathLike | None = None,
+            allow_nonfinite: bool = False) -> str:
     """Write (cfg, params) as an HF NemotronH checkpoint that
     `transformers.NemotronHForCausalLM.from_pretrained(directory)` loads with the same logits.
 
@@ -679,7 +688,10 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     (see `budget_table`, with the optional per-budget `fractions` and the `elastic_cfg`), the
     budget router's `router_params` as `elastic/router.safetensors`: together the nested
     checkpoint (`elastic_jax.infer.checkpoint`). `tokenizer_dir`: a folder whose tokenizer files
-    (`TOKENIZER_FILES`) are copied in, so `elastic-jax generate` works on the export."""
+    (`TOKENIZER_FILES`) are copied in, so `elastic-jax generate` works on the export.
+    Every tensor is checked finite as written (after the dtype cast: float16 overflows to inf),
+    and the router's before anything is written; a NaN / inf is `NonFiniteError` naming the
+    tensor, nothing written (unless `allow_nonfinite`: a warning)."""
     from .fileio import check_target
     table = None if not budgets else budget_table(cfg, budgets, fractions=fractions, elastic_cfg=elastic_cfg)
     tok_files = _tokenizer_files(tokenizer_dir)
@@ -693,6 +705,10 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     limit = _parse_size(max_shard_size)
     config = hf_config_dict(cfg, dtype=str(out_dtype))
     check_params(params, cfg)
+    if router_params:
+        from .finite import check_finite
+        check_finite(router_params, f"save_hf {os.fspath(directory)}: the budget router", allow=allow_nonfinite,
+                     hint="nothing written (allow_nonfinite=True / --allow-nonfinite to write anyway)")
     tensors = list(_hf_tensors(cfg, params, out_dtype))
     qconfig, writer = None, None
     if quantization is not None or quant_state is not None:   # ModelOpt FP8 / NVFP4 layout (METHOD §10)
@@ -712,7 +728,8 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
         size += nbytes
     with atomic_folder(directory, owned=HF_EXPORT_FILES, overwrite=overwrite, protect=protect,
                        what="save_hf") as tmp:
-        _write_hf_files(tmp, cfg, config, shards, len(tensors), progress, writer)
+        _write_hf_files(tmp, cfg, config, shards, len(tensors), progress, writer,
+                        finite_what=f"save_hf {os.fspath(directory)}", allow_nonfinite=allow_nonfinite)
         if qconfig is not None:
             qexport.write_quant_config(tmp, qconfig)
         if table is not None:
@@ -728,9 +745,13 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
 
 
 def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, n_tensors: int,
-                    progress: bool, writer=None) -> None:
+                    progress: bool, writer=None, finite_what: str | None = None,
+                    allow_nonfinite: bool = False) -> None:
     """The files of an HF checkpoint into the (empty, temporary) folder `tmp`; `writer`: the
-    safetensors writer (quantized exports write float8 tensors with their own)."""
+    safetensors writer (quantized exports write float8 tensors with their own). `finite_what`:
+    check each tensor finite (`NonFiniteError` naming it, prefixed by this; a warning with
+    `allow_nonfinite`)."""
+    from .finite import check_finite
     from .fileio import save_safetensors
     names = ([SAFE_SINGLE] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
@@ -742,6 +763,9 @@ def _write_hf_files(tmp: str, cfg: NemotronHConfig, config: dict, shards: list, 
             a = thunk()
             if tuple(a.shape) != tuple(shape):
                 raise HFCheckpointError("internal shape error", [f"{key}: {a.shape} != {shape}"])
+            if finite_what is not None:
+                check_finite({key: a}, finite_what, allow=allow_nonfinite, hint="nothing written (allow_nonfinite=True / "
+                             "--allow-nonfinite to write anyway)")
             arrays[key] = a
             weight_map[key] = name
             total += a.nbytes

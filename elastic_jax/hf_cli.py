@@ -19,10 +19,14 @@ def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
         if getattr(args, "budget", None) is not None:
             raise ValueError("--budget needs an elastic training run (orbax checkpoint with a router); "
                              f"{src} is an HF directory: pass --widths instead")
-        cfg, params, args.src_quant = load_hf(src, progress=not args.quiet, with_quant=True)
+        cfg, params, args.src_quant = load_hf(src, progress=not args.quiet, with_quant=True,
+                                              allow_nonfinite=args.allow_nonfinite)
         args.family = {n: e["widths"] for n, e in read_budget_table(src, cfg).items()}
         return cfg, params, None
     cfg, params, router, ecfg = load_run(src, args.step)
+    from .finite import check_finite
+    check_finite({"params": params, "router": router}, f"{src}: the checkpoint", allow=args.allow_nonfinite,
+                 hint="refusing to export it (--allow-nonfinite to export anyway)")
     from .elastic.budgets import budget_family, check_budget_size, target_of, trained_widths
     if router is not None and ecfg is not None:   # the run's nested family: every trained budget (100%: the parent)
         args.family = budget_family(router, cfg, ecfg)
@@ -107,7 +111,8 @@ def _cmd_export(args) -> int:
     save_hf(args.out, cfg, params, dtype=args.dtype, max_shard_size=args.max_shard_size,
             overwrite=args.overwrite, progress=not args.quiet, quant_state=qstate, kv_scales=kv_scales,
             protect=[args.src], budgets=family, fractions=fr,
-            elastic_cfg=getattr(args, "elastic_cfg", None) if family else None, tokenizer_dir=tokenizer)
+            elastic_cfg=getattr(args, "elastic_cfg", None) if family else None, tokenizer_dir=tokenizer,
+            allow_nonfinite=args.allow_nonfinite)
     if not args.quiet:
         n = param_count(cfg)
         from .quant.export import checkpoint_bytes
@@ -150,4 +155,6 @@ def add_cli(subparsers) -> None:
                        help="folder whose tokenizer.json / tokenizer_config.json (chat template) are copied into OUT "
                             "(default: SRC's, when it has them)")
         p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+        p.add_argument("--allow-nonfinite", action="store_true",
+                       help="debugging: load and write NaN / inf weights with a warning instead of refusing")
         p.set_defaults(func=_cmd_export, command=name)

@@ -430,6 +430,9 @@ def plan(xp, target, *, stages=None, microbatches=None, remat=None, search: bool
          infer_context: int = 131072, infer_batch: int = 1, log=None, mfu: float = ASSUMED_MFU) -> dict:
     """The plan of `xp` on `target` for the named stages (None: all): counts of the parent and
     every nested budget, then one compiled step per stage (or the `search` result per stage)."""
+    for name, v in (("microbatches", microbatches), ("infer_context", infer_context), ("infer_batch", infer_batch)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"plan {name}={v!r}: must be an int >= 1")
     stage_objs = [xp.stage(s) for s in stages] if stages else list(xp.train.stages)
     parent = model_counts(xp.model, context=infer_context, batch=infer_batch)
     budgets = []
@@ -545,13 +548,42 @@ def _target_from_args(xp, a):
     else:
         t = xp.targets[0]
     if a.mesh:
-        sizes = dict(x.split("=") for x in a.mesh.split(","))
-        t = dataclasses.replace(t, mesh=MeshConfig(**{k: int(v) for k, v in sizes.items()}))
+        t = dataclasses.replace(t, mesh=MeshConfig(**a.mesh))
     if a.chip:
         t = dataclasses.replace(t, chip=a.chip)
     if a.hbm_gib:
         t = dataclasses.replace(t, hbm_gib=a.hbm_gib)
     return t
+
+
+def _positive(kind):
+    """argparse type: a number > 0 (refused at parse time, before any work)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (v > 0) or (kind is float and not math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _mesh_arg(text: str) -> dict:
+    """argparse type for --mesh: `axis=N,...` over the mesh axes (data, fsdp, tensor, expert)."""
+    from .sharding import MESH_AXES
+    sizes = {}
+    for part in text.split(","):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected axis=N pairs, e.g. data=2,fsdp=64, with axes "
+                                             f"{', '.join(MESH_AXES)} and N >= 1 (bad part {part!r})")
+        if name in sizes:
+            raise argparse.ArgumentTypeError(f"{text!r}: axis {name!r} given twice")
+        sizes[name] = int(value)
+    return sizes
 
 
 def _cmd_plan(a) -> int:
@@ -589,16 +621,16 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--topology", default=None, help="a TPU slice, e.g. v5p:4x4x8 (ahead-of-time libtpu compile)")
     p.add_argument("--platform", choices=("tpu", "gpu", "cpu"), default=None,
                    help="gpu: lower and shard only; cpu: a real XLA:CPU compile on host devices")
-    p.add_argument("--devices", type=int, default=None, help="device count for --platform gpu / cpu")
+    p.add_argument("--devices", type=_positive(int), default=None, help="device count for --platform gpu / cpu")
     p.add_argument("--chip", default=None, help=f"chip figures to use ({', '.join(CHIPS)})")
-    p.add_argument("--hbm-gib", type=float, default=None, help="memory per chip, replacing the chip's figure")
-    p.add_argument("--mesh", default=None, help="mesh axes, e.g. data=2,fsdp=64 (default: all chips on fsdp)")
+    p.add_argument("--hbm-gib", type=_positive(float), default=None, help="memory per chip, replacing the chip's figure")
+    p.add_argument("--mesh", type=_mesh_arg, default=None, help="mesh axes, e.g. data=2,fsdp=64 (default: all chips on fsdp)")
     p.add_argument("--stage", action="append", default=None, help="a curriculum stage by name (repeatable; default all)")
-    p.add_argument("--microbatches", type=int, default=None, help="micro-batches per step (default: the config's)")
+    p.add_argument("--microbatches", type=_positive(int), default=None, help="micro-batches per step (default: the config's)")
     p.add_argument("--remat", default=None, choices=REMAT_SEARCH, help="remat policy (default: the config's)")
     p.add_argument("--search", action="store_true", help="try remat policies x micro-batch counts; keep the cheapest that fits")
-    p.add_argument("--infer-context", type=int, default=131072, help="context of the per-budget inference memory")
-    p.add_argument("--infer-batch", type=int, default=1, help="batch of the per-budget inference memory")
+    p.add_argument("--infer-context", type=_positive(int), default=131072, help="context of the per-budget inference memory")
+    p.add_argument("--infer-batch", type=_positive(int), default=1, help="batch of the per-budget inference memory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--mfu", type=float, default=ASSUMED_MFU,
                    help=f"model FLOPs utilization the step-time estimate assumes (default {ASSUMED_MFU})")

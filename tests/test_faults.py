@@ -454,11 +454,13 @@ def test_nan_guard_rejects_a_non_finite_update_even_with_a_finite_loss(tmp_path)
     from elastic_jax.train import train_lm
     cfg, tc, ds, p0 = _lm_setup(lr=1e39)          # inf in float32: the loss is finite, the update is not
     with pytest.raises(TrainingDiverged, match=r"non-finite update / params .* at step 0 \(stage 'stage', "
-                                               r"budget\(s\) \[1\.0\]\).*Last good checkpoint: none"):
+                                               r"budget\(s\) \[1\.0\]\).*Last good checkpoint: step 0"):
         train_lm(cfg, tc, p0, ds, tmp_path / "run", progress=False)
     ck = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
-    assert ck.all_steps() == []                   # the poisoned state was never saved
+    assert ck.all_steps() == [0]                  # the kept (initial) state; the poisoned one never saved
     ck.close()
+    _, params, _, _ = load_run(tmp_path / "run")
+    np.testing.assert_array_equal(np.asarray(params["embed"]), np.asarray(p0["embed"]))
 
 
 # ================================================================== teacher fingerprint + resume fallback

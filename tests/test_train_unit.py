@@ -163,17 +163,18 @@ def test_nan_loss_stops_run_naming_step_and_budget(tmp_path):
                          ffn_options=(1.0, 0.5), moe_expert_options=None, moe_ffn_options=None)
     p0 = ej.init_params(cfg, jax.random.PRNGKey(0))
     ds = make_dataset(DataConfig(num_documents=32, synthetic_vocab=64), cfg.vocab_size)
-    # lr 1e30: the first Adam step moves every weight by ~1e30 -> the next loss is not finite
+    # lr 1e30: the first Adam step moves every weight by ~1e30 (finite, but its square and the next
+    # forward are not): the guard rejects it at step 0 and the kept state is saved as step 0
     tc = TrainConfig(stages=(Stage(seq_len=16, batch_size=2, steps=4),), checkpoint_every=1, async_checkpointing=False,
                      optim=OptimConfig(lr=1e30, warmup_steps=0, schedule="constant", clip_norm=0.0),
                      vocab_chunk=32, tensorboard=False, plot=False)
-    with pytest.raises(TrainingDiverged, match=r"non-finite loss .* at step 1 \(stage 'stage', budget\(s\) \[(1\.0|0\.5)\]\).*"
-                                               r"Last good checkpoint: step 1"):
+    with pytest.raises(TrainingDiverged, match=r"non-finite params .* at step 0 \(stage 'stage', budget\(s\) \[(1\.0|0\.5)\]\).*"
+                                               r"Last good checkpoint: step 0"):
         train_elastic(cfg, ecfg, tc, p0, p0, ds, tmp_path / "run", progress=False)
     ck = Checkpointer(tmp_path / "run" / "checkpoints")
-    assert ck.all_steps() == [1]
-    meta = ck.read_meta(1)
-    assert meta["step"] == 1 and meta["configs"]["elastic"]["budgets"] == [1.0, 0.5]
+    assert ck.all_steps() == [0]
+    meta = ck.read_meta(0)
+    assert meta["step"] == 0 and meta["configs"]["elastic"]["budgets"] == [1.0, 0.5]
     ck.close()
 
 

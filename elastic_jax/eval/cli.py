@@ -47,9 +47,11 @@ def run_eval(path: str, out: str | None = None, thinking_budgets=(8, 16, 24, 32)
     from .config import EvalConfig
     from .evaluate import evaluate_grid
     from .latency import LatencyTarget
-    from .report import analyze, write_report
+    from .report import check_writer, analyze, write_report
 
     d = _nested_dir(path)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(d)), "eval")
+    check_writer(out, "eval")         # before the work: never replace another job's results
     cfg, params, budgets, fractions = load_nested(d)
     tok_path = os.path.join(d, "tokenizer.json")
     tok = TaskTokenizer.load(tok_path) if os.path.isfile(tok_path) else TaskTokenizer.default()
@@ -75,9 +77,8 @@ def run_eval(path: str, out: str | None = None, thinking_budgets=(8, 16, 24, 32)
                "eval": {"n_problems": len(eval_set), "split": split, "levels": list(ev.levels),
                         "max_trace_tokens": int(max(eval_set.trace_lengths)),
                         "mean_trace_tokens": float(np.mean(eval_set.trace_lengths))}}
-    out = out or os.path.join(os.path.dirname(os.path.abspath(d)), "eval")
     results["analysis"] = analyze(results)
-    write_report(results, out)
+    write_report(results, out, writer="eval")
     return results
 
 
@@ -95,9 +96,15 @@ def _eval_cmd(args) -> int:
 
 def _report_cmd(args) -> int:
     from .report import load_results, write_report
+    from ..errors import JSONFileError
     results = load_results(args.results)
     src = args.results if os.path.isdir(args.results) else os.path.dirname(os.path.abspath(args.results))
-    paths = write_report(results, args.out or src)
+    try:       # the analysis and the markdown are computed before anything is written
+        paths = write_report(results, args.out or src)
+    except (KeyError, TypeError, IndexError) as e:
+        raise JSONFileError(f"{os.path.join(src, 'results.json') if os.path.isdir(args.results) else args.results}: "
+                            f"a field the report needs is missing or of the wrong type "
+                            f"({type(e).__name__}: {e})") from None
     print(f"elastic-jax report: wrote {paths['report.md']}")
     return 0
 

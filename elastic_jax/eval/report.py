@@ -570,24 +570,63 @@ def render_markdown(results: dict, analysis: dict) -> str:
     return "\n".join(L)
 
 
-def write_report(results: dict, out_dir: str) -> dict:
-    """Write results.json, report.md and the PNG plots into `out_dir`. Returns {name: path}."""
+def write_report(results: dict, out_dir: str, *, writer: str | None = None) -> dict:
+    """Write results.json, report.md and the PNG plots into `out_dir`, each file atomically.
+    Returns {name: path}. `writer` ("run" for the main job, "eval" for `elastic-jax eval`; default:
+    the results' own) is recorded in results.json; a folder whose results.json another writer made
+    is refused (FileExistsError naming a free folder), so one job never replaces another's files."""
+    from ..fileio import atomic_file, write_text_atomic
     if not isinstance(results, dict) or not results.get("nested"):
         raise ValueError("report: the results hold no evaluated models ('nested' is empty); nothing to report")
+    writer = writer or results.get("writer") or "run"
+    check_writer(out_dir, writer)
     os.makedirs(out_dir, exist_ok=True)
     results = dict(results)
+    results["writer"] = writer
     results["analysis"] = analyze(results)
     paths = {"results.json": os.path.join(out_dir, "results.json"), "report.md": os.path.join(out_dir, "report.md")}
-    with open(paths["results.json"], "w") as f:
-        json.dump(results, f, indent=1, default=_json_default)
-    plot_pareto(results, os.path.join(out_dir, "pareto.png"))
-    plot_training(results, os.path.join(out_dir, "training_curves.png"))
-    plot_accuracy(results, os.path.join(out_dir, "accuracy_per_budget.png"))
+    text = json.dumps(results, indent=1, default=_json_default)
+    markdown = render_markdown(results, results["analysis"])       # everything computed before any write
+    write_text_atomic(paths["results.json"], text)
+    for name, plot in (("pareto.png", plot_pareto), ("training_curves.png", plot_training),
+                       ("accuracy_per_budget.png", plot_accuracy)):
+        try:
+            with atomic_file(os.path.join(out_dir, name)) as tmp:
+                plot(results, tmp)
+                if not os.path.getsize(tmp):
+                    raise _NoPlot
+        except _NoPlot:
+            pass
     for p in PLOTS:
         paths[p] = os.path.join(out_dir, p)
-    with open(paths["report.md"], "w") as f:
-        f.write(render_markdown(results, results["analysis"]))
+    write_text_atomic(paths["report.md"], markdown)
     return paths
+
+
+class _NoPlot(Exception):
+    """A plot function that drew nothing (no data for it): the previous file is kept."""
+
+
+def check_writer(out_dir: str, writer: str) -> None:
+    """Refuse `out_dir` when its results.json was written by another job (or cannot be read)."""
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            prev = json.loads(f.read().decode("utf-8"))
+        prev_writer = (prev.get("writer") or "run") if isinstance(prev, dict) else None
+    except (OSError, ValueError):
+        prev_writer = None
+    if prev_writer == writer:
+        return
+    free = os.path.join(out_dir, writer)
+    k = 2
+    while os.path.lexists(free):
+        free, k = os.path.join(out_dir, f"{writer}-{k}"), k + 1
+    whose = "an unreadable results file" if prev_writer is None else f"the {prev_writer!r} job's results"
+    raise FileExistsError(f"{out_dir} holds {whose} (results.json, report.md); `{writer}` does not replace "
+                          f"them. Write elsewhere, e.g. --out {free}")
 
 
 def _json_default(o):

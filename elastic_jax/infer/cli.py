@@ -16,23 +16,23 @@ import sys
 
 def read_prompts(path: str) -> list:
     """JSONL: each line {"prompt": text} or {"messages": [...]} or a JSON string."""
+    from .chat import read_text
     prompts = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            if isinstance(rec, str):
-                prompts.append(rec)
-            elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
-                prompts.append(rec["prompt"])
-            elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-                prompts.append(rec["messages"])
-            else:
-                raise ValueError(f"{path}:{n}: expected a JSON string, {{\"prompt\": text}} or {{\"messages\": [...]}}")
+    for n, line in enumerate(read_text(path, "prompts").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+        if isinstance(rec, str):
+            prompts.append(rec)
+        elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+            prompts.append(rec["prompt"])
+        elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+            prompts.append(rec["messages"])
+        else:
+            raise ValueError(f"{path}:{n}: expected a JSON string, {{\"prompt\": text}} or {{\"messages\": [...]}}")
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

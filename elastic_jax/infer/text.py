@@ -210,11 +210,11 @@ class TextGenerator:
         if not os.path.isfile(os.path.join(directory, "config.json")):
             raise FileNotFoundError(f"{directory}: no config.json (an HF NemotronH checkpoint)")
         from ..hf import load_hf, read_budget_table
+        tok = ChatTokenizer.load(directory)        # the small files first: their errors before the weights load
         cfg, params = load_hf(directory, dtype=dtype)
         table = read_budget_table(directory, cfg)
         budgets = {n: e["widths"] for n, e in table.items()}
         sizes = {n: {"params": e["params"], "active_params": e["active_params"]} for n, e in table.items()}
-        tok = ChatTokenizer.load(directory)
         budgets = dict(budgets)
         budgets.setdefault(FULL, Widths())
         model = ElasticModel(cfg=cfg, params=params, budgets=budgets, mode=mode)
@@ -222,11 +222,10 @@ class TextGenerator:
         if tok.special.get("eos_token") is not None and tok.token_id(tok.special["eos_token"]) is not None:
             eos.add(tok.token_id(tok.special["eos_token"]))
         gpath, gconf = os.path.join(directory, "generation_config.json"), {}
-        if os.path.isfile(gpath):
-            with open(gpath) as f:
-                gconf = json.load(f)
-            g = gconf.get("eos_token_id")
-            eos.update([g] if isinstance(g, int) else list(g or []))
+        if os.path.lexists(gpath):
+            from .chat import read_generation_config
+            gconf = read_generation_config(gpath)
+            eos.update(gconf["eos_token_id"])
         if not eos and cfg.eos_token_id is not None:
             eos.add(cfg.eos_token_id)
         pad = tok.token_id(tok.special.get("pad_token"))
@@ -565,13 +564,17 @@ class TextGenerator:
                 prefix=None, **kw):
         """The compiled loop (compiled ahead of time: `_Programs`), or with `stream` the per-token
         loop reporting text deltas (and ending early once every row has produced one of
-        `stop_strings`). `prefix`: each row's tokens of this phase so far (the text deltas continue them)."""
+        `stop_strings`). `prefix`: each row's tokens of this phase so far (the text deltas continue them).
+        Non-finite logits (before and after the compiled loop) stop generation with `NonFiniteError`."""
+        from ..finite import check_logits
+        check_logits(logits, f"generate ({phase} phase)")
         progs = self._programs
         if stream is None:
             static = {n: kw[n] for n in ("cfg", "capacity", "pad_token", "temperature", "top_p")}
             res = progs(_decode_loop_jit, params, w, cache, logits, done0, jnp.asarray(limit, jnp.int32), key,
                         _stops(stop_token), quant=kw.get("quant"), static=static)
             jax.block_until_ready(res[0])
+            check_logits(res[4], f"generate ({phase} phase, after decoding)")
             return res
 
         def step(*args, **skw):

@@ -8,6 +8,11 @@ cache position are traced, and an out-of-range token id (clamped by the gather) 
 past the cache capacity (a dropped KV write) would give silently wrong numbers; pass
 `checked=True` to insert `jax.experimental.checkify` checks for both, and run the function under
 `checkify.checkify(fn, errors=checkify.user_checks)` then `err.throw()` (`generate` does).
+Without `checked`, a traced step past the capacity returns NaN logits (never values computed on
+an overwritten cache), so the caller's finiteness check sees it.
+A cache records the concrete widths that filled it (`Cache.widths_key`); a later step at other
+concrete widths is refused (the cache is only valid for the submodel that wrote it). Traced
+widths (the budget loops, the cache-transplant experiment) are not recorded or checked.
 """
 from __future__ import annotations
 
@@ -45,6 +50,9 @@ def check_tokens(tokens, cfg: NemotronHConfig, checked: bool = False):
     they are traced and `checked`)."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be int [batch, length], got shape {tokens.shape}")
+    if tokens.shape[1] == 0:
+        raise ValueError(f"tokens must hold at least one position (an empty sequence has no logits), "
+                         f"got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
     if not isinstance(tokens, jax.core.Tracer) and tokens.size:
@@ -89,10 +97,30 @@ def _check_layer_gates(widths, cfg: NemotronHConfig) -> None:
             raise ValueError("widths drop every layer (all layer gates are 0); keep at least one")
 
 
+def _check_traced_widths(widths, cfg: NemotronHConfig) -> None:
+    """`checked`: traced `Widths` counts must lie in [1, full size] (0 or below gives NaN logits;
+    concrete ones were already refused on the host by `Widths.validate`)."""
+    from ..widths import PER_LAYER_AXES, WIDTH_AXES, full_size
+    if not isinstance(widths, Widths):
+        return
+    for axis in WIDTH_AXES:
+        v = getattr(widths, axis)
+        if not isinstance(v, jax.core.Tracer):
+            continue
+        if axis == "hidden":
+            hi = jnp.asarray(cfg.hidden_size)
+        else:
+            hi = jnp.asarray([full_size(cfg, axis, i) for i in range(cfg.count(PER_LAYER_AXES[axis]))])
+        checkify.check(jnp.all((v >= 1) & (v <= hi)),
+                       f"Widths.{axis} must be in [1, full size] (traced value out of range)")
+
+
 def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False, head=True,
          checked=False, loads=None):
     check_tokens(tokens, cfg, checked)
     _check_layer_gates(widths, cfg)
+    if checked:
+        _check_traced_widths(widths, cfg)
     sw = as_soft(cfg, widths)
     cdt = ctx.policy.dtype_for(params["embed"].dtype)          # residual stream in the compute dtype
     h = constrain_hidden(jnp.take(params["embed"], tokens, axis=0).astype(cdt))
@@ -206,9 +234,26 @@ class Cache:
     layers: list
     pos: jax.Array
     max_len: int
+    widths_key: str = ""      # the concrete widths that filled it ("" = none yet, or traced)
 
 
-jax.tree_util.register_dataclass(Cache, data_fields=["layers", "pos"], meta_fields=["max_len"])
+jax.tree_util.register_dataclass(Cache, data_fields=["layers", "pos"], meta_fields=["max_len", "widths_key"])
+
+
+def _widths_key(cfg: NemotronHConfig, widths) -> str:
+    """A text key of concrete widths (None = the full model, same key as full Widths); "" when
+    any of them is traced or soft (not checkable on the host)."""
+    if isinstance(widths, SoftWidths):
+        return ""
+    w = Widths() if widths is None else widths
+    if not isinstance(w, Widths):
+        return ""
+    if any(isinstance(x, jax.core.Tracer) for f in dataclasses.fields(w) for x in jax.tree.leaves(getattr(w, f.name))):
+        return ""
+    with jax.ensure_compile_time_eval():       # concrete widths stay concrete inside a trace
+        r = w.resolve(cfg)
+    return ";".join(f"{a}={np.asarray(getattr(r, a)).tolist()}" for a in ("hidden",) + tuple(
+        f.name for f in dataclasses.fields(r) if f.name != "hidden"))
 
 
 def init_cache(cfg: NemotronHConfig, batch: int, max_len: int, params=None, dtype=jnp.float32) -> dict:
@@ -230,10 +275,16 @@ def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, qua
     elif checked:
         checkify.check(cache.pos + L <= cache.max_len,
                        f"cache overflow: position {{pos}} + {L} new tokens > max_len={cache.max_len}", pos=cache.pos)
+    key = _widths_key(cfg, widths)
+    if cache.widths_key and key and key != cache.widths_key:
+        raise ValueError(f"this cache was filled by the submodel at widths [{cache.widths_key}] but the step runs at "
+                         f"[{key}]; a cache is only valid for the submodel that wrote it (prefill again)")
     ctx = Context(valid=valid, positions=cache.pos + jnp.arange(L), decoding=True,
                   policy=resolve_policy(cfg, policy), quant=quant)
     logits, layers = _run(params, tokens, cfg, widths, ctx, cache.layers, checked=checked)
-    return logits, Cache(layers=layers, pos=cache.pos + L, max_len=cache.max_len)
+    if isinstance(cache.pos, jax.core.Tracer) and not checked:     # past the capacity: NaN, never values
+        logits = jnp.where(cache.pos + L <= cache.max_len, logits, jnp.nan)
+    return logits, Cache(layers=layers, pos=cache.pos + L, max_len=cache.max_len, widths_key=cache.widths_key or key)
 
 
 def prefill(params, tokens, cfg: NemotronHConfig, widths=None, *, max_len: int, valid=None, cache=None,

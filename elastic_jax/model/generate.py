@@ -96,6 +96,9 @@ def generate(params, prompt, cfg: NemotronHConfig, widths=None, *, max_new_token
     lo, hi = int(jnp.min(prompt)), int(jnp.max(prompt))
     if lo < 0 or hi >= cfg.vocab_size:
         raise ValueError(f"prompt token ids must be in [0, vocab_size={cfg.vocab_size}); got range [{lo}, {hi}]")
+    if prompt.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"context max_position_embeddings={cfg.max_position_embeddings}")
     max_len = max_len or prompt.shape[1] + max_new_tokens
     if prompt.shape[1] + max_new_tokens > max_len:
         raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "

@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 
 from .. import fileio
 from ..errors import CheckpointCorrupt, CheckpointMismatch
+from ..finite import check_finite
 from .config import RESUMABLE_FIELDS
 
 # what a complete step folder holds: orbax's commit marker and each item's metadata file
@@ -136,6 +137,8 @@ class Checkpointer:
                                             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self._quiet = _DiskFullLogFilter.install()   # background saves report a full disk by log lines
+        _quiet_closed_loop_callbacks()               # a failed background write / restore leaves these
 
     def step_path(self, step: int) -> str:
         return fileio.join(self.directory, str(step))
@@ -179,6 +182,7 @@ class Checkpointer:
                 except CheckpointMismatch:
                     raise
                 except Exception as e:   # orbax / tensorstore / JSON errors of a damaged step
+                    _quiet_closed_loop_callbacks()
                     why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             failures.append(f"step {step} ({self.step_path(step)}): {why}")
             warnings.warn(f"checkpoint step {step} at {self.step_path(step)} cannot be restored ({why}); "
@@ -200,10 +204,22 @@ class Checkpointer:
         return moved
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        """Save `state` (arrays) and `meta` (JSON) as `step`; the arrays' checksums go into meta."""
+        """Save `state` (arrays) and `meta` (JSON) as `step`, the arrays' checksums in meta; a state
+        with a NaN / inf leaf is refused (`NonFiniteError` naming the leaf), so no checkpoint ever
+        holds one."""
+        check_finite(state, f"checkpoint step {step} ({self.step_path(step)})",
+                     hint="not saved (the last good checkpoint is kept)")
         meta = {**meta, "checksums": array_checksums(state)}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self._need = _state_bytes(state)
+        _check_free_space(self.directory, self._need, step)
+        with self._disk_errors(step):
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+
+    def _disk_errors(self, step=None):
+        """A full disk (or quota) inside orbax / tensorstore as one OSError(ENOSPC) naming the
+        folder and the bytes one checkpoint needs; orbax's own log lines for it are dropped."""
+        return _DiskErrors(self.directory, getattr(self, "_need", 0), step)
 
     def verify(self, step: int, restored: Any) -> None:
         """Compare the restored arrays with the checksums saved with `step` (none saved: an older
@@ -255,11 +271,118 @@ class Checkpointer:
         return self.restore_state(step, abstract)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._disk_errors():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            with self._disk_errors():
+                self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+            _DiskFullLogFilter.remove(self._quiet)
+
+
+def _state_bytes(state) -> int:
+    """Bytes this process writes for `state` (its addressable shards; numpy leaves whole)."""
+    total = 0
+    for x in jax.tree.leaves(state):
+        if isinstance(x, jax.Array):
+            total += sum(s.data.nbytes for s in x.addressable_shards if s.replica_id == 0)
+        elif hasattr(x, "nbytes"):
+            total += int(x.nbytes)
+    return total
+
+
+def _check_free_space(directory: str, need: int, step) -> None:
+    import errno
+    import shutil
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:          # not a local path (e.g. gs://): orbax reports its own errors
+        return
+    if need > free:
+        raise OSError(errno.ENOSPC, f"checkpoint step {step}: {directory} has {free:,} bytes free but a checkpoint "
+                                    f"needs about {need:,} bytes; nothing saved (free space, or use another "
+                                    "output folder)")
+
+
+_DISK_FULL = ("RESOURCE_EXHAUSTED", "No space left on device", "Disk quota exceeded")
+
+
+class _DiskFullLogFilter:
+    """Drops orbax's ERROR log records (with their tracebacks) about a full disk while a
+    Checkpointer is open: the one OSError its next save / wait / close raises says it."""
+
+    NAMES = ("absl", "orbax")
+
+    @classmethod
+    def install(cls) -> "_DiskFullLogFilter":
+        import logging
+        f = cls()
+        for name in cls.NAMES:
+            logging.getLogger(name).addFilter(f)
+        return f
+
+    @classmethod
+    def remove(cls, f) -> None:
+        import logging
+        for name in cls.NAMES:
+            logging.getLogger(name).removeFilter(f)
+
+    def filter(self, record) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return not any(k in text for k in _DISK_FULL)
+
+
+class _DiskErrors:
+    def __init__(self, directory, need, step):
+        self.directory, self.need, self.step = directory, need, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        import errno
+        if e is None or isinstance(e, OSError) and e.errno == errno.ENOSPC and "checkpoint" in str(e):
+            return False
+        if isinstance(e, Exception) and any(k in str(e) for k in _DISK_FULL):
+            _quiet_closed_loop_callbacks()      # the failed writes' leftovers, as after a failed restore
+            raise OSError(errno.ENOSPC, f"writing a checkpoint into {self.directory} failed: no space left "
+                                        f"(a checkpoint needs about {self.need:,} bytes); the previous checkpoints "
+                                        "are kept (free space, or use another output folder)") from None
+        return False
+
+
+def _is_closed_loop_callback(unraisable) -> bool:
+    """The leftover of a failed orbax restore: tensorstore finishing a read after orbax's event
+    loop was closed, `call_soon_threadsafe` -> RuntimeError('Event loop is closed')."""
+    e, tb = unraisable.exc_value, unraisable.exc_traceback
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        return False
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return "call_soon_threadsafe" in frames
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed restore, drop those leftovers (one `sys.unraisablehook` filter per process,
+    chained to the previous hook; everything else is still reported): the warning naming the
+    step already says what happened, and dozens of asyncio tracebacks read as a broken run."""
+    import sys
+    hook = sys.unraisablehook
+    if getattr(hook, "_elastic_jax_filter", False):
+        return
+
+    def filtered(unraisable):
+        if not _is_closed_loop_callback(unraisable):
+            hook(unraisable)
+    filtered._elastic_jax_filter = True
+    sys.unraisablehook = filtered
 
 
 def abstract_like(tree, shardings):

@@ -279,9 +279,23 @@ def _diverged_message(spec: StepSpec, stage, step: int, m: dict, ckpt: Checkpoin
             f"Last good checkpoint: {'none' if last is None else f'step {last}'} in {ckpt.directory}")
 
 
+def _check_stage_sizes(cfg, train_cfg: TrainConfig) -> None:
+    """Each stage's rows fit the model's declared context, and its host batch (tokens and segment
+    ids, int32) fits the host's memory: refused before anything is allocated."""
+    from ..hostmem import check_host_bytes
+    for st in train_cfg.stages:
+        if st.seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"Stage({st.name!r}).seq_len={st.seq_len} exceeds the model's context "
+                             f"max_position_embeddings={cfg.max_position_embeddings}; shorten the stage's rows or "
+                             "raise max_position_embeddings")
+        check_host_bytes(2 * 4 * st.batch_size * st.seq_len // max(1, jax.process_count()),
+                         f"Stage({st.name!r}) batch of {st.batch_size} x {st.seq_len} tokens")
+
+
 def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_params, router_params, data, out_dir, *,
            extra_meta=None, progress=True, quant_layers=None) -> TrainResult:
     cfg = spec.model_cfg
+    _check_stage_sizes(cfg, train_cfg)      # before the dataset or anything else is built
     if isinstance(data, DataConfig):
         data = make_dataset(data, cfg.vocab_size)
     if not isinstance(data, TokenDataset):
@@ -373,14 +387,19 @@ def _train_locked(spec, train_cfg, teacher_params, student_params, router_params
     M = train_cfg.microbatches
     sched_fn = _schedule_fn(spec, lr_fns, total, rep)
 
-    def _consume(pending, tokens_seen) -> int:
+    def _consume(pending, tokens_seen, save_kept=None) -> int:
         """Read one finished step's metrics (the loop's only device->host transfer per step), stop
-        on a non-finite loss, log; returns the updated token count."""
+        on a non-finite loss, log; returns the updated token count. `save_kept(at)`: when the
+        rejected step was the last one dispatched, `state` is the kept last good state; it is
+        saved as step `at` if that is newer than the last checkpoint."""
         at = pending[0]
         m, sched = _read_metrics((pending[1], pending[2]))
         stage = train_cfg.stages[train_cfg.stage_at(at)[0]]
         if not bool(m["finite"]):
             ckpt.wait()
+            if save_kept is not None and at > (ckpt.latest_step() if ckpt.latest_step() is not None else -1):
+                save_kept(at)
+                ckpt.wait()
             raise TrainingDiverged(_diverged_message(spec, stage, at, m, ckpt))
         tokens_seen += int(m["tokens"])
         tok_s = thr.update(int(m["tokens"]))
@@ -430,19 +449,21 @@ def _train_locked(spec, train_cfg, teacher_params, student_params, router_params
                 stop = preempt.reached(step)      # every host, every step (the hosts agree on one step)
                 lock.touch()
                 if stop or step % train_cfg.checkpoint_every == 0 or step == stage_end:
+                    def save(at):
+                        # the iterator state of every host; at a stage end the next stage starts afresh
+                        scope = getattr(stream, "state_scope", "host")
+                        hosts = None if at == stage_end else (
+                            [stream.get_state()] if scope == "global" else _gather_json(stream.get_state()))
+                        meta = {"configs": configs, "step": at, "stage": si, "tokens_seen": tokens_seen,
+                                "data_states": {"stage": si if at < stage_end else si + 1, "hosts": hosts,
+                                                "scope": scope},
+                                "data_stats": data.stats.to_dict(), "extra": extra_meta,
+                                "process_count": jax.process_count()}
+                        ckpt.save(at, {"state": state, "rng": jax.device_put(base_key, rep)}, meta)
                     # every step up to here checked finite before anything is saved
-                    tokens_seen = _consume(pending, tokens_seen)
+                    tokens_seen = _consume(pending, tokens_seen, save_kept=save)
                     pending = None
-                    # the iterator state of every host; at a stage end the next stage starts afresh
-                    scope = getattr(stream, "state_scope", "host")
-                    hosts = None if step == stage_end else (
-                        [stream.get_state()] if scope == "global" else _gather_json(stream.get_state()))
-                    meta = {"configs": configs, "step": step, "stage": si, "tokens_seen": tokens_seen,
-                            "data_states": {"stage": si if step < stage_end else si + 1, "hosts": hosts,
-                                            "scope": scope},
-                            "data_stats": data.stats.to_dict(), "extra": extra_meta,
-                            "process_count": jax.process_count()}
-                    ckpt.save(step, {"state": state, "rng": jax.device_put(base_key, rep)}, meta)
+                    save(step)
                     if stop:
                         ckpt.wait()
                         raise Preempted(step, ckpt.directory)

@@ -17,10 +17,13 @@ fold_in(k_gumbel, g) / fold_in(k_hard, g) at the shared budget i, the student fo
 over (rows, widths) of the groups, the KL is the mean over all rows and the budget loss the mean
 over groups. G = 1 is the single sample above, unchanged.
 Gradients are averaged over the M micro-batches (lax.scan), clipped, and applied by the two-group
-optimizer (optim.py). The NaN guard (`finite_checks`): a non-finite loss, gradient norm, update
-or new parameter leaves the whole state unchanged and is reported in `metrics["finite"]` (which
-check failed in `metrics["finite_checks"]`); the loop stops the run there, so the last
-checkpoint stays the last good, finite state.
+optimizer (optim.py). The NaN guard (`finite_checks`): a non-finite loss, gradient norm, update,
+new trainable state (model incl. the expert-balancing bias, router) or optimizer state leaves the
+whole state unchanged and is reported in `metrics["finite"]` (which check failed in
+`metrics["finite_checks"]`); the loop stops the run there, so the last checkpoint stays the last
+good, finite state. The new trainable state must have a finite float32 squared norm per leaf, not
+just finite elements: |w| >= ~1e19 squares to inf, so the next forward pass (and the router's
+probabilities) would be NaN although every element is finite (lr 1e30 did this).
 
 MoE layers of the student are balanced without an auxiliary loss (`expert_bias_rate` > 0,
 balance.py): the correction bias moves by the step's routing counts after the optimizer update,
@@ -179,7 +182,7 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
     return loss, aux
 
 
-FINITE_CHECKS = ("loss", "grad_norm", "update", "params")
+FINITE_CHECKS = ("loss", "grad_norm", "update", "params", "optimizer state")
 
 
 def _all_finite(tree) -> jax.Array:
@@ -187,10 +190,19 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def finite_checks(loss, grad_norm, updates, new_trainable) -> jax.Array:
-    """bool [4] in the order of FINITE_CHECKS: is each of loss, gradient norm, update and new
-    trainable state finite? The step is applied only when all are."""
-    return jnp.stack([jnp.isfinite(loss), jnp.isfinite(grad_norm), _all_finite(updates), _all_finite(new_trainable)])
+def _all_norms_finite(tree) -> jax.Array:
+    """Every floating leaf's float32 sum of squares is finite (implies every element is)."""
+    leaves = [jnp.isfinite(jnp.sum(jnp.square(x.astype(jnp.float32))))
+              for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def finite_checks(loss, grad_norm, updates, new_trainable, new_opt_state=None) -> jax.Array:
+    """bool [5] in the order of FINITE_CHECKS: is each of loss, gradient norm, update, new
+    trainable state (finite squared norm per leaf) and new optimizer state finite? The step is
+    applied only when all are."""
+    return jnp.stack([jnp.isfinite(loss), jnp.isfinite(grad_norm), _all_finite(updates),
+                      _all_norms_finite(new_trainable), _all_finite(new_opt_state)])
 
 
 def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=None):
@@ -244,13 +256,15 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
         grad_norm = optax.global_norm(grads)
         updates, new_opt = tx.update(grads, state["opt_state"], trainable)
         new_trainable = optax.apply_updates(trainable, updates)
-        checks = finite_checks(loss, grad_norm, updates, new_trainable)
-        finite = jnp.all(checks)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_params = new_trainable["params"]
         if spec.balances_experts:      # outside the optimizer: the bias has no gradient (balance.py)
             new_params = update_expert_bias(new_params, spec.model_cfg, rate=spec.expert_bias_rate,
                                             deviation=jnp.sum(per_mb["expert_dev"], 0))
+        # the guard sees every tree the step writes: model (incl. the balancing bias), router, optimizer
+        checks = finite_checks(loss, grad_norm, updates, {"params": new_params, "router": new_trainable["router"]},
+                               new_opt)
+        finite = jnp.all(checks)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {"params": keep(new_params, state["params"]),
                      "router": keep(new_trainable["router"], state["router"]),
                      "opt_state": keep(new_opt, state["opt_state"])}
