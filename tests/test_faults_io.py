@@ -198,3 +198,23 @@ def test_host_batch_beyond_memory_is_refused_before_allocating(monkeypatch):
         train_lm(cfg, tc, params, DataConfig(num_documents=4, synthetic_vocab=32), "/nonexistent/never/made",
                  progress=False)
     assert not os.path.exists("/nonexistent/never")
+
+
+# ------------------------------------------------------------------------------- data sources
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_data_path_that_is_a_folder_is_named_as_a_folder(tmp_path, kind):
+    from elastic_jax.data import DataConfig, make_dataset
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"is a folder; kind=.* reads files .*kind='shards'"):
+        make_dataset(DataConfig(kind=kind, path=str(folder), tokenizer_path=str(tmp_path / "tok.json")), 64)
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    from elastic_jax.data import DataConfig
+    from elastic_jax.data.pipeline import _texts_parquet, DataStats
+    bad = tmp_path / "corpus.parquet"
+    bad.write_text('{"text": "this is jsonl, not parquet"}\n')
+    with pytest.raises(ValueError, match=r"corpus.parquet: not a readable parquet file"):
+        list(_texts_parquet(DataConfig(kind="parquet", path=str(bad), tokenizer_path=str(tmp_path / "t.json")),
+                            DataStats()))

@@ -89,8 +89,11 @@ def test_readme_python_snippets_run_as_written(tmp_path):
     script = _PRELUDE + "\n".join(
         f"print('README.md:{line}', flush=True)\n"
         f"exec(compile({code!r}, 'README.md:{line}', 'exec'))" for line, code in snippets)
+    # 8 CPU devices are 8 threads: on a loaded 2-core machine one may reach a collective after
+    # XLA's default 40 s rendezvous limit, which aborts the process; wait longer instead
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+               " --xla_cpu_collective_call_terminate_timeout_seconds=600")
     r = subprocess.run([sys.executable, "-c", script, hub], cwd=str(work), env=env, capture_output=True, text=True,
                        timeout=900)
     ran = re.findall(r"^README.md:\d+$", r.stdout, re.M)

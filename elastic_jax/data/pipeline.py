@@ -82,10 +82,18 @@ def _bad(cfg: DataConfig, stats: DataStats, where: str, why: str):
         stats.bad_examples.append(f"{where}: {why}")
 
 
+def _check_data_file(path: str, kind: str) -> None:
+    """A text source's path is an existing file; a folder or a missing path: ValueError saying which."""
+    if os.path.isdir(path):
+        raise ValueError(f"DataConfig.path: {path!r} is a folder; kind={kind!r} reads files (a folder of "
+                         "token shards made by `elastic-jax tokenize` is kind='shards')")
+    if not os.path.isfile(path):
+        raise ValueError(f"DataConfig.path: {path!r} does not exist")
+
+
 def _texts_jsonl(cfg: DataConfig, stats: DataStats):
     for path in cfg.paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"DataConfig.path: {path!r} does not exist")
+        _check_data_file(path, cfg.kind)
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 where = f"{path}:{lineno}"
@@ -108,11 +116,14 @@ def _texts_jsonl(cfg: DataConfig, stats: DataStats):
 
 
 def _texts_parquet(cfg: DataConfig, stats: DataStats):
+    import pyarrow
     import pyarrow.parquet as pq
     for path in cfg.paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"DataConfig.path: {path!r} does not exist")
-        pf = pq.ParquetFile(path)
+        _check_data_file(path, cfg.kind)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pyarrow.ArrowInvalid, OSError) as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
         if cfg.text_field not in pf.schema_arrow.names:
             raise ValueError(f"{path}: no column {cfg.text_field!r} (DataConfig.text_field); columns: "
                              f"{pf.schema_arrow.names}")
@@ -169,8 +180,7 @@ def load_documents(cfg: DataConfig, documents: Sequence | None = None) -> tuple[
         docs = task_documents(cfg)
     else:
         for path in cfg.paths:
-            if not os.path.isfile(path):
-                raise ValueError(f"DataConfig.path: {path!r} does not exist")
+            _check_data_file(path, cfg.kind)
         tok = _load_tokenizer(cfg.tokenizer_path)
         texts = _texts_jsonl(cfg, stats) if cfg.kind == "jsonl" else _texts_parquet(cfg, stats)
         docs = tokenize_texts(texts, tok, cfg.eos_id)

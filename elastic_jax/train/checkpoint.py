@@ -280,7 +280,8 @@ class Checkpointer:
                 self.manager.wait_until_finished()
         finally:
             self.manager.close()
-            _DiskFullLogFilter.remove(self._quiet)
+            if not _DiskErrors.seen:   # after a full disk, orbax's threads may still log it as they wind down
+                _DiskFullLogFilter.remove(self._quiet)
 
 
 def _state_bytes(state) -> int:
@@ -314,7 +315,7 @@ class _DiskFullLogFilter:
     """Drops orbax's ERROR log records (with their tracebacks) about a full disk while a
     Checkpointer is open: the one OSError its next save / wait / close raises says it."""
 
-    NAMES = ("absl", "orbax")
+    NAMES = ("absl", "orbax", "asyncio")   # asyncio: "Task exception was never retrieved" of a failed write
 
     @classmethod
     def install(cls) -> "_DiskFullLogFilter":
@@ -332,12 +333,15 @@ class _DiskFullLogFilter:
 
     def filter(self, record) -> bool:
         text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += str(record.exc_info[1])
+        if record.exc_info and record.exc_info[1] is not None:   # the whole chain: orbax re-raises wrapped
+            import traceback
+            text += "".join(traceback.format_exception(record.exc_info[1]))
         return not any(k in text for k in _DISK_FULL)
 
 
 class _DiskErrors:
+    seen = False   # a full disk was reported in this process
+
     def __init__(self, directory, need, step):
         self.directory, self.need, self.step = directory, need, step
 
@@ -350,6 +354,7 @@ class _DiskErrors:
             return False
         if isinstance(e, Exception) and any(k in str(e) for k in _DISK_FULL):
             _quiet_closed_loop_callbacks()      # the failed writes' leftovers, as after a failed restore
+            _DiskErrors.seen = True
             raise OSError(errno.ENOSPC, f"writing a checkpoint into {self.directory} failed: no space left "
                                         f"(a checkpoint needs about {self.need:,} bytes); the previous checkpoints "
                                         "are kept (free space, or use another output folder)") from None

@@ -73,16 +73,23 @@ class RunLogger:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"), purge_step=start_step)
 
+    @staticmethod
+    def _append(f, path: str, record: dict) -> None:
+        """One JSON line into `f`; a failed write (a full disk) is an OSError naming the file."""
+        try:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        except OSError as e:
+            raise OSError(e.errno, f"writing {path} failed: {e.strerror}") from None
+
     def batch(self, step: int, stage: str, digest: str) -> None:
         if self.enabled:
-            self._batches.write(json.dumps({"step": step, "stage": stage, "sha1": digest}) + "\n")
-            self._batches.flush()
+            self._append(self._batches, self.batches_path, {"step": step, "stage": stage, "sha1": digest})
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        self._append(self._metrics, self.metrics_path, record)
         if self.tb is not None:
             step = record["step"]
             for k, v in record.items():
