@@ -70,7 +70,8 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
     if pid == os.getpid():
         return True
     try:
@@ -140,7 +141,7 @@ def clean_stale(directory: str) -> list[str]:
     for kind in ("old", "tmp"):
         for p in sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.{kind}-*"))):
             m = re.fullmatch(rf"\.{re.escape(name)}\.{kind}-(\d+)(?:@([A-Za-z0-9_.]+))?-.*", os.path.basename(p))
-            if m is None or (m.group(2) is not None and m.group(2) != _host_tag()) or _pid_alive(int(m.group(1))):
+            if m is None or (m.group(2) is not None and m.group(2) != _host_tag()) or pid_alive(int(m.group(1))):
                 continue
             old = os.path.join(p, "old")
             if kind == "old" and os.path.isdir(old) and not os.path.lexists(directory):

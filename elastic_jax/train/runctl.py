@@ -65,16 +65,6 @@ class PreemptionWatcher:
             self._prev = None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLock:
     """See the module docstring. `acquire()` raises `RunFolderLocked` when a live run holds it."""
 
@@ -102,7 +92,7 @@ class RunLock:
     def _stale(self, holder: dict) -> str | None:
         """Why the lock of `holder` is stale (None: it is live)."""
         if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int):
-            return None if _pid_alive(holder["pid"]) else f"process {holder['pid']} no longer runs"
+            return None if fileio.pid_alive(holder["pid"]) else f"process {holder['pid']} no longer runs"
         try:
             age = time.time() - fileio.mtime(self.path)
         except FileNotFoundError:
