@@ -53,9 +53,9 @@ def test_repository_root_does_not_shadow_hugging_face_kernels():
         "kernels/__init__.py makes the folder importable as `kernels` from the repository root"
     with_tf = _installed("transformers") and _installed("torch")
     out = json.loads(_run([sys.executable, "-c", _SHADOW_PROBE, REPO_ROOT, "1" if with_tf else "0"], cwd=REPO_ROOT))
-    origin = out["origin"]
-    assert origin is None or not os.path.abspath(origin).startswith(REPO_ROOT + os.sep), \
-        f"`kernels` resolves to our file {origin}"
+    origin, ours = out["origin"], os.path.join(REPO_ROOT, "kernels")
+    assert origin is None or not os.path.abspath(origin).startswith(ours + os.sep), \
+        f"`kernels` resolves to our file {origin}"   # (a venv inside the checkout is not ours)
     if _installed("kernels"):   # Hugging Face's distribution: it, not our folder, is what `kernels` means
         assert origin is not None and "site-packages" in origin, out
         assert os.path.join(REPO_ROOT, "kernels") not in out["locations"], out
