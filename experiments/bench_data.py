@@ -7,7 +7,7 @@ Writes a synthetic 70/30 corpus (reasoning documents of ~4K tokens with a long t
 pretraining documents of ~1.5K) as two shard folders (`write_documents`, the `elastic-jax tokenize`
 layout), then for each stage of experiments/nemotron3_nano_30b_a3b.py streams one host's rows (the
 stage's global batch / 32 hosts, the mixture, min_doc_len, first-fit packing) and times it. The need
-uses the planned step time from `elastic-jax plan` (BUILD_NOTES: "Full-size plans", v5p-128 roofline
+uses the planned step time from `elastic-jax plan` (BUILD_NOTES, issue 26: the v5p-256 (`v5p:4x4x8`) roofline
 step 7.47 s at 8K, 19.26 s at 49K): a lower bound on the real step time, so an upper bound on the need.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ import time
 import numpy as np
 
 # elastic-jax plan experiments/nemotron3_nano_30b_a3b.py --topology v5p:4x4x8 --stage {short,long}
-# (BUILD_NOTES.md, "Full-size plans"): roofline step seconds; v5p-128 = 128 chips, 4 per host
+# (BUILD_NOTES.md, issue 26, re-planned with f32 master weights): roofline step seconds (lower bounds);
+# v5p-256 = 128 chips, 4 per host
 PLANNED = {"short": 7.47, "long": 19.26}
 HOSTS = 128 // 4
 
