@@ -26,9 +26,9 @@ from elastic_jax.train import OptimConfig, Stage, TrainConfig
 
 # the task: "combine" (default; levels 13-16: a Fibonacci-mod-10 trace of 24-56 tokens that every
 # width writes, an answer whose 2-4 parts each add the values at two queried steps in one token,
-# partial credit per part; 1000 parent steps; given the gold trace the 50% model answers 11-30 points
-# worse than the full one in three seeds: verdict CAN; a learning-speed gap, 5 points at 2000 parent
-# steps, a parent that would not fit the 20-minute budget), "recurrence" (levels 9-12: the same trace,
+# partial credit per part; 1000 parent steps; test walks held out of training: verdict CANNOT in the
+# session-6 fresh clone (the 50% model's answer gap given the gold trace, 10 points, is not larger than
+# its trace-quality gap, 15 points); with leaked walks it was CAN, BUILD_NOTES issues 15 and 30), "recurrence" (levels 9-12: the same trace,
 # the answer recalls the values at 2-4 queried steps; 250 parent steps; the gap is 5-10 points at 250
 # steps and vanishes by 500, even at a 25% budget: verdict CANNOT), "sum" (levels 1-4: the original
 # task, traces <= 30 tokens, answer = the full sum; verdict CANNOT: the answer is trivial once the

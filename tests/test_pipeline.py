@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from elastic_jax.eval import dominance, pareto_front
@@ -218,3 +219,21 @@ def _check_generate_cell_scores_the_trained_task(text, run):
         acc, n, same, overall = float(acc), int(n), float(same), float(overall)
         assert abs(acc - same) <= 0.1, (acc, same)
         assert abs(acc - overall) <= 1.5 / math.sqrt(n) + 2 / n, (acc, overall, n)
+
+
+def test_grid_intervals_are_keyed_by_scheme_as_well_as_label():
+    """Budget control and transplant share labels (`50%->100%@8`): each row's interval is its own
+    (it contains its own accuracy)."""
+    from elastic_jax.eval.report import analyze, point_key
+    rng = np.random.RandomState(0)
+    grid = []
+    for scheme, acc in (("budget_control", 0.8), ("transplant", 0.2)):
+        p = _point(scheme, "50%", "100%", 8, acc, 1.0)
+        p["correct"] = (rng.rand(400) < acc).astype(float).tolist()
+        p["accuracy"] = float(np.mean(p["correct"]))
+        grid.append(p)
+    ci = analyze({"grid": grid})["point_ci"]
+    assert len(ci) == 2
+    for p in grid:
+        lo, hi = ci[point_key(p)]
+        assert lo <= p["accuracy"] <= hi, (p["scheme"], p["accuracy"], lo, hi)

@@ -47,6 +47,12 @@ def _ci(scores):
     return list(bootstrap_ci(scores)) if scores else None
 
 
+def point_key(p: dict) -> str:
+    """A grid point's key in `analysis["point_ci"]`: its scheme and label (budget control and
+    transplant share labels such as `50%->100%@8`), `(parent)` for the parent's family."""
+    return f"{p['scheme']} {p['label']}" + ("" if p.get("family", "nested") == "nested" else " (parent)")
+
+
 def verdict(results: dict) -> dict:
     """Can this task test the per-phase claim? It needs a clear answer-capacity gap between the
     smallest nested model and the full one given the gold trace, and a smaller trace-quality gap
@@ -140,8 +146,7 @@ def analyze(results: dict) -> dict:
     by = {s: [p for p in grid if p["scheme"] == s] for s in SCHEMES}
     out = {"x_axis": x, "frontiers": {s: [by[s][i]["label"] for i in pareto_front(by[s], x)] for s in SCHEMES
                                       if by[s]},
-           "point_ci": {p["label"] + ("" if p.get("family", "nested") == "nested" else " (parent)"): _ci(p["correct"])
-                        for p in grid if p.get("correct")}}
+           "point_ci": {point_key(p): _ci(p["correct"]) for p in grid if p.get("correct")}}
     for base in TRUNCATION_SCHEMES:
         if by["budget_control"] and by[base]:
             suffix = "" if base == "truncation" else "_parent"
@@ -510,7 +515,7 @@ def render_markdown(results: dict, analysis: dict) -> str:
               "wall (s) | mean thinking tokens | forced </think> | exact trace | GFLOPs |",
               "|---|---|---|---|---|---|---|---|---|---|"]
         for p in sorted(grid, key=lambda p: (p["scheme"], p["think_model"], p["answer_model"], p["thinking_budget"])):
-            ci = pci.get(p["label"] + ("" if p.get("family", "nested") == "nested" else " (parent)"))
+            ci = pci.get(point_key(p))
             mod = p.get("modeled", {}).get(prim) if modeled else None
             L.append(f"| {p['scheme']} | {p['think_model']} -> {p['answer_model']} | {p['thinking_budget']} | "
                      f"{p['accuracy']:.3f}{'' if not ci else f' [{ci[0]:.3f}, {ci[1]:.3f}]'} | "
