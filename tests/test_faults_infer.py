@@ -17,6 +17,7 @@ from elastic_jax import cli
 from elastic_jax.errors import JSONFileError, NonFiniteError
 from elastic_jax.infer import chat
 from test_faults import _sums, _tiny
+from test_faults_io import _one_error
 from test_generate_text import _tokenizer_folder
 
 
@@ -38,13 +39,6 @@ def folder(folder_template, tmp_path):
 def _generate(folder, capsys, *extra):
     rc = cli.main(["generate", str(folder), "--prompt", "hello world", "--max-tokens", "2", *extra])
     return rc, capsys.readouterr().err
-
-
-def _one_error(rc, err, *needles):
-    assert rc == 2, err[-2000:]
-    assert err.count("error:") == 1 and "Traceback" not in err, err[-2000:]
-    for n in needles:
-        assert n in err, (n, err[-2000:])
 
 
 # ================================================================== tokenizer files

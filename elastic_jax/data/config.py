@@ -116,3 +116,12 @@ class DataConfig(ConfigBase):
             return ()
         return (self.path,) if isinstance(self.path, str) else tuple(self.path)
 
+
+def local_batch_size(seq_len: int, batch_size: int, process_count: int) -> int:
+    """This host's rows of a `batch_size`-row global batch split over `process_count` hosts."""
+    if seq_len <= 0 or batch_size <= 0:
+        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be > 0")
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts "
+                         f"({process_count}) for per-host data sharding")
+    return batch_size // process_count

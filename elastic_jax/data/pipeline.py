@@ -25,7 +25,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from .config import DataConfig
+from .config import DataConfig, local_batch_size
 
 
 @dataclasses.dataclass
@@ -236,12 +236,7 @@ class BatchStream:
 
     def __init__(self, docs: Sequence[np.ndarray], cfg: DataConfig, seq_len: int, batch_size: int, *,
                  epoch_seed: int = 0, process_index: int = 0, process_count: int = 1):
-        if seq_len <= 0 or batch_size <= 0:
-            raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be > 0")
-        if batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts "
-                             f"({process_count}) for per-host data sharding")
-        self.seq_len, self.local_batch = seq_len, batch_size // process_count
+        self.seq_len, self.local_batch = seq_len, local_batch_size(seq_len, batch_size, process_count)
         pieces = split_long(docs, seq_len)
         ds = grain.MapDataset.source(pieces)
         if cfg.shuffle:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from .config import DataConfig
+from .config import DataConfig, local_batch_size
 from .store import ShardReader, check_manifest
 
 
@@ -81,12 +81,7 @@ class ShardStream:
 
     def __init__(self, readers, weights, cfg: DataConfig, seq_len: int, batch_size: int, *, epoch_seed: int = 0,
                  process_index: int = 0, process_count: int = 1, min_doc_len: int | None = None):
-        if seq_len <= 0 or batch_size <= 0:
-            raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be > 0")
-        if batch_size % process_count:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts "
-                             f"({process_count}) for per-host data sharding")
-        self.seq_len, self.local_batch = seq_len, batch_size // process_count
+        self.seq_len, self.local_batch = seq_len, local_batch_size(seq_len, batch_size, process_count)
         comps, doc_weights, longest = [], [], 1
         for k, (reader, w) in enumerate(zip(readers, weights)):
             count = reader.num_docs if min_doc_len is None else reader.count_at_least(min_doc_len)
