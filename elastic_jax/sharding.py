@@ -217,3 +217,15 @@ def mesh_axes_for(name: str, dim: int, mesh=None, rules=None) -> tuple[str, ...]
         return ()
     entry = logical_to_spec((name,), (dim,), mesh, current_rules() if rules is None else rules)[0]
     return tuple(_targets(entry))
+
+
+def host_value(x):
+    """`x` (possibly a multi-host, sharded jax.Array) as a numpy array on this host: a replicated
+    array is read locally, any other one gathered from every process (`process_allgather`)."""
+    import numpy as np
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -39,6 +39,7 @@ from ..config import NemotronHConfig
 from ..model.decoder import forward
 from ..model.kinds import kind_of, layer_sizes
 from ..model.kinds.base import take_dims
+from ..sharding import host_value
 from ..widths import AXES, WIDTH_AXES, Widths, full_size
 
 RANK_AXES = WIDTH_AXES
@@ -200,19 +201,6 @@ def collect_stats(params, tokens, cfg: NemotronHConfig, segment_ids=None) -> dic
     return out
 
 
-def _host_values(tree):
-    """numpy copies of a tree of (possibly multi-host, sharded) arrays: replicated leaves are read
-    locally, others gathered from every process (`process_allgather`)."""
-    def get(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            if x.is_fully_replicated:
-                return np.asarray(x.addressable_data(0))
-            from jax.experimental import multihost_utils
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
-    return jax.tree.map(get, tree)
-
-
 def _as_batch(b):
     if isinstance(b, dict):
         if "tokens" not in b:
@@ -252,7 +240,7 @@ def estimate_importance(params, cfg: NemotronHConfig, batches: Iterable, *, mamb
             cached.append(b)
     if total is None:
         raise ValueError("estimate_importance: `batches` is empty; need at least one calibration batch")
-    st = _host_values(total)
+    st = jax.tree.map(host_value, total)
     scores, rankings = {}, {}
     hid = np.sqrt(np.asarray(st["hidden"], np.float64)).sum(0)
     scores["hidden"], rankings["hidden"] = hid, rank_within_groups(hid)

@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from .. import fileio
 from ..errors import CheckpointCorrupt, CheckpointMismatch
 from ..finite import check_finite
+from ..sharding import host_value
 from .config import RESUMABLE_FIELDS
 
 # what a complete step folder holds: orbax's commit marker and each item's metadata file
@@ -66,22 +67,12 @@ def _leaf_digest(x):
 _digests = jax.jit(lambda leaves: [_leaf_digest(x) for x in leaves])
 
 
-def _host_copy(x):
-    """A replicated (possibly multi-host) array's value on this host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def array_checksums(tree) -> dict:
     """{key path: [sum1, sum2]} of every array of `tree` (`_leaf_digest`, on device)."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     if not flat:
         return {}
-    sums = _host_copy(jnp.stack(_digests([x for _, x in flat])))
+    sums = host_value(jnp.stack(_digests([x for _, x in flat])))
     return {_keystr(p): [int(v) for v in s] for (p, _), s in zip(flat, sums)}
 
 
