@@ -41,6 +41,10 @@ class Axis:
     size_fn: Callable | None = None     # (cfg, i) -> parent size, when not read off the fields
     full_is_none: bool = False          # SoftWidths: None when not elastic (the mixer skips the work)
     check: Callable | None = None       # (cfg, value, words) -> None: the axis's own extra rules
+    option_field: str | None = None     # its `ElasticConfig` option-list field (None: not routable)
+    # channels of a matmul reduction dimension per component, (cfg) -> int (the quantization block
+    # then constrains the option counts); None: not a reduction dimension (e.g. the expert count)
+    unit_width: Callable | None = None
 
     def size(self, cfg, i: int = 0) -> int:
         if self.size_fn is not None:

@@ -19,7 +19,8 @@ KEY = "attention"                    # its name in config formats (a puzzle `blo
 HF_LAYER_TYPE = "full_attention"     # its `layers_block_type` entry in an HF config.json
 HF_LAYER_ALIASES = ("attention",)    # older spellings read
 AXES = {"attn_heads": Axis(CHAR, "num_attention_heads", "attn_heads_per_layer", "query heads",
-                           "num_key_value_heads", "KV groups")}
+                           "num_key_value_heads", "KV groups", option_field="attn_options",
+                           unit_width=lambda cfg: cfg.head_dim)}       # o_proj rows per head
 # quantization (METHOD §10): q/k/v are one module in the serving stacks (vLLM / SGLang `qkv_proj`),
 # so they share one weight and input scale; the FP8 KV-cache scales of the cached projections
 FUSED_LINEARS = (("q_proj", "k_proj", "v_proj"),)

@@ -20,9 +20,12 @@ NAME = "Mamba2"
 KEY = "mamba"                          # its name in config formats (a puzzle `block_type`)
 HF_LAYER_TYPE = "linear_attention"     # its `layers_block_type` entry in an HF config.json
 HF_LAYER_ALIASES = ("mamba", "mamba2")  # older spellings read
-AXES = {"mamba_heads": Axis(CHAR, "mamba_num_heads", "mamba_heads_per_layer", "heads", "n_groups", "Mamba groups"),
-        # the head dim: one size per model (HF `mamba_head_dim`); None in SoftWidths when not elastic
-        "mamba_channels": Axis(CHAR, "mamba_head_dim", None, "channels", full_is_none=True)}
+AXES = {"mamba_heads": Axis(CHAR, "mamba_num_heads", "mamba_heads_per_layer", "heads", "n_groups", "Mamba groups",
+                            option_field="mamba_options", unit_width=lambda cfg: cfg.mamba_head_dim),
+        # the head dim: one size per model (HF `mamba_head_dim`); None in SoftWidths when not elastic.
+        # out_proj rows = heads x channels, heads a multiple of n_groups
+        "mamba_channels": Axis(CHAR, "mamba_head_dim", None, "channels", full_is_none=True,
+                               option_field="mamba_channel_options", unit_width=lambda cfg: cfg.n_groups)}
 # NVIDIA's Nemotron Nano FP8 / NVFP4 recipe keeps the nearest layer of this kind on each side of a
 # BF16 attention layer in BF16 too (`quant.recipe_spec("nano")`)
 NANO_HIGH_PRECISION = "nearest"

@@ -13,7 +13,8 @@ CHAR = "-"
 NAME = "MLP"
 KEY = "mlp"               # its name in config formats (a puzzle `block_type`)
 HF_LAYER_TYPE = "mlp"     # its `layers_block_type` entry in an HF config.json
-AXES = {"ffn": Axis(CHAR, "intermediate_size", "ffn_per_layer", "neurons")}
+AXES = {"ffn": Axis(CHAR, "intermediate_size", "ffn_per_layer", "neurons", option_field="ffn_options",
+                    unit_width=lambda cfg: 1)}       # down_proj rows
 
 
 @masks_record

@@ -36,8 +36,9 @@ def _check_experts(cfg: NemotronHConfig, x: int, words: str) -> None:
 
 
 AXES = {"moe_experts": Axis(CHAR, "n_routed_experts", "moe_experts_per_layer", "experts", "n_group",
-                            "routing groups", check=_check_experts),
-        "moe_ffn": Axis(CHAR, "moe_intermediate_size", "moe_ffn_per_layer", "channels")}
+                            "routing groups", check=_check_experts, option_field="moe_expert_options"),
+        "moe_ffn": Axis(CHAR, "moe_intermediate_size", "moe_ffn_per_layer", "channels",
+                        option_field="moe_ffn_options", unit_width=lambda cfg: 1)}     # expert down_proj rows
 # auxiliary outputs (the mixer's second output outside decoding; `decoder.final_hidden`): the
 # tokens routed to each expert, for the aux-loss-free balancing update (train/balance.py).
 # name -> zeros of one layer's row, from the (stacked or per-layer) mixer parameters
