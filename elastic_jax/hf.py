@@ -44,7 +44,7 @@ import numpy as np
 from .config import NemotronHConfig
 from .errors import HFCheckpointError, JSONFileError, json_field, read_json
 from .fileio import atomic_folder, owned_names
-from .model.kinds import KINDS, layer_dims, moe  # noqa: F401  (layer_dims: part of this module's API)
+from .model.kinds import KINDS, layer_dims, moe, on_register  # noqa: F401  (layer_dims: part of this module's API)
 from .model.kinds.hf_rules import Dims, Rule, _t, _t_inv  # noqa: F401
 from .model.params import check_params, param_axes
 
@@ -65,13 +65,24 @@ HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"mod
 
 # ------------------------------------------------------------------------------------ table
 # The backbone-level rules; each layer kind declares its own (elastic_jax/model/kinds/).
-RULES: tuple[Rule, ...] = (
+_BACKBONE_RULES: tuple[Rule, ...] = (
     Rule("embeddings.weight", "top", ("embed",), lambda d: (d.V, d.D)),
     Rule("norm_f.weight", "top", ("norm_f",), lambda d: (d.D,)),
     Rule("lm_head.weight", "head", ("lm_head",), lambda d: (d.V, d.D), _t, _t_inv),
     Rule("norm.weight", "layer", ("norm",), lambda d: (d.D,)),
-) + tuple(r for kind in KINDS.values() for r in kind.HF_RULES)
-_REGEXES = tuple(r.regex for r in RULES)
+)
+RULES: tuple[Rule, ...] = _BACKBONE_RULES
+_REGEXES: tuple = ()
+
+
+def _collect_rules() -> None:
+    """RULES = the backbone rules + every registered kind's `HF_RULES` (again when a kind registers)."""
+    global RULES, _REGEXES
+    RULES = _BACKBONE_RULES + tuple(r for kind in KINDS.values() for r in kind.HF_RULES)
+    _REGEXES = tuple(r.regex for r in RULES)
+
+
+on_register(_collect_rules)
 
 
 def _rules_for(kind: str) -> list[Rule]:

@@ -21,6 +21,7 @@ from .base import Param, quantizable, scale_groups
 from .hf_rules import Dims, Rule
 
 KINDS: dict = {}
+_LISTENERS: list = []
 
 _REQUIRED = ("CHAR", "NAME", "KEY", "HF_LAYER_TYPE", "AXES", "dims", "params", "select", "masks", "apply",
              "init_cache", "cache_elems", "hf_dims", "HF_RULES")
@@ -41,6 +42,14 @@ def register(kind) -> None:
     for name, axis in kind.AXES.items():
         register_axis(name, axis)
     KINDS[kind.CHAR] = kind
+    for fn in _LISTENERS:
+        fn()
+
+
+def on_register(fn) -> None:
+    """Call `fn()` now and after every kind registered (tables built from every kind's declarations)."""
+    _LISTENERS.append(fn)
+    fn()
 
 
 for _kind in (mamba, attention, mlp, moe):
@@ -76,5 +85,5 @@ def layer_dims(cfg: NemotronHConfig, layer: int | None) -> Dims:
     return Dims(**base, **kind_of(cfg, layer).hf_dims(cfg, cfg.kind_index()[layer]))
 
 
-__all__ = ["KINDS", "Param", "Rule", "Dims", "register", "kind_of", "layers_with_aux", "layer_widths",
+__all__ = ["KINDS", "Param", "Rule", "Dims", "register", "on_register", "kind_of", "layers_with_aux", "layer_widths",
            "layer_sizes", "layer_dims", "quantizable", "scale_groups"]
