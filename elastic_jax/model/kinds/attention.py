@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ...config import NemotronHConfig
+from ...registry import Axis
 from ...sharding import constrain
 from ...widths import prefix_mask
 from ..attention import attend
-from ...registry import Axis
 from ..layers import Context, dense
-from .base import Param, expand, masks_record
+from .base import Param, expand, masks_record, seq_sumsq
 from .hf_rules import Rule, _t, _t_inv
 
 CHAR = "*"
@@ -67,6 +68,17 @@ def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtyp
 
 def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
     return {"kv": 2.0 * batch * context * sizes["kv_heads"]}
+
+
+# ---------------------------------------------------------------- importance (METHOD §3.2)
+def importance_stats(it: dict, cfg: NemotronHConfig, valid, length: int) -> dict:
+    """Σ over sequences of the squared per-sequence mean |head output| (the o_proj input) [nH, hd]."""
+    return {"heads": seq_sumsq(it["heads"], valid)}
+
+
+def importance_scores(st: dict, cfg: NemotronHConfig, **_) -> dict:
+    """Query heads: L2 over head_dim."""
+    return {"attn_heads": np.sqrt(np.sum(np.asarray(st["heads"], np.float64), axis=1))}
 
 
 # -------------------------------------------------------------------------------- HF keys

@@ -146,3 +146,32 @@ def scale_groups(kind) -> tuple[tuple[str, ...], ...]:
     and the linears the serving stacks fuse (`FUSED_LINEARS`, attention q/k/v)."""
     groups = [r.params for r in kind.HF_RULES if r.linear and len(r.params) > 1]
     return tuple(groups) + tuple(getattr(kind, "FUSED_LINEARS", ()))
+
+
+# ------------------------------------------------------------- importance (METHOD §3.2)
+def rank_within_groups(scores, groups: int = 1) -> np.ndarray:
+    """Permutation sorting `scores` descending inside each of `groups` contiguous blocks
+    (group-major layout is kept: block g of the output holds block g's components). Ties keep
+    their original order."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    n = s.size
+    if n % groups:
+        raise ValueError(f"{n} components cannot be split into {groups} equal groups")
+    per = n // groups
+    blocks = s.reshape(groups, per)
+    order = np.argsort(-blocks, axis=1, kind="stable")
+    return (order + np.arange(groups)[:, None] * per).reshape(-1).astype(np.int64)
+
+
+def seq_mean_abs(act, valid):
+    """[B, L, ...] -> [B, ...]: mean over the valid tokens of |act|."""
+    a = jnp.abs(act.astype(jnp.float32))
+    if valid is None:
+        return jnp.mean(a, axis=1)
+    w = valid.astype(jnp.float32).reshape(valid.shape + (1,) * (a.ndim - 2))
+    return jnp.sum(a * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
+def seq_sumsq(act, valid):
+    """Σ_b (mean_s |act|)² -> [...]  (accumulated over batches, sqrt at the end)."""
+    return jnp.sum(jnp.square(seq_mean_abs(act, valid)), axis=0)

@@ -5,14 +5,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ... import kernels
 from ...config import NemotronHConfig
+from ...registry import Axis
 from ...sharding import constrain, context_mesh, mesh_axes_for
 from ...widths import max_count, norm_correction, prefix_mask
-from ...registry import Axis
 from ..layers import HIGHEST, Context, dense
-from .base import Param, expand, masks_record, static
+from .base import Param, expand, masks_record, rank_within_groups, seq_sumsq, static
 from .hf_rules import Rule, _bias_join, _bias_split, _conv_join, _conv_split, _split_rows_t, _t, _t_inv
 
 CHAR = "M"
@@ -129,6 +130,20 @@ def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
     """Decode-state elements by class (the memory cost model): SSM state and conv window."""
     return {"ssm": batch * sizes["ssm_inner"] * cfg.ssm_state_size,
             "conv": batch * (cfg.conv_kernel - 1) * (sizes["ssm_inner"] + 2 * sizes["ssm_groups"])}
+
+
+# ---------------------------------------------------------------- importance (METHOD §3.2)
+def importance_stats(it: dict, cfg: NemotronHConfig, valid, length: int) -> dict:
+    """Σ over sequences of the squared per-sequence mean |x projection| per (head, channel) [H, P]."""
+    return {"x": seq_sumsq(it["x_proj"], valid)}
+
+
+def importance_scores(st: dict, cfg: NemotronHConfig, mamba_channel_frac: float = 1.0, **_) -> dict:
+    """Channels: L2 over heads; heads: L2 over the top `mamba_channel_frac` of the channels ([NE] D_top)."""
+    hp = np.sqrt(np.asarray(st["x"], np.float64))                              # [H, P]
+    ch = np.sqrt(np.sum(hp ** 2, axis=0))                                     # [P]
+    top = rank_within_groups(ch)[:max(1, int(np.floor(mamba_channel_frac * ch.size + 1e-9)))]
+    return {"mamba_heads": np.sqrt(np.sum(hp[:, top] ** 2, axis=1)), "mamba_channels": ch}
 
 
 # -------------------------------------------------------------------------------- HF keys

@@ -1,12 +1,14 @@
 """relu² MLP layer kind (pattern char "-")."""
 from __future__ import annotations
 
+import numpy as np
+
 from ...config import NemotronHConfig
+from ...registry import Axis
 from ...sharding import constrain
 from ...widths import prefix_mask
-from ...registry import Axis
 from ..layers import dense, relu2
-from .base import Param, masks_record, static
+from .base import Param, masks_record, seq_sumsq, static
 from .hf_rules import Rule, _t, _t_inv
 
 CHAR = "-"
@@ -49,6 +51,16 @@ def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtyp
 
 def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
     return {}
+
+
+# ---------------------------------------------------------------- importance (METHOD §3.2)
+def importance_stats(it: dict, cfg: NemotronHConfig, valid, length: int) -> dict:
+    """Σ over sequences of the squared per-sequence mean |relu²(x W_up)| per neuron [I]."""
+    return {"neurons": seq_sumsq(it["neurons"], valid)}
+
+
+def importance_scores(st: dict, cfg: NemotronHConfig, **_) -> dict:
+    return {"ffn": np.sqrt(np.asarray(st["neurons"], np.float64))}
 
 
 # -------------------------------------------------------------------------------- HF keys

@@ -3,6 +3,7 @@ in `routing.py`, the expert-parallel path in `expert_parallel.py`."""
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from .... import kernels
 from ....config import NemotronHConfig
@@ -14,7 +15,7 @@ from ...layers import HIGHEST, dense, relu2
 from ..base import Param
 from ..hf_rules import Rule, _t, _t_inv
 from .expert_parallel import routed_experts_sharded
-from .routing import MoEMasks, expert_load, over_token_chunks, route, token_chunks
+from .routing import MoEMasks, expert_load, moe_stats, over_token_chunks, route, token_chunks
 
 CHAR = "E"
 NAME = "MoE"
@@ -88,6 +89,20 @@ def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtyp
 
 def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
     return {}
+
+
+# ---------------------------------------------------------------- importance (METHOD §3.2)
+def importance_stats(it: dict, cfg: NemotronHConfig, valid, length: int) -> dict:
+    """Additive statistics of one calibration batch from the mixer's intermediates: REAP sums
+    (Σ g·‖f‖ and routed-token counts per expert) and the expert-width statistic."""
+    sal, cnt, width = moe_stats(it, length, valid, cfg.routed_scaling_factor)
+    return {"saliency": sal, "count": cnt, "width": width}
+
+
+def importance_scores(st: dict, cfg: NemotronHConfig, **_) -> dict:
+    """Experts: REAP (mean over routed tokens of g·‖f‖); expert channels: L2 of the per-sequence means."""
+    return {"moe_experts": np.asarray(st["saliency"], np.float64) / np.maximum(np.asarray(st["count"], np.float64), 1.0),
+            "moe_ffn": np.sqrt(np.asarray(st["width"], np.float64))}
 
 
 # -------------------------------------------------------------------------------- HF keys

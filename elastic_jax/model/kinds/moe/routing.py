@@ -1,6 +1,6 @@
 """The MoE kind's routing pieces, shared by its one-device mixer (`__init__.py`) and the
 expert-parallel path (`expert_parallel.py`): the masks record, the sigmoid group-limited router,
-the per-expert load and the token chunking."""
+the per-expert load, the token chunking and the importance statistics of the routing."""
 from __future__ import annotations
 
 import jax
@@ -114,3 +114,26 @@ def expert_load(idx_TK, E: int, valid_T=None):
     T, Kk = idx_TK.shape
     tok_w = jnp.ones((T,), jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
     return jax.lax.stop_gradient(jnp.zeros((E,), jnp.float32).at[idx_TK.reshape(-1)].add(jnp.repeat(tok_w, Kk)))
+
+
+def moe_stats(it: dict, L: int, valid, routed_scaling_factor: float):
+    """REAP sums (Σ g·‖f‖ and routed-token counts per expert) and the expert-width statistic, from
+    the MoE mixer's intermediates (its rows sorted by expert)."""
+    idx, w, order = it["route_idx"], it["route_weight"], it["expert_order"]      # [T, k], [T, k], [T·k]
+    h, o = it["expert_act"], it["expert_out"]                                     # [T·k, Ie], [T·k, D]
+    T, k = idx.shape
+    E = it["expert_load"].shape[0]
+    B = T // L
+    flat = idx.reshape(-1)
+    tok_valid = jnp.ones((T,), jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
+    gate = (w / routed_scaling_factor).reshape(-1)[order]                        # top-k renormalized g_j
+    rv = tok_valid[order // k]
+    expert = flat[order]
+    sal = jax.ops.segment_sum(gate * jnp.linalg.norm(o, axis=-1) * rv, expert, num_segments=E)
+    cnt = jax.ops.segment_sum(rv, expert, num_segments=E)
+    # expert width: per sequence, mean over its routed (token, expert) rows of |h|; L2 over sequences
+    seq = (order // k) // L
+    hsum = jax.ops.segment_sum(jnp.abs(h) * rv[:, None], seq, num_segments=B)
+    hcnt = jax.ops.segment_sum(rv, seq, num_segments=B)
+    width = jnp.sum(jnp.square(hsum / jnp.maximum(hcnt, 1.0)[:, None]), axis=0)
+    return sal, cnt, width
