@@ -155,7 +155,8 @@ def test_import_cycle_finder_sees_a_three_module_cycle(tmp_path, monkeypatch):
 
 
 # cycles another change of issue 32 breaks (forward without `quant=`; the hf/ package): known until merged
-KNOWN_CYCLES = [["elastic_jax.hf", "elastic_jax.quant.export"], ["elastic_jax.model.decoder", "elastic_jax.quant.state"]]
+KNOWN_CYCLES = [["elastic_jax.hf", "elastic_jax.quant.export"],
+                ["elastic_jax.model.decoder", "elastic_jax.quant.state"]]
 
 
 def test_no_import_cycle():
@@ -163,7 +164,8 @@ def test_no_import_cycle():
     unknown = [c for c in cycles if c not in KNOWN_CYCLES]
     assert not unknown, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in unknown)
     if cycles:
-        pytest.xfail("known import cycles (broken by issue 32's other parts): " + "; ".join(" <-> ".join(c) for c in cycles))
+        pytest.xfail("known import cycles (broken by issue 32's other parts): "
+                     + "; ".join(" <-> ".join(c) for c in cycles))
 
 
 # ------------------------------------------------------------------------------------ dependencies

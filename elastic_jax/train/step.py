@@ -86,7 +86,8 @@ class StepSpec:
 
     @property
     def balances_experts(self) -> bool:
-        return self.expert_bias_rate > 0 and not self.freeze_model and bool(layers_with_aux(self.model_cfg, "expert_load"))
+        return (self.expert_bias_rate > 0 and not self.freeze_model
+                and bool(layers_with_aux(self.model_cfg, "expert_load")))
 
     @property
     def n_budgets(self) -> int:

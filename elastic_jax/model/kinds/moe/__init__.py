@@ -101,7 +101,8 @@ def importance_stats(it: dict, cfg: NemotronHConfig, valid, length: int) -> dict
 
 def importance_scores(st: dict, cfg: NemotronHConfig, **_) -> dict:
     """Experts: REAP (mean over routed tokens of g·‖f‖); expert channels: L2 of the per-sequence means."""
-    return {"moe_experts": np.asarray(st["saliency"], np.float64) / np.maximum(np.asarray(st["count"], np.float64), 1.0),
+    sal, cnt = np.asarray(st["saliency"], np.float64), np.asarray(st["count"], np.float64)
+    return {"moe_experts": sal / np.maximum(cnt, 1.0),
             "moe_ffn": np.sqrt(np.asarray(st["width"], np.float64))}
 
 
@@ -118,7 +119,8 @@ HF_RULES = (
          experts="per_expert", linear=True),
     Rule("mixer.experts.{j}.down_proj.weight", CHAR, ("down_proj",), lambda d: (d.D, d.Ie), _t, _t_inv,
          experts="per_expert", linear=True),
-    Rule("mixer.experts.up_proj", CHAR, ("up_proj",), lambda d: (d.E, d.Ie, d.D), _t, _t_inv, experts="stacked", linear=True),
+    Rule("mixer.experts.up_proj", CHAR, ("up_proj",), lambda d: (d.E, d.Ie, d.D), _t, _t_inv, experts="stacked",
+         linear=True),
     Rule("mixer.experts.down_proj", CHAR, ("down_proj",), lambda d: (d.E, d.D, d.Ie), _t, _t_inv,
          experts="stacked", linear=True),
     Rule("mixer.shared_experts.up_proj.weight", CHAR, ("shared_up",), lambda d: (d.Is, d.D), _t, _t_inv,
