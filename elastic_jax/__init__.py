@@ -5,7 +5,7 @@
     params = ej.init_params(cfg, jax.random.PRNGKey(0))
     logits = ej.forward(params, tokens, cfg, ej.Widths(hidden=48, mamba_heads=4))
 """
-from . import errors, kernels, quant
+from . import errors, kernels, model, quant   # model before quant: quant.state reads the layer kinds
 from .config import NemotronHConfig
 from .elastic import (ElasticConfig, Importance, estimate_importance, param_count, permute_params, slice_params,
                       sliced_config, widths_for_budget)

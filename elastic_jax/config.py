@@ -1,7 +1,8 @@
 """`NemotronHConfig`: the hybrid Mamba2 / attention / MLP / MoE decoder, field-for-field with HF.
 
-The layer pattern uses the characters of Megatron / HF `hybrid_override_pattern`:
-  M = Mamba2 mixer, * = attention, - = MLP, E = MoE.
+The layer pattern uses the characters of Megatron / HF `hybrid_override_pattern` (M = Mamba2
+mixer, * = attention, - = MLP, E = MoE), each declared by its kind module (`model/kinds/`) and
+registered in `registry.PATTERN`; the per-layer size fields are those of `registry.AXES`.
 A heterogeneous (sliced) config may carry per-layer sizes (`*_per_layer`, one entry per layer of
 that kind in pattern order); HF `NemotronHConfig` cannot express those, so `to_hf` refuses them.
 """
@@ -16,16 +17,7 @@ from typing import Any
 
 from .config_base import ConfigBase
 from .errors import decode_json_floats
-
-KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
-# HF `layers_block_type` spellings (old and new) -> pattern characters.
-_HF_BLOCK_TYPES = {
-    "mamba": "M", "linear_attention": "M", "mamba2": "M",
-    "attention": "*", "full_attention": "*",
-    "mlp": "-", "moe": "E",
-}
-# the layer-type names transformers (>= 5) writes in `layers_block_type`
-HF_LAYER_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+from .registry import AXES, PATTERN, hf_block_types, per_layer_fields
 
 # Legacy / alternative HF field names -> our field names.
 _ALIASES = {
@@ -50,8 +42,9 @@ def _pattern_of(d: dict) -> str | None:
     types = d.get("layers_block_type")
     if isinstance(types, str):
         return types
-    if isinstance(types, list) and all(t in _HF_BLOCK_TYPES for t in types):
-        return "".join(_HF_BLOCK_TYPES[t] for t in types)
+    spell = hf_block_types()
+    if isinstance(types, list) and all(t in spell for t in types):
+        return "".join(spell[t] for t in types)
     return None
 
 
@@ -148,8 +141,7 @@ class NemotronHConfig(ConfigBase):
     def __post_init__(self):
         if isinstance(self.time_step_limit, list):
             object.__setattr__(self, "time_step_limit", tuple(self.time_step_limit))
-        for name in ("mamba_heads_per_layer", "attn_heads_per_layer", "ffn_per_layer",
-                     "moe_experts_per_layer", "moe_ffn_per_layer"):
+        for name in per_layer_fields():
             v = getattr(self, name)
             if isinstance(v, list):
                 object.__setattr__(self, name, tuple(int(i) for i in v))
@@ -188,30 +180,32 @@ class NemotronHConfig(ConfigBase):
     def count(self, char: str) -> int:
         return self.pattern.count(char)
 
+    def layers_of(self, kind) -> tuple[int, ...]:
+        """Positions of the layers of a kind (a kind module, or anything with its `CHAR`)."""
+        return self.layer_indices(kind.CHAR)
+
     @property
     def is_heterogeneous(self) -> bool:
-        return any(getattr(self, n) is not None for n in
-                   ("mamba_heads_per_layer", "attn_heads_per_layer", "ffn_per_layer",
-                    "moe_experts_per_layer", "moe_ffn_per_layer"))
+        return any(getattr(self, n) is not None for n in per_layer_fields())
 
-    def _per(self, name: str, default: int, i: int) -> int:
-        v = getattr(self, name)
-        return default if v is None else v[i]
+    def width_at(self, axis: str, i: int) -> int:
+        """The parent size along an elastic axis of the i-th layer of its kind (`registry.AXES`)."""
+        return AXES[axis].size(self, i)
 
     def mamba_heads_at(self, i: int) -> int:
-        return self._per("mamba_heads_per_layer", self.mamba_num_heads, i)
+        return self.width_at("mamba_heads", i)
 
     def attn_heads_at(self, i: int) -> int:
-        return self._per("attn_heads_per_layer", self.num_attention_heads, i)
+        return self.width_at("attn_heads", i)
 
     def ffn_at(self, i: int) -> int:
-        return self._per("ffn_per_layer", self.intermediate_size, i)
+        return self.width_at("ffn", i)
 
     def moe_experts_at(self, i: int) -> int:
-        return self._per("moe_experts_per_layer", self.n_routed_experts, i)
+        return self.width_at("moe_experts", i)
 
     def moe_ffn_at(self, i: int) -> int:
-        return self._per("moe_ffn_per_layer", self.moe_intermediate_size, i)
+        return self.width_at("moe_ffn", i)
 
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -252,12 +246,14 @@ class NemotronHConfig(ConfigBase):
             bad("time_step_limit", "must be a pair of numbers (low, high)", lim)
         if not math.isfinite(lim[0]) or lim[0] < 0 or math.isnan(lim[1]) or lim[1] < lim[0]:
             bad("time_step_limit", "must be (low, high) with 0 <= low <= high, low finite (high may be inf)", lim)
+        allowed = ", ".join(f"{e.char} ({e.name})" for e in PATTERN.values())
         if not isinstance(self.hybrid_override_pattern, str) or not self.hybrid_override_pattern:
-            bad("hybrid_override_pattern", "must be a non-empty string of M, *, -, E", self.hybrid_override_pattern)
-        unknown = sorted(set(self.hybrid_override_pattern) - set(KINDS))
+            bad("hybrid_override_pattern", f"must be a non-empty string of the layer characters {allowed}",
+                self.hybrid_override_pattern)
+        unknown = sorted(set(self.hybrid_override_pattern) - set(PATTERN))
         if unknown:
-            bad("hybrid_override_pattern", f"unknown layer characters {unknown}; allowed: "
-                "M (Mamba2), * (attention), - (MLP), E (MoE)", self.hybrid_override_pattern)
+            bad("hybrid_override_pattern", f"unknown layer characters {unknown}; allowed: {allowed}",
+                self.hybrid_override_pattern)
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_attention_heads", f"must be divisible by num_key_value_heads={self.num_key_value_heads}",
                 self.num_attention_heads)
@@ -281,12 +277,9 @@ class NemotronHConfig(ConfigBase):
             bad("moe_latent_size", "latent MoE (Nemotron Super) is not supported", self.moe_latent_size)
         if self.kernel_impl not in (None, "xla", "pallas"):
             bad("kernel_impl", "must be None, 'xla' or 'pallas'", self.kernel_impl)
-        per = {"mamba_heads_per_layer": ("M", self.n_groups, "n_groups"),
-               "attn_heads_per_layer": ("*", self.num_key_value_heads, "num_key_value_heads"),
-               "ffn_per_layer": ("-", 1, None), "moe_experts_per_layer": ("E", self.n_group, "n_group"),
-               "moe_ffn_per_layer": ("E", 1, None)}
-        for name, (char, div, div_name) in per.items():
-            v = getattr(self, name)
+        for axis in AXES.values():
+            name, char, div, div_name = axis.per_layer_field, axis.kind, axis.groups(self), axis.group_field
+            v = None if name is None else getattr(self, name)
             if v is None:
                 continue
             if len(v) != self.count(char):
@@ -327,11 +320,12 @@ class NemotronHConfig(ConfigBase):
             if isinstance(types, str):
                 kw["hybrid_override_pattern"] = types
             else:
-                unknown = [t for t in types if t not in _HF_BLOCK_TYPES]
+                spell = hf_block_types()
+                unknown = [t for t in types if t not in spell]
                 if unknown:
                     raise ValueError(f"NemotronHConfig.layers_block_type: unknown block types {unknown}; "
-                                     f"known: {sorted(_HF_BLOCK_TYPES)}")
-                kw["hybrid_override_pattern"] = "".join(_HF_BLOCK_TYPES[t] for t in types)
+                                     f"known: {sorted(spell)}")
+                kw["hybrid_override_pattern"] = "".join(spell[t] for t in types)
         elif d.get("hybrid_override_pattern") is not None:
             kw["hybrid_override_pattern"] = d["hybrid_override_pattern"]
         for k, v in d.items():
@@ -363,7 +357,7 @@ class NemotronHConfig(ConfigBase):
         if self.is_heterogeneous:
             raise ValueError(
                 "this config has per-layer (heterogeneous) sizes "
-                f"({', '.join(n for n in ('mamba_heads_per_layer', 'attn_heads_per_layer', 'ffn_per_layer', 'moe_experts_per_layer', 'moe_ffn_per_layer') if getattr(self, n) is not None)}); "
+                f"({', '.join(n for n in per_layer_fields() if getattr(self, n) is not None)}); "
                 "HF NemotronHConfig has one size per kind, so it cannot be written as a plain NemotronH config")
         lim = list(self.time_step_limit)
         d = {
@@ -371,7 +365,7 @@ class NemotronHConfig(ConfigBase):
             "architectures": ["NemotronHForCausalLM"],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
-            "layers_block_type": [HF_LAYER_TYPES[c] for c in self.pattern],
+            "layers_block_type": [PATTERN[c].hf_layer_type for c in self.pattern],
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,

@@ -44,7 +44,7 @@ import numpy as np
 from .config import NemotronHConfig
 from .errors import HFCheckpointError, JSONFileError, json_field, read_json
 from .fileio import atomic_folder, owned_names
-from .model.kinds import KINDS, layer_dims  # noqa: F401  (layer_dims: part of this module's API)
+from .model.kinds import KINDS, layer_dims, moe, on_register  # noqa: F401  (layer_dims: part of this module's API)
 from .model.kinds.hf_rules import Dims, Rule, _t, _t_inv  # noqa: F401
 from .model.params import check_params, param_axes
 
@@ -65,13 +65,24 @@ HF_EXPORT_FILES = owned_names(r"config\.json", r"generation_config\.json", r"mod
 
 # ------------------------------------------------------------------------------------ table
 # The backbone-level rules; each layer kind declares its own (elastic_jax/model/kinds/).
-RULES: tuple[Rule, ...] = (
+_BACKBONE_RULES: tuple[Rule, ...] = (
     Rule("embeddings.weight", "top", ("embed",), lambda d: (d.V, d.D)),
     Rule("norm_f.weight", "top", ("norm_f",), lambda d: (d.D,)),
     Rule("lm_head.weight", "head", ("lm_head",), lambda d: (d.V, d.D), _t, _t_inv),
     Rule("norm.weight", "layer", ("norm",), lambda d: (d.D,)),
-) + tuple(r for kind in KINDS.values() for r in kind.HF_RULES)
-_REGEXES = tuple(r.regex for r in RULES)
+)
+RULES: tuple[Rule, ...] = _BACKBONE_RULES
+_REGEXES: tuple = ()
+
+
+def _collect_rules() -> None:
+    """RULES = the backbone rules + every registered kind's `HF_RULES` (again when a kind registers)."""
+    global RULES, _REGEXES
+    RULES = _BACKBONE_RULES + tuple(r for kind in KINDS.values() for r in kind.HF_RULES)
+    _REGEXES = tuple(r.regex for r in RULES)
+
+
+on_register(_collect_rules)
 
 
 def _rules_for(kind: str) -> list[Rule]:
@@ -133,7 +144,6 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[NemotronHConfig, dict]
 
 # ------------------------------------------------------------------ nemotron_h_puzzle (per layer)
 PUZZLE_MODEL_TYPE = "nemotron_h_puzzle"
-_PUZZLE_BLOCKS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 _PUZZLE_MOE_KEYS = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                     "moe_shared_expert_intermediate_size")
 # per-layer axes vLLM's NemotronH cannot take per layer: Mamba layers are built from the global config,
@@ -147,15 +157,13 @@ def _puzzle_config(d: dict, cfg: NemotronHConfig) -> dict:
     `num_experts_per_tok`, `moe_intermediate_size`, `moe_shared_expert_intermediate_size`), the
     per-block keys removed from the top level as NVIDIA's `NemotronHPuzzleConfig.to_dict` does; the
     pattern is written explicitly too (SGLang takes it from the top level)."""
-    seen = {c: 0 for c in _PUZZLE_BLOCKS}
     blocks = []
-    for c in cfg.pattern:
-        k = seen[c]
-        seen[c] += 1
-        b = {"block_type": _PUZZLE_BLOCKS[c]}
-        if c == "-":
+    for c, k in zip(cfg.pattern, cfg.kind_index()):
+        t = KINDS[c].KEY                        # the block type: the kind's config name
+        b = {"block_type": t}
+        if t == "mlp":
             b["intermediate_size"] = cfg.ffn_at(k)
-        elif c == "E":
+        elif t == "moe":
             b.update(n_routed_experts=cfg.moe_experts_at(k), num_experts_per_tok=cfg.num_experts_per_tok,
                      moe_intermediate_size=cfg.moe_ffn_at(k),
                      moe_shared_expert_intermediate_size=d["moe_shared_expert_intermediate_size"])
@@ -173,16 +181,16 @@ def _from_puzzle(raw: dict, problems: list) -> dict:
     if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
         problems.append("block_configs: a nemotron_h_puzzle config needs a list of one object per layer")
         return {}
-    letters = {v: k for k, v in _PUZZLE_BLOCKS.items()}
+    letters = {k.KEY: c for c, k in KINDS.items()}      # block type (a kind's config name) -> character
     pattern = ""
-    per: dict[str, list] = {"-": [], "E": []}
+    per: dict[str, list] = {"mlp": [], "moe": []}
     glob: dict[str, set] = {"num_experts_per_tok": set(), "moe_shared_expert_intermediate_size": set()}
     allowed = {"mamba": {"ssm_state_size"}, "attention": {"sliding_window"}, "mlp": {"intermediate_size"},
                "moe": set(_PUZZLE_MOE_KEYS) | {"routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob"}}
     for i, b in enumerate(blocks):
         t = b.get("block_type")
-        if t not in letters:
-            problems.append(f"block_configs[{i}].block_type={t!r}: expected one of {sorted(letters)}")
+        if t not in letters or t not in allowed:
+            problems.append(f"block_configs[{i}].block_type={t!r}: expected one of {sorted(allowed)}")
             continue
         pattern += letters[t]
         for k, v in b.items():
@@ -193,9 +201,9 @@ def _from_puzzle(raw: dict, problems: list) -> dict:
             elif t == "attention" or (k not in _PUZZLE_MOE_KEYS and k != "intermediate_size" and raw.get(k, v) != v):
                 problems.append(f"block_configs[{i}].{k}={v!r}: per-layer {k} is not supported")
         if t == "mlp":
-            per["-"].append(b.get("intermediate_size", raw.get("intermediate_size")))
+            per["mlp"].append(b.get("intermediate_size", raw.get("intermediate_size")))
         elif t == "moe":
-            per["E"].append((b.get("n_routed_experts", raw.get("n_routed_experts")),
+            per["moe"].append((b.get("n_routed_experts", raw.get("n_routed_experts")),
                              b.get("moe_intermediate_size", raw.get("moe_intermediate_size"))))
             for k in glob:
                 glob[k].add(b.get(k, raw.get(k)))
@@ -210,11 +218,11 @@ def _from_puzzle(raw: dict, problems: list) -> dict:
     for k, vals in glob.items():
         if len(vals) == 1 and None not in vals:
             d[k] = vals.pop()
-    if per["-"]:
-        d["intermediate_size"] = max(per["-"])
-        d["ffn_per_layer"] = tuple(per["-"]) if len(set(per["-"])) > 1 else None
-    if per["E"]:
-        ex, ff = [e for e, _ in per["E"]], [f for _, f in per["E"]]
+    if per["mlp"]:
+        d["intermediate_size"] = max(per["mlp"])
+        d["ffn_per_layer"] = tuple(per["mlp"]) if len(set(per["mlp"])) > 1 else None
+    if per["moe"]:
+        ex, ff = [e for e, _ in per["moe"]], [f for _, f in per["moe"]]
         d["n_routed_experts"], d["moe_intermediate_size"] = max(ex), max(ff)
         d["moe_experts_per_layer"] = tuple(ex) if len(set(ex)) > 1 else None
         d["moe_ffn_per_layer"] = tuple(ff) if len(set(ff)) > 1 else None
@@ -251,7 +259,7 @@ def hf_config_dict(cfg: NemotronHConfig, dtype: str = "float32") -> dict:
     d["time_step_max"] = max(cfg.time_step_max, tmin)
     d["time_step_floor"] = min(cfg.time_step_floor, d["time_step_max"])
     d["time_step_limit"] = [tmin, _encode_float(float("inf"))]
-    if not cfg.moe_shared_expert_intermediate_size and "E" in cfg.pattern:
+    if not cfg.moe_shared_expert_intermediate_size and cfg.layers_of(moe):
         # HF always builds a shared expert; we write a zero one of width 1 (contributes exactly 0)
         d["moe_shared_expert_intermediate_size"] = 1
         d["n_shared_experts"] = 1

@@ -10,6 +10,7 @@ import jax
 
 from .config import NemotronHConfig
 from .hf import HF_EXPORT_FILES, load_hf, parse_widths, read_budget_table, save_hf
+from .model.kinds import attention
 from .train.checkpoint import load_run
 
 
@@ -94,7 +95,7 @@ def _cmd_export(args) -> int:
             print(f"{args.src} is a ModelOpt {src_quant.spec.fmt} checkpoint: its scales are kept")
     elif args.quantize is not None:
         qstate = _export_quant_state(args, cfg, params, widths)
-        if args.recipe == "nano" and "*" in cfg.pattern:     # NVIDIA's Nano recipe: FP8 KV-cache scales
+        if args.recipe == "nano" and cfg.layers_of(attention):     # NVIDIA's Nano recipe: FP8 KV-cache scales
             from .quant import calibrate_kv_cache
             kv_scales = calibrate_kv_cache(params, cfg, _calib_batches(args, cfg), widths=(None,) if widths is None
                                            else (None, widths))

@@ -110,6 +110,7 @@ def model_counts(cfg, widths=None, *, context: int = 131072, batch: int = 1, byt
     `active_with_embeddings` adds it. Memory: bf16 weights (all experts resident) + bf16 KV cache +
     f32 SSM state + conv window at `context` tokens x `batch` sequences."""
     from .elastic.cost import memory_cost, param_cost
+    from .model.kinds import attention
     e = {} if widths is None else _expected(widths)
     hidden = e.get("hidden", cfg.hidden_size)
     total = float(param_cost(cfg, e))
@@ -117,7 +118,7 @@ def model_counts(cfg, widths=None, *, context: int = 131072, batch: int = 1, byt
     weights = bytes_per_param * total
     mem = float(memory_cost(cfg, e, context=context, batch=batch, bytes_per_param=bytes_per_param, bytes_kv=2.0,
                             bytes_ssm=4.0))
-    n_attn = cfg.count("*")
+    n_attn = len(cfg.layers_of(attention))
     kv = 2.0 * 2 * batch * context * cfg.num_key_value_heads * cfg.head_dim * n_attn
     return {"params_total": int(round(total)), "params_active": int(round(active_emb - cfg.vocab_size * hidden)),
             "params_active_with_embeddings": int(round(active_emb)),
@@ -167,10 +168,11 @@ def step_flops(cfg, tokens: int, seq_len: int, remat: str) -> dict:
     `remat="full"` recomputes it. Per token and forward: 2 x the active matmul parameters; causal
     attention 2 x 2 x heads x head_dim x (L+1)/2 per attention layer; the SSD scan ~ 4·H·P·N +
     2·Q·H·(P+N) per Mamba layer (Q = chunk)."""
+    from .model.kinds import attention, mamba
     n_mm = model_counts(cfg)["params_active"]
-    attn = cfg.count("*") * 4 * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2
+    attn = len(cfg.layers_of(attention)) * 4 * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2
     H, P, N, Q = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.chunk_size
-    ssd = cfg.count("M") * (4 * H * P * N + 2 * Q * H * (P + N))
+    ssd = len(cfg.layers_of(mamba)) * (4 * H * P * N + 2 * Q * H * (P + N))
     fwd = tokens * (2.0 * n_mm + attn + ssd)
     model = 4 * fwd                               # teacher fwd + student fwd + bwd (2x)
     recompute = fwd if remat == "full" else (tokens * (attn + ssd) if remat in ("minimal", "save_dots") else 0.0)

@@ -17,49 +17,56 @@ soft forms run the same code and one compiled program serves every budget.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import NemotronHConfig
+from .registry import AXES, Axis, on_axes_changed
+from .registry import register_axis as _register_axis
 
-@dataclass(frozen=True)
-class Axis:
-    """One per-layer elastic axis: the layer kind it belongs to (pattern character), the parent
-    size of the k-th layer of that kind, the group structure its prefixes respect, the config
-    fields a sliced model records it in, and the words error messages use for it."""
-
-    kind: str
-    size: Callable[[NemotronHConfig, int], int]
-    group_field: str | None             # config field whose value the width must divide by
-    field: str                          # config field of a uniform size
-    per_layer_field: str | None         # config field of per-layer sizes (None: one size per model)
-    unit: str                           # what a component is ("heads", "neurons", ...)
-    group_name: str | None = None       # what a group is ("Mamba groups", ...)
-
-    def groups(self, cfg: NemotronHConfig) -> int:
-        return 1 if self.group_field is None else int(getattr(cfg, self.group_field))
+# The one table of the per-layer elastic axes: each kind module declares its axes (`AXES`) and
+# `model.kinds.register` adds them here (and the `Widths` / `SoftWidths` field with them).
+PER_LAYER_AXES: dict[str, str] = {}      # axis name -> pattern character (kept equal to AXES)
 
 
-# The one table of the per-layer elastic axes (the kind modules in elastic_jax/model/kinds/ say
-# which dimensions of their parameters each axis selects).
-AXES: dict[str, Axis] = {
-    "mamba_heads": Axis("M", lambda cfg, i: cfg.mamba_heads_at(i), "n_groups", "mamba_num_heads",
-                        "mamba_heads_per_layer", "heads", "Mamba groups"),
-    "mamba_channels": Axis("M", lambda cfg, i: cfg.mamba_head_dim, None, "mamba_head_dim", None, "channels"),
-    "attn_heads": Axis("*", lambda cfg, i: cfg.attn_heads_at(i), "num_key_value_heads", "num_attention_heads",
-                       "attn_heads_per_layer", "query heads", "KV groups"),
-    "ffn": Axis("-", lambda cfg, i: cfg.ffn_at(i), None, "intermediate_size", "ffn_per_layer", "neurons"),
-    "moe_experts": Axis("E", lambda cfg, i: cfg.moe_experts_at(i), "n_group", "n_routed_experts",
-                        "moe_experts_per_layer", "experts", "routing groups"),
-    "moe_ffn": Axis("E", lambda cfg, i: cfg.moe_ffn_at(i), None, "moe_intermediate_size", "moe_ffn_per_layer",
-                    "channels"),
-}
-PER_LAYER_AXES = {a: spec.kind for a, spec in AXES.items()}   # axis name -> pattern character
-WIDTH_AXES = ("hidden",) + tuple(PER_LAYER_AXES)
+class _WidthAxes(Sequence):
+    """("hidden",) + the registered axes, read live (a module that imported it before an axis was
+    registered still sees that axis)."""
+
+    def _names(self) -> tuple[str, ...]:
+        return ("hidden",) + tuple(AXES)
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return 1 + len(AXES)
+
+    def __add__(self, other):
+        return self._names() + tuple(other)
+
+    def __radd__(self, other):
+        return tuple(other) + self._names()
+
+    def __eq__(self, other):
+        return self._names() == tuple(other) if isinstance(other, (tuple, list, Sequence)) else NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+WIDTH_AXES = _WidthAxes()
+
+
+def register_axis(name: str, axis: Axis) -> None:
+    """Declare a per-layer elastic axis: `Widths.<name>` / `SoftWidths.<name>` exist from then on."""
+    _register_axis(name, axis)
 
 
 def full_size(cfg: NemotronHConfig, axis: str, i: int = 0) -> int:
@@ -85,18 +92,11 @@ def _is_concrete(v) -> bool:
         return False
 
 
-@dataclass(frozen=True)
 class Widths:
-    """Active sizes of one nested submodel. `None` = full along that axis. See module docstring."""
+    """Active sizes of one nested submodel. `None` = full along that axis. See module docstring.
 
-    hidden: Any = None
-    mamba_heads: Any = None
-    attn_heads: Any = None
-    ffn: Any = None
-    moe_experts: Any = None
-    moe_ffn: Any = None
-    layers: Any = None
-    mamba_channels: Any = None
+    A frozen dataclass with the fields `hidden`, one per registered axis (`AXES`, in order) and
+    `layers` (`_declare_fields`)."""
 
     @classmethod
     def full(cls, cfg: NemotronHConfig) -> "Widths":
@@ -169,18 +169,8 @@ class Widths:
                     raise ValueError(f"Widths.{axis}={v!r}: {x} exceeds the parent size {full}")
                 if x % div:
                     raise ValueError(f"Widths.{axis}={v!r}: {x} must be divisible by {div_name}={div}")
-                if axis == "moe_experts":
-                    if x < cfg.num_experts_per_tok:
-                        raise ValueError(f"Widths.moe_experts={v!r}: {x} must be >= num_experts_per_tok="
-                                         f"{cfg.num_experts_per_tok}")
-                    per_group = x // cfg.n_group
-                    if cfg.n_group > 1 and per_group < 2:
-                        raise ValueError(f"Widths.moe_experts={v!r}: group-limited routing needs >= 2 "
-                                         f"experts per group (n_group={cfg.n_group})")
-                    if per_group * cfg.topk_group < cfg.num_experts_per_tok:
-                        raise ValueError(f"Widths.moe_experts={v!r}: {per_group} experts per group x "
-                                         f"topk_group={cfg.topk_group} < num_experts_per_tok="
-                                         f"{cfg.num_experts_per_tok}")
+                if axis != "hidden" and AXES[axis].check is not None:
+                    AXES[axis].check(cfg, x, f"Widths.{axis}={v!r}")
         if self.layers is not None and _is_concrete(self.layers):
             arr = np.asarray(self.layers).reshape(-1)
             if arr.size != cfg.num_hidden_layers:
@@ -222,28 +212,20 @@ class Widths:
                           layers=r.layers.astype(jnp.float32))
 
 
-@dataclass(frozen=True)
 class SoftWidths:
     """Per axis a pair (counts int32 [..., n_opts], probs float [..., n_opts]); hidden has no layer
     axis, per-layer axes are [n_kind, n_opts]; `layers` is a float gate per layer [n_layers].
 
     The mask of an axis is Σ_i probs_i · prefix(counts_i) (group-aware where the axis has groups).
-    Probabilities need not sum to 1 (a user mix may be partial).
-    """
+    Probabilities need not sum to 1 (a user mix may be partial). An axis declared `full_is_none`
+    (`mamba_channels`) is None when not elastic: the mixer skips that masking work.
 
-    hidden: Any
-    mamba_heads: Any
-    attn_heads: Any
-    ffn: Any
-    moe_experts: Any
-    moe_ffn: Any
-    layers: Any
-    mamba_channels: Any = None     # None: full head dim (no channel masking work)
-    # static: where soft masks apply (equal for hard masks). "output": after conv+SiLU (Mamba x) and
-    # after relu² (FFN), so a soft FFN is the π-mixture of the nested FFNs. "official": the Megatron
-    # --soft-mask form: Mamba z, x, dt at the projection output and the conv-x weights/bias; the FFN
-    # before relu² (relu²(m·h) = m²·relu²(h) for a soft m)
-    mask_form: str = "output"
+    A frozen dataclass with the fields `hidden`, one per registered axis, `layers` and the static
+    `mask_form`: where soft masks apply (equal for hard masks). "output": after conv+SiLU (Mamba x)
+    and after relu² (FFN), so a soft FFN is the π-mixture of the nested FFNs. "official": the
+    Megatron --soft-mask form: Mamba z, x, dt at the projection output and the conv-x weights/bias;
+    the FFN before relu² (relu²(m·h) = m²·relu²(h) for a soft m).
+    """
 
     @classmethod
     def from_options(cls, cfg: NemotronHConfig, options: dict, probs: dict, layers=None,
@@ -263,8 +245,8 @@ class SoftWidths:
                     c = jnp.broadcast_to(c, (n, c.shape[-1]))
                     p = jnp.broadcast_to(p, (n, p.shape[-1]))
                 out[axis] = (c, p)
-            elif axis == "mamba_channels":
-                out[axis] = None                  # full head dim: no channel masking work
+            elif axis != "hidden" and AXES[axis].full_is_none:
+                out[axis] = None                  # not elastic: no masking work (e.g. the full head dim)
             else:
                 if axis == "hidden":
                     out[axis] = (jnp.asarray([cfg.hidden_size], jnp.int32), jnp.ones((1,), jnp.float32))
@@ -324,10 +306,50 @@ def check_options(cfg: NemotronHConfig, options: dict, probs: dict, layers=None)
 
 MASK_FORMS = ("output", "official")
 
+_META = {SoftWidths: {"mask_form": "output"}, Widths: {}}
+
+
+def _declare_fields(cls) -> None:
+    """(Re)make `cls` a frozen dataclass whose fields are `hidden`, every registered axis and
+    `layers` (all default None), then its static fields; called again when an axis is registered."""
+    names = list(WIDTH_AXES) + ["layers"]
+    for attr in ("__init__", "__repr__", "__eq__", "__hash__", "__setattr__", "__delattr__", "__match_args__",
+                 "__dataclass_fields__", "__dataclass_params__"):
+        if attr in cls.__dict__:
+            delattr(cls, attr)
+    cls.__annotations__ = {n: Any for n in names} | {m: str for m in _META[cls]}
+    for n in names:
+        setattr(cls, n, None)
+    for m, default in _META[cls].items():
+        setattr(cls, m, default)
+    dataclasses.dataclass(frozen=True)(cls)
+
+
+def _flatten_with_keys(x):
+    data = tuple(f.name for f in dataclasses.fields(x) if f.name not in _META[type(x)])
+    meta = tuple((m, getattr(x, m)) for m in _META[type(x)])
+    return [(jax.tree_util.GetAttrKey(n), getattr(x, n)) for n in data], (data, meta)
+
+
+def _flatten(x):
+    children, aux = _flatten_with_keys(x)
+    return [c for _, c in children], aux
+
+
+def _unflatten(cls):
+    return lambda aux, children: cls(**dict(zip(aux[0], children)), **dict(aux[1]))
+
+
+def _axes_changed() -> None:
+    PER_LAYER_AXES.clear()
+    PER_LAYER_AXES.update({a: spec.kind for a, spec in AXES.items()})
+    for cls in (Widths, SoftWidths):
+        _declare_fields(cls)
+
+
 for _cls in (Widths, SoftWidths):
-    _meta = ["mask_form"] if _cls is SoftWidths else []
-    jax.tree_util.register_dataclass(_cls, data_fields=[f.name for f in dataclasses.fields(_cls)
-                                                        if f.name not in _meta], meta_fields=_meta)
+    jax.tree_util.register_pytree_with_keys(_cls, _flatten_with_keys, _unflatten(_cls), _flatten)
+on_axes_changed(_axes_changed)
 
 
 def as_soft(cfg: NemotronHConfig, widths) -> SoftWidths | None:

@@ -31,7 +31,9 @@ import numpy as np
 import optax
 
 import elastic_jax as ej
-from elastic_jax.model.layers import Context, ElasticLayer, mamba_mixer, mlp_mixer
+from elastic_jax.model.kinds.mamba import MambaMasks, mamba_mixer
+from elastic_jax.model.kinds.mlp import MLPMasks, mlp_mixer
+from elastic_jax.model.layers import Context
 from elastic_jax.widths import max_count, norm_correction, prefix_mask
 
 CFG = ej.NemotronHConfig(hidden_size=32, hybrid_override_pattern="M-", vocab_size=64, intermediate_size=64,
@@ -49,19 +51,19 @@ def mamba_out(p, x, probs, form):
     eps_f, scale = norm_correction(H, c, probs)
     active = max_count(c, probs) // CFG.n_groups
     if form == "ours":
-        el = ElasticLayer(head_mask=head, norm_eps=eps_f, norm_scale=scale, active_heads=active)
+        el = MambaMasks(head_mask=head, norm_eps=eps_f, norm_scale=scale, active_heads=active)
         return mamba_mixer(p, x, CFG, el, CTX, None)[0]
     hm = jnp.repeat(head, P)          # official: z, x, dt at the in_proj output; conv-x weight and bias
     q = dict(p, z_proj=p["z_proj"] * hm, x_proj=p["x_proj"] * hm, dt_proj=p["dt_proj"] * head,
              conv_x=p["conv_x"] * hm, conv_x_bias=p["conv_x_bias"] * hm)
-    el = ElasticLayer(head_mask=jnp.ones((H,)), norm_eps=eps_f, norm_scale=scale, active_heads=active)
+    el = MambaMasks(head_mask=jnp.ones((H,)), norm_eps=eps_f, norm_scale=scale, active_heads=active)
     return mamba_mixer(q, x, CFG, el, CTX, None)[0]
 
 
 def ffn_out(p, x, probs, form):
     m = prefix_mask(I, COUNTS["ffn"], probs)
     if form == "ours":
-        return mlp_mixer(p, x, CFG, ElasticLayer(ffn_mask=m), CTX, None)[0]
+        return mlp_mixer(p, x, CFG, MLPMasks(ffn_mask=m), CTX, None)[0]
     return mlp_mixer(dict(p, up_proj=p["up_proj"] * m), x, CFG, None, CTX, None)[0]   # mask before relu²
 
 

@@ -7,6 +7,7 @@ import pytest
 
 import elastic_jax as ej
 from elastic_jax.model import layers as L
+from elastic_jax.model.kinds.moe import MoEMasks
 from elastic_jax.train import OptimConfig
 from elastic_jax.train.balance import active_experts, load_deviation, routing_entropy, update_expert_bias
 from elastic_jax.train.optim import make_optimizer
@@ -129,7 +130,7 @@ def _simulate(rule: str, steps: int = 3000, rate: float = 1e-3, tokens: int = 25
     active = jnp.stack([active_experts(CFG, ej.Widths(moe_experts=k)) for k in counts])    # [3, 1, E]
 
     def loads(bias, k):
-        el = L.ElasticLayer(expert_counts=jnp.asarray([k]), expert_probs=jnp.ones((1,)))
+        el = MoEMasks(expert_counts=jnp.asarray([k]), expert_probs=jnp.ones((1,)))
         idx, _ = L.route(dict(mixer, e_score_correction_bias=bias), x, CFG, el)
         return jnp.zeros(CFG.n_routed_experts).at[idx.reshape(-1)].add(1.0)[None]       # [1, E]
 

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,7 +30,7 @@ def test_import_leaves_distributed_initialize_possible():
 # the layers below it. Modules are matched by the longest prefix listed.
 LAYERS = {
     "elastic_jax.kernels": 1, "elastic_jax._version": 1,
-    "elastic_jax.config": 2, "elastic_jax.config_base": 2, "elastic_jax.widths": 2, "elastic_jax.sharding": 2, "elastic_jax.errors": 2,
+    "elastic_jax.config": 2, "elastic_jax.config_base": 2, "elastic_jax.registry": 2, "elastic_jax.widths": 2, "elastic_jax.sharding": 2, "elastic_jax.errors": 2,
     "elastic_jax.fileio": 2, "elastic_jax.finite": 2, "elastic_jax.hostmem": 2, "elastic_jax.aot": 2, "elastic_jax.quant.formats": 2, "elastic_jax.quant.qweight": 2,
     "elastic_jax.model": 3, "elastic_jax.quant": 3,
     "elastic_jax.elastic": 4,
@@ -95,6 +97,75 @@ def test_no_module_imports_from_a_layer_above_it():
                 upward.add(f"{os.path.relpath(path, ROOT)}:{line} {module} (layer {_layer(module)}) imports "
                               f"{target} (layer {_layer(target)})")
     assert not upward, "upward imports:\n" + "\n".join(sorted(upward))
+
+
+def _import_cycles(modules) -> list[list[str]]:
+    """The import cycles (of any length) among the package's modules: the strongly connected
+    components of more than one module of the import graph (function-local imports included)."""
+    graph = {m: sorted({t for t, _ in _imports(m, path, pkg, modules) if t in modules and t != m})
+             for m, (path, pkg) in modules.items()}
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):                       # Tarjan, iterative (no recursion limit on deep chains)
+        work = [(v, iter(graph[v]))]
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is None:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    comp = []
+                    while True:
+                        w = stack.pop()
+                        on_stack.discard(w)
+                        comp.append(w)
+                        if w == node:
+                            break
+                    if len(comp) > 1:
+                        cycles.append(sorted(comp))
+            elif child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(graph[child])))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_import_cycle_finder_sees_a_three_module_cycle(tmp_path, monkeypatch):
+    pkg = tmp_path / "elastic_jax"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .c import g\n")      # a function-local import counts
+    (pkg / "c.py").write_text("from elastic_jax.a import x\n")
+    (pkg / "d.py").write_text("from . import a\n")                       # imports into the cycle, not part of it
+    monkeypatch.setitem(PACKAGE_DIRS, "elastic_jax", str(pkg))
+    assert _import_cycles(_modules()) == [["elastic_jax.a", "elastic_jax.b", "elastic_jax.c"]]
+
+
+# cycles another change of issue 32 breaks (forward without `quant=`; the hf/ package): known until merged
+KNOWN_CYCLES = [["elastic_jax.hf", "elastic_jax.quant.export"],
+                ["elastic_jax.model.decoder", "elastic_jax.quant.state"]]
+
+
+def test_no_import_cycle():
+    cycles = _import_cycles(_modules())
+    unknown = [c for c in cycles if c not in KNOWN_CYCLES]
+    assert not unknown, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in unknown)
+    if cycles:
+        pytest.xfail("known import cycles (broken by issue 32's other parts): "
+                     + "; ".join(" <-> ".join(c) for c in cycles))
 
 
 # ------------------------------------------------------------------------------------ dependencies

@@ -11,7 +11,9 @@ import pytest
 import elastic_jax as ej
 from elastic_jax.elastic import router as R
 from elastic_jax.elastic.config import ElasticConfig
-from elastic_jax.model.layers import Context, ElasticLayer, mamba_mixer, mlp_mixer, relu2
+from elastic_jax.model.kinds.mamba import MambaMasks, mamba_mixer
+from elastic_jax.model.kinds.mlp import MLPMasks, mlp_mixer
+from elastic_jax.model.layers import Context, relu2
 from elastic_jax.widths import SoftWidths, norm_correction, prefix_mask
 
 CFG = ej.NemotronHConfig(hidden_size=32, hybrid_override_pattern="M-E", vocab_size=64, intermediate_size=32,
@@ -53,7 +55,7 @@ def test_official_ffn_and_mamba_layers_match_their_formulas(model):
     # FFN: y = W₂ relu²(m · W₁x), m = Σ π_i prefix_i
     p = params["layers"][1]["mixer"]
     m = prefix_mask(CFG.intermediate_size, jnp.asarray(OPTS["ffn"]), probs)
-    got = mlp_mixer(p, x, CFG, ElasticLayer(ffn_mask=m, premask=True), ctx, None)[0]
+    got = mlp_mixer(p, x, CFG, MLPMasks(ffn_mask=m, premask=True), ctx, None)[0]
     want = relu2((x @ p["up_proj"]) * m) @ p["down_proj"]
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     # Mamba: the official form == the unmasked mixer on masked z/x/dt projections and conv-x weights
@@ -62,12 +64,12 @@ def test_official_ffn_and_mamba_layers_match_their_formulas(model):
     c = jnp.asarray(OPTS["mamba_heads"])
     head = prefix_mask(H, c, probs, CFG.n_groups)
     eps_f, scale = norm_correction(H, c, probs)
-    el = ElasticLayer(head_mask=head, norm_eps=eps_f, norm_scale=scale, premask=True)
+    el = MambaMasks(head_mask=head, norm_eps=eps_f, norm_scale=scale, premask=True)
     got = _mamba(p, x, el)
     hm = jnp.repeat(head, P)
     q = dict(p, z_proj=p["z_proj"] * hm, x_proj=p["x_proj"] * hm, dt_proj=p["dt_proj"] * head,
              conv_x=p["conv_x"] * hm, conv_x_bias=p["conv_x_bias"] * hm)
-    el_norm = ElasticLayer(head_mask=jnp.ones((H,)), norm_eps=eps_f, norm_scale=scale)
+    el_norm = MambaMasks(head_mask=jnp.ones((H,)), norm_eps=eps_f, norm_scale=scale)
     want = _mamba(q, x, el_norm)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     ours = _mamba(p, x, dataclasses.replace(el, premask=False))

@@ -24,17 +24,12 @@ import numpy as np
 
 from ..config import NemotronHConfig
 from ..config_base import ConfigBase
+from ..model import kinds as _kinds  # noqa: F401  (the kinds register the axes OPTION_FIELDS reads)
 from ..widths import AXES, PER_LAYER_AXES, Widths, divisor, full_size
 
-# ElasticConfig field -> ej.Widths axis
-OPTION_FIELDS = {
+OPTION_FIELDS = {      # ElasticConfig option-list field -> axis; the per-layer ones from their kinds' `Axis`
     "hidden_options": "hidden",
-    "mamba_options": "mamba_heads",
-    "mamba_channel_options": "mamba_channels",
-    "attn_options": "attn_heads",
-    "ffn_options": "ffn",
-    "moe_expert_options": "moe_experts",
-    "moe_ffn_options": "moe_ffn",
+    **{spec.option_field: axis for axis, spec in AXES.items() if spec.option_field},
 }
 AXIS_FIELDS = {v: k for k, v in OPTION_FIELDS.items()}
 # axes whose width is a reduction dimension of some matmul, and the channels per unit
@@ -50,8 +45,8 @@ QUANT_BYTES = {None: 2.0, "fp8": 1.0, "nvfp4": 0.5625}
 
 def _quant_unit(cfg: NemotronHConfig, axis: str) -> int:
     """Smallest count step along `axis` whose channel width is a multiple of QUANT_BLOCK."""
-    per_unit = {"hidden": 1, "mamba_heads": cfg.mamba_head_dim, "attn_heads": cfg.head_dim,
-                "ffn": 1, "moe_ffn": 1}.get(axis)
+    spec = None if axis == "hidden" else AXES[axis]
+    per_unit = 1 if spec is None else (None if spec.unit_width is None else spec.unit_width(cfg))
     if per_unit is None:          # expert count: not a reduction dimension
         return 1
     return QUANT_BLOCK // math.gcd(QUANT_BLOCK, per_unit)

@@ -38,7 +38,7 @@ import numpy as np
 from ..config import NemotronHConfig
 from ..model.decoder import forward
 from ..model.kinds import kind_of, layer_sizes
-from ..model.kinds.base import take_dims
+from ..model.kinds.base import rank_within_groups, seq_sumsq, take_dims  # noqa: F401  (part of this module's API)
 from ..sharding import host_value
 from ..widths import AXES, WIDTH_AXES, Widths, full_size
 
@@ -52,20 +52,6 @@ def config_fingerprint(cfg: NemotronHConfig) -> str:
     d = {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def rank_within_groups(scores, groups: int = 1) -> np.ndarray:
-    """Permutation sorting `scores` descending inside each of `groups` contiguous blocks
-    (group-major layout is kept: block g of the output holds block g's components). Ties keep
-    their original order."""
-    s = np.asarray(scores, np.float64).reshape(-1)
-    n = s.size
-    if n % groups:
-        raise ValueError(f"{n} components cannot be split into {groups} equal groups")
-    per = n // groups
-    blocks = s.reshape(groups, per)
-    order = np.argsort(-blocks, axis=1, kind="stable")
-    return (order + np.arange(groups)[:, None] * per).reshape(-1).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- Importance
@@ -138,67 +124,22 @@ class Importance:
 
 
 # ------------------------------------------------------------------- statistics walk
-def _seq_mean_abs(act, valid):
-    """[B, L, ...] -> [B, ...]: mean over the valid tokens of |act|."""
-    a = jnp.abs(act.astype(jnp.float32))
-    if valid is None:
-        return jnp.mean(a, axis=1)
-    w = valid.astype(jnp.float32).reshape(valid.shape + (1,) * (a.ndim - 2))
-    return jnp.sum(a * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
-
-
-def _sumsq(act, valid):
-    """Σ_b (mean_s |act|)² -> [...]  (accumulated over batches, sqrt at the end)."""
-    return jnp.sum(jnp.square(_seq_mean_abs(act, valid)), axis=0)
-
-
-def _moe_stats(it: dict, L: int, valid, routed_scaling_factor: float):
-    """REAP sums (Σ g·‖f‖ and routed-token counts per expert) and the expert-width statistic, from
-    the MoE mixer's intermediates (its rows sorted by expert)."""
-    idx, w, order = it["route_idx"], it["route_weight"], it["expert_order"]      # [T, k], [T, k], [T·k]
-    h, o = it["expert_act"], it["expert_out"]                                     # [T·k, Ie], [T·k, D]
-    T, k = idx.shape
-    E = it["expert_load"].shape[0]
-    B = T // L
-    flat = idx.reshape(-1)
-    tok_valid = jnp.ones((T,), jnp.float32) if valid is None else valid.reshape(-1).astype(jnp.float32)
-    gate = (w / routed_scaling_factor).reshape(-1)[order]                        # top-k renormalized g_j
-    rv = tok_valid[order // k]
-    expert = flat[order]
-    sal = jax.ops.segment_sum(gate * jnp.linalg.norm(o, axis=-1) * rv, expert, num_segments=E)
-    cnt = jax.ops.segment_sum(rv, expert, num_segments=E)
-    # expert width: per sequence, mean over its routed (token, expert) rows of |h|; L2 over sequences
-    seq = (order // k) // L
-    hsum = jax.ops.segment_sum(jnp.abs(h) * rv[:, None], seq, num_segments=B)
-    hcnt = jax.ops.segment_sum(rv, seq, num_segments=B)
-    width = jnp.sum(jnp.square(hsum / jnp.maximum(hcnt, 1.0)[:, None]), axis=0)
-    return sal, cnt, width
-
-
 @partial(jax.jit, static_argnums=(2,))
 def collect_stats(params, tokens, cfg: NemotronHConfig, segment_ids=None) -> dict:
     """One calibration batch -> additive statistics (sums of squared per-sequence means, REAP sums),
     read from the intermediates of the model's own forward (`forward(..., intermediates=True)`).
 
-    Pure and jittable; returns {"hidden": [n_layers, D], "mamba_x": [n_M] of [H, P],
-    "attn": [n_*] of [nH, hd], "ffn": [n_-] of [I], "moe_sal"/"moe_cnt": [n_E] of [E],
-    "moe_ffn": [n_E] of [Ie]}.
+    Pure and jittable; returns {"hidden": [n_layers, D], "layers": [per layer: its kind's
+    `importance_stats` (a dict of arrays), {} for a kind without one]}.
     """
     valid = None if segment_ids is None else segment_ids > 0
     _, inter = forward(params, tokens, cfg, segment_ids=segment_ids, intermediates=True)
-    out = {"hidden": [], "mamba_x": [], "attn": [], "ffn": [], "moe_sal": [], "moe_cnt": [], "moe_ffn": []}
-    for it in inter:
-        out["hidden"].append(_sumsq(it["input"], valid))
-        for name, key in (("x_proj", "mamba_x"), ("heads", "attn"), ("neurons", "ffn")):
-            if name in it:
-                out[key].append(_sumsq(it[name], valid))
-        if "route_idx" in it:
-            sal, cnt, width = _moe_stats(it, tokens.shape[1], valid, cfg.routed_scaling_factor)
-            out["moe_sal"].append(sal)
-            out["moe_cnt"].append(cnt)
-            out["moe_ffn"].append(width)
-    out["hidden"] = jnp.stack(out["hidden"])
-    return out
+    hidden, layers = [], []
+    for i, it in enumerate(inter):
+        hidden.append(seq_sumsq(it["input"], valid))
+        stats = getattr(kind_of(cfg, i), "importance_stats", None)
+        layers.append({} if stats is None else stats(it, cfg, valid, tokens.shape[1]))
+    return {"hidden": jnp.stack(hidden), "layers": layers}
 
 
 def _as_batch(b):
@@ -244,30 +185,13 @@ def estimate_importance(params, cfg: NemotronHConfig, batches: Iterable, *, mamb
     scores, rankings = {}, {}
     hid = np.sqrt(np.asarray(st["hidden"], np.float64)).sum(0)
     scores["hidden"], rankings["hidden"] = hid, rank_within_groups(hid)
-    scores["mamba_heads"], scores["mamba_channels"] = [], []
-    rankings["mamba_heads"], rankings["mamba_channels"] = [], []
-    for a in st["mamba_x"]:
-        hp = np.sqrt(np.asarray(a, np.float64))                                   # [H, P]
-        ch = np.sqrt(np.sum(hp ** 2, axis=0))                                     # [P]
-        ch_rank = rank_within_groups(ch)
-        top = ch_rank[:max(1, int(np.floor(mamba_channel_frac * ch.size + 1e-9)))]
-        head = np.sqrt(np.sum(hp[:, top] ** 2, axis=1))                           # [H]
-        scores["mamba_channels"].append(ch)
-        rankings["mamba_channels"].append(ch_rank)
-        scores["mamba_heads"].append(head)
-        rankings["mamba_heads"].append(rank_within_groups(head, cfg.n_groups))
-    scores["attn_heads"], rankings["attn_heads"] = [], []
-    for a in st["attn"]:
-        head = np.sqrt(np.sum(np.asarray(a, np.float64), axis=1))                 # L2 over head_dim
-        scores["attn_heads"].append(head)
-        rankings["attn_heads"].append(rank_within_groups(head, cfg.num_key_value_heads))
-    scores["ffn"] = [np.sqrt(np.asarray(a, np.float64)) for a in st["ffn"]]
-    rankings["ffn"] = [rank_within_groups(s) for s in scores["ffn"]]
-    scores["moe_experts"] = [np.asarray(s, np.float64) / np.maximum(np.asarray(c, np.float64), 1.0)
-                             for s, c in zip(st["moe_sal"], st["moe_cnt"])]
-    rankings["moe_experts"] = [rank_within_groups(s, cfg.n_group) for s in scores["moe_experts"]]
-    scores["moe_ffn"] = [np.sqrt(np.asarray(a, np.float64)) for a in st["moe_ffn"]]
-    rankings["moe_ffn"] = [rank_within_groups(s) for s in scores["moe_ffn"]]
+    scores.update({axis: [] for axis in AXES})
+    rankings.update({axis: [] for axis in AXES})
+    for i, st_i in enumerate(st["layers"]):        # each kind's statistic -> scores per axis (METHOD §3.2)
+        score = getattr(kind_of(cfg, i), "importance_scores", None)
+        for axis, s in ({} if score is None else score(st_i, cfg, mamba_channel_frac=mamba_channel_frac)).items():
+            scores[axis].append(s)
+            rankings[axis].append(rank_within_groups(s, AXES[axis].groups(cfg)))
     layers = tuple(rank_layers(params, cfg, cached)) if depth else None
     return Importance(scores=scores, rankings=rankings, fingerprint=config_fingerprint(cfg), layers=layers)
 

@@ -38,6 +38,7 @@ from ..config import NemotronHConfig
 from ..elastic.slicing import param_count, slice_params
 from ..model.decoder import decode_step, prefill
 from ..model.generate import sample_logits
+from ..model.kinds import attention
 from ..widths import Widths
 
 MODES = ("masked", "sliced")
@@ -106,7 +107,7 @@ class ElasticModel:
         w = self.budgets[self.check_name(name)]
         sub_hidden = w.hidden_size(self.cfg)
         dense = self.active_params(name) - self.cfg.vocab_size * sub_hidden
-        attn = sum(w.per_layer(self.cfg, "attn_heads")) * self.cfg.head_dim if "*" in self.cfg.pattern else 0
+        attn = sum(w.per_layer(self.cfg, "attn_heads")) * self.cfg.head_dim if self.cfg.layers_of(attention) else 0
         return 2.0 * dense + 4.0 * attn * np.asarray(context, np.float64)
 
 

@@ -28,15 +28,15 @@ from ..config import NemotronHConfig
 from ..sharding import constrain
 from ..widths import SoftWidths, Widths, as_soft, norm_correction, prefix_mask
 from ..quant.state import apply_layer
-from .kinds import KINDS, kind_of, layer_sizes
+from .kinds import KINDS, kind_of, layer_sizes, layers_with_aux
 from .kinds.base import layer_sizes_of
-from .layers import Context, ElasticLayer, rms_norm
+from .layers import Context, rms_norm
 from .policy import ComputePolicy, remat_policy, resolve_policy
 from .scan import scan_blocks, stack_layers, unstack_layers, unstackable_reason
 
 
-def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, char: str, k, mixer_params) -> ElasticLayer:
-    """Masks of the k-th layer of kind `char` (k may be traced: the scanned loop)."""
+def _layer_masks(cfg: NemotronHConfig, sw: SoftWidths, char: str, k, mixer_params):
+    """The masks record of the k-th layer of kind `char` (k may be traced: the scanned loop)."""
     return KINDS[char].masks(cfg, sw, k, mixer_params)
 
 
@@ -115,8 +115,18 @@ def _check_traced_widths(widths, cfg: NemotronHConfig) -> None:
                        f"Widths.{axis} must be in [1, full size] (traced value out of range)")
 
 
+def _aux_of(char: str, c, aux: dict | None):
+    """The auxiliary outputs `aux` asks for that this layer's kind declares (`AUX_OUTPUTS`)."""
+    if aux is None:
+        return None
+    names = [n for n in aux if n in getattr(KINDS[char], "AUX_OUTPUTS", {})]
+    return {n: c[n] for n in names} or None
+
+
 def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, return_hidden=False, head=True,
-         checked=False, loads=None):
+         checked=False, aux=None):
+    """`aux`: None, or {name: []} of auxiliary outputs to collect (kind-declared `AUX_OUTPUTS`, e.g.
+    "expert_load"), each list filled with one entry per layer that has it, in pattern order."""
     check_tokens(tokens, cfg, checked)
     _check_layer_gates(widths, cfg)
     if checked:
@@ -151,20 +161,21 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
             def f(h, lp, k):
                 el = None if sw is None else _layer_masks(cfg, sw, char, k, lp["mixer"])
                 out, c = block(h, lp, el, None, char)
-                return out, ({"expert_load": c["expert_load"]} if char == "E" and loads is not None else None)
+                return out, _aux_of(char, c, aux)
             return f
         # a per-layer list is stacked here, inside the traced function: one copy of the layer
         # parameters per call (its gradient: one slice per layer); pass stacked params to avoid it
         stacks = stack_layers(params, cfg)["layers"]
-        # per-expert routing counts (aux-loss-free balancing): an [E] row per layer, zeros for non-MoE
-        aux_zeros = None if loads is None or "E" not in stacks else \
-            {"expert_load": jnp.zeros(stacks["E"]["mixer"]["gate"].shape[-1:], jnp.float32)}
-        h, hs, aux = scan_blocks(h, stacks, cfg, None if sw is None else sw.layers,
+        # auxiliary outputs (e.g. the MoE per-expert routing counts): a row per layer, zeros for the
+        # layers whose kind lacks it (every `lax.switch` branch returns one structure)
+        aux_zeros = {n: KINDS[c].AUX_OUTPUTS[n](stacks[c]["mixer"]) for n in aux or () for c in stacks
+                     if n in getattr(KINDS[c], "AUX_OUTPUTS", {})} or None
+        h, hs, aux_rows = scan_blocks(h, stacks, cfg, None if sw is None else sw.layers,
                                  {c: apply(c) for c in set(cfg.pattern)}, remat_policy=policy, remat=remat,
                                  return_hidden=return_hidden, boundary=constrain_hidden, aux_zeros=aux_zeros)
         hiddens = [hs[i] for i in range(cfg.num_hidden_layers)] if return_hidden else []
-        if aux_zeros is not None:                           # the MoE rows, in pattern order
-            loads.extend(aux["expert_load"][i] for i, c in enumerate(cfg.pattern) if c == "E")
+        for n in (aux_zeros or {}):                         # the rows of the layers that have it
+            aux[n].extend(aux_rows[n][i] for i in layers_with_aux(cfg, n))
         new_cache = None
     else:
         layers = unstack_layers(params, cfg)["layers"]
@@ -185,8 +196,9 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
                 collected.append(c)
             if new_cache is not None:
                 new_cache.append(c)
-            elif loads is not None and char == "E":      # per-expert routing counts of this MoE layer
-                loads.append(c["expert_load"])
+            else:
+                for n, v in (_aux_of(char, c, aux) or {}).items():     # e.g. the MoE routing counts
+                    aux[n].append(v)
             hiddens.append(h)
     x = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, h_eps, h_scale).astype(cdt)
     if hmask is not None:
@@ -315,9 +327,9 @@ def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidt
     check_segment_ids(segment_ids, tokens)
     valid = None if segment_ids is None else segment_ids > 0
     ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
-    loads = [] if return_expert_load else None
-    x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False, loads=loads)
-    return (x, loads) if return_expert_load else x
+    aux = {"expert_load": []} if return_expert_load else None
+    x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False, aux=aux)
+    return (x, aux["expert_load"]) if return_expert_load else x
 
 
 def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,

@@ -1,7 +1,7 @@
-"""Shared building blocks of the layer kinds: `ElasticLayer` (one layer's masks), `Context`,
-`dense`, `rms_norm`, `relu2`. The four mixers live in `elastic_jax/model/kinds/` (METHOD §4.2-4.3).
+"""Shared building blocks of the layer kinds: `Context`, `dense`, `rms_norm`, `relu2`. The mixers
+live in `elastic_jax/model/kinds/` (METHOD §4.2-4.3).
 
-Each mixer takes the normed block input `x_BLD`, its parameter dict, an `ElasticLayer` (masks for
+Each mixer takes the normed block input `x_BLD`, its parameter dict, its kind's masks record (for
 this layer, or None for the full model), a `Context` (segments / validity / decode cache) and
 returns (output, new cache entry). Shapes: B batch, L new tokens, D hidden, H heads, P head dim,
 G groups, N state size, K conv kernel, S cache length, E experts.
@@ -19,28 +19,6 @@ from .policy import ComputePolicy
 
 HIGHEST = jax.lax.Precision.HIGHEST
 _DEFAULT_POLICY = ComputePolicy()
-
-
-@dataclass(frozen=True)
-class ElasticLayer:
-    """Masks of one layer, built from SoftWidths inside the jitted forward (all arrays)."""
-
-    head_mask: Any = None         # M: [H] (group-aware) / *: [nH] (per KV group)
-    norm_eps: Any = None          # M: gated-norm eps factor ρ
-    norm_scale: Any = None        # M: gated-norm output scale √ρ
-    active_heads: Any = None      # M: active heads per group (kernel skipping)
-    ffn_mask: Any = None          # -: [I];  E: [Ie]
-    active_ffn: Any = None        # E: union of active expert widths (kernel skipping)
-    expert_counts: Any = None     # E: [n_opts]
-    expert_probs: Any = None      # E: [n_opts]
-    channel_mask: Any = None      # M: [P] channels kept in every head (None = all)
-    premask: bool = False         # static: the official soft-mask form (SoftWidths.mask_form)
-
-
-jax.tree_util.register_dataclass(
-    ElasticLayer, data_fields=["head_mask", "norm_eps", "norm_scale", "active_heads", "ffn_mask",
-                               "active_ffn", "expert_counts", "expert_probs", "channel_mask"],
-    meta_fields=["premask"])
 
 
 @dataclass

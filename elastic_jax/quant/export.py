@@ -36,7 +36,8 @@ import ml_dtypes
 import numpy as np
 
 from .formats import FP4_MAX, FP8_MAX, NVFP4_BLOCK, nvfp4_codes, nvfp4_scales, pack_e2m1, unpack_e2m1
-from .state import ALWAYS_EXCLUDED, QUANTIZABLE, QuantizationError, QuantSpec, QuantState, init_quant_state
+from ..model.kinds import kind_of, quantizable
+from .state import ALWAYS_EXCLUDED, QuantizationError, QuantSpec, QuantState, init_quant_state
 
 _ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
              np.dtype(np.uint8): "U8", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(np.float64): "F64"}
@@ -96,7 +97,7 @@ def _quantized_rules(cfg, qs: QuantState):
             continue
         d = layer_dims(cfg, i)
         for rule in RULES:
-            if rule.kind != cfg.pattern[i] or rule.experts == "stacked" or not rule.when(d):
+            if rule.kind != kind_of(cfg, i).CHAR or rule.experts == "stacked" or not rule.when(d):
                 continue
             if rule.params and all(p in entries for p in rule.params):
                 if rule.experts == "per_expert":
@@ -112,8 +113,8 @@ def exclude_modules(cfg, qs: QuantState) -> list[str]:
     and every quantizable projection this state leaves out, one HF module name each (vLLM maps
     `backbone.` to `model.` and matches q/k/v against its fused `qkv_proj`)."""
     names = list(ALWAYS_EXCLUDED)
-    for i, c in enumerate(cfg.pattern):
-        for k, mod in QUANTIZABLE[c].items():
+    for i in range(cfg.num_hidden_layers):
+        for k, mod in quantizable(kind_of(cfg, i)).items():
             name = f"backbone.layers.{i}.{mod}"
             if k not in qs.layers[i] and name not in names and _present(cfg, i, k):
                 names.append(name)
@@ -124,16 +125,17 @@ def _present(cfg, i, k):
     return not (k.startswith("shared") and not cfg.moe_shared_expert_intermediate_size)
 
 
-# linears the serving stacks load as one fused module (vLLM NemotronH `packed_modules_mapping`), and
-# projections vLLM quantizes all-or-nothing per layer (`FusedMoE`: every routed expert's up and down)
-FUSED = {"*": (("q_proj", "k_proj", "v_proj"),), "E": (("up_proj", "down_proj"),)}
-SHARED_SCALES = {"*": ("q_proj", "k_proj", "v_proj")}
+def fused_groups(kind) -> tuple[tuple[str, ...], ...]:
+    """Projections that must share a precision: the linears the serving stacks load as one fused
+    module (the kind's `FUSED_LINEARS`, vLLM NemotronH `packed_modules_mapping`) and those vLLM
+    quantizes all-or-nothing per layer (`SAME_PRECISION`, `FusedMoE`: every routed expert's up and down)."""
+    return tuple(getattr(kind, "FUSED_LINEARS", ())) + tuple(getattr(kind, "SAME_PRECISION", ()))
 
 
 def _check_fused(cfg, qs: QuantState) -> None:
     problems = []
-    for i, c in enumerate(cfg.pattern):
-        for group in FUSED.get(c, ()):
+    for i in range(cfg.num_hidden_layers):
+        for group in fused_groups(kind_of(cfg, i)):
             got = [k for k in group if k in qs.layers[i]]
             if got and len(got) != len(group):
                 problems.append(f"layer {i}: {', '.join(got)} quantized but {', '.join(k for k in group if k not in got)} "
@@ -198,7 +200,8 @@ def _unify_fused(cfg, params, qs: QuantState, log) -> QuantState:
     layers = []
     changed = []
     for i, entries in enumerate(qs.layers):
-        group = [k for k in SHARED_SCALES.get(cfg.pattern[i], ()) if k in entries]
+        groups = [[k for k in g if k in entries] for g in getattr(kind_of(cfg, i), "FUSED_LINEARS", ())]
+        group = max(groups, key=len, default=[])
         if len(group) < 2:
             layers.append(entries)
             continue
@@ -266,9 +269,10 @@ def quantize_tensors(cfg, params, tensors: list, fmt: str, qs: QuantState | None
         for suffix, arr in parts.items():
             out.append((f"{mod}.{suffix}", arr.shape, lambda a=arr: a))
     for i, sc in sorted((kv_scales or {}).items()):
-        if cfg.pattern[i] != "*":
+        scales = getattr(kind_of(cfg, i), "KV_CACHE_SCALES", None) if 0 <= i < cfg.num_hidden_layers else None
+        if not scales:
             raise QuantizationError(f"kv_scales: layer {i} is not an attention layer")
-        for proj, name in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+        for proj, name in scales.items():
             arr = np.asarray(sc[name], np.float32).reshape(())
             out.append((f"backbone.layers.{i}.mixer.{proj}.{name}", (), lambda a=arr: a))
     return out, quantization_config(cfg, qs, kv_cache=bool(kv_scales))

@@ -28,18 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..model.kinds import KINDS, kind_of, quantizable, scale_groups
 from .formats import FORMATS, FP4_MAX, FP8_MAX, NVFP4_BLOCK, fp8_with_scale, nvfp4_scales, nvfp4_with_scales
 from .qweight import QWeight
 
-# projections of each layer kind that may be quantized, and their HF module (under layers.{i}.)
-QUANTIZABLE = {
-    "M": {"z_proj": "mixer.in_proj", "x_proj": "mixer.in_proj", "B_proj": "mixer.in_proj",
-          "C_proj": "mixer.in_proj", "dt_proj": "mixer.in_proj", "out_proj": "mixer.out_proj"},
-    "*": {"q_proj": "mixer.q_proj", "k_proj": "mixer.k_proj", "v_proj": "mixer.v_proj", "o_proj": "mixer.o_proj"},
-    "-": {"up_proj": "mixer.up_proj", "down_proj": "mixer.down_proj"},
-    "E": {"up_proj": "mixer.experts.*.up_proj", "down_proj": "mixer.experts.*.down_proj",
-          "shared_up": "mixer.shared_experts.up_proj", "shared_down": "mixer.shared_experts.down_proj"},
-}
+
+
+def quantizable_kinds() -> str:
+    """The pattern characters of the kinds with quantizable projections (their HF `linear` rules)."""
+    return "".join(c for c, kind in KINDS.items() if quantizable(kind))
+
 # always high precision (ModelOpt exclude_modules of the released checkpoints; the rest are not Linear)
 ALWAYS_EXCLUDED = ("lm_head", "backbone.layers.*.mixer.gate")
 
@@ -53,7 +51,8 @@ class QuantSpec:
     """Which tensors are quantized and how.
 
     fmt: "fp8" (E4M3, per-tensor scales) or "nvfp4" (E2M1, 16-element E4M3 block scales + FP32 scale).
-    kinds: layer kinds whose projections are quantized ("M" Mamba, "*" attention, "-" MLP, "E" MoE).
+    kinds: pattern characters of the layer kinds whose projections are quantized (None: every kind
+      with quantizable projections, `quantizable_kinds()`; the projections: `kinds.quantizable`).
     exclude: fnmatch patterns of HF module names kept in high precision, e.g.
       ("backbone.layers.0.*", "*.mixer.o_proj").
     activations: fake-quantize the input of every quantized matmul once the state is calibrated
@@ -63,28 +62,31 @@ class QuantSpec:
     """
 
     fmt: str
-    kinds: str = "M*-E"
+    kinds: str | None = None
     exclude: tuple[str, ...] = ()
     activations: bool = True
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
             raise QuantizationError(f"QuantSpec.fmt must be one of {FORMATS}, got {self.fmt!r}")
-        bad = set(self.kinds) - set(QUANTIZABLE)
+        if self.kinds is None:
+            object.__setattr__(self, "kinds", quantizable_kinds())
+        bad = set(self.kinds) - set(quantizable_kinds())
         if bad:
-            raise QuantizationError(f"QuantSpec.kinds: unknown layer kinds {sorted(bad)}; use characters of 'M*-E'")
+            raise QuantizationError(f"QuantSpec.kinds: unknown layer kinds {sorted(bad)}; use characters of "
+                                    f"{quantizable_kinds()!r}")
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
 
-    def module(self, layer: int, key: str, char: str) -> str:
-        return f"backbone.layers.{layer}.{QUANTIZABLE[char][key]}"
+    def module(self, layer: int, key: str, kind) -> str:
+        return f"backbone.layers.{layer}.{quantizable(kind)[key]}"
 
     def quantized_keys(self, cfg, layer: int, mixer_params) -> list[str]:
-        char = cfg.pattern[layer]
-        if char not in self.kinds:
+        kind = kind_of(cfg, layer)
+        if kind.CHAR not in self.kinds:
             return []
-        return [k for k in QUANTIZABLE[char] if k in mixer_params
-                and not any(fnmatch.fnmatchcase(self.module(layer, k, char), p) for p in self.exclude)]
+        return [k for k in quantizable(kind) if k in mixer_params
+                and not any(fnmatch.fnmatchcase(self.module(layer, k, kind), p) for p in self.exclude)]
 
 
 @dataclass(frozen=True)
@@ -105,15 +107,14 @@ jax.tree_util.register_dataclass(QuantState, data_fields=["layers"],
                                  meta_fields=["spec", "observer", "output_observer"])
 
 
-# keys that share one weight scale: one HF tensor (the Mamba in_proj pieces) or one module of the
-# serving stacks (vLLM / SGLang fuse q/k/v into qkv_proj, so ModelOpt exports them with one scale)
-_SHARED = {"M": ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"), "*": ("q_proj", "k_proj", "v_proj")}
-
-
-def _groups(keys: list[str], char: str) -> list[list[str]]:
-    """Keys that share one weight scale: the Mamba in_proj pieces, attention q/k/v."""
-    fused = [k for k in keys if k in _SHARED.get(char, ())]
-    return ([fused] if fused else []) + [[k] for k in keys if k not in fused]
+def _groups(keys: list[str], kind) -> list[list[str]]:
+    """Keys that share one weight scale (`kinds.scale_groups`): one HF tensor (the Mamba in_proj
+    pieces) or one module of the serving stacks (vLLM / SGLang fuse q/k/v into qkv_proj, so
+    ModelOpt exports them with one scale)."""
+    fused = [[k for k in keys if k in g] for g in scale_groups(kind)]
+    fused = [g for g in fused if g]
+    done = {k for g in fused for k in g}
+    return fused + [[k] for k in keys if k not in done]
 
 
 def init_quant_state(params, cfg, spec: QuantSpec | str) -> QuantState:
@@ -124,7 +125,7 @@ def init_quant_state(params, cfg, spec: QuantSpec | str) -> QuantState:
         m = lp["mixer"]
         keys = spec.quantized_keys(cfg, i, m)
         entry = {}
-        for group in _groups(keys, cfg.pattern[i]):
+        for group in _groups(keys, kind_of(cfg, i)):
             ws = [jnp.asarray(m[k], jnp.float32) for k in group]
             per_expert = ws[0].ndim == 3
             if spec.fmt == "nvfp4":
@@ -162,7 +163,7 @@ def apply_layer(mixer_params: dict, qs: QuantState, layer: int) -> dict:
     entries = qs.layers[layer]
     if qs.output_observer is not None:       # KV-cache calibration: record amax of k_proj / v_proj outputs
         out = dict(mixer_params)
-        for key in ("k_proj", "v_proj"):
+        for key in _kv_cache_keys():
             if key in out:
                 w = out[key]
                 out[key] = QWeight(w, None, functools.partial(_observe_output, qs.output_observer, layer, key, w))
@@ -222,8 +223,18 @@ def calibrate(params, cfg, qs: QuantState, batches, widths=(None,), policy=None)
     return QuantState(qs.spec, layers)
 
 
+def _kv_cache_keys() -> tuple[str, ...]:
+    """The projections whose outputs are cached (their kinds' `KV_CACHE_SCALES`: attention k / v)."""
+    return tuple(dict.fromkeys(k for kind in KINDS.values() for k in getattr(kind, "KV_CACHE_SCALES", {})))
+
+
 def _observe_output(observer, layer, key, w, x):
     observer(layer, key, jnp.einsum("...i,io->...o", x.astype(jnp.float32), jnp.asarray(w, jnp.float32)))
+
+
+def kv_cache_layers(cfg) -> tuple[int, ...]:
+    """The layers whose kind declares FP8 KV-cache scales (`KV_CACHE_SCALES`: attention)."""
+    return tuple(i for i in range(cfg.num_hidden_layers) if getattr(kind_of(cfg, i), "KV_CACHE_SCALES", None))
 
 
 def calibrate_kv_cache(params, cfg, batches, widths=(None,), policy=None) -> dict:
@@ -253,14 +264,13 @@ def calibrate_kv_cache(params, cfg, batches, widths=(None,), policy=None) -> dic
         for w in widths:
             got = amaxes(params, jnp.asarray(tokens), w)
             total = got if not total else {k: jnp.maximum(total[k], v) for k, v in got.items()}
-    if not total and "*" in cfg.pattern:
+    cached = kv_cache_layers(cfg)
+    if not total and cached:
         raise QuantizationError("calibrate_kv_cache: no calibration batches")
     out = {}
-    for i, c in enumerate(cfg.pattern):
-        if c != "*":
-            continue
+    for i in cached:
         sc = {}
-        for key, name in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+        for key, name in kind_of(cfg, i).KV_CACHE_SCALES.items():
             amax = float(total[f"{i}/{key}"])
             sc[name] = np.float32(amax / FP8_MAX if amax > 0 else 1.0)
         out[i] = sc
@@ -278,14 +288,15 @@ def recipe_spec(cfg, fmt: str, recipe: str = "default") -> QuantSpec:
         return QuantSpec(fmt)
     if recipe != "nano":
         raise QuantizationError(f"quantization recipe {recipe!r}: expected one of {RECIPES}")
+    role = [getattr(kind_of(cfg, i), "NANO_HIGH_PRECISION", None) for i in range(cfg.num_hidden_layers)]
     keep = set()
-    for i, c in enumerate(cfg.pattern):
-        if c != "*":
+    for i in range(cfg.num_hidden_layers):
+        if role[i] != "self":         # the attention layers (the kinds' `NANO_HIGH_PRECISION`)
             continue
         keep.add(i)
-        for step in (-1, 1):
+        for step in (-1, 1):          # and the nearest Mamba layer on each side
             j = i + step
-            while 0 <= j < cfg.num_hidden_layers and cfg.pattern[j] != "M":
+            while 0 <= j < cfg.num_hidden_layers and role[j] != "nearest":
                 j += step
             if 0 <= j < cfg.num_hidden_layers:
                 keep.add(j)

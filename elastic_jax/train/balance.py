@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ..config import NemotronHConfig
+from ..model.kinds import layers_with_aux
 from ..widths import as_soft
 
 
@@ -31,7 +32,7 @@ def active_experts(cfg: NemotronHConfig, widths) -> jnp.ndarray | None:
     sw = as_soft(cfg, widths)
     if sw is None or sw.moe_experts is None:
         return None
-    n_moe, E = cfg.count("E"), cfg.n_routed_experts
+    n_moe, E = len(layers_with_aux(cfg, "expert_load")), cfg.n_routed_experts
     counts, probs = sw.moe_experts
     n_opts = counts.shape[-1]
     counts = jnp.broadcast_to(counts, (n_moe, n_opts))
@@ -59,7 +60,7 @@ def update_expert_bias(params, cfg: NemotronHConfig, loads=None, rate: float = 0
     `bias += rate · sign(deviation)`. Give either `deviation` ([n_moe_layers, E], `load_deviation`
     summed over the step's micro-batches) or `loads` ([n_moe_layers, E] routing counts, MoE-layer
     order) with an optional `active` mask. Other leaves are shared, not copied."""
-    moe_layers = cfg.layer_indices("E")
+    moe_layers = layers_with_aux(cfg, "expert_load")
     if not moe_layers or rate == 0:
         return params
     if (loads is None) == (deviation is None):

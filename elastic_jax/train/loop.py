@@ -51,7 +51,7 @@ from . import sharding as shd
 from ..errors import Preempted, TrainingDiverged
 from .. import fileio
 from . import hostdata
-from .runctl import PreemptionWatcher, RunLock, acquire_everywhere
+from .runctl import PreemptionWatcher, RunLock, acquire_everywhere, gather_json
 from .checkpoint import Checkpointer, abstract_like, params_fingerprint
 from .config import TrainConfig
 from .metrics import RunLogger, Throughput, batch_digest, plot_curves, progress_postfix
@@ -135,19 +135,6 @@ def _configs(spec: StepSpec, train_cfg: TrainConfig, data: TokenDataset, teacher
         "train": json.loads(json.dumps(train_cfg.to_dict())),
         "data": json.loads(json.dumps(data.config.to_dict())),
     }
-
-
-def _gather_json(obj) -> list:
-    """Every process's JSON-able `obj` (in process order)."""
-    if jax.process_count() == 1:
-        return [obj]
-    from jax.experimental import multihost_utils
-    raw = json.dumps(obj).encode()
-    n = np.asarray(multihost_utils.process_allgather(np.asarray([len(raw)], np.int32))).reshape(-1)
-    buf = np.zeros((int(n.max()),), np.uint8)
-    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
-    allb = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
-    return [json.loads(bytes(allb[i, :n[i]]).decode()) for i in range(jax.process_count())]
 
 
 def step_shardings(spec: StepSpec, mesh, state_like, teacher_like, rules=shd.DEFAULT_RULES,
@@ -453,7 +440,7 @@ def _train_locked(spec, train_cfg, teacher_params, student_params, router_params
                         # the iterator state of every host; at a stage end the next stage starts afresh
                         scope = getattr(stream, "state_scope", "host")
                         hosts = None if at == stage_end else (
-                            [stream.get_state()] if scope == "global" else _gather_json(stream.get_state()))
+                            [stream.get_state()] if scope == "global" else gather_json(stream.get_state()))
                         meta = {"configs": configs, "step": at, "stage": si, "tokens_seen": tokens_seen,
                                 "data_states": {"stage": si if at < stage_end else si + 1, "hosts": hosts,
                                                 "scope": scope},

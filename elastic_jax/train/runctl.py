@@ -25,6 +25,7 @@ import time
 import warnings
 
 import jax
+import numpy as np
 
 from .. import fileio
 from ..errors import RunFolderLocked
@@ -152,6 +153,19 @@ class RunLock:
             self.held = False
 
 
+def gather_json(obj) -> list:
+    """Every process's JSON-able `obj` (in process order)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    raw = json.dumps(obj).encode()
+    n = np.asarray(multihost_utils.process_allgather(np.asarray([len(raw)], np.int32))).reshape(-1)
+    buf = np.zeros((int(n.max()),), np.uint8)
+    buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+    allb = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
+    return [json.loads(bytes(allb[i, :n[i]]).decode()) for i in range(jax.process_count())]
+
+
 def acquire_everywhere(lock: RunLock) -> None:
     """Process 0 takes `lock`; every process raises the same `RunFolderLocked` if it could not."""
     err = None
@@ -161,7 +175,6 @@ def acquire_everywhere(lock: RunLock) -> None:
         except RunFolderLocked as e:
             err = str(e)
     if jax.process_count() > 1:
-        from .loop import _gather_json
-        err = _gather_json(err)[0]
+        err = gather_json(err)[0]
     if err is not None:
         raise RunFolderLocked(err)

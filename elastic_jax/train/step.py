@@ -48,6 +48,7 @@ import optax
 
 from ..config import NemotronHConfig
 from ..model.decoder import final_hidden
+from ..model.kinds import layers_with_aux
 from ..model.policy import ComputePolicy
 from .balance import active_experts, load_deviation, routing_entropy, update_expert_bias
 from .losses import chunked_ce, chunked_kl, masked_mean, next_token_targets
@@ -85,7 +86,8 @@ class StepSpec:
 
     @property
     def balances_experts(self) -> bool:
-        return self.expert_bias_rate > 0 and not self.freeze_model and self.model_cfg.count("E") > 0
+        return (self.expert_bias_rate > 0 and not self.freeze_model
+                and bool(layers_with_aux(self.model_cfg, "expert_load")))
 
     @property
     def n_budgets(self) -> int:

@@ -213,14 +213,15 @@ def moe_checks(out):
     (padding excluded), on the all-to-all and the psum layouts; bf16 parameters run the expert
     matmuls in bf16 at DEFAULT precision (bf16 ragged_dot at HIGHEST does not compile for TPU) and
     stay within bf16 tolerance of one device."""
-    from elastic_jax.model.layers import Context, ElasticLayer, moe_mixer
+    from elastic_jax.model.kinds.moe import MoEMasks, moe_mixer
+    from elastic_jax.model.layers import Context
     p = ej.init_params(CFG, jax.random.PRNGKey(0))["layers"][3]["mixer"]
     x = jax.random.normal(jax.random.PRNGKey(1), (B, L, CFG.hidden_size))
     valid = jnp.ones((B, L), bool).at[0, -3:].set(False)
     Ie = CFG.moe_intermediate_size
     # a soft mixture of expert counts and widths in the official (pre-relu²) soft-mask form
-    soft = ElasticLayer(ffn_mask=jnp.where(jnp.arange(Ie) < Ie // 2, 1.0, 0.3), active_ffn=jnp.int32(Ie),
-                        expert_counts=jnp.array([8, 4]), expert_probs=jnp.array([0.6, 0.4]), premask=True)
+    soft = MoEMasks(ffn_mask=jnp.where(jnp.arange(Ie) < Ie // 2, 1.0, 0.3), active_ffn=jnp.int32(Ie),
+                    expert_counts=jnp.array([8, 4]), expert_probs=jnp.array([0.6, 0.4]), premask=True)
 
     def fwd(p, x, el=None):
         y, aux = moe_mixer(p, x, CFG, el, Context(valid=valid), None)
@@ -237,8 +238,8 @@ def moe_checks(out):
     probe = jax.random.normal(jax.random.PRNGKey(4), (B, L, CFG.hidden_size))
 
     def chunk_fn(p, x, mask, probs, chunk):
-        el = ElasticLayer(ffn_mask=mask, active_ffn=soft.active_ffn, expert_counts=soft.expert_counts,
-                          expert_probs=probs, premask=True)
+        el = MoEMasks(ffn_mask=mask, active_ffn=soft.active_ffn, expert_counts=soft.expert_counts,
+                      expert_probs=probs, premask=True)
         y, aux = moe_mixer(p, x, CFG, el, Context(valid=valid, policy=ej.ComputePolicy(moe_token_chunk=chunk)), None)
         return jnp.sum(y.astype(jnp.float32) * probe), aux["expert_load"]
     chunk_grad = jax.jit(jax.value_and_grad(chunk_fn, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)

@@ -3,19 +3,38 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ...config import NemotronHConfig
+from ...registry import Axis
 from ...sharding import constrain
 from ...widths import prefix_mask
 from ..attention import attend
-from ..layers import Context, ElasticLayer, dense
-from .base import Param, expand
+from ..layers import Context, dense
+from .base import Param, expand, masks_record, seq_sumsq
 from .hf_rules import Rule, _t, _t_inv
 
 CHAR = "*"
 NAME = "attention"
+KEY = "attention"                    # its name in config formats (a puzzle `block_type`)
 HF_LAYER_TYPE = "full_attention"     # its `layers_block_type` entry in an HF config.json
-AXES = ("attn_heads",)
+HF_LAYER_ALIASES = ("attention",)    # older spellings read
+AXES = {"attn_heads": Axis(CHAR, "num_attention_heads", "attn_heads_per_layer", "query heads",
+                           "num_key_value_heads", "KV groups", option_field="attn_options",
+                           unit_width=lambda cfg: cfg.head_dim)}       # o_proj rows per head
+# quantization (METHOD §10): q/k/v are one module in the serving stacks (vLLM / SGLang `qkv_proj`),
+# so they share one weight and input scale; the FP8 KV-cache scales of the cached projections
+FUSED_LINEARS = (("q_proj", "k_proj", "v_proj"),)
+KV_CACHE_SCALES = {"k_proj": "k_scale", "v_proj": "v_scale"}
+# NVIDIA's Nemotron Nano FP8 / NVFP4 recipe keeps these layers in BF16 (`quant.recipe_spec("nano")`)
+NANO_HIGH_PRECISION = "self"
+
+
+@masks_record
+class AttentionMasks:
+    """One attention layer's masks: [nH] query heads (per KV group)."""
+
+    head_mask: object = None
 
 
 # ----------------------------------------------------------------------- declarations
@@ -35,10 +54,10 @@ def select(cfg: NemotronHConfig, sizes: dict, sel: dict) -> dict:
     return {"heads": expand(sel["attn_heads"], cfg.head_dim)}
 
 
-def masks(cfg: NemotronHConfig, sw, k, mixer) -> ElasticLayer:
+def masks(cfg: NemotronHConfig, sw, k, mixer) -> AttentionMasks:
     c, p = sw.attn_heads[0][k], sw.attn_heads[1][k]
     nH = mixer["q_proj"].shape[1] // cfg.head_dim
-    return ElasticLayer(head_mask=prefix_mask(nH, c, p, cfg.num_key_value_heads))
+    return AttentionMasks(head_mask=prefix_mask(nH, c, p, cfg.num_key_value_heads))
 
 
 def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtype) -> dict:
@@ -51,6 +70,17 @@ def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
     return {"kv": 2.0 * batch * context * sizes["kv_heads"]}
 
 
+# ---------------------------------------------------------------- importance (METHOD §3.2)
+def importance_stats(it: dict, cfg: NemotronHConfig, valid, length: int) -> dict:
+    """Σ over sequences of the squared per-sequence mean |head output| (the o_proj input) [nH, hd]."""
+    return {"heads": seq_sumsq(it["heads"], valid)}
+
+
+def importance_scores(st: dict, cfg: NemotronHConfig, **_) -> dict:
+    """Query heads: L2 over head_dim."""
+    return {"attn_heads": np.sqrt(np.sum(np.asarray(st["heads"], np.float64), axis=1))}
+
+
 # -------------------------------------------------------------------------------- HF keys
 def hf_dims(cfg: NemotronHConfig, k: int) -> dict:
     return dict(nH=cfg.attn_heads_at(k), nKV=cfg.num_key_value_heads, hd=cfg.head_dim)
@@ -58,15 +88,15 @@ def hf_dims(cfg: NemotronHConfig, k: int) -> dict:
 
 # GQA, no bias, no positional embedding
 HF_RULES = (
-    Rule("mixer.q_proj.weight", "*", ("q_proj",), lambda d: (d.nH * d.hd, d.D), _t, _t_inv),
-    Rule("mixer.k_proj.weight", "*", ("k_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
-    Rule("mixer.v_proj.weight", "*", ("v_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv),
-    Rule("mixer.o_proj.weight", "*", ("o_proj",), lambda d: (d.D, d.nH * d.hd), _t, _t_inv),
+    Rule("mixer.q_proj.weight", CHAR, ("q_proj",), lambda d: (d.nH * d.hd, d.D), _t, _t_inv, linear=True),
+    Rule("mixer.k_proj.weight", CHAR, ("k_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv, linear=True),
+    Rule("mixer.v_proj.weight", CHAR, ("v_proj",), lambda d: (d.nKV * d.hd, d.D), _t, _t_inv, linear=True),
+    Rule("mixer.o_proj.weight", CHAR, ("o_proj",), lambda d: (d.D, d.nH * d.hd), _t, _t_inv, linear=True),
 )
 
 
 # ------------------------------------------------------------------------ attention
-def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Context, cache):
+def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: AttentionMasks | None, ctx: Context, cache):
     """GQA causal attention, no positional embedding (NoPE), scale 1/sqrt(head_dim)."""
     B, L, _ = x_BLD.shape
     hd, nKV = cfg.head_dim, cfg.num_key_value_heads

@@ -17,6 +17,7 @@ residual-writer init), "zeros", "ones", or a callable (key, shape, cfg, n_layers
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -110,3 +111,67 @@ def expand(heads, width: int, inner=None) -> np.ndarray:
     """Head indices (and optional within-head indices) -> channel indices of heads of `width`."""
     inner = np.arange(width) if inner is None else np.asarray(inner)
     return (np.asarray(heads)[:, None] * width + inner[None, :]).reshape(-1)
+
+
+def static(default):
+    """A masks-record field that is static (pytree metadata, e.g. the soft-mask form)."""
+    return dataclasses.field(default=default, metadata={"static": True})
+
+
+def masks_record(cls):
+    """A kind's masks record (built from `SoftWidths` inside the jitted forward): a frozen
+    dataclass, registered as a pytree whose data fields are all fields not declared `static`."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    meta = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static")]
+    jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls) if f.name not in meta],
+                                     meta_fields=meta)
+    return cls
+
+
+def quantizable(kind) -> dict[str, str]:
+    """{parameter: HF module under `layers.{i}.`} of a kind's quantizable linears, read off its HF
+    rules (`Rule.linear`, not kept in float32): fused HF tensors map every piece to one module,
+    per-expert tensors to `mixer.experts.*.<proj>`."""
+    out = {}
+    for rule in kind.HF_RULES:
+        if rule.linear and not rule.f32 and rule.experts != "stacked":
+            module = rule.hf.removesuffix(".weight").replace("{j}", "*")
+            for p in rule.params:
+                out.setdefault(p, module)
+    return out
+
+
+def scale_groups(kind) -> tuple[tuple[str, ...], ...]:
+    """Parameters that share one weight scale: the pieces of one fused HF tensor (Mamba `in_proj`)
+    and the linears the serving stacks fuse (`FUSED_LINEARS`, attention q/k/v)."""
+    groups = [r.params for r in kind.HF_RULES if r.linear and len(r.params) > 1]
+    return tuple(groups) + tuple(getattr(kind, "FUSED_LINEARS", ()))
+
+
+# ------------------------------------------------------------- importance (METHOD §3.2)
+def rank_within_groups(scores, groups: int = 1) -> np.ndarray:
+    """Permutation sorting `scores` descending inside each of `groups` contiguous blocks
+    (group-major layout is kept: block g of the output holds block g's components). Ties keep
+    their original order."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    n = s.size
+    if n % groups:
+        raise ValueError(f"{n} components cannot be split into {groups} equal groups")
+    per = n // groups
+    blocks = s.reshape(groups, per)
+    order = np.argsort(-blocks, axis=1, kind="stable")
+    return (order + np.arange(groups)[:, None] * per).reshape(-1).astype(np.int64)
+
+
+def seq_mean_abs(act, valid):
+    """[B, L, ...] -> [B, ...]: mean over the valid tokens of |act|."""
+    a = jnp.abs(act.astype(jnp.float32))
+    if valid is None:
+        return jnp.mean(a, axis=1)
+    w = valid.astype(jnp.float32).reshape(valid.shape + (1,) * (a.ndim - 2))
+    return jnp.sum(a * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
+def seq_sumsq(act, valid):
+    """Σ_b (mean_s |act|)² -> [...]  (accumulated over batches, sqrt at the end)."""
+    return jnp.sum(jnp.square(seq_mean_abs(act, valid)), axis=0)

@@ -101,6 +101,7 @@ class Rule:
     f32:     always kept in float32 (HF `_keep_in_fp32_modules_strict`).
     optional: the key may be absent (filled with zeros); a callable of the config.
     when:    the rule applies to this config/layer (e.g. shared expert only if Is > 0).
+    linear:  the tensor is a Linear weight (quantizable unless `f32`: `base.quantizable`).
     """
 
     hf: str
@@ -113,6 +114,7 @@ class Rule:
     f32: bool = False
     optional: Callable[[NemotronHConfig], bool] = lambda cfg: False
     when: Callable[[Dims], bool] = lambda d: True
+    linear: bool = False
 
     @property
     def regex(self) -> re.Pattern:

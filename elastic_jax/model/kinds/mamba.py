@@ -5,19 +5,45 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ... import kernels
 from ...config import NemotronHConfig
+from ...registry import Axis
 from ...sharding import constrain, context_mesh, mesh_axes_for
 from ...widths import max_count, norm_correction, prefix_mask
-from ..layers import HIGHEST, Context, ElasticLayer, dense
-from .base import Param, expand
+from ..layers import HIGHEST, Context, dense
+from .base import Param, expand, masks_record, rank_within_groups, seq_sumsq, static
 from .hf_rules import Rule, _bias_join, _bias_split, _conv_join, _conv_split, _split_rows_t, _t, _t_inv
 
 CHAR = "M"
 NAME = "Mamba2"
+KEY = "mamba"                          # its name in config formats (a puzzle `block_type`)
 HF_LAYER_TYPE = "linear_attention"     # its `layers_block_type` entry in an HF config.json
-AXES = ("mamba_heads", "mamba_channels")
+HF_LAYER_ALIASES = ("mamba", "mamba2")  # older spellings read
+AXES = {"mamba_heads": Axis(CHAR, "mamba_num_heads", "mamba_heads_per_layer", "heads", "n_groups", "Mamba groups",
+                            option_field="mamba_options", unit_width=lambda cfg: cfg.mamba_head_dim),
+        # the head dim: one size per model (HF `mamba_head_dim`); None in SoftWidths when not elastic.
+        # out_proj rows = heads x channels, heads a multiple of n_groups
+        "mamba_channels": Axis(CHAR, "mamba_head_dim", None, "channels", full_is_none=True,
+                               option_field="mamba_channel_options", unit_width=lambda cfg: cfg.n_groups)}
+# NVIDIA's Nemotron Nano FP8 / NVFP4 recipe keeps the nearest layer of this kind on each side of a
+# BF16 attention layer in BF16 too (`quant.recipe_spec("nano")`)
+NANO_HIGH_PRECISION = "nearest"
+
+
+@masks_record
+class MambaMasks:
+    """One Mamba2 layer's masks: [H] group-aware heads, the gated-norm correction (eps factor ρ,
+    output scale √ρ), the active heads per group (kernel skipping), [P] channels kept in every head
+    (None = all); `premask`: the official soft form."""
+
+    head_mask: object = None
+    norm_eps: object = None
+    norm_scale: object = None
+    active_heads: object = None
+    channel_mask: object = None
+    premask: bool = static(False)
 
 
 # ----------------------------------------------------------------------- declarations
@@ -77,7 +103,7 @@ def select(cfg: NemotronHConfig, sizes: dict, sel: dict) -> dict:
     return {"ssm_heads": heads, "ssm_inner": expand(heads, P, sel["mamba_channels"])}
 
 
-def masks(cfg: NemotronHConfig, sw, k, mixer) -> ElasticLayer:
+def masks(cfg: NemotronHConfig, sw, k, mixer) -> MambaMasks:
     """Group-aware head mask and the gated-norm correction; head channels: ρ = (heads/H)·(channels/P)."""
     c, p = sw.mamba_heads[0][k], sw.mamba_heads[1][k]
     H = mixer["A_log"].shape[0]
@@ -88,7 +114,7 @@ def masks(cfg: NemotronHConfig, sw, k, mixer) -> ElasticLayer:
         chan = prefix_mask(cfg.mamba_head_dim, cc, cp)
         eps_c, scale_c = norm_correction(cfg.mamba_head_dim, cc, cp)
         eps_f, scale = eps_f * eps_c, scale * scale_c
-    return ElasticLayer(head_mask=prefix_mask(H, c, p, cfg.n_groups), norm_eps=eps_f, norm_scale=scale,
+    return MambaMasks(head_mask=prefix_mask(H, c, p, cfg.n_groups), norm_eps=eps_f, norm_scale=scale,
                         active_heads=max_count(c, p) // cfg.n_groups, channel_mask=chan,
                         premask=sw.mask_form == "official")
 
@@ -106,6 +132,20 @@ def cache_elems(cfg: NemotronHConfig, sizes: dict, batch, context) -> dict:
             "conv": batch * (cfg.conv_kernel - 1) * (sizes["ssm_inner"] + 2 * sizes["ssm_groups"])}
 
 
+# ---------------------------------------------------------------- importance (METHOD §3.2)
+def importance_stats(it: dict, cfg: NemotronHConfig, valid, length: int) -> dict:
+    """Σ over sequences of the squared per-sequence mean |x projection| per (head, channel) [H, P]."""
+    return {"x": seq_sumsq(it["x_proj"], valid)}
+
+
+def importance_scores(st: dict, cfg: NemotronHConfig, mamba_channel_frac: float = 1.0, **_) -> dict:
+    """Channels: L2 over heads; heads: L2 over the top `mamba_channel_frac` of the channels ([NE] D_top)."""
+    hp = np.sqrt(np.asarray(st["x"], np.float64))                              # [H, P]
+    ch = np.sqrt(np.sum(hp ** 2, axis=0))                                     # [P]
+    top = rank_within_groups(ch)[:max(1, int(np.floor(mamba_channel_frac * ch.size + 1e-9)))]
+    return {"mamba_heads": np.sqrt(np.sum(hp[:, top] ** 2, axis=1)), "mamba_channels": ch}
+
+
 # -------------------------------------------------------------------------------- HF keys
 def hf_dims(cfg: NemotronHConfig, k: int) -> dict:
     return dict(H=cfg.mamba_heads_at(k), P=cfg.mamba_head_dim, G=cfg.n_groups, N=cfg.ssm_state_size,
@@ -114,17 +154,18 @@ def hf_dims(cfg: NemotronHConfig, k: int) -> dict:
 
 # in_proj = [z | x | B | C | dt], conv1d over [x | B | C] (HF fuses them; we keep the pieces)
 HF_RULES = (
-    Rule("mixer.in_proj.weight", "M", ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"),
-         lambda d: (2 * d.HP + 2 * d.GN + d.H, d.D), *_split_rows_t(lambda d: (d.HP, d.HP, d.GN, d.GN, d.H))),
-    Rule("mixer.conv1d.weight", "M", ("conv_x", "conv_B", "conv_C"), lambda d: (d.HP + 2 * d.GN, 1, d.K),
+    Rule("mixer.in_proj.weight", CHAR, ("z_proj", "x_proj", "B_proj", "C_proj", "dt_proj"),
+         lambda d: (2 * d.HP + 2 * d.GN + d.H, d.D), *_split_rows_t(lambda d: (d.HP, d.HP, d.GN, d.GN, d.H)),
+         linear=True),
+    Rule("mixer.conv1d.weight", CHAR, ("conv_x", "conv_B", "conv_C"), lambda d: (d.HP + 2 * d.GN, 1, d.K),
          _conv_split, _conv_join),
-    Rule("mixer.conv1d.bias", "M", ("conv_x_bias", "conv_B_bias", "conv_C_bias"), lambda d: (d.HP + 2 * d.GN,),
+    Rule("mixer.conv1d.bias", CHAR, ("conv_x_bias", "conv_B_bias", "conv_C_bias"), lambda d: (d.HP + 2 * d.GN,),
          _bias_split, _bias_join, optional=lambda cfg: not cfg.use_conv_bias),
-    Rule("mixer.A_log", "M", ("A_log",), lambda d: (d.H,)),
-    Rule("mixer.D", "M", ("D",), lambda d: (d.H,)),
-    Rule("mixer.dt_bias", "M", ("dt_bias",), lambda d: (d.H,)),
-    Rule("mixer.norm.weight", "M", ("norm",), lambda d: (d.HP,)),
-    Rule("mixer.out_proj.weight", "M", ("out_proj",), lambda d: (d.D, d.HP), _t, _t_inv),
+    Rule("mixer.A_log", CHAR, ("A_log",), lambda d: (d.H,)),
+    Rule("mixer.D", CHAR, ("D",), lambda d: (d.H,)),
+    Rule("mixer.dt_bias", CHAR, ("dt_bias",), lambda d: (d.H,)),
+    Rule("mixer.norm.weight", CHAR, ("norm",), lambda d: (d.HP,)),
+    Rule("mixer.out_proj.weight", CHAR, ("out_proj",), lambda d: (d.D, d.HP), _t, _t_inv, linear=True),
 )
 
 
@@ -155,7 +196,7 @@ def _causal_conv(xBC_BLC, w_KC, b_C, ctx_BKC, seg_BL):
     return (out + b_C.astype(jnp.float32)).astype(xBC_BLC.dtype)
 
 
-def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: ElasticLayer | None, ctx: Context, cache):
+def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: MambaMasks | None, ctx: Context, cache):
     B, L, _ = x_BLD.shape
     H = p["A_log"].shape[0]
     P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel

@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .. import kernels
-from ..quant.qweight import QWeight, quantize_activation
-from ..sharding import current_rules, mesh_axes_for
-from .kinds.moe import expert_load, over_token_chunks, route, token_chunks
-from .layers import ElasticLayer, relu2
+from .... import kernels
+from ....quant.qweight import QWeight, quantize_activation
+from ....sharding import current_rules, mesh_axes_for
+from ...layers import relu2
+from .routing import MoEMasks, expert_load, over_token_chunks, route, token_chunks
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -69,9 +69,9 @@ def _local_experts(rows_RD, local_e_R, up_EDI, down_EID, ffn_mask, active_n, imp
     return jnp.zeros_like(o).at[order].set(o), jnp.max(jnp.abs(h.astype(jnp.float32)))
 
 
-def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, valid_T=None):
+def routed_experts_sharded(p, x_TD, cfg, el: MoEMasks | None, policy, mesh, valid_T=None):
     """(Σ_k w_k · expert_k(x) [T, D] f32 of the routed experts (no shared expert), per shard;
-    [E] f32 tokens routed to each expert, `valid_T` False excluded, as layers.expert_load).
+    [E] f32 tokens routed to each expert, `valid_T` False excluded, as routing.expert_load).
     The expert matmuls run in the policy's compute dtype at its precision (ComputePolicy)."""
     impl = policy.kernel_impl
     rules = current_rules()
@@ -170,8 +170,8 @@ def routed_experts_sharded(p, x_TD, cfg, el: ElasticLayer | None, policy, mesh, 
 
     el_spec = None
     if el is not None:
-        el_spec = ElasticLayer(ffn_mask=P(_spec(mlp_axes)), active_ffn=P(), expert_counts=P(), expert_probs=P(),
-                               premask=el.premask)
+        el_spec = MoEMasks(ffn_mask=P(_spec(mlp_axes)), active_ffn=P(), expert_counts=P(), expert_probs=P(),
+                           premask=el.premask)
     in_specs = (P(_spec(tok_axes), None), P(), P(),
                 P(_spec(ex_axes), None, _spec(mlp_axes)), P(_spec(ex_axes), _spec(mlp_axes), None), el_spec,
                 None if valid_T is None else P(_spec(tok_axes)))
