@@ -9,11 +9,12 @@ A call runs `seq_len` tokens for each of `batch` rows on top of `context` cached
 * `Mode.decode(context, batch)`: one token per row; `context` may be an array (one call per entry);
 * `Mode.train(seq_len, batch)`: forward + backward of full sequences (FLOPs 3x the forward's).
 
-FLOPs count what runs on a kind's own terms: "weights" (2 x the weight elements a token multiplies;
-for MoE the top-k routed experts), "mixing" (token-mixing contractions: attention QK^T / AV over
-the causally attended positions, the SSD chunk products or the recurrence's read-out) and
+FLOPs count what runs on a kind's own terms: "weights" (activation x weight products, 2 per
+multiply-add: the weight elements a token multiplies; for MoE the top-k routed experts), "mixing"
+(activation x activation contractions: attention QK^T / AV over the causally attended positions,
+the SSD chunk products or the recurrence's read-out, MoE's gate-weighted sum of its k outputs) and
 "elementwise" (the depthwise conv, the recurrence's state update). Norms, activations and the
-softmax are not counted. Bytes: the weights a call reads (MoE: only the experts its tokens can hit,
+softmax are not counted (a few % of XLA's count at tiny sizes, tests/test_cost.py). Bytes: the weights a call reads (MoE: only the experts its tokens can hit,
 min(E, tokens x top-k) per layer; the embedding rows it looks up), the decode state read and
 written (KV cache, SSM state and conv window), and a coarse activation traffic for training.
 

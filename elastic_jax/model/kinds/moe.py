@@ -257,10 +257,12 @@ apply = moe_mixer
 # ------------------------------------------------------------------------ cost (model/cost.py)
 def flops(cfg: NemotronHConfig, sizes: dict, mode) -> dict:
     """Forward FLOPs per token: the router (D·E), the top-k routed experts' up and down
-    projections and the shared expert, 2 per multiply-add."""
+    projections and the shared expert, 2 per multiply-add; the gate-weighted sum of the k expert
+    outputs (2·k·D)."""
     D, E = sizes["embed"], sizes["experts_router"]
     k = cfg.num_experts_per_tok
-    return {"weights": 2.0 * D * E + 4.0 * k * D * sizes["expert_mlp"] + 4.0 * D * sizes["shared_mlp"]}
+    return {"weights": 2.0 * D * E + 4.0 * k * D * sizes["expert_mlp"] + 4.0 * D * sizes["shared_mlp"],
+            "mixing": 2.0 * k * D}
 
 
 def weights_read(cfg: NemotronHConfig, sizes: dict, mode) -> float:
