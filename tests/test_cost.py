@@ -192,6 +192,7 @@ import dataclasses  # noqa: E402
 
 from elastic_jax import kernels  # noqa: E402
 from elastic_jax.model.cost import CostModel, ElementBytes, Mode  # noqa: E402
+from elastic_jax.model.kinds import attention, mamba, moe  # noqa: E402
 from elastic_jax.model.policy import ComputePolicy  # noqa: E402
 
 TINY = dict(hidden_size=64, vocab_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -247,11 +248,11 @@ def _cpu_program_offsets(cm: CostModel, mode: Mode, train: bool = False, xla: bo
     cfg, extra = cm.cfg, 0.0
     for layer in cm.layers:
         s = layer.sizes
-        if layer.kind.CHAR == "*" and mode.seq_len > 1:
+        if layer.kind is attention and mode.seq_len > 1:
             extra += 4.0 * s["heads"] * (mode.seq_len - (mode.seq_len + 1) / 2.0)
-        if layer.kind.CHAR == "M" and mode.seq_len > 1:
+        if layer.kind is mamba and mode.seq_len > 1:
             extra -= 2.0 * cfg.chunk_size * (s["ssm_heads"] - cfg.n_groups) * cfg.ssm_state_size
-        if layer.kind.CHAR == "E" and xla:
+        if layer.kind is moe and xla:
             extra += (s["experts_router"] - 1) * 4.0 * cfg.num_experts_per_tok * s["embed"] * s["expert_mlp"]
     return (3.0 if train else 1.0) * mode.tokens * extra
 
