@@ -266,7 +266,7 @@ def _model(pattern, widths=None):
     return cfg, sub_cfg, sub
 
 
-@pytest.fixture(autouse=False)
+@pytest.fixture
 def dense_ragged_dot(monkeypatch):
     """The grouped matmul as one `ragged_dot` (not the CPU's tile-padded segments, whose scan XLA's
     cost analysis counts once): its FLOPs are then a known multiple of the routed work."""
