@@ -198,8 +198,4 @@ class CostModel:
         return self.weight_elems_read(mode) * nbytes.weights + self.state_bytes(mode, nbytes)
 
 
-def cost_model(cfg: NemotronHConfig, widths: Widths | None = None) -> CostModel:
-    return CostModel(cfg, widths)
-
-
-__all__ = ["MODES", "Mode", "ElementBytes", "CostModel", "cost_model"]
+__all__ = ["MODES", "Mode", "ElementBytes", "CostModel"]
