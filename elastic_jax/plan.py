@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-GiB = 1024 ** 3
+from .plan_report import GiB, format_report
 
 
 @dataclass(frozen=True)
@@ -105,26 +105,21 @@ def _expected(widths) -> dict:
 
 def model_counts(cfg, widths=None, *, context: int = 131072, batch: int = 1, bytes_per_param: float = 2.0) -> dict:
     """Parameter counts and inference memory of the model at `widths` (None: the parent), from the
-    cost model (`elastic.param_cost`, `elastic.memory_cost`; equal to the sliced model's sizes).
-    `active`: what one token touches without the input embedding table (a lookup, no FLOPs);
-    `active_with_embeddings` adds it. Memory: bf16 weights (all experts resident) + bf16 KV cache +
-    f32 SSM state + conv window at `context` tokens x `batch` sequences."""
-    from .elastic.cost import memory_cost, param_cost
-    from .model.kinds import attention
-    e = {} if widths is None else _expected(widths)
-    hidden = e.get("hidden", cfg.hidden_size)
-    total = float(param_cost(cfg, e))
-    active_emb = float(param_cost(cfg, e, active=True))
-    weights = bytes_per_param * total
-    mem = float(memory_cost(cfg, e, context=context, batch=batch, bytes_per_param=bytes_per_param, bytes_kv=2.0,
-                            bytes_ssm=4.0))
-    n_attn = len(cfg.layers_of(attention))
-    kv = 2.0 * 2 * batch * context * cfg.num_key_value_heads * cfg.head_dim * n_attn
-    return {"params_total": int(round(total)), "params_active": int(round(active_emb - cfg.vocab_size * hidden)),
-            "params_active_with_embeddings": int(round(active_emb)),
-            "inference_memory": {"context": context, "batch": batch, "weights_bytes": int(weights),
-                                 "kv_cache_bytes": int(kv), "ssm_state_bytes": int(mem - weights - kv),
-                                 "total_bytes": int(mem)}}
+    one cost model (`model.cost`; equal to the sliced model's sizes). `active`: what one token
+    touches without the input embedding table (a lookup, no FLOPs); `active_with_embeddings` adds
+    it. Memory: weights at `bytes_per_param` (all experts resident) + bf16 KV cache + f32 SSM state
+    + conv window (weight dtype) at `context` tokens x `batch` sequences."""
+    from .model.cost import CostModel, ElementBytes
+    cm = CostModel(cfg, widths)
+    total, active_emb = cm.param_count(), cm.param_count(active=True)
+    mem = cm.memory_bytes(batch=batch, context=context,
+                          nbytes=ElementBytes(weights=bytes_per_param, kv=2.0, ssm=4.0, conv=bytes_per_param))
+    return {"params_total": total, "params_active": active_emb - cfg.vocab_size * cm.hidden,
+            "params_active_with_embeddings": active_emb,
+            "inference_memory": {"context": context, "batch": batch, "weights_bytes": int(mem["weights"]),
+                                 "kv_cache_bytes": int(mem.get("kv", 0)),
+                                 "ssm_state_bytes": int(mem.get("ssm", 0) + mem.get("conv", 0)),
+                                 "total_bytes": int(mem["total"])}}
 
 
 def nominal_widths(cfg, ecfg) -> list:
@@ -162,21 +157,18 @@ def nominal_widths(cfg, ecfg) -> list:
 
 # --------------------------------------------------------------------------- analytic step cost
 def step_flops(cfg, tokens: int, seq_len: int, remat: str) -> dict:
-    """Analytic FLOPs of one elastic KD step over `tokens` tokens of `seq_len`-long rows. The
-    student is trained masked, at the parent's full width (the masks zero components, they do not
-    skip them): teacher forward (1x) + student forward and backward (3x), + 1x forward when
-    `remat="full"` recomputes it. Per token and forward: 2 x the active matmul parameters; causal
-    attention 2 x 2 x heads x head_dim x (L+1)/2 per attention layer; the SSD scan ~ 4·H·P·N +
-    2·Q·H·(P+N) per Mamba layer (Q = chunk)."""
-    from .model.kinds import attention, mamba
-    n_mm = model_counts(cfg)["params_active"]
-    attn = len(cfg.layers_of(attention)) * 4 * cfg.num_attention_heads * cfg.head_dim * (seq_len + 1) / 2
-    H, P, N, Q = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size, cfg.chunk_size
-    ssd = len(cfg.layers_of(mamba)) * (4 * H * P * N + 2 * Q * H * (P + N))
-    fwd = tokens * (2.0 * n_mm + attn + ssd)
-    model = 4 * fwd                               # teacher fwd + student fwd + bwd (2x)
-    recompute = fwd if remat == "full" else (tokens * (attn + ssd) if remat in ("minimal", "save_dots") else 0.0)
-    return {"model_flops": model, "hardware_flops": model + recompute}
+    """FLOPs of one elastic KD step over `tokens` tokens of `seq_len`-long rows, from the cost
+    model (`model.cost`, `Mode.train`). The student is trained masked, at the parent's full width
+    (masks zero components, they do not skip them): teacher forward (1x) + student forward and
+    backward (3x), + 1x forward when `remat="full"` recomputes it ("minimal" / "save_dots":
+    the token-mixing work, attention and SSD, again)."""
+    from .model.cost import CostModel, Mode
+    mode = Mode.train(seq_len, batch=max(1, tokens // seq_len))
+    terms = CostModel(cfg).flops_terms(mode)
+    fwd = tokens * float(sum(terms.values()))
+    mixing = tokens * float(terms.get("mixing", 0.0))
+    recompute = fwd if remat == "full" else (mixing if remat in ("minimal", "save_dots") else 0.0)
+    return {"model_flops": 4 * fwd, "hardware_flops": 4 * fwd + recompute}
 
 
 def step_bytes(cfg, *, tokens_per_chip: int, microbatches: int, chips: int, remat: str,
@@ -184,13 +176,14 @@ def step_bytes(cfg, *, tokens_per_chip: int, microbatches: int, chips: int, rema
     """Analytic HBM bytes per chip per step: every micro-batch reads the gathered weights (in the
     compute dtype) for the teacher forward, the student forward and backward (2 reads) and a
     recomputed forward under remat; the AdamW update reads and writes the chip's shard (master
-    params, f32 gradient, mu, nu: `param_bytes` each); the activations ~24 bytes x hidden per
-    token and layer (written and read in forward and backward, teacher and student)."""
-    total = model_counts(cfg)["params_total"]
+    params, f32 gradient, mu, nu: `param_bytes` each); the activations (`CostModel.activation_bytes`)."""
+    from .model.cost import CostModel
+    cm = CostModel(cfg)
+    total = cm.param_count()
     passes = 4 + (1 if remat != "none" else 0)
     weights = microbatches * passes * total * compute_bytes
     optim = total / chips * (2 * param_bytes + 4 + 4 * param_bytes)
-    acts = tokens_per_chip * cfg.num_hidden_layers * cfg.hidden_size * 24.0
+    acts = cm.activation_bytes(tokens_per_chip)
     return weights + optim + acts
 
 
@@ -202,7 +195,8 @@ def step_gather_bytes(cfg, *, microbatches: int, fsdp: int, remat: str, compute_
     the gradients reduce-scattered (`grad_bytes`)."""
     if fsdp <= 1:
         return 0.0
-    total = model_counts(cfg)["params_total"]
+    from .model.cost import CostModel
+    total = CostModel(cfg).param_count()
     passes = 3 + (1 if remat != "none" else 0)
     frac = (fsdp - 1) / fsdp
     return microbatches * total * frac * (passes * compute_bytes + grad_bytes)
@@ -481,61 +475,7 @@ def _published(xp) -> dict | None:
     return {str(k): {"total": v[0], "active": v[1]} for k, v in xp.published.items()}
 
 
-# --------------------------------------------------------------------------- report and command line
-def _g(b) -> str:
-    return "-" if b is None else f"{b / GiB:.2f}"
-
-
-def format_report(res: dict) -> str:
-    L = [f"# plan: {res['experiment']} on {res['target']}", "",
-         f"parent: {res['params_total'] / 1e9:.2f}B total, {res['params_active'] / 1e9:.2f}B active "
-         f"({res['params_active_with_embeddings'] / 1e9:.2f}B with embeddings)"]
-    im = res["inference_memory"]
-    L.append(f"nested budgets (inference memory at {im['context']} tokens x {im['batch']}: bf16 weights + KV + SSM state):")
-    for b in res["budgets"]:
-        m = b["inference_memory"]
-        L.append(f"  {b['budget']:<5} {b['params_total'] / 1e9:6.2f}B total {b['params_active'] / 1e9:5.2f}B active "
-                 f"({b['params_active_with_embeddings'] / 1e9:.2f}B w/ emb)  memory {_g(m['total_bytes'])} GiB "
-                 f"(weights {_g(m['weights_bytes'])}, KV {_g(m['kv_cache_bytes'])}, SSM {_g(m['ssm_state_bytes'])})  "
-                 f"widths {b['widths']}")
-    for p in res["stages"]:
-        c = p["chip"]
-        L += ["", f"## stage {p['stage']}: {p['batch_size']} x {p['seq_len']} tokens, {p['microbatches']} micro-batches "
-              f"of {p['micro_batch']}, remat {p['remat']}, mesh {p['mesh']} ({p['devices']} x {c['name']})"]
-        if not p["compiled"] and "note" in p:
-            L.append(f"  NOTE: {p['note']}")
-        t = p["memory"]["terms"]
-        L.append("  per chip GiB: " + ", ".join(f"{k} {_g(v)}" for k, v in t.items()) +
-                 f"; total {_g(p['per_device_bytes'])} of {_g(p['hbm_bytes'])} HBM -> "
-                 + (f"fits, headroom {_g(p['memory']['headroom_bytes'])}" if p["fits"] else
-                    "fits: unknown (temporaries not compiled; the arguments alone fit)" if p["fits"] is None else
-                    f"DOES NOT FIT: dominant term {p['dominant_term']}; try {p['advice']}"))
-        L.append(f"  FLOPs/step {p['flops_per_step']:.3e} (model {p['model_flops_per_step']:.3e}), HBM bytes/step/chip "
-                 f"{p['bytes_per_step_per_chip']:.3e}, weight all-gather bytes/step/chip "
-                 f"{p['interconnect_bytes_per_step_per_chip']:.3e} ({p['microbatches']} micro-batches)")
-        L.append(f"  step time: >= {p['step_seconds_lower_bound']:.2f} s (roofline lower bound at {c['bf16_flops'] / 1e12:.0f} "
-                 f"TFLOP/s, {c['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, {c['interconnect_bandwidth'] / 1e9:.0f} GB/s "
-                 f"interconnect; {p['bound']}-bound, MFU <= {p['mfu_upper_bound']:.2f}); estimate "
-                 f"{p['step_seconds_estimate']:.2f} s at an assumed MFU of {p['assumed_mfu']:.2f}, "
-                 f"{p['tokens_per_second']:.3g} tokens/s")
-        L.append(f"  stage: {p['stage_steps']} steps, {p['stage_tokens'] / 1e9:.1f}B tokens, {p['stage_hours']:.1f} h, "
-                 f"{p['stage_chip_hours']:.0f} chip-hours; "
-                 + (f"compile {p['compile_seconds']:.0f} s" if p["compiled"] else "not compiled")
-                 + f" (lower {p['lower_seconds']:.0f} s)")
-        if p["replicated"]:
-            L.append("  replicated: " + ", ".join(f"{r['family']} ({r['bytes_per_chip'] / 2**20:.1f} MiB)"
-                                                   for r in p["replicated"][:8]))
-        if "search" in p:
-            L.append("  search (remat x micro-batches): " + "; ".join(
-                f"{r['remat']}/{r['microbatches']}: {'fits' if r['fits'] else 'no'} {_g(r['per_device_bytes'])} GiB "
-                f"{r['step_seconds_estimate']:.2f} s" for r in p["search"]))
-            L.append("  cheapest that fits: " + (f"remat {p['remat']}, {p['microbatches']} micro-batches"
-                                                 if p["search_found"] else "none"))
-    L += ["", f"total: {res['total_hours']:.1f} h, {res['total_chip_hours']:.0f} chip-hours (at the assumed MFU); "
-          f"fits: {'unknown' if res['fits'] is None else res['fits']}"]
-    return "\n".join(L)
-
-
+# --------------------------------------------------------------------------- command line
 def _target_from_args(xp, a):
     from .pod import Target
     from .train import MeshConfig

@@ -9,6 +9,10 @@ real n_groups instead of a hard-coded 8.
 `expected` maps ej.Widths axis names to arrays: "hidden" a scalar, per-layer axes a scalar
 (every layer of that kind) or [n_kind]; "layers" optionally [n_layers] gates (a dropped layer
 costs nothing). Missing axes are at the parent size.
+
+The integer-width twin is `model.cost.CostModel` (FLOPs and bytes of calls, the planner, the
+latency model, budget control); both read the kinds' declarations (`params`, `dims`,
+`cache_elems`) and agree at integer widths (tests/test_cost.py).
 """
 from __future__ import annotations
 

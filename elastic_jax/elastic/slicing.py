@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import NemotronHConfig
+from ..model.cost import CostModel
 from ..model.kinds import kind_of, layer_sizes
-from ..model.kinds.base import count, take_dims
+from ..model.kinds.base import take_dims
 from ..widths import AXES, Widths, full_size
 
 
@@ -76,10 +77,6 @@ def slice_params(params, cfg: NemotronHConfig, widths: Widths | None):
 
 def param_count(cfg: NemotronHConfig, widths: Widths | None = None, active: bool = False) -> int:
     """Exact parameter count of the (sliced) model. `active`: only `num_experts_per_tok` routed
-    experts per MoE layer counted (what one token touches)."""
-    sub = sliced_config(cfg, widths)
-    D, V = sub.hidden_size, sub.vocab_size
-    total = 2 * V * D + D
-    for i in range(sub.num_hidden_layers):
-        total += D + int(count(kind_of(sub, i).params(sub), layer_sizes(sub, i, active)))
-    return total
+    experts per MoE layer counted (what one token touches). The one cost model's count
+    (`model.cost.CostModel.param_count`)."""
+    return CostModel(cfg, widths).param_count(active)

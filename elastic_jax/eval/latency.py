@@ -5,10 +5,11 @@ cached, costs
 
     max(FLOPs / peak_flops, bytes / hbm_bandwidth) + step_overhead_s
 
-bytes = the weights it reads (dense mixers, attention, Mamba, shared experts, the LM head, the
-embedding rows it looks up, and only the routed experts actually hit: min(E, batch * new * top-k)
-per MoE layer) + the KV cache read (attention) + the SSM and conv state read and written (Mamba).
-FLOPs = 2 x active parameters per token + the attention score / value products + the SSM update.
+with FLOPs and bytes from the one cost model (`elastic_jax.model.cost`, each layer kind's own
+declarations): bytes = the weights the call reads (routed experts: only those its tokens can hit,
+min(E, batch * new * top-k) per MoE layer; the embedding rows it looks up) + the decode state read
+and written (KV cache, SSM state, conv window); FLOPs = the forward's matmuls, attention score /
+value products and SSD / recurrence work.
 A decode step is one such call with new = 1 (memory-bound at small batch); a prefill is one call
 with new = the prompt length (compute-bound). Activation traffic is ignored.
 
@@ -25,8 +26,7 @@ import time
 import numpy as np
 
 from ..config import NemotronHConfig
-from ..elastic.slicing import sliced_config
-from ..model.kinds import kind_of, layer_sizes
+from ..model.cost import CostModel, ElementBytes, Mode
 from ..widths import PER_LAYER_AXES, Widths, divisor, full_size
 
 
@@ -156,71 +156,21 @@ class Cost:
 ZERO = Cost(0.0, 0.0, 0.0, 0)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Arch:
-    """Per-call constants of one sliced submodel (bytes in elements; multiplied by the profile)."""
-
-    dense_weights: float         # every non-routed weight read once per call (embedding excluded)
-    expert_weights: tuple        # per MoE layer: (n experts, elements per expert, top-k)
-    active_matmul: float         # parameters one token multiplies (2x -> FLOPs), embedding excluded
-    hidden: int
-    kv_per_position: float       # K + V elements per cached position, all attention layers
-    attn_qk: float               # query heads x head_dim summed over attention layers
-    ssm_state: float             # SSM state elements per row, all Mamba layers
-    conv_state: float            # conv state elements per row, all Mamba layers
-    ssm_flops_per_token: float
-
-
-def _arch(cfg: NemotronHConfig, widths: Widths | None) -> _Arch:
-    """The roofline's sizes of the sliced model, read from the layer kinds' declarations: a
-    parameter with an `experts` dimension is a routed-expert weight, one with a `conv` dimension is
-    no matmul, and each kind's `cache_elems` gives its decode state per row and position."""
-    sub = sliced_config(cfg, widths)
-    D, V = sub.hidden_size, sub.vocab_size
-    dense = float(D * V + D)
-    active = float(D * V)
-    experts, kv, qk, ssm, conv, ssm_fl = [], 0.0, 0.0, 0.0, 0.0, 0.0
-    for i in range(sub.num_hidden_layers):
-        kind, sizes = kind_of(sub, i), layer_sizes(sub, i)
-        dense += float(D)
-        per_expert = 0.0
-        for p in kind.params(sub).values():
-            n = float(np.prod([sizes[d] for d in p.dims]))
-            if "experts" in p.dims:
-                per_expert += n / sizes["experts"]
-                continue
-            dense += n
-            if len(p.dims) == 2 and "conv" not in p.dims:
-                active += n
-        if per_expert:
-            experts.append((sizes["experts"], per_expert, sub.num_experts_per_tok))
-            active += per_expert * sub.num_experts_per_tok
-        elems = kind.cache_elems(sub, sizes, 1, 1)
-        kv += float(elems.get("kv", 0.0))
-        qk += float(sizes.get("heads", 0))          # attention query channels (nH·hd)
-        ssm += float(elems.get("ssm", 0.0))
-        conv += float(elems.get("conv", 0.0))
-        ssm_fl += 6.0 * float(elems.get("ssm", 0.0))
-    return _Arch(dense, tuple(experts), active, sub.hidden_size, kv, qk, ssm, conv, ssm_fl)
-
-
-def _call_cost(arch: _Arch, profile: HardwareProfile, batch: int, new: int, context) -> Cost:
+def _call_cost(cm: CostModel, profile: HardwareProfile, batch: int, new: int, context) -> Cost:
     """Cost of calls running `new` tokens per row on top of `context` cached positions (an array:
-    one call per entry)."""
+    one call per entry), from the one cost model (`model.cost`)."""
     ctx = np.asarray(context, np.float64).reshape(-1)
-    tokens = float(batch * new)
-    expert_elems = sum(min(E, tokens * k) * per for E, per, k in arch.expert_weights)
-    weights = (arch.dense_weights + expert_elems + tokens * arch.hidden) * profile.weight_bytes
-    kv_read = batch * arch.kv_per_position * ctx * profile.cache_bytes
-    kv_write = tokens * arch.kv_per_position * profile.cache_bytes
-    state = 2.0 * batch * (arch.ssm_state * profile.state_bytes + arch.conv_state * profile.cache_bytes)
-    nbytes = weights + kv_read + kv_write + state
-    # attention: QK^T and AV over context + the causal part of the new block
-    attn_positions = new * ctx + new * (new + 1) / 2.0
-    flops = (2.0 * arch.active_matmul * tokens + 4.0 * arch.attn_qk * batch * attn_positions
-             + arch.ssm_flops_per_token * tokens)
+    mode = Mode("decode" if new == 1 else "prefill", new, batch, ctx)
+    flops = np.broadcast_to(cm.flops(mode), ctx.shape)
+    nbytes = np.broadcast_to(cm.call_bytes(mode, _element_bytes(profile)), ctx.shape)
     secs = np.maximum(flops / profile.peak_flops, nbytes / profile.hbm_bandwidth) + profile.step_overhead_s
     return Cost(float(np.sum(flops)), float(np.sum(nbytes)), float(np.sum(secs)), int(ctx.size))
+
+
+def _element_bytes(profile: HardwareProfile) -> ElementBytes:
+    """The profile's element sizes: weights; KV cache and conv window (`cache_bytes`); SSM state."""
+    return ElementBytes(weights=profile.weight_bytes, kv=profile.cache_bytes, ssm=profile.state_bytes,
+                        conv=profile.cache_bytes)
 
 
 def forward_cost(cfg: NemotronHConfig, widths: Widths | None, profile, *, batch: int, new_tokens: int,
@@ -229,7 +179,7 @@ def forward_cost(cfg: NemotronHConfig, widths: Widths | None, profile, *, batch:
     if batch <= 0 or new_tokens <= 0 or context < 0:
         raise ValueError(f"forward_cost: batch={batch}, new_tokens={new_tokens} must be > 0 and "
                          f"context={context} >= 0")
-    return _call_cost(_arch(cfg, widths), get_profile(profile), batch, new_tokens, [context])
+    return _call_cost(CostModel(cfg, widths), get_profile(profile), batch, new_tokens, [context])
 
 
 def prefill_cost(cfg: NemotronHConfig, widths: Widths | None, profile, *, batch: int, length: int) -> Cost:
@@ -246,7 +196,7 @@ def decode_cost(cfg: NemotronHConfig, widths: Widths | None, profile, *, batch: 
         return ZERO
     if batch <= 0 or start < 0:
         raise ValueError(f"decode_cost: batch={batch} must be > 0 and start={start} >= 0")
-    return _call_cost(_arch(cfg, widths), get_profile(profile), batch, 1, np.arange(start, start + steps))
+    return _call_cost(CostModel(cfg, widths), get_profile(profile), batch, 1, np.arange(start, start + steps))
 
 
 def generation_latency(profile, *, think_cfg: NemotronHConfig, think_widths: Widths | None,
@@ -285,14 +235,14 @@ def _widths_key(cfg: NemotronHConfig, widths: Widths | None) -> tuple:
     return (w.hidden_size(cfg), per, w.layer_mask(cfg))
 
 
-_ARCH_CACHE: dict = {}
+_COST_CACHE: dict = {}
 
 
-def _arch_cached(cfg: NemotronHConfig, widths: Widths | None) -> _Arch:
+def _cost_model_cached(cfg: NemotronHConfig, widths: Widths | None) -> CostModel:
     key = (cfg, _widths_key(cfg, widths))
-    if key not in _ARCH_CACHE:
-        _ARCH_CACHE[key] = _arch(cfg, widths)
-    return _ARCH_CACHE[key]
+    if key not in _COST_CACHE:
+        _COST_CACHE[key] = CostModel(cfg, widths)
+    return _COST_CACHE[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +277,7 @@ class LatencyTarget:
         else:
             tw, aw = think_widths, answer_widths
         prof = self.profile
-        ta, aa = _arch_cached(cfg, tw), _arch_cached(cfg, aw)
+        ta, aa = _cost_model_cached(cfg, tw), _cost_model_cached(cfg, aw)
         think = _call_cost(ta, prof, 1, prompt_len, [0]) + _call_cost(
             ta, prof, 1, 1, np.arange(prompt_len, prompt_len + think_steps))
         if reprefill_len > 0:

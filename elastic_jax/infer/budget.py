@@ -36,9 +36,9 @@ import numpy as np
 
 from ..config import NemotronHConfig
 from ..elastic.slicing import param_count, slice_params
+from ..model.cost import CostModel, Mode
 from ..model.decoder import decode_step, prefill
 from ..model.generate import sample_logits
-from ..model.kinds import attention
 from ..widths import Widths
 
 MODES = ("masked", "sliced")
@@ -55,6 +55,7 @@ class ElasticModel:
     mode: str = "masked"
     quant: Any = None        # elastic_jax.quant.QuantState of `params`: every submodel runs fake-quantized
     _views: Mapping = dataclasses.field(default=None, repr=False, compare=False)
+    _costs: dict = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -76,6 +77,7 @@ class ElasticModel:
                 quants[name] = self.quant
         object.__setattr__(self, "_views", views)
         object.__setattr__(self, "_quants", quants)
+        object.__setattr__(self, "_costs", {})
 
     def names(self) -> tuple[str, ...]:
         return tuple(self.budgets)
@@ -101,14 +103,15 @@ class ElasticModel:
         return param_count(self.cfg, self.budgets[self.check_name(name)], active=True)
 
     def flops_per_token(self, name: str, context: np.ndarray | int) -> np.ndarray:
-        """Analytic forward FLOPs of one token at `context` attended positions: 2 x (active
-        parameters excluding the embedding lookup) + 4 x (active query heads x head_dim) x context
-        per attention layer (QK^T and AV). Mamba's scan and the norms are ignored (O(d) per token)."""
-        w = self.budgets[self.check_name(name)]
-        sub_hidden = w.hidden_size(self.cfg)
-        dense = self.active_params(name) - self.cfg.vocab_size * sub_hidden
-        attn = sum(w.per_layer(self.cfg, "attn_heads")) * self.cfg.head_dim if self.cfg.layers_of(attention) else 0
-        return 2.0 * dense + 4.0 * attn * np.asarray(context, np.float64)
+        """Forward FLOPs of one decoded token after `context` cached positions (it attends
+        context + 1), from the one cost model (`model.cost`: every layer kind, Mamba included)."""
+        return self.cost_model(name).flops_per_token(Mode.decode(np.asarray(context)))
+
+    def cost_model(self, name: str) -> CostModel:
+        """The cost model (`model.cost`) of submodel `name`."""
+        if self.check_name(name) not in self._costs:
+            self._costs[name] = CostModel(self.cfg, self.budgets[name])
+        return self._costs[name]
 
 
 # ------------------------------------------------------------------------------ jitted pieces
@@ -377,12 +380,12 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
     plen = np.asarray([len(p) for p in prompts])
     n_think = np.asarray([len(t) for t in think_tokens])
     think_decoded = n_think + 1                      # the thinking tokens and </think> (emitted or forced)
-    think_flops = float(sum(_span_flops(model, think_model, 0, plen[i]) +
+    think_flops = float(sum(_prefill_flops(model, think_model, plen[i]) +
                             _span_flops(model, think_model, plen[i], plen[i] + think_decoded[i]) for i in range(B)))
     start = plen + think_decoded
     ans_flops = float(sum(_span_flops(model, answer_model, start[i], start[i] + alen[i]) for i in range(B)))
     if prefill_tokens:
-        ans_flops += float(sum(_span_flops(model, answer_model, 0, start[i]) for i in range(B)))
+        ans_flops += float(sum(_prefill_flops(model, answer_model, start[i]) for i in range(B)))
     think = PhaseStats(latency_s=t_think, tokens=int(think_decoded.sum()), prefill_tokens=int(plen.sum()),
                        flops=think_flops)
     answer = PhaseStats(latency_s=t_answer, tokens=int(alen.sum()), prefill_tokens=int(prefill_tokens),
@@ -393,11 +396,15 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
 
 
 def _span_flops(model: ElasticModel, name: str, start: int, stop: int) -> float:
-    """FLOPs of running positions [start, stop) (position t attends to t + 1 positions)."""
+    """FLOPs of running positions [start, stop), one token at a time (position t after t cached)."""
     if stop <= start:
         return 0.0
-    ctx = np.arange(start, stop) + 1
-    return float(np.sum(model.flops_per_token(name, ctx)))
+    return float(np.sum(model.flops_per_token(name, np.arange(start, stop))))
+
+
+def _prefill_flops(model: ElasticModel, name: str, length: int) -> float:
+    """FLOPs of prefilling `length` positions in one call."""
+    return float(model.cost_model(name).flops(Mode.prefill(int(length)))) if length > 0 else 0.0
 
 
 def truncation_generate(model: ElasticModel, prompts, *, submodel: str, thinking_budget: int, specials: Specials,
@@ -446,6 +453,7 @@ def answer_generate(model: ElasticModel, prompts, *, submodel: str, specials: Sp
     dt = time.perf_counter() - t0
     ans, alen = np.asarray(ans), np.asarray(alen)
     plen = [len(p) for p in prompts]
-    flops = float(sum(_span_flops(model, submodel, 0, plen[i] + int(alen[i])) for i in range(B)))
+    flops = float(sum(_prefill_flops(model, submodel, plen[i]) + _span_flops(model, submodel, plen[i], plen[i] + int(alen[i]))
+                      for i in range(B)))
     return ([list(ans[i, :alen[i]]) for i in range(B)],
             PhaseStats(latency_s=dt, tokens=int(alen.sum()), prefill_tokens=int(sum(plen)), flops=flops))

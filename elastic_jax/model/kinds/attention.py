@@ -134,3 +134,24 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: AttentionMasks | None, c
 
 
 apply = attention_mixer
+
+
+# ------------------------------------------------------------------------ cost (model/cost.py)
+def flops(cfg: NemotronHConfig, sizes: dict, mode) -> dict:
+    """Forward FLOPs per token: 2 x the q/k/v/o weights; QK^T and AV (2·nH·hd each) over the
+    positions the token attends, causally (`mode.attended`)."""
+    D, q, kv = sizes["embed"], sizes["heads"], sizes["kv_heads"]
+    return {"weights": 2.0 * D * (2 * q + 2 * kv), "mixing": 4.0 * q * mode.attended}
+
+
+def weights_read(cfg: NemotronHConfig, sizes: dict, mode) -> float:
+    """Every projection, once per call."""
+    D, q, kv = sizes["embed"], sizes["heads"], sizes["kv_heads"]
+    return float(D * (2 * q + 2 * kv))
+
+
+def state_traffic(cfg: NemotronHConfig, sizes: dict, mode) -> dict:
+    """KV elements a cached call reads (the `context` positions) and writes (its new ones)."""
+    if not mode.cached:
+        return {}
+    return {"kv": 2.0 * mode.batch * sizes["kv_heads"] * (mode.context + mode.seq_len)}

@@ -276,3 +276,36 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: MambaMasks | None, ctx: Cont
 
 
 apply = mamba_mixer
+
+
+# ------------------------------------------------------------------------ cost (model/cost.py)
+def flops(cfg: NemotronHConfig, sizes: dict, mode) -> dict:
+    """Forward FLOPs per token: 2 x the in / out projections; the depthwise conv (2·K per
+    channel); one token (decode) runs the recurrence (state update ~4·H·P·N, read-out y = S C
+    2·H·P·N), more run the chunked SSD with chunk Q: C B^T (2·Q·H·N) and its product with x
+    (2·Q·H·P) within the chunk, the chunk state and its read-out (4·H·P·N)."""
+    D, H, HP, GN = sizes["embed"], sizes["ssm_heads"], sizes["ssm_inner"], sizes["ssm_groups"]
+    N, K, Q = cfg.ssm_state_size, cfg.conv_kernel, cfg.chunk_size
+    weights = 2.0 * D * (2 * HP + 2 * GN + H) + 2.0 * HP * D
+    conv = 2.0 * K * (HP + 2 * GN)
+    if mode.seq_len == 1:
+        return {"weights": weights, "mixing": 2.0 * HP * N, "elementwise": conv + 4.0 * HP * N}
+    return {"weights": weights, "mixing": 4.0 * HP * N + 2.0 * Q * (HP + H * N), "elementwise": conv}
+
+
+def weights_read(cfg: NemotronHConfig, sizes: dict, mode) -> float:
+    """Every parameter, once per call."""
+    total = 0.0
+    for p in params(cfg).values():
+        n = 1.0
+        for d in p.dims:
+            n = n * sizes[d]
+        total += n
+    return total
+
+
+def state_traffic(cfg: NemotronHConfig, sizes: dict, mode) -> dict:
+    """A cached call reads and writes the whole SSM state and conv window of its rows."""
+    if not mode.cached:
+        return {}
+    return {cls: 2.0 * n for cls, n in cache_elems(cfg, sizes, mode.batch, 0).items()}

@@ -89,3 +89,17 @@ def mlp_mixer(p, x_BLD, cfg, el: MLPMasks | None, ctx, cache):
 
 
 apply = mlp_mixer
+
+
+# ------------------------------------------------------------------------ cost (model/cost.py)
+def flops(cfg: NemotronHConfig, sizes: dict, mode) -> dict:
+    """Forward FLOPs per token: 2 x the up and down projections."""
+    return {"weights": 4.0 * sizes["embed"] * sizes["mlp"]}
+
+
+def weights_read(cfg: NemotronHConfig, sizes: dict, mode) -> float:
+    return float(2 * sizes["embed"] * sizes["mlp"])
+
+
+def state_traffic(cfg: NemotronHConfig, sizes: dict, mode) -> dict:
+    return {}

@@ -205,3 +205,26 @@ def _add_shared_expert(p, x_TD, y_TD, policy):
 
 
 apply = moe_mixer
+
+
+# ------------------------------------------------------------------------ cost (model/cost.py)
+def flops(cfg: NemotronHConfig, sizes: dict, mode) -> dict:
+    """Forward FLOPs per token: the router (D·E), the top-k routed experts' up and down
+    projections and the shared expert, 2 per multiply-add; the gate-weighted sum of the k expert
+    outputs (2·k·D)."""
+    D, E = sizes["embed"], sizes["experts_router"]
+    k = cfg.num_experts_per_tok
+    return {"weights": 2.0 * D * E + 4.0 * k * D * sizes["expert_mlp"] + 4.0 * D * sizes["shared_mlp"],
+            "mixing": 2.0 * k * D}
+
+
+def weights_read(cfg: NemotronHConfig, sizes: dict, mode) -> float:
+    """Router and shared expert, and the routed experts the call's tokens can hit: at most
+    min(E, tokens x top-k) (every expert once a batch saturates them)."""
+    D, E = sizes["embed"], sizes["experts_router"]
+    hit = min(E, mode.tokens * cfg.num_experts_per_tok)
+    return float(D * E + E + 2 * D * sizes["shared_mlp"] + hit * 2 * D * sizes["expert_mlp"])
+
+
+def state_traffic(cfg: NemotronHConfig, sizes: dict, mode) -> dict:
+    return {}
