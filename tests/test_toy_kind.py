@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def test_toy_kind_and_axis_run_through_the_generic_code():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, os.path.join(HERE, "test_toy_kind.py")], capture_output=True, text=True,
-                       timeout=600, env=env, cwd=HERE)
+                       timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["masked_vs_sliced"] < 1e-5 and got["full_vs_plain"] < 1e-6 and got["scanned_vs_unrolled"] < 1e-5
@@ -36,10 +36,13 @@ def test_mamba_channel_options_respect_the_quantization_block():
     from elastic_jax.elastic.config import ElasticConfig, _quant_unit
     cfg = ej.NemotronHConfig(hybrid_override_pattern="M*-E", mamba_head_dim=16, n_groups=2)
     assert _quant_unit(cfg, "mamba_channels") == 8 and _quant_unit(cfg, "moe_experts") == 1
-    ok = ElasticConfig(mamba_channel_options=(16, 8), quantization="nvfp4").options(cfg)
-    assert ok["mamba_channels"].tolist() == [16, 8]
-    with pytest.raises(ValueError, match="mamba_channel_options"):
-        ElasticConfig(mamba_channel_options=(16, 12), quantization="nvfp4").options(cfg)
+    only = dict(hidden_options=None, mamba_options=None, ffn_options=None, moe_expert_options=None,
+                moe_ffn_options=None, quantization="nvfp4")
+    ok = ElasticConfig(mamba_channel_options=(16, 8), **only).options(cfg)
+    assert ok == {"mamba_channels": ok["mamba_channels"]} and ok["mamba_channels"].tolist() == [16, 8]
+    with pytest.raises(ValueError, match="mamba_channel_options.*12 must be a multiple of 8"):
+        ElasticConfig(mamba_channel_options=(16, 12), **only).options(cfg)
+    assert ElasticConfig(mamba_channel_options=(16, 12), **dict(only, quantization=None)).options(cfg)
 
 
 # ------------------------------------------------------------------------ the subprocess
