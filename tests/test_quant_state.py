@@ -11,7 +11,7 @@ import pytest
 import elastic_jax as ej
 from elastic_jax import quant
 from elastic_jax.elastic.slicing import slice_params
-from elastic_jax.quant import export as qexport
+from elastic_jax.hf import io as hfio, modelopt
 
 CFG = ej.NemotronHConfig(vocab_size=64, hidden_size=64, hybrid_override_pattern="M*-E", intermediate_size=64,
                          moe_intermediate_size=32, mamba_head_dim=16, mamba_num_heads=4, n_groups=2,
@@ -60,7 +60,7 @@ def test_state_layout_and_high_precision_tensors(model):
     spec = quant.QuantSpec("fp8", exclude=("*.mixer.o_proj",), kinds="M*E")
     qs = quant.init_quant_state(params, CFG, spec)
     assert "o_proj" not in qs.layers[1] and qs.layers[2] == {}
-    ex = qexport.exclude_modules(CFG, qs)
+    ex = modelopt.exclude_modules(CFG, qs)
     assert "backbone.layers.1.mixer.o_proj" in ex and "backbone.layers.2.mixer.up_proj" in ex and "lm_head" in ex
 
 
@@ -174,20 +174,20 @@ def test_export_load_round_trip_same_logits(model, tmp_path, fmt):
     assert (legacy.get("group_size") == 16) == (fmt == "nvfp4") and "kv_cache_quant_algo" in legacy
     st = os.path.join(out, "model.safetensors")
     wkey = "backbone.layers.0.mixer.in_proj.weight"
-    wt = qexport.read_tensor(st, wkey)
+    wt = hfio.read_tensor(st, wkey)
     D = sub_cfg.hidden_size
     if fmt == "fp8":
         assert wt.dtype == ml_dtypes.float8_e4m3fn and wt.shape[1] == D
-        assert qexport.read_tensor(st, wkey + "_scale").shape == ()
+        assert hfio.read_tensor(st, wkey + "_scale").shape == ()
     else:
         assert wt.dtype == np.uint8 and wt.shape[1] == D // 2
-        bs = qexport.read_tensor(st, "backbone.layers.0.mixer.in_proj.weight_scale")
+        bs = hfio.read_tensor(st, "backbone.layers.0.mixer.in_proj.weight_scale")
         assert bs.dtype == ml_dtypes.float8_e4m3fn and bs.shape == (wt.shape[0], D // 16)
-        assert qexport.read_tensor(st, "backbone.layers.0.mixer.in_proj.weight_scale_2").shape == ()
-        assert qexport.read_tensor(st, "backbone.layers.3.mixer.experts.1.up_proj.weight").dtype == np.uint8
-    assert qexport.read_tensor(st, "backbone.layers.1.mixer.q_proj.input_scale").dtype == np.float32
-    assert qexport.read_tensor(st, "backbone.embeddings.weight").dtype == np.float32   # high precision
-    assert qexport.read_tensor(st, "backbone.layers.3.mixer.gate.weight").dtype == np.float32
+        assert hfio.read_tensor(st, "backbone.layers.0.mixer.in_proj.weight_scale_2").shape == ()
+        assert hfio.read_tensor(st, "backbone.layers.3.mixer.experts.1.up_proj.weight").dtype == np.uint8
+    assert hfio.read_tensor(st, "backbone.layers.1.mixer.q_proj.input_scale").dtype == np.float32
+    assert hfio.read_tensor(st, "backbone.embeddings.weight").dtype == np.float32   # high precision
+    assert hfio.read_tensor(st, "backbone.layers.3.mixer.gate.weight").dtype == np.float32
     cfg2, params2, qs2 = ej.load_hf(out, with_quant=True)
     assert qs2.spec.fmt == fmt
     expect = fwd(sub, tokens, sub_cfg, quant=sub_qs)
@@ -267,7 +267,7 @@ def test_cli_slice_quantize_writes_a_quarter(model, tmp_path):
         out = str(tmp_path / f"out-{q}")
         argv = ["slice", src, out, "--widths", w, "--quiet", "--calib-batches", "1"] + (["--quantize", q] if q else [])
         assert cli.main(argv) == 0
-        sizes[q] = qexport.checkpoint_bytes(out)
+        sizes[q] = hfio.checkpoint_bytes(out)
     cfg2, params2, qs2 = ej.load_hf(str(tmp_path / "out-nvfp4"), with_quant=True)
     assert qs2.spec.fmt == "nvfp4" and cfg2.hidden_size == 32
     assert np.isfinite(np.asarray(fwd(params2, tokens, cfg2, quant=qs2))).all()

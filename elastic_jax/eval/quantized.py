@@ -93,7 +93,7 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
     from ..hf import load_hf, save_hf
     from ..infer.budget import ElasticModel
     from ..model import forward
-    from ..quant.export import checkpoint_bytes
+    from ..hf import checkpoint_bytes
     from ..train import train_elastic
 
     cache_path = os.path.join(out_dir, "quantization.json")
