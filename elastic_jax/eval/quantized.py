@@ -210,7 +210,7 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
 
 def _stored_precision(params, qs, dt):
     """`params` as the export stores them: the tensors kept in high precision rounded to `dt`, except
-    the MoE router weight and correction bias (float32 on disk, hf.py) and the quantized
+    the MoE router weight and correction bias (float32 on disk, hf/keys.py) and the quantized
     projections (exported from the unrounded weights with their fixed scales)."""
     def rnd(x):
         return x.astype(dt).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x

@@ -157,7 +157,7 @@ def load_hf(directory: str | os.PathLike, *, dtype=None, mesh=None, rules=None,
     unexpected or mis-shaped tensor and every unsupported config option at once.
     A ModelOpt FP8 / NVFP4 checkpoint (`quantization_config` in config.json) is read dequantized;
     `with_quant=True` returns (cfg, params, QuantState or None) for the simulated-quantization
-    forward (`forward(..., quant=state)`). A tensor holding NaN / inf is refused
+    forward (`forward(quant.qweight_params(params, state), ...)`). A tensor holding NaN / inf is refused
     (`NonFiniteError` naming it) unless `allow_nonfinite` (debugging: a warning instead)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):

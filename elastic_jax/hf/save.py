@@ -123,7 +123,7 @@ def save_hf(directory: str | os.PathLike, cfg: NemotronHConfig, params: dict, *,
     NemotronH config and raises `HFCheckpointError`.
     `quantization` "fp8" | "nvfp4" (or a `quant_state`, `elastic_jax.quant.QuantState`): the
     projections are written packed with their scales in the ModelOpt layout
-    (`elastic_jax.quant.export`); without a state the weight scales come from these params;
+    (`elastic_jax.hf.modelopt`); without a state the weight scales come from these params;
     `kv_scales` ({attention layer: {"k_scale", "v_scale"}}, `elastic_jax.quant.calibrate_kv_cache`)
     adds FP8 KV-cache scales.
     `budgets` ({name: Widths}, nested submodels of this model) is written as `elastic_budgets.json`
