@@ -7,7 +7,7 @@
   budgets     the nested family: `elastic_budgets.json`, the budget router, `--widths`
   load, save  `load_hf`, `save_hf`
 
-Dependencies run one way: keys <- io <- modelopt <- load / save.
+Imports run one way: keys, io, config_json, budgets at the bottom; modelopt on keys; load / save on top.
 """
 from .budgets import BUDGETS_FILE, budget_table, flatten_tree, parse_widths, read_budget_table, read_router, unflatten_tree
 from .config_json import hf_config_dict, read_hf_config
