@@ -8,9 +8,16 @@ from typing import Any
 
 import jax
 
+from . import quant
 from .config import NemotronHConfig
-from .hf import HF_EXPORT_FILES, load_hf, parse_widths, read_budget_table, save_hf
+from .elastic import slice_quant_state
+from .elastic.budgets import budget_family, check_budget_size, target_of, trained_widths
+from .elastic.slicing import param_count, slice_params
+from .fileio import check_target
+from .finite import check_finite
+from .hf import HF_EXPORT_FILES, checkpoint_bytes, load_hf, parse_widths, read_budget_table, save_hf
 from .model.kinds import attention
+from .quant import calibrate_kv_cache
 from .train.checkpoint import load_run
 
 
@@ -25,10 +32,8 @@ def _load_source(src: str, args) -> tuple[NemotronHConfig, dict, Any]:
         args.family = {n: e["widths"] for n, e in read_budget_table(src, cfg).items()}
         return cfg, params, None
     cfg, params, router, ecfg = load_run(src, args.step)
-    from .finite import check_finite
     check_finite({"params": params, "router": router}, f"{src}: the checkpoint", allow=args.allow_nonfinite,
                  hint="refusing to export it (--allow-nonfinite to export anyway)")
-    from .elastic.budgets import budget_family, check_budget_size, target_of, trained_widths
     if router is not None and ecfg is not None:   # the run's nested family: every trained budget (100%: the parent)
         args.family = budget_family(router, cfg, ecfg)
         args.family_fractions = {f"{round(100 * b):d}%": b for b in ecfg.budgets}
@@ -48,7 +53,6 @@ def _export_quant_state(args, cfg, params, widths):
     """--quantize: the run's own QAD scales when it has them, else weight scales from the parent
     (before slicing) and activation scales calibrated on --calib-batches random-token batches of
     the full and the nested model (PTQ)."""
-    from . import quant
     if not os.path.isfile(os.path.join(args.src, "config.json")):
         qs = load_run(args.src, args.step, with_quant=True)[4]
         if qs is not None and qs.spec.fmt == args.quantize:
@@ -69,8 +73,6 @@ def _calib_batches(args, cfg):
 
 
 def _cmd_export(args) -> int:
-    from .elastic.slicing import param_count, slice_params
-    from .fileio import check_target
     check_target(args.out, owned=HF_EXPORT_FILES, overwrite=args.overwrite, protect=[args.src],
                  what=args.command)                 # refuse a bad target before loading anything
     cfg, params, widths = _load_source(args.src, args)
@@ -96,12 +98,10 @@ def _cmd_export(args) -> int:
     elif args.quantize is not None:
         qstate = _export_quant_state(args, cfg, params, widths)
         if args.recipe == "nano" and cfg.layers_of(attention):     # NVIDIA's Nano recipe: FP8 KV-cache scales
-            from .quant import calibrate_kv_cache
             kv_scales = calibrate_kv_cache(params, cfg, _calib_batches(args, cfg), widths=(None,) if widths is None
                                            else (None, widths))
     if widths is not None:
         if qstate is not None:
-            from .elastic import slice_quant_state
             qstate = slice_quant_state(qstate, params, cfg, widths)
         if kv_scales:                    # parent layer index -> the slice's
             new = {old: k for k, old in enumerate(i for i, keep in enumerate(widths.layer_mask(cfg)) if keep)}
@@ -116,7 +116,6 @@ def _cmd_export(args) -> int:
             allow_nonfinite=args.allow_nonfinite)
     if not args.quiet:
         n = param_count(cfg)
-        from .quant.export import checkpoint_bytes
         print(f"wrote {args.out}: {n:,} parameters ({100 * n / n_full:.1f}% of {n_full:,}), pattern {cfg.pattern}, "
               f"hidden {cfg.hidden_size}, {checkpoint_bytes(args.out):,} bytes of safetensors"
               + (f" ({args.quantize})" if args.quantize else ""))

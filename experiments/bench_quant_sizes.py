@@ -17,7 +17,7 @@ import jax
 
 import elastic_jax as ej
 from elastic_jax import quant
-from elastic_jax.quant import export as qexport
+from elastic_jax.hf import io as hfio
 
 
 def projection_bytes(directory: str, fmt: str | None) -> int:
@@ -53,7 +53,7 @@ def main(argv=None):
             if fmt:
                 qs = quant.calibrate(params, cfg, quant.init_quant_state(params, cfg, fmt), batches)
             d = ej.save_hf(os.path.join(tmp, str(fmt)), cfg, params, dtype="bfloat16", quant_state=qs)
-            rows.append({"format": fmt or "bf16", "bytes": qexport.checkpoint_bytes(d),
+            rows.append({"format": fmt or "bf16", "bytes": hfio.checkpoint_bytes(d),
                          "projection_bytes": projection_bytes(d, fmt)})
     base = rows[0]
     print(f"{'format':8s} {'bytes':>12s} {'/ bf16':>8s} {'projections':>12s} {'/ bf16':>8s}")

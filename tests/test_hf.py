@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 import elastic_jax as ej
 from conftest import FAST_XLA, assert_trees_equal, max_abs_diff
 from elastic_jax import hf as ejhf, hf_cli
+from elastic_jax.errors import HFCheckpointError
 
 TOL = 1e-4
 SEQ = 21  # > chunk_size (8): several SSD chunks, the last one padded
@@ -339,13 +340,13 @@ def test_truncated_or_corrupt_shard_is_a_clear_error(tmp_path):
     shard = tmp_path / "sh" / "model-00002-of-00002.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ejhf.HFCheckpointError, match=r"model-00002-of-00002.safetensors: truncated or corrupt"):
+    with pytest.raises(HFCheckpointError, match=r"model-00002-of-00002.safetensors: truncated or corrupt"):
         ej.load_hf(tmp_path / "sh")
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a json header")
-    with pytest.raises(ejhf.HFCheckpointError, match="truncated or corrupt"):
+    with pytest.raises(HFCheckpointError, match="truncated or corrupt"):
         ej.load_hf(tmp_path / "sh")
     shard.unlink()
-    with pytest.raises(ejhf.HFCheckpointError, match="listed in the index but missing"):
+    with pytest.raises(HFCheckpointError, match="listed in the index but missing"):
         ej.load_hf(tmp_path / "sh")
 
 
@@ -361,7 +362,7 @@ def test_missing_unexpected_and_misshaped_tensors_reported_together(tmp_path):
     t["backbone.layers.0.mixer.up_proj.weight"] = np.zeros((48, 32), np.float32)   # MLP tensor in a Mamba layer
     t["backbone.layers.0.mixer.A_log"] = np.zeros(5, np.float32)
     save_file(t, str(src), metadata={"format": "pt"})
-    with pytest.raises(ejhf.HFCheckpointError) as e:
+    with pytest.raises(HFCheckpointError) as e:
         ej.load_hf(tmp_path / "ok")
     msg = str(e.value)
     assert len(e.value.problems) == 5, msg
@@ -380,7 +381,7 @@ def test_unsupported_config_options_listed_together(tmp_path):
     conf = json.load(open(p))
     conf.update(tie_word_embeddings=True, moe_latent_size=16, mlp_hidden_act="gelu")
     json.dump(conf, open(p, "w"))
-    with pytest.raises(ejhf.HFCheckpointError) as e:
+    with pytest.raises(HFCheckpointError) as e:
         ej.load_hf(tmp_path / "c")
     assert [s.split("=")[0] for s in e.value.problems] == ["tie_word_embeddings", "moe_latent_size", "mlp_hidden_act"]
 
@@ -406,7 +407,7 @@ def test_heterogeneous_submodel_cannot_be_written_and_nothing_is_left(tmp_path):
     cfg, params = _ej_model("M*E-ME")
     sub_cfg, sub = ej.slice_params(params, cfg, ej.Widths(mamba_heads=(2, 4)))
     assert sub_cfg.is_heterogeneous
-    with pytest.raises(ejhf.HFCheckpointError, match="cannot differ in mamba heads"):   # vLLM: Mamba is global
+    with pytest.raises(HFCheckpointError, match="cannot differ in mamba heads"):   # vLLM: Mamba is global
         ej.save_hf(tmp_path / "het", sub_cfg, sub)
     assert os.listdir(tmp_path) == []
 

@@ -34,7 +34,7 @@ LAYERS = {
     "elastic_jax.fileio": 2, "elastic_jax.finite": 2, "elastic_jax.hostmem": 2, "elastic_jax.aot": 2, "elastic_jax.quant.formats": 2, "elastic_jax.quant.qweight": 2,
     "elastic_jax.model": 3, "elastic_jax.quant": 3,
     "elastic_jax.elastic": 4,
-    "elastic_jax.hf": 5, "elastic_jax.quant.export": 5,
+    "elastic_jax.hf": 5,
     "elastic_jax.data": 6, "elastic_jax.tasks": 6, "elastic_jax.train": 6,
     "elastic_jax.infer": 7, "elastic_jax.eval": 7, "elastic_jax.data.tokenize": 7,
     "elastic_jax.cli": 8, "elastic_jax.experiment": 8, "elastic_jax.recipes": 8,

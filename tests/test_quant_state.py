@@ -11,7 +11,7 @@ import pytest
 import elastic_jax as ej
 from elastic_jax import quant
 from elastic_jax.elastic.slicing import slice_params
-from elastic_jax.quant import export as qexport
+from elastic_jax.hf import io as hfio, modelopt
 
 CFG = ej.NemotronHConfig(vocab_size=64, hidden_size=64, hybrid_override_pattern="M*-E", intermediate_size=64,
                          moe_intermediate_size=32, mamba_head_dim=16, mamba_num_heads=4, n_groups=2,
@@ -60,7 +60,7 @@ def test_state_layout_and_high_precision_tensors(model):
     spec = quant.QuantSpec("fp8", exclude=("*.mixer.o_proj",), kinds="M*E")
     qs = quant.init_quant_state(params, CFG, spec)
     assert "o_proj" not in qs.layers[1] and qs.layers[2] == {}
-    ex = qexport.exclude_modules(CFG, qs)
+    ex = modelopt.exclude_modules(CFG, qs)
     assert "backbone.layers.1.mixer.o_proj" in ex and "backbone.layers.2.mixer.up_proj" in ex and "lm_head" in ex
 
 
@@ -68,7 +68,7 @@ def test_state_layout_and_high_precision_tensors(model):
 def test_quantized_forward_is_close_but_not_equal(model, fmt):
     params, tokens, states, fwd = model
     ref = fwd(params, tokens, CFG)
-    q = fwd(params, tokens, CFG, quant=states[fmt])
+    q = fwd(quant.qweight_params(params, states[fmt]), tokens, CFG)
     rel = float(jnp.linalg.norm(q - ref) / jnp.linalg.norm(ref))
     assert 0 < rel < (0.08 if fmt == "fp8" else 0.3), rel
 
@@ -82,15 +82,16 @@ def test_nvfp4_activations_are_simulated_once_calibrated(model):
     params, tokens, states, fwd = model
     qs = states["nvfp4"]
     assert qs.calibrated and float(qs.layers[1]["q_proj"]["input_scale"]) > 0
-    w4a4 = fwd(params, tokens, CFG, quant=qs)
-    w4a16 = fwd(params, tokens, CFG, quant=quant.QuantState(dataclasses.replace(qs.spec, activations=False), qs.layers))
+    w4a4 = fwd(quant.qweight_params(params, qs), tokens, CFG)
+    w4a16 = fwd(quant.qweight_params(params, quant.QuantState(dataclasses.replace(qs.spec, activations=False), qs.layers)),
+                tokens, CFG)
     bare = quant.init_quant_state(params, CFG, "nvfp4")
-    np.testing.assert_array_equal(np.asarray(fwd(params, tokens, CFG, quant=bare)), np.asarray(w4a16))
+    np.testing.assert_array_equal(np.asarray(fwd(quant.qweight_params(params, bare), tokens, CFG)), np.asarray(w4a16))
     ref = fwd(params, tokens, CFG)
     err = lambda q: float(jnp.linalg.norm(q - ref) / jnp.linalg.norm(ref))
     assert err(w4a16) < err(w4a4) < 0.5, (err(w4a16), err(w4a4))
     e = qs.layers[1]["q_proj"]
-    qw = quant.apply_layer(params["layers"][1]["mixer"], qs, 1)["q_proj"]
+    qw = quant.qweight_params(params, qs)["layers"][1]["mixer"]["q_proj"]
     x = jax.random.normal(jax.random.PRNGKey(5), (3, CFG.hidden_size))
     expect = quant.formats.nvfp4_activation(x, e["input_scale"]) @ quant.quantize_weight(
         params["layers"][1]["mixer"]["q_proj"], e, "nvfp4")
@@ -102,10 +103,10 @@ def test_quantized_masked_equals_quantized_sliced(model, fmt):
     params, tokens, states, fwd = model
     qs = states[fmt]
     for axis, w in WIDTHS.items():
-        masked = fwd(params, tokens, CFG, w, quant=qs)
+        masked = fwd(quant.qweight_params(params, qs), tokens, CFG, w)
         sub_cfg, sub = slice_params(params, CFG, w)
         sub_qs = ej.elastic.slice_quant_state(qs, params, CFG, w)
-        sliced = fwd(sub, tokens, sub_cfg, quant=sub_qs)
+        sliced = fwd(quant.qweight_params(sub, sub_qs), tokens, sub_cfg)
         np.testing.assert_allclose(np.asarray(masked), np.asarray(sliced), atol=2e-5, err_msg=f"{fmt} {axis}")
         # scales are state: re-deriving them from the sliced tensors would differ
         fresh = quant.init_quant_state(sub, sub_cfg, fmt)
@@ -122,7 +123,7 @@ def test_elastic_model_serves_the_quantized_submodels(model):
     params, tokens, states, fwd = model
     qs, w = states["nvfp4"], WIDTHS["all"]
     ext = jnp.concatenate([tokens, tokens[:, :1]], axis=1)
-    expect = np.asarray(fwd(params, ext, CFG, w, quant=qs))
+    expect = np.asarray(fwd(quant.qweight_params(params, qs), ext, CFG, w))
     m = ElasticModel(CFG, params, {"n": w}, mode="masked", quant=qs)
     c, p, ww = m.view("n")
     assert m.quant_view("n") is qs
@@ -174,24 +175,24 @@ def test_export_load_round_trip_same_logits(model, tmp_path, fmt):
     assert (legacy.get("group_size") == 16) == (fmt == "nvfp4") and "kv_cache_quant_algo" in legacy
     st = os.path.join(out, "model.safetensors")
     wkey = "backbone.layers.0.mixer.in_proj.weight"
-    wt = qexport.read_tensor(st, wkey)
+    wt = hfio.read_tensor(st, wkey)
     D = sub_cfg.hidden_size
     if fmt == "fp8":
         assert wt.dtype == ml_dtypes.float8_e4m3fn and wt.shape[1] == D
-        assert qexport.read_tensor(st, wkey + "_scale").shape == ()
+        assert hfio.read_tensor(st, wkey + "_scale").shape == ()
     else:
         assert wt.dtype == np.uint8 and wt.shape[1] == D // 2
-        bs = qexport.read_tensor(st, "backbone.layers.0.mixer.in_proj.weight_scale")
+        bs = hfio.read_tensor(st, "backbone.layers.0.mixer.in_proj.weight_scale")
         assert bs.dtype == ml_dtypes.float8_e4m3fn and bs.shape == (wt.shape[0], D // 16)
-        assert qexport.read_tensor(st, "backbone.layers.0.mixer.in_proj.weight_scale_2").shape == ()
-        assert qexport.read_tensor(st, "backbone.layers.3.mixer.experts.1.up_proj.weight").dtype == np.uint8
-    assert qexport.read_tensor(st, "backbone.layers.1.mixer.q_proj.input_scale").dtype == np.float32
-    assert qexport.read_tensor(st, "backbone.embeddings.weight").dtype == np.float32   # high precision
-    assert qexport.read_tensor(st, "backbone.layers.3.mixer.gate.weight").dtype == np.float32
+        assert hfio.read_tensor(st, "backbone.layers.0.mixer.in_proj.weight_scale_2").shape == ()
+        assert hfio.read_tensor(st, "backbone.layers.3.mixer.experts.1.up_proj.weight").dtype == np.uint8
+    assert hfio.read_tensor(st, "backbone.layers.1.mixer.q_proj.input_scale").dtype == np.float32
+    assert hfio.read_tensor(st, "backbone.embeddings.weight").dtype == np.float32   # high precision
+    assert hfio.read_tensor(st, "backbone.layers.3.mixer.gate.weight").dtype == np.float32
     cfg2, params2, qs2 = ej.load_hf(out, with_quant=True)
     assert qs2.spec.fmt == fmt
-    expect = fwd(sub, tokens, sub_cfg, quant=sub_qs)
-    got = fwd(params2, tokens, cfg2, quant=qs2)
+    expect = fwd(quant.qweight_params(sub, sub_qs), tokens, sub_cfg)
+    got = fwd(quant.qweight_params(params2, qs2), tokens, cfg2)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expect), atol=2e-5)
     # the dequantized weights are exactly the fake-quantized ones
     wq = quant.quantize_weight(sub["layers"][1]["mixer"]["q_proj"], sub_qs.layers[1]["q_proj"], fmt)
@@ -247,7 +248,7 @@ def test_nvfp4_qad_beats_ptq_at_every_budget(model, tmp_path):
 
     def kl(student, w):
         lt = jax.nn.log_softmax(fwd(params, held_out, CFG, w))
-        ls = jax.nn.log_softmax(fwd(student, held_out, CFG, w, quant=qs))
+        ls = jax.nn.log_softmax(fwd(quant.qweight_params(student, qs), held_out, CFG, w))
         return float(jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), -1)))
 
     for b in ecfg.budgets:
@@ -267,8 +268,8 @@ def test_cli_slice_quantize_writes_a_quarter(model, tmp_path):
         out = str(tmp_path / f"out-{q}")
         argv = ["slice", src, out, "--widths", w, "--quiet", "--calib-batches", "1"] + (["--quantize", q] if q else [])
         assert cli.main(argv) == 0
-        sizes[q] = qexport.checkpoint_bytes(out)
+        sizes[q] = hfio.checkpoint_bytes(out)
     cfg2, params2, qs2 = ej.load_hf(str(tmp_path / "out-nvfp4"), with_quant=True)
     assert qs2.spec.fmt == "nvfp4" and cfg2.hidden_size == 32
-    assert np.isfinite(np.asarray(fwd(params2, tokens, cfg2, quant=qs2))).all()
+    assert np.isfinite(np.asarray(fwd(quant.qweight_params(params2, qs2), tokens, cfg2))).all()
     assert sizes["nvfp4"] < 0.6 * sizes[None]       # f32 source: projections 4 bits + scales

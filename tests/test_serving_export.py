@@ -47,7 +47,9 @@ import pytest
 import elastic_jax as ej
 from elastic_jax import hf as ejhf, hf_cli, quant
 from elastic_jax.elastic import budgets as ejb
-from elastic_jax.quant import export as qexport
+from elastic_jax.errors import HFCheckpointError
+from elastic_jax.hf import io as hfio, modelopt
+from elastic_jax.hf.save import hf_tensors
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_hf import _ej_model  # noqa: E402
@@ -201,7 +203,7 @@ class VllmRules:
         loaded: dict = {}
         from safetensors import safe_open
         for path in self.weight_files():
-            for key in qexport._header_keys(path):
+            for key in hfio.tensor_keys(path):
                 name = self.map_name(key)
                 if name is None:
                     continue
@@ -212,7 +214,7 @@ class VllmRules:
                     elif f".{s}_proj." in name:                   # orig_to_new_stacked -> qkv_proj
                         name, shard = name.replace(f".{s}_proj.", ".qkv_proj."), s
                 assert name in params, f"vLLM: There is no module or parameter named {name!r} (from {key})"
-                loaded.setdefault(name, []).append((shard, qexport.read_tensor(path, key)))
+                loaded.setdefault(name, []).append((shard, hfio.read_tensor(path, key)))
         for name, spec in params.items():
             got = loaded.get(name, [])
             if spec[0] in ("opt",):
@@ -311,8 +313,8 @@ def test_old_state_with_separate_qkv_scales_is_unified(model, tmp_path):
     layers = [dict(e) for e in qs.layers]
     layers[1]["k_proj"] = dict(layers[1]["k_proj"], scale=layers[1]["k_proj"]["scale"] * 0.5)   # pre-issue-28 state
     msgs = []
-    tensors = list(ejhf._hf_tensors(cfg, params, np.dtype(np.float32)))
-    got, _ = qexport.quantize_tensors(cfg, params, tensors, "nvfp4", quant.QuantState(qs.spec, layers),
+    tensors = list(hf_tensors(cfg, params, np.dtype(np.float32)))
+    got, _ = modelopt.quantize_tensors(cfg, params, tensors, "nvfp4", quant.QuantState(qs.spec, layers),
                                       log=msgs.append)
     assert msgs and "group max" in msgs[0]
     s2 = {k: float(t()) for k, _, t in got if k.startswith("backbone.layers.1.mixer.") and k.endswith("weight_scale_2")}
@@ -371,10 +373,10 @@ def test_slicing_a_quantized_folder_keeps_parent_scales(model, tmp_path):
     st_p, st_c = os.path.join(parent, "model.safetensors"), os.path.join(child, "model.safetensors")
     for key in ("backbone.layers.0.mixer.in_proj.weight_scale_2", "backbone.layers.3.mixer.down_proj.input_scale",
                 "backbone.layers.2.mixer.experts.1.up_proj.weight_scale_2"):
-        assert qexport.read_tensor(st_c, key) == qexport.read_tensor(st_p, key), key        # kept, not re-derived
+        assert hfio.read_tensor(st_c, key) == hfio.read_tensor(st_p, key), key        # kept, not re-derived
     # down_proj block scales: the first 32 of 48 input channels = the first 2 blocks of every kept row
-    bp = qexport.read_tensor(st_p, "backbone.layers.3.mixer.down_proj.weight_scale").astype(np.float32)
-    bc = qexport.read_tensor(st_c, "backbone.layers.3.mixer.down_proj.weight_scale").astype(np.float32)
+    bp = hfio.read_tensor(st_p, "backbone.layers.3.mixer.down_proj.weight_scale").astype(np.float32)
+    bc = hfio.read_tensor(st_c, "backbone.layers.3.mixer.down_proj.weight_scale").astype(np.float32)
     np.testing.assert_array_equal(bc, bp[:16, :2])
 
 
@@ -388,20 +390,20 @@ def test_reader_accepts_both_forms_and_nvidias_files(tmp_path):
             "ignore": ["lm_head", "backbone.layers.3.mixer.q_proj"], "quant_algo": "FP8",
             "kv_cache_scheme": {"dynamic": False, "num_bits": 8, "type": "float"},
             "producer": {"name": "modelopt", "version": "0.35.0"}, "quant_method": "modelopt"}
-    s = qexport.spec_from_config({"quantization_config": flat})
+    s = modelopt.spec_from_config({"quantization_config": flat})
     assert s.fmt == "fp8" and s.exclude == ("backbone.layers.3.mixer.q_proj",)
-    assert qexport.read_modelopt_config(flat)["kv_cache_quant_algo"] == "FP8"
+    assert modelopt.read_modelopt_config(flat)["kv_cache_quant_algo"] == "FP8"
     # old elastic_jax files (flat, exclude_modules) still read
     old = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head", "x"]}
-    assert qexport.spec_from_config({"quantization_config": old}).exclude == ("x",)
+    assert modelopt.spec_from_config({"quantization_config": old}).exclude == ("x",)
     # no quantization_config in config.json: hf_quant_config.json in the folder (vLLM's fallback)
     json.dump(nested, open(tmp_path / "hf_quant_config.json", "w"))
-    s = qexport.spec_from_config({}, str(tmp_path))
+    s = modelopt.spec_from_config({}, str(tmp_path))
     assert s.fmt == "nvfp4" and s.exclude == ("backbone.layers.5.mixer*",)
     for bad, match in (({"quant_method": "awq", "quant_algo": "FP8"}, "modelopt"),
                        ({"quant_method": "modelopt", "quant_algo": "INT4_AWQ"}, "INT4_AWQ")):
         with pytest.raises(quant.QuantizationError, match=match):
-            qexport.spec_from_config({"quantization_config": bad})
+            modelopt.spec_from_config({"quantization_config": bad})
 
 
 # ------------------------------------------------------------------------ nemotron_h_puzzle
@@ -426,7 +428,7 @@ def test_heterogeneous_slice_is_nemotron_h_puzzle(tmp_path):
     # per-layer attention heads cannot be served: said, nothing written
     pcfg, pparams = _ej_model("M*E*")
     bad_cfg, bad = ej.slice_params(pparams, pcfg, ej.Widths(attn_heads=(2, 4)))
-    with pytest.raises(ejhf.HFCheckpointError, match="attention"):
+    with pytest.raises(HFCheckpointError, match="attention"):
         ej.save_hf(tmp_path / "bad", bad_cfg, bad)
     assert not (tmp_path / "bad").exists()
 

@@ -67,13 +67,19 @@ def qad_train_config(base, qcfg: QuantEvalConfig):
         checkpoint_every=qcfg.qad_steps)
 
 
+def _quantized(params, qs):
+    """The params the simulated quantized model runs (`QWeight` projections; None: high precision)."""
+    return params if qs is None else quant.qweight_params(params, qs)
+
+
 def _kl_fn(cfg):
     from ..model import forward
 
     @jax.jit
     def kl(teacher, student, qs, tokens, seg, widths):
         lt = jax.nn.log_softmax(forward(teacher, tokens, cfg, widths, segment_ids=seg).astype(jnp.float32))
-        ls = jax.nn.log_softmax(forward(student, tokens, cfg, widths, segment_ids=seg, quant=qs).astype(jnp.float32))
+        ls = jax.nn.log_softmax(
+            forward(_quantized(student, qs), tokens, cfg, widths, segment_ids=seg).astype(jnp.float32))
         per = jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
         valid = (seg > 0).astype(jnp.float32)
         return jnp.sum(per * valid), jnp.sum(valid)
@@ -93,7 +99,7 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
     from ..hf import load_hf, save_hf
     from ..infer.budget import ElasticModel
     from ..model import forward
-    from ..quant.export import checkpoint_bytes
+    from ..hf import checkpoint_bytes
     from ..train import train_elastic
 
     cache_path = os.path.join(out_dir, "quantization.json")
@@ -180,8 +186,8 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
         ref_params = _stored_precision(params, qs, dt)
         diffs = []
         for n in names:
-            a = fwd(params2, tok, cfg2, resolved[n], segment_ids=seg, quant=qs2)
-            r = fwd(ref_params, tok, cfg, resolved[n], segment_ids=seg, quant=qs)
+            a = fwd(_quantized(params2, qs2), tok, cfg2, resolved[n], segment_ids=seg)
+            r = fwd(_quantized(ref_params, qs), tok, cfg, resolved[n], segment_ids=seg)
             diffs.append(float(jnp.max(jnp.abs(a - r))))
         roundtrip[v] = max(diffs)
     timing["export"] = time.perf_counter() - t0
@@ -204,7 +210,7 @@ def run_quant_stage(qcfg: QuantEvalConfig, *, cfg, ecfg, el_train, teacher, rout
 
 def _stored_precision(params, qs, dt):
     """`params` as the export stores them: the tensors kept in high precision rounded to `dt`, except
-    the MoE router weight and correction bias (float32 on disk, hf.py) and the quantized
+    the MoE router weight and correction bias (float32 on disk, hf/keys.py) and the quantized
     projections (exported from the unrounded weights with their fixed scales)."""
     def rnd(x):
         return x.astype(dt).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x

@@ -39,6 +39,7 @@ from ..elastic.slicing import param_count, slice_params
 from ..model.cost import CostModel, Mode
 from ..model.decoder import decode_step, prefill
 from ..model.generate import sample_logits
+from ..quant.state import qweight_params
 from ..widths import Widths
 
 MODES = ("masked", "sliced")
@@ -125,9 +126,14 @@ def _freeze(done, new, old):
     return jax.tree_util.tree_map(sel, new, old)
 
 
+def _quantized(params, quant):
+    """The params a quantized submodel runs: projections as `QWeight` leaves (METHOD §10)."""
+    return params if quant is None else qweight_params(params, quant)
+
+
 @partial(jax.jit, static_argnames=("cfg", "max_len"))
 def _prefill(params, tokens, valid, widths, *, cfg, max_len, quant=None):
-    logits, cache = prefill(params, tokens, cfg, widths, max_len=max_len, valid=valid, quant=quant)
+    logits, cache = prefill(_quantized(params, quant), tokens, cfg, widths, max_len=max_len, valid=valid)
     return logits[:, -1], cache
 
 
@@ -146,7 +152,7 @@ def _decode_body(params, widths, key, s, *, cfg, stop_token, pad_token, temperat
     out = out.at[:, i].set(tok)
     lengths = lengths + (~done).astype(jnp.int32)
     hit = jnp.isin(tok, _stops(stop_token)) & ~done
-    new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths, quant=quant)
+    new_logits, new_cache = decode_step(_quantized(params, quant), tok[:, None], cache, cfg, widths)
     cache = _freeze(done, new_cache, cache)
     logits = jnp.where(done[:, None], logits, new_logits[:, -1])
     return i + 1, logits, cache, done | hit, out, lengths, stopped | hit
@@ -207,7 +213,7 @@ def decode_stream(params, widths, cache, last_logits, done0, limit: int, key, *,
 @partial(jax.jit, static_argnames=("cfg",))
 def _force(params, widths, cache, last_logits, tok, need, *, cfg, quant=None):
     """Feed `tok` [B] to rows with need=True (others frozen)."""
-    new_logits, new_cache = decode_step(params, tok[:, None], cache, cfg, widths, quant=quant)
+    new_logits, new_cache = decode_step(_quantized(params, quant), tok[:, None], cache, cfg, widths)
     cache = _freeze(~need, new_cache, cache)
     return jnp.where(need[:, None], new_logits[:, -1], last_logits), cache
 

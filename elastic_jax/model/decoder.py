@@ -26,8 +26,7 @@ from jax.experimental import checkify
 
 from ..config import NemotronHConfig
 from ..sharding import constrain
-from ..widths import SoftWidths, Widths, as_soft, norm_correction, prefix_mask
-from ..quant.state import apply_layer
+from ..widths import PER_LAYER_AXES, WIDTH_AXES, SoftWidths, Widths, as_soft, full_size, norm_correction, prefix_mask
 from .kinds import KINDS, kind_of, layer_sizes, layers_with_aux
 from .kinds.base import layer_sizes_of
 from .layers import Context, rms_norm
@@ -74,10 +73,7 @@ def _scan_fallback(params, cfg: NemotronHConfig, ctx: Context, cache) -> str | N
         return "decoding with a cache runs the unrolled loop"
     if ctx.collect:
         return "collecting intermediates runs the unrolled loop"
-    if ctx.quant is not None:
-        reason = "fake quantization (QAD) indexes its scales per layer"
-    else:
-        reason = unstackable_reason(params["layers"], cfg)
+    reason = unstackable_reason(params["layers"], cfg)
     if reason is not None:
         warnings.warn(f"scan_layers: running the layers unrolled: {reason}", stacklevel=4)
     return reason
@@ -100,7 +96,6 @@ def _check_layer_gates(widths, cfg: NemotronHConfig) -> None:
 def _check_traced_widths(widths, cfg: NemotronHConfig) -> None:
     """`checked`: traced `Widths` counts must lie in [1, full size] (0 or below gives NaN logits;
     concrete ones were already refused on the host by `Widths.validate`)."""
-    from ..widths import PER_LAYER_AXES, WIDTH_AXES, full_size
     if not isinstance(widths, Widths):
         return
     for axis in WIDTH_AXES:
@@ -186,8 +181,6 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
         for i, char in enumerate(cfg.pattern):
             lp = layers[i]
             el = None if sw is None else _layer_masks(cfg, sw, char, kinds[i], lp["mixer"])
-            if ctx.quant is not None:   # fixed-scale fake quantization of the projections (METHOD §10)
-                lp = {"norm": lp["norm"], "mixer": apply_layer(lp["mixer"], ctx.quant, i)}
             run = jax.checkpoint(block, policy=policy, static_argnums=(4,)) if remat else block
             out, c = run(h, lp, el, None if cache is None else cache[i], char)
             gate = None if sw is None else sw.layers[i].astype(out.dtype)
@@ -217,12 +210,12 @@ def _run(params, tokens, cfg: NemotronHConfig, widths, ctx: Context, cache, retu
 
 
 def forward(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-            segment_ids=None, policy: ComputePolicy | None = None, quant=None, checked: bool = False,
+            segment_ids=None, policy: ComputePolicy | None = None, checked: bool = False,
             intermediates: bool = False):
     """Logits f32 [B, L, vocab] of the (masked) model. `segment_ids` [B, L]: packed documents
-    (attention, conv and SSM state do not cross boundaries); id 0 marks padding. `quant`: an
-    `elastic_jax.quant.QuantState` (FP8 / NVFP4 simulated with its fixed scales). `checked`: see
-    the module docstring.
+    (attention, conv and SSM state do not cross boundaries); id 0 marks padding. Quantized
+    projections are `QWeight` leaves of `params` (`elastic_jax.quant.qweight_params`: FP8 / NVFP4
+    simulated with fixed scales, METHOD §10). `checked`: see the module docstring.
 
     `intermediates`: return (logits, per-layer list of dicts) instead, each layer's dict holding
     "input" (the normed block input [B, L, D]) and what its mixer records (Mamba "x_proj"
@@ -231,8 +224,7 @@ def forward(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | 
     stored anywhere; the layers then run unrolled."""
     check_segment_ids(segment_ids, tokens)
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant,
-                  collect=intermediates)
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), collect=intermediates)
     logits, inter = _run(params, tokens, cfg, widths, ctx, None, checked=checked)
     return (logits, inter) if intermediates else logits
 
@@ -279,7 +271,7 @@ def init_cache(cfg: NemotronHConfig, batch: int, max_len: int, params=None, dtyp
     return Cache(layers=layers, pos=jnp.zeros((), jnp.int32), max_len=max_len)
 
 
-def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, quant=None, checked=False):
+def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, checked=False):
     L = tokens.shape[1]
     if not isinstance(cache.pos, jax.core.Tracer):
         if int(cache.pos) + L > cache.max_len:
@@ -292,7 +284,7 @@ def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, qua
         raise ValueError(f"this cache was filled by the submodel at widths [{cache.widths_key}] but the step runs at "
                          f"[{key}]; a cache is only valid for the submodel that wrote it (prefill again)")
     ctx = Context(valid=valid, positions=cache.pos + jnp.arange(L), decoding=True,
-                  policy=resolve_policy(cfg, policy), quant=quant)
+                  policy=resolve_policy(cfg, policy))
     logits, layers = _run(params, tokens, cfg, widths, ctx, cache.layers, checked=checked)
     if isinstance(cache.pos, jax.core.Tracer) and not checked:     # past the capacity: NaN, never values
         logits = jnp.where(cache.pos + L <= cache.max_len, logits, jnp.nan)
@@ -300,41 +292,39 @@ def _cached(params, tokens, cfg, widths, cache: "Cache", valid, policy=None, qua
 
 
 def prefill(params, tokens, cfg: NemotronHConfig, widths=None, *, max_len: int, valid=None, cache=None,
-            policy: ComputePolicy | None = None, quant=None, checked: bool = False):
+            policy: ComputePolicy | None = None, checked: bool = False):
     """Run the prompt [B, L] (left-padded rows marked by `valid` False) into a fresh cache of
     `max_len` positions. Returns (logits [B, L, V], cache)."""
     if tokens.shape[1] > max_len:
         raise ValueError(f"prompt length {tokens.shape[1]} exceeds the context max_len={max_len}")
     if cache is None:
         cache = init_cache(cfg, tokens.shape[0], max_len, params, dtype=params["embed"].dtype)
-    return _cached(params, tokens, cfg, widths, cache, valid, policy, quant, checked)
+    return _cached(params, tokens, cfg, widths, cache, valid, policy, checked)
 
 
 def decode_step(params, tokens, cache, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,
-                quant=None, checked: bool = False):
+                checked: bool = False):
     """Append tokens [B, T] (usually T = 1) to the cache. Returns (logits [B, T, V], cache).
     `checked`: see the module docstring (a step past the capacity is otherwise silent under jit)."""
-    return _cached(params, tokens, cfg, widths, cache, None, policy, quant, checked)
+    return _cached(params, tokens, cfg, widths, cache, None, policy, checked)
 
 
 def final_hidden(params, tokens, cfg: NemotronHConfig, widths: Widths | SoftWidths | None = None, *,
-                 segment_ids=None, policy: ComputePolicy | None = None, quant=None,
-                 return_expert_load: bool = False):
+                 segment_ids=None, policy: ComputePolicy | None = None, return_expert_load: bool = False):
     """Final normed (and hidden-masked) states [B, L, D] in the compute dtype: `forward` without
     the lm_head, so a loss can apply `params["lm_head"]` in vocabulary chunks (elastic_jax/train).
     `return_expert_load`: also the per-MoE-layer routing counts (list of [E] f32, in MoE-layer
     order) of the (masked) routing, for aux-loss-free load balancing."""
     check_segment_ids(segment_ids, tokens)
     valid = None if segment_ids is None else segment_ids > 0
-    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy), quant=quant)
+    ctx = Context(segment_ids=segment_ids, valid=valid, policy=resolve_policy(cfg, policy))
     aux = {"expert_load": []} if return_expert_load else None
     x, _ = _run(params, tokens, cfg, widths, ctx, None, head=False, aux=aux)
     return (x, aux["expert_load"]) if return_expert_load else x
 
 
-def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None,
-                  quant=None):
+def hidden_states(params, tokens, cfg: NemotronHConfig, widths=None, *, policy: ComputePolicy | None = None):
     """Residual stream after every layer (list of [B, L, D]) and the logits."""
-    ctx = Context(policy=resolve_policy(cfg, policy), quant=quant)
+    ctx = Context(policy=resolve_policy(cfg, policy))
     logits, hiddens = _run(params, tokens, cfg, widths, ctx, None, return_hidden=True)
     return logits, hiddens

@@ -45,6 +45,10 @@ def unstackable_reason(layers, cfg: NemotronHConfig) -> str | None:
         sig = (tree, [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves])
         if c not in first:
             first[c] = (i, sig)
+        elif first[c][1][0] != tree:
+            return (f"layer {i} ('{c}') has a parameter structure different from layer {first[c][0]} of the same "
+                    f"kind (e.g. quantized `QWeight` projections in one, high-precision ones in the other: "
+                    f"QuantSpec.exclude); layers of one kind must share a structure to be stacked")
         elif first[c][1] != sig:
             return (f"layer {i} ('{c}') has parameter shapes different from layer {first[c][0]} of the same "
                     f"kind (a heterogeneous sliced model); layers of one kind must share shapes to be stacked")

@@ -1,8 +1,10 @@
 """`QWeight`: a fake-quantized projection weight as the mixers see it (METHOD §10).
 
-The decoder replaces each quantized weight of a layer by a `QWeight` holding the weight already
-rounded with the layer's fixed scales, plus the static input scale; `dense` / the grouped matmul
-call `quantize_input` on their left operand, which is where an FP8 / NVFP4 kernel quantizes its
+A quantized model's params hold a `QWeight` leaf in place of each quantized projection
+(`quant.qweight_params`, as jax-llm-examples' `QuantArray`): the weight already rounded with the
+layer's fixed scales, plus the static input scale. `forward` takes such params like any other
+(they stack for the scanned layer loop); `dense` / the grouped matmul call `unwrap`, i.e.
+`quantize_input` on their left operand, which is where an FP8 / NVFP4 kernel quantizes its
 activations: FP8 per tensor with the calibrated scale; NVFP4 in 16-element blocks along the
 reduction (last) axis, dynamic E4M3 block scales against the calibrated FP32 second-level scale.
 `observe` (calibration only) records the input's amax instead of quantizing it.

@@ -7,7 +7,7 @@ quantized sliced model and a QAD student keeps the scales its export will use:
   per tensor (per expert for routed experts [E]):  `scale`  FP8: amax / 448
                                                            NVFP4: second-level amax / (6 · 448)
   NVFP4 only: `block_scale` [..., in/16, out], E4M3 values: per 16 rows along the reduction dim
-  `input_scale` (after `calibrate`): activation amax over a few batches / 448 (NVFP4: / (6 · 448))
+  `input_scale` (after `quant.calibrate`): activation amax over a few batches / 448 (NVFP4: / (6 · 448))
                  (NVFP4: the second-level scale of the activations' dynamic 16-element blocks)
 
 Layout: `QuantState.layers[i] = {mixer key: {"scale", "block_scale"?, "input_scale"?}}` for the
@@ -18,7 +18,6 @@ correction bias, and the budget router (not part of the params).
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import functools
 from dataclasses import dataclass
@@ -26,10 +25,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..model.kinds import KINDS, kind_of, quantizable, scale_groups
-from .formats import FORMATS, FP4_MAX, FP8_MAX, NVFP4_BLOCK, fp8_with_scale, nvfp4_scales, nvfp4_with_scales
+from .formats import FORMATS, FP8_MAX, NVFP4_BLOCK, fp8_with_scale, nvfp4_scales, nvfp4_with_scales
 from .qweight import QWeight
 
 
@@ -91,20 +89,18 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class QuantState:
-    """Spec (static) + per-layer scales (arrays). A pytree: pass it to `forward(..., quant=)`."""
+    """Spec (static) + per-layer scales (arrays). A pytree; `qweight_params(params, state)` gives
+    the params `forward` runs fake-quantized."""
 
     spec: QuantSpec
     layers: list
-    observer: Callable | None = None   # calibration only: observer(layer, key, x)
-    output_observer: Callable | None = None   # KV-cache calibration only: (layer, key, x @ w)
 
     @property
     def calibrated(self) -> bool:
         return all("input_scale" in e for layer in self.layers for e in layer.values())
 
 
-jax.tree_util.register_dataclass(QuantState, data_fields=["layers"],
-                                 meta_fields=["spec", "observer", "output_observer"])
+jax.tree_util.register_dataclass(QuantState, data_fields=["layers"], meta_fields=["spec"])
 
 
 def _groups(keys: list[str], kind) -> list[list[str]]:
@@ -158,122 +154,31 @@ def quantize_weight(w, entry: dict, fmt: str):
     return nvfp4_with_scales(w, entry["block_scale"], s, axis=-2)
 
 
-def apply_layer(mixer_params: dict, qs: QuantState, layer: int) -> dict:
-    """The mixer params of `layer` with each quantized weight replaced by a `QWeight`."""
-    entries = qs.layers[layer]
-    if qs.output_observer is not None:       # KV-cache calibration: record amax of k_proj / v_proj outputs
-        out = dict(mixer_params)
-        for key in _kv_cache_keys():
-            if key in out:
-                w = out[key]
-                out[key] = QWeight(w, None, functools.partial(_observe_output, qs.output_observer, layer, key, w))
-        return out
-    if not entries:
-        return mixer_params
-    spec = qs.spec
+def qweight_params(params: dict, qs: QuantState, observe: Callable | None = None) -> dict:
+    """`params` with every projection `qs` quantizes replaced by a `QWeight` leaf: the weight
+    fake-quantized with the state's fixed scales (straight-through gradient, so QAD differentiates
+    through this call) and its static input scale (when `qs.spec.activations`). `forward` /
+    `prefill` / `decode_step` consume these leaves; the layers may run scanned. `observe(layer,
+    key, x)` (calibration only): record each quantized matmul's input instead of quantizing it."""
+    layers = params["layers"]
+    if not isinstance(layers, list):
+        raise QuantizationError("qweight_params: params['layers'] must be the per-layer list (the stacked form "
+                                "is what forward builds inside; unstack it with model.scan.unstack_layers)")
+    if len(layers) != len(qs.layers):
+        raise QuantizationError(f"qweight_params: the quantization state has {len(qs.layers)} layers, the params "
+                                f"{len(layers)}")
+    out = [dict(lp, mixer=_qweight_mixer(lp["mixer"], qs, i, observe)) if qs.layers[i] else lp
+           for i, lp in enumerate(layers)]
+    return {**params, "layers": out}
+
+
+def _qweight_mixer(mixer_params: dict, qs: QuantState, layer: int, observe) -> dict:
     out = dict(mixer_params)
-    for key, entry in entries.items():
-        w = quantize_weight(mixer_params[key], entry, spec.fmt)
-        inp = entry.get("input_scale") if spec.activations else None
-        obs = None if qs.observer is None else functools.partial(qs.observer, layer, key)
-        out[key] = QWeight(w, inp, obs, spec.fmt)
-    return out
-
-
-def calibrate(params, cfg, qs: QuantState, batches, widths=(None,), policy=None) -> QuantState:
-    """Static activation (input) scales: the amax of every quantized matmul's input over `batches`
-    (int tokens [B, L] each) and the nested models `widths` (None = the full model; the max over
-    all is kept, so one scale serves every nested model). Returns a new state with `input_scale`."""
-    from ..model.decoder import forward
-    from ..model.policy import ComputePolicy
-
-    policy = ComputePolicy(kernel_impl=cfg.kernel_impl) if policy is None else dataclasses.replace(policy, remat="none")
-    bare = QuantState(qs.spec, [{k: {n: v for n, v in e.items() if n != "input_scale"} for k, e in layer.items()}
-                                for layer in qs.layers])
-
-    @jax.jit
-    def amaxes(params, layers, tokens, w):
-        seen: dict = {}
-
-        def observer(layer, key, x):
-            seen.setdefault((layer, key), []).append(jnp.max(jnp.abs(x.astype(jnp.float32))))
-
-        forward(params, tokens, cfg, w, quant=QuantState(qs.spec, layers, observer), policy=policy)
-        return {f"{i}/{k}": functools.reduce(jnp.maximum, v) for (i, k), v in seen.items()}
-
-    total: dict = {}
-    n = 0
-    for tokens in batches:
-        for w in widths:
-            got = amaxes(params, bare.layers, jnp.asarray(tokens), w)
-            total = got if not total else {k: jnp.maximum(total[k], v) for k, v in got.items()}
-            n += 1
-    if not n:
-        raise QuantizationError("calibrate: no calibration batches")
-    div = FP8_MAX if qs.spec.fmt == "fp8" else FP4_MAX * FP8_MAX
-    layers = []
-    for i, layer in enumerate(bare.layers):
-        new = {}
-        for k, e in layer.items():
-            amax = total.get(f"{i}/{k}")
-            if amax is None:   # never reached (e.g. an expert-free path): keep the scale neutral
-                amax = jnp.float32(div)
-            new[k] = dict(e, input_scale=jnp.where(amax > 0, amax / div, 1.0).astype(jnp.float32))
-        layers.append(new)
-    return QuantState(qs.spec, layers)
-
-
-def _kv_cache_keys() -> tuple[str, ...]:
-    """The projections whose outputs are cached (their kinds' `KV_CACHE_SCALES`: attention k / v)."""
-    return tuple(dict.fromkeys(k for kind in KINDS.values() for k in getattr(kind, "KV_CACHE_SCALES", {})))
-
-
-def _observe_output(observer, layer, key, w, x):
-    observer(layer, key, jnp.einsum("...i,io->...o", x.astype(jnp.float32), jnp.asarray(w, jnp.float32)))
-
-
-def kv_cache_layers(cfg) -> tuple[int, ...]:
-    """The layers whose kind declares FP8 KV-cache scales (`KV_CACHE_SCALES`: attention)."""
-    return tuple(i for i in range(cfg.num_hidden_layers) if getattr(kind_of(cfg, i), "KV_CACHE_SCALES", None))
-
-
-def calibrate_kv_cache(params, cfg, batches, widths=(None,), policy=None) -> dict:
-    """FP8 KV-cache scales per attention layer, {layer: {"k_scale", "v_scale"}} = amax / 448 of
-    the keys / values (the k_proj / v_proj outputs; NemotronH attention has no RoPE) over
-    `batches` and the nested models `widths` (max over all), as ModelOpt's KV-cache calibration
-    writes `k_proj.k_scale` / `v_proj.v_scale`."""
-    from ..model.decoder import forward
-    from ..model.policy import ComputePolicy
-
-    policy = ComputePolicy(kernel_impl=cfg.kernel_impl) if policy is None else dataclasses.replace(policy, remat="none")
-    spec = QuantSpec("fp8", kinds="")
-
-    @jax.jit
-    def amaxes(params, tokens, w):
-        seen: dict = {}
-
-        def observer(layer, key, y):
-            seen.setdefault((layer, key), []).append(jnp.max(jnp.abs(y)))
-
-        empty = [{} for _ in range(cfg.num_hidden_layers)]
-        forward(params, tokens, cfg, w, quant=QuantState(spec, empty, None, observer), policy=policy)
-        return {f"{i}/{k}": functools.reduce(jnp.maximum, v) for (i, k), v in seen.items()}
-
-    total: dict = {}
-    for tokens in batches:
-        for w in widths:
-            got = amaxes(params, jnp.asarray(tokens), w)
-            total = got if not total else {k: jnp.maximum(total[k], v) for k, v in got.items()}
-    cached = kv_cache_layers(cfg)
-    if not total and cached:
-        raise QuantizationError("calibrate_kv_cache: no calibration batches")
-    out = {}
-    for i in cached:
-        sc = {}
-        for key, name in kind_of(cfg, i).KV_CACHE_SCALES.items():
-            amax = float(total[f"{i}/{key}"])
-            sc[name] = np.float32(amax / FP8_MAX if amax > 0 else 1.0)
-        out[i] = sc
+    for key, entry in qs.layers[layer].items():
+        w = quantize_weight(mixer_params[key], entry, qs.spec.fmt)
+        inp = entry.get("input_scale") if qs.spec.activations else None
+        obs = None if observe is None else functools.partial(observe, layer, key)
+        out[key] = QWeight(w, inp, obs, qs.spec.fmt)
     return out
 
 

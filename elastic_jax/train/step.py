@@ -50,6 +50,7 @@ from ..config import NemotronHConfig
 from ..model.decoder import final_hidden
 from ..model.kinds import layers_with_aux
 from ..model.policy import ComputePolicy
+from ..quant.state import QuantState, qweight_params
 from .balance import active_experts, load_deviation, routing_entropy, update_expert_bias
 from .losses import chunked_ce, chunked_kl, masked_mean, next_token_targets
 
@@ -149,7 +150,6 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
 
     qs = None
     if spec.quant is not None:
-        from ..quant.state import QuantState
         qs = QuantState(spec.quant, quant_layers)
         if x_teacher is None and spec.mode != "lm":   # QAD teacher: the frozen model at the same widths
             tw = None if widths is None else jax.lax.stop_gradient(widths)
@@ -157,16 +157,20 @@ def micro_loss(spec: StepSpec, trainable, x_teacher, w_teacher, tokens, segment_
                 p, tok, spec.teacher_cfg, w, segment_ids=seg, policy=spec.policy), ()),
                 teacher_params, tokens, segment_ids, tw)
             x_teacher = jax.lax.stop_gradient(_constrain(x_teacher, act_sharding))
+
+    def quantized(p):       # QAD: the projections as fake-quantized QWeight leaves (straight-through)
+        return p if qs is None else qweight_params(p, qs)
+
     if spec.balances_experts:
         def student(p, tok, seg, w):
-            x, loads = final_hidden(p, tok, cfg, w, segment_ids=seg, quant=qs, policy=spec.policy,
+            x, loads = final_hidden(quantized(p), tok, cfg, w, segment_ids=seg, policy=spec.policy,
                                     return_expert_load=True)
             loads = jnp.stack(loads)                                            # [n_moe, E]
             # balance among the experts this sample's widths keep (balance.py): per row group
             return x, (loads, load_deviation(loads, active_experts(cfg, w)))
         x_s, (aux["expert_load"], aux["expert_dev"]) = grouped(student, params, tokens, segment_ids, widths)
     else:
-        x_s, _ = grouped(lambda p, tok, seg, w: (final_hidden(p, tok, cfg, w, segment_ids=seg, quant=qs,
+        x_s, _ = grouped(lambda p, tok, seg, w: (final_hidden(quantized(p), tok, cfg, w, segment_ids=seg,
                                                               policy=spec.policy), ()),
                          params, tokens, segment_ids, widths)
     x_s = _constrain(x_s, act_sharding)

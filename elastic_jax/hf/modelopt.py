@@ -1,4 +1,4 @@
-"""FP8 / NVFP4 checkpoints in the ModelOpt Hugging Face layout (METHOD §10), beside `elastic_jax.hf`.
+"""FP8 / NVFP4 checkpoints in the ModelOpt Hugging Face layout (METHOD §10).
 
 Per quantized linear `<module>` (HF `[out, in]` layout):
   FP8   : `<module>.weight` float8_e4m3fn, `<module>.weight_scale` f32 [] (per tensor),
@@ -19,84 +19,40 @@ one shared `weight_scale_2` / `weight_scale` and `input_scale`, as ModelOpt's
 `preprocess_linear_fusion` does. FP8 KV-cache scales: `k_proj.k_scale`, `v_proj.v_scale`
 (amax / 448 of the cached keys / values, `elastic_jax.quant.calibrate_kv_cache`).
 
-safetensors' numpy API cannot hold float8, so these files are written (and their float8 tensors
-read) by the few lines of `write_safetensors` / `read_tensor` (the format: u64 header length,
-JSON header, raw little-endian data); torch's `safetensors.torch.load_file` reads them.
+The tensors go through `hf.io` like every other (safetensors tags float8 `F8_E4M3` and the packed
+NVFP4 bytes `U8`, as ModelOpt writes them; torch's `safetensors.torch.load_file` reads them).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-import struct
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from .formats import FP4_MAX, FP8_MAX, NVFP4_BLOCK, nvfp4_codes, nvfp4_scales, pack_e2m1, unpack_e2m1
+from .._version import __version__
+from ..errors import read_json
+from ..quant.formats import FP4_MAX, FP8_MAX, NVFP4_BLOCK, nvfp4_codes, nvfp4_scales, pack_e2m1, unpack_e2m1
 from ..model.kinds import kind_of, quantizable
-from .state import ALWAYS_EXCLUDED, QuantizationError, QuantSpec, QuantState, init_quant_state
+from ..quant.state import ALWAYS_EXCLUDED, QuantizationError, QuantSpec, QuantState, init_quant_state
+from . import keys
+from .keys import layer_dims, match, module_of, split_prefix
 
-_ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
-             np.dtype(np.uint8): "U8", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(np.float64): "F64"}
-_NP_DTYPES = {v: k for k, v in _ST_NAMES.items()}
 ALGOS = {"FP8": "fp8", "NVFP4": "nvfp4", "W4A16_NVFP4": "nvfp4"}   # ModelOpt quant_algo -> format
 
 
-# ------------------------------------------------------------------------------ safetensors I/O
-def write_safetensors(arrays: dict, path: str, metadata: dict | None = None) -> None:
-    """`safetensors.numpy.save_file` with float8 support (same argument order)."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
-    offset = 0
-    for k, a in arrays.items():
-        dt = _ST_NAMES.get(np.dtype(a.dtype))
-        if dt is None:
-            raise QuantizationError(f"{k}: dtype {a.dtype} cannot be written")
-        header[k] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for a in arrays.values():
-            f.write(np.ascontiguousarray(a).tobytes())
-
-
-def _header_keys(path: str) -> list[str]:
-    """The tensor names of a safetensors file, in header order."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
-
-
-def read_tensor(path: str, key: str) -> np.ndarray:
-    """One tensor of a safetensors file, any dtype above (float8 included), memory-mapped."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        meta = json.loads(f.read(n))[key]
-    b, e = meta["data_offsets"]
-    dt = _NP_DTYPES[meta["dtype"]]
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n + b, shape=(e - b,))
-    return np.array(mm.view(dt).reshape(meta["shape"]))
-
-
 # ---------------------------------------------------------------------------------- export
-def _hf_module(key: str) -> str:
-    return key[:-len(".weight")]
-
-
 def _quantized_rules(cfg, qs: QuantState):
     """HF weight key -> (layer, rule, expert or None) for every quantized tensor."""
-    from ..hf import RULES, layer_dims
     out = {}
     for i, entries in enumerate(qs.layers):
         if not entries:
             continue
         d = layer_dims(cfg, i)
-        for rule in RULES:
+        for rule in keys.RULES:
             if rule.kind != kind_of(cfg, i).CHAR or rule.experts == "stacked" or not rule.when(d):
                 continue
             if rule.params and all(p in entries for p in rule.params):
@@ -169,7 +125,6 @@ KV_CACHE_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
 def quantization_config(cfg, qs: QuantState, kv_cache: bool = False) -> dict:
     """`config.json`'s `quantization_config` in ModelOpt's converted form
     (`convert_hf_quant_config_format`): config_groups, ignore, quant_algo, kv_cache_scheme, producer."""
-    from .._version import __version__
     algo = quant_algo(qs)
     group = {"weights": _scheme(qs.spec.fmt), "targets": ["Linear"]}
     if algo != "W4A16_NVFP4":
@@ -228,18 +183,16 @@ def _unify_fused(cfg, params, qs: QuantState, log) -> QuantState:
 
 
 def _default_log(msg: str) -> None:
-    import logging
     logging.getLogger("elastic_jax.quant").warning(msg)
 
 
 def quantize_tensors(cfg, params, tensors: list, fmt: str, qs: QuantState | None, kv_scales: dict | None = None,
                      log=_default_log):
-    """The `(key, shape, thunk)` list of `hf._hf_tensors` with every quantized weight replaced by
+    """The `(key, shape, thunk)` list of `hf.save.hf_tensors` with every quantized weight replaced by
     its packed weight and scales (and the FP8 KV-cache scales `kv_scales` {layer: {"k_scale",
     "v_scale"}} added). Returns (tensors, quantization_config). Uncalibrated FP8 is refused (vLLM
     would read garbage input scales); uncalibrated NVFP4 is written weight-only as `W4A16_NVFP4`
     (said through `log`)."""
-    from ..hf import layer_dims
     if qs is None:
         qs = init_quant_state(params, cfg, QuantSpec(fmt))
     if qs.spec.fmt != fmt:
@@ -262,7 +215,7 @@ def quantize_tensors(cfg, params, tensors: list, fmt: str, qs: QuantState | None
             continue
         i, rule, j = hit
         d = layer_dims(cfg, i)
-        mod = _hf_module(key)
+        mod = module_of(key)
         parts = _export_parts(params["layers"][i]["mixer"], qs.layers[i], rule, j, d, fmt)
         if weight_only:
             parts.pop("input_scale", None)
@@ -346,7 +299,6 @@ def spec_from_config(raw: dict, directory: str | None = None) -> QuantSpec | Non
     if not qc and directory is not None:
         path = os.path.join(directory, "hf_quant_config.json")
         if os.path.isfile(path):
-            from ..errors import read_json
             qc, where = read_json(path, what="ModelOpt quantization config"), path
     if not qc:
         return None
@@ -360,7 +312,7 @@ def spec_from_config(raw: dict, directory: str | None = None) -> QuantSpec | Non
 
 
 class DequantizedFiles:
-    """A `hf._Files` seen through dequantization: quantized weights read as f32 in their logical
+    """A `hf.io.CheckpointFiles` seen through dequantization: quantized weights read as f32 in their logical
     HF shape; their scale tensors are hidden from the key set and kept for `quant_state`."""
 
     _SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
@@ -369,17 +321,17 @@ class DequantizedFiles:
     def __init__(self, files, spec: QuantSpec):
         self.files, self.spec = files, spec
         self.directory, self.problems = files.directory, files.problems
-        keys = set(files.key_file)
-        self.quantized = {k for k in keys if k.endswith(".weight") and _hf_module(k) + ".weight_scale" in keys}
+        names = set(files.key_file)
+        self.quantized = {k for k in names if k.endswith(".weight") and module_of(k) + ".weight_scale" in names}
         hidden = self._SUFFIXES + self._KV
         self.key_file = {k: v for k, v in files.key_file.items() if k.rsplit(".", 1)[-1] not in hidden}
-        self.kv_keys = sorted(k for k in keys if k.rsplit(".", 1)[-1] in self._KV)
+        self.kv_keys = sorted(k for k in names if k.rsplit(".", 1)[-1] in self._KV)
 
     def _raw(self, key):
-        return read_tensor(os.path.join(self.directory, self.files.key_file[key]), key)
+        return self.files.read(key)
 
     def scales(self, weight_key: str) -> dict:
-        m = _hf_module(weight_key)
+        m = module_of(weight_key)
         return {s: self._raw(f"{m}.{s}").astype(np.float32) for s in self._SUFFIXES
                 if f"{m}.{s}" in self.files.key_file}
 
@@ -407,13 +359,11 @@ class DequantizedFiles:
 
     def quant_state(self, cfg) -> QuantState:
         """The scales on disk as a `QuantState` over our params layout."""
-        from ..hf import _PREFIXES, RULES, _match, layer_dims
         layers: list[dict] = [{} for _ in range(cfg.num_hidden_layers)]
         experts: dict = {}
         for key in sorted(self.quantized):
-            prefix = next((p for p in _PREFIXES if key.startswith(p)), "")
-            n, m = _match(key[len(prefix):])
-            rule = RULES[n]
+            n, m = match(split_prefix(key)[1])
+            rule = keys.RULES[n]
             i = int(m.group("i"))
             d = layer_dims(cfg, i)
             sc = self.scales(key)
@@ -441,9 +391,3 @@ class DequantizedFiles:
                 e["input_scale"] = jnp.asarray(max(float(s["input_scale"]) for s in stack), jnp.float32)
             layers[i][p] = e
         return QuantState(self.spec, layers)
-
-
-def checkpoint_bytes(directory: str) -> int:
-    """Bytes of the safetensors files of an HF directory."""
-    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
-               if f.endswith(".safetensors"))
