@@ -11,7 +11,7 @@ from .qweight import QWeight
 # load on first use: importing `quant.qweight` from the model must not import the model back.
 _LAZY = {"state": ("RECIPES", "QuantizationError", "QuantSpec", "QuantState", "init_quant_state", "quantize_weight",
                    "qweight_params", "recipe_spec"),
-         "calibrate": ("calibrate", "calibrate_kv_cache")}
+         "calibration": ("calibrate", "calibrate_kv_cache")}
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
 
