@@ -3,7 +3,6 @@ generation-config file is one `error:` line naming the file; a chat template can
 `generate`; NaN / inf weights are refused where loaded, saved and exported (the tensor named, an
 explicit flag to allow them) and non-finite logits stop generation. Every case checks the exit
 status, the single error line, and that the user's files are unchanged."""
-import json
 import os
 import shutil
 
@@ -14,7 +13,7 @@ import pytest
 
 import elastic_jax as ej
 from elastic_jax import cli
-from elastic_jax.errors import JSONFileError, NonFiniteError
+from elastic_jax.errors import NonFiniteError
 from elastic_jax.infer import chat
 from test_faults import _sums, _tiny
 from test_faults_io import _one_error

@@ -5,9 +5,7 @@ work, with the user's files unchanged."""
 import errno
 import json
 import os
-import shutil
 
-import numpy as np
 import pytest
 
 from elastic_jax import cli, fileio
@@ -190,7 +188,6 @@ def test_host_batch_beyond_memory_is_refused_before_allocating(monkeypatch):
     hostmem.check_host_bytes(1 << 19, "fits")
     from elastic_jax.data import DataConfig
     from elastic_jax.train import OptimConfig, Stage, TrainConfig, train_lm
-    import elastic_jax as ej
     cfg, params = _tiny()
     tc = TrainConfig(stages=(Stage(seq_len=64, batch_size=4096, steps=1),), tensorboard=False, plot=False,
                      optim=OptimConfig(lr=1e-3))

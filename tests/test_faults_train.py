@@ -2,7 +2,6 @@
 no checkpoint holds a non-finite leaf, a diverged run leaves an exportable last good checkpoint,
 a damaged newest step falls back quietly, a full disk during a checkpoint is one line, and sizes
 from the user are checked before anything is allocated."""
-import errno
 import glob
 import os
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 
 import elastic_jax as ej
 from elastic_jax import cli
-from elastic_jax.errors import NonFiniteError, TrainingDiverged
+from elastic_jax.errors import NonFiniteError
 from elastic_jax.train.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

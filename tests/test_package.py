@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,18 +153,9 @@ def test_import_cycle_finder_sees_a_three_module_cycle(tmp_path, monkeypatch):
     assert _import_cycles(_modules()) == [["elastic_jax.a", "elastic_jax.b", "elastic_jax.c"]]
 
 
-# cycles another change of issue 32 breaks (forward without `quant=`; the hf/ package): known until merged
-KNOWN_CYCLES = [["elastic_jax.hf", "elastic_jax.quant.export"],
-                ["elastic_jax.model.decoder", "elastic_jax.quant.state"]]
-
-
 def test_no_import_cycle():
     cycles = _import_cycles(_modules())
-    unknown = [c for c in cycles if c not in KNOWN_CYCLES]
-    assert not unknown, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in unknown)
-    if cycles:
-        pytest.xfail("known import cycles (broken by issue 32's other parts): "
-                     + "; ".join(" <-> ".join(c) for c in cycles))
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
 # ------------------------------------------------------------------------------------ dependencies

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import socket
-import warnings
 
 import jax
 import jax.numpy as jnp

@@ -201,7 +201,6 @@ class VllmRules:
         {vLLM parameter: [(shard, array)]}."""
         params = self.params()
         loaded: dict = {}
-        from safetensors import safe_open
         for path in self.weight_files():
             for key in hfio.tensor_keys(path):
                 name = self.map_name(key)

@@ -188,7 +188,7 @@ def test_truncation_degrades_the_query_score_gracefully():
 
 
 def test_data_and_main_job_configs_take_the_query_levels():
-    from elastic_jax.data import DataConfig, make_dataset
+    from elastic_jax.data import DataConfig
     from elastic_jax.experiment import load_experiment
     cfg = DataConfig(kind="task", num_documents=20, task_levels=[8])
     assert cfg.task_levels == (8,)

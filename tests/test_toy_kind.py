@@ -60,6 +60,7 @@ def _main() -> dict:
     from elastic_jax.model import kinds
     from elastic_jax.model.kinds.base import count, quantizable
     from elastic_jax.model.layers import Context
+    from elastic_jax.model.cost import CostModel, Mode
 
     def diff(a, b):
         return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))))
@@ -112,8 +113,14 @@ def _main() -> dict:
     ca = fn.lower(sp1, jnp.zeros((1, T, sub_cfg.hidden_size))).compile().cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     out["flops_xla"] = float(ca["flops"]) / T
-    out["flops_declared"] = toy_kind.flops(sub_cfg, {"toy_units": 32}, 1, "decode")
-    out["weight_bytes_declared"] = toy_kind.weight_bytes(sub_cfg, {"toy_units": 32}, 1, 2.0)
+    # ... as the one cost model (`model.cost`) sums it for the nested model
+    cm = CostModel(cfg, w)
+    toy_layers = [L for L in cm.layers if L.kind is toy_kind]
+    assert len(toy_layers) == 2 and toy_layers[0].sizes == {"embed": sub_cfg.hidden_size, "mlp": 32}
+    L, mode = toy_layers[0], Mode.decode(0)
+    out["flops_declared"] = sum(L.kind.flops(cfg, L.sizes, mode).values())
+    out["weight_bytes_declared"] = 2.0 * L.kind.weights_read(cfg, L.sizes, mode)
+    assert cm.param_count() == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(sub_params))
     out["weight_bytes_arrays"] = 2.0 * sum(int(np.prod(a.shape)) for a in sp1.values())
     assert count(toy_kind.params(cfg), kinds.layer_sizes(cfg, 1)) == sum(
         math.prod(a.shape) for a in params["layers"][1]["mixer"].values())

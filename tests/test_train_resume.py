@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from conftest import FAST_XLA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -77,19 +77,18 @@ HF_RULES = (
 )
 
 
-# ------------------------------------------------------------------------- cost (per token)
-def flops(cfg, w: dict, layer: int, mode: str) -> float:
-    """Matmul FLOPs of one token: 2 x the three projections' parameters; training: forward + 2x backward."""
-    fwd = 2.0 * 3 * cfg.hidden_size * w["toy_units"]
-    return {"prefill": fwd, "decode": fwd, "train": 3 * fwd}[mode]
+# ------------------------------------------------------------------------ cost (model/cost.py)
+def flops(cfg, sizes: dict, mode) -> dict:
+    """Forward FLOPs per token: 2 x the three projections' weights."""
+    return {"weights": 2.0 * 3 * sizes["embed"] * sizes["mlp"]}
 
 
-def weight_bytes(cfg, w: dict, layer: int, bytes_per_param: float) -> float:
-    return bytes_per_param * 3 * cfg.hidden_size * w["toy_units"]
+def weights_read(cfg, sizes: dict, mode) -> float:
+    return float(3 * sizes["embed"] * sizes["mlp"])
 
 
-def state_bytes(cfg, w: dict, layer: int, batch: int, context: int) -> float:
-    return 0.0                  # no decode state
+def state_traffic(cfg, sizes: dict, mode) -> dict:
+    return {}                   # no decode state
 
 
 def apply(p, x_BLD, cfg, el: ToyMasks | None, ctx, cache):
