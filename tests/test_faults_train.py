@@ -125,19 +125,16 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 _FULL_EXP = """
 import dataclasses, sys
 sys.path.insert(0, {tests!r})
-from elastic_jax.experiment import register_runner
 
 @dataclasses.dataclass(frozen=True)
 class C:
     steps: int = 3
 
-def run(c, out):
-    from test_faults import _lm_setup
-    from elastic_jax.train import train_lm
-    cfg, tc, ds, p0 = _lm_setup(lr=1e-3, steps=c.steps)
-    train_lm(cfg, tc.replace(async_checkpointing=True), p0, ds, out, progress=False)
-
-register_runner(C, run)
+    def run(self, out):
+        from test_faults import _lm_setup
+        from elastic_jax.train import train_lm
+        cfg, tc, ds, p0 = _lm_setup(lr=1e-3, steps=self.steps)
+        train_lm(cfg, tc.replace(async_checkpointing=True), p0, ds, out, progress=False)
 
 def config(quick=False):
     return C()
