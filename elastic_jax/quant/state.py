@@ -186,7 +186,7 @@ def calibrate(params, cfg, qs: QuantState, batches, widths=(None,), policy=None)
     from ..model.decoder import forward
     from ..model.policy import ComputePolicy
 
-    policy = ComputePolicy(kernel_impl=cfg.kernel_impl) if policy is None else dataclasses.replace(policy, remat="none")
+    policy = ComputePolicy() if policy is None else dataclasses.replace(policy, remat="none")
     bare = QuantState(qs.spec, [{k: {n: v for n, v in e.items() if n != "input_scale"} for k, e in layer.items()}
                                 for layer in qs.layers])
 
@@ -234,7 +234,7 @@ def calibrate_kv_cache(params, cfg, batches, widths=(None,), policy=None) -> dic
     from ..model.decoder import forward
     from ..model.policy import ComputePolicy
 
-    policy = ComputePolicy(kernel_impl=cfg.kernel_impl) if policy is None else dataclasses.replace(policy, remat="none")
+    policy = ComputePolicy() if policy is None else dataclasses.replace(policy, remat="none")
     spec = QuantSpec("fp8", kinds="")
 
     @jax.jit

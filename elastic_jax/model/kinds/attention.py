@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from ...config import NemotronHConfig
 from ...sharding import constrain
 from ...widths import prefix_mask
-from ..attention import attend
+from ...kernels.dot_product_attention import attend
 from ..layers import Context, ElasticLayer, dense
 from .base import Param, expand
 from .hf_rules import Rule, _t, _t_inv

@@ -1,4 +1,5 @@
-"""Scaled dot-product attention with GQA, causal + packed-segment masking, in four implementations.
+"""Scaled dot-product attention kernels (the attention layer kind that calls them is
+`model/kinds/attention.py`): GQA, causal + packed-segment masking, in four implementations.
 
     o[b, l, k, r] = Σ_s softmax_s(scale · q[b, l, k, r] · k[b, s, k])  v[b, s, k]
     over keys s allowed by: k_pos[s] <= q_pos[l]  (causal),  seg_q[b, l] == seg_k[b, s]  (packed
@@ -30,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ..kernels import target_platform
+from ._common import target_platform
 
 IMPLS = ("auto", "xla", "blocked", "chunked", "splash", "cudnn")
 AUTO_DIRECT_MAX = 1024 * 1024      # L·S below which "auto" on CPU keeps the one-einsum reference
