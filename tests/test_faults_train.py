@@ -100,6 +100,7 @@ train_lm(cfg, tc, p0, ds, {run!r}, progress=False)
 """
 
 
+@pytest.mark.slow   # whole CLI training runs in subprocesses
 def test_damaged_newest_step_rerun_prints_only_the_warning(tmp_path):
     """Truncating the newest step's JSON array metadata made orbax's failed restore leave
     tensorstore callbacks on a closed event loop: dozens of asyncio tracebacks on stderr."""
@@ -141,6 +142,7 @@ def config(quick=False):
 """
 
 
+@pytest.mark.slow   # whole CLI training runs in subprocesses
 @pytest.mark.parametrize("size", ["16k", "60k", "150k"])
 def test_full_disk_during_a_training_checkpoint_is_one_line(tmp_path, size):
     """16k: refused before orbax starts (free space < the state); 60k / 150k: orbax's background
