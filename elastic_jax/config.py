@@ -77,6 +77,16 @@ def _check_contradictions(d: dict, overrides: dict) -> None:
         raise ValueError("contradictory HF config fields: " + "; ".join(problems))
 
 
+# Runtime knobs that were `NemotronHConfig` fields once and are `ComputePolicy` fields now
+# (model/policy.py): constructing a config with one is this error; a saved config's are dropped.
+MOVED_TO_POLICY = {
+    "kernel_impl": "the kernel implementation is a runtime knob now: "
+                   "ej.forward(..., policy=ej.ComputePolicy(kernel_impl=...)) or TrainConfig(policy=...)",
+    "remat": "rematerialization is a runtime knob now: "
+             "ej.forward(..., policy=ej.ComputePolicy(remat='full')) or TrainConfig(policy=...)",
+}
+
+
 @dataclass(frozen=True)
 class NemotronHConfig(ConfigBase):
     """Frozen model config. HF field names; `d_inner = mamba_num_heads * mamba_head_dim`."""
@@ -133,10 +143,13 @@ class NemotronHConfig(ConfigBase):
     ffn_per_layer: tuple[int, ...] | None = None
     moe_experts_per_layer: tuple[int, ...] | None = None
     moe_ffn_per_layer: tuple[int, ...] | None = None
-    # runtime (not HF): kernel implementation ("xla" | "pallas" | None = platform default)
-    kernel_impl: str | None = None
-    # runtime (not HF): rematerialize each block in the backward pass
-    remat: bool = False
+
+    def __new__(cls, *args, **kw):
+        moved = sorted(set(kw) & set(MOVED_TO_POLICY))
+        if moved:
+            raise ValueError(f"NemotronHConfig({', '.join(f'{k}={kw[k]!r}' for k in moved)}): "
+                             + "; ".join(MOVED_TO_POLICY[k] for k in moved))
+        return super().__new__(cls)
 
     def __post_init__(self):
         if isinstance(self.time_step_limit, list):
@@ -229,7 +242,7 @@ class NemotronHConfig(ConfigBase):
                 or self.max_position_embeddings <= 0:
             bad("max_position_embeddings", "must be a positive integer", self.max_position_embeddings)
         for name in ("attention_bias", "mlp_bias", "use_conv_bias", "mamba_proj_bias", "norm_topk_prob",
-                     "tie_word_embeddings", "use_bias", "remat"):
+                     "tie_word_embeddings", "use_bias"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be a bool", getattr(self, name))
         for name, positive in (("layer_norm_epsilon", True), ("routed_scaling_factor", True),
@@ -275,8 +288,6 @@ class NemotronHConfig(ConfigBase):
                 bad(flag, "is not supported (NemotronH checkpoints use False)", getattr(self, flag))
         if self.moe_latent_size is not None:
             bad("moe_latent_size", "latent MoE (Nemotron Super) is not supported", self.moe_latent_size)
-        if self.kernel_impl not in (None, "xla", "pallas"):
-            bad("kernel_impl", "must be None, 'xla' or 'pallas'", self.kernel_impl)
         for axis in AXES.values():
             name, char, div, div_name = axis.per_layer_field, axis.kind, axis.groups(self), axis.group_field
             v = None if name is None else getattr(self, name)
@@ -292,6 +303,15 @@ class NemotronHConfig(ConfigBase):
                 self.moe_experts_per_layer)
 
     # ------------------------------------------------------------------ HF I/O
+    @classmethod
+    def from_dict(cls, d: dict) -> "NemotronHConfig":
+        """A config saved by `to_dict` (run meta, `elastic_budgets.json`). Ones saved before the
+        runtime knobs moved to `ComputePolicy` hold `kernel_impl` / `remat`: dropped on reading
+        (they never changed what the weights compute)."""
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k not in MOVED_TO_POLICY}
+        return super().from_dict(d)
+
     @classmethod
     def from_hf(cls, src: str | os.PathLike | dict, **overrides) -> "NemotronHConfig":
         """From an HF `config.json` (file, directory or dict), current or legacy field names."""

@@ -1,13 +1,20 @@
 """Experiments as Python files, and the `elastic-jax run` command.
 
-An experiment file defines `config(quick: bool = False)` returning a frozen-dataclass config. A
-runner registered for the config's type executes it:
+An experiment file defines `config(quick: bool = False)` returning a frozen-dataclass config. The
+config's class says what runs it, in its own body: a `run(self, out_dir)` method.
 
     cfg = load_experiment("experiments/distill_tiny.py", quick=True)
     cfg = apply_overrides(cfg, ["train.optim.lr=1e-3", "train.stages.0.steps=5"])
-    result = run_experiment(cfg, "runs/distill_tiny")
+    result = run_experiment(cfg, "runs/distill_tiny")     # = cfg.run("runs/distill_tiny")
 
-    register_runner(MyConfig, my_runner)          # my_runner(config, out_dir) -> anything
+    @dataclass(frozen=True)
+    class MyConfig:
+        steps: int = 3
+        def run(self, out_dir: str):                  # the runner: my_runner(config, out_dir)
+            return my_runner(self, out_dir)
+
+The library's runners: `DistillConfig.run` (below), `StarElasticExperiment.run`
+(recipes/star_elastic.py, the main job), `PodExperiment.run` (pod.py).
 
 Command line (the lead wires `add_cli` into `elastic_jax/cli.py`; also `python -m
 elastic_jax.experiment run ...`):
@@ -29,26 +36,26 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-_RUNNERS: dict[type, Callable[[Any, str], Any]] = {}
+_HOW = "give the config class a method `def run(self, out_dir): ...` that runs it"
 
 
-def register_runner(config_type: type, fn: Callable[[Any, str], Any]) -> None:
-    """Run configs of `config_type` (or a subclass) with `fn(config, out_dir)`."""
-    if not isinstance(config_type, type):
-        raise TypeError(f"register_runner: config_type must be a class, got {config_type!r}")
-    _RUNNERS[config_type] = fn
+def register_runner(config_type: Any, fn: Any = None) -> None:
+    """Removed: a config class now names its runner in its own body (a `run(self, out_dir)`
+    method), so reading the config tells you what runs it."""
+    name = getattr(config_type, "__name__", repr(config_type))
+    raise TypeError(f"register_runner({name}, ...) was removed: {_HOW} (e.g. "
+                    f"`def run(self, out_dir): return {getattr(fn, '__name__', 'my_runner')}(self, out_dir)`)")
 
 
 def run_experiment(config_obj: Any, out_dir: str | os.PathLike) -> Any:
-    """Dispatch `config_obj` to the runner registered for its type (nearest class in its MRO)."""
-    for cls in type(config_obj).__mro__:
-        if cls in _RUNNERS:
-            os.makedirs(out_dir, exist_ok=True)
-            return _RUNNERS[cls](config_obj, os.fspath(out_dir))
-    raise ValueError(f"no runner registered for config type {type(config_obj).__name__}; known: "
-                     f"{sorted(c.__name__ for c in _RUNNERS)} (use elastic_jax.experiment.register_runner)")
+    """Run `config_obj` with its class's `run(out_dir)` method (the folder is created first)."""
+    run = getattr(type(config_obj), "run", None)
+    if not callable(run):
+        raise ValueError(f"config type {type(config_obj).__name__} says nothing runs it: {_HOW}")
+    os.makedirs(out_dir, exist_ok=True)
+    return config_obj.run(os.fspath(out_dir))
 
 
 class _user_code:
@@ -178,6 +185,10 @@ class DistillConfig:
     parent_seed: int = 0
     parent_train: Any = None
 
+    def run(self, out_dir: str):
+        """The runner: `run_distill` (below)."""
+        return run_distill(self, out_dir)
+
 
 def run_distill(cfg: DistillConfig, out_dir: str):
     import jax
@@ -196,9 +207,6 @@ def run_distill(cfg: DistillConfig, out_dir: str):
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return res
-
-
-register_runner(DistillConfig, run_distill)
 
 
 # --------------------------------------------------------------------------- command line
@@ -250,6 +258,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # run through the importable module, so experiment files and this entry share one registry
+    # run through the importable module (its classes, not a second copy under __main__)
     from elastic_jax.experiment import main as _main
     sys.exit(_main())

@@ -27,7 +27,6 @@ import numpy as np
 from .config import NemotronHConfig
 from .data import DataConfig
 from .elastic import ElasticConfig
-from .experiment import register_runner
 from .model.policy import ComputePolicy
 from .train import MeshConfig, TrainConfig
 
@@ -198,6 +197,10 @@ class PodExperiment:
         pol = self.train.policy or ComputePolicy()
         return pol if pol.compute_dtype is not None else dataclasses.replace(pol, compute_dtype="bfloat16")
 
+    def run(self, out_dir: str):
+        """The runner: `run_pod` (below)."""
+        return run_pod(self, out_dir)
+
 
 def _load_mix(mix: DataMix, vocab_size: int, parent_hf: str | None = None):
     """The training data of `mix`. Token shards (both sources kind="shards") stream as one grain
@@ -303,7 +306,5 @@ def run_pod(xp: PodExperiment, out_dir: str):
         multihost_utils.sync_global_devices("elastic_jax.run_pod: result written")
     return res
 
-
-register_runner(PodExperiment, run_pod)
 
 __all__ = ["PodExperiment", "Target", "DataMix", "mix_documents", "run_pod"]

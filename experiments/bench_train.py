@@ -37,8 +37,7 @@ def model_config(hidden: int) -> ej.NemotronHConfig:
         vocab_size=512, hidden_size=hidden, hybrid_override_pattern="M*-E", num_attention_heads=4,
         num_key_value_heads=2, head_dim=hidden // 4, intermediate_size=2 * hidden, mamba_num_heads=8,
         mamba_head_dim=hidden // 8, n_groups=2, ssm_state_size=16, chunk_size=32, n_routed_experts=8,
-        num_experts_per_tok=2, moe_intermediate_size=hidden // 2, moe_shared_expert_intermediate_size=hidden,
-        kernel_impl="xla")
+        num_experts_per_tok=2, moe_intermediate_size=hidden // 2, moe_shared_expert_intermediate_size=hidden)
 
 
 def bench_jax(mode: str, cfg, ecfg, batch: int, seq: int, steps: int) -> dict:

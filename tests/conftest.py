@@ -71,10 +71,8 @@ def assert_close(a, b, tol: float = 1e-5, what: str = "") -> None:
 
 def assert_trees_equal(a, b) -> None:
     """Same tree structure, shapes and dtypes, and bit-equal values."""
-    chex.assert_trees_all_equal_structs(a, b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, y.shape, x.dtype, y.dtype)
-        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+    chex.assert_trees_all_equal(a, b)
 
 
 # ------------------------------------------------------------------------ installs as users make them

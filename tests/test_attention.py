@@ -7,7 +7,7 @@ import pytest
 
 import elastic_jax as ej
 from conftest import HYBRID64
-from elastic_jax.model import attention as A
+from elastic_jax.kernels import dot_product_attention as A
 from elastic_jax.model.layers import dense
 
 B, L, K, R, D = 2, 256, 2, 3, 16

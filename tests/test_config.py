@@ -49,11 +49,29 @@ def test_layers_block_type_and_round_trip():
     (dict(mlp_hidden_act="gelu"), "mlp_hidden_act"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(ffn_per_layer=(10, 20)), "ffn_per_layer"),
-    (dict(kernel_impl="cuda"), "kernel_impl"),
 ])
 def test_malformed_config_names_field(kw, field):
     with pytest.raises(ValueError, match=field):
         ej.NemotronHConfig(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_impl="pallas"), dict(remat=True), dict(remat=False, kernel_impl=None)])
+def test_runtime_knobs_moved_to_the_compute_policy(kw):
+    """`kernel_impl` / `remat` are `ComputePolicy` fields, not model-config ones: an old experiment
+    file that sets them gets one error naming the replacement; a config saved before the move (run
+    meta, elastic_budgets.json) still reads, and still resumes (the knobs leave the comparison)."""
+    from elastic_jax.train.checkpoint import comparable
+    with pytest.raises(ValueError, match=r"NemotronHConfig\((kernel_impl|remat)=.*policy=ej\.ComputePolicy\("):
+        ej.NemotronHConfig(**kw)
+    cfg = ej.NemotronHConfig(vocab_size=96)
+    with pytest.raises(ValueError, match=r"ComputePolicy\("):
+        cfg.replace(**kw)
+    assert not {"kernel_impl", "remat"} & set(cfg.to_dict())
+    old = {**cfg.to_dict(), **kw}                        # as an earlier version saved it
+    assert ej.NemotronHConfig.from_dict(old) == cfg
+    assert comparable({"model": old, "teacher": old}) == comparable({"model": cfg.to_dict(), "teacher": cfg.to_dict()})
+    with pytest.raises(ValueError, match="unknown fields"):   # only those two are dropped
+        ej.NemotronHConfig.from_dict({**old, "kernel": "x"})
 
 
 def test_from_hf_errors(tmp_path):

@@ -830,11 +830,9 @@ def test_cli_training_diverged_is_an_expected_failure(tmp_path, capsys):
     exp.write_text(
         "import dataclasses\n"
         "from elastic_jax.errors import TrainingDiverged\n"
-        "from elastic_jax.experiment import register_runner\n"
         "@dataclasses.dataclass(frozen=True)\n"
         "class C:\n    x: int = 1\n"
-        "def run(c, out):\n    raise TrainingDiverged('non-finite loss at step 3')\n"
-        "register_runner(C, run)\n"
+        "    def run(self, out):\n        raise TrainingDiverged('non-finite loss at step 3')\n"
         "def config(quick=False):\n    return C()\n")
     rc, err = _cli(["run", str(exp), "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and err.strip() == "elastic-jax run: error: non-finite loss at step 3"

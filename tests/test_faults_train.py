@@ -99,6 +99,7 @@ train_lm(cfg, tc, p0, ds, {run!r}, progress=False)
 """
 
 
+@pytest.mark.slow   # whole CLI training runs in subprocesses
 def test_damaged_newest_step_rerun_prints_only_the_warning(tmp_path):
     """Truncating the newest step's JSON array metadata made orbax's failed restore leave
     tensorstore callbacks on a closed event loop: dozens of asyncio tracebacks on stderr."""
@@ -124,25 +125,23 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 _FULL_EXP = """
 import dataclasses, sys
 sys.path.insert(0, {tests!r})
-from elastic_jax.experiment import register_runner
 
 @dataclasses.dataclass(frozen=True)
 class C:
     steps: int = 3
 
-def run(c, out):
-    from test_faults import _lm_setup
-    from elastic_jax.train import train_lm
-    cfg, tc, ds, p0 = _lm_setup(lr=1e-3, steps=c.steps)
-    train_lm(cfg, tc.replace(async_checkpointing=True), p0, ds, out, progress=False)
-
-register_runner(C, run)
+    def run(self, out):
+        from test_faults import _lm_setup
+        from elastic_jax.train import train_lm
+        cfg, tc, ds, p0 = _lm_setup(lr=1e-3, steps=self.steps)
+        train_lm(cfg, tc.replace(async_checkpointing=True), p0, ds, out, progress=False)
 
 def config(quick=False):
     return C()
 """
 
 
+@pytest.mark.slow   # whole CLI training runs in subprocesses
 @pytest.mark.parametrize("size", ["16k", "60k", "150k"])
 def test_full_disk_during_a_training_checkpoint_is_one_line(tmp_path, size):
     """16k: refused before orbax starts (free space < the state); 60k / 150k: orbax's background

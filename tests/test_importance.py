@@ -175,8 +175,6 @@ def test_importance_serialization_and_bad_input(params, tmp_path):
     other = CFG.replace(intermediate_size=96)
     with pytest.raises(ValueError, match="different model config"):
         ej.permute_params(params, CFG, I.identity_importance(other))
-    # runtime switches do not change the fingerprint
-    assert I.config_fingerprint(CFG.replace(remat=True)) == I.config_fingerprint(CFG)
     # rankings that break the group structure
     bad = I.identity_importance(CFG)
     bad.rankings["mamba_heads"][0] = np.array([4, 1, 2, 3, 0, 5, 6, 7])

@@ -10,7 +10,8 @@ import elastic_jax as ej
 from conftest import assert_trees_equal, tiny_config
 from elastic_jax.infer import (ElasticModel, Specials, answer_generate, budget_generate, left_pad,
                               truncation_generate)
-from elastic_jax.infer.checkpoint import flatten, load_nested, load_router, save_nested, unflatten
+from elastic_jax.hf import read_router
+from elastic_jax.infer.checkpoint import flatten, load_nested, save_nested, unflatten
 from elastic_jax.tasks import TaskTokenizer, make_eval_set
 
 TOK = TaskTokenizer.default()
@@ -179,7 +180,7 @@ def test_nested_checkpoint_roundtrip(tmp_path, model):
     assert hf_cfg.replace(time_step_limit=CFG.time_step_limit, time_step_min=CFG.time_step_min) == CFG
     assert_trees_equal(hf_params, params)
     assert json.load(open(tmp_path / "elastic_budgets.json"))["elastic"]["budgets"] == [1.0, 0.5]
-    back = load_router(str(tmp_path))
+    back = read_router(str(tmp_path))
     np.testing.assert_array_equal(back["w"], router["w"])
     np.testing.assert_array_equal(back["layers"][0]["b"], router["layers"][0]["b"])
     assert budgets["50%"].per_layer(CFG, "mamba_heads") == BUDGETS["50%"].per_layer(CFG, "mamba_heads")

@@ -30,6 +30,7 @@ def mesh_results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow   # one 8-device subprocess (mesh_results)
 def test_model_under_mesh_equals_one_device(mesh_results):
     rows = mesh_results["model"]
     assert {r["mesh"] for r in rows} >= {"expert=8", "data=2,expert=4", "fsdp=2,tensor=2,expert=2"}
@@ -46,6 +47,7 @@ def test_model_under_mesh_equals_one_device(mesh_results):
     assert by[("data=2,expert=4, batch->data", "masked")]["all_to_all"] == 0
 
 
+@pytest.mark.slow   # one 8-device subprocess (mesh_results)
 def test_kernels_per_shard_equal_unsharded(mesh_results):
     rows = mesh_results["kernels"]
     assert {(r["kernel"], r["impl"]) for r in rows} == {(k, i) for k in ("ssd", "gmm") for i in ("xla", "pallas")}
@@ -54,11 +56,13 @@ def test_kernels_per_shard_equal_unsharded(mesh_results):
         assert r["all_gather"] == 0, r          # per shard: no operand is gathered
 
 
+@pytest.mark.slow   # one 8-device subprocess (mesh_results)
 def test_quantized_experts_under_mesh(mesh_results):
     q = mesh_results["quant"]
     assert q["amax_err"] < 1e-6 and q["err"] < 1e-5, q
 
 
+@pytest.mark.slow   # one 8-device subprocess (mesh_results)
 def test_expert_parallel_loads_and_bf16(mesh_results):
     """Issue 14's per-expert loads come out of the expert-parallel MoE equal to one device's
     (padding excluded), also for soft widths in the official soft-mask form; bf16 parameters: bf16
@@ -74,6 +78,7 @@ def test_expert_parallel_loads_and_bf16(mesh_results):
                                         for d in r["ragged_dots"]), r
 
 
+@pytest.mark.slow   # one 8-device subprocess (mesh_results)
 def test_moe_token_chunks_equal_all_tokens_at_once(mesh_results):
     """ComputePolicy.moe_token_chunk (issue 12: the 49K stage's MoE dispatch one chunk at a time):
     one device and every mesh layout, values, per-expert loads and gradients equal the unchunked

@@ -31,7 +31,7 @@ LAYERS = {
     "elastic_jax.kernels": 1, "elastic_jax._version": 1,
     "elastic_jax.config": 2, "elastic_jax.config_base": 2, "elastic_jax.registry": 2, "elastic_jax.widths": 2, "elastic_jax.sharding": 2, "elastic_jax.errors": 2,
     "elastic_jax.fileio": 2, "elastic_jax.finite": 2, "elastic_jax.hostmem": 2, "elastic_jax.aot": 2, "elastic_jax.quant.formats": 2, "elastic_jax.quant.qweight": 2,
-    "elastic_jax.model": 3, "elastic_jax.quant": 3,
+    "elastic_jax.model": 3, "elastic_jax.quant": 3, "elastic_jax.nnx": 3,
     "elastic_jax.elastic": 4,
     "elastic_jax.hf": 5,
     "elastic_jax.data": 6, "elastic_jax.tasks": 6, "elastic_jax.train": 6,

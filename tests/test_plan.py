@@ -192,6 +192,7 @@ def tpu_plans(cpu_job):
 
 
 @needs_tpu
+@pytest.mark.slow   # pod-target compiles in an 8-device subprocess
 @pytest.mark.parametrize("name", ["nano3", "nano2_oversized"])
 def test_shrunken_experiment_plans_and_compiles_for_a_tpu_slice(tpu_plans, name):
     res = tpu_plans[name]
@@ -205,6 +206,7 @@ def test_shrunken_experiment_plans_and_compiles_for_a_tpu_slice(tpu_plans, name)
 
 
 @needs_tpu
+@pytest.mark.slow   # pod-target compiles in an 8-device subprocess
 def test_oversized_plan_reports_fits_false_and_its_dominant_term(tpu_plans):
     res = tpu_plans["nano2_oversized"]
     st = res["stages"][0]
@@ -215,6 +217,7 @@ def test_oversized_plan_reports_fits_false_and_its_dominant_term(tpu_plans):
     assert f"dominant term {st['dominant_term']}" in plan.format_report(res)
 
 
+@pytest.mark.slow   # pod-target compiles in an 8-device subprocess
 def test_shrunken_experiments_plan_on_8_cpu_devices(cpu_plans):
     """The 30B-A3B file compiled by XLA:CPU, the 12B one lowered and sharded (the GPU path), both
     over 8 host devices."""
@@ -228,6 +231,7 @@ def test_shrunken_experiments_plan_on_8_cpu_devices(cpu_plans):
     assert st["compiled"] and st["memory"]["temp_bytes"] > 0 and cpu_plans["nano3_cpu"]["plan"]["fits"]
 
 
+@pytest.mark.slow   # pod-target compiles in an 8-device subprocess
 def test_gpu_plan_lowers_and_says_it_did_not_compile(cpu_plans):
     res = cpu_plans["nano2_gpu"]["plan"]
     assert [st["stage"] for st in res["stages"]] == ["short", "long"]
@@ -242,6 +246,7 @@ def test_gpu_plan_lowers_and_says_it_did_not_compile(cpu_plans):
     assert "fits: unknown" in report and "roofline lower bound" in report and "assumed MFU of 0.40" in report
 
 
+@pytest.mark.slow   # pod-target compiles in an 8-device subprocess
 def test_pod_runner_trains_from_an_hf_parent_and_resumes(cpu_plans):
     """`elastic-jax run` of a PodExperiment on the job's 8 devices (run in the CPU job): the parent
     read from its HF folder onto the mesh, importance + permutation, the data mix, training, then

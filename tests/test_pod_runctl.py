@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +32,7 @@ def _lm(tmp_path, steps=(2, 3)):
 
 
 def _same(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(a, b)
 
 
 def _losses(run):

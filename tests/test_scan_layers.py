@@ -4,6 +4,7 @@ stack / unstack boundary; the training loop's one-step-late metrics with no othe
 import dataclasses
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,8 +66,7 @@ def test_scanned_forward_equals_unrolled(setup, masked):
 def test_stack_unstack_roundtrip_and_hidden_states(setup):
     params, tokens, _ = setup
     back = unstack_layers(stack_layers(params, CFG), CFG)
-    assert jax.tree.structure(back) == jax.tree.structure(params)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+    chex.assert_trees_all_equal(back, params)
     hidden = jax.jit(ej.hidden_states, static_argnums=(2,), static_argnames=("policy",))
     lg_a, hs_a = hidden(params, tokens, CFG, policy=UNROLLED)
     lg_b, hs_b = hidden(params, tokens, CFG, policy=SCAN)
@@ -93,9 +93,7 @@ def test_gradients_equal_under_every_remat_policy(setup):
     assert float(jnp.abs(ref[1]["gates"]).max()) > 0
     for policy in (ej.ComputePolicy(scan_layers=True, remat="minimal"), ej.ComputePolicy(scan_layers=True, remat="full"),
                    ej.ComputePolicy(remat="save_dots")):
-        got = grads(policy)
-        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(got)):
-            np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4, err_msg=f"{policy} {jax.tree_util.keystr(path)}")
+        chex.assert_trees_all_close(grads(policy), ref, atol=1e-6, rtol=1e-4, custom_message=str(policy))
 
 
 def _grad_temp_bytes(pattern: str, length: int) -> int:
@@ -220,8 +218,7 @@ def test_train_step_with_scan_equals_without(setup):
     np.testing.assert_array_equal(mb["routing_entropy"], ma["routing_entropy"])
     np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-5)
     np.testing.assert_allclose(mb["grad_norm"], ma["grad_norm"], rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(sa["params"]), jax.tree.leaves(sb["params"])):
-        np.testing.assert_allclose(b, a, atol=1e-7, rtol=1e-4)
+    chex.assert_trees_all_close(sb["params"], sa["params"], atol=1e-7, rtol=1e-4)
 
 
 def test_loop_reads_metrics_one_step_late_and_nothing_else(tmp_path, monkeypatch):

@@ -343,7 +343,8 @@ def test_nano_recipe_keeps_attention_and_neighbours_bf16_with_kv_scales(model, t
 def test_nested_folder_has_only_model_weights_at_top(model, tmp_path):
     cfg, params, _, _, _ = model
     from elastic_jax.elastic import init_router
-    from elastic_jax.infer.checkpoint import load_router, save_nested
+    from elastic_jax.hf import read_router
+    from elastic_jax.infer.checkpoint import save_nested
     ecfg = ej.ElasticConfig(budgets=(1.0, 0.5), hidden_options=(1.0, 0.75), mamba_options=(1.0, 0.5), ffn_options=(1.0, 0.5), moe_expert_options=(1.0, 0.5), moe_ffn_options=(1.0, 0.5), router_dim=8)
     router = init_router(cfg, ecfg, jax.random.PRNGKey(0))
     fam = {"100%": ej.Widths(), "50%": ej.widths_for_budget(cfg, 0.5)}
@@ -356,7 +357,7 @@ def test_nested_folder_has_only_model_weights_at_top(model, tmp_path):
         rules = VllmRules(d)
         assert all(os.path.basename(f).startswith("model") for f in rules.weight_files())
         rules.load()
-        assert load_router(d) is not None
+        assert read_router(d) is not None
 
 
 def test_slicing_a_quantized_folder_keeps_parent_scales(model, tmp_path):

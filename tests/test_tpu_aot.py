@@ -53,6 +53,7 @@ def test_out_of_memory_is_a_report():
     assert not rep.fits and rep.error and rep.total_bytes is None
 
 
+@pytest.mark.slow   # compiles a KD step for 8 TPU chips
 def test_shrunken_elastic_kd_step_fits_per_chip_bound():
     """The training loop's elastic KD step (teacher + student + router + AdamW, bf16 parameters,
     FSDP=4 x expert=2: the expert-parallel MoE) on 8 v5p chips, one 1024-token sequence per chip.

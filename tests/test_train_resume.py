@@ -9,6 +9,9 @@ import sys
 import numpy as np
 from conftest import FAST_XLA
 
+# full suite only, not the fast tier (-m "not slow"): SIGKILL / resume of whole CLI training runs in subprocesses
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "run_killable.py")
 EXP = os.path.join(ROOT, "experiments", "distill_tiny.py")

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from conftest import FAST_XLA
 
+# full suite only, not the fast tier (-m "not slow"): 8-device and two-process training subprocesses
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "train_step_check.py")
 

@@ -128,6 +128,38 @@ def test_load_experiment_and_overrides():
         apply_overrides(cfg, ["data.kind=csv"])
 
 
+def test_the_config_class_names_its_runner(tmp_path):
+    """`run_experiment` calls the config class's own `run(out_dir)`: the library's three experiment
+    configs name their runners in their bodies; a class without one, and the removed
+    `register_runner`, are one clear error naming the fix."""
+    import dataclasses
+    from elastic_jax.experiment import register_runner, run_experiment
+    from elastic_jax.pod import PodExperiment, run_pod
+    from elastic_jax.recipes.star_elastic import StarElasticExperiment, run_star_elastic
+    for cls, fn in ((DistillConfig, "run_distill"), (StarElasticExperiment, run_star_elastic.__name__),
+                    (PodExperiment, run_pod.__name__)):
+        assert fn in cls.run.__doc__ and fn in cls.run.__code__.co_names, cls
+
+    @dataclasses.dataclass(frozen=True)
+    class Mine:
+        x: int = 1
+
+        def run(self, out_dir):
+            return ("ran", self.x, out_dir)
+
+    out = tmp_path / "a" / "b"
+    assert run_experiment(Mine(2), out) == ("ran", 2, str(out)) and out.is_dir()
+
+    @dataclasses.dataclass(frozen=True)
+    class NoRunner:
+        x: int = 1
+    with pytest.raises(ValueError, match=r"NoRunner says nothing runs it: give the config class a method `def run"):
+        run_experiment(NoRunner(), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(TypeError, match=r"register_runner\(Mine, \.\.\.\) was removed: .*def run\(self, out_dir\)"):
+        register_runner(Mine, lambda c, o: None)
+
+
 # ------------------------------------------------------------------ short runs
 def _tiny():
     return ej.NemotronHConfig(vocab_size=64, hidden_size=32, hybrid_override_pattern="*-", num_attention_heads=4,

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 from ..config_base import ConfigBase
 
-KINDS = ("synthetic", "task", "jsonl", "parquet", "arrays", "shards")
+# the values of `DataConfig.kind`: where documents come from
+SOURCE_KINDS = ("synthetic", "task", "jsonl", "parquet", "arrays", "shards")
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class DataConfig(ConfigBase):
     def __post_init__(self):
         def bad(name, rule):
             raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: {rule}")
-        if self.kind not in KINDS:
-            bad("kind", f"must be one of {KINDS}")
+        if self.kind not in SOURCE_KINDS:
+            bad("kind", f"must be one of {SOURCE_KINDS}")
         if isinstance(self.path, list):
             object.__setattr__(self, "path", tuple(self.path))
         if isinstance(self.weights, list):

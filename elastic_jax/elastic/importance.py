@@ -43,13 +43,12 @@ from ..sharding import host_value
 from ..widths import AXES, WIDTH_AXES, Widths, full_size
 
 RANK_AXES = WIDTH_AXES
-_RUNTIME_FIELDS = ("kernel_impl", "remat")
 
 
 def config_fingerprint(cfg: NemotronHConfig) -> str:
-    """Stable hash of every field that determines parameter shapes and the function (runtime
-    switches such as `kernel_impl` and `remat` excluded)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS}
+    """Stable hash of every field of the model config (they all determine parameter shapes and
+    the function; runtime knobs live on `ComputePolicy`)."""
+    d = cfg.to_dict()
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

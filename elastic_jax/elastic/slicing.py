@@ -6,6 +6,7 @@ masked parent's at those widths; `param_count` is the exact size of that model.
 from __future__ import annotations
 
 import numpy as np
+from einops import rearrange
 
 from ..config import NemotronHConfig
 from ..model.cost import CostModel
@@ -15,10 +16,13 @@ from ..widths import AXES, Widths, full_size
 
 
 def group_prefix(total: int, groups: int, keep: int) -> np.ndarray:
-    """Indices of the first keep/groups components of each of `groups` group-major blocks."""
-    per = total // groups
-    k = keep // groups
-    return np.concatenate([np.arange(g * per, g * per + k) for g in range(groups)]).astype(np.int64)
+    """Indices of the first keep/groups components of each of `groups` group-major blocks
+    (`total` and `keep` must divide by `groups`: einops checks the first, this the second)."""
+    if keep % groups:
+        raise ValueError(f"group_prefix: keeping {keep} of {total} components in {groups} groups: "
+                         f"{keep} is not divisible by {groups}")
+    blocks = rearrange(np.arange(total, dtype=np.int64), "(g per) -> g per", g=groups)
+    return rearrange(blocks[:, :keep // groups], "g k -> (g k)")
 
 
 def sliced_config(cfg: NemotronHConfig, widths: Widths | None) -> NemotronHConfig:

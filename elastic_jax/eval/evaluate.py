@@ -191,6 +191,11 @@ def evaluate_grid(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokeniz
 
 
 # ------------------------------------------------------------------------------ Pareto analysis
+def latency_key(grid) -> str:
+    """The grid's primary x axis: modeled latency when recorded, else wall clock."""
+    return "latency_model_s" if grid and all(p.get("latency_model_s") is not None for p in grid) else "latency_s"
+
+
 def pareto_front(points: Sequence, x: str = "latency_s", y: str = "accuracy") -> list[int]:
     """Indices of the non-dominated points (lower `x` and higher `y` are better), sorted by `x`.
     A point is dominated when another is no worse on both and strictly better on one."""

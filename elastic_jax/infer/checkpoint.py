@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import NemotronHConfig
 from ..errors import HFCheckpointError, JSONFileError, json_field, read_json
-from ..hf import BUDGETS_FILE, flatten_tree, load_hf, read_budget_table, read_router, save_hf, unflatten_tree
+from ..hf import BUDGETS_FILE, flatten_tree, load_hf, read_budget_table, save_hf, unflatten_tree
 from ..model.params import check_params
 from ..widths import WIDTH_AXES, Widths
 
@@ -104,6 +104,3 @@ def load_nested(directory: str):
     return cfg, params, {n: e["widths"] for n, e in table.items()}, {n: e["fraction"] for n, e in table.items()}
 
 
-def load_router(directory: str):
-    """The budget router saved with a nested checkpoint, or None."""
-    return read_router(directory)

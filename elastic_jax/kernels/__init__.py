@@ -5,6 +5,9 @@
 the XLA path runs the same algorithms laid out for that backend: the SSD group-major at a CPU
 chunk (`ssd_heads.py`), the grouped matmul as a loop over tile-padded segments (`gmm_segments.py`).
 
+Attention: `dot_product_attention.py` (`attend`: the reference einsum, query-blocked, flash-style
+chunked, Pallas splash on TPU, cuDNN on GPU; `ComputePolicy.attention_impl` picks one).
+
 Pallas kernels: `ssd_pallas.py` (SSD chunked scan, custom_vjp), `gmm_pallas.py` (megablox-style
 grouped matmul + tgmm, custom_vjp); `_common.py` picks the lowering: the "gpu" (Triton) variant
 on GPU, the "tpu" (Mosaic) variant on TPU, interpret mode on CPU. Environment overrides:
@@ -26,7 +29,7 @@ IMPLS = ("xla", "pallas")
 
 # Platforms where the compiled Pallas kernels have been built, checked against the references and
 # timed by kernels/bench.py (BUILD_NOTES.md). Elsewhere the default stays on the XLA reference
-# until a device run validates them; `impl="pallas"` / `cfg.kernel_impl="pallas"` opts in.
+# until a device run validates them; `impl="pallas"` / `ComputePolicy(kernel_impl="pallas")` opts in.
 VALIDATED_PALLAS_PLATFORMS: tuple[str, ...] = ()
 
 

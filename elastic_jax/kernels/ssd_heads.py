@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from .reference import _check_ssd_shapes, active_head_mask, padded_seq_ids
 
@@ -30,7 +31,6 @@ def ssd_chunked_heads(x, dt, A, B, C, D=None, *, chunk_size=CPU_CHUNK, initial_s
     _check_ssd_shapes(x, dt, A, B, C, D, initial_state, seq_idx)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    hg = h // g
     Q = int(chunk_size)
     f32 = jnp.float32
     nc = -(-l // Q)
@@ -40,13 +40,14 @@ def ssd_chunked_heads(x, dt, A, B, C, D=None, *, chunk_size=CPU_CHUNK, initial_s
         return t if pad == 0 else jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))
 
     sid = padded_seq_ids(seq_idx, b, nc * Q)
-    sc = sid.reshape(b, nc, Q)                                                     # [b,c,Q]
+    sc = rearrange(sid, "b (c q) -> b c q", q=Q)
 
     dt32 = padt(dt.astype(f32))
-    xdt = (padt(x.astype(f32)) * dt32[..., None]).reshape(b, nc, Q, g, hg, p).transpose(0, 3, 1, 4, 2, 5)
-    cs = jnp.cumsum((dt32 * A.astype(f32)).reshape(b, nc, Q, g, hg).transpose(0, 3, 1, 4, 2), axis=-1)
-    B_GCQN = padt(B.astype(f32)).reshape(b, nc, Q, g, n).transpose(0, 3, 1, 2, 4)    # [b,g,c,Q,n]
-    C_GCQN = padt(C.astype(f32)).reshape(b, nc, Q, g, n).transpose(0, 3, 1, 2, 4)
+    # heads are group-major, (g hg): the layout whose per-group prefixes the nested models keep
+    xdt = rearrange(padt(x.astype(f32)) * dt32[..., None], "b (c q) (g hg) p -> b g c hg q p", q=Q, g=g)
+    cs = jnp.cumsum(rearrange(dt32 * A.astype(f32), "b (c q) (g hg) -> b g c hg q", q=Q, g=g), axis=-1)
+    B_GCQN = rearrange(padt(B.astype(f32)), "b (c q) g n -> b g c q n", q=Q)
+    C_GCQN = rearrange(padt(C.astype(f32)), "b (c q) g n -> b g c q n", q=Q)
 
     # intra-chunk: L[i, j] = exp(cs_i - cs_j) for j <= i in the same document, else 0
     valid = jnp.tril(jnp.ones((Q, Q), bool)) & (sc[:, :, :, None] == sc[:, :, None, :])
@@ -70,17 +71,17 @@ def ssd_chunked_heads(x, dt, A, B, C, D=None, *, chunk_size=CPU_CHUNK, initial_s
         S_c, decay_c, keep_c = inp
         return S_c + (keep_c[:, None, None, None, None] * decay_c[..., None, None]) * state, state
 
-    final, init = jax.lax.scan(pass_state, state0.reshape(b, g, hg, p, n),
+    final, init = jax.lax.scan(pass_state, rearrange(state0, "b (g hg) p n -> b g hg p n", g=g),
                                (jnp.moveaxis(S, 2, 0), jnp.moveaxis(chunk_decay, 2, 0), keep_carry.T))
     init = jnp.moveaxis(init, 0, 2)                                                # [b,g,c,hg,p,n]
     in_carried = (sc == carried_doc[:, :, None]).astype(f32)[:, None, :, None, :]  # [b,1,c,1,Q]
     y_off = (jnp.einsum("bgcin,bgchpn->bgchip", C_GCQN, init, precision=HIGHEST)
              * (jnp.exp(cs) * in_carried)[..., None])
 
-    y = (y_diag + y_off).transpose(0, 2, 4, 1, 3, 5).reshape(b, nc * Q, h, p)[:, :l]
+    y = rearrange(y_diag + y_off, "b g c hg q p -> b (c q) (g hg) p")[:, :l]
     if D is not None:
         y = y + D.astype(f32)[None, None, :, None] * x.astype(f32)
     mask = active_head_mask(h, g, active_heads)
     y = y * mask[None, None, :, None]
-    final = final.reshape(b, h, p, n) * mask[None, :, None, None]
+    final = rearrange(final, "b g hg p n -> b (g hg) p n") * mask[None, :, None, None]
     return y.astype(x.dtype), final

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from ..config import NemotronHConfig
+from ..kernels.dot_product_attention import IMPLS as ATTENTION_IMPLS
 
 _KERNEL_IMPLS = (None, "xla", "pallas")
-_ATTENTION_IMPLS = ("auto", "xla", "blocked", "chunked", "splash", "cudnn")
 _PRECISIONS = ("auto", "default", "high", "highest")
 _REMAT = ("none", "full", "save_dots", "minimal")
 
@@ -49,7 +49,7 @@ class ComputePolicy:
             if value not in allowed:
                 raise ValueError(f"ComputePolicy.{name}: must be one of {allowed}, got {value!r}")
         check("kernel_impl", _KERNEL_IMPLS)
-        check("attention_impl", _ATTENTION_IMPLS)
+        check("attention_impl", ATTENTION_IMPLS)
         check("precision", _PRECISIONS)
         check("remat", _REMAT)
         if self.moe_token_chunk is not None and not (isinstance(self.moe_token_chunk, int)
@@ -102,10 +102,10 @@ def remat_policy(name: str):
 
 
 def resolve_policy(cfg: NemotronHConfig, policy: ComputePolicy | None) -> ComputePolicy:
-    """The policy in force: the given one, else one built from the config's legacy runtime fields
-    (`kernel_impl`, `remat`)."""
-    if policy is not None:
-        if not isinstance(policy, ComputePolicy):
-            raise TypeError(f"policy must be an elastic_jax.ComputePolicy, got {type(policy).__name__}")
-        return policy
-    return ComputePolicy(kernel_impl=cfg.kernel_impl, remat="full" if cfg.remat else "none")
+    """The policy in force: the given one, else the default `ComputePolicy()` (the model config
+    carries no runtime knobs: `kernel_impl` / `remat` live here only)."""
+    if policy is None:
+        return ComputePolicy()
+    if not isinstance(policy, ComputePolicy):
+        raise TypeError(f"policy must be an elastic_jax.ComputePolicy, got {type(policy).__name__}")
+    return policy

@@ -20,7 +20,7 @@ from .state import QuantizationError, QuantState, qweight_params
 
 
 def _observing_policy(cfg, policy) -> ComputePolicy:
-    base = ComputePolicy(kernel_impl=cfg.kernel_impl) if policy is None else policy
+    base = ComputePolicy() if policy is None else policy
     return dataclasses.replace(base, remat="none", scan_layers=False)
 
 

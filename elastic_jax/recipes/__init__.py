@@ -1,2 +1,2 @@
-"""Recipes: a config dataclass and the runner that executes it (registered with
-`elastic_jax.experiment.register_runner`). `star_elastic`: the main job."""
+"""Recipes: a config dataclass and the runner that executes it (the class's `run(out_dir)` method
+names it). `star_elastic`: the main job."""

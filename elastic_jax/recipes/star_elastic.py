@@ -12,7 +12,7 @@
          hardware profiles (eval/latency.py); report.md, results.json, PNG plots.
 
 `StarElasticExperiment` is the frozen config; `experiments/tiny_star_elastic.py` only builds it.
-`run_star_elastic(config, out_dir)` is registered with `elastic_jax.experiment.register_runner`.
+`run_star_elastic(config, out_dir)` runs it (`StarElasticExperiment.run`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import numpy as np
 from ..config import NemotronHConfig
 from ..data import DataConfig, make_dataset
 from ..elastic import ElasticConfig, estimate_importance, trained_widths, param_count, permute_params, slice_params
-from ..experiment import register_runner
 from ..infer.budget import ElasticModel
 from ..infer.checkpoint import save_nested, save_standalone, widths_to_dict
 from ..model import init_params
@@ -82,6 +81,10 @@ class StarElasticExperiment:
             object.__setattr__(self, "token_multiples", tuple(float(m) for m in self.token_multiples))
         if any(not m > 0 for m in self.token_multiples):
             raise ValueError(f"StarElasticExperiment.token_multiples={self.token_multiples}: must be positive")
+
+    def run(self, out_dir: str):
+        """The runner: `run_star_elastic` (below), the whole main job."""
+        return run_star_elastic(self, out_dir)
 
 
 def budget_name(fraction: float) -> str:
@@ -337,5 +340,3 @@ def _config_dict(xp: StarElasticExperiment) -> dict:
         return o
     return json.loads(json.dumps(conv(xp), default=str))
 
-
-register_runner(StarElasticExperiment, run_star_elastic)

@@ -37,6 +37,7 @@ from .. import fileio
 from ..errors import CheckpointCorrupt, CheckpointMismatch
 from ..finite import check_finite
 from ..sharding import host_value
+from ..config import MOVED_TO_POLICY
 from .config import RESUMABLE_FIELDS
 
 # what a complete step folder holds: orbax's commit marker and each item's metadata file
@@ -114,10 +115,14 @@ def _diff(a, b, path="") -> list[str]:
 
 
 def comparable(configs: dict) -> dict:
-    """The configs with the fields that may change on resume (mesh, logging) removed."""
+    """The configs with the fields that may change on resume (mesh, logging) removed, and the model
+    configs' runtime knobs that runs saved before they moved to `ComputePolicy` still hold."""
     out = dict(configs)
     if "train" in out and isinstance(out["train"], dict):
         out["train"] = {k: v for k, v in out["train"].items() if k not in RESUMABLE_FIELDS}
+    for name in ("model", "teacher"):
+        if isinstance(out.get(name), dict):
+            out[name] = {k: v for k, v in out[name].items() if k not in MOVED_TO_POLICY}
     return out
 
 

@@ -155,7 +155,7 @@ class TrainConfig(ConfigBase):
     the lm_head per chunk of the KD / CE loss (None = the whole vocabulary in one chunk).
     Checkpoints every `checkpoint_every` steps (and at the end of each stage), `keep_checkpoints`
     kept; metrics every `log_every` steps. `policy`: the runtime knobs of the forward passes
-    (scanned layers, remat, kernels; `ComputePolicy`, None = from the model config); they do not
+    (scanned layers, remat, kernels; `ComputePolicy`, None = the default `ComputePolicy()`); they do not
     change the math, so a run may resume under another policy. `sharding_rules`: (logical axis,
     mesh axes) pairs that override entries of `elastic_jax.sharding.DEFAULT_RULES` for parameters
     and activations; `sharding_tolerance`: the fraction of parameter elements allowed to lose a

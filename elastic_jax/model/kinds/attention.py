@@ -9,7 +9,7 @@ from ...config import NemotronHConfig
 from ...registry import Axis
 from ...sharding import constrain
 from ...widths import prefix_mask
-from ..attention import attend
+from ...kernels.dot_product_attention import attend
 from ..layers import Context, dense
 from .base import Param, expand, masks_record, seq_sumsq
 from .hf_rules import Rule, _t, _t_inv

@@ -25,6 +25,7 @@ from typing import Callable, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 Init = Union[str, Callable]
 
@@ -157,10 +158,9 @@ def rank_within_groups(scores, groups: int = 1) -> np.ndarray:
     n = s.size
     if n % groups:
         raise ValueError(f"{n} components cannot be split into {groups} equal groups")
-    per = n // groups
-    blocks = s.reshape(groups, per)
+    blocks = rearrange(s, "(g per) -> g per", g=groups)                 # group-major components
     order = np.argsort(-blocks, axis=1, kind="stable")
-    return (order + np.arange(groups)[:, None] * per).reshape(-1).astype(np.int64)
+    return rearrange(order + np.arange(groups)[:, None] * blocks.shape[1], "g per -> (g per)").astype(np.int64)
 
 
 def seq_mean_abs(act, valid):

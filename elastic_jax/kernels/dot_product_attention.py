@@ -1,4 +1,5 @@
-"""Scaled dot-product attention with GQA, causal + packed-segment masking, in four implementations.
+"""Scaled dot-product attention kernels (the attention layer kind that calls them is
+`model/kinds/attention.py`): GQA, causal + packed-segment masking, in four implementations.
 
     o[b, l, k, r] = Σ_s softmax_s(scale · q[b, l, k, r] · k[b, s, k])  v[b, s, k]
     over keys s allowed by: k_pos[s] <= q_pos[l]  (causal),  seg_q[b, l] == seg_k[b, s]  (packed
@@ -29,8 +30,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
-from ..kernels import target_platform
+from ._common import target_platform
 
 IMPLS = ("auto", "xla", "blocked", "chunked", "splash", "cudnn")
 AUTO_DIRECT_MAX = 1024 * 1024      # L·S below which "auto" on CPU keeps the one-einsum reference
@@ -76,17 +78,17 @@ def blocked_attention(q, k, v, seg=None, *, scale, precision=HIGHEST):
     for start in range(0, L, bq):
         end = min(L, start + bq)
         n = end - start
-        q_BKMD = q_BKLRD[:, :, start:end].reshape(B, K, n * R, D)              # M = (query, head) rows
-        s = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD[:, :, :end], precision=precision,
-                       preferred_element_type=jnp.float32).reshape(B, K, n, R, end) * scale
+        q_BKMD = rearrange(q_BKLRD[:, :, start:end], "b kv l r d -> b kv (l r) d")   # M = (query, head) rows
+        s = rearrange(jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD[:, :, :end], precision=precision,
+                                 preferred_element_type=jnp.float32), "b kv (l r) s -> b kv l r s", r=R) * scale
         allowed = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None]     # [1, n, end]
         if seg is not None:
             allowed = allowed & (seg[:, start:end, None] == seg[:, None, :end])
         s = jnp.where(allowed[:, None, :, None, :], s, -jnp.inf)
-        p = jax.nn.softmax(s, axis=-1).reshape(B, K, n * R, end)
+        p = rearrange(jax.nn.softmax(s, axis=-1), "b kv l r s -> b kv (l r) s")
         o = jnp.einsum("bkms,bksd->bkmd", p.astype(v.dtype), v_BKSD[:, :, :end], precision=precision,
                        preferred_element_type=jnp.float32)
-        outs.append(o.reshape(B, K, n, R, D))
+        outs.append(rearrange(o, "b kv (l r) d -> b kv l r d", r=R))
     return jnp.transpose(jnp.concatenate(outs, axis=2), (0, 2, 1, 3, 4))
 
 
@@ -253,10 +255,11 @@ def _splash_local(q, k, v, seg, *, scale, interpret):
 # ------------------------------------------------------------------------------ cuDNN (GPU)
 def cudnn_attention(q, k, v, *, scale):
     """Causal self-attention through cuDNN (no segments): q [B, L, K, R, D] -> f32 [B, L, K, R, D]."""
-    B, L, K, R, D = q.shape
-    o = jax.nn.dot_product_attention(q.reshape(B, L, K * R, D), k, v, scale=scale, is_causal=True,
+    K = q.shape[2]
+    # GQA head order: query head kv * R + r uses KV head kv (the grouping slicing keeps per KV group)
+    o = jax.nn.dot_product_attention(rearrange(q, "b l kv r d -> b l (kv r) d"), k, v, scale=scale, is_causal=True,
                                      implementation="cudnn")
-    return o.reshape(B, L, K, R, D).astype(jnp.float32)
+    return rearrange(o, "b l (kv r) d -> b l kv r d", kv=K).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------ dispatch
