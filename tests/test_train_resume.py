@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import FAST_XLA
 
 # full suite only, not the fast tier (-m "not slow"): SIGKILL / resume of whole CLI training runs in subprocesses
