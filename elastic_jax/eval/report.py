@@ -157,6 +157,8 @@ def analyze(results: dict) -> dict:
             out["wall_axis" + suffix] = dominance(by["budget_control"], by[base], "latency_s")
     out.update(analyze_rigor(results, by, x))     # seen / unseen units, dominance with intervals (rigor.py)
     out["verdict"] = verdict(results)
+    from .seeds import analyze_seeds
+    out.update(analyze_seeds(results))    # issue 30: >= 2 seeds: intervals over seeds x problems, verdict over seeds
     # statistical power: the 95% half-width at each observed accuracy, and the problems +-2 points needs
     n = results.get("eval", {}).get("n_problems")
     rows = ([results["parent"]] if results.get("parent") else []) + results.get("nested", []) \
@@ -435,6 +437,9 @@ def render_markdown(results: dict, analysis: dict) -> str:
                  "levels (13-16) per group" if any(l >= 5 for l in ev.get("levels") or ()) else "")
               + (f"; the budget-control grid on the first {ev['grid_problems']}"
                  if ev.get("grid_problems", ev.get("n_problems")) != ev.get("n_problems") else "") + ".", ""]
+    from .parent_curve import parent_curve_markdown
+    from .seeds import seeds_section
+    L += seeds_section(analysis) + parent_curve_markdown(results)
     # ---- accuracy table
     par = results.get("parent")
     base = {b["name"]: b for b in results.get("baselines", [])}

@@ -35,6 +35,7 @@ from ..model import init_params
 from ..eval.accuracy import model_row
 from ..eval.config import EvalConfig
 from ..eval.latency import LatencyTarget, measure_host_profile
+from ..eval.parent_curve import ParentRule, converged_step, gap_row, heldout_loss
 from ..eval.rigor import latency_sensitivity
 from ..eval.quantized import QuantEvalConfig
 from ..tasks import DEFAULT_LEVELS, TaskTokenizer, make_eval_set, make_problems, trace_text, unit_seen, vocab_needed
@@ -67,6 +68,17 @@ class StarElasticExperiment:
     comparison_seed: int = 0                   # added to the elastic run's and the baselines' seeds
     # quantized nested checkpoints (METHOD §10): FP8 / NVFP4 PTQ and NVFP4 QAD per budget, bytes on disk
     quant: QuantEvalConfig = QuantEvalConfig()
+    # training seeds (issue 30): seed 0 is the full run above (token sweep, grid, quantization, checkpoints);
+    # seeds 1..seeds-1 train their own parent, elastic run and 1x baselines (`seed_offsets`) and are
+    # evaluated on the same problems, so the report's intervals resample seeds x problems
+    seeds: int = 1
+    # a pre-registered parent (issue 30, eval/parent_curve.py): the snapshot (every
+    # `parent_train.checkpoint_every` steps, all kept) whose held-out loss the rule stops at; None = the last
+    parent_rule: ParentRule | None = None
+    # the gap-vs-parent-steps curve: seed 0's parent snapshots at these steps, each elastified with
+    # `parent_curve_train` (a short elastic schedule) and scored given the gold trace; () = none
+    parent_curve: tuple[int, ...] = ()
+    parent_curve_train: TrainConfig | None = None
 
     def __post_init__(self):
         if self.data.kind != "task":
@@ -82,6 +94,25 @@ class StarElasticExperiment:
             object.__setattr__(self, "token_multiples", tuple(float(m) for m in self.token_multiples))
         if any(not m > 0 for m in self.token_multiples):
             raise ValueError(f"StarElasticExperiment.token_multiples={self.token_multiples}: must be positive")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"StarElasticExperiment.seeds={self.seeds!r}: must be an integer >= 1")
+        if isinstance(self.parent_curve, list):
+            object.__setattr__(self, "parent_curve", tuple(int(s) for s in self.parent_curve))
+        every, total = self.parent_train.checkpoint_every, self.parent_train.total_steps
+        if self.parent_rule is not None or self.parent_curve:
+            if self.parent_train.keep_checkpoints < total // every:
+                raise ValueError(f"StarElasticExperiment.parent_rule / parent_curve read the parent's snapshots: "
+                                 f"parent_train.keep_checkpoints={self.parent_train.keep_checkpoints} must keep all "
+                                 f"{total // every} of them (checkpoint_every={every}, {total} steps)")
+        if self.parent_rule is not None and self.parent_rule.window % every:
+            raise ValueError(f"StarElasticExperiment.parent_rule.window={self.parent_rule.window} must be a multiple "
+                             f"of parent_train.checkpoint_every={every} (the snapshots the rule compares)")
+        bad = [s for s in self.parent_curve if s <= 0 or s > total or (s % every and s != total)]
+        if bad:
+            raise ValueError(f"StarElasticExperiment.parent_curve={self.parent_curve}: {bad} are not parent snapshot "
+                             f"steps (multiples of checkpoint_every={every} up to {total})")
+        if self.parent_curve and self.parent_curve_train is None:
+            raise ValueError("StarElasticExperiment.parent_curve needs parent_curve_train (the short elastic schedule)")
 
 
 def budget_name(fraction: float) -> str:
@@ -111,6 +142,178 @@ def _say(msg: str, progress: bool):
         print(f"[star-elastic] {msg}", flush=True)
 
 
+
+def seed_offsets(xp: StarElasticExperiment, k: int) -> StarElasticExperiment:
+    """Training seed `k` of `xp` (issue 30): the model init, the parent's run and the comparison seed
+    (elastic run and baselines) moved by k; the training documents and eval problems stay the same, so
+    per-problem scores pair across seeds. Equal to a separate run with `--set seed=K --set
+    parent_train.seed=K --set comparison_seed=K` (eval/seeds.py)."""
+    return dataclasses.replace(xp, seed=xp.seed + k, comparison_seed=xp.comparison_seed + k, seeds=1,
+                               parent_train=dataclasses.replace(xp.parent_train, seed=xp.parent_train.seed + k))
+
+
+def _train_family(xp: StarElasticExperiment, out_dir: str, data, calib, phases: dict, say) -> dict:
+    """Parent (CE) -> importance + permutation -> elastic distillation -> router widths per budget
+    (METHOD §3, §6-8), in `out_dir`/parent and /elastic; each run resumes from its checkpoints."""
+    cfg, ecfg = xp.model, xp.elastic
+    t0 = time.perf_counter()
+    say(f"parent: {param_count(cfg):,} params ({param_count(cfg, active=True):,} active), pattern {cfg.pattern}")
+    parent0 = init_params(cfg, jax.random.PRNGKey(xp.seed))
+    parent_res = train_lm(cfg, xp.parent_train, parent0, data, os.path.join(out_dir, "parent"), progress=xp.progress)
+    parent, rule = parent_res.params, None
+    if xp.parent_rule is not None:
+        parent, rule = _apply_parent_rule(xp, os.path.join(out_dir, "parent"), parent, data)
+        say(f"parent rule: snapshot at step {rule['step']} ({rule['reason']})")
+    phases["parent"] = phases.get("parent", 0.0) + time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    importance = estimate_importance(parent, cfg, [{"tokens": b["tokens"], "segment_ids": b["segment_ids"]}
+                                                   for b in calib])
+    teacher = permute_params(parent, cfg, importance)
+    phases["importance"] = phases.get("importance", 0.0) + time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say(f"elastic distillation into budgets {ecfg.budgets}")
+    el_train = dataclasses.replace(xp.elastic_train, seed=xp.elastic_train.seed + xp.comparison_seed)
+    el = train_elastic(cfg, ecfg, el_train, teacher, teacher, data, os.path.join(out_dir, "elastic"),
+                       progress=xp.progress)
+    phases["elastic"] = phases.get("elastic", 0.0) + time.perf_counter() - t0
+    widths = {budget_name(b): trained_widths(el.router_params, cfg, ecfg, b) for b in ecfg.budgets}  # 100%: parent
+    return {"parent_res": parent_res, "parent": parent, "importance": importance, "teacher": teacher, "el": el,
+            "el_train": el_train, "widths": widths, "rule": rule}
+
+
+def _snapshots(parent_dir: str) -> list[int]:
+    from ..train.checkpoint import Checkpointer
+    ck = Checkpointer(os.path.join(parent_dir, "checkpoints"), async_save=False)
+    try:
+        return sorted(ck.complete_steps())
+    finally:
+        ck.close()
+
+
+def _apply_parent_rule(xp: StarElasticExperiment, parent_dir: str, final_params, data) -> tuple:
+    """(the parent's params at the snapshot `xp.parent_rule` picks, the rule's record): held-out loss
+    at every snapshot of the parent run (eval/parent_curve.py `converged_step`)."""
+    from ..train.checkpoint import load_run
+    rule, st, total = xp.parent_rule, xp.parent_train.stages[0], xp.parent_train.total_steps
+    held = make_dataset(dataclasses.replace(xp.data, seed=xp.data.seed + 101,
+                                            num_documents=max(64, 4 * rule.heldout_batches * st.batch_size)),
+                        xp.model.vocab_size)
+    stream = held.batches(st.seq_len, st.batch_size, epoch_seed=20_000)
+    batches = [next(stream) for _ in range(rule.heldout_batches)]
+    params = {s: (final_params if s == total else load_run(parent_dir, s)[1]) for s in _snapshots(parent_dir)}
+    curve = [(s, heldout_loss(p, xp.model, batches)) for s, p in params.items()]
+    res = converged_step(curve, rule, total)
+    return params.get(res["step"], final_params), res
+
+
+def baseline_steps_config(base_train: TrainConfig, multiple: float | None, seen: float) -> TrainConfig:
+    """The baseline's one-stage schedule on `multiple` x the `seen` tokens (None: `base_train` as given)."""
+    if multiple is None:
+        return base_train
+    st = base_train.stages[0]
+    steps = max(1, int(round(multiple * seen / (st.seq_len * st.batch_size))))
+    return dataclasses.replace(base_train, stages=(dataclasses.replace(st, steps=steps, tokens=None),))
+
+
+
+def _seed_rows(xp: StarElasticExperiment, k: int, out_dir: str, data, calib, eval_set, tok, gold, phases: dict,
+               say) -> dict:
+    """Training seed k >= 1 (`seed_offsets`) in `out_dir`/seeds/seed{k}: its parent, elastic run and
+    one baseline per nested size (the 1x token multiple, or `baseline_train` as given), each model
+    evaluated on `eval_set` with the gold-trace diagnostics. The rows are cached in rows.json (written
+    atomically, reused by a rerun of the same config and eval set); the runs resume from checkpoints."""
+    from ..fileio import write_text_atomic
+    xk = seed_offsets(xp, k)
+    seed_dir = os.path.join(out_dir, "seeds", f"seed{k}")
+    cache = os.path.join(seed_dir, "rows.json")
+    key = {"config": _config_dict(xk), "n_problems": len(eval_set)}
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            say(f"seed {k}: rows of a finished seed run reused ({cache})")
+            return cached["rows"]
+    cfg, ecfg, ev = xk.model, xk.elastic, xk.eval
+    say(f"seed {k} of {xp.seeds}: parent, elastic run and 1x baselines in {seed_dir}")
+    fam = _train_family(xk, seed_dir, data, calib, phases, say)
+    widths, teacher, el = fam["widths"], fam["teacher"], fam["el"]
+    names = list(widths)
+    t0 = time.perf_counter()
+    seen = dict(zip(names, nested_tokens(xk.elastic_train, len(names))))
+    base_train = xk.baseline_train or xk.elastic_train
+    base_train = dataclasses.replace(base_train, seed=base_train.seed + xk.comparison_seed)
+    base = {}
+    for n, b in zip(names, ecfg.budgets):
+        if b >= 1.0:
+            continue
+        sub_cfg, sub_params = slice_params(teacher, cfg, widths[n])
+        tc = baseline_steps_config(base_train, 1.0 if xk.token_multiples else None, seen[n])
+        res = train_kd(sub_cfg, tc, cfg, teacher, sub_params, data, os.path.join(seed_dir, f"baseline_{n.rstrip('%')}"),
+                       progress=xk.progress)
+        base[n] = (sub_cfg, res)
+    phases["baselines"] = phases.get("baselines", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    say(f"seed {k}: evaluating the parent, nested models and baselines on {len(eval_set)} problems")
+    parent_model = ElasticModel(cfg, fam["parent"], {"parent": Widths()}, mode="sliced")
+    nested_model = ElasticModel(cfg, el.params, widths, mode="sliced")
+    rows = {"seed": k, "parent": {"name": "parent", **model_row(parent_model, "parent", eval_set, tok, ev, gold)},
+            "nested": [{"name": n, "fraction": b, "widths": widths_to_dict(widths[n]),
+                        "params": param_count(cfg, widths[n]), "active_params": param_count(cfg, widths[n], True),
+                        **model_row(nested_model, n, eval_set, tok, ev, gold)} for n, b in zip(names, ecfg.budgets)],
+            "baselines": [{"name": n, "params": param_count(c), "active_params": param_count(c, active=True),
+                           "train_tokens": int(r.tokens_seen),
+                           **model_row(ElasticModel(c, r.params, {n: Widths()}, mode="masked"), n, eval_set, tok, ev,
+                                       gold)} for n, (c, r) in base.items()],
+            "training": {"parent_tokens": int(fam["parent_res"].tokens_seen), "elastic_tokens": int(el.tokens_seen),
+                         "baseline_tokens": {n: int(r.tokens_seen) for n, (_, r) in base.items()}},
+            "parent_rule": None if fam["rule"] is None else {"seed": k, **fam["rule"]}}
+    phases["eval_seeds"] = phases.get("eval_seeds", 0.0) + time.perf_counter() - t0
+    write_text_atomic(cache, json.dumps({"key": key, "rows": rows}, default=float))
+    return rows
+
+
+
+def _parent_curve(xp: StarElasticExperiment, out_dir: str, data, calib, eval_set, tok, say) -> list[dict]:
+    """The gap-vs-parent-steps curve (issue 30): each of seed 0's parent snapshots `xp.parent_curve`
+    permuted by its own importance and elastified with `xp.parent_curve_train` (in
+    `out_dir`/parent_curve/step{S}, resumable), then the parent, the full and the smallest nested model
+    answer given the gold trace. Cached in curve.json (atomic) for a rerun of the same config."""
+    from ..eval.accuracy import answer_texts
+    from ..fileio import write_text_atomic
+    from ..tasks import score_answer
+    from ..train.checkpoint import load_run
+    cfg, ecfg, ev = xp.model, xp.elastic, xp.eval
+    cache = os.path.join(out_dir, "parent_curve", "curve.json")
+    key = {"config": _config_dict(xp), "n_problems": len(eval_set)}
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached["rows"]
+    gold = [tok.encode(trace_text(p)) for p in eval_set.problems]
+    tc = dataclasses.replace(xp.parent_curve_train, seed=xp.parent_curve_train.seed + xp.comparison_seed)
+    sched = " + ".join(f"{st.steps} {st.name}" for st in tc.stages) + " steps"
+    full, small = budget_name(max(ecfg.budgets)), budget_name(min(ecfg.budgets))
+    score = lambda m, n: [score_answer(p, t) for p, t in zip(eval_set.problems,
+                                                             answer_texts(m, n, eval_set, tok, ev, gold))]
+    rows = []
+    for steps in xp.parent_curve:
+        say(f"gap vs parent steps: the parent at step {steps}, elastified for {sched}")
+        parent = load_run(os.path.join(out_dir, "parent"), steps)[1]
+        imp = estimate_importance(parent, cfg, [{"tokens": b["tokens"], "segment_ids": b["segment_ids"]} for b in calib])
+        teacher = permute_params(parent, cfg, imp)
+        el = train_elastic(cfg, ecfg, tc, teacher, teacher, data, os.path.join(out_dir, "parent_curve", f"step{steps}"),
+                           progress=xp.progress)
+        widths = {budget_name(b): trained_widths(el.router_params, cfg, ecfg, b) for b in ecfg.budgets}
+        nested = ElasticModel(cfg, el.params, {full: widths[full], small: widths[small]}, mode="sliced")
+        par = score(ElasticModel(cfg, parent, {"parent": Widths()}, mode="sliced"), "parent")
+        rows.append(gap_row(steps, par, score(nested, full), score(nested, small), sched))
+    write_text_atomic(cache, json.dumps({"key": key, "rows": rows}))
+    return rows
+
+
 def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     """Run the whole pipeline into `out_dir`; returns the results dict (also in results.json)."""
     from ..eval.evaluate import evaluate_grid
@@ -127,32 +330,13 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     data = make_dataset(xp.data, cfg.vocab_size)
 
-    # ---------------------------------------------------------------- parent
-    t0 = time.perf_counter()
-    say(f"parent: {param_count(cfg):,} params ({param_count(cfg, active=True):,} active), pattern {cfg.pattern}")
-    parent0 = init_params(cfg, jax.random.PRNGKey(xp.seed))
-    parent_res = train_lm(cfg, xp.parent_train, parent0, data, os.path.join(out_dir, "parent"), progress=xp.progress)
-    parent = parent_res.params
-    phases["parent"] = time.perf_counter() - t0
-
-    # ---------------------------------------------------------------- importance + permutation
-    t0 = time.perf_counter()
     stream = data.batches(xp.elastic_train.stages[0].seq_len, xp.calibration_batch_size, epoch_seed=10_000)
     calib = [next(stream) for _ in range(xp.calibration_batches)]
-    importance = estimate_importance(parent, cfg, [{"tokens": b["tokens"], "segment_ids": b["segment_ids"]}
-                                                   for b in calib])
-    teacher = permute_params(parent, cfg, importance)
-    phases["importance"] = time.perf_counter() - t0
-
-    # ---------------------------------------------------------------- elastic distillation
-    t0 = time.perf_counter()
-    say(f"elastic distillation into budgets {ecfg.budgets}")
-    el_train = dataclasses.replace(xp.elastic_train, seed=xp.elastic_train.seed + xp.comparison_seed)
-    el = train_elastic(cfg, ecfg, el_train, teacher, teacher, data, os.path.join(out_dir, "elastic"),
-                       progress=xp.progress)
-    phases["elastic"] = time.perf_counter() - t0
-    names = [budget_name(b) for b in ecfg.budgets]
-    widths = {n: trained_widths(el.router_params, cfg, ecfg, b) for n, b in zip(names, ecfg.budgets)}  # 100%: parent
+    fam = _train_family(xp, out_dir, data, calib, phases, say)
+    rules = [] if fam["rule"] is None else [{"seed": 0, **fam["rule"]}]
+    parent_res, parent, importance, teacher, el, el_train, widths = (
+        fam["parent_res"], fam["parent"], fam["importance"], fam["teacher"], fam["el"], fam["el_train"], fam["widths"])
+    names = list(widths)
     fractions = dict(zip(names, ecfg.budgets))
 
     # ---------------------------------------------------------------- checkpoints (nested + sliced)
@@ -178,12 +362,8 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
             continue          # the full-size "independent model" is the parent itself
         sub_cfg, sub_params = slice_params(teacher, cfg, widths[n])
         for m in multiples:
-            tc, tag = base_train, ""
-            if m is not None:
-                st = base_train.stages[0]
-                steps = max(1, int(round(m * seen[n] / (st.seq_len * st.batch_size))))
-                tc = dataclasses.replace(base_train, stages=(dataclasses.replace(st, steps=steps, tokens=None),))
-                tag = "" if m == 1.0 else f"_x{m:g}"
+            tc = baseline_steps_config(base_train, m, seen[n])
+            tag = "" if m is None or m == 1.0 else f"_x{m:g}"
             say(f"baseline {n}{tag}: prune the parent to {param_count(sub_cfg):,} params by importance, then KD "
                 f"alone for {tc.stages[0].steps if len(tc.stages) == 1 else 'the elastic stages'} steps")
             run = f"baseline_{n.rstrip('%')}{tag}"
@@ -239,6 +419,13 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
         if headline:
             base_rows.append(row)
     phases["eval_models"] = time.perf_counter() - t0
+    # ---------------------------------------------------------------- training seeds 1..seeds-1 (issue 30)
+    seed_runs = [_seed_rows(xp, k, out_dir, data, calib, eval_set, tok, gold, phases, say) for k in range(1, xp.seeds)]
+    rules += [r["parent_rule"] for r in seed_runs if r.get("parent_rule")]
+    t0 = time.perf_counter()
+    curve = _parent_curve(xp, out_dir, data, calib, eval_set, tok, say) if xp.parent_curve else []
+    if curve:
+        phases["parent_curve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     targets = [LatencyTarget.make(ev.latency_profile, ev.latency_reference)]
@@ -287,7 +474,10 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
                  "levels": list(ev.levels), "units_seen": units_seen,
                  "max_trace_tokens": int(max(eval_set.trace_lengths)),
                  "mean_trace_tokens": float(np.mean(eval_set.trace_lengths))},
-        "parent": parent_row, "nested": nested_rows, "baselines": base_rows,
+        "parent": parent_row, "nested": nested_rows, "baselines": base_rows, "seed_runs": seed_runs,
+        "parent_rule": None if not rules else {"rule": xp.parent_rule.to_dict(), "cap": xp.parent_train.total_steps,
+                                               "seeds": rules},
+        "parent_curve": curve,
         "training": {"parent_tokens": int(parent_res.tokens_seen), "elastic_tokens": int(el.tokens_seen),
                      "baseline_tokens": {n: int(r.tokens_seen) for n, (_, r) in baselines.items()},
                      "histories": {"parent": _history(os.path.join(out_dir, "parent")),
