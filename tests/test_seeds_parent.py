@@ -146,3 +146,38 @@ def test_report_has_the_parent_rule_and_the_gap_vs_steps_curve():
     assert "| 0 | 250: 1.0000, 500: 0.9000, 750: 0.8500, 1000: 0.8400 | 1000 |" in text
     assert "| 250 |" in text and "| 500 |" in text and "gap 100% - 50%" in text
     assert parent_curve_markdown({}) == []
+
+
+# ------------------------------------------------------------------------------ tokens for the whole family
+def test_family_token_accounting_on_a_known_case():
+    from elastic_jax.eval.family import family_markdown, family_tokens
+    res = {"training": {"elastic_tokens": 1000, "parent_tokens": 5000}, "nested_tokens": {"75%": 400.0, "50%": 300.0}}
+    a = {"token_efficiency": {"75%": {"multiple": 1.5}, "50%": {"multiple": 2.0}}}
+    f = family_tokens(res, a)
+    assert [s["tokens"] for s in f["sizes"]] == [[600.0, 600.0], [600.0, 600.0]]
+    assert f["separate"] == [1200.0, 1200.0] and f["ratio"] == [1.2, 1.2]
+    assert f["separate_with_search"] == [2200.0, 2200.0] and f["ratio_with_search"] == [2.2, 2.2]
+    # bounds from the sweep: matched at the smallest multiple / by no swept baseline
+    a = {"token_efficiency": {"75%": {"multiple": "<= 0.5"}, "50%": {"multiple": "> 2"}}}
+    f = family_tokens(res, a)
+    assert f["sizes"][0]["tokens"] == [0.0, 200.0] and f["sizes"][1]["tokens"] == [600.0, float("inf")]
+    assert f["separate"] == [600.0, float("inf")] and f["ratio_with_search"][0] == pytest.approx(1.6)
+    text = "\n".join(family_markdown(res, {"family_tokens": f}))
+    assert "## Tokens to match: the whole family" in text and "1,600 - unbounded" in text
+    assert family_tokens({"training": {}}, a) is None and family_markdown(res, {}) == []
+
+
+def test_report_states_family_tokens_from_a_token_sweep():
+    res = _synthetic_results()
+    rng = np.random.default_rng(2)
+    res["training"] = {"elastic_tokens": 10_000, "parent_tokens": 50_000, "baseline_tokens": {"50%": 3000}}
+    res["nested_tokens"] = {"100%": 5000.0, "75%": 3000.0, "50%": 2000.0}
+    res["token_sweep"] = [{"name": "50%", "multiple": m, "train_tokens": int(m * 2000), "accuracy": p,
+                           "scores": list(rng.binomial(1, p, 300).astype(float))}
+                          for m, p in ((0.5, 0.05), (1.0, 0.1), (2.0, 0.9))]
+    a = analyze(res)
+    f = a["family_tokens"]
+    assert f["elastic"] == 10_000 and [s["name"] for s in f["sizes"]] == ["50%"]
+    m = a["token_efficiency"]["50%"]["multiple"]
+    assert 1.0 < m < 2.0 and f["separate"][0] == pytest.approx(m * 2000)
+    assert "## Tokens to match: the whole family" in render_markdown(res, a)

@@ -190,6 +190,8 @@ def analyze(results: dict) -> dict:
             if pts:
                 eff[r["name"]] = tokens_to_match(r.get("scores"), pts)
         out["token_efficiency"] = eff
+        from .family import family_tokens
+        out["family_tokens"] = family_tokens(results, out)     # issue 30: tokens counted for the whole family
     tr = results.get("training", {})
     if tr.get("elastic_tokens") and tr.get("baseline_tokens"):
         s = sum(tr["baseline_tokens"].values())
@@ -461,7 +463,9 @@ def render_markdown(results: dict, analysis: dict) -> str:
                  f"{_fmt(None if b is None else b.get('accuracy_no_thinking'))} | "
                  f"{'n/a' if diff is None else f'{diff:+.3f}'}{_cis(ci)} |")
     L.append("")
-    L += _diagnostics_md(results, analysis) + _power_md(analysis) + _token_md(results, analysis)
+    from .family import family_markdown
+    L += _diagnostics_md(results, analysis) + _power_md(analysis) + _token_md(results, analysis) \
+        + family_markdown(results, analysis)
     wins = [n["name"] for n in results.get("nested", []) if n["name"] in base
             and n["accuracy"] >= base[n["name"]]["accuracy"]]
     loses = [n["name"] for n in results.get("nested", []) if n["name"] in base

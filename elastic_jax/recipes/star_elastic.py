@@ -208,13 +208,23 @@ def _apply_parent_rule(xp: StarElasticExperiment, parent_dir: str, final_params,
     return params.get(res["step"], final_params), res
 
 
-def baseline_steps_config(base_train: TrainConfig, multiple: float | None, seen: float) -> TrainConfig:
-    """The baseline's one-stage schedule on `multiple` x the `seen` tokens (None: `base_train` as given)."""
+def baseline_steps_config(base_train: TrainConfig, multiple: float | None, seen: float,
+                          warmup_fraction: float | None = None) -> TrainConfig:
+    """The baseline's one-stage schedule on `multiple` x the `seen` tokens (None: `base_train` as given).
+    `warmup_fraction`: its warmup is that share of its steps (issue 30: the elastic run's share, so a
+    short baseline is not mostly warmup); None keeps `base_train`'s warmup steps."""
     if multiple is None:
         return base_train
     st = base_train.stages[0]
     steps = max(1, int(round(multiple * seen / (st.seq_len * st.batch_size))))
-    return dataclasses.replace(base_train, stages=(dataclasses.replace(st, steps=steps, tokens=None),))
+    optim = base_train.optim if warmup_fraction is None else dataclasses.replace(
+        base_train.optim, warmup_steps=int(round(warmup_fraction * steps)))
+    return dataclasses.replace(base_train, optim=optim, stages=(dataclasses.replace(st, steps=steps, tokens=None),))
+
+
+def warmup_fraction(train: TrainConfig) -> float:
+    """The share of `train`'s steps spent in warmup."""
+    return min(1.0, train.optim.warmup_steps / max(1, train.total_steps))
 
 
 
@@ -249,7 +259,8 @@ def _seed_rows(xp: StarElasticExperiment, k: int, out_dir: str, data, calib, eva
         if b >= 1.0:
             continue
         sub_cfg, sub_params = slice_params(teacher, cfg, widths[n])
-        tc = baseline_steps_config(base_train, 1.0 if xk.token_multiples else None, seen[n])
+        tc = baseline_steps_config(base_train, 1.0 if xk.token_multiples else None, seen[n],
+                                   warmup_fraction(xk.elastic_train))
         res = train_kd(sub_cfg, tc, cfg, teacher, sub_params, data, os.path.join(seed_dir, f"baseline_{n.rstrip('%')}"),
                        progress=xk.progress)
         base[n] = (sub_cfg, res)
@@ -362,7 +373,7 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
             continue          # the full-size "independent model" is the parent itself
         sub_cfg, sub_params = slice_params(teacher, cfg, widths[n])
         for m in multiples:
-            tc = baseline_steps_config(base_train, m, seen[n])
+            tc = baseline_steps_config(base_train, m, seen[n], warmup_fraction(xp.elastic_train))
             tag = "" if m is None or m == 1.0 else f"_x{m:g}"
             say(f"baseline {n}{tag}: prune the parent to {param_count(sub_cfg):,} params by importance, then KD "
                 f"alone for {tc.stages[0].steps if len(tc.stages) == 1 else 'the elastic stages'} steps")
@@ -370,6 +381,7 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
             res = train_kd(sub_cfg, tc, cfg, teacher, sub_params, data, os.path.join(out_dir, run),
                            progress=xp.progress)
             sweep.append({"name": n, "multiple": m, "run": run, "train_tokens": int(res.tokens_seen),
+                          "steps": tc.total_steps, "warmup_steps": tc.optim.warmup_steps,
                           "cfg": sub_cfg, "res": res})
             if m is None or m == 1.0 or (1.0 not in multiples and m == multiples[0]):
                 baselines[n] = (sub_cfg, res)
@@ -414,6 +426,7 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
         headline = baselines.get(n, (None, None))[1] is res
         row = {"name": n, "params": param_count(sub_cfg), "active_params": param_count(sub_cfg, active=True),
                "train_tokens": item["train_tokens"], "multiple": item["multiple"], "run": item["run"],
+               "steps": item["steps"], "warmup_steps": item["warmup_steps"],
                **model_row(bm, n, eval_set, tok, ev, gold, diagnostics=headline)}
         sweep_rows.append(row)
         if headline:
