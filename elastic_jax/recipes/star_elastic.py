@@ -286,11 +286,13 @@ def _seed_rows(xp: StarElasticExperiment, k: int, out_dir: str, data, calib, eva
 
 
 
-def _parent_curve(xp: StarElasticExperiment, out_dir: str, data, calib, eval_set, tok, say) -> list[dict]:
+def _parent_curve(xp: StarElasticExperiment, out_dir: str, data, calib, eval_set, tok, say, main: dict) -> list[dict]:
     """The gap-vs-parent-steps curve (issue 30): each of seed 0's parent snapshots `xp.parent_curve`
     permuted by its own importance and elastified with `xp.parent_curve_train` (in
     `out_dir`/parent_curve/step{S}, resumable), then the parent, the full and the smallest nested model
-    answer given the gold trace. Cached in curve.json (atomic) for a rerun of the same config."""
+    answer given the gold trace. `main` {"steps", "parent", "full", "small"} (gold-trace scores): the main
+    run's own point, used as is when its parent is that snapshot and the schedules are the same.
+    Cached in curve.json (atomic) for a rerun of the same config."""
     from ..eval.accuracy import answer_texts
     from ..fileio import write_text_atomic
     from ..tasks import score_answer
@@ -311,6 +313,9 @@ def _parent_curve(xp: StarElasticExperiment, out_dir: str, data, calib, eval_set
                                                              answer_texts(m, n, eval_set, tok, ev, gold))]
     rows = []
     for steps in xp.parent_curve:
+        if steps == main["steps"] and xp.parent_curve_train == xp.elastic_train:
+            rows.append(gap_row(steps, main["parent"], main["full"], main["small"], sched + " (the main run)"))
+            continue
         say(f"gap vs parent steps: the parent at step {steps}, elastified for {sched}")
         parent = load_run(os.path.join(out_dir, "parent"), steps)[1]
         imp = estimate_importance(parent, cfg, [{"tokens": b["tokens"], "segment_ids": b["segment_ids"]} for b in calib])
@@ -325,8 +330,43 @@ def _parent_curve(xp: StarElasticExperiment, out_dir: str, data, calib, eval_set
     return rows
 
 
+class _CompileCache:
+    """JAX's persistent compilation cache in `<out_dir>/jax_cache` for the run, unless the caller set one:
+    the training seeds (and a resumed run) compile the same programs again, which then costs a cache
+    read instead of an XLA compile. The previous settings are restored on exit."""
+
+    KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+    def __init__(self, out_dir: str):
+        self.dir = os.path.join(out_dir, "jax_cache")
+
+    def __enter__(self):
+        from jax.experimental.compilation_cache import compilation_cache as cc
+        self.old = {k: getattr(jax.config, k) for k in self.KEYS}
+        if self.old["jax_compilation_cache_dir"] is None:
+            jax.config.update("jax_compilation_cache_dir", self.dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+            cc.reset_cache()
+        return self
+
+    def __exit__(self, *exc):
+        from jax.experimental.compilation_cache import compilation_cache as cc
+        if self.old["jax_compilation_cache_dir"] is None:
+            for k, v in self.old.items():
+                jax.config.update(k, v)
+            cc.reset_cache()
+        return False
+
+
 def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     """Run the whole pipeline into `out_dir`; returns the results dict (also in results.json)."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with _CompileCache(out_dir):
+        return _run(xp, out_dir)
+
+
+def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
     from ..eval.evaluate import evaluate_grid
     from ..eval.report import analyze, write_report
 
@@ -436,7 +476,10 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     seed_runs = [_seed_rows(xp, k, out_dir, data, calib, eval_set, tok, gold, phases, say) for k in range(1, xp.seeds)]
     rules += [r["parent_rule"] for r in seed_runs if r.get("parent_rule")]
     t0 = time.perf_counter()
-    curve = _parent_curve(xp, out_dir, data, calib, eval_set, tok, say) if xp.parent_curve else []
+    main_point = {"steps": parent_res.steps if fam["rule"] is None else fam["rule"]["step"],
+                  "parent": parent_row["scores_gold_trace"], "full": nested_rows[0]["scores_gold_trace"],
+                  "small": nested_rows[-1]["scores_gold_trace"]}
+    curve = _parent_curve(xp, out_dir, data, calib, eval_set, tok, say, main_point) if xp.parent_curve else []
     if curve:
         phases["parent_curve"] = time.perf_counter() - t0
 
