@@ -181,3 +181,19 @@ def test_report_states_family_tokens_from_a_token_sweep():
     m = a["token_efficiency"]["50%"]["multiple"]
     assert 1.0 < m < 2.0 and f["separate"][0] == pytest.approx(m * 2000)
     assert "## Tokens to match: the whole family" in render_markdown(res, a)
+
+
+def test_report_has_the_lr_sweep_and_from_scratch_baselines_when_run():
+    res = _synthetic_results()
+    rng = np.random.default_rng(3)
+    row = lambda **kw: dict(kw, scores=list(rng.binomial(1, kw["accuracy"], 300).astype(float)))
+    res["token_sweep"] = [row(name="50%", multiple=1.0, train_tokens=2000, accuracy=0.30)]
+    res["config"] = {"baseline_train": {"optim": {"lr": 1e-3}}}
+    res["lr_sweep"] = [row(kind="lr", name="50%", lr=3e-3, train_tokens=2000, steps=10, accuracy=0.35)]
+    res["scratch"] = [row(kind="scratch", name="50%", train_tokens=90_000, steps=100, accuracy=0.12)]
+    res["training"] = {"parent_tokens": 50_000, "elastic_tokens": 10_000}
+    text = render_markdown(res, analyze(res))
+    assert "### The 1x baselines' learning rate" in text
+    assert "| 50% | 0.001 | 0.300" in text and "| 50% | 0.003 |" in text
+    assert "### From scratch" in text and "| 50% | 100 | 90,000 |" in text
+    assert "cost 60,000 tokens (parent + elastic run)" in text

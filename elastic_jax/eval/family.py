@@ -51,11 +51,48 @@ def _rng(v, fmt) -> str:
     return f"{fmt(lo)} - {'unbounded' if hi == float('inf') else fmt(hi)}"
 
 
+def extra_baselines_markdown(results: dict) -> list[str]:
+    """The LR sweep of the 1x baselines and the from-scratch baselines (seed 0), when the run has them."""
+    from .stats import bootstrap_ci
+    lrs, scratch = results.get("lr_sweep") or [], results.get("scratch") or []
+    if not lrs and not scratch:
+        return []
+    ci = lambda r: "" if not r.get("scores") else "[{:.3f}, {:.3f}]".format(*bootstrap_ci(r["scores"], n_boot=1000))
+    nested = {r["name"]: r for r in results.get("nested", [])}
+    L = []
+    if lrs:
+        one_x = {r["name"]: r for r in results.get("token_sweep", []) if r.get("multiple") in (1.0, None)}
+        base_lr = ((results.get("config") or {}).get("baseline_train") or {}).get("optim", {}).get("lr")
+        L += ["### The 1x baselines' learning rate", "",
+              "| size | learning rate | baseline accuracy [95% CI] | tokens |", "|---|---|---|---|"]
+        for n in dict.fromkeys(r["name"] for r in lrs):
+            rows = ([dict(one_x[n], lr=base_lr)] if n in one_x else []) + [r for r in lrs if r["name"] == n]
+            for r in sorted(rows, key=lambda r: r.get("lr") or 0.0):
+                L.append(f"| {n} | {r.get('lr') if r.get('lr') is not None else 'default'} | {r['accuracy']:.3f} "
+                         f"{ci(r)} | {r['train_tokens']:,} |")
+        L += ["", "The separate route's learning-rate search costs these tokens too.", ""]
+    if scratch:
+        tr = results.get("training") or {}
+        fam = (tr.get("parent_tokens") or 0) + (tr.get("elastic_tokens") or 0)
+        L += ["### From scratch: each smaller size trained alone from random init (next-token CE)", "",
+              "| size | steps | tokens | accuracy [95% CI] | nested accuracy |", "|---|---|---|---|---|"]
+        for r in scratch:
+            nr = nested.get(r["name"], {})
+            L.append(f"| {r['name']} | {r['steps']} | {r['train_tokens']:,} | {r['accuracy']:.3f} {ci(r)} | "
+                     f"{nr.get('accuracy', float('nan')):.3f} |")
+        L += ["", f"The elastic family cost {fam:,} tokens (parent + elastic run) for every size; training each "
+                  f"smaller size from scratch cost {sum(r['train_tokens'] for r in scratch):,} tokens for these "
+                  "accuracies (the paper's 360x claim, in miniature).", ""]
+    return L
+
+
 def family_markdown(results: dict, analysis: dict) -> list[str]:
-    """The report's "Tokens to match" section; [] without `analysis["family_tokens"]`."""
+    """The report's "Tokens to match" section (with the LR sweep and from-scratch baselines when run);
+    [] without any of them."""
     f = analysis.get("family_tokens")
     if not f:
-        return []
+        extra = extra_baselines_markdown(results)
+        return (["## Tokens to match: the whole family", ""] + extra) if extra else []
     tok = lambda v: f"{v:,.0f}"
     x = lambda v: f"{v:.2f}x"
     L = ["## Tokens to match: the whole family", "",
@@ -77,6 +114,7 @@ def family_markdown(results: dict, analysis: dict) -> list[str]:
           f"| the same, charged for its width search (the elastic run that found the widths) | "
           f"{_rng(f['separate_with_search'], tok)} | {_rng(f['ratio_with_search'], x)} |", "",
           "The paper's claims in miniature: 7x fewer tokens than sequential compression (the charged row) and "
-          "360x fewer than training each size from scratch (not measured in this run: no from-scratch "
-          "baseline is trained). Baselines run the elastic run's warmup share of their steps.", ""]
-    return L
+          "360x fewer than training each size from scratch" + ("" if results.get("scratch") else
+                                                                 " (not measured in this run: `scratch_steps=0`)")
+          + ". Baselines run the elastic run's warmup share of their steps.", ""]
+    return L + extra_baselines_markdown(results)

@@ -79,6 +79,11 @@ class StarElasticExperiment:
     # `parent_curve_train` (a short elastic schedule) and scored given the gold trace; () = none
     parent_curve: tuple[int, ...] = ()
     parent_curve_train: TrainConfig | None = None
+    # fair token accounting (issue 30, seed 0; both off by default: cost): 1x baselines of each smaller size
+    # at these extra learning rates (the separate route's LR search), and each smaller size trained from
+    # random init with the parent's CE schedule for `scratch_steps` steps (the from-scratch baseline)
+    baseline_lrs: tuple[float, ...] = ()
+    scratch_steps: int = 0
 
     def __post_init__(self):
         if self.data.kind != "task":
@@ -96,6 +101,12 @@ class StarElasticExperiment:
             raise ValueError(f"StarElasticExperiment.token_multiples={self.token_multiples}: must be positive")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"StarElasticExperiment.seeds={self.seeds!r}: must be an integer >= 1")
+        if isinstance(self.baseline_lrs, list):
+            object.__setattr__(self, "baseline_lrs", tuple(float(x) for x in self.baseline_lrs))
+        if any(not lr > 0 for lr in self.baseline_lrs):
+            raise ValueError(f"StarElasticExperiment.baseline_lrs={self.baseline_lrs}: must be positive")
+        if not isinstance(self.scratch_steps, int) or self.scratch_steps < 0:
+            raise ValueError(f"StarElasticExperiment.scratch_steps={self.scratch_steps!r}: must be an integer >= 0")
         if isinstance(self.parent_curve, list):
             object.__setattr__(self, "parent_curve", tuple(int(s) for s in self.parent_curve))
         every, total = self.parent_train.checkpoint_every, self.parent_train.total_steps
@@ -330,6 +341,39 @@ def _parent_curve(xp: StarElasticExperiment, out_dir: str, data, calib, eval_set
     return rows
 
 
+
+def _extra_baselines(xp: StarElasticExperiment, out_dir: str, data, teacher, widths: dict, base_train: TrainConfig,
+                     seen: dict, say) -> list[dict]:
+    """Seed 0's optional baselines for the family's token accounting (issue 30): each smaller size's 1x
+    baseline at every `xp.baseline_lrs` learning rate (run `baseline_<n>_lr<lr>`), and each smaller size
+    from random init with the parent's CE schedule for `xp.scratch_steps` steps (run `scratch_<n>`)."""
+    cfg, out = xp.model, []
+    frac = warmup_fraction(xp.elastic_train)
+    for n, b in zip(widths, xp.elastic.budgets):
+        if b >= 1.0:
+            continue
+        sub_cfg, sub_params = slice_params(teacher, cfg, widths[n])
+        for lr in xp.baseline_lrs:
+            tc = baseline_steps_config(base_train, 1.0 if xp.token_multiples else None, seen[n], frac)
+            tc = dataclasses.replace(tc, optim=dataclasses.replace(tc.optim, lr=lr))
+            run = f"baseline_{n.rstrip('%')}_lr{lr:g}"
+            say(f"baseline {n} at lr {lr:g}: KD alone for {tc.total_steps} steps")
+            res = train_kd(sub_cfg, tc, cfg, teacher, sub_params, data, os.path.join(out_dir, run), progress=xp.progress)
+            out.append({"kind": "lr", "name": n, "lr": lr, "run": run, "cfg": sub_cfg, "res": res, "steps": tc.total_steps})
+        if xp.scratch_steps:
+            pt = xp.parent_train
+            tc = dataclasses.replace(
+                pt, seed=pt.seed + xp.comparison_seed, checkpoint_every=10_000, keep_checkpoints=1,
+                optim=dataclasses.replace(pt.optim, warmup_steps=int(round(warmup_fraction(pt) * xp.scratch_steps))),
+                stages=(dataclasses.replace(pt.stages[0], steps=xp.scratch_steps, tokens=None),))
+            run = f"scratch_{n.rstrip('%')}"
+            say(f"from scratch {n}: {param_count(sub_cfg):,} params, CE for {xp.scratch_steps} steps")
+            res = train_lm(sub_cfg, tc, init_params(sub_cfg, jax.random.PRNGKey(xp.seed + 17)), data,
+                           os.path.join(out_dir, run), progress=xp.progress)
+            out.append({"kind": "scratch", "name": n, "run": run, "cfg": sub_cfg, "res": res, "steps": tc.total_steps})
+    return out
+
+
 class _CompileCache:
     """JAX's persistent compilation cache in `<out_dir>/jax_cache` for the run, unless the caller set one:
     the training seeds (and a resumed run) compile the same programs again, which then costs a cache
@@ -427,6 +471,10 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
                 baselines[n] = (sub_cfg, res)
                 save_standalone(os.path.join(ck, f"baseline_{n.rstrip('%')}"), sub_cfg, res.params)
     phases["baselines"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    extra = _extra_baselines(xp, out_dir, data, teacher, widths, base_train, seen, say)
+    if extra:
+        phases["baselines_lr_scratch"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- evaluation
     t0 = time.perf_counter()
@@ -471,6 +519,10 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
         sweep_rows.append(row)
         if headline:
             base_rows.append(row)
+    extra_rows = [{"kind": e["kind"], "name": e["name"], "lr": e.get("lr"), "run": e["run"],
+                   "train_tokens": int(e["res"].tokens_seen), "steps": e["steps"],
+                   **model_row(ElasticModel(e["cfg"], e["res"].params, {e["name"]: Widths()}, mode="masked"), e["name"],
+                               eval_set, tok, ev, gold, diagnostics=False)} for e in extra]
     phases["eval_models"] = time.perf_counter() - t0
     # ---------------------------------------------------------------- training seeds 1..seeds-1 (issue 30)
     seed_runs = [_seed_rows(xp, k, out_dir, data, calib, eval_set, tok, gold, phases, say) for k in range(1, xp.seeds)]
@@ -534,6 +586,8 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
         "parent_rule": None if not rules else {"rule": xp.parent_rule.to_dict(), "cap": xp.parent_train.total_steps,
                                                "seeds": rules},
         "parent_curve": curve,
+        "lr_sweep": [r for r in extra_rows if r["kind"] == "lr"],
+        "scratch": [r for r in extra_rows if r["kind"] == "scratch"],
         "training": {"parent_tokens": int(parent_res.tokens_seen), "elastic_tokens": int(el.tokens_seen),
                      "baseline_tokens": {n: int(r.tokens_seen) for n, (_, r) in baselines.items()},
                      "histories": {"parent": _history(os.path.join(out_dir, "parent")),
