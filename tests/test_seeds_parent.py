@@ -75,8 +75,8 @@ def test_seed_k_is_the_documented_separate_run_with_its_seeds_moved():
     parent_train.seed=K --set comparison_seed=K` trains (eval/seeds.py's documented option)."""
     from elastic_jax.experiment import apply_overrides, load_experiment
     from elastic_jax.recipes.star_elastic import _config_dict, seed_offsets
-    xp = load_experiment(os.path.join(ROOT, "experiments", "tiny_star_elastic.py"), True)
-    assert xp.seeds == 3
+    xp = load_experiment(os.path.join(ROOT, "experiments", "tiny_star_elastic.py"), False)
+    assert xp.seeds == 3 and load_experiment(os.path.join(ROOT, "experiments", "tiny_star_elastic.py"), True).seeds == 2
     for k in (1, 2):
         sep = apply_overrides(dataclasses.replace(xp, seeds=1),
                               [f"seed={k}", f"parent_train.seed={k}", f"comparison_seed={k}"])
