@@ -90,7 +90,7 @@ def config(quick: bool = False, task: str = TASK, budgets: str = "active", seeds
     parent_train = TrainConfig(
         optim=OptimConfig(lr=3e-3, warmup_steps=min(50, parent_steps // 4), schedule="cosine", final_lr_ratio=0.1),
         stages=(Stage("lm", seq_len=short, batch_size=32 * 64 // short // 2 * 2, steps=parent_steps),), seed=0,
-        **dict(common, checkpoint_every=every, keep_checkpoints=4))
+        **dict(common, checkpoint_every=every, keep_checkpoints=6))   # 4 snapshots + 2 preemption saves
 
     s1_len = 64 if paper else short       # paper: short rows; the long stage takes the longer documents
     elastic_train = TrainConfig(

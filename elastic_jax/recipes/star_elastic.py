@@ -194,11 +194,13 @@ def _train_family(xp: StarElasticExperiment, out_dir: str, data, calib, phases: 
             "el_train": el_train, "widths": widths, "rule": rule}
 
 
-def _snapshots(parent_dir: str) -> list[int]:
+def _snapshots(parent_dir: str, every: int, total: int) -> list[int]:
+    """The parent run's kept snapshot steps (multiples of `every`, and the last): a preemption's
+    checkpoint at another step is not a snapshot."""
     from ..train.checkpoint import Checkpointer
     ck = Checkpointer(os.path.join(parent_dir, "checkpoints"), async_save=False)
     try:
-        return sorted(ck.complete_steps())
+        return sorted(s for s in ck.complete_steps() if s % every == 0 or s == total)
     finally:
         ck.close()
 
@@ -213,7 +215,8 @@ def _apply_parent_rule(xp: StarElasticExperiment, parent_dir: str, final_params,
                         xp.model.vocab_size)
     stream = held.batches(st.seq_len, st.batch_size, epoch_seed=20_000)
     batches = [next(stream) for _ in range(rule.heldout_batches)]
-    params = {s: (final_params if s == total else load_run(parent_dir, s)[1]) for s in _snapshots(parent_dir)}
+    params = {s: (final_params if s == total else load_run(parent_dir, s)[1])
+              for s in _snapshots(parent_dir, xp.parent_train.checkpoint_every, total)}
     curve = [(s, heldout_loss(p, xp.model, batches)) for s, p in params.items()]
     res = converged_step(curve, rule, total)
     return params.get(res["step"], final_params), res
