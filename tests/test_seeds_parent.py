@@ -197,3 +197,40 @@ def test_report_has_the_lr_sweep_and_from_scratch_baselines_when_run():
     assert "| 50% | 0.001 | 0.300" in text and "| 50% | 0.003 |" in text
     assert "### From scratch" in text and "| 50% | 100 | 90,000 |" in text
     assert "cost 60,000 tokens (parent + elastic run)" in text
+
+
+@pytest.mark.slow
+def test_lr_sweep_and_from_scratch_baselines_train_each_smaller_size(tmp_path):
+    """`_extra_baselines` (seed 0's optional token-accounting baselines): per smaller size one KD run at
+    each extra learning rate (its logged LR peaks at that rate) and one CE run from random init for
+    `scratch_steps` steps, with the elastic run's / the parent's warmup share."""
+    import json
+    import jax
+    from elastic_jax.data import make_dataset
+    from elastic_jax.elastic import trained_widths
+    from elastic_jax.elastic.router import init_router
+    from elastic_jax.experiment import load_experiment
+    from elastic_jax.model import init_params
+    from elastic_jax.recipes.star_elastic import _extra_baselines, budget_name
+    xp = load_experiment(os.path.join(ROOT, "experiments", "tiny_star_elastic.py"), True)
+    st = xp.baseline_train.stages[0]
+    base = dataclasses.replace(xp.baseline_train, stages=(dataclasses.replace(st, steps=3),))
+    xp = dataclasses.replace(xp, baseline_lrs=(3e-3,), scratch_steps=2, baseline_train=base,
+                             data=dataclasses.replace(xp.data, num_documents=256))
+    cfg, ecfg = xp.model, xp.elastic
+    data = make_dataset(xp.data, cfg.vocab_size)
+    teacher = init_params(cfg, jax.random.PRNGKey(0))
+    router = init_router(cfg, ecfg, jax.random.PRNGKey(1))
+    widths = {budget_name(b): trained_widths(router, cfg, ecfg, b) for b in ecfg.budgets}
+    out = _extra_baselines(xp, str(tmp_path), data, teacher, widths, base, {n: 1.0 for n in widths}, say=print)
+    assert [(e["kind"], e["name"]) for e in out] == [("lr", "75%"), ("scratch", "75%"), ("lr", "50%"), ("scratch", "50%")]
+    for e in out:
+        assert e["res"].steps == e["steps"] == (3 if e["kind"] == "lr" else 2) and e["res"].tokens_seen > 0
+        recs = [json.loads(l) for l in open(os.path.join(str(tmp_path), e["run"], "metrics.jsonl"))]
+        if e["kind"] == "lr":      # step 0 of a linear warmup over `warmup_steps` from the swept peak
+            assert recs[0]["step"] == 0
+            assert recs[0]["lr"] == pytest.approx(3e-3 / max(1, base.optim.warmup_steps), rel=1e-3)
+    with pytest.raises(ValueError, match="scratch_steps"):
+        dataclasses.replace(xp, scratch_steps=-1)
+    with pytest.raises(ValueError, match="baseline_lrs"):
+        dataclasses.replace(xp, baseline_lrs=(0.0,))

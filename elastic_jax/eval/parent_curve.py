@@ -104,8 +104,9 @@ def parent_curve_markdown(results: dict) -> list[str]:
                      f"{s['reason']} |")
         L.append("")
     if curve:
-        L += ["Gap vs parent steps (seed 0's parent snapshots, each elastified with the short schedule "
-              f"{curve[0].get('schedule', '')}; gold-trace answer accuracy, 95% bootstrap over problems):", "",
+        L += ["Gap vs parent steps (seed 0's parent snapshots, each permuted by its own importance and elastified "
+              f"with the schedule {curve[0].get('schedule', '')}; gold-trace answer accuracy, 95% bootstrap over "
+              "problems):", "",
               "| parent steps | parent | nested 100% | nested 50% | gap 100% - 50% [95% CI] | clears the bar |",
               "|---|---|---|---|---|---|"]
         from .report import VERDICT_MIN_ANSWER_GAP

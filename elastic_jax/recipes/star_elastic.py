@@ -242,6 +242,10 @@ def warmup_fraction(train: TrainConfig) -> float:
 
 
 
+_NOT_IN_SEED_ROWS = ("seeds", "parent_curve", "parent_curve_train", "quant", "title", "progress", "baseline_lrs",
+                     "scratch_steps")
+
+
 def _seed_rows(xp: StarElasticExperiment, k: int, out_dir: str, data, calib, eval_set, tok, gold, phases: dict,
                say) -> dict:
     """Training seed k >= 1 (`seed_offsets`) in `out_dir`/seeds/seed{k}: its parent, elastic run and
@@ -252,7 +256,9 @@ def _seed_rows(xp: StarElasticExperiment, k: int, out_dir: str, data, calib, eva
     xk = seed_offsets(xp, k)
     seed_dir = os.path.join(out_dir, "seeds", f"seed{k}")
     cache = os.path.join(seed_dir, "rows.json")
-    key = {"config": _config_dict(xk), "n_problems": len(eval_set)}
+    # what the seed's rows depend on (not the seed count, the curve, the grid or quantization of seed 0)
+    key = {"config": {f: v for f, v in _config_dict(xk).items() if f not in _NOT_IN_SEED_ROWS},
+           "n_problems": len(eval_set)}
     if os.path.isfile(cache):
         with open(cache) as f:
             cached = json.load(f)
