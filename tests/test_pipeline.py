@@ -128,11 +128,41 @@ def test_quick_main_job_writes_every_report_file(quick_run):
     assert sizes["nvfp4_ptq"] == sizes["nvfp4_qad"] < sizes["fp8_ptq"] < sizes["bf16"]
     assert all(d < 1e-3 for d in q["export_roundtrip_max_abs_logit_diff"].values())
     assert os.path.isfile(os.path.join(quick_run, "checkpoints", "nested_nvfp4_qad", "hf_quant_config.json"))
+    # issue 30: training seeds 1.. on the same problems, the parent rule per seed, the gap-vs-steps curve
+    assert [x["seed"] for x in r["seed_runs"]] == [1]
+    for x in r["seed_runs"]:
+        assert [n["name"] for n in x["nested"]] == ["100%", "75%", "50%"] and len(x["baselines"]) == 2
+        assert len(x["nested"][0]["scores_gold_trace"]) == r["eval"]["n_problems"]
+    assert [x["seed"] for x in r["parent_rule"]["seeds"]] == [0, 1]
+    assert [c["steps"] for c in r["parent_curve"]] == list(r["config"]["parent_curve"])
+    assert r["analysis"]["seeds"]["seeds"] == 2 and r["analysis"]["verdict"]["seeds"] == 2
     report = open(os.path.join(quick_run, "report.md")).read()
-    for needle in ("Quantized nested checkpoints", "NVFP4 QAD - PTQ", "independent baseline", "Training tokens", "Checkpoint memory", "Pareto frontier of",
+    for needle in ("Seeds x problems: 2 training seed(s)", "The parent: a pre-registered length",
+                   "Quantized nested checkpoints", "NVFP4 QAD - PTQ", "independent baseline", "Training tokens", "Checkpoint memory", "Pareto frontier of",
                    "dominate", "Verdict: the task", "Primary axis: modeled latency", "Statistical power",
                    "Against truncation of the parent alone"):
         assert needle in report, needle
+
+
+@pytest.mark.slow
+def test_quick_main_job_resumes_with_its_seed_runs_and_curve(quick_run, tmp_path):
+    """A rerun into a copy of the finished run reuses every training run, the seeds' rows and the curve,
+    and reports the same seeds x problems numbers."""
+    import shutil
+    out = str(tmp_path / "again")
+    shutil.copytree(quick_run, out, ignore=shutil.ignore_patterns("jax_cache"))
+    proc = subprocess.run([sys.executable, "-m", "elastic_jax.experiment", "run", EXPERIMENT, "--quick", "--out", out],
+                          capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("rows of a finished seed run reused") == 1
+    assert "elastified" not in proc.stdout               # the curve's runs were not redone
+    with open(os.path.join(quick_run, "results.json")) as f:
+        a = json.load(f)
+    with open(os.path.join(out, "results.json")) as f:
+        b = json.load(f)
+    assert a["seed_runs"] == b["seed_runs"] and a["parent_curve"] == b["parent_curve"]
+    assert a["analysis"]["seeds"] == b["analysis"]["seeds"]
+    assert a["parent"]["scores"] == b["parent"]["scores"]
 
 
 @pytest.mark.slow

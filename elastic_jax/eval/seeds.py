@@ -65,9 +65,63 @@ def combine_seeds(runs: list[dict]) -> dict:
     return out
 
 
-def seeds_markdown(combined: dict) -> str:
+def seed_runs(results: dict) -> list[dict]:
+    """The results of every training seed of one main-job run: seed 0 (the run itself) and the rows of
+    seeds 1.. (`results["seed_runs"]`, recipes/star_elastic.py)."""
+    return [results] + list(results.get("seed_runs") or [])
+
+
+def analyze_seeds(results: dict) -> dict:
+    """For `report.analyze`: with >= 2 seeds in the run, {"seeds": combine_seeds(...), "verdict": the
+    verdict judged on the seeds x problems interval (the report's headline), "verdict_seed0": the one
+    seed's}; otherwise {}."""
+    runs = seed_runs(results)
+    if len(runs) < 2:
+        return {}
+    combined = combine_seeds(runs)
+    out = {"seeds": combined}
+    v = combined.get("verdict")
+    if v:
+        g = v["answer_gap"]
+        lo, hi = g["ci"]
+        S = combined["seeds"]
+        if v["testable"]:
+            reason = (f"over {S} training seeds the {v['smallest']} model answers worse than the {v['full']} model "
+                      f"given the gold trace ({g['mean']:+.3f}, 95% CI over seeds x problems [{lo:+.3f}, {hi:+.3f}]) "
+                      f"while it writes the trace about as well (mean exact-trace gap {v['trace_gap']:+.3f})")
+        elif lo < VERDICT_MIN_ANSWER_GAP:
+            reason = (f"no clear answer-capacity gap over {S} training seeds: given the gold trace the {v['full']} "
+                      f"model beats the {v['smallest']} model by {g['mean']:+.3f} (95% CI over seeds x problems "
+                      f"[{lo:+.3f}, {hi:+.3f}]; needs a lower bound >= {VERDICT_MIN_ANSWER_GAP})")
+        else:
+            reason = (f"the trace-quality gap ({v['trace_gap']:+.3f} mean exact-trace rate over {S} seeds) is not "
+                      f"small next to the answer gap ({g['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}])")
+        out["verdict"] = {"testable": v["testable"], "reason": reason + "; a property of the models this run "
+                          "trained, not of the task at convergence", "answer_gap": g["mean"], "answer_gap_ci": [lo, hi],
+                          "trace_gap": v["trace_gap"], "full": v["full"], "smallest": v["smallest"], "seeds": S,
+                          "per_seed": g["seed_means"]}
+    return out
+
+
+def seeds_section(analysis: dict) -> list[str]:
+    """The report's section (markdown lines) of `analyze_seeds`; [] without seeds."""
+    combined = analysis.get("seeds")
+    if not combined:
+        return []
+    L = seeds_markdown(combined, heading="##").splitlines()
+    g = (combined.get("verdict") or {}).get("answer_gap")
+    if g and g.get("se"):
+        share = min(1.0, (g["se_problems"] / g["se"]) ** 2)
+        L += [f"Power: of the verdict gap's standard error {g['se']:.3f}, the eval problems alone account for "
+              f"{100 * share:.0f}% of the variance (SE {g['se_problems']:.3f}); the rest is seed-to-seed variation, "
+              f"which more problems per seed cannot shrink. The single-seed tables below are seed 0's; their "
+              "intervals resample problems only.", ""]
+    return L
+
+
+def seeds_markdown(combined: dict, heading: str = "#") -> str:
     S = combined["seeds"]
-    L = [f"# Seeds x problems: {S} training seed(s)", "",
+    L = [f"{heading} Seeds x problems: {S} training seed(s)", "",
          "Intervals: 95%, hierarchical bootstrap over seeds, then problems within seed (eval/stats.py "
          "`hierarchical_ci`: mean ± t_{S-1}·SE)" + ("; with one seed the interval leaves seed variation out"
                                                    if S == 1 else "") + ".", "",

@@ -90,7 +90,8 @@ def hierarchical_ci(scores_by_seed, n_boot: int = N_BOOT, seed: int = 0, level: 
     (floored at v̄/S, the problem noise alone), and the interval is mean ± t_{S-1} · SE: a percentile
     interval over 3-5 seeds under-covers (only S distinct seed means exist). One seed: the problem
     bootstrap's percentile interval, which leaves seed-to-seed variation out (`seeds` = 1 says so).
-    Returns {"mean", "ci": [lo, hi], "se", "seeds", "seed_means"}."""
+    Returns {"mean", "ci": [lo, hi], "se", "seeds", "seed_means", "se_problems"} (`se_problems`:
+    sqrt(v̄/S), the part of the standard error the eval problems alone would give)."""
     seeds = _as_seed_arrays(scores_by_seed)
     S = len(seeds)
     seed_means = [float(s.mean()) for s in seeds]
@@ -98,12 +99,13 @@ def hierarchical_ci(scores_by_seed, n_boot: int = N_BOOT, seed: int = 0, level: 
     if S == 1:
         lo, hi = bootstrap_ci(seeds[0], n_boot=n_boot, seed=seed, level=level)
         se = float(seeds[0].std() / math.sqrt(seeds[0].size))
-        return {"mean": mean, "ci": [lo, hi], "se": se, "seeds": 1, "seed_means": seed_means}
+        return {"mean": mean, "ci": [lo, hi], "se": se, "seeds": 1, "seed_means": seed_means, "se_problems": se}
     boots = _hier_means(seeds, n_boot, np.random.default_rng(seed))
     within = float(np.mean([s.var() / s.size for s in seeds]))                    # v̄
     se = math.sqrt(max(S / (S - 1) * (float(boots.var()) - within / S), within / S))
     t = _t_quantile(1 - (1 - level) / 2, S - 1)
-    return {"mean": mean, "ci": [mean - t * se, mean + t * se], "se": se, "seeds": S, "seed_means": seed_means}
+    return {"mean": mean, "ci": [mean - t * se, mean + t * se], "se": se, "seeds": S, "seed_means": seed_means,
+            "se_problems": math.sqrt(within / S)}
 
 
 def hierarchical_diff_ci(a_by_seed, b_by_seed, **kw) -> dict:
