@@ -24,7 +24,7 @@ from elastic_jax.experiment import load_experiment
 from elastic_jax.infer.budget import ElasticModel
 from elastic_jax.model import init_params
 from elastic_jax.eval.accuracy import model_row as _model_row
-from elastic_jax.recipes.star_elastic import budget_name
+from elastic_jax.recipes.family import budget_name
 from elastic_jax.tasks import TaskTokenizer, make_eval_set, trace_text
 from elastic_jax.train import train_elastic, train_lm
 from elastic_jax.widths import Widths

@@ -74,14 +74,14 @@ def test_seed_k_is_the_documented_separate_run_with_its_seeds_moved():
     """Seed k of a multi-seed run trains exactly what a separate run with `--set seed=K --set
     parent_train.seed=K --set comparison_seed=K` trains (eval/seeds.py's documented option)."""
     from elastic_jax.experiment import apply_overrides, load_experiment
-    from elastic_jax.recipes.star_elastic import _config_dict, seed_offsets
+    from elastic_jax.recipes.family import config_dict, seed_offsets
     xp = load_experiment(os.path.join(ROOT, "experiments", "tiny_star_elastic.py"), False)
     assert xp.seeds == 3 and load_experiment(os.path.join(ROOT, "experiments", "tiny_star_elastic.py"), True).seeds == 2
     for k in (1, 2):
         sep = apply_overrides(dataclasses.replace(xp, seeds=1),
                               [f"seed={k}", f"parent_train.seed={k}", f"comparison_seed={k}"])
-        assert _config_dict(seed_offsets(xp, k)) == _config_dict(sep)
-    assert _config_dict(seed_offsets(xp, 0)) == _config_dict(dataclasses.replace(xp, seeds=1))
+        assert config_dict(seed_offsets(xp, k)) == config_dict(sep)
+    assert config_dict(seed_offsets(xp, 0)) == config_dict(dataclasses.replace(xp, seeds=1))
     with pytest.raises(ValueError, match="seeds"):
         dataclasses.replace(xp, seeds=0)
 
@@ -211,7 +211,7 @@ def test_lr_sweep_and_from_scratch_baselines_train_each_smaller_size(tmp_path):
     from elastic_jax.elastic.router import init_router
     from elastic_jax.experiment import load_experiment
     from elastic_jax.model import init_params
-    from elastic_jax.recipes.star_elastic import _extra_baselines, budget_name
+    from elastic_jax.recipes.family import budget_name, extra_baselines
     xp = load_experiment(os.path.join(ROOT, "experiments", "tiny_star_elastic.py"), True)
     st = xp.baseline_train.stages[0]
     base = dataclasses.replace(xp.baseline_train, stages=(dataclasses.replace(st, steps=3),))
@@ -222,7 +222,7 @@ def test_lr_sweep_and_from_scratch_baselines_train_each_smaller_size(tmp_path):
     teacher = init_params(cfg, jax.random.PRNGKey(0))
     router = init_router(cfg, ecfg, jax.random.PRNGKey(1))
     widths = {budget_name(b): trained_widths(router, cfg, ecfg, b) for b in ecfg.budgets}
-    out = _extra_baselines(xp, str(tmp_path), data, teacher, widths, base, {n: 1.0 for n in widths}, say=print)
+    out = extra_baselines(xp, str(tmp_path), data, teacher, widths, base, {n: 1.0 for n in widths}, say=print)
     assert [(e["kind"], e["name"]) for e in out] == [("lr", "75%"), ("scratch", "75%"), ("lr", "50%"), ("scratch", "50%")]
     for e in out:
         assert e["res"].steps == e["steps"] == (3 if e["kind"] == "lr" else 2) and e["res"].tokens_seen > 0

@@ -153,11 +153,11 @@ def _from_puzzle(raw: dict, problems: list) -> dict:
     for k, vals in glob.items():
         if len(vals) == 1 and None not in vals:
             d[k] = vals.pop()
-    if per["-"]:
-        d["intermediate_size"] = max(per["-"])
-        d["ffn_per_layer"] = tuple(per["-"]) if len(set(per["-"])) > 1 else None
-    if per["E"]:
-        ex, ff = [e for e, _ in per["E"]], [f for _, f in per["E"]]
+    if per["mlp"]:
+        d["intermediate_size"] = max(per["mlp"])
+        d["ffn_per_layer"] = tuple(per["mlp"]) if len(set(per["mlp"])) > 1 else None
+    if per["moe"]:
+        ex, ff = [e for e, _ in per["moe"]], [f for _, f in per["moe"]]
         d["n_routed_experts"], d["moe_intermediate_size"] = max(ex), max(ff)
         d["moe_experts_per_layer"] = tuple(ex) if len(set(ex)) > 1 else None
         d["moe_ffn_per_layer"] = tuple(ff) if len(set(ff)) > 1 else None
