@@ -1,5 +1,5 @@
 """Logical-axis sharding rules: ONE table maps the logical names of parameters and activations to
-the mesh axes (data, fsdp, tensor, expert) (one rules table, as MaxText's `logical_axis_rules`). Base layer: the model, `hf.py` and the
+the mesh axes (data, fsdp, tensor, expert) (one rules table, as MaxText's `logical_axis_rules`). Base layer: the model, `hf/` and the
 training code all import it from here.
 
 Parameters carry logical names (`ej.param_axes(cfg)`: vocab, embed, heads, kv_heads, mlp,

@@ -8,7 +8,7 @@ quantizable tensors) and, optionally, auxiliary outputs (`AUX_OUTPUTS`), quantiz
 (`FUSED_LINEARS`, `SAME_PRECISION`, `KV_CACHE_SCALES`, `NANO_HIGH_PRECISION`) and its cost
 (`flops`, `weight_bytes`, `state_bytes`; see `base.py`). `register(module)` adds a kind: its
 pattern character to config parsing and its axes to `Widths` / `SoftWidths`. The helpers here read
-those declarations for one layer of a config; params.py, elastic/, quant/ and hf.py are generic
+those declarations for one layer of a config; params.py, elastic/, quant/ and hf/ are generic
 code over them.
 """
 from __future__ import annotations

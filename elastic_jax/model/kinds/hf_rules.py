@@ -1,6 +1,6 @@
 """HF NemotronH tensor rules: `Rule` (one HF key pattern <-> params leaves), the per-layer sizes
 `Dims` its shapes read, and the layout transforms. Each layer kind module declares its own
-`HF_RULES`; `elastic_jax/hf.py` runs them."""
+`HF_RULES`; `elastic_jax/hf/` runs them."""
 from __future__ import annotations
 
 import re
