@@ -30,7 +30,6 @@ class Context:
     positions: Any = None     # [L] absolute positions of the new tokens (cache mode)
     decoding: bool = False    # cache mode: read/write the layer caches
     policy: ComputePolicy = ComputePolicy()   # runtime knobs (dtypes, kernels, remat)
-    quant: Any = None         # elastic_jax.quant.QuantState: fake-quantized projections (METHOD §10)
     collect: bool = False     # mixers return their intermediates (a dict) as second output
 
 
