@@ -70,6 +70,7 @@ def test_nonfinite_leaves_names_host_and_device_leaves():
         check_finite(t, "x", allow=True)
 
 
+@pytest.mark.slow   # fast tier: over 100 s of CPU; the full suite runs it
 def test_diverging_cli_run_leaves_a_last_good_checkpoint_that_exports_finite(tmp_path, capsys):
     """The run of issue 33: lr 1e30 for model and router. The first update is rejected, the kept
     state is the last checkpoint, and it exports to a nested family with finite logits."""

@@ -97,6 +97,7 @@ def test_gumbel_groups_validation():
     assert TrainConfig(stages=(Stage(steps=1, batch_size=8),), microbatches=2, gumbel_groups=2).gumbel_groups == 2
 
 
+@pytest.mark.slow   # fast tier: over 100 s of CPU; the full suite runs it
 def test_balancing_deviation_counts_only_the_sampled_active_experts(setup):
     """issue 30: micro_loss's `expert_dev` is balance.load_deviation of its routing counts over the
     experts the sampled widths keep (the per-group sum with two groups)."""

@@ -75,6 +75,7 @@ def test_stack_unstack_roundtrip_and_hidden_states(setup):
         np.testing.assert_allclose(b, a, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.slow   # fast tier: over 100 s of CPU; the full suite runs it
 def test_gradients_equal_under_every_remat_policy(setup):
     params, tokens, _ = setup
     w = _soft(1)
@@ -183,6 +184,7 @@ def test_remat_policy_names():
         ej.ComputePolicy(remat="sometimes")
 
 
+@pytest.mark.slow   # fast tier: over 100 s of CPU; the full suite runs it
 def test_train_step_with_scan_equals_without(setup):
     """The jitted training step (LM mode: masked scans are covered by the gradient test above) with
     aux-loss-free expert balancing on: the loads come out of the scan, no unrolled fallback."""

@@ -407,6 +407,7 @@ def test_reader_accepts_both_forms_and_nvidias_files(tmp_path):
 
 
 # ------------------------------------------------------------------------ nemotron_h_puzzle
+@pytest.mark.slow   # fast tier: over 100 s of CPU; the full suite runs it
 def test_heterogeneous_slice_is_nemotron_h_puzzle(tmp_path):
     cfg, params = _ej_model("M*E-ME-E", n_group=2, topk_group=1)
     w = ej.Widths(hidden=24, ffn=(32, 48), moe_experts=(4, 6, 8), moe_ffn=(8, 16, 8), mamba_heads=2)
