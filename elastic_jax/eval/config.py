@@ -5,6 +5,10 @@ from dataclasses import dataclass
 
 from ..config_base import ConfigBase
 
+# the bar of the per-phase verdict (can the task test "one model thinks, another answers"?)
+VERDICT_MIN_ANSWER_GAP = 0.05     # gold-trace answer accuracy, full minus smallest model (lower CI bound)
+VERDICT_MAX_TRACE_GAP = 0.5       # the trace-quality gap must be below half the answer gap
+
 
 @dataclass(frozen=True)
 class EvalConfig(ConfigBase):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config_base import ConfigBase
+from .config import VERDICT_MIN_ANSWER_GAP
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,6 @@ def parent_curve_markdown(results: dict) -> list[str]:
               "problems):", "",
               "| parent steps | parent | nested 100% | nested 50% | gap 100% - 50% [95% CI] | clears the bar |",
               "|---|---|---|---|---|---|"]
-        from .report import VERDICT_MIN_ANSWER_GAP
         for c in curve:
             lo, hi = c["gap_ci"]
             L.append(f"| {c['steps']} | {c['parent']:.3f} | {c['full']:.3f} | {c['small']:.3f} | "

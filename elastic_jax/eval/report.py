@@ -23,17 +23,19 @@ import os
 
 import numpy as np
 
+from .config import VERDICT_MAX_TRACE_GAP, VERDICT_MIN_ANSWER_GAP
 from .evaluate import SCHEMES, TRUNCATION_SCHEMES, dominance, latency_key, pareto_front
+from .family import family_markdown, family_tokens
+from .parent_curve import parent_curve_markdown
 from .quantized import quant_markdown
 from .report_plots import plot_accuracy, plot_pareto, plot_training
 from .rigor import analyze_rigor, rigor_markdown
+from .seeds import analyze_seeds, seeds_section
 from .stats import bootstrap_ci, bootstrap_diff_ci, half_width, problems_needed, simultaneous_diff_ci
 
 PLOTS = ("pareto.png", "training_curves.png", "accuracy_per_budget.png")
 
 
-VERDICT_MIN_ANSWER_GAP = 0.05     # gold-trace answer accuracy, full minus smallest model (lower CI bound)
-VERDICT_MAX_TRACE_GAP = 0.5       # the trace-quality gap must be below half the answer gap
 
 
 def _ci(scores):
@@ -150,7 +152,6 @@ def analyze(results: dict) -> dict:
             out["wall_axis" + suffix] = dominance(by["budget_control"], by[base], "latency_s")
     out.update(analyze_rigor(results, by, x))     # seen / unseen units, dominance with intervals (rigor.py)
     out["verdict"] = verdict(results)
-    from .seeds import analyze_seeds
     out.update(analyze_seeds(results))    # issue 30: >= 2 seeds: intervals over seeds x problems, verdict over seeds
     # statistical power: the 95% half-width at each observed accuracy, and the problems +-2 points needs
     n = results.get("eval", {}).get("n_problems")
@@ -183,7 +184,6 @@ def analyze(results: dict) -> dict:
             if pts:
                 eff[r["name"]] = tokens_to_match(r.get("scores"), pts)
         out["token_efficiency"] = eff
-        from .family import family_tokens
         out["family_tokens"] = family_tokens(results, out)     # issue 30: tokens counted for the whole family
     tr = results.get("training", {})
     if tr.get("elastic_tokens") and tr.get("baseline_tokens"):
@@ -314,8 +314,6 @@ def render_markdown(results: dict, analysis: dict) -> str:
                  "levels (13-16) per group" if any(l >= 5 for l in ev.get("levels") or ()) else "")
               + (f"; the budget-control grid on the first {ev['grid_problems']}"
                  if ev.get("grid_problems", ev.get("n_problems")) != ev.get("n_problems") else "") + ".", ""]
-    from .parent_curve import parent_curve_markdown
-    from .seeds import seeds_section
     L += seeds_section(analysis) + parent_curve_markdown(results)
     # ---- accuracy table
     par = results.get("parent")
@@ -338,7 +336,6 @@ def render_markdown(results: dict, analysis: dict) -> str:
                  f"{_fmt(None if b is None else b.get('accuracy_no_thinking'))} | "
                  f"{'n/a' if diff is None else f'{diff:+.3f}'}{_cis(ci)} |")
     L.append("")
-    from .family import family_markdown
     L += _diagnostics_md(results, analysis) + _power_md(analysis) + _token_md(results, analysis) \
         + family_markdown(results, analysis)
     wins = [n["name"] for n in results.get("nested", []) if n["name"] in base

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .report import VERDICT_MAX_TRACE_GAP, VERDICT_MIN_ANSWER_GAP
+from .config import VERDICT_MAX_TRACE_GAP, VERDICT_MIN_ANSWER_GAP
 from .stats import hierarchical_ci, hierarchical_diff_ci
 
 
