@@ -77,7 +77,6 @@ def blocked_attention(q, k, v, seg=None, *, scale, precision=HIGHEST):
     outs = []
     for start in range(0, L, bq):
         end = min(L, start + bq)
-        n = end - start
         q_BKMD = rearrange(q_BKLRD[:, :, start:end], "b kv l r d -> b kv (l r) d")   # M = (query, head) rows
         s = rearrange(jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD[:, :, :end], precision=precision,
                                  preferred_element_type=jnp.float32), "b kv (l r) s -> b kv l r s", r=R) * scale
