@@ -68,6 +68,7 @@ def setup():
     return params, {"tokens": jnp.asarray(tokens, jnp.int32), "segment_ids": jnp.asarray(seg, jnp.int32)}
 
 
+@pytest.mark.slow
 def test_step_updates_bias_from_the_routing_counts(setup):
     params, batch = setup
     ref = _loads_reference(params, batch["tokens"][0], batch["segment_ids"][0])

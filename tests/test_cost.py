@@ -293,6 +293,7 @@ def _calls(pattern, widths):
 
 
 @pytest.mark.parametrize("pattern,widths", CASES, ids=CASE_IDS)
+@pytest.mark.slow
 def test_matmul_flops_equal_the_traced_programs(pattern, widths, dense_ragged_dot):
     """The matmul terms (head + weights + mixing) of a prefill and a decode step equal the
     dot_general / ragged_dot FLOPs of the traced program exactly, once the programs' known choices

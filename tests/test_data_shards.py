@@ -327,6 +327,7 @@ def test_pod_mix_of_shards_streams_with_the_ratio(tmp_path, tokdir):
         _load_mix(DataMix(reasoning=DataConfig(kind="shards", path=r), pretraining=DataConfig()), 300)
 
 
+@pytest.mark.slow
 def test_cli_tokenizes_in_parallel_workers(tokdir, tmp_path):
     files = []
     for i in range(3):
@@ -350,6 +351,7 @@ def test_cli_tokenizes_in_parallel_workers(tokdir, tmp_path):
     assert bad.returncode == 2 and "no tokenizer.json" in bad.stderr
 
 
+@pytest.mark.slow
 def test_training_loop_streams_shards_and_resumes_mid_stage(tmp_path):
     """train_lm on token shards with a long-context stage selected by min_doc_len; a rerun from the
     mid-stage checkpoint reads the same batches as the uninterrupted run (the loop saves the
@@ -400,6 +402,7 @@ def test_shards_at_a_url_stream_like_local_ones(tmp_path):
         tk.write_documents(local, docs, _ident())
 
 
+@pytest.mark.slow
 def test_prefetch_workers_stream_deterministically_and_resume_exactly(tmp_path):
     """grain mp_prefetch: each worker packs its own slice, so the rows depend on the worker count
     (part of the DataConfig the checkpoint compares) but not on the run; the state resumes exactly."""

@@ -195,6 +195,7 @@ def test_plain_generation_without_think_tags(gen):
         g.generate(PROMPTS, thinking_budget=4, max_tokens=N)
 
 
+@pytest.mark.slow
 def test_compiled_loop_equals_per_token_loop(gen_nl):
     kw = dict(think="50%", answer="full", thinking_budget=2, grace_period=4, max_tokens=2 * N, temperature=0.9,
               top_p=0.8, seed=3)
@@ -227,6 +228,7 @@ def test_no_budget_same_model_is_one_continuation(gen):
     assert emitted >= 1          # some rows wrote </think> themselves: the cache continuation is exercised
 
 
+@pytest.mark.slow
 def test_max_tokens_counts_both_phases(gen_never):
     """vLLM's max_tokens: a model that never ends thinking spends all of it thinking (no answer,
     finish "length"); with a budget, thinking + the inserted end text + answer fill it exactly."""
@@ -252,6 +254,7 @@ def _grace_reference(g, prompt_ids, think, budget, grace):
     return ref[:next((j + 1 for j in range(budget, budget + grace) if ref[j] == NL), budget + grace)]
 
 
+@pytest.mark.slow
 def test_thinking_budget_grace_window(gen_nl):
     """NVIDIA's budget control, both per-phase directions and the same-model continuation: after
     the budget, thinking ends at the next newline within the grace window (or at its end), the
@@ -290,6 +293,7 @@ def test_thinking_budget_zero_grace_ends_exactly_at_n(gen_never):
                                                     n + 3, g.eos_ids)
 
 
+@pytest.mark.slow
 def test_generation_config_defaults(folders, gen, tmp_path):
     """Sampling and max_tokens default to generation_config.json's values; arguments override."""
     import shutil
@@ -342,6 +346,7 @@ def test_stop_strings(gen):
         assert r.finish == "stop" and r.answer == base.answer[:base.answer.find(words[2])]
 
 
+@pytest.mark.slow
 def test_cli_streams_and_writes_json(folders, tmp_path, capsys):
     from elastic_jax.cli import main
     d = folders["natural"]

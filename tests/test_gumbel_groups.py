@@ -63,6 +63,7 @@ def _by_hand(teacher, trainable, tokens, seg, x_t, key, G):
     return out
 
 
+@pytest.mark.slow
 def test_one_group_is_the_single_sample(setup):
     teacher, trainable, tokens, seg, x_t, key, losses = setup
     (want, rout), = _by_hand(teacher, trainable, tokens, seg, x_t, key, 1)

@@ -203,6 +203,7 @@ def test_sharded_save_pretrained_loads(tmp_path):
     dict(hidden=24, mamba_heads=2, mamba_channels=4, layers=(True, True, False, True, True, True)),
     None,
 ], ids=["all_axes", "experts_and_depth", "mamba_channels_and_depth", "full"])
+@pytest.mark.slow
 def test_save_hf_sliced_submodel_matches_masked_parent_in_transformers(widths, tmp_path):
     torch = _torch()
     from transformers import NemotronHForCausalLM
@@ -506,6 +507,7 @@ def test_cli_slice_and_export(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_cli_from_elastic_run_at_trained_budget(tmp_path):
     """An orbax training checkpoint (params + router + configs) in, `--budget` -> the router's
     widths -> sliced HF directory out."""

@@ -50,6 +50,7 @@ def _random_importance(cfg, seed):
     return I.Importance(scores=base.scores, rankings=rk, fingerprint=base.fingerprint)
 
 
+@pytest.mark.slow
 def test_permuted_parent_logits_equal_original(params):
     tokens = _tokens(1)
     ref = _forward(params, tokens, CFG)
@@ -225,6 +226,7 @@ def _ce(params, tokens, cfg):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]))
 
 
+@pytest.mark.slow
 def test_prefix_slices_beat_random_slices_on_trained_model():
     """Train a tiny parent on a bigram language, rank, permute; the prefix-sliced submodel keeps a
     lower loss than (the average of) submodels of the same size sliced from randomly permuted parents."""

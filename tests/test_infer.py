@@ -64,6 +64,7 @@ def _by_hand(model, prompts, a, b, budget, max_answer):
 
 
 @pytest.mark.parametrize("a,b", [("50%", "100%"), ("100%", "50%"), ("50%", "50%")])
+@pytest.mark.slow
 def test_budget_control_equals_two_submodels_by_hand(model, prompts, a, b):
     out = budget_generate(model, prompts, think_model=a, answer_model=b, thinking_budget=10, specials=SP,
                           max_answer_tokens=5, max_thinking=16)
@@ -74,6 +75,7 @@ def test_budget_control_equals_two_submodels_by_hand(model, prompts, a, b):
         assert 0 < out.forced.sum() < len(prompts), out.forced
 
 
+@pytest.mark.slow
 def test_truncation_emits_exactly_the_budget():
     params = ej.init_params(CFG, jax.random.PRNGKey(5))
     params["lm_head"] = params["lm_head"].at[:, SP.end_think].set(0.0)    # logit 0: never the argmax here
@@ -88,6 +90,7 @@ def test_truncation_emits_exactly_the_budget():
         assert out.think.tokens == len(ev) * (budget + 1)        # thinking tokens + the forced </think>
 
 
+@pytest.mark.slow
 def test_truncation_continuation_matches_reprefill(model, prompts):
     """The baseline continues from its own cache; that equals re-prefilling prompt + trace."""
     out = truncation_generate(model, prompts, submodel="100%", thinking_budget=6, specials=SP, max_answer_tokens=4)
@@ -96,6 +99,7 @@ def test_truncation_continuation_matches_reprefill(model, prompts):
     assert out.answer.prefill_tokens == 0
 
 
+@pytest.mark.slow
 def test_sliced_mode_matches_masked(model, prompts):
     sliced = ElasticModel(model.cfg, model.params, BUDGETS, mode="sliced")
     kw = dict(think_model="50%", answer_model="100%", thinking_budget=8, specials=SP, max_answer_tokens=4)
@@ -164,6 +168,7 @@ def test_bad_inputs(model, prompts):
         ElasticModel(CFG, model.params, BUDGETS, mode="copy")
 
 
+@pytest.mark.slow
 def test_nested_checkpoint_roundtrip(tmp_path, model):
     flat = flatten(model.params)
     back = unflatten(flat)

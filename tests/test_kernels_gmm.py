@@ -51,7 +51,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# the first case in the fast tier, the others in the slow one
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=() if i == 0 else pytest.mark.slow)
+                                  for i, c in enumerate(CASES)])
 def test_gmm_pallas_matches_ragged_dot(case):
     _, m, k, n, G, dtype, out_dtype, variant, tiling = case
     _check_against_ragged_dot(lambda *a, **kw: gmm_pallas(*a, tiling=tiling, variant=variant, **kw),

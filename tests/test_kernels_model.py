@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import elastic_jax as ej
 from conftest import tiny_config
@@ -16,6 +17,7 @@ CFG = tiny_config("MEM*-E", num_attention_heads=2, num_key_value_heads=1, head_d
                   moe_intermediate_size=24)
 
 
+@pytest.mark.slow
 def test_model_logits_pallas_equals_xla():
     params = ej.init_params(CFG, jax.random.PRNGKey(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 13)), jnp.int32)

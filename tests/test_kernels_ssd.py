@@ -66,7 +66,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+# the first case in the fast tier, the others in the slow one
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=() if i == 0 else pytest.mark.slow)
+                                  for i, c in enumerate(CASES)])
 def test_ssd_pallas_matches_reference(case):
     _, b, l, h, p, g, n, Q, dtype, variant, has_D, has_init, has_seq = case
     hpg = h // g

@@ -157,6 +157,7 @@ def test_router_meets_total_and_active_targets_at_once():
 RANKING = (0, 3, 1, 2)
 
 
+@pytest.mark.slow
 def test_depth_head_gets_gradient_and_meets_a_depth_only_budget():
     # the two top-ranked layers (0: M, 3: E) are 0.525 of the total size
     e = ElasticConfig(budgets=(1.0, 0.53), hidden_options=None, mamba_options=None, ffn_options=None,
@@ -190,6 +191,7 @@ def small():
     return params, tokens
 
 
+@pytest.mark.slow
 def test_hard_forward_equals_widths_and_every_head_gets_kd_gradient(small):
     params, tokens = small
     teacher = jax.random.normal(jax.random.PRNGKey(4), (2, 8, SMALL.vocab_size))

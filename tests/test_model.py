@@ -125,6 +125,7 @@ def test_masked_equals_sliced_random_mixes(model, grouped_model, seed):
         assert ej.count_params(sub) == ej.param_count(cfg, w)
 
 
+@pytest.mark.slow
 def test_heterogeneous_subconfig_records_per_layer_sizes(grouped_model):
     cfg, params, t = grouped_model
     w = ej.Widths(mamba_heads=(2, 6), attn_heads=(4, 2), ffn=(30, 96), moe_experts=(4, 8), moe_ffn=(8, 32))
@@ -206,6 +207,7 @@ def test_packed_segments_equal_separate_documents(model):
     assert_close(out[:, 9:21], fwd(params, b, cfg))
 
 
+@pytest.mark.slow
 def test_generate_greedy_left_padding_and_stop_tokens(model):
     cfg, params, t = model
     g_one = ej.generate(params, t[:1, :4], cfg, max_new_tokens=6)
@@ -316,6 +318,7 @@ def test_cache_overflow_and_long_prompt_raise(model):
         ej.generate(params, t, cfg, max_new_tokens=4, max_len=22)
 
 
+@pytest.mark.slow
 def test_eager_forward_takes_numpy_parameters():
     """`jax.device_get(params)` gives numpy leaves: the eager forward (MoE grouped matmul included,
     at a size that takes the CPU segment path) runs on them and equals the jnp forward; resolved

@@ -23,6 +23,7 @@ def params():
     return jax.tree.map(jnp.asarray, random_params(CFG, seed=1, scale=0.3))
 
 
+@pytest.mark.slow
 def test_logits_equal_the_functional_forward_parent_and_nested(params):
     model = ElasticLM.from_params(CFG, params)
     nested = ej.Widths(hidden=24, mamba_heads=2, attn_heads=2, ffn=24, moe_experts=2, moe_ffn=8).resolve(CFG)
@@ -61,6 +62,7 @@ def test_random_init_and_bad_arguments():
         ElasticLM.from_params(tiny_config("M*"), ej.init_params(CFG, jax.random.PRNGKey(0)))
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_step_lowers_the_loss(params):
     model = ElasticLM.from_params(CFG, params)
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)

@@ -61,10 +61,15 @@ def test_write_report_from_results(tmp_path):
     assert "50%->100%@16 dominates 100%->100%@16" in md and "+0.100" in md
 
 
+# the quick main job with its quantization stage on (off in the combine default and its --quick), so every
+# report section is exercised
+QUICK_ARGS = ("--quick", "--set", "quant.enabled=true")
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("star_quick")
-    proc = subprocess.run([sys.executable, "-m", "elastic_jax.experiment", "run", EXPERIMENT, "--quick", "--out",
+    proc = subprocess.run([sys.executable, "-m", "elastic_jax.experiment", "run", EXPERIMENT, *QUICK_ARGS, "--out",
                            str(out)], capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return str(out)
@@ -151,7 +156,7 @@ def test_quick_main_job_resumes_with_its_seed_runs_and_curve(quick_run, tmp_path
     import shutil
     out = str(tmp_path / "again")
     shutil.copytree(quick_run, out, ignore=shutil.ignore_patterns("jax_cache"))
-    proc = subprocess.run([sys.executable, "-m", "elastic_jax.experiment", "run", EXPERIMENT, "--quick", "--out", out],
+    proc = subprocess.run([sys.executable, "-m", "elastic_jax.experiment", "run", EXPERIMENT, *QUICK_ARGS, "--out", out],
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("rows of a finished seed run reused") == 1

@@ -49,6 +49,7 @@ def test_straight_through_gradient_and_errors():
         quant.quantize_dequantize(x, "int3")
 
 
+@pytest.mark.slow
 def test_quantized_model_stays_close_and_keeps_vectors():
     cfg = ej.NemotronHConfig(vocab_size=64, hidden_size=64, hybrid_override_pattern="M*E", intermediate_size=64,
                              moe_intermediate_size=32, mamba_head_dim=16, mamba_num_heads=4)

@@ -65,6 +65,7 @@ def test_state_layout_and_high_precision_tensors(model):
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.slow
 def test_quantized_forward_is_close_but_not_equal(model, fmt):
     params, tokens, states, fwd = model
     ref = fwd(params, tokens, CFG)
@@ -99,6 +100,7 @@ def test_nvfp4_activations_are_simulated_once_calibrated(model):
 
 
 @pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.slow
 def test_quantized_masked_equals_quantized_sliced(model, fmt):
     params, tokens, states, fwd = model
     qs = states[fmt]
@@ -115,6 +117,7 @@ def test_quantized_masked_equals_quantized_sliced(model, fmt):
                        for i in range(len(fresh.layers)) for k in fresh.layers[i])
 
 
+@pytest.mark.slow
 def test_elastic_model_serves_the_quantized_submodels(model):
     """`ElasticModel(quant=)` threads the state through prefill and decode (the budget-control and
     text paths): the masked view's prefill and one forced decode step give the quantized forward's
@@ -216,6 +219,7 @@ def test_fp8_export_needs_calibration(model, tmp_path):
     assert not os.path.exists(tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_nvfp4_qad_beats_ptq_at_every_budget(model, tmp_path):
     """QAD (TrainConfig.qad) through the training loop: the fake-quantized (weights and activations)
     elastic student, trained against the frozen model at the sampled budgets, ends closer (KL) to the

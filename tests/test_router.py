@@ -197,6 +197,7 @@ def test_gradients_reach_router_through_masks_and_budget_loss():
 
 
 @pytest.mark.parametrize("heterogeneous,target", [(False, "active"), (True, "total")])
+@pytest.mark.slow
 def test_budget_loss_alone_reaches_every_budget(heterogeneous, target):
     """Only the budget loss, a few hundred Adam steps: each budget's expected cost (noise-free, final
     τ and scale) lands within the dead zone of its target; the full budget picks the full model."""

@@ -51,6 +51,7 @@ def setup():
 
 
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.slow
 def test_scanned_forward_equals_unrolled(setup, masked):
     params, tokens, fwd = setup
     w = _soft(0) if masked else None
@@ -108,6 +109,7 @@ def _grad_temp_bytes(pattern: str, length: int) -> int:
     return grad.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_kind_switch_holds_one_kind_at_a_time():
     """The scanned step switches on the layer kind; its backward pass must hold the internals of the
     kind being differentiated only (~max over kinds), not of every kind at once (~the sum: what a

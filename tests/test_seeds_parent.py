@@ -41,6 +41,7 @@ def test_rule_trains_to_the_cap_when_still_improving_and_refuses_bad_input():
         ParentRule(min_improvement=-1.0)
 
 
+@pytest.mark.slow
 def test_heldout_loss_is_the_masked_next_token_cross_entropy():
     """Reference: log-softmax in numpy over the model's logits, masked by hand to the positions whose
     next token is in the same (non-padding) document."""

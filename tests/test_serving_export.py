@@ -269,6 +269,7 @@ def model():
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "nvfp4"])
+@pytest.mark.slow
 def test_vllm_loads_quantized_export(model, tmp_path, fmt):
     cfg, params, states, _, _ = model
     out = ej.save_hf(tmp_path / fmt, cfg, params, quant_state=states[fmt])

@@ -17,6 +17,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.mark.slow
 def test_toy_kind_and_axis_run_through_the_generic_code():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     r = subprocess.run([sys.executable, os.path.join(HERE, "test_toy_kind.py")], capture_output=True, text=True,

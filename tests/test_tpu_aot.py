@@ -30,6 +30,7 @@ COMBOS = _ALL if os.environ.get("ELASTIC_JAX_AOT_FULL") else _PAIRS
 
 
 @pytest.mark.parametrize("topology,dtype,impl", COMBOS)
+@pytest.mark.slow
 def test_every_layer_kind_compiles_for_tpu(topology, dtype, impl):
     """Forward of M, *, -, E (Pallas SSD / gmm as Mosaic kernels, splash attention) for one chip
     of the topology; the masked model (elastic widths) so the masks compile too."""

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ------------------------------------------------------------------ losses
 @pytest.mark.parametrize("chunk", [None, 7, 16, 1000])
+@pytest.mark.slow
 def test_chunked_kl_matches_dense(chunk):
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     xt, xs = jax.random.normal(k[0], (2, 5, 12)), jax.random.normal(k[1], (2, 5, 8))
@@ -166,6 +167,7 @@ def _tiny():
                               num_key_value_heads=2, head_dim=8, intermediate_size=64)
 
 
+@pytest.mark.slow
 def test_train_lm_learns_and_kd_accepts_a_smaller_student(tmp_path, monkeypatch):
     from elastic_jax.train import loop
     compiles, compile_step = [], loop.compile_step          # micro-batch size of every step compile

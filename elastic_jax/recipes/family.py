@@ -186,8 +186,10 @@ def seed_rows(xp, k: int, out_dir: str, data, calib, eval_set, tok, gold, phases
     phases["baselines"] = phases.get("baselines", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     say(f"seed {k}: evaluating the parent, nested models and baselines on {len(eval_set)} problems")
-    parent_model = ElasticModel(cfg, fam["parent"], {"parent": Widths()}, mode="sliced")
-    nested_model = ElasticModel(cfg, el.params, widths, mode="sliced")
+    # the masked forward (masked == sliced): one compiled program for the parent and every nested model of
+    # every seed, where sliced copies would compile per seed's widths (seed 0's grid needs them; these don't)
+    parent_model = ElasticModel(cfg, fam["parent"], {"parent": Widths()}, mode="masked")
+    nested_model = ElasticModel(cfg, el.params, widths, mode="masked")
     rows = {"seed": k, "parent": {"name": "parent", **model_row(parent_model, "parent", eval_set, tok, ev, gold)},
             "nested": [{"name": n, "fraction": b, "widths": widths_to_dict(widths[n]),
                         "params": param_count(cfg, widths[n]), "active_params": param_count(cfg, widths[n], True),
@@ -242,8 +244,8 @@ def parent_curve_rows(xp, out_dir: str, data, calib, eval_set, tok, say, main: d
         el = train_elastic(cfg, ecfg, tc, teacher, teacher, data, os.path.join(out_dir, "parent_curve", f"step{steps}"),
                            progress=xp.progress)
         widths = {budget_name(b): trained_widths(el.router_params, cfg, ecfg, b) for b in ecfg.budgets}
-        nested = ElasticModel(cfg, el.params, {full: widths[full], small: widths[small]}, mode="sliced")
-        par = score(ElasticModel(cfg, parent, {"parent": Widths()}, mode="sliced"), "parent")
+        nested = ElasticModel(cfg, el.params, {full: widths[full], small: widths[small]}, mode="masked")
+        par = score(ElasticModel(cfg, parent, {"parent": Widths()}, mode="masked"), "parent")
         rows.append(gap_row(steps, par, score(nested, full), score(nested, small), sched))
     write_text_atomic(cache, json.dumps({"key": key, "rows": rows}))
     return rows
