@@ -1,7 +1,7 @@
 """The main job: Star Elastic end to end on the embedded reasoning task, on a laptop-class CPU.
 
-    elastic-jax run experiments/tiny_star_elastic.py            # default (3 seeds): ~23 min on 2 CPU cores
-    elastic-jax run experiments/tiny_star_elastic.py --quick    # smoke run: <= 3 min
+    elastic-jax run experiments/tiny_star_elastic.py            # default (3 seeds): ~23-25 min on 2 CPU cores
+    elastic-jax run experiments/tiny_star_elastic.py --quick    # smoke run: ~3.5 min (2 seeds)
     elastic-jax run experiments/tiny_star_elastic.py --set seeds=5   # 5 training seeds (default 3)
 
 A hybrid Mamba2 + attention + MoE parent (pattern M*EM*E; M*EM-E with an MLP for the other tasks) is
@@ -12,7 +12,8 @@ with independently distilled baselines of the same sizes (each pruned from the p
 and distilled alone on 0.5x / 1x / 2x the tokens that nested model saw inside the elastic run; the
 report gives the multiple a baseline needs to match), and served with elastic budget control
 against two truncation baselines (the parent alone, every nested model alone), costed by the
-roofline latency model on H100 at the paper's 30B-A3B scale (elastic_jax/eval/latency.py), and
+roofline latency model on H100 at the paper's 30B-A3B scale (elastic_jax/eval/latency.py), and, with
+`--set quant.enabled=true` (off in the combine default and its --quick: the time goes to the seeds),
 quantized to FP8 / NVFP4 (PTQ, plus a short NVFP4 QAD) with every nested model's accuracy and KL.
 Outputs: <out>/report.md, results.json, PNG plots, checkpoints/. See elastic_jax/recipes/star_elastic.py.
 """

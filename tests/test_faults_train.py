@@ -174,6 +174,29 @@ def test_full_disk_during_a_training_checkpoint_is_one_line(tmp_path, size):
         subprocess.run(["umount", "-l", str(disk)])
 
 
+def test_metrics_close_on_a_full_disk_names_the_file(tmp_path):
+    """Closing the logs flushes what a failed write left buffered: on a full disk that is one OSError
+    naming the file (it was a bare "[Errno 28]", which replaced the named error of the run's end), and
+    every file is closed before it is raised."""
+    import errno
+    from elastic_jax.train.metrics import RunLogger
+
+    class FullDisk:
+        closed = False
+
+        def close(self):
+            self.closed = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    log = RunLogger(str(tmp_path), start_step=0, tensorboard=False)
+    log._metrics.close()
+    log._batches.close()
+    log._metrics, log._batches = FullDisk(), FullDisk()
+    with pytest.raises(OSError, match="writing .*metrics.jsonl failed: No space left on device") as e:
+        log.close()
+    assert e.value.errno == errno.ENOSPC and log._batches.closed
+
+
 # ================================================================== decode-path context and cache checks (issue 29)
 def _model():
     from test_faults import _tiny

@@ -98,11 +98,20 @@ class RunLogger:
             self.tb.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            self._metrics.close()
-            self._batches.close()
-            if self.tb is not None:
-                self.tb.close()
+        """Close every file; a failed final flush (a full disk) is one OSError naming the file, raised
+        after all are closed (a bare "[Errno 28]" from here once hid which file it was)."""
+        if not self.enabled:
+            return
+        failed = None
+        for f, path in ((self._metrics, self.metrics_path), (self._batches, self.batches_path)):
+            try:
+                f.close()
+            except OSError as e:
+                failed = failed or OSError(e.errno, f"writing {path} failed: {e.strerror}")
+        if self.tb is not None:
+            self.tb.close()
+        if failed is not None:
+            raise failed
 
 
 def plot_curves(metrics_path: str, out_png: str) -> str | None:
