@@ -3,10 +3,10 @@
     python kernels/bench_layers.py [--out runs/layer_bench.json] [--batch 32] [--seq 64] [--iters 20]
 
 The model is the main job's parent (`experiments/tiny_star_elastic.py`) with its pattern replaced by
-one layer of each kind (`M` Mamba2, `*` attention, `E` MoE, `-` MLP); each row is the median time of
+one layer of each registered kind (Mamba2, attention, MoE, MLP); each row is the median time of
 `jax.value_and_grad` of the summed logits, jitted, over `--iters` calls after compile. Two rows break
 the Mamba layer down: the SSD chunked scan alone and the depthwise causal conv alone, at the same
-shapes. The "share" column is a row's time over the sum of the four one-layer models. Results are
+shapes. The "share" column is a row's time over the sum of the one-layer models. Results are
 printed as a table and written as JSON.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import elastic_jax as ej
 from elastic_jax import kernels
 from elastic_jax.experiment import load_experiment
-from elastic_jax.model.kinds import mamba
+from elastic_jax.model.kinds import KINDS, mamba
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,11 +47,11 @@ def run(batch: int, seq: int, iters: int) -> list[dict]:
     tokens = jax.random.randint(key, (batch, seq), 0, cfg.vocab_size)
     segments = jnp.ones((batch, seq), jnp.int32)
     rows = []
-    for char, name in (("M", "Mamba2 layer"), ("*", "attention layer"), ("E", "MoE layer"), ("-", "MLP layer")):
-        c = cfg.replace(hybrid_override_pattern=char)
+    for kind in KINDS.values():          # every registered layer kind, one layer of it
+        c = cfg.replace(hybrid_override_pattern=kind.CHAR)
         params = ej.init_params(c, key)
         ms = median_ms(lambda p, c=c: ej.forward(p, tokens, c, None, segment_ids=segments)[..., 0], params, iters=iters)
-        rows.append({"row": f"one-layer model: {name}", "ms": ms, "layer": True})
+        rows.append({"row": f"one-layer model: {kind.NAME} layer", "ms": ms, "layer": True})
     H, P, G, N, K = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
     ks = jax.random.split(key, 6)
     x = jax.random.normal(ks[0], (batch, seq, H, P))
