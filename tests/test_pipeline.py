@@ -61,9 +61,9 @@ def test_write_report_from_results(tmp_path):
     assert "50%->100%@16 dominates 100%->100%@16" in md and "+0.100" in md
 
 
-# the quick main job with its quantization stage on (off in the combine default and its --quick), so every
-# report section is exercised
-QUICK_ARGS = ("--quick", "--set", "quant.enabled=true")
+# the quick main job with its quantization stage on (off in the combine default and its --quick), two training
+# seeds and the from-scratch baselines (one seed and none in --quick), so every report section is exercised
+QUICK_ARGS = ("--quick", "--set", "quant.enabled=true", "--set", "seeds=2", "--set", "scratch_steps=8")
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +141,18 @@ def test_quick_main_job_writes_every_report_file(quick_run):
     assert [x["seed"] for x in r["parent_rule"]["seeds"]] == [0, 1]
     assert [c["steps"] for c in r["parent_curve"]] == list(r["config"]["parent_curve"])
     assert r["analysis"]["seeds"]["seeds"] == 2 and r["analysis"]["verdict"]["seeds"] == 2
+    # from scratch: each smaller size at every quarter of its 8 steps, and the family's from-scratch route
+    assert [(x["name"], x["steps"]) for x in r["scratch"]] == [(n, s) for n in ("75%", "50%") for s in (2, 4, 6, 8)]
+    for x in r["scratch"]:
+        assert x["train_tokens"] > 0 and x["multiple"] == pytest.approx(x["train_tokens"] / r["nested_tokens"][x["name"]])
+        assert len(x["scores"]) == r["eval"]["n_problems"]
+    assert set(r["analysis"]["scratch_to_match"]) == {"75%", "50%"} and r["analysis"]["family_tokens"]["scratch"]
     report = open(os.path.join(quick_run, "report.md")).read()
     for needle in ("Seeds x problems: 2 training seed(s)", "The parent: a pre-registered length",
                    "Quantized nested checkpoints", "NVFP4 QAD - PTQ", "independent baseline", "Training tokens", "Checkpoint memory", "Pareto frontier of",
                    "dominate", "Verdict: the task", "Primary axis: modeled latency", "Statistical power",
-                   "Against truncation of the parent alone"):
+                   "Against truncation of the parent alone", "### From scratch",
+                   "| every size trained from scratch, at matched accuracy |"):
         assert needle in report, needle
 
 
@@ -167,7 +174,7 @@ def test_quick_main_job_resumes_with_its_seed_runs_and_curve(quick_run, tmp_path
         b = json.load(f)
     assert a["seed_runs"] == b["seed_runs"] and a["parent_curve"] == b["parent_curve"]
     assert a["analysis"]["seeds"] == b["analysis"]["seeds"]
-    assert a["parent"]["scores"] == b["parent"]["scores"]
+    assert a["parent"]["scores"] == b["parent"]["scores"] and a["scratch"] == b["scratch"]
 
 
 @pytest.mark.slow

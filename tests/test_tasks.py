@@ -314,9 +314,11 @@ def test_main_job_defaults_to_the_combine_levels_and_keeps_the_other_tasks():
         assert xp.parent_train.stages[0].seq_len >= 90                   # whole documents (<= 89 tokens)
         assert xp.parent_train.stages[0].steps == (40 if quick else 1000)
         # issue 30: 3 seeds x 300 problems (the seed variance dominates the verdict's interval); the grid
-        # keeps 150 (--quick: 2 seeds, all 32); quantization off in both (on with --set quant.enabled=true)
+        # keeps 150 (--quick: 1 seed, all 32); quantization off in both (on with --set quant.enabled=true);
+        # each smaller size from scratch for a quarter of the parent's steps (not in --quick)
         assert (xp.eval.n_problems, xp.eval.grid_problems) == ((32, None) if quick else (300, 150))
-        assert xp.seeds == (2 if quick else 3) and not xp.quant.enabled
+        assert xp.seeds == (1 if quick else 3) and not xp.quant.enabled
+        assert xp.scratch_steps == (0 if quick else 248)
         es = make_eval_set(0, 100, "test", xp.eval.levels)
         assert max(es.trace_lengths) <= xp.eval.full_thinking            # "full thinking" holds every trace
         # each problem's answer fits the answer budget: `<ans>`, per pair its two tags and the sum, `<eos>`

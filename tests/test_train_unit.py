@@ -2,6 +2,7 @@
 the sharding rules, configs and overrides, and short in-process runs (LM, fixed-student KD, NaN stop)."""
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +64,39 @@ def test_router_group_has_its_own_lr_and_freeze_switches():
         tx = make_optimizer(opt.__class__(**{**opt.__dict__, field: True}), 10)
         up, _ = tx.update(grads, tx.init(tree), tree)
         assert float(jnp.abs(jax.tree.leaves(up[group])[0]).max()) == 0.0
+
+
+def test_passed_rates_replace_the_schedule_and_share_the_compiled_update():
+    """`tx.update(..., lr=, router_lr=)` (the training loop passes each step's scheduled rates) scales by
+    those rates and keeps the optimizer state's layout and count; the same rates as the schedule give
+    the same updates as the schedule itself, and the update's program is the same for every schedule."""
+    tree = {"params": {"w": jnp.arange(9.0).reshape(3, 3)}, "router": {"r": jnp.ones((2, 2))}}
+    grads = jax.tree.map(lambda x: jnp.sin(x) + 0.5, tree)
+    opt = OptimConfig(lr=1e-2, router_lr=1e-1, warmup_steps=3, schedule="cosine")
+    tx = make_optimizer(opt, 20)
+    st = tx.init(tree)
+    for step in range(4):
+        own, st_own = tx.update(grads, st, tree)
+        rates = {"lr": lr_schedule(opt.lr, opt, 20)(step), "router_lr": lr_schedule(opt.router_lr, opt, 20)(step)}
+        got, st_got = tx.update(grads, st, tree, **rates)
+        chex.assert_trees_all_close(got, own, rtol=1e-6)
+        assert jax.tree.structure(st_got) == jax.tree.structure(st_own)
+        chex.assert_trees_all_equal(st_got, st_own)
+        st = st_own
+    up, _ = tx.update(grads, tx.init(tree), tree, lr=jnp.float32(0.5), router_lr=jnp.float32(0.0))
+    assert float(jnp.abs(up["params"]["w"]).max()) == pytest.approx(0.5, rel=1e-3)     # Adam step 1: lr·sign
+    assert float(jnp.abs(up["router"]["r"]).max()) == 0.0
+    # the program of an update with passed rates holds none of the schedule's constants (without them it does)
+    other = OptimConfig(lr=3e-3, router_lr=1e-2, warmup_steps=7, schedule="linear")
+
+    def hlo(o, total, rates):
+        t = make_optimizer(o, total)
+        fn = lambda state, r: t.update(grads, state, tree, **(r or {}))
+        return jax.jit(fn).lower(t.init(tree), rates).as_text()
+
+    rates = {"lr": jnp.float32(1e-3), "router_lr": jnp.float32(1e-2)}
+    assert hlo(opt, 20, rates) == hlo(other, 50, rates)
+    assert hlo(opt, 20, None) != hlo(other, 50, None)
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -22,26 +22,39 @@ def _bound(m, seen: float):
     return None
 
 
-def family_tokens(results: dict, analysis: dict) -> dict | None:
-    """{"elastic", "sizes": [{name, seen, multiple, tokens: [lo, hi]}], "separate": [lo, hi],
-    "separate_with_search": [lo, hi], "ratio": [lo, hi], "ratio_with_search": [lo, hi]} (token counts;
-    ratios separate / elastic), or None without an elastic run and a token sweep."""
-    elastic = (results.get("training") or {}).get("elastic_tokens")
-    eff = analysis.get("token_efficiency") or {}
-    seen = results.get("nested_tokens") or {}
-    if not elastic or not eff:
-        return None
+def _route(table: dict, seen: dict):
+    """(per-size rows {name, seen, multiple, tokens: [lo, hi]}, total [lo, hi]) from a tokens-to-match
+    table {name: {"multiple": ...}}; None when it is empty or a size has no multiple."""
     sizes, lo, hi = [], 0.0, 0.0
-    for name, e in eff.items():
+    for name, e in table.items():
         b = _bound(e.get("multiple"), seen.get(name, 0.0))
         if b is None:
             return None
         sizes.append({"name": name, "seen": seen.get(name, 0.0), "multiple": e.get("multiple"), "tokens": list(b)})
         lo, hi = lo + b[0], hi + b[1]
-    return {"elastic": int(elastic), "sizes": sizes, "separate": [lo, hi],
-            "separate_with_search": [lo + elastic, hi + elastic],
-            "ratio": [lo / elastic, hi / elastic], "ratio_with_search": [(lo + elastic) / elastic, (hi + elastic) / elastic],
-            "parent": int((results.get("training") or {}).get("parent_tokens") or 0)}
+    return (sizes, [lo, hi]) if sizes else None
+
+
+def family_tokens(results: dict, analysis: dict) -> dict | None:
+    """Token counts of the family's routes, ratios over the elastic run's tokens: {"elastic", "parent";
+    with a token sweep: "sizes": [{name, seen, multiple, tokens: [lo, hi]}], "separate": [lo, hi],
+    "separate_with_search", "ratio", "ratio_with_search"; with from-scratch snapshots: "scratch_sizes",
+    "scratch", "scratch_ratio"}, or None without an elastic run and either of them."""
+    elastic = (results.get("training") or {}).get("elastic_tokens")
+    seen = results.get("nested_tokens") or {}
+    if not elastic:
+        return None
+    out = {"elastic": int(elastic), "parent": int((results.get("training") or {}).get("parent_tokens") or 0)}
+    distilled = _route(analysis.get("token_efficiency") or {}, seen)
+    if distilled:
+        (sizes, (lo, hi)) = distilled
+        out.update(sizes=sizes, separate=[lo, hi], separate_with_search=[lo + elastic, hi + elastic],
+                   ratio=[lo / elastic, hi / elastic], ratio_with_search=[(lo + elastic) / elastic, (hi + elastic) / elastic])
+    scratch = _route(analysis.get("scratch_to_match") or {}, seen)
+    if scratch:
+        (sizes, (lo, hi)) = scratch
+        out.update(scratch_sizes=sizes, scratch=[lo, hi], scratch_ratio=[lo / elastic, hi / elastic])
+    return out if distilled or scratch else None
 
 
 def _rng(v, fmt) -> str:
@@ -72,49 +85,54 @@ def extra_baselines_markdown(results: dict) -> list[str]:
                          f"{ci(r)} | {r['train_tokens']:,} |")
         L += ["", "The separate route's learning-rate search costs these tokens too.", ""]
     if scratch:
-        tr = results.get("training") or {}
-        fam = (tr.get("parent_tokens") or 0) + (tr.get("elastic_tokens") or 0)
         L += ["### From scratch: each smaller size trained alone from random init (next-token CE)", "",
-              "| size | steps | tokens | accuracy [95% CI] | nested accuracy |", "|---|---|---|---|---|"]
+              "The parent's schedule (learning rate, warmup share) over the steps below, evaluated at every quarter "
+              "of its run; 'multiple' = the snapshot's tokens over the tokens that size saw in the elastic run.", "",
+              "| size | steps | tokens | multiple | accuracy [95% CI] | nested accuracy |", "|---|---|---|---|---|---|"]
         for r in scratch:
             nr = nested.get(r["name"], {})
-            L.append(f"| {r['name']} | {r['steps']} | {r['train_tokens']:,} | {r['accuracy']:.3f} {ci(r)} | "
+            mult = f"{r['multiple']:.1f}x" if r.get("multiple") is not None else ""
+            L.append(f"| {r['name']} | {r['steps']} | {r['train_tokens']:,} | {mult} | {r['accuracy']:.3f} {ci(r)} | "
                      f"{nr.get('accuracy', float('nan')):.3f} |")
-        L += ["", f"The elastic family cost {fam:,} tokens (parent + elastic run) for every size; training each "
-                  f"smaller size from scratch cost {sum(r['train_tokens'] for r in scratch):,} tokens for these "
-                  "accuracies (the paper's 360x claim, in miniature).", ""]
+        L.append("")
     return L
 
 
 def family_markdown(results: dict, analysis: dict) -> list[str]:
     """The report's "Tokens to match" section (with the LR sweep and from-scratch baselines when run);
     [] without any of them."""
-    f = analysis.get("family_tokens")
+    f = analysis.get("family_tokens") or {}
+    extra = extra_baselines_markdown(results)
     if not f:
-        extra = extra_baselines_markdown(results)
         return (["## Tokens to match: the whole family", ""] + extra) if extra else []
     tok = lambda v: f"{v:,.0f}"
     x = lambda v: f"{v:.2f}x"
+    mult = lambda m: (f"{m.split()[0]} {x(float(m.split()[1]))}" if isinstance(m, str) else x(m))   # "> 3.78061"
     L = ["## Tokens to match: the whole family", "",
-         "One elastic run yields every nested size; the separate route distills each size alone. A size's "
-         "tokens to match = its tokens-to-match multiple (token sweep above, seed 0) x the tokens that nested "
-         "model saw in the elastic run (its expected sampling share; the shared prefix weights are updated on "
-         "every elastic step, so the per-size '1x' understates what it got). The full-size member is the parent "
-         "on both routes, and the parent's own training is shared and not counted.", "",
-         "| size | tokens it saw in the elastic run | multiple to match | separate tokens to match |",
-         "|---|---|---|---|"]
-    for s in f["sizes"]:
-        m = s["multiple"]
-        L.append(f"| {s['name']} | {tok(s['seen'])} | {m if isinstance(m, str) else x(m)} | "
-                 f"{_rng(s['tokens'], tok)} |")
+         "One elastic run yields every nested size; the separate route distills each size alone, the from-scratch "
+         "route trains each size from random init. A size's tokens to match = its tokens-to-match multiple (the "
+         "token sweep above, or the from-scratch snapshots below; seed 0) x the tokens that nested model saw in the "
+         "elastic run (its expected sampling share; the shared prefix weights are updated on every elastic step, so "
+         "the per-size '1x' understates what it got). The full-size member is the parent on every route, and the "
+         "parent's own training is shared and not counted.", "",
+         "| size | tokens it saw in the elastic run | route | multiple to match | tokens to match |",
+         "|---|---|---|---|---|"]
+    for key, route in (("sizes", "distilled separately"), ("scratch_sizes", "from scratch")):
+        for s in f.get(key) or []:
+            L.append(f"| {s['name']} | {tok(s['seen'])} | {route} | {mult(s['multiple'])} | {_rng(s['tokens'], tok)} |")
     L += ["", "| route | tokens | / elastic run |", "|---|---|---|",
-          f"| Star Elastic: one run, every size | {tok(f['elastic'])} | 1.00x |",
-          f"| every size distilled separately, at matched accuracy | {_rng(f['separate'], tok)} | "
-          f"{_rng(f['ratio'], x)} |",
-          f"| the same, charged for its width search (the elastic run that found the widths) | "
-          f"{_rng(f['separate_with_search'], tok)} | {_rng(f['ratio_with_search'], x)} |", "",
-          "The paper's claims in miniature: 7x fewer tokens than sequential compression (the charged row) and "
-          "360x fewer than training each size from scratch" + ("" if results.get("scratch") else
-                                                                 " (not measured in this run: `scratch_steps=0`)")
-          + ". Baselines run the elastic run's warmup share of their steps.", ""]
-    return L + extra_baselines_markdown(results)
+          f"| Star Elastic: one run, every size | {tok(f['elastic'])} | 1.00x |"]
+    if f.get("separate"):
+        L += [f"| every size distilled separately, at matched accuracy | {_rng(f['separate'], tok)} | "
+              f"{_rng(f['ratio'], x)} |",
+              f"| the same, charged for its width search (the elastic run that found the widths) | "
+              f"{_rng(f['separate_with_search'], tok)} | {_rng(f['ratio_with_search'], x)} |"]
+    if f.get("scratch"):
+        L.append(f"| every size trained from scratch, at matched accuracy | {_rng(f['scratch'], tok)} | "
+                 f"{_rng(f['scratch_ratio'], x)} |")
+    L += ["", "The paper's claims in miniature: 7x fewer tokens than sequential compression (the charged row) and "
+              "360x fewer than training each size from scratch" + ("" if f.get("scratch") else
+                                                                     " (not measured in this run: `scratch_steps=0`)")
+          + ". Baselines run the elastic run's warmup share of their steps; 'unbounded': no measured point matched "
+            "(the route needs more than its largest).", ""]
+    return L + extra

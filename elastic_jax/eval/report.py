@@ -184,6 +184,11 @@ def analyze(results: dict) -> dict:
             if pts:
                 eff[r["name"]] = tokens_to_match(r.get("scores"), pts)
         out["token_efficiency"] = eff
+    scratch = [r for r in results.get("scratch") or [] if r.get("multiple") is not None]
+    if scratch:       # from-scratch snapshots: the tokens each smaller size needs from random init
+        out["scratch_to_match"] = {r["name"]: tokens_to_match(r.get("scores"), [s for s in scratch if s["name"] == r["name"]])
+                                   for r in results.get("nested", []) if any(s["name"] == r["name"] for s in scratch)}
+    if sweep or scratch:
         out["family_tokens"] = family_tokens(results, out)     # issue 30: tokens counted for the whole family
     tr = results.get("training", {})
     if tr.get("elastic_tokens") and tr.get("baseline_tokens"):

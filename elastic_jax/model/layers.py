@@ -8,12 +8,14 @@ G groups, N state size, K conv kernel, S cache length, E experts.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from ..kernels import target_platform
 from ..quant.qweight import unwrap
 from .policy import ComputePolicy
 
@@ -33,16 +35,51 @@ class Context:
     collect: bool = False     # mixers return their intermediates (a dict) as second output
 
 
-def dense(x, w, policy: ComputePolicy | None = None):
+def dense(x, w, policy: ComputePolicy | None = None, *, token_major_grad: bool = False):
     """x [..., in] @ w [in, out] with f32 accumulation, operands and result in the policy's compute
     dtype (default: the parameter dtype) at its matmul precision (ComputePolicy.lax_precision). A
     quantized weight (`QWeight`) fake-quantizes x with its static input scale first, as an FP8
-    kernel would."""
+    kernel would. `token_major_grad`: on CPU without remat, the weight gradient contracts x and the
+    output cotangent over their token axes (`_matmul_cpu`), for a stored input whose output's
+    cotangent is a long elementwise chain (the Mamba in-projections)."""
     x, w = unwrap(x, w)
     pol = _DEFAULT_POLICY if policy is None else policy
     dt = pol.dtype_for(w.dtype)
-    return jnp.einsum("...i,io->...o", x.astype(dt), w.astype(dt), precision=pol.lax_precision(dt),
-                      preferred_element_type=jnp.float32).astype(dt)
+    # under jax.checkpoint the plain einsum: remat policies save dot_general outputs by primitive
+    cpu = token_major_grad and pol.remat == "none" and target_platform() == "cpu"
+    return (_matmul_cpu if cpu else _matmul)(x.astype(dt), w.astype(dt), pol.lax_precision(dt)).astype(dt)
+
+
+def _matmul(x, w, precision):
+    return jnp.einsum("...i,io->...o", x, w, precision=precision, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_cpu(x, w, precision):
+    """`_matmul` whose weight gradient is dot(x, ct) over the token axes, giving [in, out] directly.
+    JAX's own transpose computes dot(ct, x) -> [out, in] and transposes it; XLA:CPU lays ct out
+    transposed for that dot, fuses the copy into ct's elementwise producer and recomputes the
+    producer in transposed order, once per consumer (the Mamba gate and x / B / C split). Here x is
+    the operand laid out transposed, so it should be a stored array. Same products, same f32
+    accumulation (BUILD_NOTES issue 30: the main job's parent step 207 -> ~145 ms)."""
+    return _matmul(x, w, precision)
+
+
+def _matmul_cpu_fwd(x, w, precision):
+    return _matmul(x, w, precision), (x, w)
+
+
+def _matmul_cpu_bwd(precision, res, ct):
+    x, w = res
+    tokens = tuple(range(x.ndim - 1))
+    dx = jax.lax.dot_general(ct, w, (((ct.ndim - 1,), (1,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(x, ct, ((tokens, tokens), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
 def rms_norm(x, weight, eps, eps_factor=None, out_scale=None):

@@ -252,11 +252,15 @@ def parent_curve_rows(xp, out_dir: str, data, calib, eval_set, tok, say, main: d
 
 
 
+SCRATCH_SNAPSHOTS = 4        # a from-scratch run is evaluated at every quarter of its steps (tokens to match)
+
+
 def extra_baselines(xp, out_dir: str, data, teacher, widths: dict, base_train: TrainConfig,
                      seen: dict, say) -> list[dict]:
     """Seed 0's optional baselines for the family's token accounting (issue 30): each smaller size's 1x
     baseline at every `xp.baseline_lrs` learning rate (run `baseline_<n>_lr<lr>`), and each smaller size
-    from random init with the parent's CE schedule for `xp.scratch_steps` steps (run `scratch_<n>`)."""
+    from random init with the parent's CE schedule for `xp.scratch_steps` steps (run `scratch_<n>`), its
+    snapshots at every quarter kept for the tokens it needs to match the nested model."""
     cfg, out = xp.model, []
     frac = warmup_fraction(xp.elastic_train)
     for n, b in zip(widths, xp.elastic.budgets):
@@ -271,17 +275,36 @@ def extra_baselines(xp, out_dir: str, data, teacher, widths: dict, base_train: T
             res = train_kd(sub_cfg, tc, cfg, teacher, sub_params, data, os.path.join(out_dir, run), progress=xp.progress)
             out.append({"kind": "lr", "name": n, "lr": lr, "run": run, "cfg": sub_cfg, "res": res, "steps": tc.total_steps})
         if xp.scratch_steps:
-            pt = xp.parent_train
+            pt, steps = xp.parent_train, xp.scratch_steps
+            every = max(1, steps // SCRATCH_SNAPSHOTS)
             tc = dataclasses.replace(
-                pt, seed=pt.seed + xp.comparison_seed, checkpoint_every=10_000, keep_checkpoints=1,
-                optim=dataclasses.replace(pt.optim, warmup_steps=int(round(warmup_fraction(pt) * xp.scratch_steps))),
-                stages=(dataclasses.replace(pt.stages[0], steps=xp.scratch_steps, tokens=None),))
+                pt, seed=pt.seed + xp.comparison_seed, checkpoint_every=every, keep_checkpoints=SCRATCH_SNAPSHOTS + 2,
+                optim=dataclasses.replace(pt.optim, warmup_steps=int(round(warmup_fraction(pt) * steps))),
+                stages=(dataclasses.replace(pt.stages[0], steps=steps, tokens=None),))
             run = f"scratch_{n.rstrip('%')}"
-            say(f"from scratch {n}: {param_count(sub_cfg):,} params, CE for {xp.scratch_steps} steps")
+            say(f"from scratch {n}: {param_count(sub_cfg):,} params, CE for {steps} steps")
             res = train_lm(sub_cfg, tc, init_params(sub_cfg, jax.random.PRNGKey(xp.seed + 17)), data,
                            os.path.join(out_dir, run), progress=xp.progress)
-            out.append({"kind": "scratch", "name": n, "run": run, "cfg": sub_cfg, "res": res, "steps": tc.total_steps})
+            out.append({"kind": "scratch", "name": n, "run": run, "cfg": sub_cfg, "res": res, "steps": tc.total_steps,
+                        "snapshots": snapshots(os.path.join(out_dir, run), every, tc.total_steps)})
     return out
+
+
+def extra_baseline_rows(extra: list[dict], out_dir: str, seen: dict, evaluate) -> list[dict]:
+    """The report rows of `extra_baselines`: one per LR-sweep run, one per from-scratch snapshot (its
+    `multiple`: the snapshot's tokens over the tokens that size saw in the elastic run, for
+    `tokens_to_match`). `evaluate(cfg, params, name)` -> the model's accuracy row."""
+    from ..train.checkpoint import load_run
+    rows = []
+    for e in extra:
+        res = e["res"]
+        for step in e.get("snapshots") or [e["steps"]]:
+            params = res.params if step == e["steps"] else load_run(os.path.join(out_dir, e["run"]), step)[1]
+            tokens = int(round(res.tokens_seen * step / e["steps"]))    # packed rows: the same tokens every step
+            rows.append({"kind": e["kind"], "name": e["name"], "lr": e.get("lr"), "run": e["run"], "steps": step,
+                         "final": step == e["steps"], "train_tokens": tokens, "multiple": tokens / seen[e["name"]],
+                         **evaluate(e["cfg"], params, e["name"])})
+    return rows
 
 
 class CompileCache:

@@ -37,8 +37,8 @@ from ..eval.quantized import QuantEvalConfig
 from ..tasks import DEFAULT_LEVELS, TaskTokenizer, make_eval_set, make_problems, trace_text, unit_seen, vocab_needed
 from ..train import TrainConfig, train_kd
 from ..widths import Widths
-from .family import (CompileCache, announce, baseline_steps_config, config_dict, extra_baselines, history, nested_tokens,
-                     parent_curve_rows, seed_rows, train_family, warmup_fraction)
+from .family import (CompileCache, announce, baseline_steps_config, config_dict, extra_baseline_rows, extra_baselines,
+                     history, nested_tokens, parent_curve_rows, seed_rows, train_family, warmup_fraction)
 
 
 @dataclass(frozen=True)
@@ -244,10 +244,9 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
         sweep_rows.append(row)
         if headline:
             base_rows.append(row)
-    extra_rows = [{"kind": e["kind"], "name": e["name"], "lr": e.get("lr"), "run": e["run"],
-                   "train_tokens": int(e["res"].tokens_seen), "steps": e["steps"],
-                   **model_row(ElasticModel(e["cfg"], e["res"].params, {e["name"]: Widths()}, mode="masked"), e["name"],
-                               eval_set, tok, ev, gold, diagnostics=False)} for e in extra]
+    extra_rows = extra_baseline_rows(
+        extra, out_dir, seen, lambda c, p, n: model_row(ElasticModel(c, p, {n: Widths()}, mode="masked"), n, eval_set,
+                                                        tok, ev, gold, diagnostics=False))
     phases["eval_models"] = time.perf_counter() - t0
     # ---------------------------------------------------------------- training seeds 1..seeds-1 (issue 30)
     seed_runs = [seed_rows(xp, k, out_dir, data, calib, eval_set, tok, gold, phases, say) for k in range(1, xp.seeds)]

@@ -21,7 +21,7 @@ from ..model.policy import ComputePolicy
 from . import sharding as shd
 from .config import OptimConfig
 from .loop import compile_step, step_shardings
-from .optim import make_optimizer
+from .optim import RATE_ARGS, make_optimizer
 from .step import StepSpec
 
 
@@ -53,5 +53,5 @@ def abstract_elastic_step(cfg: NemotronHConfig, elastic_cfg, mesh, *, batch: int
     args = (abstract_tree(state_like, state_sh), abstract_tree(teacher, teacher_sh),
             {"tokens": tokens, "segment_ids": tokens}, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32),
             jax.ShapeDtypeStruct((spec.n_budgets,), jnp.float32, sharding=rep),
-            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep), {k: scalar(jnp.float32) for k in RATE_ARGS})
     return jitted, args

@@ -55,7 +55,7 @@ from .runctl import PreemptionWatcher, RunLock, acquire_everywhere, gather_json
 from .checkpoint import Checkpointer, abstract_like, params_fingerprint
 from .config import TrainConfig
 from .metrics import RunLogger, Throughput, batch_digest, plot_curves, progress_postfix
-from .optim import lr_schedule, make_optimizer
+from .optim import RATE_ARGS, lr_schedule, make_optimizer
 from .step import StepSpec, make_step
 
 
@@ -178,7 +178,7 @@ def compile_step(spec: StepSpec, tx, mesh, state_sh, teacher_sh, micro_batch: in
     act = NamedSharding(mesh, P(bspec[1], None, None)) if activation_sharding else None
     fn = make_step(spec, tx, act_sharding=act)
     jitted = jax.jit(fn, in_shardings=(state_sh, teacher_sh, {"tokens": b_sh, "segment_ids": b_sh},
-                                       rep, rep, rep, rep, rep),
+                                       rep, rep, rep, rep, rep, rep),
                      out_shardings=(state_sh, rep), donate_argnums=(0,))
     if not activation_sharding:
         return jitted, bspec
@@ -316,7 +316,6 @@ def _train(spec: StepSpec, train_cfg: TrainConfig, teacher_params, student_param
 
 def _train_locked(spec, train_cfg, teacher_params, student_params, router_params, data, out_dir, stage_data,
                   extra_meta, progress, quant_layers, lock) -> TrainResult:
-    cfg = spec.model_cfg
     nb = spec.n_budgets
     mesh = shd.make_mesh(train_cfg.mesh)
     total = train_cfg.total_steps
@@ -428,7 +427,8 @@ def _train_locked(spec, train_cfg, teacher_params, student_params, router_params
                 glob = {k: hostdata.to_global(local[k], b_sh, gshape) for k in ("tokens", "segment_ids")}
                 step_dev = jax.device_put(np.int32(step), rep)
                 sched = sched_fn(step_dev)        # τ, logit scale, learning rates: on device, no sync
-                state, m = jitted(state, teacher, glob, step_dev, sched["tau"], sched["scale"], probs_dev, base_key)
+                state, m = jitted(state, teacher, glob, step_dev, sched["tau"], sched["scale"], probs_dev, base_key,
+                                  {k: sched[k] for k in RATE_ARGS})
                 if pending is not None:           # the previous step's metrics (it has finished by now)
                     tokens_seen = _consume(pending, tokens_seen)
                 pending = (step, m, sched)

@@ -34,19 +34,44 @@ def lr_schedule(peak: float, optim: OptimConfig, total_steps: int):
     return sched
 
 
-def _adamw(peak: float, optim: OptimConfig, total_steps: int):
+RATE_ARGS = ("lr", "router_lr")      # the `update` keywords of each group's learning rate (model, router)
+
+
+def scale_by_rate(schedule, rate_arg: str) -> optax.GradientTransformationExtraArgs:
+    """`optax.scale_by_learning_rate(schedule)`, except that `update(..., **{rate_arg: lr})` scales by
+    that (traced) rate instead of schedule(count). The training loop passes each step's rates, computed
+    by the same schedule, so the compiled step holds none of the schedule's constants and runs of any
+    length or warmup share one program (the persistent compile cache hits). The state is optax's
+    `ScaleByScheduleState`, as before."""
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        rate = extra_args.get(rate_arg)
+        step_size = -1 * (schedule(state.count) if rate is None else rate)
+        updates = jax.tree.map(lambda g: jnp.asarray(step_size, dtype=g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _adamw(peak: float, optim: OptimConfig, total_steps: int, rate_arg: str):
     return optax.chain(
         optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
         optax.add_decayed_weights(optim.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
-        optax.scale_by_learning_rate(lr_schedule(peak, optim, total_steps)),
+        scale_by_rate(lr_schedule(peak, optim, total_steps), rate_arg),
     )
 
 
-def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """The two-group optimizer for trees {"params": ..., "router": ...}."""
+def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """The two-group optimizer for trees {"params": ..., "router": ...}. `tx.update(..., lr=, router_lr=)`
+    (`RATE_ARGS`, traced scalars) overrides the groups' scheduled learning rates for that update."""
     groups = {
-        "model": optax.set_to_zero() if optim.freeze_model else _adamw(optim.lr, optim, total_steps),
-        "router": optax.set_to_zero() if optim.freeze_router else _adamw(optim.router_lr, optim, total_steps),
+        "model": optax.set_to_zero() if optim.freeze_model else _adamw(optim.lr, optim, total_steps, RATE_ARGS[0]),
+        "router": optax.set_to_zero() if optim.freeze_router else _adamw(optim.router_lr, optim, total_steps,
+                                                                         RATE_ARGS[1]),
     }
 
     def labels(tree):

@@ -215,7 +215,9 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
     """The step function (not yet jitted; loop.py jits it with shardings)."""
     nb = spec.n_budgets
 
-    def step_fn(state, teacher_params, batch, step, tau, scale, budget_probs, base_key):
+    def step_fn(state, teacher_params, batch, step, tau, scale, budget_probs, base_key, rates=None):
+        # rates: {"lr", "router_lr"} this step's learning rates (traced; the loop's schedule program), so the
+        # compiled step is the same for every schedule; None: the optimizer's own schedule at its count
         trainable = {"params": state["params"], "router": state["router"]}
         step_key = jax.random.fold_in(base_key, step)
         logp = jnp.log(jnp.asarray(budget_probs, jnp.float32))
@@ -260,7 +262,7 @@ def make_step(spec: StepSpec, tx: optax.GradientTransformation, *, act_sharding=
             grads["router"] = jax.tree.map(jnp.zeros_like, grads["router"])
         loss = jnp.mean(per_mb["loss"])
         grad_norm = optax.global_norm(grads)
-        updates, new_opt = tx.update(grads, state["opt_state"], trainable)
+        updates, new_opt = tx.update(grads, state["opt_state"], trainable, **(rates or {}))
         new_trainable = optax.apply_updates(trainable, updates)
         new_params = new_trainable["params"]
         if spec.balances_experts:      # outside the optimizer: the bias has no gradient (balance.py)

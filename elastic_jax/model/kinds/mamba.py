@@ -200,10 +200,11 @@ def mamba_mixer(p, x_BLD, cfg: NemotronHConfig, el: MambaMasks | None, ctx: Cont
     B, L, _ = x_BLD.shape
     H = p["A_log"].shape[0]
     P, G, N, K = cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size, cfg.conv_kernel
-    z = dense(x_BLD, p["z_proj"], ctx.policy)
-    xp = dense(x_BLD, p["x_proj"], ctx.policy)
-    xBC = jnp.concatenate([xp] + [dense(x_BLD, p[n], ctx.policy) for n in ("B_proj", "C_proj")], -1)
-    dt = dense(x_BLD, p["dt_proj"], ctx.policy)
+    # the in-projections' weight gradients contract token-major on CPU (layers.dense): their cotangents
+    # are the gate's and the conv's elementwise backward, which XLA:CPU would recompute transposed
+    proj = lambda n: dense(x_BLD, p[n], ctx.policy, token_major_grad=True)
+    z, xp, dt = proj("z_proj"), proj("x_proj"), proj("dt_proj")
+    xBC = jnp.concatenate([xp, proj("B_proj"), proj("C_proj")], -1)
     if ctx.valid is not None:
         xBC = xBC * ctx.valid[..., None].astype(xBC.dtype)
     hm = None
