@@ -76,9 +76,10 @@ class StarElasticExperiment:
     # `parent_curve_train` (a short elastic schedule) and scored given the gold trace; () = none
     parent_curve: tuple[int, ...] = ()
     parent_curve_train: TrainConfig | None = None
-    # fair token accounting (issue 30, seed 0; both off by default: cost): 1x baselines of each smaller size
-    # at these extra learning rates (the separate route's LR search), and each smaller size trained from
-    # random init with the parent's CE schedule for `scratch_steps` steps (the from-scratch baseline)
+    # fair token accounting (issue 30, seed 0; both off here, the main job's config sets `scratch_steps`):
+    # 1x baselines of each smaller size at these extra learning rates (the separate route's LR search), and
+    # each smaller size trained from random init with the parent's CE schedule for `scratch_steps` steps,
+    # evaluated at every quarter of them (the from-scratch route's tokens to match)
     baseline_lrs: tuple[float, ...] = ()
     scratch_steps: int = 0
 

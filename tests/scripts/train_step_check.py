@@ -36,7 +36,7 @@ from elastic_jax.experiment import load_experiment  # noqa: E402
 from elastic_jax.train import sharding as shd  # noqa: E402
 from elastic_jax.train.config import MeshConfig  # noqa: E402
 from elastic_jax.train.loop import compile_step, place_state, step_shardings  # noqa: E402
-from elastic_jax.train.optim import make_optimizer  # noqa: E402
+from elastic_jax.train.optim import RATE_ARGS, lr_schedule, make_optimizer  # noqa: E402
 from elastic_jax.train.step import StepSpec  # noqa: E402
 
 here = os.path.dirname(os.path.abspath(__file__))
@@ -77,8 +77,11 @@ for mstr in args.meshes + [f"bf16:{m}" for m in args.bf16]:
     batch = {k: shd.host_local_to_global(v[:, lo:lo + n], mesh, bspec, v.shape)
              for k, v in (("tokens", tokens), ("segment_ids", seg))}
     rep = NamedSharding(mesh, P())
+    # the step's learning rates: the optimizer's schedule at its first update, as the training loop passes them
+    rates = {k: jnp.float32(lr_schedule(peak, tcfg.optim, 10)(0))
+             for k, peak in zip(RATE_ARGS, (tcfg.optim.lr, tcfg.optim.router_lr))}
     new, m = fn(state, jax.device_put(teacher, teacher_sh), batch, jnp.int32(3), jnp.float32(0.7),
-                jnp.float32(2.0), jax.device_put(np.array([0.5, 0.5], np.float32), rep), jax.random.PRNGKey(7))
+                jnp.float32(2.0), jax.device_put(np.array([0.5, 0.5], np.float32), rep), jax.random.PRNGKey(7), rates)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         new = multihost_utils.process_allgather(new, tiled=True)
