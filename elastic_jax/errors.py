@@ -46,12 +46,15 @@ class RunFolderLocked(ValueError):
 class Preempted(Exception):
     """A termination notice (SIGTERM, or the platform's preemption notice) stopped training at a
     step boundary after every host saved a checkpoint of that step. Not an error: `elastic-jax run`
-    prints one line and exits 0; rerunning the same command resumes from `step`."""
+    prints one line and exits 0; rerunning the same command resumes from `step` (None: several runs
+    training in threads of one process stopped, each at its own step)."""
 
-    def __init__(self, step: int, directory: str):
+    def __init__(self, step: int | None, directory: str):
         self.step, self.directory = step, directory
-        super().__init__(f"preempted: saved a checkpoint at step {step} in {directory}; "
-                         "rerun the same command to resume")
+        super().__init__(f"preempted: saved a checkpoint at step {step} in {directory}; rerun the same command to "
+                         "resume" if step is not None else
+                         f"preempted: the runs training in {directory} saved checkpoints; rerun the same command "
+                         "to resume")
 
 
 class NonFiniteError(ValueError):

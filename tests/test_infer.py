@@ -116,6 +116,29 @@ def test_transplant_runs_and_skips_reprefill(model, prompts):
     assert out.think_tokens == ref.think_tokens             # phase 1 is the same computation
 
 
+def test_kept_thoughts_give_every_answering_model_the_same_results(model, prompts, monkeypatch):
+    """`thoughts`: each (thinking model, budget) thinks once; the pairs answering from the kept trace
+    (re-prefill, truncation continuation, transplant) give what a fresh call gives, and only a
+    continuation counts the forced `</think>`'s step in its thinking latency."""
+    from elastic_jax.infer import budget as budget_mod
+    calls = []
+    think = budget_mod._think
+    monkeypatch.setattr(budget_mod, "_think", lambda *a, **k: calls.append(a[1]) or think(*a, **k))
+    kw = dict(thinking_budget=7, specials=SP, max_answer_tokens=4, max_thinking=12)
+    kept = {}
+    for a, b, tr in [("50%", "100%", False), ("50%", "50%", False), ("50%", "100%", True), ("100%", "50%", False)]:
+        out = budget_generate(model, prompts, think_model=a, answer_model=b, transplant=tr, thoughts=kept, **kw)
+        ref = budget_generate(model, prompts, think_model=a, answer_model=b, transplant=tr, **kw)
+        assert out.think_tokens == ref.think_tokens and out.answer_tokens == ref.answer_tokens, (a, b, tr)
+        assert (out.forced == ref.forced).all() and out.think.flops == ref.think.flops
+        t = kept[next(k for k in kept if k[1] == a)]
+        assert out.think.latency_s == t.latency_s + (t.force_s if a == b or tr else 0.0)
+    assert len(kept) == 2 and calls.count("50%") == 1 + 3 and calls.count("100%") == 1 + 1   # kept + the fresh refs
+    # another budget or other prompts are another thought
+    budget_generate(model, prompts[:3], think_model="50%", answer_model="100%", thoughts=kept, **kw)
+    assert len(kept) == 3
+
+
 def test_phase_accounting(model, prompts):
     out = budget_generate(model, prompts, think_model="50%", answer_model="100%", thinking_budget=8, specials=SP,
                           max_answer_tokens=4)

@@ -125,6 +125,26 @@ def test_masked_equals_sliced_random_mixes(model, grouped_model, seed):
         assert ej.count_params(sub) == ej.param_count(cfg, w)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_embedded_smaller_model_runs_masked_at_the_parent_shapes(model, grouped_model, seed):
+    """embed_params is slice_params' transpose: an independently trained smaller model (here: random
+    params of the sliced shapes) placed back into the parent's shapes, zeros elsewhere, gives its own
+    logits through the masked forward, and slicing it again returns it exactly."""
+    rng = np.random.default_rng(10 + seed)
+    for cfg, _, t in (model, grouped_model):
+        w = _random_widths(cfg, rng, per_layer=seed == 1)
+        sub_cfg = ej.elastic.slicing.sliced_config(cfg, w)
+        small = _params(sub_cfg, seed=20 + seed)
+        big = ej.elastic.slicing.embed_params(small, cfg, w)
+        ej.check_params(big, cfg)
+        chex.assert_trees_all_equal(ej.slice_params(big, cfg, w)[1], small)
+        assert_close(fwd(big, t, cfg, w), fwd(small, t, sub_cfg))
+        assert sum(int(np.count_nonzero(x)) for x in jax.tree_util.tree_leaves(big)) == \
+            sum(int(np.count_nonzero(x)) for x in jax.tree_util.tree_leaves(small))
+    with pytest.raises(ValueError, match="do not have the shapes"):
+        ej.elastic.slicing.embed_params(small, cfg, ej.Widths())
+
+
 @pytest.mark.slow
 def test_heterogeneous_subconfig_records_per_layer_sizes(grouped_model):
     cfg, params, t = grouped_model

@@ -227,7 +227,7 @@ def test_extra_baseline_rows_evaluate_every_scratch_snapshot(tmp_path, monkeypat
              {"kind": "scratch", "name": "50%", "run": "scratch_50", "cfg": "c", "res": res, "steps": 8,
               "snapshots": [2, 4, 6, 8]}]
     rows = family.extra_baseline_rows(extra, str(tmp_path), {"50%": 1000.0},
-                                      lambda c, p, n: {"accuracy": 0.5, "params_used": p})
+                                      lambda p, n: {"accuracy": 0.5, "params_used": p})
     assert [(r["kind"], r["steps"], r["train_tokens"], r["multiple"], r["params_used"], r["final"]) for r in rows] == [
         ("lr", 4, 8000, 8.0, "final", True), ("scratch", 2, 2000, 2.0, "p2", False),
         ("scratch", 4, 4000, 4.0, "p4", False), ("scratch", 6, 6000, 6.0, "p6", False),

@@ -1,10 +1,12 @@
 """Zero-shot extraction (METHOD §8): keep the prefix of every importance-sorted axis.
 
 `slice_params(params, cfg, widths)` returns a standalone smaller model whose logits equal the
-masked parent's at those widths; `param_count` is the exact size of that model.
+masked parent's at those widths; `embed_params` is its transpose (a smaller model placed back into
+the parent's shapes, zeros elsewhere); `param_count` is the exact size of that model.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 from einops import rearrange
 
@@ -77,6 +79,36 @@ def slice_params(params, cfg: NemotronHConfig, widths: Widths | None):
         idx = dict(kind.select(cfg, sizes, sel), embed=slice(0, d))
         out["layers"].append({"norm": lp["norm"][:d], "mixer": take_dims(lp["mixer"], kind.params(cfg), idx)})
     return sub_cfg, out
+
+
+def embed_params(sub_params, cfg: NemotronHConfig, widths: Widths | None):
+    """Parent-shaped params (`cfg`) holding `sub_params` (a model of `sliced_config(cfg, widths)`)
+    where `slice_params` takes them from, zeros elsewhere: `slice_params(embed_params(p, cfg, w), cfg,
+    w)[1] == p`, so the masked forward at `widths` runs the smaller model at the parent's shapes (one
+    compiled program for models of every size). The transpose of `slice_params`'s gathers, read from
+    the same index rules: slicing a tree of flat positions says where each sub element came from."""
+    from ..model.params import param_shapes
+    widths = Widths() if widths is None else widths
+    shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)
+    if shapes(sub_params) != param_shapes(sliced_config(cfg, widths)):
+        raise ValueError(f"embed_params: the params do not have the shapes of the model sliced at {widths}")
+    is_shape = lambda x: isinstance(x, tuple)
+    positions = jax.tree_util.tree_map(lambda s: np.arange(int(np.prod(s))).reshape(s), param_shapes(cfg),
+                                       is_leaf=is_shape)
+    source = slice_params(positions, cfg, widths)[1]
+    dtype = np.result_type(*jax.tree_util.tree_leaves(sub_params))
+    out = jax.tree_util.tree_map(lambda s: np.zeros(int(np.prod(s)), dtype), param_shapes(cfg), is_leaf=is_shape)
+
+    def put(flat, idx, x):
+        flat[np.asarray(idx).reshape(-1)] = np.asarray(x).reshape(-1)
+    # a layer that depth drops has no counterpart: it stays zeros (the masked forward skips it)
+    kept = [i for i, k in enumerate(widths.layer_mask(cfg)) if k]
+    for name in ("embed", "norm_f", "lm_head"):
+        put(out[name], source[name], sub_params[name])
+    for i, src, x in zip(kept, source["layers"], sub_params["layers"]):
+        jax.tree_util.tree_map(put, out["layers"][i], src, x)
+    return jax.device_put(jax.tree_util.tree_map(lambda f, s: f.reshape(s), out, param_shapes(cfg),
+                                                 is_leaf=is_shape))
 
 
 def param_count(cfg: NemotronHConfig, widths: Widths | None = None, active: bool = False) -> int:

@@ -86,14 +86,16 @@ def run_point(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokenizer, 
               transplant: bool = False, batch_size: int | None = None, repeats: int = 1,
               warmup: bool = True, latency_targets: Sequence[LatencyTarget] = (), primary: str | None = None,
               gold_traces: Sequence[Sequence[int]] | None = None, family: str = "nested",
-              seen_shapes: set | None = None) -> GridPoint:
+              seen_shapes: set | None = None, thoughts: dict | None = None) -> GridPoint:
     """Measure one configuration. The first call per compiled shape is a warmup (not timed) when
     `warmup`; latency is the median over `repeats` timed runs, summed over batches.
     `latency_targets`: model each request's latency per phase (batch 1, its own prompt, trace and
     answer lengths; the re-prefill bucketed as run) on each target; `primary`: the key whose total
     becomes `latency_model_s`. `gold_traces`: reference thinking tokens per problem (-> exact_trace).
     `seen_shapes`: re-prefill shapes already compiled (shared across calls); a timed run that hit a
-    new one (the bucket depends on the generated trace) is repeated, so compilation is not timed."""
+    new one (the bucket depends on the generated trace) is repeated, so compilation is not timed.
+    `thoughts`: thinking phases kept across calls (`budget_generate`): a point whose thinking model and
+    budget were already run answers from that run's trace and measured thinking latency."""
     specials = Specials.from_tokenizer(tokenizer)
     bs = batch_size or len(eval_set)
     idx = list(range(0, len(eval_set), bs))
@@ -107,14 +109,14 @@ def run_point(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokenizer, 
         prompts = eval_set.prompts[s:s + bs]
         if len(prompts) < bs:                    # keep one compiled batch shape: pad with copies
             prompts = tuple(prompts) + (prompts[-1],) * (bs - len(prompts))
-        if warmup:
-            budget_generate(model, prompts, **kw)
+        if warmup:       # compiles: its thinking phase (timed with the compile) is not kept
+            budget_generate(model, prompts, **kw, thoughts=None if thoughts is None else dict(thoughts))
             warmup = False
-        runs = [budget_generate(model, prompts, **kw) for _ in range(max(1, repeats))]
+        runs = [budget_generate(model, prompts, **kw, thoughts=thoughts) for _ in range(max(1, repeats))]
         shape = (answer_model, bs, runs[0].reprefill_length)
         if seen_shapes is not None and runs[0].reprefill_length and shape not in seen_shapes:
             seen_shapes.add(shape)
-            runs = [budget_generate(model, prompts, **kw) for _ in range(max(1, repeats))]
+            runs = [budget_generate(model, prompts, **kw, thoughts=thoughts) for _ in range(max(1, repeats))]
         n = min(bs, len(eval_set) - s)
         lat_think += float(np.median([r.think.latency_s for r in runs]))
         lat_answer += float(np.median([r.answer.latency_s for r in runs]))
@@ -164,7 +166,8 @@ def evaluate_grid(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokeniz
                   primary: str | None = None, gold_traces=None, family: str = "nested") -> list[GridPoint]:
     """Every (think, answer) pair of `submodels` (default: all trained budgets) x every thinking
     budget; then the transplant experiment for `transplant_pairs`. `max_thinking`: the decode
-    capacity (default: the largest budget); one value for every call keeps one compiled program."""
+    capacity (default: the largest budget); one value for every call keeps one compiled program. Each
+    (thinking model, budget) thinks once: the pairs that share it answer from its trace (`thoughts`)."""
     budgets = sorted({int(b) for b in thinking_budgets})
     if not budgets or budgets[0] <= 0:
         raise ValueError(f"thinking_budgets must be positive ints, got {list(thinking_budgets)}")
@@ -176,13 +179,13 @@ def evaluate_grid(model: ElasticModel, eval_set: EvalSet, tokenizer: TaskTokeniz
         raise ValueError(f"max_thinking={cap} must be >= the largest thinking budget {budgets[-1]}")
     jobs = [(a, b, t, False) for a, b in itertools.product(names, names) for t in budgets]
     jobs += [(a, b, t, True) for a, b in transplant_pairs for t in budgets]
-    points, warmed, shapes = [], set(), set()
+    points, warmed, shapes, thoughts = [], set(), set(), {}
     for a, b, t, tr in jobs:
         key = (a, b, tr)
         p = run_point(model, eval_set, tokenizer, think_model=a, answer_model=b, thinking_budget=t, max_thinking=cap,
                       max_answer_tokens=max_answer_tokens, transplant=tr, batch_size=batch_size, repeats=repeats,
                       warmup=key not in warmed, latency_targets=latency_targets, primary=primary,
-                      gold_traces=gold_traces, family=family, seen_shapes=shapes)
+                      gold_traces=gold_traces, family=family, seen_shapes=shapes, thoughts=thoughts)
         warmed.add(key)
         points.append(p)
         if progress is not None:

@@ -39,6 +39,7 @@ from ..elastic.slicing import param_count, slice_params
 from ..model.cost import CostModel, Mode
 from ..model.decoder import decode_step, prefill
 from ..model.generate import sample_logits
+from ..model.kinds import kind_of
 from ..quant.state import qweight_params
 from ..widths import Widths
 
@@ -116,14 +117,24 @@ class ElasticModel:
 
 
 # ------------------------------------------------------------------------------ jitted pieces
-def _freeze(done, new, old):
-    """Per-row select: rows with done=True keep `old` (their cache stops changing)."""
+def _freeze(done, new, old, cfg: NemotronHConfig):
+    """Per-row select: rows with done=True keep `old` (their cache stops changing). A kind's
+    `SLOT_CACHE` entries (attention K / V) take `new` as is: what a finished row writes there lands in
+    slots its frozen validity masks, and rewriting the whole KV cache every step is the decode loop's
+    largest memory traffic."""
     def sel(n, o):
         if n.ndim == 0:
             return n
         d = done.reshape((-1,) + (1,) * (n.ndim - 1))
         return jnp.where(d, o, n)
-    return jax.tree_util.tree_map(sel, new, old)
+
+    def layer(i, n, o):
+        if not isinstance(n, dict):
+            return jax.tree_util.tree_map(sel, n, o)
+        slots = getattr(kind_of(cfg, i), "SLOT_CACHE", ())
+        return {k: v if k in slots else jax.tree_util.tree_map(sel, v, o[k]) for k, v in n.items()}
+    return dataclasses.replace(new, layers=[layer(i, n, o) for i, (n, o) in enumerate(zip(new.layers, old.layers))],
+                               pos=sel(new.pos, old.pos))
 
 
 def _quantized(params, quant):
@@ -153,7 +164,7 @@ def _decode_body(params, widths, key, s, *, cfg, stop_token, pad_token, temperat
     lengths = lengths + (~done).astype(jnp.int32)
     hit = jnp.isin(tok, _stops(stop_token)) & ~done
     new_logits, new_cache = decode_step(_quantized(params, quant), tok[:, None], cache, cfg, widths)
-    cache = _freeze(done, new_cache, cache)
+    cache = _freeze(done, new_cache, cache, cfg)
     logits = jnp.where(done[:, None], logits, new_logits[:, -1])
     return i + 1, logits, cache, done | hit, out, lengths, stopped | hit
 
@@ -214,7 +225,7 @@ def decode_stream(params, widths, cache, last_logits, done0, limit: int, key, *,
 def _force(params, widths, cache, last_logits, tok, need, *, cfg, quant=None):
     """Feed `tok` [B] to rows with need=True (others frozen)."""
     new_logits, new_cache = decode_step(_quantized(params, quant), tok[:, None], cache, cfg, widths)
-    cache = _freeze(~need, new_cache, cache)
+    cache = _freeze(~need, new_cache, cache, cfg)
     return jnp.where(need[:, None], new_logits[:, -1], last_logits), cache
 
 
@@ -301,10 +312,25 @@ class Specials:
 
 
 # ------------------------------------------------------------------------------ budget control
+@dataclasses.dataclass(frozen=True)
+class Thought:
+    """Phase 1 of `budget_generate` (think) for one batch, kept in a `thoughts` dict so that every
+    answering model of the same thinking model, budget and view reuses it: the trace, which rows were
+    forced, and the cache / logits after the forced `</think>` was fed (for continuations)."""
+
+    think_tokens: list
+    forced: np.ndarray
+    cache: Any
+    logits: Any
+    latency_s: float          # prefill + thinking decode
+    force_s: float            # feeding the forced </think> (counted only when the same cache continues)
+
+
 def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_model: str, thinking_budget: int,
                     specials: Specials, max_answer_tokens: int = 8, max_thinking: int | None = None,
                     context: int | None = None, transplant: bool = False, temperature: float = 0.0,
-                    top_p: float = 1.0, key=None, prompt_length: int | None = None) -> BudgetOutput:
+                    top_p: float = 1.0, key=None, prompt_length: int | None = None,
+                    thoughts: dict | None = None) -> BudgetOutput:
     """Think with `think_model`, answer with `answer_model` (trained budget names of `model`).
 
     prompts: list of token-id sequences (different lengths allowed; each ends where thinking
@@ -314,7 +340,11 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
     budget). prompt_length: pad prompts to this length (a fixed shape for a sweep).
     context: the context length (cache capacity); a prompt that cannot fit with its budgets
     raises. Latency is measured with `block_until_ready` around each phase; call once first to
-    exclude compilation.
+    exclude compilation. `thoughts`: a dict that keeps each thinking phase (`Thought`, keyed by the
+    model, the thinking submodel, its view, the budget, the prompts and the sampling settings; one dict
+    per `model`'s lifetime): a later call with the
+    same key answers from it (its measured latency and tokens) instead of thinking again, as a sweep
+    over answering models would recompute the same trace (greedy, or the same key).
     """
     if not isinstance(thinking_budget, (int, np.integer)) or thinking_budget <= 0:
         raise ValueError(f"thinking_budget must be a positive int, got {thinking_budget!r}")
@@ -343,22 +373,18 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
     sampling = dict(temperature=float(temperature), top_p=float(top_p))
 
     # ---------------- phase 1: think
-    a_cfg, a_params, a_w = model.masked_view(think_model) if transplant else model.view(think_model)
-    a_q = model.quant_view(think_model, masked=transplant)
-    toks, valid = left_pad(prompts, P, specials.pad)
-    t0 = time.perf_counter()
-    logits, cache = _prefill(a_params, jnp.asarray(toks), jnp.asarray(valid), a_w, cfg=a_cfg, max_len=need, quant=a_q)
-    out, lengths, stopped, cache, logits = _decode_loop(
-        a_params, a_w, cache, logits, jnp.zeros((B,), bool), jnp.asarray(thinking_budget, jnp.int32), k_think,
-        cfg=a_cfg, capacity=max_thinking, stop_token=specials.end_think, pad_token=specials.pad, quant=a_q, **sampling)
-    forced = ~stopped
-    if same or transplant:   # continue from this cache: feed the forced </think> to the truncated rows
-        logits, cache = _force(a_params, a_w, cache, logits, jnp.full((B,), specials.end_think, jnp.int32), forced,
-                               cfg=a_cfg, quant=a_q)
-    out, lengths, forced = _block((out, lengths, forced))
-    t_think = time.perf_counter() - t0
-    out, lengths, forced = np.asarray(out), np.asarray(lengths), np.asarray(forced)
-    think_tokens = [list(out[i, :lengths[i] - (0 if forced[i] else 1)]) for i in range(B)]
+    masked_a = transplant or model.mode == "masked"       # the view A thinks with (transplant: one cache layout)
+    tkey = (id(model), think_model, masked_a, int(thinking_budget), max_thinking, P, need, tuple(map(tuple, prompts)),
+            sampling["temperature"], sampling["top_p"], _key_bytes(k_think))
+    thought = None if thoughts is None else thoughts.get(tkey)
+    if thought is None:
+        # a kept thought feeds the forced </think> too, whoever asked first, so that a continuation can reuse it
+        thought = _think(model, think_model, masked_a, prompts, P, need, max_thinking, thinking_budget, specials,
+                         k_think, sampling, cont=same or transplant or thoughts is not None)
+        if thoughts is not None:
+            thoughts[tkey] = thought
+    think_tokens, forced, cache, logits = thought.think_tokens, thought.forced, thought.cache, thought.logits
+    t_think = thought.latency_s + (thought.force_s if same or transplant else 0.0)
 
     # ---------------- phase 2: answer
     b_cfg, b_params, b_w = model.masked_view(answer_model) if transplant else model.view(answer_model)
@@ -399,6 +425,37 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
     return BudgetOutput(think_model=think_model, answer_model=answer_model, thinking_budget=int(thinking_budget),
                         think_tokens=think_tokens, forced=forced, answer_tokens=answer_tokens, think=think,
                         answer=answer, transplant=bool(transplant), reprefill_length=int(reprefill_length))
+
+
+def _key_bytes(key) -> bytes:
+    """A PRNG key (typed or raw uint32) as bytes, for the thoughts' dict key."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return np.asarray(jax.random.key_data(key) if typed else key).tobytes()
+
+
+def _think(model: ElasticModel, think_model: str, masked: bool, prompts, P: int, need: int, max_thinking: int,
+           thinking_budget: int, specials: Specials, key, sampling: dict, *, cont: bool) -> Thought:
+    """Phase 1: prefill the prompts and decode up to `thinking_budget` thinking tokens; with `cont`, also
+    feed the forced `</think>` to the truncated rows (timed apart), so the same cache can continue."""
+    cfg, params, w = model.masked_view(think_model) if masked else model.view(think_model)
+    q = model.quant_view(think_model, masked=masked)
+    B = len(prompts)
+    toks, valid = left_pad(prompts, P, specials.pad)
+    t0 = time.perf_counter()
+    logits, cache = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), w, cfg=cfg, max_len=need, quant=q)
+    out, lengths, stopped, cache, logits = _decode_loop(
+        params, w, cache, logits, jnp.zeros((B,), bool), jnp.asarray(thinking_budget, jnp.int32), key,
+        cfg=cfg, capacity=max_thinking, stop_token=specials.end_think, pad_token=specials.pad, quant=q, **sampling)
+    out, lengths, forced = _block((out, lengths, ~stopped))
+    t_think = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if cont:   # continue from this cache: feed the forced </think> to the truncated rows
+        logits, cache = _block(_force(params, w, cache, logits, jnp.full((B,), specials.end_think, jnp.int32),
+                                      forced, cfg=cfg, quant=q))
+    t_force = time.perf_counter() - t0
+    out, lengths, forced = np.asarray(out), np.asarray(lengths), np.asarray(forced)
+    return Thought(think_tokens=[list(out[i, :lengths[i] - (0 if forced[i] else 1)]) for i in range(B)],
+                   forced=forced, cache=cache, logits=logits, latency_s=t_think, force_s=t_force)
 
 
 def _span_flops(model: ElasticModel, name: str, start: int, stop: int) -> float:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..data import make_dataset
 from ..elastic import estimate_importance, trained_widths, param_count, permute_params, slice_params
+from ..elastic.slicing import embed_params
 from ..infer.budget import ElasticModel
 from ..infer.checkpoint import widths_to_dict
 from ..model import init_params
@@ -23,6 +24,14 @@ from ..tasks import trace_text
 from ..train import TrainConfig, train_elastic, train_kd, train_lm
 from ..train.metrics import read_jsonl
 from ..widths import Widths
+
+
+def embedded_model(cfg, name: str, widths: Widths, sub_params) -> ElasticModel:
+    """A smaller model trained on its own (a baseline, a from-scratch run: a model of `sliced_config(cfg,
+    widths)`) as submodel `name` of a masked `ElasticModel` at the parent's shapes (`embed_params`), so it
+    runs the same compiled programs as the parent and every nested model of every seed (masked ==
+    sliced: the main job evaluates every model through the masked forward)."""
+    return ElasticModel(cfg, embed_params(sub_params, cfg, widths), {name: widths}, mode="masked")
 
 
 def budget_name(fraction: float) -> str:
@@ -186,8 +195,8 @@ def seed_rows(xp, k: int, out_dir: str, data, calib, eval_set, tok, gold, phases
     phases["baselines"] = phases.get("baselines", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     say(f"seed {k}: evaluating the parent, nested models and baselines on {len(eval_set)} problems")
-    # the masked forward (masked == sliced): one compiled program for the parent and every nested model of
-    # every seed, where sliced copies would compile per seed's widths (seed 0's grid needs them; these don't)
+    # the masked forward (masked == sliced): one compiled program for every model of every seed, where sliced
+    # copies would compile per seed's widths; the baselines embedded at the parent's shapes
     parent_model = ElasticModel(cfg, fam["parent"], {"parent": Widths()}, mode="masked")
     nested_model = ElasticModel(cfg, el.params, widths, mode="masked")
     rows = {"seed": k, "parent": {"name": "parent", **model_row(parent_model, "parent", eval_set, tok, ev, gold)},
@@ -196,8 +205,8 @@ def seed_rows(xp, k: int, out_dir: str, data, calib, eval_set, tok, gold, phases
                         **model_row(nested_model, n, eval_set, tok, ev, gold)} for n, b in zip(names, ecfg.budgets)],
             "baselines": [{"name": n, "params": param_count(c), "active_params": param_count(c, active=True),
                            "train_tokens": int(r.tokens_seen),
-                           **model_row(ElasticModel(c, r.params, {n: Widths()}, mode="masked"), n, eval_set, tok, ev,
-                                       gold)} for n, (c, r) in base.items()],
+                           **model_row(embedded_model(cfg, n, widths[n], r.params), n, eval_set, tok, ev, gold)}
+                          for n, (c, r) in base.items()],
             "training": {"parent_tokens": int(fam["parent_res"].tokens_seen), "elastic_tokens": int(el.tokens_seen),
                          "baseline_tokens": {n: int(r.tokens_seen) for n, (_, r) in base.items()}},
             "parent_rule": None if fam["rule"] is None else {"seed": k, **fam["rule"]}}
@@ -205,6 +214,60 @@ def seed_rows(xp, k: int, out_dir: str, data, calib, eval_set, tok, gold, phases
     write_text_atomic(cache, json.dumps({"key": key, "rows": rows}, default=float))
     return rows
 
+
+
+class BackgroundSeeds:
+    """Training seeds 1.. (`seed_rows`, in order) in a worker thread while the main thread runs seed 0's
+    family, baselines, evaluation and gap curve (issue 30): XLA compiles on one core and the evaluation
+    decodes small batches, so one thread alone leaves a core idle ~25% of the time; the other thread's
+    work takes it (the main job joins before its grid, whose wall clock is measured). Every program is
+    deterministic and each seed runs its own runs in order, so the rows equal a sequential run's. The seeds' training bars are off (their
+    announcements print); their phase times, which overlap the main thread's, go to `phases` (their
+    wall clock as "seeds_background") when `result()` joins.
+
+    As a context manager: on an error or `Preempted` in the main thread, the worker's runs are asked to
+    save and stop (`runctl.stop_live_runs`), and are waited for up to `grace_s` (the thread is a daemon:
+    a run it has not finished by then resumes from its last checkpoint)."""
+
+    def __init__(self, xp, out_dir: str, data, calib, eval_set, tok, gold, say, *, grace_s: float = 120.0):
+        import threading
+        self.phases, self.rows, self.error, self.wall_s = {}, [], None, 0.0
+        self.grace_s, self.cancel = grace_s, threading.Event()
+        quiet = dataclasses.replace(xp, progress=False)
+
+        def work():
+            t0 = time.perf_counter()
+            try:
+                for k in range(1, xp.seeds):
+                    if self.cancel.is_set():
+                        break
+                    self.rows.append(seed_rows(quiet, k, out_dir, data, calib, eval_set, tok, gold, self.phases, say))
+            except BaseException as e:          # re-raised in the main thread by result()
+                self.error = e
+            self.wall_s = time.perf_counter() - t0
+        self.thread = threading.Thread(target=work, name="star-elastic-seeds", daemon=True)
+        self.thread.start()
+
+    def result(self, phases: dict) -> list[dict]:
+        """Wait for the seeds; their rows (seed 1 first). Adds their phase times to `phases`."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        phases["seeds_background"] = self.wall_s
+        for k, v in self.phases.items():
+            phases[f"seeds_{k}"] = v
+        return self.rows
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if typ is not None and self.thread.is_alive():
+            from ..train.runctl import stop_live_runs
+            self.cancel.set()
+            stop_live_runs()
+            self.thread.join(self.grace_s)
+        return False
 
 
 def parent_curve_rows(xp, out_dir: str, data, calib, eval_set, tok, say, main: dict) -> list[dict]:
@@ -293,7 +356,7 @@ def extra_baselines(xp, out_dir: str, data, teacher, widths: dict, base_train: T
 def extra_baseline_rows(extra: list[dict], out_dir: str, seen: dict, evaluate) -> list[dict]:
     """The report rows of `extra_baselines`: one per LR-sweep run, one per from-scratch snapshot (its
     `multiple`: the snapshot's tokens over the tokens that size saw in the elastic run, for
-    `tokens_to_match`). `evaluate(cfg, params, name)` -> the model's accuracy row."""
+    `tokens_to_match`). `evaluate(params, name)` -> the accuracy row of that size's model `params`."""
     from ..train.checkpoint import load_run
     rows = []
     for e in extra:
@@ -303,7 +366,7 @@ def extra_baseline_rows(extra: list[dict], out_dir: str, seen: dict, evaluate) -
             tokens = int(round(res.tokens_seen * step / e["steps"]))    # packed rows: the same tokens every step
             rows.append({"kind": e["kind"], "name": e["name"], "lr": e.get("lr"), "run": e["run"], "steps": step,
                          "final": step == e["steps"], "train_tokens": tokens, "multiple": tokens / seen[e["name"]],
-                         **evaluate(e["cfg"], params, e["name"])})
+                         **evaluate(params, e["name"])})
     return rows
 
 

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -36,9 +37,11 @@ from ..eval.rigor import latency_sensitivity
 from ..eval.quantized import QuantEvalConfig
 from ..tasks import DEFAULT_LEVELS, TaskTokenizer, make_eval_set, make_problems, trace_text, unit_seen, vocab_needed
 from ..train import TrainConfig, train_kd
+from ..train.runctl import relay_sigterm
 from ..widths import Widths
-from .family import (CompileCache, announce, baseline_steps_config, config_dict, extra_baseline_rows, extra_baselines,
-                     history, nested_tokens, parent_curve_rows, seed_rows, train_family, warmup_fraction)
+from .family import (BackgroundSeeds, CompileCache, announce, baseline_steps_config, config_dict, embedded_model,
+                     extra_baseline_rows, extra_baselines, history, nested_tokens, parent_curve_rows, train_family,
+                     warmup_fraction)
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,11 @@ def run_star_elastic(xp: StarElasticExperiment, out_dir: str) -> dict:
     """Run the whole pipeline into `out_dir`; returns the results dict (also in results.json)."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    with CompileCache(out_dir):
-        return _run(xp, out_dir)
+    with CompileCache(out_dir), contextlib.ExitStack() as background:
+        return _run(xp, out_dir, background)
 
 
-def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
+def _run(xp: StarElasticExperiment, out_dir: str, background: contextlib.ExitStack) -> dict:
     from ..eval.evaluate import evaluate_grid
     from ..eval.report import analyze, write_report
 
@@ -154,6 +157,16 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
     stream = data.batches(xp.elastic_train.stages[0].seq_len, xp.calibration_batch_size, epoch_seed=10_000)
     calib = [next(stream) for _ in range(xp.calibration_batches)]
     fam = train_family(xp, out_dir, data, calib, phases, say)
+    ev = xp.eval
+    eval_set = make_eval_set(ev.seed, ev.n_problems, ev.split, ev.levels, tokenizer=tok)
+    gold = [tok.encode(trace_text(p)) for p in eval_set.problems]
+    # training seeds 1.. (issue 30) train in a worker thread beside seed 0's stages up to the grid; started
+    # after seed 0's family, whose compiled parent and elastic steps they then read from the persistent cache
+    # (started together, both threads compiled them: measured slower)
+    seeds = None
+    if xp.seeds > 1:
+        seeds = background.enter_context(BackgroundSeeds(xp, out_dir, data, calib, eval_set, tok, gold, say))
+        background.enter_context(relay_sigterm(out_dir))
     rules = [] if fam["rule"] is None else [{"seed": 0, **fam["rule"]}]
     parent_res, parent, importance, teacher, el, el_train, widths = (
         fam["parent_res"], fam["parent"], fam["importance"], fam["teacher"], fam["el"], fam["el_train"], fam["widths"])
@@ -204,9 +217,6 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
 
     # ---------------------------------------------------------------- evaluation
     t0 = time.perf_counter()
-    ev = xp.eval
-    eval_set = make_eval_set(ev.seed, ev.n_problems, ev.split, ev.levels, tokenizer=tok)
-    gold = [tok.encode(trace_text(p)) for p in eval_set.problems]
     # per answer part: does its scoring unit occur in a training document? (the report's seen / unseen split)
     units_seen = unit_seen(eval_set.problems, make_problems(xp.data.seed, xp.data.num_documents,
                                                             xp.data.task_split, xp.data.task_levels))
@@ -222,8 +232,11 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
             eval_size=len(eval_set), out_dir=out_dir, say=say, progress=xp.progress)
         phases["quantization"] = time.perf_counter() - tq
     t0 = time.perf_counter()
-    nested_model = ElasticModel(cfg, el.params, widths, mode="sliced")
-    parent_model = ElasticModel(cfg, parent, {"parent": Widths()}, mode="sliced")
+    # every model runs the masked forward at the parent's shapes (masked == sliced, tests/test_model.py): one
+    # set of compiled programs for the parent, the nested models, every baseline and snapshot (embedded at
+    # the parent's shapes), every seed and the grid, where sliced copies compiled their own per size
+    nested_model = ElasticModel(cfg, el.params, widths, mode="masked")
+    parent_model = ElasticModel(cfg, parent, {"parent": Widths()}, mode="masked")
     say(f"evaluating the parent, nested models and baselines on {len(eval_set)} problems")
     parent_row = {"name": "parent", "params": param_count(cfg), "active_params": param_count(cfg, active=True),
                   **model_row(parent_model, "parent", eval_set, tok, ev, gold)}
@@ -236,7 +249,7 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
     base_rows, sweep_rows = [], []
     for item in sweep:
         n, sub_cfg, res = item["name"], item["cfg"], item["res"]
-        bm = ElasticModel(sub_cfg, res.params, {n: Widths()}, mode="masked")
+        bm = embedded_model(cfg, n, widths[n], res.params)
         headline = baselines.get(n, (None, None))[1] is res
         row = {"name": n, "params": param_count(sub_cfg), "active_params": param_count(sub_cfg, active=True),
                "train_tokens": item["train_tokens"], "multiple": item["multiple"], "run": item["run"],
@@ -246,12 +259,9 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
         if headline:
             base_rows.append(row)
     extra_rows = extra_baseline_rows(
-        extra, out_dir, seen, lambda c, p, n: model_row(ElasticModel(c, p, {n: Widths()}, mode="masked"), n, eval_set,
-                                                        tok, ev, gold, diagnostics=False))
+        extra, out_dir, seen, lambda p, n: model_row(embedded_model(cfg, n, widths[n], p), n, eval_set, tok, ev, gold,
+                                                     diagnostics=False))
     phases["eval_models"] = time.perf_counter() - t0
-    # ---------------------------------------------------------------- training seeds 1..seeds-1 (issue 30)
-    seed_runs = [seed_rows(xp, k, out_dir, data, calib, eval_set, tok, gold, phases, say) for k in range(1, xp.seeds)]
-    rules += [r["parent_rule"] for r in seed_runs if r.get("parent_rule")]
     t0 = time.perf_counter()
     main_point = {"steps": parent_res.steps if fam["rule"] is None else fam["rule"]["step"],
                   "parent": parent_row["scores_gold_trace"], "full": nested_rows[0]["scores_gold_trace"],
@@ -259,6 +269,15 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
     curve = parent_curve_rows(xp, out_dir, data, calib, eval_set, tok, say, main_point) if xp.parent_curve else []
     if curve:
         phases["parent_curve"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- training seeds 1..seeds-1 (issue 30)
+    # joined before the grid, whose wall clock and host profile are measured on an otherwise idle machine
+    t0 = time.perf_counter()
+    seed_runs = [] if seeds is None else seeds.result(phases)
+    background.close()              # the SIGTERM relay: nothing trains any more
+    rules += [r["parent_rule"] for r in seed_runs if r.get("parent_rule")]
+    if seeds is not None:
+        phases["seeds_wait"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     targets = [LatencyTarget.make(ev.latency_profile, ev.latency_reference)]
@@ -333,7 +352,10 @@ def _run(xp: StarElasticExperiment, out_dir: str) -> dict:
                    f"parent trained with next-token CE for {parent_res.steps} steps"),
                   f"importance: {type(importance).__name__} on {xp.calibration_batches} calibration batches; "
                   f"the teacher of every distillation is the permuted parent",
-                  "nested accuracy is measured on the zero-shot sliced copies (masked == sliced)",
+                  "every model is evaluated through the masked forward at the parent's shapes (baselines and "
+                  "from-scratch models embedded, zeros elsewhere); masked == sliced, so the scores are those of the "
+                  "zero-shot sliced checkpoints in checkpoints/; wall clock is therefore the parent-shaped program's "
+                  "for every size",
                   (f"'full thinking' = a thinking budget of {ev.full_thinking} tokens, >= the longest reference "
                    f"trace ({max(eval_set.trace_lengths)} tokens)" if ev.full_thinking >= max(eval_set.trace_lengths)
                    else f"WARNING: full_thinking={ev.full_thinking} is below the longest reference trace "

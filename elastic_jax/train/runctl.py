@@ -4,7 +4,10 @@
 up, a SIGTERM (or the platform's own preemption notice) is caught by JAX's preemption service and
 `multihost_utils.reached_preemption_sync_point(step)` turns it into one step on which every host
 answers True; it must be asked on every host at every step. In a single process, a SIGTERM
-handler sets a flag (the previous handler comes back on `close()`).
+handler sets a flag (the previous handler comes back on `close()`). Signals reach the main thread
+only, so the handler sets the flag of every live watcher of the process: runs training in other
+threads (the main job's seeds) save and stop too; `relay_sigterm()` does the same while the main
+thread is not training itself.
 
 `RunLock`: `<run folder>/run.lock` (JSON: host, pid, start time) held by one process while a run
 trains there. A second run on the same folder gets `RunFolderLocked` naming the holder. A lock
@@ -16,6 +19,7 @@ both take it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,7 +32,7 @@ import jax
 import numpy as np
 
 from .. import fileio
-from ..errors import RunFolderLocked
+from ..errors import Preempted, RunFolderLocked
 
 
 def _distributed_client():
@@ -39,16 +43,30 @@ def _distributed_client():
         return None
 
 
+_LIVE: set = set()          # the process's open single-process watchers (any thread)
+_LIVE_LOCK = threading.Lock()
+
+
+def stop_live_runs() -> None:
+    """Ask every run training in this process to save and stop at its next step (`Preempted`)."""
+    with _LIVE_LOCK:
+        for w in _LIVE:
+            w.flag = True
+
+
 class PreemptionWatcher:
     def __init__(self):
         self.flag = False
         self._prev = None
         self.multihost = _distributed_client() is not None
-        if not self.multihost and threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if not self.multihost:
+            with _LIVE_LOCK:
+                _LIVE.add(self)
+            if threading.current_thread() is threading.main_thread():
+                self._prev = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):
-        self.flag = True
+        stop_live_runs()
 
     def reached(self, step: int) -> bool:
         """True on every host at the same step once any host got a termination notice."""
@@ -61,9 +79,30 @@ class PreemptionWatcher:
         return self.flag
 
     def close(self) -> None:
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
         if self._prev is not None:
             signal.signal(signal.SIGTERM, self._prev)
             self._prev = None
+
+
+@contextlib.contextmanager
+def relay_sigterm(directory: str):
+    """Main thread, while other threads train: a SIGTERM asks every live run to save and stop
+    (`stop_live_runs`) and raises `Preempted` here (the main thread's own runs take over the signal
+    while they train, and do the same). Outside the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        stop_live_runs()
+        raise Preempted(None, directory)
+    prev = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
 
 
 class RunLock:

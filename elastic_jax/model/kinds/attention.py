@@ -26,6 +26,9 @@ AXES = {"attn_heads": Axis(CHAR, "num_attention_heads", "attn_heads_per_layer", 
 # so they share one weight and input scale; the FP8 KV-cache scales of the cached projections
 FUSED_LINEARS = (("q_proj", "k_proj", "v_proj"),)
 KV_CACHE_SCALES = {"k_proj": "k_scale", "v_proj": "v_scale"}
+# cache entries written one slot per decoded position: a finished row's later writes land in slots its
+# frozen `valid` masks, so batched decoding need not freeze them per row (infer/budget.py)
+SLOT_CACHE = ("k", "v")
 # NVIDIA's Nemotron Nano FP8 / NVFP4 recipe keeps these layers in BF16 (`quant.recipe_spec("nano")`)
 NANO_HIGH_PRECISION = "self"
 

@@ -10,7 +10,8 @@ A kind module (mamba.py, attention.py, mlp.py, moe.py) declares:
   is also the logical sharding axis of `elastic_jax.sharding`), initializer and dtype role;
 * `select(sizes, sel)`: for components chosen along each axis (`sel[axis]`: indices), the indices
   along each named dimension (slicing keeps prefixes, permutation reorders, both are this);
-* `masks`, `apply`, `init_cache` / `cache_elems`, `HF_RULES` / `hf_dims` beside them.
+* `masks`, `apply`, `init_cache` / `cache_elems`, `HF_RULES` / `hf_dims` beside them; optionally
+  `SLOT_CACHE`: the cache entries written one slot per position and masked by the entry `valid`.
 
 `Param.init`: "normal" (N(0, initializer_range)), "normal_out" (scaled by 1/√n_layers, the HF
 residual-writer init), "zeros", "ones", or a callable (key, shape, cfg, n_layers) -> f32 array.
