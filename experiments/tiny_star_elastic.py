@@ -1,6 +1,6 @@
 """The main job: Star Elastic end to end on the embedded reasoning task, on a laptop-class CPU.
 
-    elastic-jax run experiments/tiny_star_elastic.py            # default (3 seeds): ~18-21 min on 2 CPU cores
+    elastic-jax run experiments/tiny_star_elastic.py            # default (3 seeds): 18-20 min on 2 CPU cores
     elastic-jax run experiments/tiny_star_elastic.py --quick    # smoke run: ~2.5 min (1 seed)
     elastic-jax run experiments/tiny_star_elastic.py --set seeds=5   # 5 training seeds (default 3)
 
