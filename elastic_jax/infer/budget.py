@@ -133,8 +133,7 @@ def _freeze(done, new, old, cfg: NemotronHConfig):
             return jax.tree_util.tree_map(sel, n, o)
         slots = getattr(kind_of(cfg, i), "SLOT_CACHE", ())
         return {k: v if k in slots else jax.tree_util.tree_map(sel, v, o[k]) for k, v in n.items()}
-    return dataclasses.replace(new, layers=[layer(i, n, o) for i, (n, o) in enumerate(zip(new.layers, old.layers))],
-                               pos=sel(new.pos, old.pos))
+    return dataclasses.replace(new, layers=[layer(i, n, o) for i, (n, o) in enumerate(zip(new.layers, old.layers))])
 
 
 def _quantized(params, quant):
@@ -342,9 +341,9 @@ def budget_generate(model: ElasticModel, prompts, *, think_model: str, answer_mo
     raises. Latency is measured with `block_until_ready` around each phase; call once first to
     exclude compilation. `thoughts`: a dict that keeps each thinking phase (`Thought`, keyed by the
     model, the thinking submodel, its view, the budget, the prompts and the sampling settings; one dict
-    per `model`'s lifetime): a later call with the
-    same key answers from it (its measured latency and tokens) instead of thinking again, as a sweep
-    over answering models would recompute the same trace (greedy, or the same key).
+    per `model`'s lifetime): a later call with the same key answers from it (its measured latency and
+    tokens) instead of thinking again, as a sweep over answering models would recompute the same trace
+    (greedy, or the same key).
     """
     if not isinstance(thinking_budget, (int, np.integer)) or thinking_budget <= 0:
         raise ValueError(f"thinking_budget must be a positive int, got {thinking_budget!r}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 
 import jax
@@ -23,6 +24,7 @@ from ..eval.parent_curve import converged_step, gap_row, heldout_loss
 from ..tasks import trace_text
 from ..train import TrainConfig, train_elastic, train_kd, train_lm
 from ..train.metrics import read_jsonl
+from ..train.runctl import stop_live_runs
 from ..widths import Widths
 
 
@@ -230,7 +232,6 @@ class BackgroundSeeds:
     a run it has not finished by then resumes from its last checkpoint)."""
 
     def __init__(self, xp, out_dir: str, data, calib, eval_set, tok, gold, say, *, grace_s: float = 120.0):
-        import threading
         self.phases, self.rows, self.error, self.wall_s = {}, [], None, 0.0
         self.grace_s, self.cancel = grace_s, threading.Event()
         quiet = dataclasses.replace(xp, progress=False)
@@ -263,7 +264,6 @@ class BackgroundSeeds:
 
     def __exit__(self, typ, exc, tb):
         if typ is not None and self.thread.is_alive():
-            from ..train.runctl import stop_live_runs
             self.cancel.set()
             stop_live_runs()
             self.thread.join(self.grace_s)
