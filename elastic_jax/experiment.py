@@ -32,7 +32,6 @@ import argparse
 import ast
 import dataclasses
 import importlib.util
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -194,6 +193,7 @@ def run_distill(cfg: DistillConfig, out_dir: str):
     import jax
     from . import init_params
     from .data import make_dataset
+    from .fileio import write_json_atomic
     from .train import train_elastic, train_lm
 
     ds = make_dataset(cfg.data, cfg.model.vocab_size)
@@ -204,8 +204,7 @@ def run_distill(cfg: DistillConfig, out_dir: str):
     summary = {"steps": res.steps, "tokens_seen": res.tokens_seen, "resumed_from": res.resumed_from,
                "final": res.history[-1] if res.history else None, "data": ds.stats.to_dict()}
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json_atomic(os.path.join(out_dir, "result.json"), summary)
     return res
 
 

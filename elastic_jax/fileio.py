@@ -225,7 +225,8 @@ def atomic_folder(directory: str | os.PathLike, *, owned: Owned, overwrite: bool
 def atomic_file(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path` to write; on success it is flushed to disk and renamed
     over `path` (readers see the old file or the new one, never a truncated one). On any error
-    the temporary file is removed and `path` is as it was."""
+    the temporary file is removed and `path` is as it was; an OSError without a file name (a full
+    disk while writing) is raised naming `path`."""
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
@@ -238,9 +239,11 @@ def atomic_file(path: str | os.PathLike) -> Iterator[str]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno and e.filename is None:   # a bare "[Errno 28]" from a write
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 

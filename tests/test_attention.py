@@ -66,6 +66,20 @@ def test_chunked_rows_without_keys_are_zero(qkv):
         _close(g, r, 5e-5)
 
 
+def test_reference_reads_a_head_major_cache_as_it_is(qkv):
+    """Decode's layout: k / v stored [B, K, S, D] give the [B, S, K, D] result (the same dots
+    without a transposed copy; XLA:CPU's kernels may sum in another order, ~1e-7); an unknown
+    layout is one clear error."""
+    q, k, v = qkv
+    kv = jnp.ones((B, L), bool).at[0, 200:].set(False)
+    one = lambda t: t[:, -1:]
+    f = jax.jit(lambda q, k, v, layout: A.reference_attention(one(q), k, v, POS[-1:], POS, k_valid=kv, scale=D ** -0.5,
+                                                              kv_layout=layout), static_argnums=3)
+    _close(f(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), "bksd"), f(q, k, v, "bskd"), 1e-6)
+    with pytest.raises(ValueError, match="kv_layout must be"):
+        A.reference_attention(q, k, v, POS, POS, scale=1.0, kv_layout="bkds")
+
+
 def test_chunked_never_materializes_scores():
     """No [L, S] array in the forward or backward program of the chunked path (L = S = 1024)."""
     n = 1024

@@ -115,6 +115,18 @@ def test_atomic_file_leaves_nothing_on_error(tmp_path):
     assert (tmp_path / "a.json").read_text() == "old" and os.listdir(tmp_path) == ["a.json"]
 
 
+def test_atomic_file_names_the_file_of_a_bare_write_error(tmp_path):
+    """A write that fails on a full disk raises "[Errno 28]" without a path; the error names the file
+    being written, and the old one stays."""
+    import errno
+    (tmp_path / "a.json").write_text("old")
+    with pytest.raises(OSError) as e:
+        with fileio.atomic_file(tmp_path / "a.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "a.json")
+    assert (tmp_path / "a.json").read_text() == "old" and os.listdir(tmp_path) == ["a.json"]
+
+
 # ================================================================== config files
 def _hf(tmp_path, export_dir=None):
     import elastic_jax as ej

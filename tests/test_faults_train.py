@@ -174,6 +174,24 @@ def test_full_disk_during_a_training_checkpoint_is_one_line(tmp_path, size):
         subprocess.run(["umount", "-l", str(disk)])
 
 
+def test_checkpointer_close_names_a_full_disk_orbax_reports_on_close(tmp_path, monkeypatch):
+    """orbax's `CheckpointManager.close` re-raises what its background threads hit; a metadata file
+    written there fails as a bare "[Errno 28]" (no path). CI's 150k tmpfs run once ended on that
+    line: `close` now names the checkpoint folder like every other full-disk error."""
+    import errno
+    ck = Checkpointer(tmp_path / "checkpoints", async_save=True)
+    ck.save(1, {"state": _tree()}, {"step": 1})
+    ck.wait()
+    real_close = ck.manager.close
+
+    def full_disk_close():
+        real_close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ck.manager, "close", full_disk_close)
+    with pytest.raises(OSError, match=rf"writing a checkpoint into {tmp_path / 'checkpoints'} failed: no space left"):
+        ck.close()
+
+
 def test_metrics_close_on_a_full_disk_names_the_file(tmp_path):
     """Closing the logs flushes what a failed write left buffered: on a full disk that is one OSError
     naming the file (it was a bare "[Errno 28]", which replaced the named error of the run's end), and

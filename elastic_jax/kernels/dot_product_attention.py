@@ -54,15 +54,18 @@ def _allowed(q_pos, k_pos, seg_q, seg_k, k_valid):
 
 
 def reference_attention(q, k, v, q_pos, k_pos, seg_q=None, seg_k=None, k_valid=None, *, scale,
-                        precision=HIGHEST):
-    """The direct path: full scores, softmax, masked rows -> 0."""
+                        precision=HIGHEST, kv_layout="bskd"):
+    """The direct path: full scores, softmax, masked rows -> 0. `kv_layout="bksd"`: k / v are
+    [B, K, S, D] (a head-major KV cache: the batched dots read it without a transposed copy)."""
+    if kv_layout not in ("bskd", "bksd"):
+        raise ValueError(f"kv_layout must be 'bskd' or 'bksd', got {kv_layout!r}")
     allowed = _allowed(q_pos, k_pos, seg_q, seg_k, k_valid)[:, None, None]       # [B, 1, 1, L, S]
-    scores = jnp.einsum("blkrd,bskd->bkrls", q, k, precision=precision,
+    scores = jnp.einsum(f"blkrd,{kv_layout}->bkrls", q, k, precision=precision,
                         preferred_element_type=jnp.float32) * scale
     scores = jnp.where(allowed, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(allowed, probs, 0.0)   # rows with no allowed key -> 0, not NaN
-    return jnp.einsum("bkrls,bskd->blkrd", probs.astype(v.dtype), v, precision=precision,
+    return jnp.einsum(f"bkrls,{kv_layout}->blkrd", probs.astype(v.dtype), v, precision=precision,
                       preferred_element_type=jnp.float32)
 
 

@@ -271,13 +271,19 @@ class Checkpointer:
             self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for the last save and close orbax's threads; a full disk found by either (orbax's
+        `close` re-raises what its metadata / commit threads hit, as bare "[Errno 28]") is the
+        one named OSError."""
         try:
             with self._disk_errors():
                 self.manager.wait_until_finished()
         finally:
-            self.manager.close()
-            if not _DiskErrors.seen:   # after a full disk, orbax's threads may still log it as they wind down
-                _DiskFullLogFilter.remove(self._quiet)
+            try:
+                with self._disk_errors():
+                    self.manager.close()
+            finally:
+                if not _DiskErrors.seen:   # after a full disk, orbax's threads may still log it as they wind down
+                    _DiskFullLogFilter.remove(self._quiet)
 
 
 def _state_bytes(state) -> int:

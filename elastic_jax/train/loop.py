@@ -459,8 +459,10 @@ def _train_locked(spec, train_cfg, teacher_params, student_params, router_params
         preempt.close()
         if bar is not None:
             bar.close()
-        logger.close()
-        ckpt.close()
+        try:
+            logger.close()
+        finally:
+            ckpt.close()
     if primary and train_cfg.plot:
         plot_curves(logger.metrics_path, os.path.join(out_dir, "curves.png"))
     return TrainResult(params=state["params"], router_params=state["router"], history=history,

@@ -166,8 +166,13 @@ class RunLock:
                 fileio.write_json_atomic(self.path, self.me)
                 self.held = True
                 return
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except OSError as e:                 # a full disk: no half-written lock left behind
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)
+                raise OSError(e.errno, e.strerror, self.path) from None
             self.held = True
             return
         raise RunFolderLocked(f"{self.path}: could not take the run-folder lock (it changes hands repeatedly)")

@@ -9,7 +9,7 @@ from ...config import NemotronHConfig
 from ...registry import Axis
 from ...sharding import constrain
 from ...widths import prefix_mask
-from ...kernels.dot_product_attention import attend
+from ...kernels.dot_product_attention import attend, reference_attention
 from ..layers import Context, dense
 from .base import Param, expand, masks_record, seq_sumsq
 from .hf_rules import Rule, _t, _t_inv
@@ -64,8 +64,9 @@ def masks(cfg: NemotronHConfig, sw, k, mixer) -> AttentionMasks:
 
 
 def init_cache(cfg: NemotronHConfig, sizes: dict, batch: int, max_len: int, dtype) -> dict:
-    """KV cache [B, S, nKV, hd] and its validity [B, S]."""
-    shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    """KV cache [B, nKV, S, hd] (head-major: decode's batched dots read it in place) and its
+    validity [B, S]."""
+    shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
 
 
@@ -115,15 +116,19 @@ def attention_mixer(p, x_BLD, cfg: NemotronHConfig, el: AttentionMasks | None, c
     pol = ctx.policy
     if ctx.decoding:
         start = ctx.positions[0]
-        kc = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-        vc = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+        head_major = lambda t, c: jnp.swapaxes(t, 1, 2).astype(c.dtype)              # [B, nKV, L, hd]
+        kc = jax.lax.dynamic_update_slice(cache["k"], head_major(k, cache["k"]), (0, 0, start, 0))
+        vc = jax.lax.dynamic_update_slice(cache["v"], head_major(v, cache["v"]), (0, 0, start, 0))
         valid_new = jnp.ones((B, L), bool) if ctx.valid is None else ctx.valid
         kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid_new, (0, start))
         new_cache = {"k": kc, "v": vc, "valid": kv_valid}
-        # one new token: the direct path ([1, S] scores); a long prefill: the policy's kernel
-        o = attend(q, kc.astype(q.dtype), vc.astype(q.dtype), q_pos=ctx.positions, k_pos=jnp.arange(kc.shape[1]),
-                   k_valid=kv_valid, impl="xla" if L == 1 else pol.attention_impl,
-                   precision=pol.lax_precision(q.dtype))
+        k_pos, prec = jnp.arange(kc.shape[2]), pol.lax_precision(q.dtype)
+        if L == 1:        # one new token: the direct path ([1, S] scores) on the cache as stored
+            o = reference_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), ctx.positions, k_pos,
+                                    k_valid=kv_valid, scale=hd ** -0.5, precision=prec, kv_layout="bksd")
+        else:             # a long prefill: the policy's kernel
+            o = attend(q, jnp.swapaxes(kc, 1, 2).astype(q.dtype), jnp.swapaxes(vc, 1, 2).astype(q.dtype),
+                       q_pos=ctx.positions, k_pos=k_pos, k_valid=kv_valid, impl=pol.attention_impl, precision=prec)
     else:
         pos = jnp.arange(L)
         o = attend(q, k, v, q_pos=pos, k_pos=pos, seg_q=ctx.segment_ids, seg_k=ctx.segment_ids,
