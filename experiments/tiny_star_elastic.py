@@ -1,7 +1,7 @@
 """The main job: Star Elastic end to end on the embedded reasoning task, on a laptop-class CPU.
 
-    elastic-jax run experiments/tiny_star_elastic.py            # default (3 seeds): 18-20 min on 2 CPU cores
-    elastic-jax run experiments/tiny_star_elastic.py --quick    # smoke run: ~2.5 min (1 seed)
+    elastic-jax run experiments/tiny_star_elastic.py            # default (3 seeds): 17-19 min on 2 CPU cores
+    elastic-jax run experiments/tiny_star_elastic.py --quick    # smoke run: ~100 s (1 seed)
     elastic-jax run experiments/tiny_star_elastic.py --set seeds=5   # 5 training seeds (default 3)
 
 A hybrid Mamba2 + attention + MoE parent (pattern M*EM*E; M*EM-E with an MLP for the other tasks) is

@@ -223,9 +223,9 @@ class BackgroundSeeds:
     family, baselines, evaluation and gap curve (issue 30): XLA compiles on one core and the evaluation
     decodes small batches, so one thread alone leaves a core idle ~25% of the time; the other thread's
     work takes it (the main job joins before its grid, whose wall clock is measured). Every program is
-    deterministic and each seed runs its own runs in order, so the rows equal a sequential run's. The seeds' training bars are off (their
-    announcements print); their phase times, which overlap the main thread's, go to `phases` (their
-    wall clock as "seeds_background") when `result()` joins.
+    deterministic and each seed runs its own runs in order, so the rows equal a sequential run's. The
+    seeds' training bars are off (their announcements print); their phase times, which overlap the main
+    thread's, go to `phases` (their wall clock as "seeds_background") when `result()` joins.
 
     As a context manager: on an error or `Preempted` in the main thread, the worker's runs are asked to
     save and stop (`runctl.stop_live_runs`), and are waited for up to `grace_s` (the thread is a daemon:
